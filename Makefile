@@ -1,0 +1,40 @@
+# Two entry points do all set-up on a fresh Debian machine (as root):
+#   make demo   - the main job: boot a workspace from the built-in image and run a command in it
+#   make test   - the test suite (boots real VMs; TCG where there is no hardware virtualization)
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := qemu-system-x86 e2fsprogs busybox-static gcc libc6-dev cpio lz4 zstd xz-utils
+STATE_DIR ?= $(HOME)/.microagent
+
+.PHONY: setup apt venv demo test bench clean
+
+setup: apt venv
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "Installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	else echo "System packages present."; fi
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/microagent doctor || true
+	$(VENV)/bin/microagent run --delete -- sh -c 'echo "hello from $$(hostname), kernel $$(uname -r)"; cat /etc/os-release | head -1'
+
+test: setup
+	$(PY) -m pytest -v -ra
+
+bench: setup
+	$(PY) bench/bench_core.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

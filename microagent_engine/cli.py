@@ -1,0 +1,373 @@
+"""The ``microagent`` command line: a thin layer over :class:`microagent_engine.Engine`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+from typing import Any, Callable, Sequence
+
+from . import __version__
+from .config import PROFILES
+from .errors import InvalidArgument, MicroagentError
+from .protocol import FrameType
+from .workspaces import Engine, WorkspaceInfo
+
+Handler = Callable[[Engine, argparse.Namespace], int]
+
+
+def _env_pairs(pairs: list[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            if key in os.environ:
+                value = os.environ[key]  # `-e NAME` passes the host's value, as docker does
+            else:
+                raise InvalidArgument(f"-e {pair!r}: use KEY=VALUE (or KEY to pass the host's value)")
+        out[key] = value
+    return out
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2) if args.json else text)
+
+
+def _describe(info: WorkspaceInfo) -> str:
+    c, s = info.config, info.state
+    lines = [
+        f"Workspace: {c.name}",
+        f"State: {s.state}",
+        f"Rootfs: {info.dir.rootfs}",
+        f"Profile: {c.profile}",
+        f"Resources: memory={c.memory_mib}MiB cpus={c.cpus} disk={c.size_mib}MiB",
+    ]
+    return "\n".join(lines)
+
+
+def _status_text(info: WorkspaceInfo) -> str:
+    c, s = info.config, info.state
+    lines = [_describe(info), f"Image: {c.image}", f"Backend: {s.backend or 'qemu'}"]
+    if s.accel:
+        lines.append(f"Accelerator: {s.accel} ({s.accel_reason})")
+    lines += [f"Network: {'isolated' if c.network == 'none' else c.network}", f"Restart: {c.restart}",
+              f"Hostname: {c.hostname}"]
+    if s.started_at:
+        lines.append(f"Started: {s.started_at}" + (f" (boot {s.boot_seconds} s)" if s.boot_seconds else ""))
+    if s.kernel_release:
+        lines.append(f"Kernel: {s.kernel_release}")
+    for name, sig in s.readiness.items():
+        mark = "yes" if sig.get("ready") else "no"
+        extra = sig.get("error") or sig.get("detail") or ""
+        lines.append(f"{name}: {mark}" + (f" ({extra})" if extra else ""))
+    if s.error:
+        lines.append(f"Error: {s.error}")
+    return "\n".join(lines)
+
+
+def _list_text(infos: list[WorkspaceInfo]) -> str:
+    rows = [[i.name, i.state.state, i.state.backend or "qemu", i.config.profile,
+             "isolated" if i.config.network == "none" else i.config.network, i.config.restart] for i in infos]
+    return _table(rows, ["NAME", "STATE", "BACKEND", "PROFILE", "NETWORK", "RESTART"])
+
+
+# ---- handlers ------------------------------------------------------------------------------------
+
+
+def _create_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(image=args.image, profile=args.profile, memory_mib=args.memory, cpus=args.cpus,
+                size_mib=args.size_mib, hostname=args.hostname, network=args.network, accel=args.accel,
+                kernel=args.kernel)
+
+
+def cmd_create(engine: Engine, args: argparse.Namespace) -> int:
+    if args.name and args.name_opt and args.name != args.name_opt:
+        raise InvalidArgument(f"two names given ({args.name!r} and --name {args.name_opt!r}); give one")
+    info = engine.create(args.name or args.name_opt, env=_env_pairs(args.env), **_create_kwargs(args))
+    _emit(args, info.to_json(), _describe(info))
+    return 0
+
+
+def cmd_start(engine: Engine, args: argparse.Namespace) -> int:
+    info = engine.start(args.name)
+    _emit(args, info.to_json(), f"Workspace {info.name} running (accel {info.state.accel}, "
+                                f"boot {info.state.boot_seconds} s)")
+    return 0
+
+
+def _stdin_source(args: argparse.Namespace) -> Any:
+    if getattr(args, "interactive", False) or not sys.stdin.isatty():
+        return sys.stdin.buffer
+    return None
+
+
+def _writer(stream: Any) -> Callable[[bytes], None]:
+    def write(data: bytes) -> None:
+        stream.write(data)
+        stream.flush()
+    return write
+
+
+def cmd_exec(engine: Engine, args: argparse.Namespace) -> int:
+    streaming = not args.json
+    result = engine.exec(
+        args.name, args.command, env=_env_pairs(args.env), cwd=args.cwd, timeout=args.timeout,
+        stdin=_stdin_source(args), capture=args.json,
+        on_stdout=_writer(sys.stdout.buffer) if streaming else None,
+        on_stderr=_writer(sys.stderr.buffer) if streaming else None)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    elif result.status == "timed_out":
+        print(f"microagent: command timed out after {args.timeout} s", file=sys.stderr)
+    elif result.status == "failed_to_start":
+        print(f"microagent: {args.command[0]}: {result.message}", file=sys.stderr)
+    return result.exit_code
+
+
+def cmd_run(engine: Engine, args: argparse.Namespace) -> int:
+    positionals = list(args.positionals)
+    if args.image is None and positionals:
+        args.image = positionals.pop(0)
+    command = positionals + args.command
+    if args.exec_line:
+        if command:
+            raise InvalidArgument("give the command either with --exec or as arguments, not both")
+        command = ["/bin/sh", "-c", args.exec_line]
+    streaming = not args.json
+    info, result = engine.run(
+        command, name=args.name_opt, delete=args.delete, env=_env_pairs(args.env), cwd=args.cwd,
+        timeout=args.timeout, stdin=_stdin_source(args), capture=args.json,
+        on_stdout=_writer(sys.stdout.buffer) if streaming else None,
+        on_stderr=_writer(sys.stderr.buffer) if streaming else None, **_create_kwargs(args))
+    if args.json:
+        print(json.dumps({"workspace": info.name, "deleted": args.delete, **result.to_json()}, indent=2))
+    return result.exit_code
+
+
+def cmd_list(engine: Engine, args: argparse.Namespace) -> int:
+    infos = engine.list()
+    _emit(args, [i.to_json() for i in infos], _list_text(infos))
+    return 0
+
+
+def cmd_ps(engine: Engine, args: argparse.Namespace) -> int:
+    infos = engine.ps()
+    _emit(args, [i.to_json() for i in infos], _list_text(infos))
+    return 0
+
+
+def cmd_status(engine: Engine, args: argparse.Namespace) -> int:
+    info = engine.status(args.name)
+    _emit(args, info.to_json(), _status_text(info))
+    return 0
+
+
+def _lifecycle(verb: str) -> Handler:
+    def handler(engine: Engine, args: argparse.Namespace) -> int:
+        info = getattr(engine, verb)(args.name)
+        _emit(args, info.to_json(), f"Workspace {info.name}: {info.state.state}")
+        return 0 if info.state.state != "failed" else 1
+    return handler
+
+
+def cmd_delete(engine: Engine, args: argparse.Namespace) -> int:
+    engine.status(args.name)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise InvalidArgument(f"delete {args.name}: pass --yes to confirm (no terminal to ask on)")
+        answer = input(f"Delete workspace {args.name!r} and its disk? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("Not deleted.")
+            return 1
+    engine.delete(args.name)
+    _emit(args, {"name": args.name, "deleted": True}, f"Deleted workspace {args.name}")
+    return 0
+
+
+def cmd_logs(engine: Engine, args: argparse.Namespace) -> int:
+    out = sys.stdout.buffer
+    try:
+        for chunk in engine.logs(args.name, follow=args.follow):
+            out.write(chunk)
+            out.flush()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_connect(engine: Engine, args: argparse.Namespace) -> int:
+    if args.send is not None:
+        print(engine.console_send(args.name, args.send, timeout=args.timeout))
+        return 0
+    if not sys.stdin.isatty():
+        raise InvalidArgument("connect needs a terminal for an interactive console; use --send LINE in scripts")
+    import termios
+    import tty
+
+    conn = engine.console(args.name)
+    print(f"Connected to {args.name}'s serial console. Press Ctrl-] to detach.\r", file=sys.stderr)
+    old = termios.tcgetattr(0)
+    stop = threading.Event()
+
+    def pump_input() -> None:
+        while not stop.is_set():
+            data = os.read(0, 1024)
+            if not data or b"\x1d" in data:
+                stop.set()
+                conn.sock.shutdown(2)
+                return
+            conn.send(FrameType.STDIN, 0, data)
+
+    try:
+        tty.setraw(0)
+        threading.Thread(target=pump_input, daemon=True).start()
+        conn.send(FrameType.STDIN, 0, b"\n")
+        for frame in conn.frames():
+            if frame.type == FrameType.STDOUT:
+                sys.stdout.buffer.write(frame.payload)
+                sys.stdout.buffer.flush()
+    except MicroagentError:
+        pass
+    finally:
+        termios.tcsetattr(0, termios.TCSADRAIN, old)
+        conn.close()
+    print("\nDetached.", file=sys.stderr)
+    return 0
+
+
+def cmd_profiles(engine: Engine, args: argparse.Namespace) -> int:
+    rows = [[p.name, str(p.memory_mib), str(p.cpus), str(p.disk_mib)] for p in PROFILES.values()]
+    data = [{"name": p.name, "memoryMiB": p.memory_mib, "cpuCount": p.cpus, "sizeMiB": p.disk_mib}
+            for p in PROFILES.values()]
+    _emit(args, data, _table(rows, ["NAME", "MEMORY-MIB", "CPUS", "DISK-MIB"]))
+    return 0
+
+
+def cmd_doctor(engine: Engine, args: argparse.Namespace) -> int:
+    from .doctor import diagnose, render
+
+    report = diagnose(engine)
+    _emit(args, report, render(report))
+    return 0 if report["ok"] else 1
+
+
+# ---- parser --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    common.add_argument("--state-dir", default=argparse.SUPPRESS, help="state directory (default ~/.microagent, "
+                        "or $MICROAGENT_STATE_DIR)")
+
+    parser = argparse.ArgumentParser(prog="microagent", description="microVM workspaces", parents=[common])
+    parser.add_argument("--version", action="version", version=f"microagent {__version__}")
+    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    def add(name: str, handler: Handler, help_: str, aliases: Sequence[str] = ()) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, parents=[common], aliases=list(aliases))
+        p.set_defaults(handler=handler)
+        return p
+
+    def create_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--image", help="image reference (default: the built-in busybox image)")
+        p.add_argument("--name", dest="name_opt", help="workspace name")
+        p.add_argument("--profile", choices=list(PROFILES), help="resource profile (default small)")
+        p.add_argument("--memory", type=int, metavar="MIB", help="memory in MiB (overrides the profile)")
+        p.add_argument("--cpus", type=int, help="vCPUs (overrides the profile)")
+        p.add_argument("--size-mib", type=int, help="rootfs size in MiB (overrides the profile)")
+        p.add_argument("-e", "--env", action="append", metavar="KEY=VALUE", help="guest environment variable")
+        p.add_argument("--hostname", help="guest hostname (default: the name as a hostname)")
+        p.add_argument("--network", choices=["user", "isolated"], default="user", help="user (NAT) or isolated")
+        p.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="accelerator (default auto; "
+                       "$MICROAGENT_ACCEL)")
+        p.add_argument("--kernel", help="guest kernel (vmlinux or bzImage; default: Debian's cloud kernel, "
+                       "$MICROAGENT_KERNEL)")
+
+    def exec_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--cwd", help="working directory in the guest")
+        p.add_argument("--timeout", type=float, metavar="SECONDS", help="TERM then KILL the command after this")
+        p.add_argument("-i", "--interactive", action="store_true", help="forward stdin even from a terminal")
+
+    p = add("create", cmd_create, "create a workspace (state prepared)")
+    p.add_argument("name", nargs="?")
+    create_flags(p)
+
+    p = add("start", cmd_start, "boot a workspace")
+    p.add_argument("name")
+
+    p = add("exec", cmd_exec, "run a command in a running workspace: exec NAME -- CMD [ARGS...]")
+    p.add_argument("name")
+    p.add_argument("command", nargs="*")
+    p.add_argument("-e", "--env", action="append", metavar="KEY=VALUE")
+    exec_flags(p)
+
+    p = add("run", cmd_run, "create + start + exec (+ halt): run [IMAGE] [-- CMD...]")
+    p.add_argument("positionals", nargs="*", metavar="[IMAGE] CMD")
+    create_flags(p)
+    exec_flags(p)
+    p.add_argument("--exec", dest="exec_line", metavar="LINE", help="command line run with /bin/sh -c")
+    p.add_argument("--delete", action="store_true", help="delete the workspace afterwards")
+    p.set_defaults(command=[])
+
+    add("list", cmd_list, "saved workspaces", aliases=["ls"])
+    add("ps", cmd_ps, "running workspaces")
+    p = add("status", cmd_status, "one workspace (with --json: readiness signals)")
+    p.add_argument("name")
+    for verb, text in (("halt", "clean disk-preserving shutdown"),
+                       ("stop", "ask the guest to shut down; failed after 5 s (no kill)"),
+                       ("kill", "terminate the VM at once")):
+        p = add(verb, _lifecycle(verb), text)
+        p.add_argument("name")
+    p = add("delete", cmd_delete, "remove a workspace and its disk", aliases=["rm"])
+    p.add_argument("name")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    p = add("logs", cmd_logs, "serial console output")
+    p.add_argument("name")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing while the workspace runs")
+    p = add("connect", cmd_connect, "serial console: interactive, or --send LINE")
+    p.add_argument("name")
+    p.add_argument("--send", metavar="LINE", help="type LINE into the console shell and print its output")
+    p.add_argument("--timeout", type=float, default=30.0)
+    add("profiles", cmd_profiles, "resource profiles")
+    add("doctor", cmd_doctor, "what this host can do (KVM or TCG, qemu, kernel, e2fsprogs)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    tail: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, tail = argv[:i], argv[i + 1:]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    args.json = getattr(args, "json", False)
+    if hasattr(args, "command"):
+        args.command = list(args.command) + tail
+    elif tail:
+        parser.error(f"{args.cmd} takes no command after '--'")
+    progress = (lambda msg: print(msg, file=sys.stderr, flush=True))
+    engine = Engine(getattr(args, "state_dir", None), progress=progress)
+    try:
+        return args.handler(engine, args)
+    except MicroagentError as exc:
+        print(f"microagent: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

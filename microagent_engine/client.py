@@ -1,0 +1,179 @@
+"""Blocking client of a workspace supervisor's control socket: exec streams, control requests, console."""
+
+from __future__ import annotations
+
+import json
+import select
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator
+
+from .errors import GuestError, ExecTimeout
+from .protocol import ExitStatus, Frame, FrameDecoder, FrameType, encode_exec, encode_frame
+
+OutputCallback = Callable[[bytes], None]
+
+
+@dataclass
+class ExecResult:
+    """How a command ended, with its captured output (when capture was on)."""
+
+    status: str
+    exit_code: int
+    code: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+    message: str = ""
+    duration: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "exited" and self.code == 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"status": self.status, "exitCode": self.exit_code, "code": self.code,
+                "stdout": self.stdout.decode(errors="replace"), "stderr": self.stderr.decode(errors="replace"),
+                "message": self.message, "durationSeconds": round(self.duration, 6)}
+
+
+@dataclass
+class SupervisorConnection:
+    """One connection to ``control.sock``. Not thread-safe: use one per thread (they are cheap)."""
+
+    path: Path
+    sock: socket.socket = field(init=False)
+    _decoder: FrameDecoder = field(default_factory=FrameDecoder)
+    _pending: list[Frame] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.connect(str(self.path))
+        except OSError as exc:
+            self.sock.close()
+            raise GuestError(f"cannot reach the workspace supervisor at {self.path}: {exc.strerror}") from None
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "SupervisorConnection":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(self, ftype: int, stream: int, payload: bytes = b"") -> None:
+        self.sock.sendall(encode_frame(ftype, stream, payload))
+
+    def frames(self, timeout: float | None = None) -> Iterator[Frame]:
+        """Yield frames as they arrive; raises ExecTimeout if none arrives within ``timeout``."""
+        while True:
+            while self._pending:
+                yield self._pending.pop(0)
+            ready, _, _ = select.select([self.sock], [], [], timeout)
+            if not ready:
+                raise ExecTimeout("no answer from the workspace supervisor in time")
+            data = self.sock.recv(262144)
+            if not data:
+                raise GuestError("the workspace supervisor closed the connection (the VM may have exited)")
+            self._pending.extend(self._decoder.feed(data))
+
+    def control(self, op: str, timeout: float | None = None, **params: Any) -> dict[str, Any]:
+        self.send(FrameType.CONTROL, 0, json.dumps({"op": op, **params}).encode())
+        for frame in self.frames(timeout):
+            if frame.type == FrameType.REPLY:
+                return json.loads(frame.payload)
+            if frame.type == FrameType.ERROR:
+                raise GuestError(frame.payload.decode(errors="replace"))
+        raise GuestError("no reply")  # pragma: no cover - frames() never ends normally
+
+    def ping(self, payload: bytes = b"p") -> float:
+        """Round trip to the guest agent in seconds."""
+        t0 = time.perf_counter()
+        self.send(FrameType.PING, 1, payload)
+        for frame in self.frames(10):
+            if frame.type == FrameType.PONG:
+                return time.perf_counter() - t0
+            if frame.type == FrameType.ERROR:
+                raise GuestError(frame.payload.decode(errors="replace"))
+        raise GuestError("no pong")  # pragma: no cover
+
+    def exec(
+        self,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | IO[bytes] | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        capture: bool = True,
+    ) -> ExecResult:
+        """Run ``argv`` in the guest, streaming output to the callbacks as it comes.
+
+        On KeyboardInterrupt the command's process group gets SIGINT, then SIGKILL if it lingers, before the
+        interrupt propagates.
+        """
+        t0 = time.perf_counter()
+        stream = 1
+        self.send(FrameType.EXEC, stream, encode_exec(argv, env, cwd, timeout, stdin=stdin is not None))
+        feeder: threading.Thread | None = None
+        if isinstance(stdin, (bytes, bytearray)):
+            for i in range(0, len(stdin), 65536):
+                self.send(FrameType.STDIN, stream, bytes(stdin[i:i + 65536]))
+            self.send(FrameType.STDIN, stream, b"")
+        elif stdin is not None:
+            feeder = threading.Thread(target=self._feed, args=(stream, stdin), daemon=True)
+            feeder.start()
+        out, err = bytearray(), bytearray()
+        try:
+            for frame in self.frames():
+                if frame.type == FrameType.STDOUT:
+                    if capture:
+                        out += frame.payload
+                    if on_stdout:
+                        on_stdout(frame.payload)
+                elif frame.type == FrameType.STDERR:
+                    if capture:
+                        err += frame.payload
+                    if on_stderr:
+                        on_stderr(frame.payload)
+                elif frame.type == FrameType.EXIT:
+                    st = ExitStatus.parse(frame.payload)
+                    return ExecResult(st.status, st.exit_code, st.code, bytes(out), bytes(err), st.message,
+                                      time.perf_counter() - t0)
+                elif frame.type == FrameType.ERROR:
+                    raise GuestError(frame.payload.decode(errors="replace"))
+        except KeyboardInterrupt:
+            self._interrupt(stream)
+            raise
+        raise GuestError("exec ended without an exit status")  # pragma: no cover
+
+    def _interrupt(self, stream: int) -> None:
+        try:
+            self.send(FrameType.SIGNAL, stream, str(int(signal.SIGINT)).encode())
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline:
+                for frame in self.frames(max(0.01, deadline - time.monotonic())):
+                    if frame.type in (FrameType.EXIT, FrameType.ERROR):
+                        return
+            self.send(FrameType.SIGNAL, stream, str(int(signal.SIGKILL)).encode())
+        except (OSError, GuestError, ExecTimeout):
+            try:
+                self.send(FrameType.SIGNAL, stream, str(int(signal.SIGKILL)).encode())
+            except OSError:
+                pass
+
+    def _feed(self, stream: int, fh: IO[bytes]) -> None:
+        try:
+            reader = getattr(fh, "read1", fh.read)
+            while chunk := reader(65536):
+                self.send(FrameType.STDIN, stream, chunk)
+            self.send(FrameType.STDIN, stream, b"")
+        except OSError:
+            pass

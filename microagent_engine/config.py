@@ -1,0 +1,72 @@
+"""Engine-wide settings: the state directory, resource profiles and name rules."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InvalidArgument
+
+STATE_DIR_ENV = "MICROAGENT_STATE_DIR"
+KERNEL_ENV = "MICROAGENT_KERNEL"
+ACCEL_ENV = "MICROAGENT_ACCEL"
+QEMU_ENV = "MICROAGENT_QEMU"
+
+MAX_NAME_LEN = 63
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def default_state_dir() -> Path:
+    env = os.environ.get(STATE_DIR_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".microagent"
+
+
+def validate_name(name: str, kind: str = "workspace") -> str:
+    """Return ``name`` if it is a safe workspace/volume name, else raise InvalidArgument saying why."""
+    if not name:
+        raise InvalidArgument(f"{kind} name must not be empty")
+    if len(name) > MAX_NAME_LEN:
+        raise InvalidArgument(f"{kind} name {name[:20]!r}... is {len(name)} characters; the limit is {MAX_NAME_LEN}")
+    if "/" in name or name in (".", "..") or ".." in name:
+        raise InvalidArgument(f"{kind} name {name!r} must not contain '/' or '..'")
+    if not _NAME_RE.match(name):
+        raise InvalidArgument(
+            f"invalid {kind} name {name!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit"
+        )
+    return name
+
+
+def hostname_for(name: str) -> str:
+    """The workspace name sanitised as a Linux hostname (RFC 1123 label, at most 63 chars)."""
+    label = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:63].strip("-")
+    return label or "microagent"
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    memory_mib: int
+    cpus: int
+    disk_mib: int
+
+
+PROFILES: dict[str, Profile] = {
+    p.name: p
+    for p in (
+        Profile("tiny", 256, 1, 512),
+        Profile("small", 512, 2, 1024),
+        Profile("medium", 2048, 2, 8192),
+        Profile("large", 4096, 4, 16384),
+    )
+}
+DEFAULT_PROFILE = "small"
+
+
+def get_profile(name: str | None) -> Profile:
+    key = name or DEFAULT_PROFILE
+    try:
+        return PROFILES[key]
+    except KeyError:
+        raise InvalidArgument(f"unknown profile {key!r}; choose one of: {', '.join(PROFILES)}") from None

@@ -1,0 +1,75 @@
+"""``microagent doctor``: what this host can do, and what to install for the rest."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from typing import TYPE_CHECKING, Any
+
+from .errors import MicroagentError
+from .guest.initramfs import busybox_path
+from .guest.kernel import installed_default_kernel
+from .hostinfo import INSTALL_HINTS, choose_accel, kvm_usable, require_tool
+
+if TYPE_CHECKING:
+    from .workspaces import Engine
+
+
+def _check(name: str, fn: Any) -> dict[str, Any]:
+    try:
+        detail = fn()
+        return {"name": name, "ok": True, "detail": detail}
+    except MicroagentError as exc:
+        return {"name": name, "ok": False, "detail": str(exc)}
+
+
+def diagnose(engine: "Engine") -> dict[str, Any]:
+    kvm_ok, kvm_why = kvm_usable()
+    accel = choose_accel()
+    checks = [
+        _check("qemu", lambda: engine.backend.version()),
+        {"name": "kvm", "ok": True, "detail": ("usable: " if kvm_ok else "not usable: ") + kvm_why},
+        {"name": "accelerator", "ok": True, "detail": f"{accel.accel} ({accel.reason})"},
+    ]
+    for tool in ("mkfs.ext4", "e2fsck", "resize2fs", "debugfs"):
+        checks.append(_check(tool, lambda t=tool: require_tool(t)))
+    checks.append(_check("busybox-static", lambda: str(busybox_path())))
+    checks.append(_check("gcc (guest agent)", lambda: require_tool("gcc")))
+
+    def kernel() -> str:
+        override = os.environ.get("MICROAGENT_KERNEL")
+        if override:
+            return f"$MICROAGENT_KERNEL={override}"
+        k = installed_default_kernel(engine.state_dir)
+        if k:
+            return f"{k.release} at {k.path}"
+        require_tool("apt-get")
+        has_pkg = subprocess.run(["apt-cache", "show", "linux-image-cloud-amd64"], capture_output=True).returncode == 0
+        if not has_pkg:
+            raise MicroagentError("not installed, and apt does not know linux-image-cloud-amd64: run apt-get update")
+        return "not installed yet; installed on first create (apt-get download linux-image-cloud-amd64)"
+
+    checks.append(_check("guest kernel", kernel))
+    checks.append(_check("lz4 (kernel unpack)", lambda: require_tool("lz4")))
+
+    def state_dir() -> str:
+        engine.state_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(engine.state_dir, os.W_OK):
+            raise MicroagentError(f"{engine.state_dir} is not writable; pass --state-dir")
+        free = shutil.disk_usage(engine.state_dir).free // (1 << 20)
+        return f"{engine.state_dir} ({free} MiB free)"
+
+    checks.append(_check("state dir", state_dir))
+    return {"ok": all(c["ok"] for c in checks), "accel": accel.accel, "checks": checks,
+            "installHints": INSTALL_HINTS}
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = [f"{'ok ' if c['ok'] else 'NO '} {c['name']:<20} {c['detail']}" for c in report["checks"]]
+    lines.append("")
+    lines.append(f"VMs on this host run under {report['accel'].upper()}" +
+                 (" (hardware virtualization)." if report["accel"] == "kvm" else " (software emulation: seconds per boot)."))
+    if not report["ok"]:
+        lines.append("Some checks failed: each line says what to install. 'make setup' installs everything.")
+    return "\n".join(lines)

@@ -1,0 +1,45 @@
+"""The engine's error hierarchy. Every message says what was wrong and what to do instead."""
+
+from __future__ import annotations
+
+
+class MicroagentError(Exception):
+    """Base class of every error the engine raises on purpose. ``exit_code`` is what the CLI returns."""
+
+    exit_code = 1
+
+
+class InvalidArgument(MicroagentError):
+    """A name, flag or value the user gave is not acceptable."""
+
+    exit_code = 2
+
+
+class NotFound(MicroagentError):
+    """A workspace, volume or file that was named does not exist."""
+
+
+class AlreadyExists(MicroagentError):
+    """Creating something whose name is taken."""
+
+
+class InvalidState(MicroagentError):
+    """The operation is not allowed in the workspace's current state."""
+
+
+class Busy(MicroagentError):
+    """Another operation holds the lock this one needs."""
+
+
+class HostError(MicroagentError):
+    """The host lacks a tool or capability (qemu, kernel, e2fsprogs, KVM...)."""
+
+    exit_code = 3
+
+
+class GuestError(MicroagentError):
+    """The VM or its agent failed: boot timeout, crash, lost channel."""
+
+
+class ExecTimeout(MicroagentError):
+    """Waiting for the guest took longer than allowed."""

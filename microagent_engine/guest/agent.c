@@ -1,0 +1,1783 @@
+/*
+ * microagent guest agent.
+ *
+ * In a VM this is PID 1 (/init in the initramfs): it loads the virtio modules, mounts the workspace root
+ * filesystem, switches into it and then serves exec requests over the virtio-serial port named
+ * "org.microagent.agent".  With "--connect PATH" it skips the boot steps and speaks the same protocol over
+ * a unix stream socket (used by the host-side tests).
+ *
+ * The wire protocol is described in docs/protocol.md; the host side lives in microagent_engine/protocol.py.
+ *
+ * Build: gcc -static -O2 -Wall -Wextra -o agent agent.c
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <ctype.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/reboot.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/un.h>
+#include <sys/utsname.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef RAMFS_MAGIC
+#define RAMFS_MAGIC 0x858458f6
+#endif
+#ifndef TMPFS_MAGIC
+#define TMPFS_MAGIC 0x01021994
+#endif
+
+/* ---- protocol constants ------------------------------------------------------------------------ */
+
+#define HDR_SIZE 9
+#define MAX_PAYLOAD (1u << 20)
+#define OUT_CHUNK 65536
+#define PORT_NAME "org.microagent.agent"
+#define PROTOCOL_VERSION 1
+
+enum {
+    F_HELLO = 0x01,
+    F_CONFIG = 0x02,
+    F_READY = 0x03,
+    F_EXEC = 0x10,
+    F_STDIN = 0x11,
+    F_STDOUT = 0x12,
+    F_STDERR = 0x13,
+    F_EXIT = 0x14,
+    F_SIGNAL = 0x15,
+    F_HALT = 0x20,
+    F_HALTING = 0x21,
+    F_PING = 0x22,
+    F_PONG = 0x23,
+    F_ERROR = 0x2F,
+};
+
+#define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#define DRAIN_MS 200
+#define DEFAULT_GRACE_MS 2000
+#define STDIN_BACKPRESSURE (8u << 20) /* stop reading the channel while this much stdin is queued */
+
+/* ---- state --------------------------------------------------------------------------------------- */
+
+struct session {
+    struct session *next;
+    uint32_t stream;
+    pid_t pid; /* also the process group id (the child calls setsid) */
+    int in_fd, out_fd, err_fd;
+    char *inbuf;
+    size_t inoff, inlen, incap;
+    int in_eof;
+    int exited, wstatus;
+    int timed_out, killed;
+    int64_t deadline; /* timeout deadline (0 = none) */
+    int64_t kill_at;  /* SIGKILL after the grace period */
+    int64_t grace_ms;
+    int64_t drain_until;
+};
+
+struct env {
+    char **v;
+    size_t n, cap;
+};
+
+static int is_pid1;
+static int test_mode;
+static const char *connect_path;
+
+static int chan_fd = -1;
+static char port_path[PATH_MAX];
+static int64_t reconnect_at;
+static int reconnect_logged;
+
+static int sig_fd = -1;
+static int log_fd = -1;
+
+static unsigned char *rbuf;
+static size_t rlen;
+
+static struct env cfg_env;
+static int configured;
+static char ready_shell[32] = "missing";
+static char ready_net[512] = "none";
+static char ready_mounts[2048] = "ok";
+
+static char *shell_path;
+static pid_t shell_pid;
+static int64_t shell_respawn_at;
+static int64_t shell_last_spawn;
+
+static struct session *sessions;
+static size_t stdin_queued;
+static int halting;
+
+/* ---- small helpers ------------------------------------------------------------------------------- */
+
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void sleep_ms(int ms)
+{
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
+    }
+}
+
+static void logmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void logmsg(const char *fmt, ...)
+{
+    char buf[1024];
+    int n = snprintf(buf, sizeof buf, "microagent-agent: ");
+    va_list ap;
+    va_start(ap, fmt);
+    int m = vsnprintf(buf + n, sizeof buf - (size_t)n - 2, fmt, ap);
+    va_end(ap);
+    if (m < 0)
+        m = 0;
+    size_t len = (size_t)n + (size_t)m;
+    if (len > sizeof buf - 2)
+        len = sizeof buf - 2;
+    buf[len++] = '\n';
+    int fd = log_fd >= 0 ? log_fd : 2;
+    ssize_t w = write(fd, buf, len);
+    (void)w;
+}
+
+static void set_nonblock(int fd)
+{
+    int fl = fcntl(fd, F_GETFL);
+    if (fl >= 0)
+        fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+}
+
+static void xclose(int *fd)
+{
+    if (*fd >= 0) {
+        close(*fd);
+        *fd = -1;
+    }
+}
+
+static int mkdir_p(const char *path, mode_t mode)
+{
+    char tmp[PATH_MAX];
+    size_t len = strlen(path);
+    if (len == 0 || len >= sizeof tmp) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    memcpy(tmp, path, len + 1);
+    for (char *p = tmp + 1; *p; p++) {
+        if (*p == '/') {
+            *p = '\0';
+            if (mkdir(tmp, mode) < 0 && errno != EEXIST)
+                return -1;
+            *p = '/';
+        }
+    }
+    if (mkdir(tmp, mode) < 0 && errno != EEXIST)
+        return -1;
+    return 0;
+}
+
+static void *xrealloc(void *p, size_t n)
+{
+    void *q = realloc(p, n);
+    if (!q) {
+        logmsg("out of memory");
+        abort();
+    }
+    return q;
+}
+
+static char *xstrdup(const char *s)
+{
+    char *d = strdup(s);
+    if (!d) {
+        logmsg("out of memory");
+        abort();
+    }
+    return d;
+}
+
+/* ---- environment ----------------------------------------------------------------------------------- */
+
+static void env_set(struct env *e, const char *kv)
+{
+    const char *eq = strchr(kv, '=');
+    if (!eq || eq == kv)
+        return;
+    size_t klen = (size_t)(eq - kv) + 1; /* include '=' */
+    for (size_t i = 0; i < e->n; i++) {
+        if (strncmp(e->v[i], kv, klen) == 0) {
+            free(e->v[i]);
+            e->v[i] = xstrdup(kv);
+            return;
+        }
+    }
+    if (e->n + 2 > e->cap) {
+        e->cap = e->cap ? e->cap * 2 : 16;
+        e->v = xrealloc(e->v, e->cap * sizeof(char *));
+    }
+    e->v[e->n++] = xstrdup(kv);
+    e->v[e->n] = NULL;
+}
+
+static void env_clear(struct env *e)
+{
+    for (size_t i = 0; i < e->n; i++)
+        free(e->v[i]);
+    e->n = 0;
+    if (e->v)
+        e->v[0] = NULL;
+}
+
+/* defaults, then CONFIG env; the caller adds the EXEC env */
+static void env_base(struct env *e)
+{
+    e->v = NULL;
+    e->n = e->cap = 0;
+    env_set(e, "PATH=" DEFAULT_PATH);
+    env_set(e, "HOME=/root");
+    env_set(e, "TERM=linux");
+    for (size_t i = 0; i < cfg_env.n; i++)
+        env_set(e, cfg_env.v[i]);
+}
+
+static void env_free(struct env *e)
+{
+    env_clear(e);
+    free(e->v);
+    e->v = NULL;
+    e->cap = 0;
+}
+
+/* ---- channel output -------------------------------------------------------------------------------- */
+
+static void channel_lost(const char *why);
+
+static int write_all(int fd, const void *buf, size_t len)
+{
+    const char *p = buf;
+    while (len > 0) {
+        ssize_t n = write(fd, p, len);
+        if (n > 0) {
+            p += n;
+            len -= (size_t)n;
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            struct pollfd pf = {.fd = fd, .events = POLLOUT};
+            int r = poll(&pf, 1, -1);
+            if (r < 0 && errno != EINTR)
+                return -1;
+            if (r > 0 && !(pf.revents & POLLOUT) && (pf.revents & (POLLERR | POLLHUP | POLLNVAL)))
+                return -1;
+            continue;
+        }
+        return -1;
+    }
+    return 0;
+}
+
+static void send_frame(int type, uint32_t stream, const void *data, size_t len)
+{
+    if (chan_fd < 0)
+        return;
+    unsigned char hdr[HDR_SIZE];
+    hdr[0] = (unsigned char)type;
+    hdr[1] = (unsigned char)(stream >> 24);
+    hdr[2] = (unsigned char)(stream >> 16);
+    hdr[3] = (unsigned char)(stream >> 8);
+    hdr[4] = (unsigned char)stream;
+    hdr[5] = (unsigned char)(len >> 24);
+    hdr[6] = (unsigned char)(len >> 16);
+    hdr[7] = (unsigned char)(len >> 8);
+    hdr[8] = (unsigned char)len;
+    if (len > 0 && len <= 4096) {
+        unsigned char small[HDR_SIZE + 4096];
+        memcpy(small, hdr, HDR_SIZE);
+        memcpy(small + HDR_SIZE, data, len);
+        if (write_all(chan_fd, small, HDR_SIZE + len) < 0)
+            channel_lost("write failed");
+        return;
+    }
+    if (write_all(chan_fd, hdr, HDR_SIZE) < 0 || (len > 0 && write_all(chan_fd, data, len) < 0))
+        channel_lost("write failed");
+}
+
+static void send_str(int type, uint32_t stream, const char *s)
+{
+    send_frame(type, stream, s, strlen(s));
+}
+
+static void send_error(uint32_t stream, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void send_error(uint32_t stream, const char *fmt, ...)
+{
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    send_str(F_ERROR, stream, buf);
+}
+
+static void send_hello(void)
+{
+    struct utsname u;
+    char buf[512];
+    if (uname(&u) < 0)
+        snprintf(u.release, sizeof u.release, "unknown");
+    snprintf(buf, sizeof buf, "version=%d\nkernel=%s\n", PROTOCOL_VERSION, u.release);
+    send_str(F_HELLO, 0, buf);
+}
+
+/* ---- sessions ---------------------------------------------------------------------------------------- */
+
+static struct session *find_session(uint32_t stream)
+{
+    for (struct session *s = sessions; s; s = s->next)
+        if (s->stream == stream)
+            return s;
+    return NULL;
+}
+
+static void close_stdin(struct session *s)
+{
+    xclose(&s->in_fd);
+    stdin_queued -= s->inlen - s->inoff;
+    free(s->inbuf);
+    s->inbuf = NULL;
+    s->inoff = s->inlen = s->incap = 0;
+}
+
+static void signal_group(struct session *s, int sig)
+{
+    if (kill(-s->pid, sig) < 0 && errno == ESRCH)
+        kill(s->pid, sig);
+}
+
+static void finish_session(struct session *s)
+{
+    char buf[64];
+    close_stdin(s);
+    xclose(&s->out_fd);
+    xclose(&s->err_fd);
+    if (s->timed_out)
+        snprintf(buf, sizeof buf, "timed_out 124");
+    else if (WIFSIGNALED(s->wstatus))
+        snprintf(buf, sizeof buf, "signaled %d", WTERMSIG(s->wstatus));
+    else
+        snprintf(buf, sizeof buf, "exited %d", WEXITSTATUS(s->wstatus));
+    send_str(F_EXIT, s->stream, buf);
+    for (struct session **pp = &sessions; *pp; pp = &(*pp)->next) {
+        if (*pp == s) {
+            *pp = s->next;
+            break;
+        }
+    }
+    free(s);
+}
+
+static void flush_stdin(struct session *s)
+{
+    while (s->in_fd >= 0 && s->inoff < s->inlen) {
+        ssize_t n = write(s->in_fd, s->inbuf + s->inoff, s->inlen - s->inoff);
+        if (n > 0) {
+            s->inoff += (size_t)n;
+            stdin_queued -= (size_t)n;
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return;
+        /* EPIPE or another error: the reader is gone, drop what is queued */
+        close_stdin(s);
+        return;
+    }
+    if (s->in_fd >= 0 && s->inoff == s->inlen) {
+        s->inoff = s->inlen = 0;
+        if (s->in_eof)
+            close_stdin(s);
+    }
+}
+
+static void pump_output(struct session *s, int is_err)
+{
+    static char buf[OUT_CHUNK];
+    int *fdp = is_err ? &s->err_fd : &s->out_fd;
+    if (*fdp < 0)
+        return;
+    ssize_t n = read(*fdp, buf, sizeof buf);
+    if (n > 0) {
+        send_frame(is_err ? F_STDERR : F_STDOUT, s->stream, buf, (size_t)n);
+        return;
+    }
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+        return;
+    xclose(fdp);
+}
+
+static void reset_signals_in_child(void)
+{
+    sigset_t empty;
+    sigemptyset(&empty);
+    sigprocmask(SIG_SETMASK, &empty, NULL);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = SIG_DFL;
+    for (int i = 1; i < NSIG; i++)
+        sigaction(i, &sa, NULL);
+}
+
+static void close_fds_except(int keep)
+{
+    /* keep < 0: close everything from 3 up */
+#ifdef SYS_close_range
+    int ok;
+    if (keep >= 3) {
+        ok = (keep == 3 || syscall(SYS_close_range, 3u, (unsigned)keep - 1, 0u) == 0) &&
+             syscall(SYS_close_range, (unsigned)keep + 1, ~0u, 0u) == 0;
+    } else {
+        ok = syscall(SYS_close_range, 3u, ~0u, 0u) == 0;
+    }
+    if (ok)
+        return;
+#endif
+    long max = sysconf(_SC_OPEN_MAX);
+    if (max < 0 || max > 65536)
+        max = 65536;
+    for (int fd = 3; fd < max; fd++)
+        if (fd != keep)
+            close(fd);
+}
+
+static void child_fail(int errfd, int err)
+{
+    ssize_t w = write(errfd, &err, sizeof err);
+    (void)w;
+    _exit(127);
+}
+
+static void exit_failed_to_start(uint32_t stream, int err)
+{
+    char buf[256];
+    snprintf(buf, sizeof buf, "failed_to_start %d %s", err == ENOENT ? 127 : 126, strerror(err));
+    send_str(F_EXIT, stream, buf);
+}
+
+static int64_t parse_ms(const char *s, int64_t dflt)
+{
+    char *end;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (errno || end == s || *end || v < 0)
+        return dflt;
+    return (int64_t)v;
+}
+
+static void start_exec(uint32_t stream, const unsigned char *payload, size_t len)
+{
+    if (stream == 0) {
+        send_error(0, "EXEC on stream 0");
+        return;
+    }
+    if (find_session(stream)) {
+        send_error(stream, "stream %u is already running a command", stream);
+        return;
+    }
+    if (len == 0 || payload[len - 1] != '\0') {
+        send_error(stream, "malformed EXEC: entries are not NUL-terminated");
+        send_str(F_EXIT, stream, "failed_to_start 126 malformed EXEC request");
+        return;
+    }
+
+    size_t argc = 0;
+    for (size_t off = 0; off < len;) {
+        const char *ent = (const char *)payload + off;
+        size_t el = strlen(ent);
+        if (el > 0 && ent[0] == 'a')
+            argc++;
+        off += el + 1;
+    }
+    if (argc == 0) {
+        send_error(stream, "malformed EXEC: no argv");
+        send_str(F_EXIT, stream, "failed_to_start 126 malformed EXEC request");
+        return;
+    }
+
+    char **argv = xrealloc(NULL, (argc + 1) * sizeof(char *));
+    struct env env;
+    env_base(&env);
+    const char *cwd = NULL;
+    int64_t timeout_ms = 0, grace_ms = DEFAULT_GRACE_MS;
+    int want_stdin = 0;
+    size_t ai = 0;
+    for (size_t off = 0; off < len;) {
+        const char *ent = (const char *)payload + off;
+        size_t el = strlen(ent);
+        off += el + 1;
+        if (el == 0)
+            continue;
+        const char *val = ent + 1;
+        switch (ent[0]) {
+        case 'a':
+            argv[ai++] = (char *)val;
+            break;
+        case 'e':
+            env_set(&env, val);
+            break;
+        case 'c':
+            if (*val)
+                cwd = val;
+            break;
+        case 't':
+            timeout_ms = parse_ms(val, 0);
+            break;
+        case 'g':
+            grace_ms = parse_ms(val, DEFAULT_GRACE_MS);
+            break;
+        case 'i':
+            want_stdin = strcmp(val, "1") == 0;
+            break;
+        default:
+            break;
+        }
+    }
+    argv[ai] = NULL;
+
+    int inp[2] = {-1, -1}, outp[2] = {-1, -1}, errp[2] = {-1, -1}, ep[2] = {-1, -1};
+    int err = 0;
+    if (want_stdin) {
+        if (pipe2(inp, O_CLOEXEC) < 0)
+            err = errno;
+    } else {
+        inp[0] = open("/dev/null", O_RDONLY | O_CLOEXEC);
+        if (inp[0] < 0) {
+            /* no /dev/null: an empty pipe gives EOF as well */
+            if (pipe2(inp, O_CLOEXEC) < 0)
+                err = errno;
+            else
+                xclose(&inp[1]);
+        }
+    }
+    if (!err && (pipe2(outp, O_CLOEXEC) < 0 || pipe2(errp, O_CLOEXEC) < 0 || pipe2(ep, O_CLOEXEC) < 0))
+        err = errno;
+
+    pid_t pid = -1;
+    if (!err) {
+        pid = fork();
+        if (pid < 0)
+            err = errno;
+    }
+    if (pid == 0) {
+        /* child */
+        reset_signals_in_child();
+        setsid();
+        if (dup2(inp[0], 0) < 0 || dup2(outp[1], 1) < 0 || dup2(errp[1], 2) < 0)
+            child_fail(ep[1], errno);
+        close_fds_except(ep[1]);
+        if (cwd && chdir(cwd) < 0)
+            child_fail(ep[1], errno);
+        environ = env.v;
+        execvpe(argv[0], argv, env.v);
+        child_fail(ep[1], errno);
+    }
+
+    free(argv);
+    env_free(&env);
+    xclose(&inp[0]);
+    xclose(&outp[1]);
+    xclose(&errp[1]);
+    xclose(&ep[1]);
+
+    if (!err) {
+        int child_err = 0;
+        ssize_t n;
+        do {
+            n = read(ep[0], &child_err, sizeof child_err);
+        } while (n < 0 && errno == EINTR);
+        if (n == (ssize_t)sizeof child_err) {
+            int st;
+            while (waitpid(pid, &st, 0) < 0 && errno == EINTR) {
+            }
+            err = child_err ? child_err : EINVAL;
+        }
+    }
+    xclose(&ep[0]);
+
+    if (err) {
+        xclose(&inp[1]);
+        xclose(&outp[0]);
+        xclose(&errp[0]);
+        exit_failed_to_start(stream, err);
+        return;
+    }
+
+    struct session *s = xrealloc(NULL, sizeof *s);
+    memset(s, 0, sizeof *s);
+    s->stream = stream;
+    s->pid = pid;
+    s->in_fd = inp[1];
+    s->out_fd = outp[0];
+    s->err_fd = errp[0];
+    if (s->in_fd >= 0)
+        set_nonblock(s->in_fd);
+    set_nonblock(s->out_fd);
+    set_nonblock(s->err_fd);
+    s->grace_ms = grace_ms;
+    if (timeout_ms > 0)
+        s->deadline = mono_ms() + timeout_ms;
+    s->next = sessions;
+    sessions = s;
+}
+
+static void handle_stdin(uint32_t stream, const unsigned char *data, size_t len)
+{
+    struct session *s = find_session(stream);
+    if (!s || s->in_fd < 0 || s->in_eof)
+        return; /* gone, finished, or stdin is not a pipe: drop */
+    if (len == 0) {
+        s->in_eof = 1;
+        flush_stdin(s);
+        return;
+    }
+    if (s->inoff > 0 && s->inoff == s->inlen)
+        s->inoff = s->inlen = 0;
+    if (s->inoff > 0) {
+        memmove(s->inbuf, s->inbuf + s->inoff, s->inlen - s->inoff);
+        s->inlen -= s->inoff;
+        s->inoff = 0;
+    }
+    if (s->inlen + len > s->incap) {
+        size_t cap = s->incap ? s->incap : 65536;
+        while (cap < s->inlen + len)
+            cap *= 2;
+        s->inbuf = xrealloc(s->inbuf, cap);
+        s->incap = cap;
+    }
+    memcpy(s->inbuf + s->inlen, data, len);
+    s->inlen += len;
+    stdin_queued += len;
+    flush_stdin(s);
+}
+
+static void handle_signal_frame(uint32_t stream, const unsigned char *data, size_t len)
+{
+    char buf[32];
+    if (len == 0 || len >= sizeof buf) {
+        send_error(stream, "malformed SIGNAL");
+        return;
+    }
+    memcpy(buf, data, len);
+    buf[len] = '\0';
+    char *end;
+    long sig = strtol(buf, &end, 10);
+    while (*end && isspace((unsigned char)*end))
+        end++;
+    if (end == buf || *end || sig <= 0 || sig >= NSIG) {
+        send_error(stream, "malformed SIGNAL: %s", buf);
+        return;
+    }
+    struct session *s = find_session(stream);
+    if (!s || s->exited)
+        return;
+    signal_group(s, (int)sig);
+}
+
+/* ---- child reaping ----------------------------------------------------------------------------------- */
+
+static void on_child_exit(pid_t pid, int status)
+{
+    if (pid == shell_pid) {
+        shell_pid = 0;
+        if (!halting) {
+            int64_t now = mono_ms();
+            shell_respawn_at = shell_last_spawn + 1000 > now ? shell_last_spawn + 1000 : now;
+        }
+        return;
+    }
+    for (struct session *s = sessions; s; s = s->next) {
+        if (s->pid == pid && !s->exited) {
+            s->exited = 1;
+            s->wstatus = status;
+            s->drain_until = mono_ms() + DRAIN_MS;
+            close_stdin(s);
+            return;
+        }
+    }
+}
+
+static int reap_children(void)
+{
+    int n = 0;
+    for (;;) {
+        int st;
+        pid_t pid = waitpid(-1, &st, WNOHANG);
+        if (pid < 0 && errno == EINTR)
+            continue;
+        if (pid <= 0)
+            return pid < 0 && errno == ECHILD ? -1 : n;
+        n++;
+        on_child_exit(pid, st);
+    }
+}
+
+static void drain_sigfd(void)
+{
+    struct signalfd_siginfo si;
+    while (read(sig_fd, &si, sizeof si) == (ssize_t)sizeof si) {
+    }
+}
+
+/* ---- console shell ------------------------------------------------------------------------------------ */
+
+static void spawn_shell(void)
+{
+    shell_respawn_at = 0;
+    if (!shell_path || halting)
+        return;
+    shell_last_spawn = mono_ms();
+    struct env env;
+    env_base(&env);
+    const char *base = strrchr(shell_path, '/');
+    base = base ? base + 1 : shell_path;
+    char argv0[256];
+    snprintf(argv0, sizeof argv0, "-%s", base);
+    pid_t pid = fork();
+    if (pid < 0) {
+        logmsg("fork for the console shell failed: %s", strerror(errno));
+        shell_respawn_at = mono_ms() + 1000;
+        env_free(&env);
+        return;
+    }
+    if (pid == 0) {
+        reset_signals_in_child();
+        setsid();
+        int fd = open("/dev/ttyS0", O_RDWR);
+        if (fd < 0)
+            _exit(127);
+        ioctl(fd, TIOCSCTTY, 1);
+        dup2(fd, 0);
+        dup2(fd, 1);
+        dup2(fd, 2);
+        close_fds_except(-1);
+        if (chdir("/root") < 0 && chdir("/") < 0) {
+            /* nothing better to do */
+        }
+        char *argv[] = {argv0, NULL};
+        environ = env.v;
+        execve(shell_path, argv, env.v);
+        _exit(127);
+    }
+    shell_pid = pid;
+    env_free(&env);
+}
+
+/* ---- CONFIG -------------------------------------------------------------------------------------------- */
+
+static int iface_up(int sock, const char *name)
+{
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    snprintf(ifr.ifr_name, IFNAMSIZ, "%s", name);
+    if (ioctl(sock, SIOCGIFFLAGS, &ifr) < 0)
+        return -1;
+    ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+    return ioctl(sock, SIOCSIFFLAGS, &ifr);
+}
+
+static void set_sin(struct sockaddr *sa, const char *ip)
+{
+    struct sockaddr_in sin;
+    memset(&sin, 0, sizeof sin);
+    sin.sin_family = AF_INET;
+    inet_pton(AF_INET, ip, &sin.sin_addr);
+    memcpy(sa, &sin, sizeof sin);
+}
+
+static void configure_lo(void)
+{
+    int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (sock < 0 || iface_up(sock, "lo") < 0)
+        logmsg("bringing up lo failed: %s", strerror(errno));
+    if (sock >= 0)
+        close(sock);
+}
+
+static void configure_user_net(char *out, size_t outlen)
+{
+    int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (sock < 0) {
+        snprintf(out, outlen, "error: socket: %s", strerror(errno));
+        return;
+    }
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    snprintf(ifr.ifr_name, IFNAMSIZ, "eth0");
+    /* the NIC may show up a moment after its driver was loaded */
+    int64_t until = mono_ms() + 1000;
+    while (ioctl(sock, SIOCGIFFLAGS, &ifr) < 0) {
+        if (errno != ENODEV || mono_ms() >= until) {
+            snprintf(out, outlen, "error: eth0: %s", strerror(errno));
+            close(sock);
+            return;
+        }
+        sleep_ms(20);
+    }
+    set_sin(&ifr.ifr_addr, "10.0.2.15");
+    if (ioctl(sock, SIOCSIFADDR, &ifr) < 0) {
+        snprintf(out, outlen, "error: eth0 address: %s", strerror(errno));
+        close(sock);
+        return;
+    }
+    set_sin(&ifr.ifr_netmask, "255.255.255.0");
+    if (ioctl(sock, SIOCSIFNETMASK, &ifr) < 0) {
+        snprintf(out, outlen, "error: eth0 netmask: %s", strerror(errno));
+        close(sock);
+        return;
+    }
+    if (iface_up(sock, "eth0") < 0) {
+        snprintf(out, outlen, "error: eth0 up: %s", strerror(errno));
+        close(sock);
+        return;
+    }
+    struct rtentry rt;
+    memset(&rt, 0, sizeof rt);
+    set_sin(&rt.rt_dst, "0.0.0.0");
+    set_sin(&rt.rt_genmask, "0.0.0.0");
+    set_sin(&rt.rt_gateway, "10.0.2.2");
+    rt.rt_flags = RTF_UP | RTF_GATEWAY;
+    char dev[] = "eth0";
+    rt.rt_dev = dev;
+    if (ioctl(sock, SIOCADDRT, &rt) < 0 && errno != EEXIST) {
+        snprintf(out, outlen, "error: default route: %s", strerror(errno));
+        close(sock);
+        return;
+    }
+    close(sock);
+    snprintf(out, outlen, "ok");
+}
+
+static void append_err(char *out, size_t outlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void append_err(char *out, size_t outlen, const char *fmt, ...)
+{
+    size_t used = strlen(out);
+    if (used == 0) {
+        snprintf(out, outlen, "error: ");
+        used = strlen(out);
+    } else if (used + 2 < outlen) {
+        strcat(out, "; ");
+        used += 2;
+    }
+    if (used >= outlen)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(out + used, outlen - used, fmt, ap);
+    va_end(ap);
+}
+
+static void do_mount_entry(const char *spec, char *errs, size_t errlen)
+{
+    char buf[PATH_MAX * 2];
+    snprintf(buf, sizeof buf, "%s", spec);
+    char *f[4];
+    int nf = 0;
+    char *p = buf;
+    while (nf < 4) {
+        f[nf++] = p;
+        char *tab = strchr(p, '\t');
+        if (!tab)
+            break;
+        *tab = '\0';
+        p = tab + 1;
+    }
+    if (nf != 4 || !*f[0] || !*f[1] || !*f[2] || strchr(f[3], '\t')) {
+        append_err(errs, errlen, "malformed mount entry");
+        return;
+    }
+    unsigned long flags = 0;
+    if (strcmp(f[3], "ro") == 0)
+        flags |= MS_RDONLY;
+    else if (strcmp(f[3], "rw") != 0) {
+        append_err(errs, errlen, "%s: bad mode %s", f[1], f[3]);
+        return;
+    }
+    if (mkdir_p(f[1], 0755) < 0) {
+        append_err(errs, errlen, "mkdir %s: %s", f[1], strerror(errno));
+        return;
+    }
+    const char *data = NULL;
+    if (strcmp(f[2], "9p") == 0)
+        data = "trans=virtio,version=9p2000.L,msize=262144";
+    if (mount(f[0], f[1], f[2], flags, data) < 0) {
+        append_err(errs, errlen, "%s: %s", f[1], strerror(errno));
+        return;
+    }
+    logmsg("mounted %s on %s (%s, %s)", f[0], f[1], f[2], f[3]);
+}
+
+static void send_ready(void)
+{
+    char buf[4096];
+    snprintf(buf, sizeof buf, "shell=%s\nnet=%s\nmounts=%s\n", ready_shell, ready_net, ready_mounts);
+    send_str(F_READY, 0, buf);
+}
+
+static void handle_config(uint32_t stream, const unsigned char *payload, size_t len)
+{
+    if (stream != 0) {
+        send_error(stream, "CONFIG must use stream 0");
+        return;
+    }
+    if (len > 0 && payload[len - 1] != '\0') {
+        send_error(0, "malformed CONFIG: entries are not NUL-terminated");
+        return;
+    }
+    const char *hostname = NULL, *net = NULL, *shell = NULL;
+    size_t nmounts = 0;
+    env_clear(&cfg_env);
+    for (size_t off = 0; off < len;) {
+        const char *ent = (const char *)payload + off;
+        size_t el = strlen(ent);
+        off += el + 1;
+        if (el == 0)
+            continue;
+        const char *val = ent + 1;
+        switch (ent[0]) {
+        case 'h':
+            hostname = val;
+            break;
+        case 'e':
+            env_set(&cfg_env, val);
+            break;
+        case 'n':
+            net = val;
+            break;
+        case 's':
+            shell = val;
+            break;
+        case 'm':
+            nmounts++;
+            break;
+        default:
+            break;
+        }
+    }
+
+    if (hostname && *hostname && !test_mode) {
+        if (sethostname(hostname, strlen(hostname)) < 0)
+            logmsg("sethostname(%s) failed: %s", hostname, strerror(errno));
+    }
+
+    if (configured) {
+        /* a reconnecting host: env and hostname are updated, the rest was applied at the first CONFIG */
+        send_ready();
+        return;
+    }
+    configured = 1;
+
+    /* network */
+    if (!test_mode)
+        configure_lo();
+    if (!net || strcmp(net, "none") == 0)
+        snprintf(ready_net, sizeof ready_net, "none");
+    else if (strcmp(net, "user") == 0) {
+        if (test_mode)
+            snprintf(ready_net, sizeof ready_net, "error: not supported in test mode");
+        else
+            configure_user_net(ready_net, sizeof ready_net);
+    } else
+        snprintf(ready_net, sizeof ready_net, "error: unknown network mode %.100s", net);
+    if (strcmp(ready_net, "ok") != 0 && strcmp(ready_net, "none") != 0)
+        logmsg("network: %s", ready_net);
+
+    /* mounts */
+    if (nmounts > 0 && test_mode) {
+        snprintf(ready_mounts, sizeof ready_mounts, "error: not supported in test mode");
+    } else {
+        char errs[sizeof ready_mounts] = "";
+        for (size_t off = 0; off < len;) {
+            const char *ent = (const char *)payload + off;
+            size_t el = strlen(ent);
+            off += el + 1;
+            if (el > 0 && ent[0] == 'm')
+                do_mount_entry(ent + 1, errs, sizeof errs);
+        }
+        if (errs[0]) {
+            snprintf(ready_mounts, sizeof ready_mounts, "%s", errs);
+            logmsg("mounts: %s", errs);
+        } else
+            snprintf(ready_mounts, sizeof ready_mounts, "ok");
+    }
+
+    /* console shell */
+    snprintf(ready_shell, sizeof ready_shell, "missing");
+    if (shell && *shell && !test_mode && access(shell, X_OK) == 0 && access("/dev/ttyS0", F_OK) == 0) {
+        free(shell_path);
+        shell_path = xstrdup(shell);
+        spawn_shell();
+        snprintf(ready_shell, sizeof ready_shell, "ok");
+    }
+
+    send_ready();
+}
+
+/* ---- HALT ----------------------------------------------------------------------------------------------- */
+
+static void unescape_mount_path(char *s)
+{
+    char *w = s;
+    for (char *r = s; *r;) {
+        if (r[0] == '\\' && r[1] >= '0' && r[1] <= '7' && r[2] >= '0' && r[2] <= '7' && r[3] >= '0' &&
+            r[3] <= '7') {
+            *w++ = (char)((r[1] - '0') * 64 + (r[2] - '0') * 8 + (r[3] - '0'));
+            r += 4;
+        } else
+            *w++ = *r++;
+    }
+    *w = '\0';
+}
+
+static void unmount_all(void)
+{
+    FILE *f = fopen("/proc/mounts", "re");
+    if (!f) {
+        logmsg("cannot read /proc/mounts: %s", strerror(errno));
+        return;
+    }
+    char **targets = NULL;
+    size_t n = 0, cap = 0;
+    char line[4096];
+    while (fgets(line, sizeof line, f)) {
+        char *sp1 = strchr(line, ' ');
+        if (!sp1)
+            continue;
+        char *target = sp1 + 1;
+        char *sp2 = strchr(target, ' ');
+        if (!sp2)
+            continue;
+        *sp2 = '\0';
+        unescape_mount_path(target);
+        if (strcmp(target, "/") == 0)
+            continue;
+        if (n == cap) {
+            cap = cap ? cap * 2 : 32;
+            targets = xrealloc(targets, cap * sizeof(char *));
+        }
+        targets[n++] = xstrdup(target);
+    }
+    fclose(f);
+    while (n > 0) {
+        n--;
+        if (umount2(targets[n], 0) < 0 && umount2(targets[n], MNT_DETACH) < 0)
+            logmsg("unmounting %s failed: %s", targets[n], strerror(errno));
+        free(targets[n]);
+    }
+    free(targets);
+    if (mount(NULL, "/", NULL, MS_REMOUNT | MS_RDONLY, NULL) < 0)
+        logmsg("remounting / read-only failed: %s", strerror(errno));
+}
+
+/* wait until no children are left (-1 = all reaped) or the deadline passes */
+static void wait_children_until(int64_t deadline, int only_sessions)
+{
+    for (;;) {
+        int r = reap_children();
+        if (r < 0)
+            return; /* ECHILD: nothing left */
+        if (only_sessions) {
+            int alive = shell_pid > 0;
+            for (struct session *s = sessions; s; s = s->next)
+                if (!s->exited)
+                    alive = 1;
+            if (!alive)
+                return;
+        }
+        int64_t now = mono_ms();
+        if (now >= deadline)
+            return;
+        struct pollfd pf = {.fd = sig_fd, .events = POLLIN};
+        int64_t left = deadline - now;
+        if (left > 50)
+            left = 50; /* also catches children that exit without a SIGCHLD being queued */
+        poll(&pf, 1, (int)left);
+        drain_sigfd();
+    }
+}
+
+static void power_off(void)
+{
+    sync();
+    if (is_pid1) {
+        reboot(RB_POWER_OFF);
+        logmsg("reboot(RB_POWER_OFF) failed: %s", strerror(errno));
+        for (;;)
+            pause();
+    }
+    exit(1);
+}
+
+static void do_halt(uint32_t stream, const unsigned char *data, size_t len)
+{
+    char mode[16];
+    while (len > 0 && isspace(data[len - 1]))
+        len--;
+    if (stream != 0 || len == 0 || len >= sizeof mode) {
+        send_error(stream, "malformed HALT");
+        return;
+    }
+    memcpy(mode, data, len);
+    mode[len] = '\0';
+    int graceful;
+    if (strcmp(mode, "halt") == 0)
+        graceful = 1;
+    else if (strcmp(mode, "poweroff") == 0)
+        graceful = 0;
+    else {
+        send_error(0, "unknown HALT mode: %s", mode);
+        return;
+    }
+    send_str(F_HALTING, 0, "");
+    halting = 1;
+    int64_t wait_ms = graceful ? 3000 : 500;
+    logmsg("%s requested", mode);
+
+    if (test_mode) {
+        /* only our own children: never kill(-1) on the host */
+        for (struct session *s = sessions; s; s = s->next)
+            if (!s->exited)
+                signal_group(s, SIGTERM);
+        if (shell_pid > 0)
+            kill(shell_pid, SIGTERM);
+        wait_children_until(mono_ms() + wait_ms, 1);
+        for (struct session *s = sessions; s; s = s->next)
+            if (!s->exited)
+                signal_group(s, SIGKILL);
+        if (shell_pid > 0)
+            kill(shell_pid, SIGKILL);
+        wait_children_until(mono_ms() + 500, 1);
+        xclose(&chan_fd);
+        exit(0);
+    }
+
+    kill(-1, SIGTERM);
+    wait_children_until(mono_ms() + wait_ms, 0);
+    kill(-1, SIGKILL);
+    wait_children_until(mono_ms() + 1000, 0);
+    sync();
+    if (graceful)
+        unmount_all();
+    power_off();
+}
+
+/* ---- channel input -------------------------------------------------------------------------------------- */
+
+static void test_mode_exit(int code)
+{
+    for (struct session *s = sessions; s; s = s->next)
+        if (!s->exited)
+            signal_group(s, SIGKILL);
+    exit(code);
+}
+
+static void channel_lost(const char *why)
+{
+    if (chan_fd < 0)
+        return;
+    xclose(&chan_fd);
+    rlen = 0;
+    if (test_mode) {
+        logmsg("channel closed (%s), exiting", why);
+        test_mode_exit(0);
+    }
+    logmsg("channel closed (%s), reopening %s", why, port_path);
+    reconnect_logged = 0;
+    reconnect_at = mono_ms() + 100;
+}
+
+static void dispatch(int type, uint32_t stream, const unsigned char *p, size_t len)
+{
+    switch (type) {
+    case F_CONFIG:
+        handle_config(stream, p, len);
+        break;
+    case F_EXEC:
+        start_exec(stream, p, len);
+        break;
+    case F_STDIN:
+        handle_stdin(stream, p, len);
+        break;
+    case F_SIGNAL:
+        handle_signal_frame(stream, p, len);
+        break;
+    case F_HALT:
+        do_halt(stream, p, len);
+        break;
+    case F_PING:
+        send_frame(F_PONG, stream, p, len);
+        break;
+    case F_ERROR:
+        logmsg("host reported an error on stream %u: %.*s", stream, (int)(len > 500 ? 500 : len), (const char *)p);
+        break;
+    default:
+        send_error(stream, "unexpected frame type 0x%02x", type);
+        break;
+    }
+}
+
+static void read_channel(void)
+{
+    ssize_t n;
+    do {
+        n = read(chan_fd, rbuf + rlen, HDR_SIZE + MAX_PAYLOAD - rlen);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+        return;
+    if (n <= 0) {
+        channel_lost(n == 0 ? "EOF" : strerror(errno));
+        return;
+    }
+    rlen += (size_t)n;
+    size_t off = 0;
+    while (chan_fd >= 0 && rlen - off >= HDR_SIZE) {
+        const unsigned char *h = rbuf + off;
+        uint32_t stream = ((uint32_t)h[1] << 24) | ((uint32_t)h[2] << 16) | ((uint32_t)h[3] << 8) | h[4];
+        uint32_t len = ((uint32_t)h[5] << 24) | ((uint32_t)h[6] << 16) | ((uint32_t)h[7] << 8) | h[8];
+        if (len > MAX_PAYLOAD) {
+            send_error(stream, "frame length %u exceeds %u", len, MAX_PAYLOAD);
+            channel_lost("oversized frame");
+            return;
+        }
+        if (rlen - off < HDR_SIZE + (size_t)len)
+            break;
+        dispatch(h[0], stream, h + HDR_SIZE, len);
+        off += HDR_SIZE + (size_t)len;
+    }
+    if (chan_fd < 0) {
+        rlen = 0;
+        return;
+    }
+    if (off > 0) {
+        memmove(rbuf, rbuf + off, rlen - off);
+        rlen -= off;
+    }
+}
+
+/* ---- virtio port ------------------------------------------------------------------------------------------ */
+
+static int find_port(void)
+{
+    DIR *d = opendir("/sys/class/virtio-ports");
+    if (!d)
+        return -1;
+    struct dirent *de;
+    int found = -1;
+    while ((de = readdir(d))) {
+        if (de->d_name[0] == '.')
+            continue;
+        char path[PATH_MAX], name[256];
+        snprintf(path, sizeof path, "/sys/class/virtio-ports/%s/name", de->d_name);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            continue;
+        ssize_t n = read(fd, name, sizeof name - 1);
+        close(fd);
+        if (n <= 0)
+            continue;
+        name[n] = '\0';
+        while (n > 0 && (name[n - 1] == '\n' || name[n - 1] == ' '))
+            name[--n] = '\0';
+        if (strcmp(name, PORT_NAME) == 0) {
+            snprintf(port_path, sizeof port_path, "/dev/%s", de->d_name);
+            found = 0;
+            break;
+        }
+    }
+    closedir(d);
+    return found;
+}
+
+static void try_open_port(void)
+{
+    reconnect_at = 0;
+    int fd = open(port_path, O_RDWR | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+    if (fd < 0) {
+        if (!reconnect_logged)
+            logmsg("cannot open %s: %s (retrying)", port_path, strerror(errno));
+        reconnect_logged = 1;
+        reconnect_at = mono_ms() + 100;
+        return;
+    }
+    struct pollfd pf = {.fd = fd, .events = POLLIN | POLLOUT};
+    if (poll(&pf, 1, 0) >= 0 && (pf.revents & POLLHUP)) {
+        /* virtio-serial: the host side is not connected yet */
+        if (!reconnect_logged)
+            logmsg("waiting for the host to connect to %s", port_path);
+        reconnect_logged = 1;
+        close(fd);
+        reconnect_at = mono_ms() + 100;
+        return;
+    }
+    chan_fd = fd;
+    rlen = 0;
+    reconnect_logged = 0;
+    send_hello();
+}
+
+static void connect_socket(const char *path)
+{
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        logmsg("socket: %s", strerror(errno));
+        exit(1);
+    }
+    struct sockaddr_un sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sun_family = AF_UNIX;
+    if (strlen(path) >= sizeof sa.sun_path) {
+        logmsg("socket path too long: %s", path);
+        exit(1);
+    }
+    strcpy(sa.sun_path, path);
+    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+        logmsg("connect %s: %s", path, strerror(errno));
+        exit(1);
+    }
+    set_nonblock(fd);
+    chan_fd = fd;
+    send_hello();
+}
+
+/* ---- boot (PID 1) ---------------------------------------------------------------------------------------- */
+
+static void fatal_boot(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+static void fatal_boot(const char *fmt, ...)
+{
+    char buf[768];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    logmsg("fatal: %s; powering off", buf);
+    sync();
+    reboot(RB_POWER_OFF);
+    for (;;)
+        pause();
+}
+
+static void ensure_std_fds(const char *dev)
+{
+    for (int fd = 0; fd < 3; fd++) {
+        if (fcntl(fd, F_GETFD) >= 0)
+            continue;
+        int nfd = open(dev, O_RDWR | O_NOCTTY);
+        if (nfd < 0)
+            nfd = open("/dev/null", O_RDWR);
+        if (nfd < 0)
+            return;
+        if (nfd != fd) {
+            dup2(nfd, fd);
+            close(nfd);
+        }
+    }
+}
+
+static void try_mount(const char *src, const char *target, const char *type, unsigned long flags, const char *data)
+{
+    if (mkdir(target, 0755) < 0 && errno != EEXIST)
+        logmsg("mkdir %s: %s", target, strerror(errno));
+    if (mount(src, target, type, flags, data) < 0 && errno != EBUSY)
+        logmsg("mounting %s on %s failed: %s", type, target, strerror(errno));
+}
+
+static void load_modules(void)
+{
+    FILE *f = fopen("/modules/order", "re");
+    if (!f)
+        return;
+    char line[PATH_MAX];
+    while (fgets(line, sizeof line, f)) {
+        size_t n = strlen(line);
+        while (n > 0 && isspace((unsigned char)line[n - 1]))
+            line[--n] = '\0';
+        char *p = line;
+        while (*p && isspace((unsigned char)*p))
+            p++;
+        if (!*p || *p == '#')
+            continue;
+        char path[PATH_MAX + 2];
+        snprintf(path, sizeof path, "%s%s", *p == '/' ? "" : "/", p);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) {
+            logmsg("module %s: %s", path, strerror(errno));
+            continue;
+        }
+        if (syscall(SYS_finit_module, fd, "", 0) < 0 && errno != EEXIST)
+            logmsg("loading module %s failed: %s", path, strerror(errno));
+        close(fd);
+    }
+    fclose(f);
+}
+
+static void delete_tree(int dfd, dev_t rootdev, int top)
+{
+    DIR *d = fdopendir(dfd);
+    if (!d) {
+        close(dfd);
+        return;
+    }
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        const char *name = de->d_name;
+        if (strcmp(name, ".") == 0 || strcmp(name, "..") == 0)
+            continue;
+        if (top && strcmp(name, "newroot") == 0)
+            continue;
+        struct stat st;
+        if (fstatat(dirfd(d), name, &st, AT_SYMLINK_NOFOLLOW) < 0 || st.st_dev != rootdev)
+            continue;
+        if (S_ISDIR(st.st_mode)) {
+            int sub = openat(dirfd(d), name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+            if (sub >= 0)
+                delete_tree(sub, rootdev, 0);
+            unlinkat(dirfd(d), name, AT_REMOVEDIR);
+        } else {
+            unlinkat(dirfd(d), name, 0);
+        }
+    }
+    closedir(d);
+}
+
+static void boot(void)
+{
+    try_mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    try_mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    try_mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
+    ensure_std_fds("/dev/console");
+    log_fd = open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC);
+
+    load_modules();
+
+    char root[PATH_MAX] = "/dev/vda";
+    int ro = 0;
+    {
+        char cmdline[4096];
+        int fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
+        ssize_t n = fd >= 0 ? read(fd, cmdline, sizeof cmdline - 1) : -1;
+        if (fd >= 0)
+            close(fd);
+        if (n < 0)
+            n = 0;
+        cmdline[n] = '\0';
+        char *save = NULL;
+        for (char *tok = strtok_r(cmdline, " \t\n", &save); tok; tok = strtok_r(NULL, " \t\n", &save)) {
+            if (strncmp(tok, "microagent.root=", 16) == 0 && tok[16]) {
+                if (tok[16] == '/')
+                    snprintf(root, sizeof root, "%s", tok + 16);
+                else
+                    snprintf(root, sizeof root, "/dev/%s", tok + 16);
+            } else if (strcmp(tok, "microagent.ro=1") == 0) {
+                ro = 1;
+            } else if (strcmp(tok, "microagent.ro=0") == 0) {
+                ro = 0;
+            }
+        }
+    }
+
+    struct stat st;
+    int64_t until = mono_ms() + 10000;
+    while (stat(root, &st) < 0 || !S_ISBLK(st.st_mode)) {
+        if (mono_ms() >= until)
+            fatal_boot("root device %s did not appear within 10 s", root);
+        sleep_ms(10);
+    }
+
+    if (mkdir("/newroot", 0755) < 0 && errno != EEXIST)
+        fatal_boot("mkdir /newroot: %s", strerror(errno));
+    if (mount(root, "/newroot", "ext4", ro ? MS_RDONLY : 0, NULL) < 0)
+        fatal_boot("mounting %s (ext4%s) on /newroot failed: %s", root, ro ? ", ro" : "", strerror(errno));
+
+    static const char *const moves[] = {"/dev", "/proc", "/sys"};
+    for (size_t i = 0; i < sizeof moves / sizeof moves[0]; i++) {
+        char target[64];
+        snprintf(target, sizeof target, "/newroot%s", moves[i]);
+        if (mkdir(target, 0755) < 0 && errno != EEXIST)
+            logmsg("mkdir %s: %s", target, strerror(errno));
+        if (mount(moves[i], target, NULL, MS_MOVE, NULL) < 0) {
+            logmsg("moving %s to %s failed: %s; detaching it", moves[i], target, strerror(errno));
+            umount2(moves[i], MNT_DETACH);
+        }
+    }
+
+    /* free the initramfs (like switch_root), only if / really is a ramfs/tmpfs */
+    struct statfs sfs;
+    struct stat rst;
+    if (statfs("/", &sfs) == 0 && (sfs.f_type == (typeof(sfs.f_type))RAMFS_MAGIC ||
+                                   sfs.f_type == (typeof(sfs.f_type))TMPFS_MAGIC) &&
+        stat("/", &rst) == 0) {
+        int dfd = open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (dfd >= 0)
+            delete_tree(dfd, rst.st_dev, 1);
+    }
+
+    if (chdir("/newroot") < 0)
+        fatal_boot("chdir /newroot: %s", strerror(errno));
+    if (mount(".", "/", NULL, MS_MOVE, NULL) < 0)
+        fatal_boot("moving /newroot to /: %s", strerror(errno));
+    if (chroot(".") < 0)
+        fatal_boot("chroot: %s", strerror(errno));
+    if (chdir("/") < 0)
+        fatal_boot("chdir /: %s", strerror(errno));
+
+    /* the console fd points into the old /dev mount, which moved along: still valid */
+    if (mkdir("/dev/pts", 0755) < 0 && errno != EEXIST)
+        logmsg("mkdir /dev/pts: %s", strerror(errno));
+    if (mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "gid=5,mode=0620,ptmxmode=0666") < 0 &&
+        mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, NULL) < 0)
+        logmsg("mounting devpts on /dev/pts failed: %s", strerror(errno));
+    try_mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+    try_mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755");
+    try_mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
+
+    logmsg("root %s mounted%s", root, ro ? " read-only" : "");
+
+    until = mono_ms() + 10000;
+    while (find_port() < 0) {
+        if (mono_ms() >= until)
+            fatal_boot("virtio-serial port %s not found within 10 s", PORT_NAME);
+        sleep_ms(10);
+    }
+}
+
+/* ---- main loop ------------------------------------------------------------------------------------------- */
+
+enum { K_CHAN, K_SIG, K_OUT, K_ERR, K_IN };
+
+static void handle_timers(void)
+{
+    int64_t now = mono_ms();
+    for (struct session *s = sessions, *next; s; s = next) {
+        next = s->next;
+        if (!s->exited) {
+            if (s->deadline && !s->timed_out && now >= s->deadline) {
+                s->timed_out = 1;
+                signal_group(s, SIGTERM);
+                s->kill_at = now + s->grace_ms;
+            }
+            if (s->timed_out && !s->killed && now >= s->kill_at) {
+                s->killed = 1;
+                signal_group(s, SIGKILL);
+            }
+        } else if ((s->out_fd < 0 && s->err_fd < 0) || now >= s->drain_until) {
+            finish_session(s);
+        }
+    }
+    if (shell_respawn_at && now >= shell_respawn_at && !shell_pid)
+        spawn_shell();
+    if (!test_mode && chan_fd < 0 && reconnect_at && now >= reconnect_at)
+        try_open_port();
+}
+
+static int next_timeout(void)
+{
+    int64_t now = mono_ms();
+    int64_t next = -1;
+#define CONSIDER(t)                                                                                    \
+    do {                                                                                               \
+        int64_t t_ = (t);                                                                              \
+        if (next < 0 || t_ < next)                                                                     \
+            next = t_;                                                                                 \
+    } while (0)
+    for (struct session *s = sessions; s; s = s->next) {
+        if (!s->exited) {
+            if (s->deadline && !s->timed_out)
+                CONSIDER(s->deadline);
+            if (s->timed_out && !s->killed)
+                CONSIDER(s->kill_at);
+        } else {
+            CONSIDER(s->drain_until);
+        }
+    }
+    if (shell_respawn_at)
+        CONSIDER(shell_respawn_at);
+    if (!test_mode && chan_fd < 0 && reconnect_at)
+        CONSIDER(reconnect_at);
+#undef CONSIDER
+    if (next < 0)
+        return -1;
+    if (next <= now)
+        return 0;
+    return next - now > 60000 ? 60000 : (int)(next - now);
+}
+
+static void main_loop(void)
+{
+    struct pollfd *pfds = NULL;
+    int *kinds = NULL;
+    struct session **owners = NULL;
+    size_t cap = 0;
+
+    for (;;) {
+        handle_timers();
+
+        size_t nsess = 0;
+        for (struct session *s = sessions; s; s = s->next)
+            nsess++;
+        size_t need = 2 + nsess * 3;
+        if (need > cap) {
+            cap = need * 2;
+            pfds = xrealloc(pfds, cap * sizeof *pfds);
+            kinds = xrealloc(kinds, cap * sizeof *kinds);
+            owners = xrealloc(owners, cap * sizeof *owners);
+        }
+        size_t n = 0;
+#define ADD(fd_, ev_, kind_, owner_)                                                                     \
+    do {                                                                                               \
+        pfds[n].fd = (fd_);                                                                            \
+        pfds[n].events = (ev_);                                                                        \
+        pfds[n].revents = 0;                                                                           \
+        kinds[n] = (kind_);                                                                            \
+        owners[n] = (owner_);                                                                          \
+        n++;                                                                                           \
+    } while (0)
+        ADD(sig_fd, POLLIN, K_SIG, NULL);
+        if (chan_fd >= 0 && stdin_queued < STDIN_BACKPRESSURE)
+            ADD(chan_fd, POLLIN, K_CHAN, NULL);
+        for (struct session *s = sessions; s; s = s->next) {
+            if (s->out_fd >= 0)
+                ADD(s->out_fd, POLLIN, K_OUT, s);
+            if (s->err_fd >= 0)
+                ADD(s->err_fd, POLLIN, K_ERR, s);
+            if (s->in_fd >= 0 && s->inoff < s->inlen)
+                ADD(s->in_fd, POLLOUT, K_IN, s);
+        }
+#undef ADD
+
+        int r = poll(pfds, n, next_timeout());
+        if (r < 0) {
+            if (errno != EINTR) {
+                logmsg("poll: %s", strerror(errno));
+                sleep_ms(10);
+            }
+            continue;
+        }
+        if (r == 0)
+            continue;
+
+        /* command pipes first, then children, then the channel (which may add or change sessions) */
+        int chan_ready = 0, sig_ready = 0;
+        for (size_t i = 0; i < n; i++) {
+            if (!pfds[i].revents)
+                continue;
+            struct session *s = owners[i];
+            switch (kinds[i]) {
+            case K_CHAN:
+                chan_ready = 1;
+                break;
+            case K_SIG:
+                sig_ready = 1;
+                break;
+            case K_OUT:
+                if (s->out_fd == pfds[i].fd)
+                    pump_output(s, 0);
+                break;
+            case K_ERR:
+                if (s->err_fd == pfds[i].fd)
+                    pump_output(s, 1);
+                break;
+            case K_IN:
+                if (s->in_fd == pfds[i].fd) {
+                    if (pfds[i].revents & POLLOUT)
+                        flush_stdin(s);
+                    else
+                        close_stdin(s); /* POLLERR: the reader is gone */
+                }
+                break;
+            }
+        }
+        if (sig_ready) {
+            drain_sigfd();
+            reap_children();
+        }
+        if (chan_ready && chan_fd >= 0)
+            read_channel();
+    }
+}
+
+int main(int argc, char **argv)
+{
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--connect") == 0 && i + 1 < argc)
+            connect_path = argv[++i];
+        else if (strncmp(argv[i], "--connect=", 10) == 0)
+            connect_path = argv[i] + 10;
+    }
+    is_pid1 = getpid() == 1;
+    test_mode = connect_path != NULL;
+    if (!is_pid1 && !test_mode) {
+        fprintf(stderr, "usage: %s --connect SOCKET  (or run as PID 1 in the VM)\n", argv[0]);
+        return 2;
+    }
+
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &mask, NULL);
+    sig_fd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
+    if (sig_fd < 0) {
+        logmsg("signalfd: %s", strerror(errno));
+        if (is_pid1 && !test_mode)
+            fatal_boot("signalfd failed");
+        return 1;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    if (is_pid1) {
+        signal(SIGTERM, SIG_IGN);
+        signal(SIGINT, SIG_IGN);
+        signal(SIGHUP, SIG_IGN);
+    }
+
+    rbuf = xrealloc(NULL, HDR_SIZE + MAX_PAYLOAD);
+
+    if (test_mode) {
+        ensure_std_fds("/dev/null");
+        prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+        connect_socket(connect_path);
+    } else {
+        boot();
+        try_open_port();
+    }
+    main_loop();
+    return 0;
+}

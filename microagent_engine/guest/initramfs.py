@@ -1,0 +1,144 @@
+"""Build (and cache by content hash) the guest agent binary and the initramfs that boots into it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+from ..errors import HostError
+from ..hostinfo import is_static_elf, require_tool
+from .kernel import Kernel
+
+AGENT_SOURCE = "agent.c"
+
+
+def cache_dir(state_dir: Path) -> Path:
+    return state_dir / "cache"
+
+
+def agent_source() -> bytes:
+    return resources.files(__package__).joinpath(AGENT_SOURCE).read_bytes()
+
+
+def build_agent(state_dir: Path) -> Path:
+    """Compile the static guest agent once per source hash; return the binary's path."""
+    src = agent_source()
+    digest = hashlib.sha256(src).hexdigest()[:16]
+    out = cache_dir(state_dir) / f"agent-{digest}"
+    if out.exists():
+        return out
+    gcc = require_tool("gcc")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".agent-") as tmp:
+        c_file = Path(tmp) / AGENT_SOURCE
+        c_file.write_bytes(src)
+        binary = Path(tmp) / "agent"
+        proc = subprocess.run([gcc, "-static", "-O2", "-Wall", "-o", str(binary), str(c_file)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise HostError(f"compiling the guest agent failed (need a static libc: apt-get install -y gcc "
+                            f"libc6-dev):\n{proc.stderr[-2000:]}")
+        os.replace(binary, out)
+    return out
+
+
+def busybox_path() -> Path:
+    """A statically linked busybox (Debian's busybox-static)."""
+    for cand in (os.environ.get("MICROAGENT_BUSYBOX"), "/bin/busybox", "/usr/bin/busybox"):
+        if cand and Path(cand).exists() and is_static_elf(cand):
+            return Path(cand)
+    raise HostError("no statically linked busybox found; install it: apt-get install -y busybox-static")
+
+
+def module_order(kernel: Kernel, wanted: list[str]) -> list[Path]:
+    """``wanted`` modules plus their dependencies (read from each .ko's modinfo), dependencies first."""
+    order: list[Path] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        key = name.replace("-", "_")
+        if key in seen:
+            return
+        seen.add(key)
+        path = kernel.module(name)
+        if path is None:
+            return  # built into the kernel, or not available: the guest reports what it lacks
+        m = re.search(rb"depends=([^\x00]*)\x00", path.read_bytes())
+        for dep in (m.group(1).decode().split(",") if m and m.group(1) else []):
+            visit(dep)
+        order.append(path)
+
+    for name in wanted:
+        visit(name)
+    return order
+
+
+class _Cpio:
+    """Minimal writer of the 'newc' cpio format the kernel unpacks."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.ino = 1
+
+    def _entry(self, name: str, mode: int, body: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+        nm = name.encode() + b"\0"
+        hdr = "070701" + "".join(f"{v:08x}" for v in (
+            self.ino, mode, 0, 0, 1, 0, len(body), 0, 0, rdev[0], rdev[1], len(nm), 0))
+        self.ino += 1
+        self.data += hdr.encode() + nm
+        self.data += b"\0" * (-len(self.data) % 4)
+        self.data += body
+        self.data += b"\0" * (-len(self.data) % 4)
+
+    def dir(self, name: str) -> None:
+        self._entry(name, 0o040755)
+
+    def file(self, name: str, body: bytes, mode: int = 0o644) -> None:
+        self._entry(name, 0o100000 | mode, body)
+
+    def symlink(self, name: str, target: str) -> None:
+        self._entry(name, 0o120777, target.encode())
+
+    def chardev(self, name: str, major: int, minor: int) -> None:
+        self._entry(name, 0o020600, rdev=(major, minor))
+
+    def finish(self) -> bytes:
+        self._entry("TRAILER!!!", 0)
+        self.data += b"\0" * (-len(self.data) % 512)
+        return bytes(self.data)
+
+
+def build_initramfs(state_dir: Path, kernel: Kernel, modules: list[str]) -> Path:
+    """The initramfs for ``kernel``: agent as /init, busybox (rescue tools), the modules in load order."""
+    agent = build_agent(state_dir)
+    busybox = busybox_path()
+    mods = module_order(kernel, modules)
+    h = hashlib.sha256()
+    for part in [agent, busybox, *mods]:
+        h.update(str(part).encode() + b"\0" + Path(part).read_bytes())
+    out = cache_dir(state_dir) / f"initramfs-{h.hexdigest()[:16]}.cpio"
+    if out.exists():
+        return out
+    cpio = _Cpio()
+    for d in ("bin", "dev", "proc", "sys", "newroot", "modules"):
+        cpio.dir(d)
+    cpio.chardev("dev/console", 5, 1)
+    cpio.chardev("dev/null", 1, 3)
+    cpio.file("init", agent.read_bytes(), 0o755)
+    cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
+    cpio.symlink("bin/sh", "busybox")
+    names = []
+    for mod in mods:
+        cpio.file(f"modules/{mod.name}", mod.read_bytes())
+        names.append(f"modules/{mod.name}")
+    cpio.file("modules/order", ("\n".join(names) + "\n").encode())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_bytes(cpio.finish())
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,174 @@
+"""On-disk records of a workspace: its config (``workspace.json``) and its live state (``state.json``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .fsutil import read_json, write_json_atomic
+
+STATES = ("prepared", "starting", "running", "stopping", "halted", "stopped", "failed", "quarantined")
+STARTABLE = ("prepared", "halted", "stopped", "failed")
+ACTIVE = ("starting", "running", "stopping")
+READINESS_SIGNALS = ("guestReady", "execReady", "shellReady", "mediationReady")
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass
+class WorkspaceConfig:
+    """What the user asked for at create time (never changed by running the workspace)."""
+
+    name: str
+    image: str
+    profile: str
+    memory_mib: int
+    cpus: int
+    size_mib: int
+    env: dict[str, str] = field(default_factory=dict)
+    hostname: str = ""
+    network: str = "user"
+    accel: str = "auto"
+    kernel: str | None = None
+    restart: str = "never"
+    shell: str = "/bin/sh"
+    created_at: str = field(default_factory=now_iso)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "WorkspaceConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def signal(ready: bool = False, detail: str = "", error: str = "") -> dict[str, Any]:
+    return {"ready": ready, "observedAt": now_iso(), "detail": detail, "error": error}
+
+
+def initial_readiness() -> dict[str, dict[str, Any]]:
+    return {name: signal(False, "not started") for name in READINESS_SIGNALS}
+
+
+@dataclass
+class WorkspaceState:
+    """Where the workspace is in its lifecycle. Written by the engine when idle, by the supervisor when live."""
+
+    state: str = "prepared"
+    updated_at: str = field(default_factory=now_iso)
+    accel: str = ""
+    accel_reason: str = ""
+    backend: str = "qemu"
+    supervisor_pid: int | None = None
+    vm_pid: int | None = None
+    vm_start_time: int | None = None
+    started_at: str | None = None
+    stopped_at: str | None = None
+    boot_seconds: float | None = None
+    error: str = ""
+    exit_detail: str = ""
+    kernel_release: str = ""
+    restart_count: int = 0
+    readiness: dict[str, dict[str, Any]] = field(default_factory=initial_readiness)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "WorkspaceState":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class WorkspaceDir:
+    """The files of one workspace under ``<state-dir>/workspaces/<name>/``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    name = property(lambda self: self.path.name)
+    config_file = property(lambda self: self.path / "workspace.json")
+    state_file = property(lambda self: self.path / "state.json")
+    rootfs = property(lambda self: self.path / "rootfs.ext4")
+    serial_log = property(lambda self: self.path / "serial.log")
+    vm_log = property(lambda self: self.path / "vm.log")
+    supervisor_log = property(lambda self: self.path / "supervisor.log")
+    ops_lock = property(lambda self: self.path / ".lock")
+    supervisor_lock = property(lambda self: self.path / ".supervisor.lock")
+
+    @property
+    def run_dir(self) -> Path:
+        """Where the sockets live: inside the workspace unless the path would exceed the unix socket limit."""
+        inside = self.path / "run"
+        if len(str(inside / "control.sock")) < 100:
+            return inside
+        digest = hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:16]
+        return Path("/tmp") / f"microagent-{os.getuid()}" / digest
+
+    agent_socket = property(lambda self: self.run_dir / "agent.sock")
+    serial_socket = property(lambda self: self.run_dir / "serial.sock")
+    qmp_socket = property(lambda self: self.run_dir / "qmp.sock")
+    control_socket = property(lambda self: self.run_dir / "control.sock")
+
+    def exists(self) -> bool:
+        return self.config_file.exists()
+
+    def load_config(self) -> WorkspaceConfig:
+        return WorkspaceConfig.from_json(read_json(self.config_file))
+
+    def save_config(self, cfg: WorkspaceConfig) -> None:
+        write_json_atomic(self.config_file, cfg.to_json())
+
+    def load_state(self) -> WorkspaceState:
+        try:
+            return WorkspaceState.from_json(read_json(self.state_file))
+        except FileNotFoundError:
+            return WorkspaceState()
+
+    def save_state(self, st: WorkspaceState) -> None:
+        st.updated_at = now_iso()
+        write_json_atomic(self.state_file, st.to_json())
+
+    def supervisor_alive(self) -> bool:
+        """True while a supervisor holds this workspace's supervisor lock (robust against pid reuse)."""
+        if not self.supervisor_lock.exists():
+            return False
+        fd = os.open(self.supervisor_lock, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat), or None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] == "Z":
+        return None
+    return int(fields[19])
+
+
+def process_matches(pid: int | None, start_time: int | None) -> bool:
+    """Is the recorded process still the same live process (not a reused pid)?"""
+    return bool(pid) and start_time is not None and process_start_time(pid) == start_time  # type: ignore[arg-type]
+
+
+def monotonic() -> float:
+    return time.monotonic()

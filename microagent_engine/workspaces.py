@@ -1,0 +1,491 @@
+"""The engine's typed Python API: workspace lifecycle over records, a supervisor and a backend."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator
+
+from .backends import get_backend
+from .backends.base import DiskSpec, VMSpec
+from .client import ExecResult, OutputCallback, SupervisorConnection
+from .config import default_state_dir, get_profile, hostname_for, validate_name
+from .errors import AlreadyExists, GuestError, InvalidArgument, InvalidState, NotFound
+from .fsutil import file_lock, write_json_atomic
+from .guest.initramfs import build_initramfs
+from .guest.kernel import Kernel, resolve_kernel
+from .hostinfo import choose_accel
+from .images.builtin import BUILTIN_REF, builtin_image, is_builtin
+from .protocol import FrameType
+from .records import (
+    ACTIVE,
+    STARTABLE,
+    WorkspaceConfig,
+    WorkspaceDir,
+    WorkspaceState,
+    now_iso,
+    process_matches,
+)
+from .storage.ext4 import clone_sized
+
+Progress = Callable[[str], None]
+NETWORK_MODES = {"user": "user", "isolated": "none", "none": "none"}
+RESTART_POLICIES = ("never", "on-failure", "always")
+
+
+@dataclass
+class WorkspaceInfo:
+    """A workspace's config and state, as ``status``/``list`` report them."""
+
+    config: WorkspaceConfig
+    state: WorkspaceState
+    dir: WorkspaceDir
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def running(self) -> bool:
+        return self.state.state in ACTIVE
+
+    def to_json(self) -> dict[str, Any]:
+        c, s = self.config, self.state
+        out: dict[str, Any] = {
+            "name": c.name, "state": s.state, "backend": s.backend or "qemu", "accel": s.accel or None,
+            "accelReason": s.accel_reason or None, "image": c.image, "profile": c.profile,
+            "resources": {"memoryMiB": c.memory_mib, "cpuCount": c.cpus, "sizeMiB": c.size_mib},
+            "network": "isolated" if c.network == "none" else c.network, "restart": c.restart,
+            "restartCount": s.restart_count, "hostname": c.hostname, "env": c.env,
+            "rootfs": str(self.dir.rootfs), "serialLog": str(self.dir.serial_log),
+            "createdAt": c.created_at, "startedAt": s.started_at, "stoppedAt": s.stopped_at,
+            "updatedAt": s.updated_at, "bootSeconds": s.boot_seconds, "vmPid": s.vm_pid,
+            "supervisorPid": s.supervisor_pid, "kernelRelease": s.kernel_release or None,
+            "error": s.error or None, "exitDetail": s.exit_detail or None,
+        }
+        out.update(s.readiness)
+        return out
+
+
+class Engine:
+    """Entry point of the Python API. All state lives under ``state_dir`` (default ``~/.microagent``)."""
+
+    def __init__(self, state_dir: str | os.PathLike[str] | None = None, progress: Progress | None = None) -> None:
+        self.state_dir = Path(state_dir).expanduser() if state_dir else default_state_dir()
+        self.progress: Progress = progress or (lambda _msg: None)
+        self.backend = get_backend("qemu")
+
+    # ---- records -------------------------------------------------------------------------------
+    @property
+    def workspaces_dir(self) -> Path:
+        return self.state_dir / "workspaces"
+
+    def _dir(self, name: str) -> WorkspaceDir:
+        return WorkspaceDir(self.workspaces_dir / validate_name(name))
+
+    def _existing(self, name: str) -> WorkspaceDir:
+        ws = self._dir(name)
+        if not ws.exists():
+            raise NotFound(f"no workspace named {name!r}; see 'microagent list' for the saved ones")
+        return ws
+
+    def _info(self, ws: WorkspaceDir) -> WorkspaceInfo:
+        cfg = ws.load_config()
+        st = ws.load_state()
+        if st.state in ACTIVE and not ws.supervisor_alive():
+            # the supervisor died without recording the end (killed, host crash): the record must not lie
+            vm_alive = process_matches(st.vm_pid, st.vm_start_time)
+            st.state = "failed"
+            st.error = st.error or ("the workspace supervisor exited unexpectedly" +
+                                    ("; the VM process is still running: run kill" if vm_alive else ""))
+            if not vm_alive:
+                st.vm_pid = st.vm_start_time = st.supervisor_pid = None
+            for sig in st.readiness.values():
+                sig["ready"] = False
+            ws.save_state(st)
+        return WorkspaceInfo(cfg, st, ws)
+
+    def _vm_alive(self, info: WorkspaceInfo) -> bool:
+        return info.dir.supervisor_alive() or process_matches(info.state.vm_pid, info.state.vm_start_time)
+
+    # ---- queries -------------------------------------------------------------------------------
+    def status(self, name: str) -> WorkspaceInfo:
+        return self._info(self._existing(name))
+
+    def list(self) -> list[WorkspaceInfo]:
+        if not self.workspaces_dir.is_dir():
+            return []
+        out = []
+        for path in sorted(self.workspaces_dir.iterdir()):
+            ws = WorkspaceDir(path)
+            if not path.name.startswith(".") and ws.exists():
+                out.append(self._info(ws))
+        return out
+
+    def ps(self) -> list[WorkspaceInfo]:
+        return [info for info in self.list() if info.running or self._vm_alive(info)]
+
+    # ---- create / delete -----------------------------------------------------------------------
+    def create(
+        self,
+        name: str | None = None,
+        *,
+        image: str | None = None,
+        profile: str | None = None,
+        memory_mib: int | None = None,
+        cpus: int | None = None,
+        size_mib: int | None = None,
+        env: dict[str, str] | None = None,
+        hostname: str | None = None,
+        network: str = "user",
+        accel: str | None = None,
+        kernel: str | None = None,
+        restart: str = "never",
+        shell: str = "/bin/sh",
+    ) -> WorkspaceInfo:
+        """Record a new workspace and build its rootfs (state ``prepared``). Nothing is left on failure."""
+        name = validate_name(name or f"ws-{secrets.token_hex(4)}")
+        prof = get_profile(profile)
+        for label, value in (("--memory", memory_mib), ("--cpus", cpus), ("--size-mib", size_mib)):
+            if value is not None and value <= 0:
+                raise InvalidArgument(f"{label} must be a positive number, got {value}")
+        if network not in NETWORK_MODES:
+            raise InvalidArgument(f"unknown network mode {network!r}; use 'user' or 'isolated'")
+        if restart not in RESTART_POLICIES:
+            raise InvalidArgument(f"unknown restart policy {restart!r}; use one of {', '.join(RESTART_POLICIES)}")
+        if accel:
+            choose_accel(accel)  # validates the value (and KVM availability) up front
+        if hostname is not None:
+            hostname_ok = hostname and len(hostname) <= 63 and hostname == hostname_for(hostname)
+            if not hostname_ok:
+                raise InvalidArgument(f"invalid hostname {hostname!r}: use lowercase letters, digits and '-'")
+        env = dict(env or {})
+        for key in env:
+            if not key or "=" in key or "\0" in key:
+                raise InvalidArgument(f"invalid environment variable name {key!r}")
+        if not is_builtin(image):
+            raise InvalidArgument(
+                f"image {image!r}: pulling OCI images is not available in this version yet; omit --image to use "
+                f"the built-in busybox image")
+        ws = self._dir(name)
+        if ws.path.exists():
+            raise AlreadyExists(f"workspace {name!r} already exists; pick another name or delete it first "
+                                f"('microagent delete {name} --yes')")
+        cfg = WorkspaceConfig(
+            name=name, image=BUILTIN_REF if is_builtin(image) else str(image), profile=prof.name,
+            memory_mib=memory_mib or prof.memory_mib, cpus=cpus or prof.cpus, size_mib=size_mib or prof.disk_mib,
+            env=env, hostname=hostname or hostname_for(name), network=NETWORK_MODES[network],
+            accel=accel or "auto", kernel=str(Path(kernel).resolve()) if kernel else None, restart=restart,
+            shell=shell)
+        self.resolve_kernel(cfg)  # installs the default kernel on first need, as the seeds' create does
+        base = builtin_image(self.state_dir)
+        self.workspaces_dir.mkdir(parents=True, exist_ok=True)
+        staging = WorkspaceDir(self.workspaces_dir / f".creating-{name}-{secrets.token_hex(4)}")
+        staging.path.mkdir()
+        try:
+            self.progress(f"Building rootfs ({cfg.size_mib} MiB) from {cfg.image}")
+            clone_sized(base, staging.rootfs, cfg.size_mib)
+            staging.save_config(cfg)
+            staging.save_state(WorkspaceState(state="prepared"))
+            try:
+                os.rename(staging.path, ws.path)
+            except OSError:
+                raise AlreadyExists(f"workspace {name!r} already exists; pick another name") from None
+        finally:
+            if staging.path.exists():
+                shutil.rmtree(staging.path, ignore_errors=True)
+        return self._info(ws)
+
+    def delete(self, name: str) -> None:
+        """Remove the workspace record and its disks. Refuses while its VM runs."""
+        ws = self._existing(name)
+        with file_lock(ws.ops_lock, blocking=False, what=f"workspace {name!r}"):
+            info = self._info(ws)
+            if self._vm_alive(info):
+                raise InvalidState(f"workspace {name!r} is {info.state.state} and its VM is still running; "
+                                   f"halt, stop or kill it first")
+            trash = self.workspaces_dir / f".deleting-{name}-{secrets.token_hex(4)}"
+            run_dir = ws.run_dir
+            os.rename(ws.path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        if run_dir.exists() and not str(run_dir).startswith(str(trash)):
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+    # ---- start ---------------------------------------------------------------------------------
+    def resolve_kernel(self, cfg: WorkspaceConfig) -> Kernel:
+        return resolve_kernel(self.state_dir, cfg.kernel, self.progress)
+
+    def start(self, name: str, *, boot_timeout: float | None = None) -> WorkspaceInfo:
+        """Boot the workspace's VM and return once its agent is ready (state ``running``)."""
+        ws = self._existing(name)
+        with file_lock(ws.ops_lock, blocking=False, what=f"workspace {name!r}"):
+            info = self._info(ws)
+            if info.running:
+                raise InvalidState(f"workspace {name!r} is already {info.state.state}")
+            if self._vm_alive(info):
+                raise InvalidState(f"workspace {name!r} is {info.state.state} but its VM is still running; "
+                                   f"run 'microagent kill {name}' first")
+            if info.state.state not in STARTABLE:
+                raise InvalidState(f"workspace {name!r} is {info.state.state}; halt, stop or kill it before start")
+            return self._launch(info, boot_timeout)
+
+    def _launch(self, info: WorkspaceInfo, boot_timeout: float | None) -> WorkspaceInfo:
+        cfg, ws = info.config, info.dir
+        accel = choose_accel(None if cfg.accel == "auto" else cfg.accel)
+        kernel = self.resolve_kernel(cfg)
+        initramfs = build_initramfs(self.state_dir, kernel, self.backend.guest_modules())
+        cmdline = " ".join(self.backend.kernel_args(accel) + ["microagent.root=/dev/vda"])
+        spec = VMSpec(kernel=kernel.path, initramfs=initramfs, cmdline=cmdline, memory_mib=cfg.memory_mib,
+                      cpus=cfg.cpus, disks=[DiskSpec(ws.rootfs)], agent_socket=ws.agent_socket,
+                      serial_socket=ws.serial_socket, control_socket=ws.qmp_socket, network=cfg.network,
+                      accel=accel)
+        timeout = boot_timeout or (30.0 if accel.accel == "kvm" else 90.0)
+        launch = {"argv": self.backend.command(spec), "hostname": cfg.hostname, "network": cfg.network,
+                  "shell": cfg.shell, "env": cfg.env, "accel": accel.accel, "boot_timeout": timeout, "mounts": []}
+        ws.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_json_atomic(ws.run_dir / "launch.json", launch)
+        st = ws.load_state()
+        st.accel, st.accel_reason, st.backend, st.error = accel.accel, accel.reason, self.backend.name, ""
+        ws.save_state(st)
+        rfd, wfd = os.pipe()
+        try:
+            with open(ws.supervisor_log, "ab") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "microagent_engine.supervisor", str(ws.path), "--ready-fd", str(wfd)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(wfd,), start_new_session=True,
+                    env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+                        str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]))})
+            os.close(wfd)
+            wfd = -1
+            proc.wait()
+            reply = self._read_ready(rfd, timeout + 30)
+        finally:
+            os.close(rfd)
+            if wfd >= 0:
+                os.close(wfd)
+        if not reply.get("ok"):
+            error = reply.get("error") or "the supervisor exited without a word; see supervisor.log"
+            raise GuestError(f"workspace {cfg.name!r} failed to start: {error}\n"
+                             f"(see 'microagent logs {cfg.name}' and {ws.vm_log})")
+        return self._info(ws)
+
+    @staticmethod
+    def _read_ready(fd: int, timeout: float) -> dict[str, Any]:
+        buf = b""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return {"ok": False, "error": f"no word from the supervisor within {timeout:.0f} s"}
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            buf += chunk
+        try:
+            return json.loads(buf.splitlines()[0]) if buf else {"ok": False, "error": ""}
+        except ValueError:
+            return {"ok": False, "error": f"garbled reply from the supervisor: {buf[:200]!r}"}
+
+    # ---- running workspaces --------------------------------------------------------------------
+    def _running(self, name: str) -> WorkspaceInfo:
+        info = self.status(name)
+        if info.state.state != "running":
+            hint = f"start it first: microagent start {name}" if info.state.state in STARTABLE else "wait or kill it"
+            raise InvalidState(f"workspace {name!r} is {info.state.state}, not running; {hint}")
+        return info
+
+    def connection(self, name: str) -> SupervisorConnection:
+        """A fresh connection to the running workspace's supervisor."""
+        return SupervisorConnection(self._running(name).dir.control_socket)
+
+    def exec(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | IO[bytes] | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        capture: bool = True,
+    ) -> ExecResult:
+        """Run ``argv`` in the running workspace; output streams to the callbacks as the guest produces it."""
+        if not argv:
+            raise InvalidArgument("exec needs a command: microagent exec NAME -- COMMAND [ARGS...]")
+        if cwd is not None and not cwd.startswith("/"):
+            raise InvalidArgument(f"--cwd must be an absolute guest path, got {cwd!r}")
+        if timeout is not None and timeout <= 0:
+            raise InvalidArgument(f"--timeout must be positive, got {timeout}")
+        with self.connection(name) as conn:
+            return conn.exec(argv, env=env, cwd=cwd, timeout=timeout, stdin=stdin, on_stdout=on_stdout,
+                             on_stderr=on_stderr, capture=capture)
+
+    def ping(self, name: str) -> float:
+        with self.connection(name) as conn:
+            return conn.ping()
+
+    def _end(self, name: str, op: str, timeout: float | None = None) -> WorkspaceInfo:
+        info = self.status(name)
+        if not info.dir.supervisor_alive():
+            raise InvalidState(f"workspace {name!r} is {info.state.state}, not running")
+        with SupervisorConnection(info.dir.control_socket) as conn:
+            reply = conn.control(op, timeout=None, **({"timeout": timeout} if timeout else {}))
+        if not reply.get("ok"):
+            raise GuestError(reply.get("error", f"{op} failed"))
+        self._wait_supervisor_exit(info.dir)
+        return self.status(name)
+
+    @staticmethod
+    def _wait_supervisor_exit(ws: WorkspaceDir, limit: float = 10.0) -> None:
+        deadline = time.monotonic() + limit
+        while ws.supervisor_alive() and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    def halt(self, name: str, timeout: float | None = None) -> WorkspaceInfo:
+        """Clean, disk-preserving shutdown through the guest agent."""
+        return self._end(name, "halt", timeout)
+
+    def stop(self, name: str) -> WorkspaceInfo:
+        """Ask the guest to power off; after 5 s without exit the workspace is marked failed (no kill)."""
+        return self._end(name, "stop")
+
+    def kill(self, name: str) -> WorkspaceInfo:
+        """Terminate the VM at once."""
+        info = self.status(name)
+        if info.dir.supervisor_alive():
+            with SupervisorConnection(info.dir.control_socket) as conn:
+                conn.control("kill")
+            self._wait_supervisor_exit(info.dir)
+            return self.status(name)
+        if process_matches(info.state.vm_pid, info.state.vm_start_time):
+            os.kill(info.state.vm_pid, signal.SIGKILL)  # type: ignore[arg-type]
+        elif info.state.state not in ACTIVE and info.state.state != "failed":
+            raise InvalidState(f"workspace {name!r} is {info.state.state}, not running")
+        st = info.dir.load_state()
+        st.state, st.vm_pid, st.vm_start_time, st.supervisor_pid = "stopped", None, None, None
+        st.stopped_at = now_iso()
+        info.dir.save_state(st)
+        return self.status(name)
+
+    # ---- one-shot ------------------------------------------------------------------------------
+    def run(
+        self,
+        argv: list[str],
+        *,
+        name: str | None = None,
+        delete: bool = False,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | IO[bytes] | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        capture: bool = True,
+        **create_args: Any,
+    ) -> tuple[WorkspaceInfo, ExecResult]:
+        """create + start + exec, then halt (and delete with ``delete=True``). Never leaves a VM running."""
+        if not argv:
+            raise InvalidArgument("run needs a command, e.g. microagent run -- uname -r")
+        name = name or f"run-{time.time_ns()}"
+        info = self.create(name, env=env, **create_args)
+        try:
+            self.start(name)
+            result = self.exec(name, argv, cwd=cwd, timeout=timeout, stdin=stdin, on_stdout=on_stdout,
+                               on_stderr=on_stderr, capture=capture)
+            self._finish_run(name)
+        except BaseException:
+            self._finish_run(name, force=True)
+            if delete:
+                self.delete(name)
+            raise
+        if delete:
+            self.delete(name)
+        else:
+            info = self.status(name)
+        return info, result
+
+    def _finish_run(self, name: str, force: bool = False) -> None:
+        try:
+            info = self.status(name)
+            if not info.dir.supervisor_alive():
+                return
+            if force:
+                self.kill(name)
+            else:
+                try:
+                    self.halt(name)
+                except GuestError:
+                    self.kill(name)
+        except NotFound:
+            pass
+
+    # ---- console -------------------------------------------------------------------------------
+    def logs(self, name: str, *, follow: bool = False, poll: float = 0.1) -> Iterator[bytes]:
+        """The serial console log; with ``follow`` keep yielding new bytes while the workspace runs."""
+        ws = self._existing(name)
+        try:
+            fh = open(ws.serial_log, "rb")
+        except FileNotFoundError:
+            if not follow:
+                return
+            fh = None
+        try:
+            while True:
+                if fh is None and ws.serial_log.exists():
+                    fh = open(ws.serial_log, "rb")
+                chunk = fh.read(65536) if fh else b""
+                if chunk:
+                    yield chunk
+                    continue
+                if not follow or not (ws.supervisor_alive() or self._info(ws).running):
+                    if fh and (rest := fh.read()):
+                        yield rest
+                    return
+                time.sleep(poll)
+        finally:
+            if fh:
+                fh.close()
+
+    def console(self, name: str) -> SupervisorConnection:
+        """A connection switched to the serial console: STDOUT frames out, STDIN frames in (stream 0)."""
+        conn = self.connection(name)
+        reply = conn.control("console", timeout=10)
+        if not reply.get("ok"):
+            conn.close()
+            raise GuestError(reply.get("error", "console unavailable"))
+        return conn
+
+    def console_send(self, name: str, line: str, timeout: float = 30.0) -> str:
+        """Type ``line`` into the serial console shell and return what it printed."""
+        if not self._running(name).state.readiness.get("shellReady", {}).get("ready"):
+            raise InvalidState(f"workspace {name!r} has no console shell ({self.status(name).config.shell} "
+                               f"missing in the guest)")
+        tag = secrets.token_hex(4)
+        begin, end = f"MA-BEGIN-{tag}", f"MA-END-{tag}"
+        # the quotes split the markers so the echoed command line never matches them
+        script = f"echo \"MA-BEGIN\"\"-{tag}\"; {line}; echo \"MA-END\"\"-{tag}\"\n"
+        buf = b""
+        with self.console(name) as conn:
+            conn.send(FrameType.STDIN, 0, b"\n" + script.encode())
+            deadline = time.monotonic() + timeout
+            for frame in conn.frames(timeout):
+                if frame.type == FrameType.STDOUT:
+                    buf += frame.payload
+                    text = buf.decode(errors="replace")
+                    if end in text and begin in text:
+                        body = text.split(begin, 1)[1].split(end, 1)[0]
+                        return body.replace("\r\n", "\n").strip("\n")
+                if time.monotonic() > deadline:
+                    break
+        raise GuestError(f"no answer from the console shell within {timeout:.0f} s")

@@ -1,0 +1,472 @@
+"""Host-side tests of the guest agent (microagent_engine/guest/agent.c) in test mode.
+
+The agent is compiled statically with the host's gcc and started as ``agent --connect PATH``; it connects to a
+unix socket served by the test and speaks the protocol of docs/protocol.md over it. Commands run on the host.
+
+Run from the repository root: ``PYTHONPATH=. python3 -m pytest -q tests/test_agent_protocol.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from microagent_engine.protocol import (
+    ExitStatus,
+    Frame,
+    FrameDecoder,
+    FrameType,
+    decode_kv,
+    encode_entries,
+    encode_exec,
+    encode_frame,
+)
+
+AGENT_SRC = Path(__file__).resolve().parent.parent / "microagent_engine" / "guest" / "agent.c"
+DEFAULT_CONFIG = [("e", "FOO=bar"), ("e", "BAR=from-config"), ("n", "none")]
+
+
+# ---- building ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def agent_build(tmp_path_factory):
+    gcc = shutil.which("gcc")
+    if not gcc:
+        pytest.fail("install gcc: apt-get install -y gcc libc6-dev")
+    out = tmp_path_factory.mktemp("agent") / "agent"
+    proc = subprocess.run(
+        [gcc, "-static", "-O2", "-Wall", "-Wextra", "-o", str(out), str(AGENT_SRC)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"compiling the agent failed:\n{proc.stderr}")
+    return out, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def agent_bin(agent_build):
+    return agent_build[0]
+
+
+def test_compiles_without_warnings(agent_build):
+    _, stderr = agent_build
+    assert "warning" not in stderr, stderr
+
+
+# ---- talking to the agent ---------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    stdout: bytes = b""
+    stderr: bytes = b""
+    exit: ExitStatus | None = None
+    frames: list[Frame] = field(default_factory=list)
+
+
+class Agent:
+    def __init__(self, sock: socket.socket, proc: subprocess.Popen):
+        self.sock = sock
+        self.proc = proc
+        self.decoder = FrameDecoder()
+        self.pending: list[Frame] = []
+
+    def send(self, ftype: int, stream: int, payload: bytes = b"") -> None:
+        self.sock.sendall(encode_frame(ftype, stream, payload))
+
+    def recv(self, timeout: float = 10.0) -> Frame:
+        deadline = time.monotonic() + timeout
+        while not self.pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no frame from the agent")
+            self.sock.settimeout(left)
+            data = self.sock.recv(1 << 20)
+            if not data:
+                raise EOFError("agent closed the connection")
+            self.pending.extend(self.decoder.feed(data))
+        return self.pending.pop(0)
+
+    def exec(self, stream: int, argv: list[str], **kw) -> None:
+        self.send(FrameType.EXEC, stream, encode_exec(argv, **kw))
+
+    def collect(self, streams: list[int], timeout: float = 10.0) -> dict[int, Result]:
+        """Read frames until every stream in ``streams`` got its EXIT."""
+        results = {s: Result() for s in streams}
+        deadline = time.monotonic() + timeout
+        while any(r.exit is None for r in results.values()):
+            frame = self.recv(max(0.01, deadline - time.monotonic()))
+            res = results.get(frame.stream)
+            assert res is not None, f"unexpected frame {frame}"
+            assert res.exit is None, f"frame after EXIT: {frame}"
+            res.frames.append(frame)
+            if frame.type == FrameType.STDOUT:
+                res.stdout += frame.payload
+            elif frame.type == FrameType.STDERR:
+                res.stderr += frame.payload
+            elif frame.type == FrameType.EXIT:
+                res.exit = ExitStatus.parse(frame.payload)
+            elif frame.type == FrameType.ERROR:
+                pass
+            else:
+                raise AssertionError(f"unexpected frame {frame}")
+        return results
+
+    def run(self, argv: list[str], stream: int = 1, wait: float = 10.0, **kw) -> Result:
+        """EXEC ``argv`` on ``stream`` (``kw`` go to encode_exec) and collect its output and EXIT."""
+        self.exec(stream, argv, **kw)
+        return self.collect([stream], wait)[stream]
+
+
+@pytest.fixture
+def start_agent(agent_bin):
+    started: list[tuple[Agent, str]] = []
+
+    def start(config: list[tuple[str, str]] | None = None) -> tuple[Agent, dict[str, str], dict[str, str]]:
+        tmpdir = tempfile.mkdtemp(prefix="ma", dir="/tmp")
+        path = os.path.join(tmpdir, "agent.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(1)
+        listener.settimeout(10)
+        proc = subprocess.Popen([str(agent_bin), "--connect", path], stdin=subprocess.DEVNULL)
+        try:
+            conn, _ = listener.accept()
+        finally:
+            listener.close()
+        agent = Agent(conn, proc)
+        started.append((agent, tmpdir))
+        hello = agent.recv()
+        assert hello.type == FrameType.HELLO and hello.stream == 0
+        hello_kv = decode_kv(hello.payload)
+        agent.send(FrameType.CONFIG, 0, encode_entries(DEFAULT_CONFIG if config is None else config))
+        ready = agent.recv()
+        assert ready.type == FrameType.READY and ready.stream == 0
+        return agent, hello_kv, decode_kv(ready.payload)
+
+    yield start
+
+    for agent, tmpdir in started:
+        try:
+            agent.sock.close()
+        except OSError:
+            pass
+        try:
+            agent.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            agent.proc.kill()
+            agent.proc.wait()
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+@pytest.fixture
+def agent(start_agent) -> Agent:
+    return start_agent()[0]
+
+
+# ---- handshake ----------------------------------------------------------------------------------------
+
+
+def test_hello_and_ready(start_agent):
+    _, hello, ready = start_agent()
+    assert hello["version"] == "1"
+    assert hello["kernel"] == os.uname().release
+    assert ready == {"shell": "missing", "net": "none", "mounts": "ok"}
+
+
+def test_mounts_refused_in_test_mode(start_agent):
+    agent, _, ready = start_agent([("n", "none"), ("m", "/dev/vdb\t/mnt/data\text4\trw")])
+    assert ready["mounts"] == "error: not supported in test mode"
+    assert agent.run(["/bin/echo", "still works"]).stdout == b"still works\n"
+
+
+# ---- exec basics ----------------------------------------------------------------------------------------
+
+
+def test_echo_stdout(agent):
+    res = agent.run(["echo", "hello", "world"])
+    assert res.stdout == b"hello world\n"
+    assert res.stderr == b""
+    assert res.exit == ExitStatus("exited", 0)
+
+
+def test_stderr_separate(agent):
+    res = agent.run(["sh", "-c", "echo out; echo err >&2"])
+    assert res.stdout == b"out\n"
+    assert res.stderr == b"err\n"
+    assert res.exit == ExitStatus("exited", 0)
+
+
+def test_exit_code(agent):
+    res = agent.run(["sh", "-c", "exit 3"])
+    assert res.exit == ExitStatus("exited", 3)
+    assert res.exit.exit_code == 3
+
+
+def test_signaled(agent):
+    res = agent.run(["sh", "-c", "kill -9 $$"])
+    assert res.exit == ExitStatus("signaled", 9)
+
+
+def test_timeout(agent):
+    start = time.monotonic()
+    res = agent.run(["/bin/sleep", "10"], timeout=0.3)
+    assert res.exit == ExitStatus("timed_out", 124)
+    assert time.monotonic() - start < 5
+
+
+def test_timeout_grace_then_kill(agent):
+    start = time.monotonic()
+    res = agent.run(["sh", "-c", "trap '' TERM; echo trapped; sleep 10; echo survived"], timeout=0.3, grace=0.5)
+    elapsed = time.monotonic() - start
+    assert res.exit == ExitStatus("timed_out", 124)
+    assert res.stdout == b"trapped\n"
+    assert 0.7 <= elapsed < 5
+
+
+def test_stdin(agent):
+    agent.exec(1, ["cat"], stdin=True)
+    agent.send(FrameType.STDIN, 1, b"line one\n")
+    agent.send(FrameType.STDIN, 1, b"line two\n")
+    agent.send(FrameType.STDIN, 1, b"")
+    res = agent.collect([1])[1]
+    assert res.stdout == b"line one\nline two\n"
+    assert res.exit == ExitStatus("exited", 0)
+
+
+def test_stdin_large(agent):
+    data = bytes(range(256)) * 8192  # 2 MiB, more than a pipe buffer holds
+    agent.exec(1, ["sh", "-c", "wc -c"], stdin=True)
+    for off in range(0, len(data), 100_000):
+        agent.send(FrameType.STDIN, 1, data[off : off + 100_000])
+    agent.send(FrameType.STDIN, 1, b"")
+    res = agent.collect([1])[1]
+    assert res.stdout.strip() == str(len(data)).encode()
+    assert res.exit == ExitStatus("exited", 0)
+
+
+def test_stdin_default_is_dev_null(agent):
+    res = agent.run(["cat"])
+    assert res.stdout == b""
+    assert res.exit == ExitStatus("exited", 0)
+
+
+def test_env_from_config_and_exec(agent):
+    res = agent.run(
+        ["sh", "-c", 'echo "$FOO $BAR $BAZ $HOME $TERM $PATH"'],
+        env={"BAR": "from-exec", "BAZ": "qux"},
+    )
+    assert res.stdout.decode().split() == [
+        "bar",
+        "from-exec",
+        "qux",
+        "/root",
+        "linux",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ]
+
+
+def test_exec_path_is_looked_up_in_exec_env(agent, tmp_path):
+    tool = tmp_path / "mytool"
+    tool.write_text("#!/bin/sh\necho mytool ran\n")
+    tool.chmod(0o755)
+    res = agent.run(["mytool"], env={"PATH": f"{tmp_path}:/usr/bin:/bin"})
+    assert res.stdout == b"mytool ran\n"
+    assert res.exit == ExitStatus("exited", 0)
+
+
+def test_cwd(agent, tmp_path):
+    res = agent.run(["pwd"], cwd=str(tmp_path))
+    assert res.stdout.decode().strip() == str(tmp_path)
+
+
+def test_missing_binary(agent):
+    res = agent.run(["/nonexistent/binary"])
+    assert res.exit.status == "failed_to_start"
+    assert res.exit.code == 127
+    assert res.exit.message == os.strerror(2)
+
+
+def test_missing_binary_in_path(agent):
+    res = agent.run(["no-such-command-xyz"])
+    assert res.exit.status == "failed_to_start"
+    assert res.exit.code == 127
+
+
+def test_not_executable(agent, tmp_path):
+    f = tmp_path / "plain"
+    f.write_text("not a program")
+    f.chmod(0o644)
+    res = agent.run([str(f)])
+    assert res.exit.status == "failed_to_start"
+    assert res.exit.code == 126
+
+
+def test_missing_cwd(agent):
+    res = agent.run(["pwd"], cwd="/nonexistent/dir")
+    assert res.exit.status == "failed_to_start"
+    assert res.exit.code == 127
+    assert res.stdout == b""
+
+
+def test_own_session(agent):
+    res = agent.run(["sh", "-c", 'ps -o pid=,pgid=,sid= -p $$ 2>/dev/null || echo "$$ $$ $$"'])
+    pid, pgid, sid = res.stdout.split()
+    assert pid == pgid == sid
+
+
+# ---- concurrency and streaming ------------------------------------------------------------------------------
+
+
+def test_concurrent_execs(agent):
+    for n in (1, 2, 3):
+        agent.exec(n, ["sh", "-c", f"sleep 0.3; echo {n}; echo e{n} >&2"])
+    results = agent.collect([1, 2, 3])
+    for n in (1, 2, 3):
+        assert results[n].stdout == f"{n}\n".encode()
+        assert results[n].stderr == f"e{n}\n".encode()
+        assert results[n].exit == ExitStatus("exited", 0)
+
+
+def test_streaming_output(agent):
+    agent.exec(1, ["sh", "-c", "echo a; sleep 0.5; echo b"])
+    first = agent.recv()
+    assert (first.type, first.stream, first.payload) == (FrameType.STDOUT, 1, b"a\n")
+    res = agent.collect([1])[1]
+    assert res.stdout == b"b\n"
+    assert res.exit == ExitStatus("exited", 0)
+
+
+def test_background_child_does_not_hold_exit(agent):
+    start = time.monotonic()
+    agent.exec(1, ["sh", "-c", "sleep 5 & echo x"])
+    res = agent.collect([1], timeout=3)[1]
+    assert res.stdout == b"x\n"
+    assert res.exit == ExitStatus("exited", 0)
+    assert time.monotonic() - start < 3
+
+
+def test_signal_frame(agent):
+    agent.exec(1, ["/bin/sleep", "10"])
+    agent.send(FrameType.PING, 1, b"sync")  # make sure the EXEC was processed
+    assert agent.recv().type == FrameType.PONG
+    agent.send(FrameType.SIGNAL, 1, b"15")
+    res = agent.collect([1], timeout=5)[1]
+    assert res.exit == ExitStatus("signaled", 15)
+
+
+def test_signal_unknown_stream_ignored(agent):
+    agent.send(FrameType.SIGNAL, 42, b"15")
+    agent.send(FrameType.STDIN, 42, b"data")
+    agent.send(FrameType.PING, 0, b"after")
+    frame = agent.recv()
+    assert (frame.type, frame.payload) == (FrameType.PONG, b"after")
+
+
+def test_ping_pong(agent):
+    agent.send(FrameType.PING, 0, b"hello")
+    frame = agent.recv()
+    assert (frame.type, frame.stream, frame.payload) == (FrameType.PONG, 0, b"hello")
+    agent.send(FrameType.PING, 7, b"")
+    frame = agent.recv()
+    assert (frame.type, frame.stream, frame.payload) == (FrameType.PONG, 7, b"")
+
+
+def test_large_output(agent):
+    res = agent.run(["head", "-c", "1048576", "/dev/zero"])
+    assert len(res.stdout) == 1 << 20
+    assert res.stdout == bytes(1 << 20)
+    assert all(len(f.payload) <= 65536 for f in res.frames)
+    assert res.exit == ExitStatus("exited", 0)
+
+
+def test_frames_split_and_batched(agent):
+    payload = b"".join(
+        encode_frame(FrameType.EXEC, n, encode_exec(["echo", f"s{n}"])) for n in (1, 2)
+    ) + encode_frame(FrameType.PING, 0, b"p")
+    for i in range(len(payload)):  # one byte at a time
+        agent.sock.sendall(payload[i : i + 1])
+        if i % 7 == 0:
+            time.sleep(0.001)
+    seen = {1: Result(), 2: Result()}
+    pong = None
+    while pong is None or any(r.exit is None for r in seen.values()):
+        frame = agent.recv()
+        if frame.type == FrameType.PONG:
+            pong = frame
+            continue
+        res = seen[frame.stream]
+        if frame.type == FrameType.STDOUT:
+            res.stdout += frame.payload
+        elif frame.type == FrameType.EXIT:
+            res.exit = ExitStatus.parse(frame.payload)
+    assert pong.payload == b"p"
+    assert seen[1].stdout == b"s1\n" and seen[2].stdout == b"s2\n"
+    # many frames in a single write
+    agent.sock.sendall(b"".join(encode_frame(FrameType.PING, n, str(n).encode()) for n in range(1, 50)))
+    for n in range(1, 50):
+        frame = agent.recv()
+        assert (frame.type, frame.stream, frame.payload) == (FrameType.PONG, n, str(n).encode())
+
+
+def test_duplicate_stream_rejected(agent):
+    agent.exec(1, ["sh", "-c", "sleep 0.5; echo first"])
+    agent.exec(1, ["echo", "second"])
+    frame = agent.recv()
+    assert frame.type == FrameType.ERROR and frame.stream == 1
+    res = agent.collect([1])[1]
+    assert res.stdout == b"first\n"
+    assert res.exit == ExitStatus("exited", 0)
+
+
+def test_malformed_exec(agent):
+    agent.send(FrameType.EXEC, 3, encode_entries([("e", "A=b")]))  # no argv
+    res = agent.collect([3])[3]
+    assert res.frames[0].type == FrameType.ERROR
+    assert res.exit.status == "failed_to_start"
+
+
+def test_unknown_frame_type(agent):
+    agent.send(0x7E, 0, b"")
+    frame = agent.recv()
+    assert frame.type == FrameType.ERROR
+    assert agent.run(["true"]).exit == ExitStatus("exited", 0)
+
+
+def test_stream_reusable_after_exit(agent):
+    assert agent.run(["echo", "one"], stream=5).stdout == b"one\n"
+    assert agent.run(["echo", "two"], stream=5).stdout == b"two\n"
+
+
+# ---- halt -----------------------------------------------------------------------------------------------------
+
+
+def test_halt(agent):
+    agent.exec(1, ["/bin/sleep", "30"])
+    agent.send(FrameType.PING, 0, b"x")
+    assert agent.recv().type == FrameType.PONG
+    agent.send(FrameType.HALT, 0, b"poweroff")
+    frame = agent.recv()
+    assert frame.type == FrameType.HALTING
+    assert agent.proc.wait(timeout=5) == 0
+
+
+def test_halt_graceful(agent):
+    agent.send(FrameType.HALT, 0, b"halt")
+    assert agent.recv().type == FrameType.HALTING
+    assert agent.proc.wait(timeout=5) == 0
+
+
+def test_host_disconnect_exits_agent(agent):
+    agent.sock.close()
+    assert agent.proc.wait(timeout=5) == 0
