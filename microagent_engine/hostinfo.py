@@ -28,7 +28,7 @@ INSTALL_HINTS: dict[str, str] = {
 
 def require_tool(name: str) -> str:
     """Path of ``name`` on PATH (also /sbin dirs), or HostError naming the install step."""
-    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin:/bin")
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")  # e2fsprogs live in sbin
     if not path:
         hint = INSTALL_HINTS.get(name, f"install {name}")
         raise HostError(f"{name} not found on this host; install it: {hint}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import fcntl
 import json
@@ -77,6 +78,7 @@ class Supervisor:
         self.clients: set[Client] = set()
         self.routes: dict[int, tuple[Client, int]] = {}  # guest stream -> (client, client stream)
         self.next_stream = 1
+        self.control_tasks: set[asyncio.Future[None]] = set()
         self.intent: str | None = None  # halt | stop | kill, set when the host asked the VM to end
         self.exited = asyncio.Event()
         self.ready = asyncio.Event()
@@ -137,15 +139,19 @@ class Supervisor:
         rc = await self.proc.wait()
         await asyncio.sleep(0)  # let the stderr watcher record a last line
         self.finalize(rc)
+        self.exited.set()
         for task in watchers:
             task.cancel()
+        if self.control_tasks:  # let halt/stop/kill requests answer before the connections close
+            await asyncio.wait(self.control_tasks, timeout=5)
         for server in servers:
             server.close()
         for client in list(self.clients):
+            with contextlib.suppress(ConnectionError):
+                await client.writer.drain()
             client.writer.close()
         for sock in (self.ws.agent_socket, self.ws.serial_socket, self.ws.qmp_socket, self.ws.control_socket):
             sock.unlink(missing_ok=True)
-        self.exited.set()
         return 0
 
     def finalize(self, rc: int) -> None:
@@ -284,7 +290,9 @@ class Supervisor:
     async def on_client_frame(self, client: Client, ftype: int, stream: int, payload: bytes) -> None:
         if ftype == FrameType.CONTROL:
             request = json.loads(payload or b"{}")
-            asyncio.ensure_future(self.control(client, stream, request))
+            task = asyncio.ensure_future(self.control(client, stream, request))
+            self.control_tasks.add(task)
+            task.add_done_callback(self.control_tasks.discard)
         elif ftype == FrameType.EXEC:
             if not self.ready.is_set() or self.state.state != "running" or self.agent_writer is None:
                 client.send(FrameType.ERROR, stream, f"workspace is {self.state.state}, not ready for exec".encode())

@@ -153,7 +153,7 @@ class Engine:
         shell: str = "/bin/sh",
     ) -> WorkspaceInfo:
         """Record a new workspace and build its rootfs (state ``prepared``). Nothing is left on failure."""
-        name = validate_name(name or f"ws-{secrets.token_hex(4)}")
+        name = validate_name(f"ws-{secrets.token_hex(4)}" if name is None else name)
         prof = get_profile(profile)
         for label, value in (("--memory", memory_mib), ("--cpus", cpus), ("--size-mib", size_mib)):
             if value is not None and value <= 0:
@@ -240,6 +240,7 @@ class Engine:
 
     def _launch(self, info: WorkspaceInfo, boot_timeout: float | None) -> WorkspaceInfo:
         cfg, ws = info.config, info.dir
+        self.backend.binary()  # fail first, and clearly, when the hypervisor is missing
         accel = choose_accel(None if cfg.accel == "auto" else cfg.accel)
         kernel = self.resolve_kernel(cfg)
         initramfs = build_initramfs(self.state_dir, kernel, self.backend.guest_modules())
@@ -273,6 +274,7 @@ class Engine:
             if wfd >= 0:
                 os.close(wfd)
         if not reply.get("ok"):
+            self._wait_supervisor_exit(ws)
             error = reply.get("error") or "the supervisor exited without a word; see supervisor.log"
             raise GuestError(f"workspace {cfg.name!r} failed to start: {error}\n"
                              f"(see 'microagent logs {cfg.name}' and {ws.vm_log})")

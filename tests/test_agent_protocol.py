@@ -451,14 +451,27 @@ def test_stream_reusable_after_exit(agent):
 # ---- halt -----------------------------------------------------------------------------------------------------
 
 
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def test_halt(agent):
-    agent.exec(1, ["/bin/sleep", "30"])
-    agent.send(FrameType.PING, 0, b"x")
-    assert agent.recv().type == FrameType.PONG
+    agent.exec(1, ["sh", "-c", "echo $$; exec /bin/sleep 30"])
+    frame = agent.recv()
+    assert frame.type == FrameType.STDOUT
+    pid = int(frame.payload)
     agent.send(FrameType.HALT, 0, b"poweroff")
     frame = agent.recv()
     assert frame.type == FrameType.HALTING
     assert agent.proc.wait(timeout=5) == 0
+    deadline = time.monotonic() + 3
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gone(pid), "the agent left its command running"
 
 
 def test_halt_graceful(agent):

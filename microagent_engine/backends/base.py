@@ -37,6 +37,10 @@ class Backend(abc.ABC):
     name: str
 
     @abc.abstractmethod
+    def binary(self) -> str:
+        """Path of the hypervisor executable; HostError naming the install step if missing."""
+
+    @abc.abstractmethod
     def command(self, spec: VMSpec) -> list[str]:
         """argv of the hypervisor process."""
 

@@ -1191,6 +1191,9 @@ static void do_halt(uint32_t stream, const unsigned char *data, size_t len)
         exit(0);
     }
 
+    /* an interactive console shell ignores SIGTERM; it holds nothing worth waiting for */
+    if (shell_pid > 0)
+        kill(-shell_pid, SIGKILL);
     kill(-1, SIGTERM);
     wait_children_until(mono_ms() + wait_ms, 0);
     kill(-1, SIGKILL);

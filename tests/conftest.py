@@ -1,0 +1,83 @@
+"""Shared fixtures: a per-session state dir, one booted workspace shared by read-only tests, cleanup of VMs.
+
+Tests boot real VMs with QEMU (TCG on hosts without hardware virtualization). A missing host tool fails the
+session with the install step; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from microagent_engine import Engine
+from microagent_engine.errors import MicroagentError
+from microagent_engine.hostinfo import require_tool
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def host_tools() -> None:
+    """Fail (never skip) when a tool the VM tests need is missing, naming the install step."""
+    missing = []
+    for tool in ("qemu-system-x86_64", "mkfs.ext4", "e2fsck", "resize2fs", "debugfs", "gcc", "lz4", "apt-get"):
+        try:
+            require_tool(tool)
+        except MicroagentError as exc:
+            missing.append(str(exc))
+    if missing:
+        pytest.fail("host is missing tools (or run 'make setup'):\n" + "\n".join(missing), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def state_dir(host_tools: None) -> Iterator[Path]:
+    # short path: unix socket paths are limited to 108 bytes
+    path = Path(tempfile.mkdtemp(prefix="ma-test-", dir="/tmp"))
+    yield path
+    engine = Engine(path)
+    for info in engine.list():  # never leave a VM behind
+        try:
+            if info.dir.supervisor_alive() or info.running:
+                engine.kill(info.name)
+        except MicroagentError:
+            pass
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def engine(state_dir: Path) -> Engine:
+    return Engine(state_dir)
+
+
+@pytest.fixture(scope="session")
+def shared_ws(engine: Engine) -> Iterator[str]:
+    """One running workspace for tests that only exec in it (boots once per session)."""
+    name = "shared"
+    engine.create(name, profile="tiny", env={"WS_ENV": "from-create"})
+    engine.start(name)
+    yield name
+    try:
+        engine.kill(name)
+    except MicroagentError:
+        pass
+    engine.delete(name)
+
+
+@pytest.fixture
+def cli(state_dir: Path):
+    """Run the real ``microagent`` CLI as a subprocess against the test state dir."""
+
+    def run(*args: str, input: bytes | None = None, env: dict[str, str] | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        full_env = {**os.environ, "MICROAGENT_STATE_DIR": str(state_dir), **(env or {})}
+        return subprocess.run([sys.executable, "-m", "microagent_engine", *args], input=input,
+                              capture_output=True, env=full_env, timeout=timeout, cwd=REPO)
+
+    return run

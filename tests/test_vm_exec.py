@@ -1,0 +1,153 @@
+"""exec in one shared, really booted workspace: output, exit statuses, stdin, env, cwd, concurrency, console."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import pytest
+
+from microagent_engine import Engine
+from microagent_engine.errors import InvalidArgument
+
+pytestmark = pytest.mark.vm
+
+
+def test_stdout_stderr_and_exit_zero(engine: Engine, shared_ws: str) -> None:
+    r = engine.exec(shared_ws, ["sh", "-c", "echo out; echo err >&2"])
+    assert (r.status, r.exit_code) == ("exited", 0)
+    assert r.stdout == b"out\n"
+    assert r.stderr == b"err\n"
+
+
+def test_nonzero_exit(engine: Engine, shared_ws: str) -> None:
+    r = engine.exec(shared_ws, ["sh", "-c", "exit 7"])
+    assert (r.status, r.code, r.exit_code) == ("exited", 7, 7)
+
+
+def test_signaled(engine: Engine, shared_ws: str) -> None:
+    r = engine.exec(shared_ws, ["sh", "-c", "kill -KILL $$"])
+    assert (r.status, r.code, r.exit_code) == ("signaled", 9, 137)
+
+
+def test_timeout_kills_process_group(engine: Engine, shared_ws: str) -> None:
+    # the child traps TERM, so only the KILL after the grace period ends it; the grandchild dies with the group
+    r = engine.exec(shared_ws, ["sh", "-c", "trap '' TERM; sleep 30 & echo started; wait"], timeout=1)
+    assert r.status == "timed_out"
+    assert r.exit_code == 124
+    assert r.stdout == b"started\n"
+    left = engine.exec(shared_ws, ["sh", "-c", "ps -o args | grep -c '[s]leep 30' || true"])
+    assert left.stdout.strip() == b"0"
+
+
+def test_failed_to_start(engine: Engine, shared_ws: str) -> None:
+    r = engine.exec(shared_ws, ["/no/such/binary"])
+    assert r.status == "failed_to_start"
+    assert r.exit_code == 127
+    assert "No such file" in r.message
+
+
+def test_stdin_bytes(engine: Engine, shared_ws: str) -> None:
+    data = os.urandom(300_000)
+    r = engine.exec(shared_ws, ["sh", "-c", "cat | md5sum"], stdin=data)
+    import hashlib
+
+    assert r.stdout.split()[0].decode() == hashlib.md5(data).hexdigest()
+
+
+def test_env_and_cwd(engine: Engine, shared_ws: str) -> None:
+    r = engine.exec(shared_ws, ["sh", "-c", 'echo "$WS_ENV $ONE $PWD"'], env={"ONE": "1"}, cwd="/etc")
+    assert r.stdout == b"from-create 1 /etc\n"
+    r = engine.exec(shared_ws, ["sh", "-c", 'echo "$WS_ENV"'], env={"WS_ENV": "exec-wins"})
+    assert r.stdout == b"exec-wins\n"
+
+
+def test_relative_cwd_rejected(engine: Engine, shared_ws: str) -> None:
+    with pytest.raises(InvalidArgument, match="absolute"):
+        engine.exec(shared_ws, ["pwd"], cwd="etc")
+
+
+def test_concurrent_execs(engine: Engine, shared_ws: str) -> None:
+    results: dict[int, bytes] = {}
+
+    def one(i: int) -> None:
+        results[i] = engine.exec(shared_ws, ["sh", "-c", f"sleep 1; echo {i}"]).stdout
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - t0
+    assert results == {i: f"{i}\n".encode() for i in range(4)}
+    # they overlapped in the guest: four 1-second sleeps in sequence cannot finish in under 4 s
+    assert elapsed < 4.0, f"execs did not run concurrently ({elapsed:.1f} s)"
+
+
+def test_output_streams_before_exit(engine: Engine, shared_ws: str) -> None:
+    seen: list[tuple[float, bytes]] = []
+    t0 = time.monotonic()
+    r = engine.exec(shared_ws, ["sh", "-c", "echo first; sleep 2; echo second"],
+                    on_stdout=lambda b: seen.append((time.monotonic() - t0, b)))
+    end = time.monotonic() - t0
+    assert r.stdout == b"first\nsecond\n"
+    assert seen[0][1] == b"first\n"
+    assert end - seen[0][0] >= 1.5  # "first" arrived while the command was still sleeping
+
+
+def test_guest_kernel_is_not_host_kernel(engine: Engine, shared_ws: str) -> None:
+    release = engine.exec(shared_ws, ["uname", "-r"]).stdout.decode().strip()
+    assert release == engine.status(shared_ws).state.kernel_release
+    assert release != os.uname().release
+    assert engine.exec(shared_ws, ["hostname"]).stdout == b"shared\n"
+
+
+def test_network_user_mode(engine: Engine, shared_ws: str) -> None:
+    r = engine.exec(shared_ws, ["ip", "-4", "addr", "show", "eth0"])
+    assert b"10.0.2.15/24" in r.stdout
+
+
+def test_ping_round_trip(engine: Engine, shared_ws: str) -> None:
+    assert engine.ping(shared_ws) > 0
+
+
+def test_status_json_readiness(cli, shared_ws: str) -> None:
+    proc = cli("--json", "status", shared_ws)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["state"] == "running"
+    assert data["accel"] in ("kvm", "tcg")
+    for signal in ("guestReady", "execReady", "shellReady", "mediationReady"):
+        assert set(data[signal]) == {"ready", "observedAt", "detail", "error"}
+    assert data["guestReady"]["ready"] and data["execReady"]["ready"] and data["shellReady"]["ready"]
+    assert data["mediationReady"]["ready"] is False
+
+
+def test_cli_exec_exit_code_and_stdin(cli, shared_ws: str) -> None:
+    proc = cli("exec", shared_ws, "--", "sh", "-c", "tr a-z A-Z; exit 5", input=b"piped\n")
+    assert proc.returncode == 5
+    assert proc.stdout == b"PIPED\n"
+    proc = cli("exec", shared_ws, "--timeout", "0.5", "--", "sleep", "5")
+    assert proc.returncode == 124
+    assert b"timed out" in proc.stderr
+
+
+def test_serial_log_and_console_send(engine: Engine, cli, shared_ws: str) -> None:
+    log = b"".join(engine.logs(shared_ws)).decode(errors="replace")
+    assert "microagent: boot at" in log
+    assert "microagent-agent: root /dev/vda mounted" in log
+    proc = cli("connect", shared_ws, "--send", "uname -r")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode().strip() == engine.status(shared_ws).state.kernel_release
+    # what was typed shows up in the serial log too
+    assert b"uname -r" in b"".join(engine.logs(shared_ws))
+
+
+def test_ps_lists_running(cli, shared_ws: str) -> None:
+    proc = cli("ps")
+    lines = proc.stdout.decode().splitlines()
+    assert lines[0].split() == ["NAME", "STATE", "BACKEND", "PROFILE", "NETWORK", "RESTART"]
+    assert any(line.split()[:2] == [shared_ws, "running"] for line in lines[1:])
