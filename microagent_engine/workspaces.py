@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,15 +260,9 @@ class Engine:
         ws.save_state(st)
         rfd, wfd = os.pipe()
         try:
-            with open(ws.supervisor_log, "ab") as log:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "microagent_engine.supervisor", str(ws.path), "--ready-fd", str(wfd)],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(wfd,), start_new_session=True,
-                    env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
-                        str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]))})
+            self._spawn_supervisor(ws, wfd)
             os.close(wfd)
             wfd = -1
-            proc.wait()
             reply = self._read_ready(rfd, timeout + 30)
         finally:
             os.close(rfd)
@@ -279,6 +274,41 @@ class Engine:
             raise GuestError(f"workspace {cfg.name!r} failed to start: {error}\n"
                              f"(see 'microagent logs {cfg.name}' and {ws.vm_log})")
         return self._info(ws)
+
+    @staticmethod
+    def _spawn_supervisor(ws: WorkspaceDir, ready_fd: int) -> None:
+        """Start the detached supervisor. A single-threaded caller (the CLI) forks, saving an interpreter
+        start-up (~0.1 s); a threaded one (a Jupyter kernel) runs a fresh interpreter, as fork is unsafe there."""
+        argv = [str(ws.path), "--ready-fd", str(ready_fd)]
+        if threading.active_count() == 1 and not os.environ.get("MICROAGENT_SUPERVISOR_EXEC"):
+            pid = os.fork()
+            if pid == 0:  # child: become the supervisor's parent, detached from our stdio
+                code = 1
+                try:
+                    os.setsid()
+                    null = os.open(os.devnull, os.O_RDWR)
+                    log = os.open(ws.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                    os.dup2(null, 0)
+                    os.dup2(log, 1)
+                    os.dup2(log, 2)
+                    os.closerange(3, ready_fd)
+                    os.closerange(ready_fd + 1, 65536)
+                    sys.stdout = open(1, "w", buffering=1, closefd=False)
+                    sys.stderr = open(2, "w", buffering=1, closefd=False)
+                    from . import supervisor
+
+                    code = supervisor.main(argv)
+                finally:
+                    os._exit(code)
+            os.waitpid(pid, 0)
+            return
+        with open(ws.supervisor_log, "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "microagent_engine.supervisor", *argv],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(ready_fd,), start_new_session=True,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+                    str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]))})
+        proc.wait()
 
     @staticmethod
     def _read_ready(fd: int, timeout: float) -> dict[str, Any]:

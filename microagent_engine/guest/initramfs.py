@@ -113,17 +113,22 @@ class _Cpio:
         return bytes(self.data)
 
 
+def _stat_key(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return str(path), st.st_size, st.st_mtime_ns
+
+
 def build_initramfs(state_dir: Path, kernel: Kernel, modules: list[str]) -> Path:
     """The initramfs for ``kernel``: agent as /init, busybox (rescue tools), the modules in load order."""
-    agent = build_agent(state_dir)
+    agent = build_agent(state_dir)  # its file name carries its source hash
     busybox = busybox_path()
-    mods = module_order(kernel, modules)
-    h = hashlib.sha256()
-    for part in [agent, busybox, *mods]:
-        h.update(str(part).encode() + b"\0" + Path(part).read_bytes())
+    # cheap cache key (this runs on every start): identities and stats, not contents
+    h = hashlib.sha256(repr([str(agent), _stat_key(busybox), _stat_key(kernel.path), str(kernel.modules_dir),
+                             sorted(modules)]).encode())
     out = cache_dir(state_dir) / f"initramfs-{h.hexdigest()[:16]}.cpio"
     if out.exists():
         return out
+    mods = module_order(kernel, modules)
     cpio = _Cpio()
     for d in ("bin", "dev", "proc", "sys", "newroot", "modules"):
         cpio.dir(d)
