@@ -1,0 +1,578 @@
+"""The workspace spec: ``microagent.yaml`` parsed strictly into keyword arguments for ``Engine.create``.
+
+Every error names the file, line and field (``microagent.yaml:14: files[0].mode: ...``). Lines come from
+PyYAML's composed node tree, which is converted to Python values by a small walker that records where each
+field was written.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import posixpath
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import PROFILES, hostname_for, validate_name
+from .errors import InvalidArgument, MicroagentError
+from .storage.attachments import check_bundle_file, check_ext4_file, validate_mountpoint
+
+SPEC_NAMES = ("microagent.yaml", "microagent.yml")
+RESTART_POLICIES = ("never", "on-failure", "always")  # same values as workspaces.RESTART_POLICIES
+DISK_MODES = ("ro", "rw")
+BUNDLE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_MODE_RE = re.compile(r"^(0o)?[0-7]+$")
+
+
+class SpecError(InvalidArgument):
+    """A spec file is unreadable or invalid. ``line`` is 1-based; ``line``/``field`` are None when unknown."""
+
+    def __init__(self, problem: str, *, file: Path | str, line: int | None = None, field: str | None = None):
+        self.file, self.line, self.field, self.problem = file, line, field, problem
+        where = f"{file}:{line}" if line is not None else f"{file}"
+        super().__init__(f"{where}: {field}: {problem}" if field else f"{where}: {problem}")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    src: Path  # absolute host path of a regular file
+    dst: str  # absolute, normalized guest path
+    mode: int | None = None
+
+
+@dataclass(frozen=True)
+class DiskEntry:
+    """An entry of ``disks`` or ``bundles``."""
+
+    name: str
+    path: Path  # absolute host path
+    mountpoint: str
+    mode: str  # "ro" | "rw"
+
+    def cli_form(self) -> str:
+        return f"{self.name}={self.path}:{self.mountpoint}:{self.mode}"
+
+
+@dataclass(frozen=True)
+class OutputEntry:
+    name: str
+    path: str  # absolute guest path
+
+    def cli_form(self) -> str:
+        return f"{self.name}={self.path}"
+
+
+@dataclass(frozen=True)
+class MediationSpec:
+    enabled: bool = False
+    required: bool = False
+    port: int | None = None
+    target: str | None = None  # "host:port"
+    fail_closed: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        """The spec's own keys (camelCase), as ``mediation.MediationConfig.from_json`` reads them."""
+        return {"enabled": self.enabled, "required": self.required, "port": self.port, "target": self.target,
+                "failClosed": self.fail_closed}
+
+
+@dataclass
+class WorkspaceSpec:
+    """A parsed spec. A field is None when the spec did not set it (the engine's default then applies)."""
+
+    source: Path
+    name: str | None = None
+    image: str | None = None
+    profile: str | None = None
+    restart: str | None = None
+    entrypoint: str | None = None
+    shell: str | None = None
+    hostname: str | None = None
+    setup: list[str] | None = None
+    files: list[FileEntry] | None = None
+    env: dict[str, str] | None = None
+    memory_mib: int | None = None
+    cpus: int | None = None
+    size_mib: int | None = None
+    mediation: MediationSpec | None = None
+    disks: list[DiskEntry] | None = None
+    bundles: list[DiskEntry] | None = None
+    outputs: list[OutputEntry] | None = None
+
+    def effective_hostname(self, name: str) -> str:
+        """The hostname the guest gets: the spec's, else ``name`` sanitised by ``config.hostname_for``."""
+        return self.hostname or hostname_for(name)
+
+    def to_create_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``Engine.create``; keys the spec did not set are omitted."""
+        out: dict[str, Any] = {}
+        for key in ("name", "image", "profile", "memory_mib", "cpus", "size_mib", "hostname", "restart", "shell",
+                    "entrypoint"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        if self.env is not None:
+            out["env"] = dict(self.env)
+        if self.setup is not None:
+            out["setup"] = list(self.setup)
+        if self.files is not None:
+            out["files"] = [{"src": str(f.src), "dst": f.dst, "mode": f.mode} for f in self.files]
+        if self.mediation is not None:
+            out["mediation"] = self.mediation.as_dict()
+        for key in ("disks", "bundles", "outputs"):
+            entries = getattr(self, key)
+            if entries is not None:
+                out[key] = [e.cli_form() for e in entries]
+        return out
+
+
+def merge(spec_kwargs: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``spec_kwargs`` overridden by every ``overrides`` value that is not None. Two dicts (``env``) merge
+    key by key, the override's keys winning; any other value (lists included) replaces the spec's."""
+    out = dict(spec_kwargs)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def find_default_spec(cwd: Path) -> Path | None:
+    """``microagent.yaml`` or ``microagent.yml`` in ``cwd``, or None. Both present is an error."""
+    found = [cwd / n for n in SPEC_NAMES if (cwd / n).exists()]
+    if len(found) > 1:
+        raise SpecError(f"both {SPEC_NAMES[0]} and {SPEC_NAMES[1]} exist; keep one (delete or rename the other) "
+                        f"or choose with --file", file=cwd)
+    return found[0] if found else None
+
+
+def load_spec(path: Path) -> WorkspaceSpec:
+    """Read and validate the spec at ``path``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError("spec file not found; check the --file path", file=path) from None
+    except IsADirectoryError:
+        raise SpecError("is a directory; give the path of a microagent.yaml file", file=path) from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"is not UTF-8 text ({exc.reason}); save it as UTF-8", file=path) from None
+    except OSError as exc:
+        raise SpecError(f"cannot read the spec file: {exc.strerror}", file=path) from None
+    return parse_spec(text, path)
+
+
+def parse_spec(text: str, source: Path) -> WorkspaceSpec:
+    """Validate spec ``text``; ``source`` names it in errors and anchors relative host paths."""
+    source = Path(source)
+    doc = _Doc(source)
+    top = doc.load(text)
+    return _Validator(doc).spec(top)
+
+
+# --- YAML nodes -> Python values, with the line of every field ---------------------------------------------
+
+
+class _Doc:
+    """The spec converted to plain Python values; ``lines``/``raw`` map a field path to its line / source text."""
+
+    def __init__(self, source: Path):
+        self.source = source
+        self.lines: dict[str, int] = {}
+        self.raw: dict[str, str] = {}
+
+    def error(self, path: str, problem: str, line: int | None = None) -> SpecError:
+        return SpecError(problem, file=self.source, line=line if line is not None else self.lines.get(path),
+                         field=path or None)
+
+    def load(self, text: str) -> dict[str, Any]:
+        loader = yaml.SafeLoader(text)
+        try:
+            root = loader.get_single_node()
+            if root is None:
+                raise SpecError("the spec is empty; add fields such as 'name:' and 'image:'", file=self.source,
+                                line=1)
+            if not isinstance(root, yaml.MappingNode):
+                kind = "a list" if isinstance(root, yaml.SequenceNode) else "a single value"
+                raise SpecError(f"the spec must be a mapping of fields (name:, image:, ...), not {kind}",
+                                file=self.source, line=root.start_mark.line + 1)
+            return self._convert(loader, root, "", set())
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            problem = exc.problem or exc.context or "malformed YAML"
+            if problem.startswith("but ") and exc.context:  # "expected X" lives in context
+                problem = f"{exc.context}, {problem}"
+            hint = "; indent with spaces, not tabs" if "\\t" in problem or "\t" in problem else ""
+            raise SpecError(f"invalid YAML: {problem}{hint}", file=self.source,
+                            line=mark.line + 1 if mark else None) from None
+        except yaml.YAMLError as exc:
+            raise SpecError(f"invalid YAML: {exc}", file=self.source) from None
+        finally:
+            loader.dispose()
+
+    def _convert(self, loader: yaml.SafeLoader, node: yaml.Node, path: str, active: set[int]) -> Any:
+        if isinstance(node, yaml.ScalarNode):
+            self.raw[path] = node.value
+            return loader.construct_object(node, deep=True)
+        if id(node) in active:
+            raise self.error(path, "a YAML alias refers to itself; write the value out", node.start_mark.line + 1)
+        active = active | {id(node)}
+        if isinstance(node, yaml.SequenceNode):
+            items = []
+            for i, item in enumerate(node.value):
+                child = f"{path}[{i}]"
+                self.lines[child] = item.start_mark.line + 1
+                items.append(self._convert(loader, item, child, active))
+            return items
+        mapping: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            key_line = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise self.error(path, "a key is a list or mapping; keys must be plain field names", key_line)
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise self.error(path, "YAML merge keys ('<<') are not supported; write the fields out", key_line)
+            key = loader.construct_object(key_node, deep=True)
+            if not isinstance(key, str):
+                raise self.error(path, f"key {key_node.value} is not a string; quote it: {_q(key_node.value)}",
+                                 key_line)
+            child = f"{path}.{key}" if path else key
+            if key in mapping:
+                raise self.error(child, f"duplicate key (first set on line {self.lines[child]}); remove one of them",
+                                 key_line)
+            scalar = isinstance(value_node, yaml.ScalarNode)
+            self.lines[child] = value_node.start_mark.line + 1 if scalar else key_line
+            mapping[key] = self._convert(loader, value_node, child, active)
+        return mapping
+
+
+# --- validation --------------------------------------------------------------------------------------------
+
+_TOP_FIELDS = ("name", "image", "profile", "restart", "entrypoint", "shell", "hostname", "setup", "files", "env",
+               "resources", "mediation", "disks", "bundles", "outputs")
+_FILE_FIELDS = ("src", "dst", "mode")
+_RESOURCE_FIELDS = ("memoryMiB", "cpuCount", "sizeMiB")
+_MEDIATION_FIELDS = ("enabled", "required", "port", "target", "failClosed")
+_DISK_FIELDS = ("name", "path", "mountpoint", "mode")
+_OUTPUT_FIELDS = ("name", "path")
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"a {type(value).__name__} ({value})"
+
+
+def _q(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+class _Validator:
+    def __init__(self, doc: _Doc):
+        self.doc = doc
+        self.base = Path(os.path.abspath(doc.source)).parent
+
+    def err(self, path: str, problem: str) -> SpecError:
+        return self.doc.error(path, problem)
+
+    # generic checks
+
+    def mapping(self, value: Any, path: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> dict:
+        if not isinstance(value, dict):
+            raise self.err(path, f"expected a mapping with fields {', '.join(allowed)}, got {_describe(value)}")
+        for key in value:
+            if key not in allowed:
+                field_path = f"{path}.{key}" if path else key
+                close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]}? " if close else ""
+                raise self.err(field_path, f"unknown field; {hint}Allowed fields: {', '.join(allowed)}")
+        for key in required:
+            if key not in value:
+                raise self.err(path, f"missing required field '{key}'")
+        return value
+
+    def string(self, value: Any, path: str) -> str:
+        if isinstance(value, str):
+            if not value:
+                raise self.err(path, "must not be empty; give a value or remove the field")
+            if "\0" in value:
+                raise self.err(path, "must not contain a NUL character")
+            return value
+        if value is None:
+            raise self.err(path, "has no value; give a value or remove the field")
+        if isinstance(value, (bool, int, float)) or path in self.doc.raw:
+            raw = self.doc.raw.get(path, str(value))
+            raise self.err(path, f"expected a string, got {_describe(value)}; quote it: {_q(raw)}")
+        raise self.err(path, f"expected a string, got {_describe(value)}")
+
+    def choice(self, value: Any, path: str, choices: tuple[str, ...], what: str) -> str:
+        value = self.string(value, path)
+        if value not in choices:
+            raise self.err(path, f"{_q(value)} is not a {what}; choose one of: {', '.join(choices)}")
+        return value
+
+    def boolean(self, value: Any, path: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.err(path, f"expected true or false, got {_describe(value)}")
+        return value
+
+    def positive_int(self, value: Any, path: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.err(path, f"expected a positive integer, got {_describe(value)}")
+        if value <= 0:
+            raise self.err(path, f"must be a positive integer, got {value}")
+        return value
+
+    def items(self, value: Any, path: str, what: str) -> list:
+        if not isinstance(value, list):
+            raise self.err(path, f"expected a list of {what}, got {_describe(value)}")
+        return value
+
+    def guest_path(self, value: Any, path: str, *, allow_root: bool = False) -> str:
+        value = self.string(value, path)
+        if not value.startswith("/"):
+            raise self.err(path, f"{_q(value)} is not an absolute guest path; use e.g. {_q('/' + value)}")
+        if ".." in value.split("/"):
+            raise self.err(path, f"{_q(value)} must not contain '..'; write the normalized absolute path")
+        norm = posixpath.normpath(value)
+        if norm.startswith("//"):
+            norm = "/" + norm.lstrip("/")
+        if norm == "/" and not allow_root:
+            raise self.err(path, f"{_q(value)} is the root directory; name a path below '/'")
+        return norm
+
+    def host_file(self, value: Any, path: str) -> Path:
+        """A host path relative to the spec's directory (or absolute) naming an existing regular file."""
+        text = self.string(value, path)
+        full = Path(os.path.abspath(self.base / Path(text).expanduser()))
+        if not full.exists():
+            raise self.err(path, f"{_q(text)} does not exist (looked at {full}); relative paths start at the spec "
+                                 f"file's directory")
+        if not full.is_file():
+            raise self.err(path, f"{_q(text)} is not a regular file ({full}); a directory must be packed as a tar "
+                                 f"and listed under bundles")
+        return full
+
+    def unique(self, seen: dict[str, str], key: str, path: str, what: str) -> None:
+        if key in seen:
+            raise self.err(path, f"{what} {_q(key)} is already used by {seen[key]}; each must be unique")
+        seen[key] = path
+
+    # fields
+
+    def spec(self, top: dict) -> WorkspaceSpec:
+        self.mapping(top, "", _TOP_FIELDS)
+        spec = WorkspaceSpec(source=self.doc.source)
+        if "name" in top:
+            spec.name = self.named(top["name"], "name", "workspace")
+        if "image" in top:
+            spec.image = self.string(top["image"], "image")
+        if "profile" in top:
+            spec.profile = self.choice(top["profile"], "profile", tuple(PROFILES), "profile")
+        if "restart" in top:
+            spec.restart = self.choice(top["restart"], "restart", RESTART_POLICIES, "restart policy")
+        if "entrypoint" in top:
+            spec.entrypoint = self.string(top["entrypoint"], "entrypoint")
+        if "shell" in top:
+            spec.shell = self.shell(top["shell"])
+        if "hostname" in top:
+            spec.hostname = self.hostname(top["hostname"])
+        if "setup" in top:
+            spec.setup = self.setup(top["setup"])
+        if "files" in top:
+            spec.files = self.files(top["files"])
+        if "env" in top:
+            spec.env = self.env(top["env"])
+        if "resources" in top:
+            res = self.mapping(top["resources"], "resources", _RESOURCE_FIELDS)
+            for key, attr in (("memoryMiB", "memory_mib"), ("cpuCount", "cpus"), ("sizeMiB", "size_mib")):
+                if key in res:
+                    setattr(spec, attr, self.positive_int(res[key], f"resources.{key}"))
+        if "mediation" in top:
+            spec.mediation = self.mediation(top["mediation"])
+        seen_names: dict[str, str] = {}
+        seen_mounts: dict[str, str] = {}
+        if "disks" in top:
+            spec.disks = self.disks(top["disks"], "disks", "rw", seen_names, seen_mounts)
+        if "bundles" in top:
+            spec.bundles = self.disks(top["bundles"], "bundles", "ro", seen_names, seen_mounts)
+        if "outputs" in top:
+            spec.outputs = self.outputs(top["outputs"])
+        return spec
+
+    def named(self, value: Any, path: str, kind: str) -> str:
+        value = self.string(value, path)
+        try:
+            return validate_name(value, kind)
+        except InvalidArgument as exc:
+            raise self.err(path, str(exc)) from None
+
+    def shell(self, value: Any) -> str:
+        text = self.string(value, "shell")
+        if not text.startswith("/"):
+            raise self.err("shell", f"{_q(text)} is not an absolute path; use e.g. \"/bin/sh\" or \"/bin/bash\"")
+        return self.guest_path(text, "shell")
+
+    def hostname(self, value: Any) -> str:
+        text = self.string(value, "hostname")
+        if len(text) > 63 or text != hostname_for(text):
+            raise self.err("hostname", f"{_q(text)} is not a valid hostname; use up to 63 lowercase letters, digits "
+                                       f"and '-', not starting or ending with '-' (e.g. {_q(hostname_for(text))})")
+        return text
+
+    def setup(self, value: Any) -> list[str]:
+        commands = []
+        for i, item in enumerate(self.items(value, "setup", "shell commands")):
+            path = f"setup[{i}]"
+            if isinstance(item, dict):
+                raise self.err(path, "expected a command string, got a mapping; a ': ' inside a command makes YAML "
+                                     "read it as a mapping, so quote the whole command")
+            commands.append(self.string(item, path))
+        return commands
+
+    def files(self, value: Any) -> list[FileEntry]:
+        entries, seen = [], {}
+        for i, item in enumerate(self.items(value, "files", "{src, dst, mode} entries")):
+            path = f"files[{i}]"
+            item = self.mapping(item, path, _FILE_FIELDS, required=("src", "dst"))
+            src = self.host_file(item["src"], f"{path}.src")
+            dst = self.guest_path(item["dst"], f"{path}.dst")
+            if str(item["dst"]).endswith("/"):
+                raise self.err(f"{path}.dst", f"{_q(item['dst'])} ends in '/'; give the full path of the file "
+                                              f"to write, e.g. {_q(item['dst'] + src.name)}")
+            self.unique(seen, dst, f"{path}.dst", "destination")
+            mode = self.mode(item["mode"], f"{path}.mode") if "mode" in item else None
+            entries.append(FileEntry(src=src, dst=dst, mode=mode))
+        return entries
+
+    def mode(self, value: Any, path: str) -> int:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            raw = self.doc.raw.get(path, str(value))
+            raise self.err(path, f"{raw} is a YAML number, which is ambiguous (0644 reads as octal, 644 as "
+                                 f"decimal); quote it, e.g. \"0644\"")
+        text = self.string(value, path)
+        if not _MODE_RE.match(text) or int(text.removeprefix("0o"), 8) > 0o7777:
+            raise self.err(path, f"{_q(text)} is not an octal file mode; use e.g. \"0644\"")
+        return int(text.removeprefix("0o"), 8)
+
+    def env(self, value: Any) -> dict[str, str]:
+        if not isinstance(value, dict):
+            raise self.err("env", f"expected a mapping of NAME: value, got {_describe(value)}")
+        out = {}
+        for key, item in value.items():
+            path = f"env.{key}"
+            if not _ENV_NAME_RE.match(key):
+                raise self.err(path, "invalid environment variable name; use letters, digits and '_', not starting "
+                                     "with a digit")
+            if isinstance(item, str):
+                if "\0" in item:
+                    raise self.err(path, "must not contain a NUL character")
+                out[key] = item
+            elif isinstance(item, (int, float)) and not isinstance(item, bool):
+                out[key] = self.doc.raw.get(path, str(item))  # exactly as written: 1.10 stays "1.10"
+            elif isinstance(item, bool):
+                raw = self.doc.raw.get(path, str(item).lower())
+                raise self.err(path, f"{raw} is a YAML boolean; quote it to pass a string: {_q(raw)}")
+            elif item is None:
+                raise self.err(path, "has no value; write \"\" for an empty string or remove the variable")
+            else:
+                raise self.err(path, f"expected a string value, got {_describe(item)}")
+        return out
+
+    def mediation(self, value: Any) -> MediationSpec:
+        m = self.mapping(value, "mediation", _MEDIATION_FIELDS)
+        enabled = self.boolean(m["enabled"], "mediation.enabled") if "enabled" in m else False
+        required = self.boolean(m["required"], "mediation.required") if "required" in m else False
+        fail_closed = self.boolean(m["failClosed"], "mediation.failClosed") if "failClosed" in m else False
+        port = None
+        if "port" in m:
+            port = m["port"]
+            if isinstance(port, bool) or not isinstance(port, int):
+                raise self.err("mediation.port", f"expected a port number, got {_describe(port)}")
+            if not 1 <= port <= 65535:
+                raise self.err("mediation.port", f"{port} is out of range; use a vsock port from 1 to 65535")
+        target = self.target(m["target"]) if "target" in m else None
+        if required and not enabled:
+            raise self.err("mediation.required", "required: true needs enabled: true; enable mediation or drop "
+                                                 "required")
+        if enabled:
+            for key, val in (("port", port), ("target", target)):
+                if val is None:
+                    raise self.err("mediation", f"enabled: true needs '{key}'; add mediation.{key}")
+        return MediationSpec(enabled=enabled, required=required, port=port, target=target, fail_closed=fail_closed)
+
+    def target(self, value: Any) -> str:
+        path = "mediation.target"
+        text = self.string(value, path)
+        host, sep, port = text.rpartition(":")
+        if not sep or not host or not port or (host.count(":") and not host.startswith("[")):
+            raise self.err(path, f"{_q(text)} has no port; write it as host:port, e.g. \"127.0.0.1:9900\"")
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise self.err(path, f"{_q(text)}: port {_q(port)} is not a number from 1 to 65535")
+        if host.startswith("[") != host.endswith("]"):
+            raise self.err(path, f"{_q(text)}: write an IPv6 host in brackets, e.g. \"[::1]:9900\"")
+        return text
+
+    def disks(self, value: Any, key: str, default_mode: str, names: dict, mounts: dict) -> list[DiskEntry]:
+        entries = []
+        for i, item in enumerate(self.items(value, key, "{name, path, mountpoint, mode} entries")):
+            path = f"{key}[{i}]"
+            item = self.mapping(item, path, _DISK_FIELDS, required=("name", "path", "mountpoint"))
+            name = self.named(item["name"], f"{path}.name", "disk")
+            self.unique(names, name, f"{path}.name", "disk name")
+            host = self.host_file(item["path"], f"{path}.path")
+            lower = host.name.lower()
+            if key == "bundles" and not lower.endswith(BUNDLE_SUFFIXES):
+                raise self.err(f"{path}.path", f"{_q(str(item['path']))} is not a tar bundle; bundles must end in "
+                                               f"{', '.join(BUNDLE_SUFFIXES)} (attach ext4 images under disks)")
+            if key == "disks" and lower.endswith(BUNDLE_SUFFIXES):
+                raise self.err(f"{path}.path", f"{_q(str(item['path']))} is a tar archive; list it under bundles, "
+                                               f"disks are existing ext4 images")
+            if ":" in str(host):
+                raise self.err(f"{path}.path", f"{host} contains ':', which the disk syntax cannot carry; rename "
+                                               f"the file")
+            mount = self.guest_path(item["mountpoint"], f"{path}.mountpoint")
+            if ":" in mount:
+                raise self.err(f"{path}.mountpoint", f"{_q(mount)} must not contain ':'")
+            try:
+                validate_mountpoint(mount)
+            except InvalidArgument as exc:
+                raise self.err(f"{path}.mountpoint", str(exc)) from None
+            try:  # the storage checks' messages start with their flag argument, here the field
+                (check_bundle_file if key == "bundles" else check_ext4_file)(host, f"{path}.path")
+            except MicroagentError as exc:
+                raise self.err(f"{path}.path", str(exc).removeprefix(f"{path}.path: ")) from None
+            self.unique(mounts, mount, f"{path}.mountpoint", "mountpoint")
+            mode = self.choice(item["mode"], f"{path}.mode", DISK_MODES, "disk mode") if "mode" in item \
+                else default_mode
+            entries.append(DiskEntry(name=name, path=host, mountpoint=mount, mode=mode))
+        return entries
+
+    def outputs(self, value: Any) -> list[OutputEntry]:
+        entries, seen = [], {}
+        for i, item in enumerate(self.items(value, "outputs", "{name, path} entries")):
+            path = f"outputs[{i}]"
+            item = self.mapping(item, path, _OUTPUT_FIELDS, required=("name", "path"))
+            name = self.named(item["name"], f"{path}.name", "output")
+            self.unique(seen, name, f"{path}.name", "output name")
+            entries.append(OutputEntry(name=name, path=self.guest_path(item["path"], f"{path}.path")))
+        return entries
