@@ -16,7 +16,7 @@ from .fsutil import read_json, write_json_atomic
 
 STATES = ("prepared", "starting", "running", "stopping", "halted", "stopped", "failed", "quarantined")
 STARTABLE = ("prepared", "halted", "stopped", "failed")
-ACTIVE = ("starting", "running", "stopping")
+ACTIVE = ("starting", "running", "stopping", "quarantined")  # a supervisor and (usually) a VM are alive
 READINESS_SIGNALS = ("guestReady", "execReady", "shellReady", "mediationReady")
 
 
@@ -41,6 +41,11 @@ class WorkspaceConfig:
     kernel: str | None = None
     restart: str = "never"
     shell: str = "/bin/sh"
+    setup: list[str] = field(default_factory=list)
+    entrypoint: str | None = None
+    mediation: dict[str, Any] | None = None
+    attachments: list[dict[str, Any]] = field(default_factory=list)
+    outputs: list[dict[str, str]] = field(default_factory=list)
     created_at: str = field(default_factory=now_iso)
 
     def to_json(self) -> dict[str, Any]:
@@ -79,6 +84,8 @@ class WorkspaceState:
     exit_detail: str = ""
     kernel_release: str = ""
     restart_count: int = 0
+    setup_done: bool = False
+    entrypoint: str = ""
     readiness: dict[str, dict[str, Any]] = field(default_factory=initial_readiness)
 
     def to_json(self) -> dict[str, Any]:
@@ -119,6 +126,7 @@ class WorkspaceDir:
     serial_socket = property(lambda self: self.run_dir / "serial.sock")
     qmp_socket = property(lambda self: self.run_dir / "qmp.sock")
     control_socket = property(lambda self: self.run_dir / "control.sock")
+    mediation_socket = property(lambda self: self.run_dir / "mediation.sock")
 
     def exists(self) -> bool:
         return self.config_file.exists()

@@ -43,6 +43,28 @@ NETWORK_MODES = {"user": "user", "isolated": "none", "none": "none"}
 RESTART_POLICIES = ("never", "on-failure", "always")
 
 
+def parse_mediation(value: dict[str, Any] | str | None) -> dict[str, Any] | None:
+    """The mediation contract from a spec mapping or the CLI's ``PORT=HOST:PORT`` (enabled, required, failClosed)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        port, sep, target = value.partition("=")
+        if not sep:
+            raise InvalidArgument(f"--mediation {value!r}: use GUEST_PORT=HOST:PORT, e.g. 2048=127.0.0.1:9900")
+        value = {"enabled": True, "required": True, "failClosed": True, "port": port, "target": target}
+    if not value.get("enabled", True):
+        return None
+    try:
+        port = int(value["port"])
+        host, _, tport = str(value["target"]).rpartition(":")
+        if not (0 < port < 65536 and host and 0 < int(tport) < 65536):
+            raise ValueError
+    except (KeyError, ValueError):
+        raise InvalidArgument(f"mediation needs a guest port (1-65535) and a target HOST:PORT, got {value!r}") from None
+    return {"enabled": True, "required": bool(value.get("required", False)), "port": port,
+            "target": f"{host}:{int(tport)}", "failClosed": bool(value.get("failClosed", False))}
+
+
 @dataclass
 class WorkspaceInfo:
     """A workspace's config and state, as ``status``/``list`` report them."""
@@ -72,6 +94,9 @@ class WorkspaceInfo:
             "updatedAt": s.updated_at, "bootSeconds": s.boot_seconds, "vmPid": s.vm_pid,
             "supervisorPid": s.supervisor_pid, "kernelRelease": s.kernel_release or None,
             "error": s.error or None, "exitDetail": s.exit_detail or None,
+            "setup": c.setup, "setupDone": s.setup_done, "entrypoint": c.entrypoint,
+            "entrypointStatus": s.entrypoint or None, "mediation": c.mediation, "shell": c.shell,
+            "quarantined": s.state == "quarantined",
         }
         out.update(s.readiness)
         return out
@@ -152,6 +177,9 @@ class Engine:
         kernel: str | None = None,
         restart: str = "never",
         shell: str = "/bin/sh",
+        setup: list[str] | None = None,
+        entrypoint: str | None = None,
+        mediation: dict[str, Any] | str | None = None,
     ) -> WorkspaceInfo:
         """Record a new workspace and build its rootfs (state ``prepared``). Nothing is left on failure."""
         name = validate_name(f"ws-{secrets.token_hex(4)}" if name is None else name)
@@ -186,7 +214,10 @@ class Engine:
             memory_mib=memory_mib or prof.memory_mib, cpus=cpus or prof.cpus, size_mib=size_mib or prof.disk_mib,
             env=env, hostname=hostname or hostname_for(name), network=NETWORK_MODES[network],
             accel=accel or "auto", kernel=str(Path(kernel).resolve()) if kernel else None, restart=restart,
-            shell=shell)
+            shell=shell, setup=list(setup or []), entrypoint=entrypoint or None,
+            mediation=parse_mediation(mediation))
+        if not shell.startswith("/"):
+            raise InvalidArgument(f"shell must be an absolute guest path, got {shell!r}")
         self.resolve_kernel(cfg)  # installs the default kernel on first need, as the seeds' create does
         base = builtin_image(self.state_dir)
         self.workspaces_dir.mkdir(parents=True, exist_ok=True)
@@ -249,10 +280,12 @@ class Engine:
         spec = VMSpec(kernel=kernel.path, initramfs=initramfs, cmdline=cmdline, memory_mib=cfg.memory_mib,
                       cpus=cfg.cpus, disks=[DiskSpec(ws.rootfs)], agent_socket=ws.agent_socket,
                       serial_socket=ws.serial_socket, control_socket=ws.qmp_socket, network=cfg.network,
-                      accel=accel)
+                      accel=accel, mediation_socket=ws.mediation_socket if cfg.mediation else None)
         timeout = boot_timeout or (30.0 if accel.accel == "kvm" else 90.0)
         launch = {"argv": self.backend.command(spec), "hostname": cfg.hostname, "network": cfg.network,
-                  "shell": cfg.shell, "env": cfg.env, "accel": accel.accel, "boot_timeout": timeout, "mounts": []}
+                  "shell": cfg.shell, "env": cfg.env, "accel": accel.accel, "boot_timeout": timeout, "mounts": [],
+                  "setup": cfg.setup, "entrypoint": cfg.entrypoint, "restart": cfg.restart,
+                  "mediation": cfg.mediation}
         ws.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_json_atomic(ws.run_dir / "launch.json", launch)
         st = ws.load_state()
@@ -330,7 +363,7 @@ class Engine:
     # ---- running workspaces --------------------------------------------------------------------
     def _running(self, name: str) -> WorkspaceInfo:
         info = self.status(name)
-        if info.state.state != "running":
+        if info.state.state not in ("running", "quarantined"):
             hint = f"start it first: microagent start {name}" if info.state.state in STARTABLE else "wait or kill it"
             raise InvalidState(f"workspace {name!r} is {info.state.state}, not running; {hint}")
         return info
@@ -391,6 +424,19 @@ class Engine:
     def stop(self, name: str) -> WorkspaceInfo:
         """Ask the guest to power off; after 5 s without exit the workspace is marked failed (no kill)."""
         return self._end(name, "stop")
+
+    def quarantine(self, name: str) -> WorkspaceInfo:
+        """Sever networking and mediation of a running workspace; keeps disk and logs. Start is refused until
+        halt, stop or kill."""
+        info = self.status(name)
+        if info.state.state != "running" or not info.dir.supervisor_alive():
+            raise InvalidState(f"workspace {name!r} is {info.state.state}; only a running workspace can be "
+                               f"quarantined")
+        with SupervisorConnection(info.dir.control_socket) as conn:
+            reply = conn.control("quarantine", timeout=30)
+        if not reply.get("ok"):
+            raise GuestError(reply.get("error", "quarantine failed"))
+        return self.status(name)
 
     def kill(self, name: str) -> WorkspaceInfo:
         """Terminate the VM at once."""

@@ -30,6 +30,7 @@ class VMSpec:
     control_socket: Path  # QMP (or the backend's own control API)
     network: str  # "user" | "none"
     accel: AccelChoice
+    mediation_socket: Path | None = None  # a second virtio-serial port for the mediation bridge
     extra_args: list[str] = field(default_factory=list)
 
 

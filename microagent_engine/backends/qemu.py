@@ -11,7 +11,7 @@ import subprocess
 
 from ..config import QEMU_ENV
 from ..hostinfo import AccelChoice, require_tool, tsc_khz
-from ..protocol import AGENT_PORT_NAME
+from ..protocol import AGENT_PORT_NAME, MEDIATION_PORT_NAME
 from .base import Backend, VMSpec
 
 FAST_BOOT_ARGS = [
@@ -66,6 +66,9 @@ class QemuBackend(Backend):
             "-chardev", f"socket,id=agent,path={spec.agent_socket}",
             "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}",
         ]
+        if spec.mediation_socket is not None:
+            cmd += ["-chardev", f"socket,id=mediation,path={spec.mediation_socket}",
+                    "-device", f"virtserialport,bus=vser0.0,chardev=mediation,name={MEDIATION_PORT_NAME}"]
         if spec.network == "user":
             cmd += ["-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"]
         return cmd + spec.extra_args

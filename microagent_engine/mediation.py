@@ -1,0 +1,169 @@
+"""Host side of the mediation channel: guest connections bridged to one host TCP target.
+
+In the guest a program connects to ``127.0.0.1:<port>`` (the spec's ``mediation.port``); the agent carries each
+connection over the dedicated virtio-serial port ``org.microagent.mediation`` as MOPEN/MDATA/MCLOSE frames, and
+this bridge opens one TCP connection to ``target`` per guest connection and copies bytes both ways.
+
+Health: the target is probed (TCP connect, then close) every few seconds. With ``failClosed`` a failed probe or a
+refused connection cuts the channel (MCUT: all connections closed, new ones refused) until the VM restarts;
+without it the channel stays open and ``mediationReady`` says the target is down until it comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .protocol import FrameDecoder, FrameType, encode_frame
+
+PROBE_INTERVAL = 2.0
+CONNECT_TIMEOUT = 3.0
+
+
+@dataclass(frozen=True)
+class MediationConfig:
+    port: int
+    target_host: str
+    target_port: int
+    required: bool = False
+    fail_closed: bool = False
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "MediationConfig":
+        host, _, port = str(data["target"]).rpartition(":")
+        return cls(int(data["port"]), host or "127.0.0.1", int(port), bool(data.get("required")),
+                   bool(data.get("failClosed")))
+
+    @property
+    def target(self) -> str:
+        return f"{self.target_host}:{self.target_port}"
+
+
+async def probe(cfg: MediationConfig) -> str:
+    """'' if the target accepts a TCP connection, else why not."""
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(cfg.target_host, cfg.target_port),
+                                           CONNECT_TIMEOUT)
+    except (OSError, asyncio.TimeoutError) as exc:
+        return f"target {cfg.target} unreachable: {getattr(exc, 'strerror', None) or exc.__class__.__name__}"
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return ""
+
+
+class MediationBridge:
+    """One per supervisor; serves whatever mediation port connection the current VM makes."""
+
+    def __init__(self, cfg: MediationConfig, report: Callable[[bool, str, str], None]) -> None:
+        self.cfg = cfg
+        self.report = report  # (ready, detail, error) -> records mediationReady
+        self.writer: asyncio.StreamWriter | None = None
+        self.conns: dict[int, asyncio.StreamWriter] = {}
+        self.cut_reason = ""
+        self.guest_ok = False
+        self.target_error = ""
+
+    @property
+    def cut(self) -> bool:
+        return bool(self.cut_reason)
+
+    def _send(self, ftype: int, stream: int, payload: bytes = b"") -> None:
+        if self.writer is not None and not self.writer.is_closing():
+            self.writer.write(encode_frame(ftype, stream, payload))
+
+    def _publish(self) -> None:
+        detail = f"guest 127.0.0.1:{self.cfg.port} -> host {self.cfg.target}"
+        if self.cut:
+            self.report(False, detail, f"channel cut: {self.cut_reason}")
+        elif not self.guest_ok:
+            self.report(False, detail, "guest side not connected")
+        else:
+            self.report(not self.target_error, detail, self.target_error)
+
+    def guest_ready(self, ok: bool, error: str = "") -> None:
+        self.guest_ok = ok
+        if error:
+            self.report(False, "", error)
+        else:
+            self._publish()
+
+    def sever(self, reason: str) -> None:
+        """Cut the channel: close every bridged connection and refuse new ones (until the VM restarts)."""
+        if self.cut:
+            return
+        self.cut_reason = reason
+        self._send(FrameType.MCUT, 0)
+        for writer in self.conns.values():
+            writer.close()
+        self.conns.clear()
+        self._publish()
+
+    def reset(self) -> None:
+        """A new boot: the cut (if any) ends with the VM that had it."""
+        self.cut_reason = ""
+        self.guest_ok = False
+        self.conns.clear()
+
+    def _target_failed(self, error: str) -> None:
+        self.target_error = error
+        if self.cfg.fail_closed:
+            self.sever(error)
+        else:
+            self._publish()
+
+    async def probe_loop(self) -> None:
+        while True:
+            error = await probe(self.cfg)
+            if error:
+                self._target_failed(error)
+            elif self.target_error:
+                self.target_error = ""
+                self._publish()
+            elif self.guest_ok:
+                self._publish()
+            await asyncio.sleep(PROBE_INTERVAL)
+
+    async def on_port(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        decoder = FrameDecoder()
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(262144):
+                for frame in decoder.feed(data):
+                    await self._on_frame(frame.type, frame.stream, frame.payload)
+        for conn in self.conns.values():
+            conn.close()
+        self.conns.clear()
+        self.writer = None
+
+    async def _on_frame(self, ftype: int, stream: int, payload: bytes) -> None:
+        if ftype == FrameType.MOPEN:
+            if self.cut:
+                self._send(FrameType.MCLOSE, stream, f"mediation channel cut: {self.cut_reason}".encode())
+                return
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(self.cfg.target_host, self.cfg.target_port), CONNECT_TIMEOUT)
+            except (OSError, asyncio.TimeoutError) as exc:
+                error = f"target {self.cfg.target} unreachable: {getattr(exc, 'strerror', None) or exc}"
+                self._send(FrameType.MCLOSE, stream, error.encode())
+                self._target_failed(error)
+                return
+            self.conns[stream] = writer
+            asyncio.ensure_future(self._pump(stream, reader, writer))
+        elif ftype == FrameType.MDATA and stream in self.conns:
+            self.conns[stream].write(payload)
+            with contextlib.suppress(ConnectionError):
+                await self.conns[stream].drain()
+        elif ftype == FrameType.MCLOSE and stream in self.conns:
+            self.conns.pop(stream).close()
+
+    async def _pump(self, stream: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                self._send(FrameType.MDATA, stream, data)
+        if self.conns.pop(stream, None) is not None:
+            self._send(FrameType.MCLOSE, stream)
+        writer.close()
