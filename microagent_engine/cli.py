@@ -10,9 +10,13 @@ import threading
 from typing import Any, Callable, Sequence
 
 from . import __version__
+from pathlib import Path
+
 from .config import PROFILES
 from .errors import InvalidArgument, MicroagentError
 from .protocol import FrameType
+from .spec import find_default_spec, load_spec, merge
+from .storage.volumes import DEFAULT_SIZE_MIB, render_created, render_deleted, render_list, render_status
 from .workspaces import Engine, WorkspaceInfo
 
 Handler = Callable[[Engine, argparse.Namespace], int]
@@ -83,15 +87,26 @@ def _list_text(infos: list[WorkspaceInfo]) -> str:
 
 
 def _create_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(image=args.image, profile=args.profile, memory_mib=args.memory, cpus=args.cpus,
-                size_mib=args.size_mib, hostname=args.hostname, network=args.network, accel=args.accel,
-                kernel=args.kernel)
+    """create/run flags the user gave (None = not given, so a spec's value stays), merged over the spec."""
+    given = dict(image=args.image, profile=args.profile, memory_mib=args.memory, cpus=args.cpus,
+                 size_mib=args.size_mib, hostname=args.hostname, network=args.network, accel=args.accel,
+                 kernel=args.kernel, env=_env_pairs(args.env) or None, restart=args.restart, shell=args.shell,
+                 setup=args.setup, entrypoint=args.entrypoint, mediation=args.mediation, volumes=args.volume,
+                 disks=args.disk, bundles=args.bundle, outputs=args.output)
+    spec_path = Path(args.file) if args.file else find_default_spec(Path.cwd())
+    if spec_path is None:
+        return {k: v for k, v in given.items() if v is not None}
+    spec = load_spec(spec_path)
+    return merge(spec.to_create_kwargs(), given)
 
 
 def cmd_create(engine: Engine, args: argparse.Namespace) -> int:
     if args.name and args.name_opt and args.name != args.name_opt:
         raise InvalidArgument(f"two names given ({args.name!r} and --name {args.name_opt!r}); give one")
-    info = engine.create(args.name or args.name_opt, env=_env_pairs(args.env), **_create_kwargs(args))
+    kwargs = _create_kwargs(args)
+    name = args.name or args.name_opt or kwargs.pop("name", None)
+    kwargs.pop("name", None)
+    info = engine.create(name, **kwargs)
     _emit(args, info.to_json(), _describe(info))
     return 0
 
@@ -142,11 +157,14 @@ def cmd_run(engine: Engine, args: argparse.Namespace) -> int:
             raise InvalidArgument("give the command either with --exec or as arguments, not both")
         command = ["/bin/sh", "-c", args.exec_line]
     streaming = not args.json
+    kwargs = _create_kwargs(args)
+    name = args.name_opt or kwargs.pop("name", None)
+    kwargs.pop("name", None)
     info, result = engine.run(
-        command, name=args.name_opt, delete=args.delete, env=_env_pairs(args.env), cwd=args.cwd,
+        command, name=name, delete=args.delete, cwd=args.cwd,
         timeout=args.timeout, stdin=_stdin_source(args), capture=args.json,
         on_stdout=_writer(sys.stdout.buffer) if streaming else None,
-        on_stderr=_writer(sys.stderr.buffer) if streaming else None, **_create_kwargs(args))
+        on_stderr=_writer(sys.stderr.buffer) if streaming else None, **kwargs)
     if args.json:
         print(json.dumps({"workspace": info.name, "deleted": args.delete, **result.to_json()}, indent=2))
     return result.exit_code
@@ -243,6 +261,45 @@ def cmd_connect(engine: Engine, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cp(engine: Engine, args: argparse.Namespace) -> int:
+    where = engine.cp(args.src, args.dst)
+    _emit(args, {"src": args.src, "dst": str(where)}, f"Copied {args.src} -> {where}")
+    return 0
+
+
+def cmd_output(engine: Engine, args: argparse.Namespace) -> int:
+    if args.output_cmd == "get":
+        if args.dest is None and not args.json:
+            sys.stdout.buffer.write(engine.output_get(args.name, args.output))  # type: ignore[arg-type]
+            return 0
+        where = engine.output_get(args.name, args.output, args.dest or ".")
+        _emit(args, {"name": args.output, "path": str(where)}, f"Wrote {where}")
+        return 0
+    outs = engine.outputs(args.name)
+    rows = [[o["name"], o["path"], "yes" if o["exists"] else "no"] for o in outs]
+    _emit(args, outs, _table(rows, ["NAME", "PATH", "EXISTS"]))
+    return 0
+
+
+def cmd_volume(engine: Engine, args: argparse.Namespace) -> int:
+    reg = engine.volumes
+    if args.volume_cmd == "create":
+        vol = reg.create(args.name, args.size_mib) if args.size_mib else reg.create(args.name)
+        _emit(args, vol.to_json(), render_created(vol))
+    elif args.volume_cmd in ("list", "ls"):
+        vols = reg.list()
+        _emit(args, [v.to_json() for v in vols], render_list(vols))
+    elif args.volume_cmd == "status":
+        vol = reg.get(args.name)
+        _emit(args, vol.to_json(), render_status(vol))
+    elif args.volume_cmd in ("delete", "rm"):
+        vol = reg.delete(args.name, force=args.force)
+        _emit(args, vol.to_json(), render_deleted(vol))
+    else:
+        raise InvalidArgument("volume needs a subcommand: create, list, status or delete")
+    return 0
+
+
 def cmd_profiles(engine: Engine, args: argparse.Namespace) -> int:
     rows = [[p.name, str(p.memory_mib), str(p.cpus), str(p.disk_mib)] for p in PROFILES.values()]
     data = [{"name": p.name, "memoryMiB": p.memory_mib, "cpuCount": p.cpus, "sizeMiB": p.disk_mib}
@@ -286,11 +343,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--size-mib", type=int, help="rootfs size in MiB (overrides the profile)")
         p.add_argument("-e", "--env", action="append", metavar="KEY=VALUE", help="guest environment variable")
         p.add_argument("--hostname", help="guest hostname (default: the name as a hostname)")
-        p.add_argument("--network", choices=["user", "isolated"], default="user", help="user (NAT) or isolated")
+        p.add_argument("--network", choices=["user", "isolated"], help="user (NAT, default) or isolated")
         p.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="accelerator (default auto; "
                        "$MICROAGENT_ACCEL)")
         p.add_argument("--kernel", help="guest kernel (vmlinux or bzImage; default: Debian's cloud kernel, "
                        "$MICROAGENT_KERNEL)")
+        p.add_argument("-v", "--volume", action="append", metavar="SRC:DST[:ro|rw]",
+                       help="named volume, .tar/.tar.gz/.tgz bundle or .ext4/.img disk (host directories are "
+                       "rejected)")
+        p.add_argument("--disk", action="append", metavar="NAME=/path.ext4:/mount[:ro|rw]")
+        p.add_argument("--bundle", action="append", metavar="NAME=/path.tar:/mount[:ro|rw]")
+        p.add_argument("--output", action="append", metavar="NAME=/guest/path", help="declared output artifact")
+        p.add_argument("-f", "--file", help="workspace spec (default: ./microagent.yaml or ./microagent.yml)")
+        p.add_argument("--setup", action="append", metavar="CMD", help="shell command run once before first start")
+        p.add_argument("--entrypoint", metavar="CMD", help="command run when the workspace starts")
+        p.add_argument("--restart", choices=["never", "on-failure", "always"], help="restart policy")
+        p.add_argument("--shell", help="console shell (default /bin/sh)")
+        p.add_argument("--mediation", metavar="PORT=HOST:PORT",
+                       help="bridge guest 127.0.0.1:PORT to a host TCP service (required, fail-closed)")
 
     def exec_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--cwd", help="working directory in the guest")
@@ -337,6 +407,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--send", metavar="LINE", help="type LINE into the console shell and print its output")
     p.add_argument("--timeout", type=float, default=30.0)
+    p = add("quarantine", _lifecycle("quarantine"), "sever network and mediation; keep disk and logs")
+    p.add_argument("name")
+    p = add("cp", cmd_cp, "copy a file between the host and a stopped workspace (WS:/path or WS:DISK:/path)")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p = add("output", cmd_output, "declared outputs of a workspace: output list WS | output get WS NAME [DEST]",
+            aliases=["artifacts"])
+    p.add_argument("output_cmd", choices=["list", "get"])
+    p.add_argument("name")
+    p.add_argument("output", nargs="?")
+    p.add_argument("dest", nargs="?")
+    p = add("volume", cmd_volume, "named volumes: create | list | status | delete")
+    vsub = p.add_subparsers(dest="volume_cmd", metavar="SUBCOMMAND")
+    vp = vsub.add_parser("create", parents=[common], help="create a named volume")
+    vp.add_argument("name")
+    vp.add_argument("--size-mib", type=int, help=f"size in MiB (default {DEFAULT_SIZE_MIB})")
+    vsub.add_parser("list", parents=[common], aliases=["ls"], help="list volumes")
+    vp = vsub.add_parser("status", parents=[common], help="one volume")
+    vp.add_argument("name")
+    vp = vsub.add_parser("delete", parents=[common], aliases=["rm"], help="delete a volume and its data")
+    vp.add_argument("name")
+    vp.add_argument("--force", action="store_true", help="delete even while attached to a running workspace")
     add("profiles", cmd_profiles, "resource profiles")
     add("doctor", cmd_doctor, "what this host can do (KVM or TCG, qemu, kernel, e2fsprogs)")
     return parser

@@ -61,7 +61,7 @@ class MediationBridge:
         self.cfg = cfg
         self.report = report  # (ready, detail, error) -> records mediationReady
         self.writer: asyncio.StreamWriter | None = None
-        self.conns: dict[int, asyncio.StreamWriter] = {}
+        self.conns: dict[int, asyncio.Queue[bytes | None]] = {}  # guest stream -> bytes for the target
         self.cut_reason = ""
         self.guest_ok = False
         self.target_error = ""
@@ -96,8 +96,8 @@ class MediationBridge:
             return
         self.cut_reason = reason
         self._send(FrameType.MCUT, 0)
-        for writer in self.conns.values():
-            writer.close()
+        for queue in self.conns.values():
+            queue.put_nowait(None)
         self.conns.clear()
         self._publish()
 
@@ -133,37 +133,48 @@ class MediationBridge:
             while data := await reader.read(262144):
                 for frame in decoder.feed(data):
                     await self._on_frame(frame.type, frame.stream, frame.payload)
-        for conn in self.conns.values():
-            conn.close()
+        for queue in self.conns.values():
+            queue.put_nowait(None)
         self.conns.clear()
         self.writer = None
 
     async def _on_frame(self, ftype: int, stream: int, payload: bytes) -> None:
+        # never await a target here: the agent's writes to us block, so a slow target must not stall the port
         if ftype == FrameType.MOPEN:
             if self.cut:
                 self._send(FrameType.MCLOSE, stream, f"mediation channel cut: {self.cut_reason}".encode())
                 return
-            try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(self.cfg.target_host, self.cfg.target_port), CONNECT_TIMEOUT)
-            except (OSError, asyncio.TimeoutError) as exc:
-                error = f"target {self.cfg.target} unreachable: {getattr(exc, 'strerror', None) or exc}"
-                self._send(FrameType.MCLOSE, stream, error.encode())
-                self._target_failed(error)
-                return
-            self.conns[stream] = writer
-            asyncio.ensure_future(self._pump(stream, reader, writer))
+            queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+            self.conns[stream] = queue
+            asyncio.ensure_future(self._bridge(stream, queue))
         elif ftype == FrameType.MDATA and stream in self.conns:
-            self.conns[stream].write(payload)
-            with contextlib.suppress(ConnectionError):
-                await self.conns[stream].drain()
+            self.conns[stream].put_nowait(payload)
         elif ftype == FrameType.MCLOSE and stream in self.conns:
-            self.conns.pop(stream).close()
+            self.conns.pop(stream).put_nowait(None)
 
-    async def _pump(self, stream: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _bridge(self, stream: int, queue: "asyncio.Queue[bytes | None]") -> None:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.cfg.target_host, self.cfg.target_port), CONNECT_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as exc:
+            error = f"target {self.cfg.target} unreachable: {getattr(exc, 'strerror', None) or exc}"
+            if self.conns.pop(stream, None) is not None:
+                self._send(FrameType.MCLOSE, stream, error.encode())
+            self._target_failed(error)
+            return
+        pump = asyncio.ensure_future(self._pump(stream, reader))
+        with contextlib.suppress(ConnectionError):
+            while (data := await queue.get()) is not None:
+                writer.write(data)
+                await writer.drain()
+        pump.cancel()
+        writer.close()
+
+    async def _pump(self, stream: int, reader: asyncio.StreamReader) -> None:
         with contextlib.suppress(ConnectionError):
             while data := await reader.read(65536):
                 self._send(FrameType.MDATA, stream, data)
-        if self.conns.pop(stream, None) is not None:
+        queue = self.conns.pop(stream, None)
+        if queue is not None:
             self._send(FrameType.MCLOSE, stream)
-        writer.close()
+            queue.put_nowait(None)

@@ -17,6 +17,8 @@ HEADER_SIZE = HEADER.size
 MAX_PAYLOAD = 1 << 20
 #: virtio-serial port name the agent looks for in /sys/class/virtio-ports/*/name
 AGENT_PORT_NAME = "org.microagent.agent"
+#: virtio-serial port of the mediation channel (guest programs <-> host, relayed by the agent)
+MEDIATION_PORT_NAME = "org.microagent.mediation"
 PROTOCOL_VERSION = 1
 
 
@@ -35,6 +37,12 @@ class FrameType(enum.IntEnum):
     PING = 0x22  # host -> agent: any payload
     PONG = 0x23  # agent -> host: the PING's payload echoed
     ERROR = 0x2F  # either way: UTF-8 message about a malformed or unexpected frame
+    # Mediation channel only (its own port, see docs/protocol.md "Mediation"):
+    MOPEN = 0x50  # agent -> host: a guest program connected to 127.0.0.1:<port>; new stream id, empty payload
+    MDATA = 0x51  # either way: bytes of that connection
+    MCLOSE = 0x52  # either way: the connection is finished; optional UTF-8 reason
+    MCUT = 0x53  # host -> agent, stream 0: close every connection, refuse new ones until MRESUME
+    MRESUME = 0x54  # host -> agent, stream 0: accept connections again
     # Supervisor-only (client <-> supervisor, never sent to the guest):
     CONTROL = 0x40  # client -> supervisor: JSON request
     REPLY = 0x41  # supervisor -> client: JSON reply

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import secrets
 import select
 import shutil
@@ -20,7 +21,7 @@ from .backends import get_backend
 from .backends.base import DiskSpec, VMSpec
 from .client import ExecResult, OutputCallback, SupervisorConnection
 from .config import default_state_dir, get_profile, hostname_for, validate_name
-from .errors import AlreadyExists, GuestError, InvalidArgument, InvalidState, NotFound
+from .errors import AlreadyExists, Busy, GuestError, InvalidArgument, InvalidState, NotFound
 from .fsutil import file_lock, write_json_atomic
 from .guest.initramfs import build_initramfs
 from .guest.kernel import Kernel, resolve_kernel
@@ -36,11 +37,47 @@ from .records import (
     now_iso,
     process_matches,
 )
+from .storage import debugfs
+from .storage.attachments import (
+    Attachment,
+    parse_bundle_flag,
+    parse_disk_flag,
+    parse_volume_flag,
+    validate_attachments,
+    validate_mountpoint,
+)
+from .storage.bundles import build_bundle
 from .storage.ext4 import clone_sized
+from .storage.volumes import VolumeRegistry
 
 Progress = Callable[[str], None]
 NETWORK_MODES = {"user": "user", "isolated": "none", "none": "none"}
 RESTART_POLICIES = ("never", "on-failure", "always")
+
+
+def parse_ws_path(value: str) -> tuple[str, str | None, str] | None:
+    """``WS:/path`` -> (ws, None, path); ``WS:DISK:/path`` -> (ws, disk, path); a host path -> None."""
+    head, sep, rest = value.partition(":")
+    if not sep or "/" in head or not head:
+        return None
+    validate_name(head)
+    disk, sep2, path = rest.partition(":")
+    if sep2 and not disk.startswith("/"):
+        return head, disk, debugfs.normalize_guest_path(path)
+    return head, None, debugfs.normalize_guest_path(rest)
+
+
+def parse_outputs(values: list[str]) -> list[dict[str, str]]:
+    out: list[dict[str, str]] = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not path:
+            raise InvalidArgument(f"--output {value!r}: use NAME=/guest/path, e.g. report=/work/report.json")
+        validate_name(name, "output")
+        if any(o["name"] == name for o in out):
+            raise InvalidArgument(f"output {name!r} is declared twice")
+        out.append({"name": name, "path": debugfs.normalize_guest_path(path)})
+    return out
 
 
 def parse_mediation(value: dict[str, Any] | str | None) -> dict[str, Any] | None:
@@ -109,6 +146,23 @@ class Engine:
         self.state_dir = Path(state_dir).expanduser() if state_dir else default_state_dir()
         self.progress: Progress = progress or (lambda _msg: None)
         self.backend = get_backend("qemu")
+        self.volumes = VolumeRegistry(self.state_dir, self._holder_running)
+
+    def _holder_running(self, name: str) -> bool:
+        """Does workspace ``name`` hold its disks right now (running, or in the middle of starting)?"""
+        try:
+            ws = self._dir(name)
+        except InvalidArgument:
+            return False
+        if not ws.exists():
+            return False
+        if ws.supervisor_alive():
+            return True
+        try:
+            with file_lock(ws.ops_lock, blocking=False):
+                return False
+        except Busy:
+            return True  # a start (or delete) holds the workspace's lock: treat its volumes as held
 
     # ---- records -------------------------------------------------------------------------------
     @property
@@ -180,8 +234,17 @@ class Engine:
         setup: list[str] | None = None,
         entrypoint: str | None = None,
         mediation: dict[str, Any] | str | None = None,
+        volumes: list[str] | None = None,
+        disks: list[str] | None = None,
+        bundles: list[str] | None = None,
+        outputs: list[str] | None = None,
+        files: list[dict[str, Any]] | None = None,
     ) -> WorkspaceInfo:
-        """Record a new workspace and build its rootfs (state ``prepared``). Nothing is left on failure."""
+        """Record a new workspace and build its rootfs (state ``prepared``). Nothing is left on failure.
+
+        ``volumes`` are ``-v SRC:DST[:ro|rw]`` strings (named volume, .tar bundle or .ext4 disk), ``disks`` and
+        ``bundles`` ``NAME=PATH:MOUNT[:ro|rw]``, ``outputs`` ``NAME=/guest/path``, ``files`` dicts with
+        ``src`` (host), ``dst`` (guest) and optional ``mode``; all are validated before anything is written."""
         name = validate_name(f"ws-{secrets.token_hex(4)}" if name is None else name)
         prof = get_profile(profile)
         for label, value in (("--memory", memory_mib), ("--cpus", cpus), ("--size-mib", size_mib)):
@@ -218,6 +281,19 @@ class Engine:
             mediation=parse_mediation(mediation))
         if not shell.startswith("/"):
             raise InvalidArgument(f"shell must be an absolute guest path, got {shell!r}")
+        attachments = validate_attachments(
+            [parse_volume_flag(v) for v in volumes or []] + [parse_disk_flag(d) for d in disks or []]
+            + [parse_bundle_flag(b) for b in bundles or []])
+        cfg.attachments = [a.to_json() for a in attachments]
+        cfg.outputs = parse_outputs(outputs or [])
+        file_list = [self._check_file(f) for f in files or []]
+        for att in attachments:
+            if att.kind == "volume":
+                try:
+                    self.volumes.get(att.source)
+                except NotFound:
+                    raise NotFound(f"no volume named {att.source!r}; create it first: microagent volume create "
+                                   f"{att.source}") from None
         self.resolve_kernel(cfg)  # installs the default kernel on first need, as the seeds' create does
         base = builtin_image(self.state_dir)
         self.workspaces_dir.mkdir(parents=True, exist_ok=True)
@@ -226,6 +302,11 @@ class Engine:
         try:
             self.progress(f"Building rootfs ({cfg.size_mib} MiB) from {cfg.image}")
             clone_sized(base, staging.rootfs, cfg.size_mib)
+            for src, dst, mode in file_list:
+                debugfs.copy_in(staging.rootfs, src, dst, mode=mode)
+            if not debugfs.exists(staging.rootfs, cfg.shell):
+                raise InvalidArgument(f"shell {cfg.shell} does not exist in image {cfg.image}; pick one that "
+                                      f"does (e.g. /bin/sh)")
             staging.save_config(cfg)
             staging.save_state(WorkspaceState(state="prepared"))
             try:
@@ -236,6 +317,19 @@ class Engine:
             if staging.path.exists():
                 shutil.rmtree(staging.path, ignore_errors=True)
         return self._info(ws)
+
+    @staticmethod
+    def _check_file(entry: dict[str, Any]) -> tuple[Path, str, int | None]:
+        src = Path(str(entry.get("src", ""))).expanduser()
+        if not src.is_file():
+            raise NotFound(f"file {src} does not exist (or is not a regular file); fix files[].src")
+        dst = debugfs.normalize_guest_path(str(entry.get("dst", "")))
+        mode = entry.get("mode")
+        if isinstance(mode, str):
+            mode = int(mode, 8)
+        if mode is not None and not 0 <= mode <= 0o7777:
+            raise InvalidArgument(f"file mode {oct(mode)} for {dst} is not a valid permission mode")
+        return src, dst, mode
 
     def delete(self, name: str) -> None:
         """Remove the workspace record and its disks. Refuses while its VM runs."""
@@ -248,6 +342,7 @@ class Engine:
             trash = self.workspaces_dir / f".deleting-{name}-{secrets.token_hex(4)}"
             run_dir = ws.run_dir
             os.rename(ws.path, trash)
+            self.volumes.release(name)  # the data stays for the next attach
         shutil.rmtree(trash, ignore_errors=True)
         if run_dir.exists() and not str(run_dir).startswith(str(trash)):
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -277,13 +372,14 @@ class Engine:
         kernel = self.resolve_kernel(cfg)
         initramfs = build_initramfs(self.state_dir, kernel, self.backend.guest_modules())
         cmdline = " ".join(self.backend.kernel_args(accel) + ["microagent.root=/dev/vda"])
+        disks, mounts = self._attach_disks(info)
         spec = VMSpec(kernel=kernel.path, initramfs=initramfs, cmdline=cmdline, memory_mib=cfg.memory_mib,
-                      cpus=cfg.cpus, disks=[DiskSpec(ws.rootfs)], agent_socket=ws.agent_socket,
+                      cpus=cfg.cpus, disks=[DiskSpec(ws.rootfs), *disks], agent_socket=ws.agent_socket,
                       serial_socket=ws.serial_socket, control_socket=ws.qmp_socket, network=cfg.network,
                       accel=accel, mediation_socket=ws.mediation_socket if cfg.mediation else None)
         timeout = boot_timeout or (30.0 if accel.accel == "kvm" else 90.0)
         launch = {"argv": self.backend.command(spec), "hostname": cfg.hostname, "network": cfg.network,
-                  "shell": cfg.shell, "env": cfg.env, "accel": accel.accel, "boot_timeout": timeout, "mounts": [],
+                  "shell": cfg.shell, "env": cfg.env, "accel": accel.accel, "boot_timeout": timeout, "mounts": mounts,
                   "setup": cfg.setup, "entrypoint": cfg.entrypoint, "restart": cfg.restart,
                   "mediation": cfg.mediation}
         ws.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -303,10 +399,42 @@ class Engine:
                 os.close(wfd)
         if not reply.get("ok"):
             self._wait_supervisor_exit(ws)
+            self.volumes.release(cfg.name)
             error = reply.get("error") or "the supervisor exited without a word; see supervisor.log"
             raise GuestError(f"workspace {cfg.name!r} failed to start: {error}\n"
                              f"(see 'microagent logs {cfg.name}' and {ws.vm_log})")
         return self._info(ws)
+
+    def _attachments(self, cfg: WorkspaceConfig) -> list[Attachment]:
+        return [Attachment.from_json(a) for a in cfg.attachments]
+
+    def _attach_disks(self, info: WorkspaceInfo) -> tuple[list[DiskSpec], list[list[str]]]:
+        """Claim named volumes (single-attach), check raw disks, build bundles; the guest mounts each by the
+        disk's serial. On any failure the volumes claimed so far are released."""
+        disks: list[DiskSpec] = []
+        mounts: list[list[str]] = []
+        name = info.config.name
+        try:
+            for i, att in enumerate(self._attachments(info.config), 1):
+                if att.kind == "volume":
+                    path = self.volumes.attach(att.source, name).path
+                elif att.kind == "disk":
+                    path = Path(att.source)
+                    if not path.is_file():
+                        raise NotFound(f"disk {att.name}: {path} no longer exists; restore it or recreate the "
+                                       f"workspace without it")
+                else:
+                    self.progress(f"Building bundle {att.name} from {att.source}")
+                    out_dir = info.dir.path / "bundles"
+                    out_dir.mkdir(exist_ok=True)
+                    path = build_bundle(Path(att.source), out_dir / f"{att.name}.ext4", out_dir)
+                serial = f"ma{i}"
+                disks.append(DiskSpec(path, att.read_only, serial))
+                mounts.append([f"serial:{serial}", att.mountpoint, "ext4", att.mode])
+        except BaseException:
+            self.volumes.release(name)
+            raise
+        return disks, mounts
 
     @staticmethod
     def _spawn_supervisor(ws: WorkspaceDir, ready_fd: int) -> None:
@@ -507,6 +635,90 @@ class Engine:
                     self.kill(name)
         except NotFound:
             pass
+
+    # ---- moving data ---------------------------------------------------------------------------
+    def _disk_image(self, info: WorkspaceInfo, disk: str | None) -> Path:
+        """The ext4 image behind ``ws:/path`` (rootfs) or ``ws:<disk>:/path`` (an attachment by name)."""
+        if disk is None or disk == "rootfs":
+            return info.dir.rootfs
+        for att in self._attachments(info.config):
+            if att.name == disk or (att.kind == "volume" and att.source == disk):
+                if att.kind == "bundle":
+                    raise InvalidArgument(f"disk {disk!r} of {info.name} is a bundle, rebuilt from its tar at each "
+                                          f"start; change the tar instead")
+                return self.volumes.get(att.source).path if att.kind == "volume" else Path(att.source)
+        names = ", ".join(["rootfs", *[a.name for a in self._attachments(info.config)]])
+        raise NotFound(f"workspace {info.name!r} has no disk named {disk!r} (it has: {names})")
+
+    def _stopped(self, name: str) -> WorkspaceInfo:
+        info = self.status(name)
+        if self._vm_alive(info) or info.running:
+            raise InvalidState(f"workspace {name!r} is {info.state.state}; cp works only while it is not running: "
+                               f"halt it first (microagent halt {name})")
+        return info
+
+    def cp(self, src: str, dst: str) -> Path | str:
+        """Copy one regular file between the host and a workspace that is not running.
+
+        Workspace side: ``WS:/path`` (its rootfs) or ``WS:DISK:/path`` (an attached volume or disk)."""
+        src_ws, dst_ws = parse_ws_path(src), parse_ws_path(dst)
+        if bool(src_ws) == bool(dst_ws):
+            raise InvalidArgument("cp copies between the host and a workspace: one side must be WS:/path "
+                                  "(or WS:DISK:/path), the other a host path")
+        if dst_ws:
+            name, disk, guest = dst_ws
+            info = self._stopped(name)
+            with file_lock(info.dir.ops_lock, blocking=False, what=f"workspace {name!r}"):
+                host = Path(src).expanduser()
+                if not host.is_file():
+                    raise NotFound(f"{host} is not a regular file on the host")
+                debugfs.copy_in(self._disk_image(info, disk), host, guest)
+            return f"{name}:{guest}"
+        assert src_ws
+        name, disk, guest = src_ws
+        info = self._stopped(name)
+        with file_lock(info.dir.ops_lock, blocking=False, what=f"workspace {name!r}"):
+            target = Path(dst).expanduser()
+            debugfs.copy_out(self._disk_image(info, disk), guest, target)
+        return target / posixpath.basename(guest) if target.is_dir() else target
+
+    def _output_location(self, info: WorkspaceInfo, output: str) -> tuple[Path, str]:
+        decl = next((o for o in info.config.outputs if o["name"] == output), None)
+        if decl is None:
+            declared = ", ".join(o["name"] for o in info.config.outputs) or "none"
+            raise NotFound(f"workspace {info.name!r} declares no output {output!r} (declared: {declared})")
+        path = decl["path"]
+        best: Attachment | None = None
+        for att in self._attachments(info.config):
+            if (path == att.mountpoint or path.startswith(att.mountpoint + "/")) and \
+                    (best is None or len(att.mountpoint) > len(best.mountpoint)):
+                best = att
+        if best is None:
+            return info.dir.rootfs, path
+        if best.kind == "bundle":
+            raise InvalidArgument(f"output {output!r} is on bundle {best.name!r}, which is read from its tar and "
+                                  f"not kept; declare outputs on the rootfs, a volume or a disk")
+        rel = path[len(best.mountpoint):] or "/"
+        return self._disk_image(info, best.name), rel
+
+    def outputs(self, name: str) -> list[dict[str, Any]]:
+        """The declared outputs of a workspace, and whether each exists now (read without booting)."""
+        info = self._stopped(name)
+        out = []
+        for decl in info.config.outputs:
+            image, rel = self._output_location(info, decl["name"])
+            out.append({**decl, "exists": debugfs.exists(image, rel)})
+        return out
+
+    def output_get(self, name: str, output: str, dest: str | os.PathLike[str] | None = None) -> bytes | Path:
+        """An output's bytes (``dest`` None) or a copy at ``dest``; the workspace must not be running."""
+        info = self._stopped(name)
+        image, rel = self._output_location(info, output)
+        if dest is None:
+            return debugfs.read_file(image, rel)
+        target = Path(dest).expanduser()
+        debugfs.copy_out(image, rel, target)
+        return target / posixpath.basename(rel) if target.is_dir() else target
 
     # ---- console -------------------------------------------------------------------------------
     def logs(self, name: str, *, follow: bool = False, poll: float = 0.1) -> Iterator[bytes]:

@@ -9,10 +9,12 @@ Run from the repository root: ``PYTHONPATH=. python3 -m pytest -q tests/test_age
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ from microagent_engine.protocol import (
     Frame,
     FrameDecoder,
     FrameType,
+    MEDIATION_PORT_NAME,
     decode_kv,
     encode_entries,
     encode_exec,
@@ -74,10 +77,9 @@ class Result:
     frames: list[Frame] = field(default_factory=list)
 
 
-class Agent:
-    def __init__(self, sock: socket.socket, proc: subprocess.Popen):
+class FrameChannel:
+    def __init__(self, sock: socket.socket):
         self.sock = sock
-        self.proc = proc
         self.decoder = FrameDecoder()
         self.pending: list[Frame] = []
 
@@ -96,6 +98,13 @@ class Agent:
                 raise EOFError("agent closed the connection")
             self.pending.extend(self.decoder.feed(data))
         return self.pending.pop(0)
+
+
+class Agent(FrameChannel):
+    def __init__(self, sock: socket.socket, proc: subprocess.Popen):
+        super().__init__(sock)
+        self.proc = proc
+        self.med: FrameChannel | None = None  # the mediation channel (start_agent(..., mediation=True))
 
     def exec(self, stream: int, argv: list[str], **kw) -> None:
         self.send(FrameType.EXEC, stream, encode_exec(argv, **kw))
@@ -132,35 +141,60 @@ class Agent:
 def start_agent(agent_bin):
     started: list[tuple[Agent, str]] = []
 
-    def start(config: list[tuple[str, str]] | None = None) -> tuple[Agent, dict[str, str], dict[str, str]]:
+    def start(
+        config: list[tuple[str, str]] | None = None, mediation: bool = False
+    ) -> tuple[Agent, dict[str, str], dict[str, str]]:
+        """``mediation``: also pass ``--mediation-connect`` (the channel is ``agent.med`` if the agent connects)."""
         tmpdir = tempfile.mkdtemp(prefix="ma", dir="/tmp")
         path = os.path.join(tmpdir, "agent.sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(path)
         listener.listen(1)
         listener.settimeout(10)
-        proc = subprocess.Popen([str(agent_bin), "--connect", path], stdin=subprocess.DEVNULL)
+        args = [str(agent_bin), "--connect", path]
+        med_listener = None
+        if mediation:
+            med_path = os.path.join(tmpdir, "mediation.sock")
+            med_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            med_listener.bind(med_path)
+            med_listener.listen(1)
+            args += ["--mediation-connect", med_path]
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
         try:
             conn, _ = listener.accept()
         finally:
             listener.close()
         agent = Agent(conn, proc)
         started.append((agent, tmpdir))
-        hello = agent.recv()
-        assert hello.type == FrameType.HELLO and hello.stream == 0
-        hello_kv = decode_kv(hello.payload)
-        agent.send(FrameType.CONFIG, 0, encode_entries(DEFAULT_CONFIG if config is None else config))
-        ready = agent.recv()
-        assert ready.type == FrameType.READY and ready.stream == 0
+        try:
+            hello = agent.recv()
+            assert hello.type == FrameType.HELLO and hello.stream == 0
+            hello_kv = decode_kv(hello.payload)
+            agent.send(FrameType.CONFIG, 0, encode_entries(DEFAULT_CONFIG if config is None else config))
+            ready = agent.recv()
+            assert ready.type == FrameType.READY and ready.stream == 0
+            if med_listener is not None:
+                # the agent connects while handling CONFIG (before READY), if it has a p entry
+                med_listener.setblocking(False)
+                try:
+                    agent.med = FrameChannel(med_listener.accept()[0])
+                    agent.med.sock.setblocking(True)
+                except BlockingIOError:
+                    pass
+        finally:
+            if med_listener is not None:
+                med_listener.close()
         return agent, hello_kv, decode_kv(ready.payload)
 
     yield start
 
     for agent, tmpdir in started:
-        try:
-            agent.sock.close()
-        except OSError:
-            pass
+        for sock in (agent.sock, agent.med.sock if agent.med else None):
+            try:
+                if sock is not None:
+                    sock.close()
+            except OSError:
+                pass
         try:
             agent.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -181,7 +215,7 @@ def test_hello_and_ready(start_agent):
     _, hello, ready = start_agent()
     assert hello["version"] == "1"
     assert hello["kernel"] == os.uname().release
-    assert ready == {"shell": "missing", "net": "none", "mounts": "ok"}
+    assert ready == {"shell": "missing", "net": "none", "mounts": "ok", "mediation": "none"}
 
 
 def test_mounts_refused_in_test_mode(start_agent):
@@ -483,3 +517,332 @@ def test_halt_graceful(agent):
 def test_host_disconnect_exits_agent(agent):
     agent.sock.close()
     assert agent.proc.wait(timeout=5) == 0
+
+
+# ---- mediation bridge ------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _socket_fds(pid: int) -> int:
+    fd_dir = Path(f"/proc/{pid}/fd")
+    n = 0
+    for fd in fd_dir.iterdir():
+        try:
+            if os.readlink(fd).startswith("socket:"):
+                n += 1
+        except FileNotFoundError:
+            pass
+    return n
+
+
+def _connect(port: int) -> socket.socket:
+    c = socket.create_connection(("127.0.0.1", port), timeout=10)
+    c.settimeout(10)
+    return c
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        data = sock.recv(min(1 << 20, n - len(buf)))
+        if not data:
+            raise EOFError(f"EOF after {len(buf)} of {n} bytes")
+        buf += data
+    return bytes(buf)
+
+
+def _recv_all(sock: socket.socket) -> bytes:
+    """Everything until EOF (a reset after the data counts as EOF)."""
+    buf = bytearray()
+    while True:
+        try:
+            data = sock.recv(1 << 20)
+        except ConnectionResetError:
+            return bytes(buf)
+        if not data:
+            return bytes(buf)
+        buf += data
+
+
+def _sync(med) -> None:
+    """PING the mediation channel; every frame before the PONG must be consumed by the caller first."""
+    med.send(FrameType.PING, 0, b"sync")
+    frame = med.recv()
+    assert (frame.type, frame.stream, frame.payload) == (FrameType.PONG, 0, b"sync"), frame
+
+
+def _expect(med, ftype: int, stream: int | None = None) -> Frame:
+    frame = med.recv()
+    assert frame.type == ftype, frame
+    if stream is not None:
+        assert frame.stream == stream, frame
+    return frame
+
+
+def _read_mdata(med, stream: int, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        frame = med.recv()
+        assert (frame.type, frame.stream) == (FrameType.MDATA, stream), frame
+        assert 0 < len(frame.payload) <= 65536
+        buf += frame.payload
+    assert len(buf) == n
+    return bytes(buf)
+
+
+@pytest.fixture
+def mediated(start_agent):
+    """An agent with a mediation port: (agent, port); agent.med is the host side of the mediation channel."""
+    port = _free_port()
+    agent, _, ready = start_agent(DEFAULT_CONFIG + [("p", str(port))], mediation=True)
+    assert ready["mediation"] == "ok"
+    assert agent.med is not None
+    return agent, port
+
+
+def test_mediation_constants():
+    assert MEDIATION_PORT_NAME == "org.microagent.mediation"
+    assert [FrameType.MOPEN, FrameType.MDATA, FrameType.MCLOSE, FrameType.MCUT, FrameType.MRESUME] == list(
+        range(0x50, 0x55)
+    )
+
+
+def test_mediation_none_without_port_entry(start_agent):
+    agent, _, ready = start_agent(mediation=True)
+    assert ready["mediation"] == "none"
+    assert agent.med is None  # the channel is not even connected
+    assert _socket_fds(agent.proc.pid) == 1  # only the main channel: no listener
+    assert agent.run(["echo", "ok"]).stdout == b"ok\n"
+
+
+def test_mediation_error_without_channel(start_agent):
+    port = _free_port()
+    agent, _, ready = start_agent(DEFAULT_CONFIG + [("p", str(port))])
+    assert ready["mediation"].startswith("error: no mediation port")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+    assert agent.run(["echo", "ok"]).stdout == b"ok\n"
+
+
+@pytest.mark.parametrize("value", ["0", "65536", "abc", "", "-5", "12x"])
+def test_mediation_bad_port(start_agent, value):
+    agent, _, ready = start_agent(DEFAULT_CONFIG + [("p", value)], mediation=True)
+    assert ready["mediation"].startswith("error: bad port")
+    assert agent.med is None
+
+
+def test_mediation_port_in_use(start_agent):
+    busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        port = busy.getsockname()[1]
+        agent, _, ready = start_agent(DEFAULT_CONFIG + [("p", str(port))], mediation=True)
+        assert ready["mediation"].startswith(f"error: listen 127.0.0.1:{port}: ")
+        assert _socket_fds(agent.proc.pid) == 1  # the mediation channel was given up as well
+    finally:
+        busy.close()
+
+
+def test_mediation_open_data_close(mediated):
+    agent, port = mediated
+    assert _socket_fds(agent.proc.pid) == 3  # main channel, mediation channel, listener
+    med = agent.med
+    client = _connect(port)
+    opened = _expect(med, FrameType.MOPEN)
+    assert opened.stream == 1 and opened.payload == b""
+    client.sendall(b"hello host")
+    assert _read_mdata(med, 1, 10) == b"hello host"
+    med.send(FrameType.MDATA, 1, b"hello guest")
+    assert _recv_exact(client, 11) == b"hello guest"
+    client.close()
+    closed = _expect(med, FrameType.MCLOSE, 1)
+    assert closed.payload == b""
+    # a second connection gets a new id
+    client = _connect(port)
+    assert _expect(med, FrameType.MOPEN).stream == 2
+    client.close()
+    assert _expect(med, FrameType.MCLOSE, 2).payload == b""
+    # the main channel is unaffected
+    assert agent.run(["echo", "still"]).stdout == b"still\n"
+
+
+def test_mediation_host_close(mediated):
+    agent, port = mediated
+    med = agent.med
+    client = _connect(port)
+    sid = _expect(med, FrameType.MOPEN).stream
+    med.send(FrameType.MDATA, sid, b"last words")
+    med.send(FrameType.MCLOSE, sid, b"done")
+    assert _recv_all(client) == b"last words"
+    client.close()
+    # no MCLOSE comes back for a stream the host closed; frames for it are ignored
+    med.send(FrameType.MDATA, sid, b"late")
+    med.send(FrameType.MCLOSE, sid, b"")
+    _sync(med)
+
+
+def test_mediation_large_both_ways(mediated):
+    agent, port = mediated
+    med = agent.med
+    client = _connect(port)
+    sid = _expect(med, FrameType.MOPEN).stream
+    up = os.urandom(1 << 20)
+    down = os.urandom(3 << 20)
+
+    sender = threading.Thread(target=client.sendall, args=(up,))
+    sender.start()
+    assert _read_mdata(med, sid, len(up)) == up
+    sender.join(10)
+
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(_recv_all(client)))
+    reader.start()
+    med.send(FrameType.MDATA, sid, down[: 1 << 20])  # one frame of the maximum size, then smaller ones
+    for off in range(1 << 20, len(down), 100_000):
+        med.send(FrameType.MDATA, sid, down[off : off + 100_000])
+    med.send(FrameType.MCLOSE, sid, b"")  # the queue is written out before the socket is closed
+    reader.join(10)
+    assert not reader.is_alive()
+    assert received == [down]
+    client.close()
+
+
+def test_mediation_concurrent_connections(mediated):
+    agent, port = mediated
+    med = agent.med
+    a = _connect(port)
+    ida = _expect(med, FrameType.MOPEN).stream
+    b = _connect(port)
+    idb = _expect(med, FrameType.MOPEN).stream
+    assert ida != idb
+    a.sendall(b"from a")
+    assert _read_mdata(med, ida, 6) == b"from a"
+    b.sendall(b"from b")
+    assert _read_mdata(med, idb, 6) == b"from b"
+    med.send(FrameType.MDATA, idb, b"to b")
+    med.send(FrameType.MDATA, ida, b"to a")
+    assert _recv_exact(a, 4) == b"to a"
+    assert _recv_exact(b, 4) == b"to b"
+    # closing one leaves the other working
+    med.send(FrameType.MCLOSE, ida, b"")
+    assert _recv_all(a) == b""
+    b.sendall(b"b again")
+    assert _read_mdata(med, idb, 7) == b"b again"
+    med.send(FrameType.MDATA, idb, b"yes")
+    assert _recv_exact(b, 3) == b"yes"
+    b.close()
+    assert _expect(med, FrameType.MCLOSE, idb).payload == b""
+    a.close()
+
+
+def test_mediation_cut_and_resume(mediated):
+    agent, port = mediated
+    med = agent.med
+    a = _connect(port)
+    ida = _expect(med, FrameType.MOPEN).stream
+    b = _connect(port)
+    idb = _expect(med, FrameType.MOPEN).stream
+    med.send(FrameType.MCUT, 0)
+    closes = {med.recv(), med.recv()}
+    assert {(f.type, f.stream, f.payload) for f in closes} == {
+        (FrameType.MCLOSE, ida, b"cut"),
+        (FrameType.MCLOSE, idb, b"cut"),
+    }
+    assert _recv_all(a) == b"" and _recv_all(b) == b""
+    a.close()
+    b.close()
+    # while cut: connections are accepted and closed at once, no MOPEN
+    for _ in range(2):
+        c = _connect(port)
+        assert _recv_all(c) == b""
+        c.close()
+    med.send(FrameType.MDATA, ida, b"to a closed stream")  # ignored
+    _sync(med)
+    med.send(FrameType.MCUT, 0)  # cutting twice is harmless
+    med.send(FrameType.MRESUME, 0)
+    c = _connect(port)
+    idc = _expect(med, FrameType.MOPEN).stream
+    assert idc not in (ida, idb)
+    c.sendall(b"after resume")
+    assert _read_mdata(med, idc, 12) == b"after resume"
+    c.close()
+    assert _expect(med, FrameType.MCLOSE, idc).stream == idc
+
+
+def test_mediation_malformed_frames(mediated):
+    agent, port = mediated
+    med = agent.med
+    med.send(FrameType.MDATA, 0, b"x")
+    assert _expect(med, FrameType.ERROR, 0).payload
+    med.send(FrameType.MCUT, 5)
+    assert _expect(med, FrameType.ERROR, 5).payload
+    med.send(FrameType.EXEC, 1, encode_exec(["true"]))  # not on this channel
+    assert _expect(med, FrameType.ERROR, 1).payload
+    med.send(FrameType.MDATA, 99, b"unknown stream")
+    med.send(FrameType.MCLOSE, 99, b"")
+    _sync(med)
+    client = _connect(port)
+    assert _expect(med, FrameType.MOPEN).stream == 1
+    client.close()
+    assert _expect(med, FrameType.MCLOSE, 1)
+
+
+def test_mediation_channel_lost_keeps_main_channel(mediated):
+    agent, port = mediated
+    med = agent.med
+    client = _connect(port)
+    _expect(med, FrameType.MOPEN)
+    med.sock.close()
+    assert _recv_all(client) == b""  # the guest connection is closed
+    client.close()
+    later = _connect(port)  # accepted and closed: nobody to relay to
+    assert _recv_all(later) == b""
+    later.close()
+    assert agent.run(["echo", "main ok"]).stdout == b"main ok\n"
+    assert agent.proc.poll() is None
+
+
+def test_mediation_guest_not_reading(mediated):
+    """A program that stops reading stalls only the mediation channel, then is cut off with 'buffer overflow'."""
+    agent, port = mediated
+    med = agent.med
+    client = _connect(port)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sid = _expect(med, FrameType.MOPEN).stream
+    chunk = bytes(1 << 20)
+    errors: list[BaseException] = []
+
+    def flood():
+        # raw writes: med.recv() changes the socket's timeout, which sendall would obey
+        fd = med.sock.fileno()
+        try:
+            for _ in range(32):  # far more than the 4 MiB queue plus the socket buffers
+                view = memoryview(encode_frame(FrameType.MDATA, sid, chunk))
+                while view:
+                    select.select([], [fd], [], 60)
+                    try:
+                        view = view[os.write(fd, view) :]
+                    except BlockingIOError:
+                        pass
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    start = time.monotonic()
+    sender = threading.Thread(target=flood, daemon=True)
+    sender.start()
+    time.sleep(1)
+    assert sender.is_alive()  # the agent stopped reading the mediation channel
+    assert agent.run(["echo", "main ok"]).stdout == b"main ok\n"  # the main channel is unaffected
+    frame = med.recv(timeout=30)
+    assert (frame.type, frame.stream, frame.payload) == (FrameType.MCLOSE, sid, b"buffer overflow")
+    assert time.monotonic() - start >= 9
+    sender.join(20)
+    assert not sender.is_alive() and not errors  # the rest was read and dropped
+    _sync(med)
+    client.close()

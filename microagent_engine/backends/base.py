@@ -13,6 +13,7 @@ from ..hostinfo import AccelChoice
 class DiskSpec:
     path: Path
     read_only: bool = False
+    serial: str = ""  # the guest finds the disk by this (/sys/block/vdX/serial), not by probe order
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ class QemuBackend(Backend):
         for i, disk in enumerate(spec.disks):
             ro = ",read-only=on" if disk.read_only else ""
             cmd += ["-drive", f"id=disk{i},file={disk.path},format=raw,if=none,cache=writeback,discard=unmap{ro}",
-                    "-device", f"virtio-blk-device,drive=disk{i}"]
+                    "-device", f"virtio-blk-device,drive=disk{i}" + (f",serial={disk.serial}" if disk.serial else "")]
         cmd += [
             "-device", "virtio-serial-device,id=vser0",
             "-chardev", f"socket,id=agent,path={spec.agent_socket}",

@@ -6,6 +6,10 @@
  * "org.microagent.agent".  With "--connect PATH" it skips the boot steps and speaks the same protocol over
  * a unix stream socket (used by the host-side tests).
  *
+ * Mediation bridge: when CONFIG has a "p<port>" entry, the agent listens on TCP 127.0.0.1:<port> inside the
+ * guest and relays every accepted connection over a second channel (the virtio-serial port named
+ * "org.microagent.mediation", or "--mediation-connect PATH" in test mode) as MOPEN/MDATA/MCLOSE frames.
+ *
  * The wire protocol is described in docs/protocol.md; the host side lives in microagent_engine/protocol.py.
  *
  * Build: gcc -static -O2 -Wall -Wextra -o agent agent.c
@@ -20,6 +24,7 @@
 #include <net/if.h>
 #include <net/route.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -56,6 +61,7 @@
 #define MAX_PAYLOAD (1u << 20)
 #define OUT_CHUNK 65536
 #define PORT_NAME "org.microagent.agent"
+#define MED_PORT_NAME "org.microagent.mediation"
 #define PROTOCOL_VERSION 1
 
 enum {
@@ -73,12 +79,21 @@ enum {
     F_PING = 0x22,
     F_PONG = 0x23,
     F_ERROR = 0x2F,
+    /* mediation channel only */
+    F_MOPEN = 0x50,
+    F_MDATA = 0x51,
+    F_MCLOSE = 0x52,
+    F_MCUT = 0x53,
+    F_MRESUME = 0x54,
 };
 
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #define DRAIN_MS 200
 #define DEFAULT_GRACE_MS 2000
 #define STDIN_BACKPRESSURE (8u << 20) /* stop reading the channel while this much stdin is queued */
+#define MED_BUF_CAP (4u << 20)        /* stop reading the mediation channel while a connection queues this much */
+#define MED_STALL_MS 10000            /* ...and close that connection if its guest program reads nothing for this long */
+#define MED_ACCEPT_BATCH 64
 
 /* ---- state --------------------------------------------------------------------------------------- */
 
@@ -96,6 +111,18 @@ struct session {
     int64_t kill_at;  /* SIGKILL after the grace period */
     int64_t grace_ms;
     int64_t drain_until;
+};
+
+/* one guest program's TCP connection to 127.0.0.1:<mediation port> */
+struct mconn {
+    struct mconn *next;
+    uint32_t id;
+    int fd;
+    int closing; /* the host sent MCLOSE: flush what is queued, then close */
+    int dead;    /* closed; freed at the top of the main loop */
+    char *buf;   /* host -> guest bytes not yet written to the socket */
+    size_t off, len, cap;
+    int64_t over_since; /* when the queue reached MED_BUF_CAP (or last progress since), 0 = below it */
 };
 
 struct env {
@@ -132,6 +159,21 @@ static int64_t shell_last_spawn;
 static struct session *sessions;
 static size_t stdin_queued;
 static int halting;
+
+/* mediation */
+static const char *med_connect_path; /* test mode: --mediation-connect PATH */
+static int med_port;                 /* 0 = no mediation */
+static int med_listen_fd = -1;
+static int med_fd = -1; /* the mediation channel */
+static char med_port_path[PATH_MAX];
+static int64_t med_reconnect_at;
+static int med_reconnect_logged;
+static unsigned char *med_rbuf;
+static size_t med_rlen;
+static int med_cut;
+static uint32_t med_next_id = 1;
+static struct mconn *mconns;
+static char ready_mediation[512] = "none";
 
 /* ---- small helpers ------------------------------------------------------------------------------- */
 
@@ -281,6 +323,7 @@ static void env_free(struct env *e)
 /* ---- channel output -------------------------------------------------------------------------------- */
 
 static void channel_lost(const char *why);
+static void med_setup(const char *value);
 
 static int write_all(int fd, const void *buf, size_t len)
 {
@@ -308,10 +351,9 @@ static int write_all(int fd, const void *buf, size_t len)
     return 0;
 }
 
-static void send_frame(int type, uint32_t stream, const void *data, size_t len)
+/* blocking write of one frame to fd; -1 if the channel failed */
+static int write_frame(int fd, int type, uint32_t stream, const void *data, size_t len)
 {
-    if (chan_fd < 0)
-        return;
     unsigned char hdr[HDR_SIZE];
     hdr[0] = (unsigned char)type;
     hdr[1] = (unsigned char)(stream >> 24);
@@ -326,11 +368,18 @@ static void send_frame(int type, uint32_t stream, const void *data, size_t len)
         unsigned char small[HDR_SIZE + 4096];
         memcpy(small, hdr, HDR_SIZE);
         memcpy(small + HDR_SIZE, data, len);
-        if (write_all(chan_fd, small, HDR_SIZE + len) < 0)
-            channel_lost("write failed");
-        return;
+        return write_all(fd, small, HDR_SIZE + len);
     }
-    if (write_all(chan_fd, hdr, HDR_SIZE) < 0 || (len > 0 && write_all(chan_fd, data, len) < 0))
+    if (write_all(fd, hdr, HDR_SIZE) < 0 || (len > 0 && write_all(fd, data, len) < 0))
+        return -1;
+    return 0;
+}
+
+static void send_frame(int type, uint32_t stream, const void *data, size_t len)
+{
+    if (chan_fd < 0)
+        return;
+    if (write_frame(chan_fd, type, stream, data, len) < 0)
         channel_lost("write failed");
 }
 
@@ -907,6 +956,39 @@ static void append_err(char *out, size_t outlen, const char *fmt, ...)
     va_end(ap);
 }
 
+/* "/dev/vdX" of the virtio disk whose serial (set by the host per disk) is want, waiting up to 2 s for it */
+static int disk_by_serial(const char *want, char *out, size_t outlen)
+{
+    for (int tries = 0; tries < 200; tries++) {
+        DIR *d = opendir("/sys/block");
+        struct dirent *de;
+        while (d && (de = readdir(d))) {
+            if (de->d_name[0] == '.')
+                continue;
+            char path[512], buf[64];
+            snprintf(path, sizeof path, "/sys/block/%s/serial", de->d_name);
+            int fd = open(path, O_RDONLY | O_CLOEXEC);
+            if (fd < 0)
+                continue;
+            ssize_t n = read(fd, buf, sizeof buf - 1);
+            close(fd);
+            if (n <= 0)
+                continue;
+            buf[n] = '\0';
+            buf[strcspn(buf, "\r\n")] = '\0';
+            if (strcmp(buf, want) == 0) {
+                snprintf(out, outlen, "/dev/%s", de->d_name);
+                closedir(d);
+                return 0;
+            }
+        }
+        if (d)
+            closedir(d);
+        usleep(10000);
+    }
+    return -1;
+}
+
 static void do_mount_entry(const char *spec, char *errs, size_t errlen)
 {
     char buf[PATH_MAX * 2];
@@ -933,6 +1015,14 @@ static void do_mount_entry(const char *spec, char *errs, size_t errlen)
         append_err(errs, errlen, "%s: bad mode %s", f[1], f[3]);
         return;
     }
+    char dev[PATH_MAX];
+    if (strncmp(f[0], "serial:", 7) == 0) {
+        if (disk_by_serial(f[0] + 7, dev, sizeof dev) < 0) {
+            append_err(errs, errlen, "%s: no disk with serial %s", f[1], f[0] + 7);
+            return;
+        }
+        f[0] = dev;
+    }
     if (mkdir_p(f[1], 0755) < 0) {
         append_err(errs, errlen, "mkdir %s: %s", f[1], strerror(errno));
         return;
@@ -950,7 +1040,8 @@ static void do_mount_entry(const char *spec, char *errs, size_t errlen)
 static void send_ready(void)
 {
     char buf[4096];
-    snprintf(buf, sizeof buf, "shell=%s\nnet=%s\nmounts=%s\n", ready_shell, ready_net, ready_mounts);
+    snprintf(buf, sizeof buf, "shell=%s\nnet=%s\nmounts=%s\nmediation=%s\n", ready_shell, ready_net, ready_mounts,
+             ready_mediation);
     send_str(F_READY, 0, buf);
 }
 
@@ -964,7 +1055,7 @@ static void handle_config(uint32_t stream, const unsigned char *payload, size_t 
         send_error(0, "malformed CONFIG: entries are not NUL-terminated");
         return;
     }
-    const char *hostname = NULL, *net = NULL, *shell = NULL;
+    const char *hostname = NULL, *net = NULL, *shell = NULL, *med = NULL;
     size_t nmounts = 0;
     env_clear(&cfg_env);
     for (size_t off = 0; off < len;) {
@@ -989,6 +1080,9 @@ static void handle_config(uint32_t stream, const unsigned char *payload, size_t 
             break;
         case 'm':
             nmounts++;
+            break;
+        case 'p':
+            med = val;
             break;
         default:
             break;
@@ -1040,6 +1134,9 @@ static void handle_config(uint32_t stream, const unsigned char *payload, size_t 
         } else
             snprintf(ready_mounts, sizeof ready_mounts, "ok");
     }
+
+    /* mediation listener and channel (after the network: lo is up) */
+    med_setup(med);
 
     /* console shell */
     snprintf(ready_shell, sizeof ready_shell, "missing");
@@ -1299,7 +1396,8 @@ static void read_channel(void)
 
 /* ---- virtio port ------------------------------------------------------------------------------------------ */
 
-static int find_port(void)
+/* /dev path of the virtio-serial port called name, into out; -1 if there is none */
+static int find_named_port(const char *name_wanted, char *out, size_t outlen)
 {
     DIR *d = opendir("/sys/class/virtio-ports");
     if (!d)
@@ -1321,14 +1419,19 @@ static int find_port(void)
         name[n] = '\0';
         while (n > 0 && (name[n - 1] == '\n' || name[n - 1] == ' '))
             name[--n] = '\0';
-        if (strcmp(name, PORT_NAME) == 0) {
-            snprintf(port_path, sizeof port_path, "/dev/%s", de->d_name);
+        if (strcmp(name, name_wanted) == 0) {
+            snprintf(out, outlen, "/dev/%s", de->d_name);
             found = 0;
             break;
         }
     }
     closedir(d);
     return found;
+}
+
+static int find_port(void)
+{
+    return find_named_port(PORT_NAME, port_path, sizeof port_path);
 }
 
 static void try_open_port(void)
@@ -1380,6 +1483,449 @@ static void connect_socket(const char *path)
     set_nonblock(fd);
     chan_fd = fd;
     send_hello();
+}
+
+/* ---- mediation bridge ---------------------------------------------------------------------------------------- */
+
+static void med_channel_lost(const char *why);
+
+static void med_send(int type, uint32_t stream, const void *data, size_t len)
+{
+    if (med_fd < 0)
+        return;
+    if (write_frame(med_fd, type, stream, data, len) < 0)
+        med_channel_lost("write failed");
+}
+
+static void med_send_error(uint32_t stream, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void med_send_error(uint32_t stream, const char *fmt, ...)
+{
+    char buf[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    med_send(F_ERROR, stream, buf, strlen(buf));
+}
+
+static size_t mconn_pending(const struct mconn *c)
+{
+    return c->len - c->off;
+}
+
+/* close the guest socket (reading away what the program sent, so the close is a FIN, not a RST that could
+ * destroy the bytes it has not read yet); with notify, tell the host with MCLOSE <reason> */
+static void mconn_close(struct mconn *c, int notify, const char *reason)
+{
+    if (c->dead)
+        return;
+    c->dead = 1;
+    if (c->fd >= 0) {
+        char tmp[4096];
+        for (int i = 0; i < 64 && read(c->fd, tmp, sizeof tmp) > 0; i++) {
+        }
+        xclose(&c->fd);
+    }
+    free(c->buf);
+    c->buf = NULL;
+    c->off = c->len = c->cap = 0;
+    if (notify)
+        med_send(F_MCLOSE, c->id, reason ? reason : "", reason ? strlen(reason) : 0);
+}
+
+static void med_close_all(int notify, const char *reason)
+{
+    for (struct mconn *c = mconns; c; c = c->next)
+        if (!c->dead)
+            mconn_close(c, notify && !c->closing, reason);
+}
+
+static void med_sweep(void)
+{
+    for (struct mconn **pp = &mconns; *pp;) {
+        struct mconn *c = *pp;
+        if (c->dead) {
+            *pp = c->next;
+            free(c);
+        } else
+            pp = &c->next;
+    }
+}
+
+static struct mconn *med_find(uint32_t id)
+{
+    for (struct mconn *c = mconns; c; c = c->next)
+        if (!c->dead && c->id == id)
+            return c;
+    return NULL;
+}
+
+static uint32_t med_alloc_id(void)
+{
+    for (;;) {
+        uint32_t id = med_next_id++;
+        if (med_next_id == 0)
+            med_next_id = 1;
+        if (id != 0 && !med_find(id))
+            return id;
+    }
+}
+
+static void med_channel_lost(const char *why)
+{
+    if (med_fd < 0)
+        return;
+    xclose(&med_fd);
+    med_rlen = 0;
+    med_close_all(0, NULL);
+    if (test_mode) {
+        logmsg("mediation channel closed (%s); guest connections are refused from now on", why);
+        return;
+    }
+    logmsg("mediation channel closed (%s), reopening %s", why, med_port_path);
+    med_reconnect_logged = 0;
+    med_reconnect_at = mono_ms() + 100;
+}
+
+static void med_try_open_port(void)
+{
+    med_reconnect_at = 0;
+    int fd = open(med_port_path, O_RDWR | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+    if (fd < 0) {
+        if (!med_reconnect_logged)
+            logmsg("cannot open %s: %s (retrying)", med_port_path, strerror(errno));
+        med_reconnect_logged = 1;
+        med_reconnect_at = mono_ms() + 100;
+        return;
+    }
+    struct pollfd pf = {.fd = fd, .events = POLLIN | POLLOUT};
+    if (poll(&pf, 1, 0) >= 0 && (pf.revents & POLLHUP)) {
+        /* the host side is not connected yet */
+        close(fd);
+        med_reconnect_logged = 1;
+        med_reconnect_at = mono_ms() + 100;
+        return;
+    }
+    med_fd = fd;
+    med_rlen = 0;
+    med_reconnect_logged = 0;
+}
+
+/* a guest program wrote something (or closed its end) */
+static void mconn_read(struct mconn *c)
+{
+    static char buf[OUT_CHUNK];
+    ssize_t n = read(c->fd, buf, sizeof buf);
+    if (n > 0) {
+        med_send(F_MDATA, c->id, buf, (size_t)n);
+        return;
+    }
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+        return;
+    if (n == 0) {
+        mconn_close(c, 1, NULL);
+        return;
+    }
+    char why[128];
+    snprintf(why, sizeof why, "read: %s", strerror(errno));
+    mconn_close(c, 1, why);
+}
+
+/* write what the host sent to the guest program, as far as the socket takes it */
+static void mconn_flush(struct mconn *c)
+{
+    while (!c->dead && c->off < c->len) {
+        ssize_t n = send(c->fd, c->buf + c->off, c->len - c->off, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n > 0) {
+            c->off += (size_t)n;
+            if (c->over_since)
+                c->over_since = mono_ms(); /* progress: restart the stall clock */
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            break;
+        char why[128];
+        snprintf(why, sizeof why, "write: %s", n < 0 ? strerror(errno) : "no progress");
+        mconn_close(c, !c->closing, why);
+        return;
+    }
+    if (c->dead)
+        return;
+    if (c->off == c->len) {
+        c->off = c->len = 0;
+        if (c->closing) {
+            mconn_close(c, 0, NULL);
+            return;
+        }
+    }
+    if (mconn_pending(c) < MED_BUF_CAP)
+        c->over_since = 0;
+}
+
+static void med_accept(void)
+{
+    for (int i = 0; i < MED_ACCEPT_BATCH && med_listen_fd >= 0; i++) {
+        int fd = accept4(med_listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED)
+                continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                logmsg("mediation accept: %s", strerror(errno));
+            return;
+        }
+        if (med_fd < 0 || med_cut) {
+            close(fd); /* cut, or no host to talk to: the program sees its connection closed at once */
+            continue;
+        }
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        struct mconn *c = xrealloc(NULL, sizeof *c);
+        memset(c, 0, sizeof *c);
+        c->fd = fd;
+        c->id = med_alloc_id();
+        c->next = mconns;
+        mconns = c;
+        med_send(F_MOPEN, c->id, NULL, 0);
+    }
+}
+
+static void med_data(uint32_t stream, const unsigned char *p, size_t len)
+{
+    struct mconn *c = med_find(stream);
+    if (!c || c->closing || len == 0)
+        return; /* already closed (frames crossing), or nothing to do */
+    if (c->off > 0) {
+        memmove(c->buf, c->buf + c->off, c->len - c->off);
+        c->len -= c->off;
+        c->off = 0;
+    }
+    if (c->len + len > c->cap) {
+        size_t cap = c->cap ? c->cap : 65536;
+        while (cap < c->len + len)
+            cap *= 2;
+        c->buf = xrealloc(c->buf, cap);
+        c->cap = cap;
+    }
+    memcpy(c->buf + c->len, p, len);
+    c->len += len;
+    if (!c->over_since && mconn_pending(c) >= MED_BUF_CAP)
+        c->over_since = mono_ms();
+    mconn_flush(c);
+}
+
+static void med_dispatch(int type, uint32_t stream, const unsigned char *p, size_t len)
+{
+    switch (type) {
+    case F_MDATA:
+    case F_MCLOSE:
+        if (stream == 0) {
+            med_send_error(0, "%s on stream 0", type == F_MDATA ? "MDATA" : "MCLOSE");
+            break;
+        }
+        if (type == F_MDATA) {
+            med_data(stream, p, len);
+        } else {
+            struct mconn *c = med_find(stream);
+            if (c && !c->closing) {
+                c->closing = 1;
+                mconn_flush(c); /* closes it once everything queued is written */
+            }
+        }
+        break;
+    case F_MCUT:
+    case F_MRESUME:
+        if (stream != 0) {
+            med_send_error(stream, "%s must use stream 0", type == F_MCUT ? "MCUT" : "MRESUME");
+            break;
+        }
+        if (type == F_MCUT) {
+            if (!med_cut)
+                logmsg("mediation cut");
+            med_cut = 1;
+            med_close_all(1, "cut");
+        } else {
+            if (med_cut)
+                logmsg("mediation resumed");
+            med_cut = 0;
+        }
+        break;
+    case F_PING:
+        med_send(F_PONG, stream, p, len);
+        break;
+    case F_ERROR:
+        logmsg("host reported a mediation error on stream %u: %.*s", stream, (int)(len > 500 ? 500 : len),
+               (const char *)p);
+        break;
+    default:
+        med_send_error(stream, "unexpected frame type 0x%02x on the mediation channel", type);
+        break;
+    }
+}
+
+static void read_med_channel(void)
+{
+    ssize_t n;
+    do {
+        n = read(med_fd, med_rbuf + med_rlen, HDR_SIZE + MAX_PAYLOAD - med_rlen);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+        return;
+    if (n <= 0) {
+        med_channel_lost(n == 0 ? "EOF" : strerror(errno));
+        return;
+    }
+    med_rlen += (size_t)n;
+    size_t off = 0;
+    while (med_fd >= 0 && med_rlen - off >= HDR_SIZE) {
+        const unsigned char *h = med_rbuf + off;
+        uint32_t stream = ((uint32_t)h[1] << 24) | ((uint32_t)h[2] << 16) | ((uint32_t)h[3] << 8) | h[4];
+        uint32_t len = ((uint32_t)h[5] << 24) | ((uint32_t)h[6] << 16) | ((uint32_t)h[7] << 8) | h[8];
+        if (len > MAX_PAYLOAD) {
+            med_send_error(stream, "frame length %u exceeds %u", len, MAX_PAYLOAD);
+            med_channel_lost("oversized frame");
+            return;
+        }
+        if (med_rlen - off < HDR_SIZE + (size_t)len)
+            break;
+        med_dispatch(h[0], stream, h + HDR_SIZE, len);
+        off += HDR_SIZE + (size_t)len;
+    }
+    if (med_fd < 0) {
+        med_rlen = 0;
+        return;
+    }
+    if (off > 0) {
+        memmove(med_rbuf, med_rbuf + off, med_rlen - off);
+        med_rlen -= off;
+    }
+}
+
+/* test mode: connect to --mediation-connect PATH; "" on success, else why not, into err */
+static int med_connect_unix(const char *path, char *err, size_t errlen)
+{
+    struct sockaddr_un sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sun_family = AF_UNIX;
+    if (strlen(path) >= sizeof sa.sun_path) {
+        snprintf(err, errlen, "mediation socket path too long");
+        return -1;
+    }
+    strcpy(sa.sun_path, path);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+        snprintf(err, errlen, "connect %.200s: %s", path, strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        return -1;
+    }
+    set_nonblock(fd);
+    med_fd = fd;
+    med_rlen = 0;
+    return 0;
+}
+
+static int med_listen(int port, char *err, size_t errlen)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        snprintf(err, errlen, "socket: %s", strerror(errno));
+        return -1;
+    }
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in sin;
+    memset(&sin, 0, sizeof sin);
+    sin.sin_family = AF_INET;
+    sin.sin_port = htons((uint16_t)port);
+    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (bind(fd, (struct sockaddr *)&sin, sizeof sin) < 0 || listen(fd, 128) < 0) {
+        snprintf(err, errlen, "listen 127.0.0.1:%d: %s", port, strerror(errno));
+        close(fd);
+        return -1;
+    }
+    med_listen_fd = fd;
+    return 0;
+}
+
+/* CONFIG's p<port> entry (NULL: none), applied once, at the first CONFIG; sets ready_mediation */
+static void med_setup(const char *value)
+{
+    if (!value) {
+        snprintf(ready_mediation, sizeof ready_mediation, "none");
+        return;
+    }
+    char *end;
+    errno = 0;
+    long port = strtol(value, &end, 10);
+    if (errno || end == value || *end || port < 1 || port > 65535 || !isdigit((unsigned char)value[0])) {
+        snprintf(ready_mediation, sizeof ready_mediation, "error: bad port %.100s", value);
+        logmsg("mediation: %s", ready_mediation);
+        return;
+    }
+    char err[400];
+    if (test_mode) {
+        if (!med_connect_path) {
+            snprintf(ready_mediation, sizeof ready_mediation, "error: no mediation port (no --mediation-connect)");
+            return;
+        }
+        if (med_connect_unix(med_connect_path, err, sizeof err) < 0) {
+            snprintf(ready_mediation, sizeof ready_mediation, "error: %s", err);
+            logmsg("mediation: %s", ready_mediation);
+            return;
+        }
+    } else {
+        /* the ports of one virtio-serial device appear together, but give a late one a moment */
+        int64_t until = mono_ms() + 1000;
+        while (find_named_port(MED_PORT_NAME, med_port_path, sizeof med_port_path) < 0) {
+            if (mono_ms() >= until) {
+                snprintf(ready_mediation, sizeof ready_mediation, "error: no mediation port");
+                logmsg("mediation: virtio-serial port %s not found", MED_PORT_NAME);
+                return;
+            }
+            sleep_ms(20);
+        }
+    }
+    if (!med_rbuf)
+        med_rbuf = xrealloc(NULL, HDR_SIZE + MAX_PAYLOAD);
+    if (med_listen((int)port, err, sizeof err) < 0) {
+        snprintf(ready_mediation, sizeof ready_mediation, "error: %s", err);
+        logmsg("mediation: %s", ready_mediation);
+        xclose(&med_fd);
+        return;
+    }
+    med_port = (int)port;
+    if (!test_mode)
+        med_try_open_port(); /* if the host is not connected yet, retried every 100 ms */
+    snprintf(ready_mediation, sizeof ready_mediation, "ok");
+    logmsg("mediation: listening on 127.0.0.1:%d", med_port);
+}
+
+/* timers: reopening the port, closing connections whose program stopped reading */
+static void med_timers(int64_t now)
+{
+    if (!test_mode && med_port && med_fd < 0 && med_reconnect_at && now >= med_reconnect_at)
+        med_try_open_port();
+    for (struct mconn *c = mconns; c; c = c->next) {
+        if (!c->dead && c->over_since && now - c->over_since >= MED_STALL_MS)
+            mconn_close(c, !c->closing, "buffer overflow");
+    }
+}
+
+static int64_t med_next_deadline(void)
+{
+    int64_t next = -1;
+    if (!test_mode && med_port && med_fd < 0 && med_reconnect_at)
+        next = med_reconnect_at;
+    for (struct mconn *c = mconns; c; c = c->next) {
+        if (!c->dead && c->over_since) {
+            int64_t t = c->over_since + MED_STALL_MS;
+            if (next < 0 || t < next)
+                next = t;
+        }
+    }
+    return next;
 }
 
 /* ---- boot (PID 1) ---------------------------------------------------------------------------------------- */
@@ -1585,7 +2131,7 @@ static void boot(void)
 
 /* ---- main loop ------------------------------------------------------------------------------------------- */
 
-enum { K_CHAN, K_SIG, K_OUT, K_ERR, K_IN };
+enum { K_CHAN, K_SIG, K_OUT, K_ERR, K_IN, K_MCHAN, K_MLISTEN, K_MCONN };
 
 static void handle_timers(void)
 {
@@ -1610,6 +2156,7 @@ static void handle_timers(void)
         spawn_shell();
     if (!test_mode && chan_fd < 0 && reconnect_at && now >= reconnect_at)
         try_open_port();
+    med_timers(now);
 }
 
 static int next_timeout(void)
@@ -1636,6 +2183,9 @@ static int next_timeout(void)
         CONSIDER(shell_respawn_at);
     if (!test_mode && chan_fd < 0 && reconnect_at)
         CONSIDER(reconnect_at);
+    int64_t med_next = med_next_deadline();
+    if (med_next >= 0)
+        CONSIDER(med_next);
 #undef CONSIDER
     if (next < 0)
         return -1;
@@ -1648,16 +2198,23 @@ static void main_loop(void)
 {
     struct pollfd *pfds = NULL;
     int *kinds = NULL;
-    struct session **owners = NULL;
+    void **owners = NULL;
     size_t cap = 0;
 
     for (;;) {
         handle_timers();
+        med_sweep();
 
-        size_t nsess = 0;
+        size_t nsess = 0, nmconn = 0;
+        int med_paused = 0;
         for (struct session *s = sessions; s; s = s->next)
             nsess++;
-        size_t need = 2 + nsess * 3;
+        for (struct mconn *c = mconns; c; c = c->next) {
+            nmconn++;
+            if (mconn_pending(c) >= MED_BUF_CAP)
+                med_paused = 1;
+        }
+        size_t need = 4 + nsess * 3 + nmconn;
         if (need > cap) {
             cap = need * 2;
             pfds = xrealloc(pfds, cap * sizeof *pfds);
@@ -1685,6 +2242,15 @@ static void main_loop(void)
             if (s->in_fd >= 0 && s->inoff < s->inlen)
                 ADD(s->in_fd, POLLOUT, K_IN, s);
         }
+        if (med_fd >= 0 && !med_paused)
+            ADD(med_fd, POLLIN, K_MCHAN, NULL);
+        if (med_listen_fd >= 0)
+            ADD(med_listen_fd, POLLIN, K_MLISTEN, NULL);
+        for (struct mconn *c = mconns; c; c = c->next) {
+            short ev = (short)((c->closing ? 0 : POLLIN) | (mconn_pending(c) ? POLLOUT : 0));
+            if (ev)
+                ADD(c->fd, ev, K_MCONN, c);
+        }
 #undef ADD
 
         int r = poll(pfds, n, next_timeout());
@@ -1699,17 +2265,39 @@ static void main_loop(void)
             continue;
 
         /* command pipes first, then children, then the channel (which may add or change sessions) */
-        int chan_ready = 0, sig_ready = 0;
+        int chan_ready = 0, sig_ready = 0, mchan_ready = 0, mlisten_ready = 0;
         for (size_t i = 0; i < n; i++) {
             if (!pfds[i].revents)
                 continue;
             struct session *s = owners[i];
+            struct mconn *c = owners[i];
             switch (kinds[i]) {
             case K_CHAN:
                 chan_ready = 1;
                 break;
             case K_SIG:
                 sig_ready = 1;
+                break;
+            case K_MCHAN:
+                mchan_ready = 1;
+                break;
+            case K_MLISTEN:
+                mlisten_ready = 1;
+                break;
+            case K_MCONN:
+                /* dead connections stay allocated until the next med_sweep */
+                if (!c->dead && c->fd == pfds[i].fd) {
+                    short re = pfds[i].revents;
+                    /* read first: what the program sent is forwarded even if writing to it fails next */
+                    if (!c->closing && (re & (POLLIN | POLLHUP | POLLERR)))
+                        mconn_read(c);
+                    if (c->dead)
+                        break;
+                    if (re & POLLOUT)
+                        mconn_flush(c);
+                    else if (c->closing && (re & (POLLHUP | POLLERR | POLLNVAL)))
+                        mconn_close(c, 0, NULL);
+                }
                 break;
             case K_OUT:
                 if (s->out_fd == pfds[i].fd)
@@ -1733,6 +2321,11 @@ static void main_loop(void)
             drain_sigfd();
             reap_children();
         }
+        /* the mediation channel before the listener: a MCUT/MRESUME sent before a program connected counts */
+        if (mchan_ready && med_fd >= 0)
+            read_med_channel();
+        if (mlisten_ready)
+            med_accept();
         if (chan_ready && chan_fd >= 0)
             read_channel();
     }
@@ -1745,11 +2338,16 @@ int main(int argc, char **argv)
             connect_path = argv[++i];
         else if (strncmp(argv[i], "--connect=", 10) == 0)
             connect_path = argv[i] + 10;
+        else if (strcmp(argv[i], "--mediation-connect") == 0 && i + 1 < argc)
+            med_connect_path = argv[++i];
+        else if (strncmp(argv[i], "--mediation-connect=", 20) == 0)
+            med_connect_path = argv[i] + 20;
     }
     is_pid1 = getpid() == 1;
     test_mode = connect_path != NULL;
     if (!is_pid1 && !test_mode) {
-        fprintf(stderr, "usage: %s --connect SOCKET  (or run as PID 1 in the VM)\n", argv[0]);
+        fprintf(stderr, "usage: %s --connect SOCKET [--mediation-connect SOCKET]  (or run as PID 1 in the VM)\n",
+                argv[0]);
         return 2;
     }
 

@@ -144,10 +144,10 @@ def _mkdirs(image: Path, guest_dir: str) -> None:
                                   f"choose another destination path")
 
 
-def copy_in(image: Path, host_src: Path, guest_dst: str) -> None:
+def copy_in(image: Path, host_src: Path, guest_dst: str, mode: int | None = None) -> None:
     """Copy the regular host file ``host_src`` to ``guest_dst`` in ``image`` (parents created, overwrite ok).
 
-    The guest file gets the host file's mode and owner root. A full disk raises InvalidState and leaves
+    The guest file gets ``mode`` (default: the host file's mode) and owner root. A full disk raises InvalidState and leaves
     no partial file behind.
     """
     guest = normalize_guest_path(guest_dst)
@@ -166,6 +166,10 @@ def copy_in(image: Path, host_src: Path, guest_dst: str) -> None:
                                   f"(package a directory as a tar and attach it with --bundle)")
         with image_lock(image):
             _copy_in_locked(image, fd, st, guest)
+            if mode is not None:
+                _, err = _debugfs(image, f"sif {_q(guest)} mode 0{stat.S_IFREG | mode:o}", write=True)
+                if err:
+                    raise HostError(f"could not set the mode of {guest} in {image}: {' '.join(err)}")
     finally:
         os.close(fd)
 
