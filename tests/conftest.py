@@ -75,9 +75,9 @@ def cli(state_dir: Path):
     """Run the real ``microagent`` CLI as a subprocess against the test state dir."""
 
     def run(*args: str, input: bytes | None = None, env: dict[str, str] | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        full_env = {**os.environ, "MICROAGENT_STATE_DIR": str(state_dir), **(env or {})}
+            timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+        full_env = {**os.environ, "MICROAGENT_STATE_DIR": str(state_dir), "PYTHONPATH": str(REPO), **(env or {})}
         return subprocess.run([sys.executable, "-m", "microagent_engine", *args], input=input,
-                              capture_output=True, env=full_env, timeout=timeout, cwd=REPO)
+                              capture_output=True, env=full_env, timeout=timeout, cwd=cwd or REPO)
 
     return run

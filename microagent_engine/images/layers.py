@@ -108,6 +108,7 @@ class LayerApplier:
         self._uid, self._gid = os.geteuid(), os.getegid()
         self._created: set[str] = set()
         self._created_parents: set[str] = set()
+        self._parents: dict[str, list[str]] = {}  # cache of resolved parent directories
 
     # paths
     def _scoped(self, parts: list[str], what: str) -> list[str]:
@@ -138,6 +139,9 @@ class LayerApplier:
 
     def _parent(self, parts: list[str], what: str) -> list[str]:
         """Resolved parent components, creating missing directories (and replacing non-directories)."""
+        key = "/".join(parts)
+        if key in self._parents:
+            return self._parents[key]
         resolved = self._scoped(parts, what)
         for i in range(len(resolved)):
             p = self.root.joinpath(*resolved[: i + 1])
@@ -149,7 +153,10 @@ class LayerApplier:
                 continue
             if st is not None:
                 self._remove("/".join(resolved[: i + 1]))
-            os.mkdir(p, 0o755)
+            os.mkdir(p, 0o755)  # implicit parent: root-owned like in other runtimes
+            if not self.privileged and (self._uid, self._gid) != (0, 0):
+                self.replay.owners["/".join(resolved[: i + 1])] = (0, 0)
+        self._parents[key] = resolved
         return resolved
 
     @staticmethod
@@ -160,6 +167,7 @@ class LayerApplier:
         return parts
 
     def _remove(self, rel: str) -> None:
+        self._parents.clear()
         p = self.root / rel
         try:
             st = os.lstat(p)
@@ -251,14 +259,16 @@ class LayerApplier:
                 self._meta("", self.root, m, stat.S_IFDIR)
             return
         base = parts[-1]
-        parent = self._parent(parts[:-1], what)
-        prel = "/".join(parent)
-        if base == ".wh..wh..opq":
-            self._opaque(prel)
-            return
         if base.startswith(".wh."):
-            self._remove("/".join(parent + [base[4:]]))
+            parent = self._scoped(parts[:-1], what)
+            if not (self.root.joinpath(*parent)).is_dir():
+                return  # nothing below to hide
+            if base == ".wh..wh..opq":
+                self._opaque("/".join(parent))
+            else:
+                self._remove("/".join(parent + [base[4:]]))
             return
+        parent = self._parent(parts[:-1], what)
         rel = "/".join(parent + [base])
         path = self.root / rel
         try:
@@ -276,12 +286,14 @@ class LayerApplier:
             self._meta(rel, path, m, stat.S_IFDIR)
         elif m.isreg():
             src = tf.extractfile(m)
+            assert src is not None
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "wb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)  # type: ignore[misc]
+                shutil.copyfileobj(src, out, 1 << 20)
             self._meta(rel, path, m, stat.S_IFREG)
         elif m.issym():
             os.symlink(m.linkname, path)
+            self._parents.clear()
             self._meta(rel, path, m, stat.S_IFLNK)
         elif m.islnk():
             tparts = self._split(m.linkname, what)

@@ -87,12 +87,14 @@ def parse(ref: str) -> ImageRef:
     if not text:
         raise InvalidArgument("image reference is empty; give one like docker.io/library/alpine:3.20")
     if "://" in text:
-        raise InvalidArgument(f"image reference {ref!r} must not contain a scheme; drop the '{text.split('://')[0]}://'")
+        scheme = text.split("://")[0]
+        raise InvalidArgument(f"image reference {ref!r} must not contain a scheme; drop the '{scheme}://'")
     digest = None
     if "@" in text:
         text, digest = text.split("@", 1)
         if not _DIGEST_RE.match(digest):
-            raise InvalidArgument(f"image reference {ref!r}: digest must be sha256: followed by 64 lowercase hex digits")
+            raise InvalidArgument(
+                f"image reference {ref!r}: digest must be sha256: followed by 64 lowercase hex digits")
     tag = None
     slash = text.rfind("/")
     colon = text.rfind(":")

@@ -168,7 +168,7 @@ class ProgressBar:
 
     def __init__(self, label: str, total: int, start: int = 0) -> None:
         self.label, self.total, self.done = label, total, start
-        self.enabled = sys.stderr.isatty()
+        self.enabled = total >= 1 << 20 and sys.stderr.isatty()
         self._last = 0.0
 
     def update(self, n: int) -> None:

@@ -23,8 +23,19 @@ from typing import Any, BinaryIO, Iterator
 from ..errors import InvalidArgument, NotFound
 from .layers import decompressed
 from .reference import ImageError
-from .registry import (INDEX_TYPES, MANIFEST_TYPES, Descriptor, HashingReader, ResolvedImage, image_platform,
-                       layers_of, load_json, media_type, select_platform, sha256_digest)
+from .registry import (
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    Descriptor,
+    HashingReader,
+    ResolvedImage,
+    image_platform,
+    layers_of,
+    load_json,
+    media_type,
+    select_platform,
+    sha256_digest,
+)
 
 PREFIXES = ("oci:", "oci-archive:", "docker-archive:")
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -176,7 +187,7 @@ class LocalSource:
         if len(diff_ids) != len(files):
             raise ImageError(f"{self}: {len(files)} layers but {len(diff_ids)} diff_ids in the config; corrupt")
         layers = []
-        for diff_id, name in zip(diff_ids, files):
+        for diff_id, name in zip(diff_ids, files, strict=True):
             m = self._members.get(os.path.normpath(name))
             if m is None:
                 raise ImageError(f"{self}: layer {name} is missing from the archive")

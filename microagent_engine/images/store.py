@@ -11,6 +11,7 @@ Layout under the state dir::
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import fcntl
 import math
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, ContextManager, Iterator
 
-from ..errors import NotFound
+from ..errors import MicroagentError, NotFound
 from ..fsutil import file_lock, read_json, write_json_atomic
 from ..storage.ext4 import make_ext4
 from . import reference
@@ -153,7 +154,11 @@ class ImageStore:
             for info in self.list():
                 if info.id.startswith(ref):
                     return info
-        image_id = self._refs().get(self.key(ref))
+        refs = self._refs()
+        try:
+            image_id = refs.get(self.key(ref))
+        except MicroagentError:  # e.g. a local archive that is gone: match the text as stored
+            image_id = next((v for k, v in refs.items() if k in (ref, f"oci:{ref}")), None)
         return self._load(image_id) if image_id else None
 
     def ensure_rootfs(self, ref: str, *, refresh: bool = False) -> Path:
@@ -194,7 +199,8 @@ class ImageStore:
             return self._ensure_built(key, resolved, open_blob, blob_cache=True)
 
     def _ensure_built(self, key: str, resolved: ResolvedImage,
-                      open_blob: Callable[[Descriptor], ContextManager[BinaryIO]], blob_cache: bool = False) -> ImageInfo:
+                      open_blob: Callable[[Descriptor], ContextManager[BinaryIO]],
+                      blob_cache: bool = False) -> ImageInfo:
         ext4, meta = self._paths(resolved.id)
         with file_lock(self.dir / "locks" / f"{resolved.id[7:]}.lock", what=f"image {resolved.id}"):
             info = self._load(resolved.id)
@@ -256,7 +262,7 @@ class ImageStore:
             self._gc_blobs()
         return info
 
-    def prune(self, in_use: set[str]) -> list[ImageInfo]:
+    def prune(self, in_use: set[str]) -> builtins.list[ImageInfo]:
         """Delete cached images not named in ``in_use`` (references or ids), then unused blobs."""
         keep: set[str] = set()
         for ref in in_use:
