@@ -300,6 +300,29 @@ def cmd_volume(engine: Engine, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_images(engine: Engine, args: argparse.Namespace) -> int:
+    sub = args.images_cmd or "list"
+    if sub == "list":
+        imgs = engine.images.list()
+        rows = [[", ".join(i.refs) or "-", i.id[:19], str(i.size_mib), i.platform] for i in imgs]
+        _emit(args, [i.to_json() for i in imgs], _table(rows, ["REFERENCE", "ID", "SIZE-MIB", "PLATFORM"]))
+    elif sub in ("rm", "remove"):
+        if not args.ref:
+            raise InvalidArgument("images rm needs a reference or an id")
+        img = engine.images.remove(args.ref)
+        _emit(args, img.to_json(), f"Removed image {img.id}")
+    elif sub == "prune":
+        gone = engine.prune_images()
+        _emit(args, [i.to_json() for i in gone], f"Removed {len(gone)} unused image(s)")
+    return 0
+
+
+def cmd_pull(engine: Engine, args: argparse.Namespace) -> int:
+    img = engine.pull(args.ref)
+    _emit(args, img.to_json(), f"Pulled {args.ref} ({img.id}, rootfs {img.size_mib} MiB)")
+    return 0
+
+
 def cmd_profiles(engine: Engine, args: argparse.Namespace) -> int:
     rows = [[p.name, str(p.memory_mib), str(p.cpus), str(p.disk_mib)] for p in PROFILES.values()]
     data = [{"name": p.name, "memoryMiB": p.memory_mib, "cpuCount": p.cpus, "sizeMiB": p.disk_mib}
@@ -429,6 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
     vp = vsub.add_parser("delete", parents=[common], aliases=["rm"], help="delete a volume and its data")
     vp.add_argument("name")
     vp.add_argument("--force", action="store_true", help="delete even while attached to a running workspace")
+    p = add("pull", cmd_pull, "fetch an OCI image and build its rootfs (registry, oci:, oci-archive:, "
+            "docker-archive:)")
+    p.add_argument("ref")
+    p = add("images", cmd_images, "cached images: images [list] | images rm REF | images prune")
+    p.add_argument("images_cmd", nargs="?", choices=["list", "rm", "remove", "prune"])
+    p.add_argument("ref", nargs="?")
     add("profiles", cmd_profiles, "resource profiles")
     add("doctor", cmd_doctor, "what this host can do (KVM or TCG, qemu, kernel, e2fsprogs)")
     return parser

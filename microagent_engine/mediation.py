@@ -151,6 +151,8 @@ class MediationBridge:
             self.conns[stream].put_nowait(payload)
         elif ftype == FrameType.MCLOSE and stream in self.conns:
             self.conns.pop(stream).put_nowait(None)
+        elif ftype == FrameType.MEOF and stream in self.conns:
+            self.conns[stream].put_nowait(b"")  # half-close towards the target; its answer still flows back
 
     async def _bridge(self, stream: int, queue: "asyncio.Queue[bytes | None]") -> None:
         try:
@@ -163,10 +165,13 @@ class MediationBridge:
             self._target_failed(error)
             return
         pump = asyncio.ensure_future(self._pump(stream, reader))
-        with contextlib.suppress(ConnectionError):
+        with contextlib.suppress(ConnectionError, OSError):
             while (data := await queue.get()) is not None:
-                writer.write(data)
-                await writer.drain()
+                if data:
+                    writer.write(data)
+                    await writer.drain()
+                elif writer.can_write_eof():
+                    writer.write_eof()
         pump.cancel()
         writer.close()
 

@@ -41,6 +41,7 @@ class FrameType(enum.IntEnum):
     MOPEN = 0x50  # agent -> host: a guest program connected to 127.0.0.1:<port>; new stream id, empty payload
     MDATA = 0x51  # either way: bytes of that connection
     MCLOSE = 0x52  # either way: the connection is finished; optional UTF-8 reason
+    MEOF = 0x55  # agent -> host: the guest program finished sending (half-close); the answer may still flow
     MCUT = 0x53  # host -> agent, stream 0: close every connection, refuse new ones until MRESUME
     MRESUME = 0x54  # host -> agent, stream 0: accept connections again
     # Supervisor-only (client <-> supervisor, never sent to the guest):

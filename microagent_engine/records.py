@@ -46,6 +46,8 @@ class WorkspaceConfig:
     mediation: dict[str, Any] | None = None
     attachments: list[dict[str, Any]] = field(default_factory=list)
     outputs: list[dict[str, str]] = field(default_factory=list)
+    image_id: str = ""
+    workdir: str = "/"
     created_at: str = field(default_factory=now_iso)
 
     def to_json(self) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from .guest.initramfs import build_initramfs
 from .guest.kernel import Kernel, resolve_kernel
 from .hostinfo import choose_accel
 from .images.builtin import BUILTIN_REF, builtin_image, is_builtin
+from .images.store import ImageInfo, ImageStore
 from .protocol import FrameType
 from .records import (
     ACTIVE,
@@ -147,6 +148,7 @@ class Engine:
         self.progress: Progress = progress or (lambda _msg: None)
         self.backend = get_backend("qemu")
         self.volumes = VolumeRegistry(self.state_dir, self._holder_running)
+        self.images = ImageStore(self.state_dir, progress=self.progress)
 
     def _holder_running(self, name: str) -> bool:
         """Does workspace ``name`` hold its disks right now (running, or in the middle of starting)?"""
@@ -264,10 +266,6 @@ class Engine:
         for key in env:
             if not key or "=" in key or "\0" in key:
                 raise InvalidArgument(f"invalid environment variable name {key!r}")
-        if not is_builtin(image):
-            raise InvalidArgument(
-                f"image {image!r}: pulling OCI images is not available in this version yet; omit --image to use "
-                f"the built-in busybox image")
         ws = self._dir(name)
         if ws.path.exists():
             raise AlreadyExists(f"workspace {name!r} already exists; pick another name or delete it first "
@@ -295,7 +293,15 @@ class Engine:
                     raise NotFound(f"no volume named {att.source!r}; create it first: microagent volume create "
                                    f"{att.source}") from None
         self.resolve_kernel(cfg)  # installs the default kernel on first need, as the seeds' create does
-        base = builtin_image(self.state_dir)
+        if is_builtin(image):
+            base = builtin_image(self.state_dir)
+        else:
+            img = self.images.ensure(str(image))
+            base = img.path
+            cfg.image_id = img.id
+            cfg.env = {**img.env, **cfg.env}  # the image's Env, overridden by the user's
+            cfg.workdir = img.config.get("WorkingDir") or "/"
+            cfg.size_mib = max(cfg.size_mib, img.size_mib)
         self.workspaces_dir.mkdir(parents=True, exist_ok=True)
         staging = WorkspaceDir(self.workspaces_dir / f".creating-{name}-{secrets.token_hex(4)}")
         staging.path.mkdir()
@@ -520,9 +526,10 @@ class Engine:
             raise InvalidArgument(f"--cwd must be an absolute guest path, got {cwd!r}")
         if timeout is not None and timeout <= 0:
             raise InvalidArgument(f"--timeout must be positive, got {timeout}")
-        with self.connection(name) as conn:
-            return conn.exec(argv, env=env, cwd=cwd, timeout=timeout, stdin=stdin, on_stdout=on_stdout,
-                             on_stderr=on_stderr, capture=capture)
+        info = self._running(name)
+        with SupervisorConnection(info.dir.control_socket) as conn:
+            return conn.exec(argv, env=env, cwd=cwd or info.config.workdir, timeout=timeout, stdin=stdin,
+                             on_stdout=on_stdout, on_stderr=on_stderr, capture=capture)
 
     def ping(self, name: str) -> float:
         with self.connection(name) as conn:
@@ -635,6 +642,16 @@ class Engine:
                     self.kill(name)
         except NotFound:
             pass
+
+    # ---- images --------------------------------------------------------------------------------
+    def pull(self, ref: str) -> ImageInfo:
+        """Fetch ``ref`` (re-resolving its tag) and build its rootfs image."""
+        return self.images.ensure(ref, refresh=True)
+
+    def prune_images(self) -> list[ImageInfo]:
+        """Remove cached images (and their blobs) that no workspace was created from."""
+        in_use = {i.config.image_id or i.config.image for i in self.list()}
+        return self.images.prune(in_use)
 
     # ---- moving data ---------------------------------------------------------------------------
     def _disk_image(self, info: WorkspaceInfo, disk: str | None) -> Path:

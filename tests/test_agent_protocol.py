@@ -661,13 +661,14 @@ def test_mediation_open_data_close(mediated):
     med.send(FrameType.MDATA, 1, b"hello guest")
     assert _recv_exact(client, 11) == b"hello guest"
     client.close()
-    closed = _expect(med, FrameType.MCLOSE, 1)
-    assert closed.payload == b""
+    assert _expect(med, FrameType.MEOF, 1).payload == b""  # the program is done sending
+    med.send(FrameType.MCLOSE, 1, b"")
     # a second connection gets a new id
     client = _connect(port)
     assert _expect(med, FrameType.MOPEN).stream == 2
     client.close()
-    assert _expect(med, FrameType.MCLOSE, 2).payload == b""
+    assert _expect(med, FrameType.MEOF, 2).payload == b""
+    med.send(FrameType.MCLOSE, 2, b"")
     # the main channel is unaffected
     assert agent.run(["echo", "still"]).stdout == b"still\n"
 
@@ -737,8 +738,23 @@ def test_mediation_concurrent_connections(mediated):
     med.send(FrameType.MDATA, idb, b"yes")
     assert _recv_exact(b, 3) == b"yes"
     b.close()
-    assert _expect(med, FrameType.MCLOSE, idb).payload == b""
+    assert _expect(med, FrameType.MEOF, idb).payload == b""
     a.close()
+
+
+def test_mediation_half_close_keeps_the_answer(mediated):
+    """`echo q | nc 127.0.0.1 PORT`: the program shuts its sending side, then waits for the answer."""
+    agent, port = mediated
+    med = agent.med
+    client = _connect(port)
+    sid = _expect(med, FrameType.MOPEN).stream
+    client.sendall(b"question")
+    client.shutdown(socket.SHUT_WR)
+    assert _read_mdata(med, sid, 8) == b"question"
+    assert _expect(med, FrameType.MEOF, sid).payload == b""
+    med.send(FrameType.MDATA, sid, b"answer")
+    med.send(FrameType.MCLOSE, sid, b"")
+    assert _recv_all(client) == b"answer"
 
 
 def test_mediation_cut_and_resume(mediated):
@@ -772,7 +788,7 @@ def test_mediation_cut_and_resume(mediated):
     c.sendall(b"after resume")
     assert _read_mdata(med, idc, 12) == b"after resume"
     c.close()
-    assert _expect(med, FrameType.MCLOSE, idc).stream == idc
+    assert _expect(med, FrameType.MEOF, idc).stream == idc
 
 
 def test_mediation_malformed_frames(mediated):
@@ -790,7 +806,7 @@ def test_mediation_malformed_frames(mediated):
     client = _connect(port)
     assert _expect(med, FrameType.MOPEN).stream == 1
     client.close()
-    assert _expect(med, FrameType.MCLOSE, 1)
+    assert _expect(med, FrameType.MEOF, 1)
 
 
 def test_mediation_channel_lost_keeps_main_channel(mediated):

@@ -83,6 +83,7 @@ enum {
     F_MOPEN = 0x50,
     F_MDATA = 0x51,
     F_MCLOSE = 0x52,
+    F_MEOF = 0x55,
     F_MCUT = 0x53,
     F_MRESUME = 0x54,
 };
@@ -119,6 +120,7 @@ struct mconn {
     uint32_t id;
     int fd;
     int closing; /* the host sent MCLOSE: flush what is queued, then close */
+    int rd_eof;  /* the guest program finished sending (MEOF sent); the host's answer may still come */
     int dead;    /* closed; freed at the top of the main loop */
     char *buf;   /* host -> guest bytes not yet written to the socket */
     size_t off, len, cap;
@@ -1622,8 +1624,9 @@ static void mconn_read(struct mconn *c)
     }
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
         return;
-    if (n == 0) {
-        mconn_close(c, 1, NULL);
+    if (n == 0) { /* half-close: the program may still be waiting for the answer */
+        c->rd_eof = 1;
+        med_send(F_MEOF, c->id, "", 0);
         return;
     }
     char why[128];
@@ -2247,7 +2250,7 @@ static void main_loop(void)
         if (med_listen_fd >= 0)
             ADD(med_listen_fd, POLLIN, K_MLISTEN, NULL);
         for (struct mconn *c = mconns; c; c = c->next) {
-            short ev = (short)((c->closing ? 0 : POLLIN) | (mconn_pending(c) ? POLLOUT : 0));
+            short ev = (short)((c->closing || c->rd_eof ? 0 : POLLIN) | (mconn_pending(c) ? POLLOUT : 0));
             if (ev)
                 ADD(c->fd, ev, K_MCONN, c);
         }
@@ -2289,7 +2292,7 @@ static void main_loop(void)
                 if (!c->dead && c->fd == pfds[i].fd) {
                     short re = pfds[i].revents;
                     /* read first: what the program sent is forwarded even if writing to it fails next */
-                    if (!c->closing && (re & (POLLIN | POLLHUP | POLLERR)))
+                    if (!c->closing && !c->rd_eof && (re & (POLLIN | POLLHUP | POLLERR)))
                         mconn_read(c);
                     if (c->dead)
                         break;

@@ -55,7 +55,7 @@ class Replay:
                 del table[key]
 
     def __bool__(self) -> bool:
-        return bool(self.owners or self.modes or self.devices or self.xattrs)
+        return bool(self.owners or self.modes or self.devices or self.xattrs or self.times)
 
 
 @contextlib.contextmanager
@@ -179,8 +179,9 @@ class LayerApplier:
         if not stat.S_ISDIR(st.st_mode):
             os.unlink(p)
             return
-        for d, _, _ in os.walk(p):  # a non-writable dir (unprivileged staging) blocks rmtree
-            os.chmod(d, 0o700)
+        if not self.privileged:  # a non-writable directory would block rmtree
+            for d, _, _ in os.walk(p):
+                os.chmod(d, 0o700)
         shutil.rmtree(p)
         prefix = rel + "/"
         self._dirs.pop(rel, None)
@@ -327,6 +328,8 @@ class LayerApplier:
             p = self.root / rel
             os.chmod(p, mode)
             os.utime(p, (mtime, mtime), follow_symlinks=False)
+        if "" in self._dirs:  # mkfs.ext4 -d does not copy the root directory's times
+            self.replay.times[""] = int(self._dirs[""][1])
         for rel in list(self.replay.devices):  # debugfs mknod touches the directory: restore its mtime after
             parent = rel.rpartition("/")[0]
             self.replay.times[parent] = int(os.lstat(self.root / parent).st_mtime)

@@ -1,6 +1,8 @@
 """Image references: ``[registry/]repository[:tag][@sha256:digest]`` with Docker's normalisation.
 
-``python:3.12`` means ``docker.io/library/python:3.12``, served by ``registry-1.docker.io``. The first path
+``python:3.12`` means ``docker.io/library/python:3.12``. The host serving docker.io's registry API (Docker Hub's
+endpoint or a mirror of it) is taken from ``$MICROAGENT_DOCKER_IO_REGISTRY``; the project writes no registry host
+into its code. The first path
 component is a registry when it contains ``.`` or ``:`` or is ``localhost``. Registries on 127.0.0.1, ::1 and
 localhost, and those listed in ``$MICROAGENT_INSECURE_REGISTRIES`` (``host:port,...``), are spoken to over plain
 http; every other registry over https.
@@ -16,7 +18,7 @@ from ..errors import InvalidArgument, MicroagentError
 
 INSECURE_ENV = "MICROAGENT_INSECURE_REGISTRIES"
 DOCKER_DOMAIN = "docker.io"
-DOCKER_API_HOST = "registry-1.docker.io"
+DOCKER_IO_ENV = "MICROAGENT_DOCKER_IO_REGISTRY"
 DEFAULT_TAG = "latest"
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
@@ -45,7 +47,16 @@ class ImageRef:
 
     @property
     def registry(self) -> str:
-        return DOCKER_API_HOST if self.domain == DOCKER_DOMAIN else self.domain
+        if self.domain != DOCKER_DOMAIN:
+            return self.domain
+        endpoint = os.environ.get(DOCKER_IO_ENV, "").strip()
+        if not endpoint:
+            from ..errors import HostError
+
+            raise HostError(f"{self.domain}/{self.repository}: set {DOCKER_IO_ENV} to the host[:port] that serves "
+                            f"docker.io's registry API (Docker Hub's endpoint or your mirror), or push the image to "
+                            f"a registry you name in the reference")
+        return endpoint
 
     @property
     def reference(self) -> str:
@@ -109,8 +120,6 @@ def parse(ref: str) -> ImageRef:
             raise InvalidArgument(f"image reference {ref!r}: invalid registry host {domain!r}")
     else:
         domain, repo = DOCKER_DOMAIN, text
-    if domain in ("index.docker.io", DOCKER_API_HOST):
-        domain = DOCKER_DOMAIN
     if domain == DOCKER_DOMAIN and "/" not in repo:
         repo = f"library/{repo}"
     if not _REPO_RE.match(repo):

@@ -5,7 +5,7 @@ out of manifest lists / OCI indexes, follow redirects (blobs often answer 307, a
 verify the digest and size of every manifest and blob. Blobs land in ``<state_dir>/blobs/sha256/<hex>`` through a
 ``.partial`` file that later pulls resume with ``Range:``; a per-digest flock makes concurrent pulls share work.
 
-Credentials come from ``$MICROAGENT_AUTH_FILE`` or ``~/.docker/config.json``: ``{"auths": {"HOST": {"auth":
+Credentials come from ``$MICROAGENT_AUTH_FILE`` or Docker's ``config.json``: ``{"auths": {"HOST": {"auth":
 base64("user:password")}}}`` (``username``/``password`` keys work too).
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -29,7 +30,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 from ..errors import HostError, NotFound
 from ..fsutil import file_lock
-from .reference import AuthError, ImageError, ImageRef
+from .reference import DOCKER_DOMAIN, DOCKER_IO_ENV, AuthError, ImageError, ImageRef
 
 AUTH_FILE_ENV = "MICROAGENT_AUTH_FILE"
 DEFAULT_PLATFORM = "linux/amd64"
@@ -232,7 +233,7 @@ class BlobCache:
                     with contextlib.suppress(FileNotFoundError):
                         partial.unlink()
                     raise
-                except (OSError, socket.timeout) as exc:
+                except (OSError, http.client.HTTPException) as exc:  # dropped mid-stream: resume
                     if attempt == attempts - 1:
                         raise HostError(f"downloading {label} ({desc.digest}) failed: {exc}; run the command again "
                                         "to resume") from None
@@ -264,6 +265,8 @@ class BlobCache:
                                          "manifest declares; the registry or image is corrupt")
                     out.write(chunk)
                     bar.update(len(chunk))
+            if written < desc.size:  # urllib reports a dropped connection as a short read
+                raise ConnectionError(f"the connection closed after {written} of {desc.size} bytes")
         finally:
             stream.close()
             bar.close()
@@ -272,8 +275,12 @@ class BlobCache:
 # --- credentials ----------------------------------------------------------------------------------------------
 
 def auth_file() -> Path:
+    """``$MICROAGENT_AUTH_FILE``, else ``$DOCKER_CONFIG/config.json``, else ``~/.docker/config.json``."""
     env = os.environ.get(AUTH_FILE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".docker" / "config.json"
+    if env:
+        return Path(env).expanduser()
+    docker = os.environ.get("DOCKER_CONFIG")
+    return (Path(docker).expanduser() if docker else Path.home() / ".docker") / "config.json"
 
 
 def _host_of(key: str) -> str:
@@ -294,8 +301,8 @@ def credentials(registry: str) -> tuple[str, str] | None:
         raise AuthError(f"cannot read registry credentials from {path} ({exc}); fix the file or point "
                         f"{AUTH_FILE_ENV} at another one") from None
     names = {registry}
-    if registry in ("registry-1.docker.io", "docker.io", "index.docker.io"):
-        names |= {"docker.io", "index.docker.io", "registry-1.docker.io"}
+    if registry == os.environ.get(DOCKER_IO_ENV):
+        names.add(DOCKER_DOMAIN)  # credentials saved under docker.io apply to its configured endpoint
     for key, entry in (doc.get("auths") or {}).items():
         if _host_of(key) not in names or not isinstance(entry, dict):
             continue

@@ -229,7 +229,7 @@ class ImageStore:
             applier.finish()
             content, inodes = tree_size(root)
             size_mib = image_size_mib(content, inodes)
-            self.progress(f"Building base rootfs ({size_mib} MiB) for {resolved.source}")
+            self.progress(f"Building base rootfs ({size_mib} MiB) of image {resolved.id[:19]}")
             out = Path(tmp) / "rootfs.ext4"
             make_ext4(out, size_mib, root, label="microagent")
             replay_into(out, applier.replay)
@@ -240,7 +240,7 @@ class ImageStore:
                          [d.digest for d in resolved.layers], [b for b in blobs if b] if blob_cache else [],
                          dict(resolved.config.get("config") or {}))
         write_json_atomic(ext4.with_suffix(".json"), info.to_json())
-        self.progress(f"Built {ext4.name} in {time.monotonic() - started:.1f} s")
+        self.progress(f"Image {resolved.id[:19]} ready ({content / 1e6:.0f} MB) in {time.monotonic() - started:.1f} s")
         return info
 
     def list(self) -> list[ImageInfo]:
