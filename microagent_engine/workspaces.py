@@ -232,7 +232,7 @@ class Engine:
         accel: str | None = None,
         kernel: str | None = None,
         restart: str = "never",
-        shell: str = "/bin/sh",
+        shell: str | None = None,
         setup: list[str] | None = None,
         entrypoint: str | None = None,
         mediation: dict[str, Any] | str | None = None,
@@ -275,10 +275,10 @@ class Engine:
             memory_mib=memory_mib or prof.memory_mib, cpus=cpus or prof.cpus, size_mib=size_mib or prof.disk_mib,
             env=env, hostname=hostname or hostname_for(name), network=NETWORK_MODES[network],
             accel=accel or "auto", kernel=str(Path(kernel).resolve()) if kernel else None, restart=restart,
-            shell=shell, setup=list(setup or []), entrypoint=entrypoint or None,
+            shell=shell or "/bin/sh", setup=list(setup or []), entrypoint=entrypoint or None,
             mediation=parse_mediation(mediation))
-        if not shell.startswith("/"):
-            raise InvalidArgument(f"shell must be an absolute guest path, got {shell!r}")
+        if not cfg.shell.startswith("/"):
+            raise InvalidArgument(f"shell must be an absolute guest path, got {cfg.shell!r}")
         attachments = validate_attachments(
             [parse_volume_flag(v) for v in volumes or []] + [parse_disk_flag(d) for d in disks or []]
             + [parse_bundle_flag(b) for b in bundles or []])
@@ -310,9 +310,9 @@ class Engine:
             clone_sized(base, staging.rootfs, cfg.size_mib)
             for src, dst, mode in file_list:
                 debugfs.copy_in(staging.rootfs, src, dst, mode=mode)
-            if not debugfs.exists(staging.rootfs, cfg.shell):
-                raise InvalidArgument(f"shell {cfg.shell} does not exist in image {cfg.image}; pick one that "
-                                      f"does (e.g. /bin/sh)")
+            if shell and not debugfs.exists(staging.rootfs, shell):
+                raise InvalidArgument(f"shell {shell} does not exist in image {cfg.image}; pick a shell the "
+                                      f"image has (e.g. /bin/sh or /bin/bash)")
             staging.save_config(cfg)
             staging.save_state(WorkspaceState(state="prepared"))
             try:

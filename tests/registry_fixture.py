@@ -390,3 +390,37 @@ class FlakyFront:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+# --- a small Debian rootfs ---------------------------------------------------------------------------------------
+
+DEBIAN_PACKAGES = ("base-files", "libc6", "libgcc-s1", "bash", "dash", "libtinfo6", "coreutils", "libacl1", "libattr1",
+                   "libgmp10", "libselinux1", "libpcre2-8-0", "libssl3", "python3.11-minimal",
+                   "libpython3.11-minimal", "libexpat1", "zlib1g")
+
+
+def debian_rootfs_tar(work: Path, packages: tuple[str, ...] = DEBIAN_PACKAGES) -> bytes:
+    """A small Debian rootfs as a tar layer: the packages fetched with ``apt-get download`` (the host's apt
+    sources) and unpacked with ``dpkg -x``, as the files would be after installation (no maintainer scripts)."""
+    debs = work / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    if not list(debs.glob("*.deb")):
+        proc = subprocess.run(["apt-get", "download", "-o", "APT::Sandbox::User=root", *packages], cwd=debs,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"apt-get download failed (run 'apt-get update'): {proc.stderr[-500:]}")
+    root = work / "rootfs"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir()
+    for deb in sorted(debs.glob("*.deb")):
+        subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
+    for d in ("root", "tmp", "proc", "sys", "dev", "run", "etc"):
+        (root / d).mkdir(exist_ok=True)
+    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (root / "etc/group").write_text("root:x:0:\n")
+    os.symlink("python3.11", root / "usr/bin/python3")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for path in sorted(root.rglob("*")):
+            tf.add(path, arcname=str(path.relative_to(root)), recursive=False)
+    return buf.getvalue()

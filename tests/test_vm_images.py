@@ -9,7 +9,7 @@ import pytest
 
 from microagent_engine import Engine
 
-from registry_fixture import Registry, sample_image
+from registry_fixture import LAYER_GZIP, Image, Registry, debian_rootfs_tar, gz, sample_image, sha
 
 pytestmark = pytest.mark.vm
 
@@ -20,6 +20,9 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
         pytest.fail("docker-registry is missing; install it: apt-get install -y docker-registry", pytrace=False)
     reg = Registry(tmp_path_factory.mktemp("registry")).start()
     reg.push_image("team/app", "v1", sample_image())
+    layer = debian_rootfs_tar(tmp_path_factory.mktemp("debian"))
+    reg.push_image("debian/small", "bookworm", Image([(LAYER_GZIP, gz(layer))], diff_ids=[sha(layer)],
+                                                     env=["PATH=/usr/local/bin:/usr/bin:/bin", "LANG=C.UTF-8"]))
     yield reg
     reg.stop()
 
@@ -44,3 +47,16 @@ def test_image_boots_with_its_layers_and_env(engine: Engine, cli, registry: Regi
     assert ref in listing
     assert cli("images", "prune").returncode == 0
     assert ref not in cli("images").stdout.decode()  # no workspace uses it any more
+
+
+def test_debian_image_runs_python_cell(engine: Engine, cli, registry: Registry) -> None:
+    """A small Debian rootfs (packages unpacked from the host's apt) runs bash and a Python script from stdin."""
+    ref = f"{registry.host}/debian/small:bookworm"
+    proc = cli("run", "--delete", "--profile", "tiny", ref, "--", "python3", "-",
+               input=b"import sys, platform\nprint('py', sys.version_info[:2], platform.system())\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"py (3, 11) Linux\n"
+    proc = cli("run", "--delete", "--profile", "tiny", ref, "--", "bash", "-c",
+               "echo ${BASH_VERSINFO[0]}; cat /etc/debian_version | cut -d. -f1; ls /root")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode().split() == ["5", "12"]
