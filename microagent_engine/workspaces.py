@@ -134,7 +134,8 @@ class WorkspaceInfo:
             "error": s.error or None, "exitDetail": s.exit_detail or None,
             "setup": c.setup, "setupDone": s.setup_done, "entrypoint": c.entrypoint,
             "entrypointStatus": s.entrypoint or None, "mediation": c.mediation, "shell": c.shell,
-            "quarantined": s.state == "quarantined",
+            "quarantined": s.state == "quarantined", "attachments": c.attachments, "outputs": c.outputs,
+            "volumes": [a["source"] for a in c.attachments if a["kind"] == "volume"],
         }
         out.update(s.readiness)
         return out
@@ -738,8 +739,10 @@ class Engine:
         return target / posixpath.basename(rel) if target.is_dir() else target
 
     # ---- console -------------------------------------------------------------------------------
-    def logs(self, name: str, *, follow: bool = False, poll: float = 0.1) -> Iterator[bytes]:
-        """The serial console log; with ``follow`` keep yielding new bytes while the workspace runs."""
+    def logs(self, name: str, *, follow: bool = False, poll: float = 0.1,
+             stop: threading.Event | None = None) -> Iterator[bytes]:
+        """The serial console log; with ``follow`` keep yielding new bytes while the workspace runs (or until
+        ``stop`` is set, checked every ``poll`` seconds even while the console is silent)."""
         ws = self._existing(name)
         try:
             fh = open(ws.serial_log, "rb")
@@ -755,11 +758,15 @@ class Engine:
                 if chunk:
                     yield chunk
                     continue
-                if not follow or not (ws.supervisor_alive() or self._info(ws).running):
+                if not follow or (stop is not None and stop.is_set()) or \
+                        not (ws.supervisor_alive() or self._info(ws).running):
                     if fh and (rest := fh.read()):
                         yield rest
                     return
-                time.sleep(poll)
+                if stop is not None:
+                    stop.wait(poll)
+                else:
+                    time.sleep(poll)
         finally:
             if fh:
                 fh.close()

@@ -7,7 +7,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from microagent_engine import Engine
 from microagent_engine.errors import InvalidArgument, MicroagentError
@@ -68,12 +68,12 @@ def to_json(obj: Any) -> Any:
 
 
 def tail_serial_log(engine: Engine, name: str, stop: threading.Event, poll: float = 0.2,
-                    follow: bool = True) -> Iterator[bytes]:
+                    follow: bool = True, until_stopped: bool = False) -> Iterator[bytes]:
     """Yield the workspace's serial console log, then (with ``follow``) new bytes as they are written.
 
     Unlike ``Engine.logs(follow=True)`` this checks ``stop`` between polls, so a widget or HTTP stream can end
     its thread at once even while the console is silent. It keeps following across restarts (the log file is
-    the same) until ``stop`` is set or the workspace is deleted.
+    the same) until ``stop`` is set or the workspace is deleted (``until_stopped``: or no longer running).
     """
     path = Path(engine.status(name).to_json()["serialLog"])
     fh = None
@@ -92,17 +92,15 @@ def tail_serial_log(engine: Engine, name: str, stop: threading.Event, poll: floa
             if now - last_check > 2.0:  # the workspace was deleted: nothing more will come
                 last_check = now
                 try:
-                    engine.status(name)
+                    info = engine.status(name)
                 except MicroagentError:
+                    return
+                if until_stopped and not info.running and not info.dir.supervisor_alive():
+                    if fh and (rest := fh.read()):
+                        yield rest
                     return
             stop.wait(poll)
     finally:
         if fh:
             fh.close()
 
-
-def call_quietly(fn: Callable[[], Any]) -> None:
-    try:
-        fn()
-    except Exception:  # noqa: BLE001 - background helper: errors are reported by the caller's UI
-        pass

@@ -1,0 +1,190 @@
+"""Rich display objects: an HTML table in a notebook (``_repr_html_``), plain text in a terminal (``__repr__``)."""
+
+from __future__ import annotations
+
+import html
+import json
+from typing import Any, Sequence
+
+from microagent_engine import WorkspaceInfo
+
+_STATE_COLORS = {"running": "#1a7f37", "starting": "#9a6700", "stopping": "#9a6700", "halted": "#57606a",
+                 "stopped": "#57606a", "prepared": "#0969da", "failed": "#cf222e", "quarantined": "#8250df"}
+
+TABLE_STYLE = "border-collapse:collapse;font-family:var(--jp-code-font-family,monospace);font-size:12px"
+CELL_STYLE = "padding:2px 10px;text-align:left;border-bottom:1px solid #d0d7de"
+
+
+def state_badge(state: str) -> str:
+    color = _STATE_COLORS.get(state, "#57606a")
+    return (f'<span class="microagent-state microagent-state-{html.escape(state)}" '
+            f'style="color:{color};font-weight:600">{html.escape(state)}</span>')
+
+
+def _text_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    cells = [[str(c) for c in header]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+class Table:
+    """Rows under a header. ``data`` keeps the machine-readable form (e.g. a list of ``to_json()`` dicts)."""
+
+    def __init__(self, header: Sequence[str], rows: Sequence[Sequence[Any]], *, title: str = "",
+                 data: Any = None, empty: str = "(none)", html_cells: Sequence[Sequence[str]] | None = None):
+        self.header, self.rows, self.title, self.data, self.empty = list(header), [list(r) for r in rows], \
+            title, data, empty
+        self._html_cells = html_cells
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self):
+        return iter(self.data if self.data is not None else self.rows)
+
+    def __repr__(self) -> str:
+        body = _text_table(self.rows, self.header) if self.rows else self.empty
+        return f"{self.title}\n{body}" if self.title else body
+
+    def _repr_html_(self) -> str:
+        parts = [f'<div class="microagent-table">']
+        if self.title:
+            parts.append(f"<b>{html.escape(self.title)}</b>")
+        if not self.rows:
+            parts.append(f"<div><i>{html.escape(self.empty)}</i></div></div>")
+            return "".join(parts)
+        parts.append(f'<table style="{TABLE_STYLE}"><thead><tr>')
+        parts += [f'<th style="{CELL_STYLE}">{html.escape(h)}</th>' for h in self.header]
+        parts.append("</tr></thead><tbody>")
+        cells = self._html_cells or [[html.escape("" if c is None else str(c)) for c in r] for r in self.rows]
+        for row in cells:
+            parts.append("<tr>" + "".join(f'<td style="{CELL_STYLE}">{c}</td>' for c in row) + "</tr>")
+        parts.append("</tbody></table></div>")
+        return "".join(parts)
+
+
+class Record:
+    """Key/value pairs of one object (a workspace, a volume, an exec result)."""
+
+    def __init__(self, title: str, fields: Sequence[tuple[str, Any]], data: Any = None):
+        self.title, self.fields, self.data = title, list(fields), data
+
+    def __getitem__(self, key: str) -> Any:
+        return (self.data or dict(self.fields))[key]
+
+    def __repr__(self) -> str:
+        width = max((len(k) for k, _ in self.fields), default=0)
+        lines = [self.title] + [f"{k + ':':<{width + 1}} {_plain(v)}" for k, v in self.fields]
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        rows = "".join(f'<tr><th style="{CELL_STYLE}">{html.escape(k)}</th>'
+                       f'<td style="{CELL_STYLE}">{_html_value(k, v)}</td></tr>' for k, v in self.fields)
+        return (f'<div class="microagent-record"><b>{html.escape(self.title)}</b>'
+                f'<table style="{TABLE_STYLE}"><tbody>{rows}</tbody></table></div>')
+
+
+class Message:
+    """A one-line outcome (``Workspace dev: halted``)."""
+
+    def __init__(self, text: str, data: Any = None, state: str | None = None):
+        self.text, self.data, self.state = text, data, state
+
+    def __repr__(self) -> str:
+        return self.text
+
+    def _repr_html_(self) -> str:
+        text = html.escape(self.text)
+        if self.state:
+            text = text.rsplit(html.escape(self.state), 1)[0] + state_badge(self.state)
+        return f'<div class="microagent-message">{text}</div>'
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return "" if value is None else str(value)
+
+
+def _html_value(key: str, value: Any) -> str:
+    if key.lower() == "state" and isinstance(value, str):
+        return state_badge(value)
+    return html.escape(_plain(value))
+
+
+# ---- workspace-specific renderings ------------------------------------------------------------
+
+
+def workspaces_table(infos: list[WorkspaceInfo], title: str = "") -> Table:
+    header = ["NAME", "STATE", "ACCEL", "PROFILE", "MEMORY", "CPUS", "DISK", "NETWORK", "IMAGE"]
+    rows, cells = [], []
+    for info in infos:
+        j = info.to_json()
+        r = j["resources"]
+        row = [j["name"], j["state"], j["accel"] or "", j["profile"], f"{r['memoryMiB']} MiB", r["cpuCount"],
+               f"{r['sizeMiB']} MiB", j["network"], j["image"]]
+        rows.append(row)
+        cells.append([html.escape(str(row[0])), state_badge(j["state"])] + [html.escape(str(c)) for c in row[2:]])
+    return Table(header, rows, title=title, data=[i.to_json() for i in infos], html_cells=cells,
+                 empty="(no workspaces)")
+
+
+def readiness_text(sig: dict[str, Any]) -> str:
+    extra = sig.get("error") or sig.get("detail") or ""
+    return ("yes" if sig.get("ready") else "no") + (f" ({extra})" if extra else "")
+
+
+def workspace_record(info: WorkspaceInfo) -> Record:
+    j = info.to_json()
+    r = j["resources"]
+    fields: list[tuple[str, Any]] = [
+        ("State", j["state"]), ("Image", j["image"]), ("Profile", j["profile"]),
+        ("Resources", f"memory={r['memoryMiB']}MiB cpus={r['cpuCount']} disk={r['sizeMiB']}MiB"),
+        ("Backend", j["backend"]),
+    ]
+    if j.get("accel"):
+        fields.append(("Accelerator", f"{j['accel']} ({j.get('accelReason') or ''})"))
+    fields += [("Network", j["network"]), ("Hostname", j["hostname"])]
+    if j.get("startedAt"):
+        fields.append(("Started", j["startedAt"] + (f" (boot {j['bootSeconds']} s)" if j.get("bootSeconds") else "")))
+    for key in ("guestReady", "execReady", "shellReady", "mediationReady"):
+        if key in j:
+            fields.append((key, readiness_text(j[key])))
+    if j.get("volumes") or j.get("attachments"):
+        fields.append(("Volumes", ", ".join(_volume_label(v) for v in j.get("volumes") or j["attachments"])))
+    if j.get("error"):
+        fields.append(("Error", j["error"]))
+    return Record(f"Workspace {j['name']}", fields, data=j)
+
+
+def _volume_label(v: Any) -> str:
+    if isinstance(v, dict):
+        name = v.get("name") or v.get("volume") or v.get("source") or "?"
+        target = v.get("mountpoint") or v.get("target") or v.get("mountPath") or v.get("guestPath") or ""
+        return f"{name}:{target}" if target else str(name)
+    return str(v)
+
+
+def exec_record(result: Any, name: str) -> Record:
+    j = result.to_json()
+    return Record(f"exec in {name}", [("status", j["status"]), ("exit code", j["exitCode"]),
+                                      ("stdout", j["stdout"]), ("stderr", j["stderr"]),
+                                      ("duration", f"{j['durationSeconds']:.3f} s")], data=j)
+
+
+def volumes_table(vols: list[Any]) -> Table:
+    data = [v.to_json() if hasattr(v, "to_json") else dict(v) for v in vols]
+    keys: list[str] = []
+    preferred = ["name", "sizeMib", "sizeMiB", "attached", "lastHolder", "createdAt", "path"]
+    for d in data:
+        for k in d:
+            if k not in keys:
+                keys.append(k)
+    header = [k for k in preferred if k in keys] or keys
+    rows = [[_plain(d.get(k)) for k in header] for d in data]
+    return Table([h.upper() for h in header], rows, data=data, empty="(no volumes)")
+
+
+def volume_record(vol: Any) -> Record:
+    data = vol.to_json() if hasattr(vol, "to_json") else dict(vol)
+    return Record(f"Volume {data.get('name', '')}", list(data.items()), data=data)

@@ -1,0 +1,544 @@
+"""IPython magics: ``%%microagent run`` runs a cell inside a microVM; ``%microagent ...`` manages workspaces.
+
+Load with ``%load_ext microagent_jupyter``. The state directory is ``$MICROAGENT_STATE_DIR`` (read at every
+call), else ``~/.microagent``; ``%microagent --state-dir DIR ...`` overrides it for one call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import re
+import subprocess
+import sys
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.utils.text import dedent
+
+from microagent_engine import Engine, ExecResult
+from microagent_engine.errors import InvalidState, MicroagentError, NotFound
+
+from . import display as D
+from ._engine import FeatureUnavailable, create_kwargs, env_pairs, get_engine, require
+
+STARTABLE = ("prepared", "halted", "stopped", "failed")
+BUILTIN_IMAGES = ("builtin", "microagent/builtin", "builtin:latest")
+LIFECYCLE = ("start", "halt", "stop", "kill")
+
+
+class MicroagentCellError(subprocess.CalledProcessError):
+    """A cell's command ended badly: non-zero exit, signal, timeout, or it could not start.
+
+    ``returncode``/``exit_code`` is the command's exit code (as the CLI returns it); ``result`` the full
+    :class:`~microagent_engine.ExecResult`; ``workspace`` where it ran.
+    """
+
+    def __init__(self, result: ExecResult, argv: list[str], workspace: str):
+        super().__init__(result.exit_code, argv, result.stdout, result.stderr)
+        self.result, self.workspace = result, workspace
+
+    @property
+    def exit_code(self) -> int:
+        return self.returncode
+
+    def __str__(self) -> str:
+        cmd = " ".join(self.cmd)
+        where = f"in workspace {self.workspace!r}"
+        status = self.result.status
+        if status == "timed_out":
+            return f"{cmd!r} {where} timed out (exit code {self.returncode})"
+        if status == "signaled":
+            return f"{cmd!r} {where} was killed by signal {self.result.code} (exit code {self.returncode})"
+        if status == "failed_to_start":
+            return f"{cmd!r} {where} could not start: {self.result.message} (exit code {self.returncode})"
+        return f"{cmd!r} {where} exited with code {self.returncode}"
+
+
+class _Sink:
+    """Streams guest output into the cell as it arrives (or into a variable), decoding UTF-8 incrementally."""
+
+    def __init__(self, stream: str, to_variable: bool):
+        self.stream, self.to_variable = stream, to_variable
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.parts: list[str] = []
+
+    def __call__(self, data: bytes) -> None:
+        text = self.decoder.decode(data)
+        self._emit(text)
+
+    def _emit(self, text: str) -> None:
+        if not text:
+            return
+        if self.to_variable:
+            self.parts.append(text)
+            return
+        out = getattr(sys, self.stream)  # looked up each time: in a kernel this is the cell's OutStream
+        out.write(text)
+        out.flush()
+
+    def finish(self) -> str:
+        self._emit(self.decoder.decode(b"", final=True))
+        return "".join(self.parts)
+
+
+def _looks_like_image(token: str) -> bool:
+    if token in BUILTIN_IMAGES:
+        return True
+    if token.startswith(("/", ".", "~", "-")) or "=" in token:
+        return False
+    return any(c in token for c in "/:@")
+
+
+def _split_image_command(tokens: list[str], image: str | None) -> tuple[str | None, list[str]]:
+    tokens = list(tokens)
+    if tokens and tokens[0] == "--":
+        return image, tokens[1:]
+    if len(tokens) >= 2 and tokens[1] == "--":  # IMAGE -- COMMAND ...
+        if image:
+            raise UsageError(f"two images given ({image!r} and {tokens[0]!r}); give one")
+        return tokens[0], tokens[2:]
+    if image is None and tokens and _looks_like_image(tokens[0]):
+        image = tokens.pop(0)
+    return image, tokens
+
+
+def _short_traceback(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: Any = None) -> list[str]:
+    stb = [f"\x1b[0;31m{etype.__name__}\x1b[0m: {value}"]
+    shell._showtraceback(etype, value, stb)
+    return stb
+
+
+@magics_class
+class MicroagentMagics(Magics):
+    """``%microagent`` / ``%%microagent``: microVM workspaces from a notebook."""
+
+    def __init__(self, shell: Any = None, state_dir: str | None = None):
+        super().__init__(shell)
+        self.state_dir = state_dir
+        self.last_result: ExecResult | None = None
+
+    def engine(self, state_dir: str | None = None) -> Engine:
+        return get_engine(state_dir or self.state_dir)
+
+    @property
+    def in_kernel(self) -> bool:
+        """True under a Jupyter kernel (widgets can render); False in a terminal IPython."""
+        return getattr(self.shell, "kernel", None) is not None
+
+    # ---- argument parsers (IPython magic_arguments) --------------------------------------------
+    @magic_arguments()
+    @argument("-v", "--volume", action="append", default=[], metavar="SRC:DST[:ro|rw]",
+              help="attach a named volume (NAME:/path), a tar bundle (x.tar:/path) or an ext4 disk "
+                   "(x.ext4:/path)")
+    @argument("--bundle", action="append", default=[], metavar="NAME=/path.tar:/mount[:ro]",
+              help="build a one-shot ext4 disk from a tar archive")
+    @argument("--disk", action="append", default=[], metavar="NAME=/path.ext4:/mount[:rw]",
+              help="attach an existing ext4 image")
+    @argument("--output", action="append", default=[], metavar="NAME=/guest/path", help="declare a result file")
+    @argument("--image", help="image reference (default: the built-in busybox image); or give IMAGE first")
+    @argument("--profile", help="resource profile: tiny, small (default), medium, large")
+    @argument("--memory", type=int, metavar="MIB", help="memory in MiB (overrides the profile)")
+    @argument("--cpus", type=int, help="vCPUs (overrides the profile)")
+    @argument("--size-mib", type=int, metavar="MIB", help="rootfs size in MiB (overrides the profile)")
+    @argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE", help="guest environment variable")
+    @argument("--network", choices=["user", "isolated"], help="user (NAT, default) or isolated")
+    @argument("--name", help="run in this persistent workspace: exec if running, start if stopped, else create "
+                             "it (and keep it running)")
+    @argument("--delete", action="store_true", help="delete the workspace afterwards")
+    @argument("--cwd", help="working directory in the guest")
+    @argument("--timeout", type=float, metavar="SECONDS", help="TERM then KILL the command after this")
+    @argument("--no-raise-error", action="store_true",
+              help="do not raise MicroagentCellError when the command fails")
+    @argument("--out", metavar="VAR", help="store stdout in this variable instead of showing it")
+    @argument("--err", metavar="VAR", help="store stderr in this variable instead of showing it")
+    @argument("--result", metavar="VAR", help="store the ExecResult (status, exit code...) in this variable")
+    @argument("command", nargs=argparse.REMAINDER, metavar="[IMAGE] [COMMAND ...]",
+              help="command that reads the cell body on stdin (default /bin/sh)")
+    def _run_args(self, line: str) -> None:
+        """%%microagent run [options] [IMAGE] [COMMAND ...]
+
+        Run the cell body as the stdin of COMMAND (default /bin/sh) in a one-shot microVM workspace, streaming
+        its output into the cell. The workspace is halted afterwards (deleted with --delete); nothing is left
+        running, also on Ctrl-C. Use `IMAGE -- COMMAND` when the image name could be mistaken for a command.
+        A non-zero exit raises MicroagentCellError (unless --no-raise-error).
+
+        With --name NAME the cell runs in that persistent workspace instead: exec'd if it runs, started if it is
+        stopped, created (from these options) otherwise; it is left running for the next cell. Ctrl-C then
+        stops the command but not the workspace.
+        """
+
+    @magic_arguments()
+    @argument("name")
+    @argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE")
+    @argument("--cwd")
+    @argument("--timeout", type=float, metavar="SECONDS")
+    @argument("--no-raise-error", action="store_true")
+    @argument("--out", metavar="VAR")
+    @argument("--err", metavar="VAR")
+    @argument("--result", metavar="VAR")
+    @argument("command", nargs="*", metavar="COMMAND ...", help="put '--' before a command with options")
+    def _exec_args(self, line: str) -> None:
+        """%microagent exec NAME [options] [--] COMMAND ...   (cell form: the body is COMMAND's stdin)"""
+
+    @magic_arguments()
+    @argument("name", nargs="?")
+    @argument("--name", dest="name_opt", metavar="NAME", help="workspace name (same as the positional NAME)")
+    @argument("--image")
+    @argument("--profile")
+    @argument("--memory", type=int, metavar="MIB")
+    @argument("--cpus", type=int)
+    @argument("--size-mib", type=int, metavar="MIB")
+    @argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE")
+    @argument("--network", choices=["user", "isolated"])
+    @argument("--hostname")
+    @argument("-v", "--volume", action="append", default=[])
+    @argument("--bundle", action="append", default=[])
+    @argument("--disk", action="append", default=[])
+    @argument("--output", action="append", default=[])
+    @argument("-f", "--file", metavar="SPEC", help="create from a workspace spec (microagent.yaml); flags "
+                                                  "override its fields. Default: ./microagent.yaml if present")
+    @argument("--start", action="store_true", help="boot it right away")
+    def _create_args(self, line: str) -> None:
+        """%microagent create [NAME] [options]"""
+
+    @magic_arguments()
+    @argument("name")
+    @argument("--static", action="store_true", help="a snapshot instead of the live widget")
+    def _status_args(self, line: str) -> None:
+        """%microagent status NAME"""
+
+    @magic_arguments()
+    @argument("name")
+    @argument("--static", action="store_true", help="print the log so far instead of the live widget")
+    @argument("--max-lines", type=int, default=2000)
+    def _logs_args(self, line: str) -> None:
+        """%microagent logs NAME"""
+
+    @magic_arguments()
+    @argument("action", choices=["create", "list", "ls", "status", "delete", "rm"])
+    @argument("name", nargs="?")
+    @argument("--size-mib", type=int, metavar="MIB")
+    @argument("--force", action="store_true")
+    def _volume_args(self, line: str) -> None:
+        """%microagent volume create NAME [--size-mib N] | list | status NAME | delete NAME [--force]"""
+
+    # ---- dispatch ------------------------------------------------------------------------------
+    @line_cell_magic
+    def microagent(self, line: str = "", cell: str | None = None) -> Any:
+        """microVM workspaces from a notebook.
+
+        %%microagent run [options] [IMAGE] [COMMAND ...]   run the cell in a one-shot workspace
+        %%microagent exec NAME [options] COMMAND ...       run the cell in a running workspace
+        %microagent ps | list                              running / saved workspaces
+        %microagent status NAME                            live status widget (start/halt/kill buttons)
+        %microagent logs NAME                              live serial console widget
+        %microagent create [NAME] [options] | start | halt | stop | kill | delete NAME
+        %microagent cp SRC DST                             copy a file in/out of a stopped workspace
+        %microagent outputs NAME | output NAME OUTPUT [DEST]   declared result files of a stopped workspace
+        %microagent volume create NAME [--size-mib N] | list | status NAME | delete NAME [--force]
+
+        Every subcommand takes --help. `--state-dir DIR` before the subcommand overrides $MICROAGENT_STATE_DIR.
+        """
+        state_dir = None
+        m = re.match(r"\s*--state-dir(?:=|\s+)(\S+)(.*)", line, re.S)
+        if m:
+            state_dir, line = m.group(1), m.group(2)
+        words = line.strip().split(None, 1)
+        if not words or words[0] in ("-h", "--help", "help"):
+            return _Text(dedent(self.microagent.__doc__ or "").strip())
+        sub, rest = words[0], (words[1] if len(words) > 1 else "")
+        if rest.split()[:1] in (["-h"], ["--help"]):
+            return _Text(self._help(sub))
+        engine = self.engine(state_dir)
+        if sub == "run":
+            return self._run(engine, parse_argstring(self._run_args, rest), cell)
+        if sub == "exec":
+            return self._exec(engine, parse_argstring(self._exec_args, rest), cell)
+        if cell is not None and cell.strip():
+            raise UsageError(f"%%microagent {sub} takes no cell body; use %microagent {sub} ... (one %)")
+        if sub in ("ps", "list", "ls"):
+            if rest.strip():
+                raise UsageError(f"%microagent {sub} takes no arguments")
+            infos = engine.ps() if sub == "ps" else engine.list()
+            return D.workspaces_table(infos)
+        if sub == "status":
+            args = parse_argstring(self._status_args, rest)
+            info = engine.status(args.name)
+            if args.static or not self.in_kernel:
+                return D.workspace_record(info)
+            from .widgets import WorkspaceStatusWidget
+            return WorkspaceStatusWidget(engine, args.name)
+        if sub == "logs":
+            args = parse_argstring(self._logs_args, rest)
+            engine.status(args.name)
+            if args.static or not self.in_kernel:
+                text = b"".join(engine.logs(args.name)).decode(errors="replace").replace("\r\n", "\n")
+                return _Text("\n".join(text.splitlines()[-args.max_lines:]))
+            from .widgets import SerialLogWidget
+            return SerialLogWidget(engine, args.name, max_lines=args.max_lines)
+        if sub == "create":
+            return self._create(engine, parse_argstring(self._create_args, rest))
+        if sub in LIFECYCLE:
+            name = self._one_name(sub, rest)
+            info = getattr(engine, sub)(name)
+            return D.Message(f"Workspace {name}: {info.state.state}", info.to_json(), info.state.state)
+        if sub in ("delete", "rm"):
+            name = self._one_name(sub, rest)
+            engine.delete(name)
+            return D.Message(f"Deleted workspace {name}", {"name": name, "deleted": True})
+        if sub == "cp":
+            parts = rest.split()
+            if len(parts) != 2:
+                raise UsageError("usage: %microagent cp SRC DST   (one side is WORKSPACE:/path or "
+                                 "WORKSPACE:DISK:/path)")
+            result = require(engine, "cp", "cp")(parts[0], parts[1])
+            return D.Message(f"Copied {parts[0]} → {parts[1]}", D.to_json(result) if result is not None else None)
+        if sub == "outputs":
+            name = self._one_name(sub, rest)
+            rows = require(engine, "outputs", "declared outputs")(name)
+            return D.Table(["NAME", "PATH", "EXISTS"], [[o["name"], o["path"], o.get("exists")] for o in rows],
+                           data=rows, empty="(no declared outputs)")
+        if sub == "output":
+            parts = rest.split()
+            if len(parts) not in (2, 3):
+                raise UsageError("usage: %microagent output NAME OUTPUT [HOST_DEST]")
+            got = require(engine, "output_get", "declared outputs")(*parts)
+            if isinstance(got, bytes):
+                return _Text(got.decode(errors="replace"))
+            return D.Message(f"Output {parts[1]} of {parts[0]} copied to {got}", {"path": str(got)})
+        if sub in ("volume", "volumes"):
+            return self._volume(engine, parse_argstring(self._volume_args, rest))
+        raise UsageError(f"unknown subcommand {sub!r}; see %microagent? for the list")
+
+    def _help(self, sub: str) -> str:
+        parsers = {"run": self._run_args, "exec": self._exec_args, "create": self._create_args,
+                   "status": self._status_args, "logs": self._logs_args, "volume": self._volume_args,
+                   "volumes": self._volume_args}
+        if sub in parsers:
+            parser = parsers[sub].parser
+            parser.prog = f"%microagent {sub}"
+            return parser.format_help()
+        usage = {"cp": "SRC DST", "outputs": "NAME", "output": "NAME OUTPUT [HOST_DEST]", "ps": "", "list": ""}
+        if sub in (*LIFECYCLE, "delete", "rm"):
+            return f"usage: %microagent {sub} NAME"
+        if sub in usage:
+            return f"usage: %microagent {sub} {usage[sub]}".rstrip()
+        raise UsageError(f"unknown subcommand {sub!r}; see %microagent --help")
+
+    @staticmethod
+    def _one_name(sub: str, rest: str) -> str:
+        parts = rest.split()
+        if len(parts) != 1 or parts[0].startswith("-"):
+            raise UsageError(f"usage: %microagent {sub} NAME")
+        return parts[0]
+
+    # ---- subcommands ---------------------------------------------------------------------------
+    def _create(self, engine: Engine, args: argparse.Namespace) -> Any:
+        if args.name and args.name_opt and args.name != args.name_opt:
+            raise UsageError(f"two names given ({args.name!r} and --name {args.name_opt!r}); give one")
+        args.name = args.name or args.name_opt
+        overrides = dict(image=args.image, profile=args.profile, memory_mib=args.memory, cpus=args.cpus,
+                         size_mib=args.size_mib, hostname=args.hostname, network=args.network,
+                         volumes=args.volume or None, disks=args.disk or None, bundles=args.bundle or None,
+                         outputs=args.output or None, env=env_pairs(args.env) or None, name=args.name)
+        spec_kwargs = self._spec_kwargs(args.file)
+        if spec_kwargs is not None:
+            from microagent_engine.spec import merge
+
+            overrides = merge(spec_kwargs, overrides)
+        name, env = overrides.pop("name", None), overrides.pop("env", None)
+        storage = {k: overrides.pop(k) for k in ("volumes", "disks", "bundles", "outputs") if k in overrides}
+        kwargs = create_kwargs(engine, **overrides, **storage)
+        info = engine.create(name, env=env, **kwargs)
+        if args.start:
+            info = engine.start(info.name)
+        return D.workspace_record(info)
+
+    @staticmethod
+    def _spec_kwargs(path: str | None) -> dict[str, Any] | None:
+        try:
+            from microagent_engine import spec
+        except ImportError:
+            if path:
+                raise FeatureUnavailable("workspace specs (--file) are not supported by this version of "
+                                         "microagent's engine") from None
+            return None
+        from pathlib import Path
+
+        found = Path(path).expanduser() if path else spec.find_default_spec(Path.cwd())
+        if found is None:
+            return None
+        if not found.is_file():
+            raise NotFound(f"no spec file at {found}")
+        return spec.load_spec(found).to_create_kwargs()
+
+    def _volume(self, engine: Engine, args: argparse.Namespace) -> Any:
+        volumes = require(engine, "volumes", "named volumes")
+        action = {"ls": "list", "rm": "delete"}.get(args.action, args.action)
+        if action != "list" and not args.name:
+            raise UsageError(f"usage: %microagent volume {action} NAME")
+        if action == "list":
+            return D.volumes_table(list(volumes.list()))
+        if action == "create":
+            vol = volumes.create(args.name, **({"size_mib": args.size_mib} if args.size_mib else {}))
+            return D.volume_record(vol)
+        if action == "status":
+            return D.volume_record(volumes.get(args.name))
+        volumes.delete(args.name, force=args.force)
+        return D.Message(f"Deleted volume {args.name}", {"name": args.name, "deleted": True})
+
+    def _stream(self, args: argparse.Namespace) -> tuple[_Sink, _Sink]:
+        for var in (args.out, args.err, args.result):
+            if var is not None and not var.isidentifier():
+                raise UsageError(f"{var!r} is not a valid variable name")
+        return _Sink("stdout", args.out is not None), _Sink("stderr", args.err is not None)
+
+    def _finish(self, args: argparse.Namespace, out: _Sink, err: _Sink, result: ExecResult | None,
+                argv: list[str], workspace: str) -> None:
+        stdout, stderr = out.finish(), err.finish()
+        if args.out:
+            self.shell.user_ns[args.out] = stdout
+        if args.err:
+            self.shell.user_ns[args.err] = stderr
+        if result is None:
+            return
+        self.last_result = result
+        if args.result:
+            self.shell.user_ns[args.result] = result
+        if not result.ok and not args.no_raise_error:
+            raise MicroagentCellError(result, argv, workspace)
+
+    def _run(self, engine: Engine, args: argparse.Namespace, cell: str | None) -> None:
+        image, command = _split_image_command(args.command, args.image)
+        argv = command or ["/bin/sh"]
+        stdin = cell.encode() if cell is not None else None
+        env = env_pairs(args.env)
+        ckw = create_kwargs(engine, image=image, profile=args.profile, memory_mib=args.memory, cpus=args.cpus,
+                            size_mib=args.size_mib, network=args.network, volumes=args.volume, disks=args.disk,
+                            bundles=args.bundle, outputs=args.output)
+        out, err = self._stream(args)
+        result: ExecResult | None = None
+        try:
+            if args.name:
+                result = self._run_named(engine, args, argv, stdin, env, ckw, out, err)
+                workspace = args.name
+            else:
+                info, result = engine.run(argv, delete=args.delete, env=env, cwd=args.cwd, timeout=args.timeout,
+                                          stdin=stdin, on_stdout=out, on_stderr=err, capture=True, **ckw)
+                workspace = info.name
+        except KeyboardInterrupt:
+            out.finish(), err.finish()
+            where = f"workspace {args.name!r} is still running" if args.name and _alive(engine, args.name) \
+                else "no VM is left running"
+            print(f"microagent: interrupted; the guest command was stopped and {where}", file=sys.stderr)
+            raise
+        finally:
+            if result is None:
+                out.finish(), err.finish()
+        self._finish(args, out, err, result, argv, workspace)
+
+    def _run_named(self, engine: Engine, args: argparse.Namespace, argv: list[str], stdin: bytes | None,
+                   env: dict[str, str], ckw: dict[str, Any], out: _Sink, err: _Sink) -> ExecResult:
+        name = args.name
+        try:
+            state = engine.status(name).state.state
+            created = False
+        except NotFound:
+            engine.create(name, env=env, **ckw)
+            state, created, env = "prepared", True, {}
+        try:
+            if state in STARTABLE:
+                engine.start(name)
+            elif state != "running":
+                raise InvalidState(f"workspace {name!r} is {state}; wait for it, or halt/kill it first")
+        except BaseException:
+            if created or state in STARTABLE:  # never leave a half-booted VM behind
+                _kill_quietly(engine, name)
+            raise
+        try:
+            result = engine.exec(name, argv, env=env or None, cwd=args.cwd, timeout=args.timeout, stdin=stdin,
+                                 on_stdout=out, on_stderr=err, capture=True)
+        except BaseException:
+            if args.delete:
+                _kill_quietly(engine, name)
+                _delete_quietly(engine, name)
+            raise
+        if args.delete:
+            try:
+                engine.halt(name)
+            except MicroagentError:
+                _kill_quietly(engine, name)
+            engine.delete(name)
+        return result
+
+    def _exec(self, engine: Engine, args: argparse.Namespace, cell: str | None) -> None:
+        argv = args.command[1:] if args.command[:1] == ["--"] else list(args.command)
+        if not argv:
+            if cell is None:
+                raise UsageError("usage: %microagent exec NAME [options] -- COMMAND ...")
+            argv = ["/bin/sh"]
+        out, err = self._stream(args)
+        result = None
+        try:
+            result = engine.exec(args.name, argv, env=env_pairs(args.env) or None, cwd=args.cwd,
+                                 timeout=args.timeout, stdin=cell.encode() if cell is not None else None,
+                                 on_stdout=out, on_stderr=err, capture=True)
+        finally:
+            if result is None:
+                out.finish(), err.finish()
+        self._finish(args, out, err, result, argv, args.name)
+
+
+class _Text:
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+    def _repr_html_(self) -> str:
+        import html
+        return f'<pre class="microagent-log">{html.escape(self.text)}</pre>'
+
+
+def _alive(engine: Engine, name: str) -> bool:
+    try:
+        return engine.status(name).running
+    except MicroagentError:
+        return False
+
+
+def _kill_quietly(engine: Engine, name: str) -> None:
+    try:
+        if engine.status(name).dir.supervisor_alive() or engine.status(name).running:
+            engine.kill(name)
+    except MicroagentError:
+        pass
+
+
+def _delete_quietly(engine: Engine, name: str) -> None:
+    try:
+        engine.delete(name)
+    except MicroagentError:
+        pass
+
+
+_installed_handler: list[bool] = []
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    ipython.register_magics(MicroagentMagics)
+    # engine errors are messages for the user, not bugs: show them without a traceback into the engine,
+    # unless the user already installed their own custom exception handler
+    if not ipython.custom_exceptions:
+        ipython.set_custom_exc((MicroagentError, MicroagentCellError), _short_traceback)
+        _installed_handler.append(True)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    if _installed_handler:
+        ipython.set_custom_exc((), None)
+        _installed_handler.clear()

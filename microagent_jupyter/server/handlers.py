@@ -1,0 +1,402 @@
+"""REST handlers. Thin: every operation is one engine call, run off the event loop.
+
+Errors become ``{"error": message, "type": name}`` with a status code chosen in :func:`error_status`.
+No endpoint reads or writes a host path the server's ``MicroagentConfig.allowed_roots`` does not contain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+from typing import Any, Callable
+
+import tornado.web
+from jupyter_server.base.handlers import APIHandler
+from jupyter_server.utils import url_path_join
+from tornado.iostream import StreamClosedError
+
+from microagent_engine import Engine
+from microagent_engine.errors import (
+    AlreadyExists,
+    Busy,
+    ExecTimeout,
+    GuestError,
+    HostError,
+    InvalidArgument,
+    InvalidState,
+    MicroagentError,
+    NotFound,
+)
+
+from .._engine import FeatureUnavailable, create_kwargs, get_engine, require, tail_serial_log
+from .config import MicroagentConfig
+
+NAME = r"(?P<name>[^/]+)"
+TEXT = "text/plain; charset=utf-8"
+
+
+class Forbidden(Exception):
+    """A request named a host path outside the allowed roots (or a field that is never allowed over HTTP)."""
+
+
+class BadRequest(Exception):
+    """Malformed JSON or fields."""
+
+
+def error_status(exc: BaseException) -> int:
+    """The one place engine errors are mapped to HTTP status codes."""
+    for cls, status in ((Forbidden, 403), (BadRequest, 400), (InvalidArgument, 400), (NotFound, 404),
+                        (AlreadyExists, 409), (InvalidState, 409), (Busy, 409), (FeatureUnavailable, 501),
+                        (ExecTimeout, 504), (GuestError, 502), (HostError, 503), (MicroagentError, 500)):
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+HANDLED = (MicroagentError, Forbidden, BadRequest)
+
+
+class BaseHandler(APIHandler):
+    @property
+    def engine(self) -> Engine:
+        return self.settings["microagent_engine"]
+
+    @property
+    def ma_config(self) -> MicroagentConfig:
+        return self.settings["microagent_config"]
+
+    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a blocking engine call in a worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(None, lambda: fn(*args, **kwargs))
+
+    def send_json(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(data))
+
+    def send_error_json(self, exc: BaseException) -> None:
+        status = error_status(exc)
+        if status >= 500:
+            self.log.warning("microagent: %s: %s", type(exc).__name__, exc)
+        self.send_json({"error": str(exc), "type": type(exc).__name__}, status)
+
+    def body(self) -> dict[str, Any]:
+        if not self.request.body:
+            return {}
+        try:
+            data = json.loads(self.request.body)
+        except ValueError as exc:
+            raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise BadRequest("the request body must be a JSON object")
+        return data
+
+    async def guarded(self, coro_fn: Callable[[], Any]) -> None:
+        try:
+            await coro_fn()
+        except HANDLED as exc:
+            self.send_error_json(exc)
+
+    # ---- host paths ----------------------------------------------------------------------------
+    def check_host_path(self, path: str, what: str) -> None:
+        roots = self.ma_config.resolved_roots()
+        if not os.path.isabs(os.path.expanduser(path)):
+            raise Forbidden(f"{what} {path!r}: give an absolute host path under one of the allowed roots "
+                            f"({', '.join(roots) or 'none configured'})")
+        real = os.path.realpath(os.path.expanduser(path))
+        for root in roots:
+            if os.path.commonpath([real, root]) == root:
+                return
+        hint = (f"allowed roots: {', '.join(roots)}" if roots else
+                "no host paths are allowed; set c.MicroagentConfig.allowed_roots in the server's config")
+        raise Forbidden(f"{what} {path!r} is outside the directories this server may read ({hint})")
+
+
+def _strings(value: Any, field: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise BadRequest(f"{field!r} must be a list of strings")
+    return value
+
+
+def _int(value: Any, field: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(f"{field!r} must be an integer")
+    return value
+
+
+HOST_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".ext4", ".img")
+CREATE_FIELDS = {"name", "image", "profile", "memoryMiB", "cpus", "cpuCount", "sizeMiB", "env", "network",
+                 "hostname", "volumes", "disks", "bundles", "outputs", "restart", "shell", "setup", "entrypoint",
+                 "start"}
+LOCAL_IMAGE_PREFIXES = ("oci:", "oci-archive:", "docker-archive:", "dir:", "/", ".", "~", "file:")
+
+
+class WorkspacesHandler(BaseHandler):
+    @tornado.web.authenticated
+    async def get(self) -> None:
+        async def go() -> None:
+            infos = await self.call(self.engine.list)
+            self.send_json([i.to_json() for i in infos])
+        await self.guarded(go)
+
+    @tornado.web.authenticated
+    async def post(self) -> None:
+        async def go() -> None:
+            body = self.body()
+            kwargs, start = self.create_args(body)
+            env = body.get("env") or {}
+            if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                    for k, v in env.items()):
+                raise BadRequest("'env' must be an object of string values")
+            info = await self.call(self.engine.create, body.get("name"), env=env, **kwargs)
+            if start:
+                info = await self.call(self.engine.start, info.name)
+            self.set_header("Location", url_path_join(self.base_url, "microagent/api/workspaces", info.name))
+            self.send_json(info.to_json(), 201)
+        await self.guarded(go)
+
+    def create_args(self, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        unknown = set(body) - CREATE_FIELDS
+        if "kernel" in unknown:
+            raise Forbidden("'kernel' names a host file and is not accepted over HTTP; configure kernels on the "
+                            "server host")
+        if unknown:
+            raise BadRequest(f"unknown field(s) {', '.join(sorted(unknown))}; known: "
+                             f"{', '.join(sorted(CREATE_FIELDS))}")
+        image = body.get("image")
+        if image is not None and not isinstance(image, str):
+            raise BadRequest("'image' must be a string")
+        if image and image.startswith(LOCAL_IMAGE_PREFIXES):
+            path = image.split(":", 1)[1] if image.split(":", 1)[0] in ("oci", "oci-archive", "docker-archive",
+                                                                        "dir", "file") else image
+            self.check_host_path(path.split(":", 1)[0] if path.startswith(("/", "~")) else path, "image")
+        disks, bundles = _strings(body.get("disks"), "disks"), _strings(body.get("bundles"), "bundles")
+        volumes, outputs = _strings(body.get("volumes"), "volumes"), _strings(body.get("outputs"), "outputs")
+        for what, specs in (("disk", disks), ("bundle", bundles)):
+            for spec in specs:  # NAME=/host/path:/mount[:mode]
+                source = spec.split("=", 1)[1] if "=" in spec.split(":", 1)[0] else spec
+                self.check_host_path(source.split(":", 1)[0], what)
+        for spec in volumes:  # SRC:DST[:mode]; SRC is a volume name, a .tar bundle or an .ext4 disk
+            source = spec.split(":", 1)[0]
+            if "/" in source or source.startswith(("~", ".")) or source.endswith(HOST_SUFFIXES):
+                self.check_host_path(source, "volume source")
+        for spec in outputs:
+            if "=" in spec and not spec.split("=", 1)[1].startswith("/"):
+                raise BadRequest(f"output {spec!r}: use NAME=/guest/path")
+        memory = _int(body.get("memoryMiB"), "memoryMiB")
+        cpus = _int(body.get("cpus", body.get("cpuCount")), "cpus")
+        size = _int(body.get("sizeMiB"), "sizeMiB")
+        for key in ("profile", "network", "hostname", "restart", "shell", "entrypoint"):
+            if body.get(key) is not None and not isinstance(body[key], str):
+                raise BadRequest(f"{key!r} must be a string")
+        setup = _strings(body.get("setup"), "setup") or None
+        kwargs = create_kwargs(self.engine, image=image, profile=body.get("profile"), memory_mib=memory, cpus=cpus,
+                               size_mib=size, network=body.get("network"), hostname=body.get("hostname"),
+                               restart=body.get("restart"), shell=body.get("shell"), setup=setup,
+                               entrypoint=body.get("entrypoint"), volumes=volumes, disks=disks, bundles=bundles,
+                               outputs=outputs)
+        return kwargs, bool(body.get("start"))
+
+
+class WorkspaceHandler(BaseHandler):
+    @tornado.web.authenticated
+    async def get(self, name: str) -> None:
+        async def go() -> None:
+            info = await self.call(self.engine.status, name)
+            self.send_json(info.to_json())
+        await self.guarded(go)
+
+    @tornado.web.authenticated
+    async def delete(self, name: str) -> None:
+        async def go() -> None:
+            await self.call(self.engine.delete, name)
+            self.send_json({"name": name, "deleted": True})
+        await self.guarded(go)
+
+
+class ActionHandler(BaseHandler):
+    @tornado.web.authenticated
+    async def post(self, name: str, action: str) -> None:
+        async def go() -> None:
+            info = await self.call(getattr(self.engine, action), name)
+            self.send_json(info.to_json())
+        await self.guarded(go)
+
+
+class ExecHandler(BaseHandler):
+    @tornado.web.authenticated
+    async def post(self, name: str) -> None:
+        async def go() -> None:
+            body = self.body()
+            unknown = set(body) - {"argv", "env", "cwd", "timeout", "stdin"}
+            if unknown:
+                raise BadRequest(f"unknown field(s) {', '.join(sorted(unknown))}")
+            argv = body.get("argv")
+            if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+                raise BadRequest("'argv' must be a non-empty list of strings")
+            env = body.get("env")
+            if env is not None and (not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values())):
+                raise BadRequest("'env' must be an object of string values")
+            timeout = body.get("timeout")
+            if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))):
+                raise BadRequest("'timeout' must be a number of seconds")
+            stdin = body.get("stdin")
+            if stdin is not None and not isinstance(stdin, str):
+                raise BadRequest("'stdin' must be a string")
+            result = await self.call(self.engine.exec, name, argv, env=env, cwd=body.get("cwd"), timeout=timeout,
+                                     stdin=stdin.encode() if stdin is not None else None)
+            self.send_json(result.to_json())
+        await self.guarded(go)
+
+
+class LogsHandler(BaseHandler):
+    @tornado.web.authenticated
+    async def get(self, name: str) -> None:
+        async def go() -> None:
+            tail = self.get_query_argument("tail", None)
+            try:
+                n = int(tail) if tail is not None else None
+                if n is not None and n < 0:
+                    raise ValueError
+            except ValueError:
+                raise BadRequest(f"tail must be a non-negative integer, got {tail!r}") from None
+            data = await self.call(lambda: b"".join(self.engine.logs(name)))
+            text = data.decode(errors="replace").replace("\r\n", "\n")
+            lines = text.splitlines()
+            if n is not None:
+                lines = lines[-n:] if n else []
+            if "application/json" in self.request.headers.get("Accept", "") or \
+                    self.get_query_argument("format", "") == "json":
+                self.send_json({"name": name, "lines": lines})
+            else:
+                self.finish("\n".join(lines) + ("\n" if lines else ""), set_content_type=TEXT)
+        await self.guarded(go)
+
+
+class LogStreamHandler(BaseHandler):
+    """Chunked ``text/plain``: the log so far, then new output while the workspace runs (``follow=0``: no)."""
+
+    _stop: threading.Event
+
+    def on_connection_close(self) -> None:
+        if hasattr(self, "_stop"):
+            self._stop.set()
+
+    @tornado.web.authenticated
+    async def get(self, name: str) -> None:
+        try:
+            await self.call(self.engine.status, name)
+        except HANDLED as exc:
+            self.send_error_json(exc)
+            return
+        follow = self.get_query_argument("follow", "1") not in ("0", "false", "no")
+        self._stop = threading.Event()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=64)
+
+        def pump() -> None:
+            try:
+                for chunk in tail_serial_log(self.engine, name, self._stop, follow=follow, until_stopped=True):
+                    asyncio.run_coroutine_threadsafe(queue.put(chunk), loop).result()
+            except Exception:  # noqa: BLE001 - the stream just ends
+                pass
+            finally:
+                asyncio.run_coroutine_threadsafe(queue.put(None), loop)
+
+        self.set_header("Content-Type", TEXT)
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Accel-Buffering", "no")
+        threading.Thread(target=pump, name=f"microagent-logstream-{name}", daemon=True).start()
+        try:
+            while (chunk := await queue.get()) is not None:
+                self.write(chunk)
+                await self.flush()
+        except StreamClosedError:
+            pass
+        finally:
+            self._stop.set()
+            while not queue.empty():  # unblock the pump if it waits on a full queue
+                queue.get_nowait()
+        if not self.request.connection.stream or not self.request.connection.stream.closed():
+            self.finish(set_content_type=TEXT)
+
+
+class VolumesHandler(BaseHandler):
+    @tornado.web.authenticated
+    async def get(self) -> None:
+        async def go() -> None:
+            volumes = require(self.engine, "volumes", "named volumes")
+            vols = await self.call(volumes.list)
+            self.send_json([v.to_json() for v in vols])
+        await self.guarded(go)
+
+    @tornado.web.authenticated
+    async def post(self) -> None:
+        async def go() -> None:
+            volumes = require(self.engine, "volumes", "named volumes")
+            body = self.body()
+            unknown = set(body) - {"name", "sizeMiB"}
+            if unknown:
+                raise BadRequest(f"unknown field(s) {', '.join(sorted(unknown))}; known: name, sizeMiB")
+            name = body.get("name")
+            if not isinstance(name, str) or not name:
+                raise BadRequest("'name' (a string) is required")
+            size = _int(body.get("sizeMiB"), "sizeMiB")
+            vol = await self.call(volumes.create, name, **({"size_mib": size} if size else {}))
+            self.send_json(vol.to_json(), 201)
+        await self.guarded(go)
+
+
+class VolumeHandler(BaseHandler):
+    @tornado.web.authenticated
+    async def get(self, name: str) -> None:
+        async def go() -> None:
+            volumes = require(self.engine, "volumes", "named volumes")
+            vol = await self.call(volumes.get, name)
+            self.send_json(vol.to_json())
+        await self.guarded(go)
+
+    @tornado.web.authenticated
+    async def delete(self, name: str) -> None:
+        async def go() -> None:
+            volumes = require(self.engine, "volumes", "named volumes")
+            force = self.get_query_argument("force", "0") in ("1", "true", "yes")
+            await self.call(volumes.delete, name, force=force)
+            self.send_json({"name": name, "deleted": True})
+        await self.guarded(go)
+
+
+class RootHandler(BaseHandler):
+    @tornado.web.authenticated
+    async def get(self) -> None:
+        from .. import __version__
+        self.send_json({"version": __version__, "stateDir": str(self.engine.state_dir),
+                        "volumes": getattr(self.engine, "volumes", None) is not None,
+                        "cp": getattr(self.engine, "cp", None) is not None})
+
+
+def setup_handlers(web_app: Any, config: MicroagentConfig) -> None:
+    engine = get_engine(config.state_dir)
+    web_app.settings["microagent_engine"] = engine
+    web_app.settings["microagent_config"] = config
+    base = url_path_join(web_app.settings.get("base_url", "/"), "microagent", "api")
+    routes = [
+        (r"/?", RootHandler),
+        (r"/workspaces/?", WorkspacesHandler),
+        (rf"/workspaces/{NAME}/?", WorkspaceHandler),
+        (rf"/workspaces/{NAME}/(?P<action>start|halt|stop|kill)/?", ActionHandler),
+        (rf"/workspaces/{NAME}/exec/?", ExecHandler),
+        (rf"/workspaces/{NAME}/logs/?", LogsHandler),
+        (rf"/workspaces/{NAME}/logs/stream/?", LogStreamHandler),
+        (r"/volumes/?", VolumesHandler),
+        (rf"/volumes/{NAME}/?", VolumeHandler),
+    ]
+    web_app.add_handlers(".*$", [(base + pattern, handler) for pattern, handler in routes])

@@ -1,0 +1,342 @@
+"""%microagent / %%microagent through a real IPython shell and a real kernel, against real VMs.
+
+Boots are few: most checks exec in the session's ``shared`` workspace (``--name shared`` reuses it).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+from jupyter_client import KernelManager
+
+from microagent_engine import Engine
+from microagent_engine.errors import InvalidState, NotFound
+from microagent_jupyter.magics import MicroagentCellError
+from microagent_jupyter.widgets import SerialLogWidget, WorkspaceStatusWidget
+
+from jupyter_conftest_helpers import kernel_env, run_names
+
+pytestmark = pytest.mark.vm
+
+
+class Recorder:
+    """A text stream that records when each write arrives (stands in for a kernel's OutStream)."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[float, str]] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append((time.monotonic(), text))
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    @property
+    def text(self) -> str:
+        return "".join(t for _, t in self.writes)
+
+
+@pytest.fixture(scope="module")
+def ip(state_dir: Path):
+    os.environ["MICROAGENT_STATE_DIR"] = str(state_dir)
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "microagent_jupyter")
+    yield shell
+    shell.run_line_magic("unload_ext", "microagent_jupyter")
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Recorders for sys.stdout/sys.stderr, installed lazily: pytest re-installs its own capture streams at
+    the start of the call phase, after fixtures ran."""
+    out, err = Recorder(), Recorder()
+
+    class Lazy:
+        def __iter__(self):
+            monkeypatch.setattr(sys, "stdout", out)
+            monkeypatch.setattr(sys, "stderr", err)
+            return iter((out, err))
+
+    return Lazy()
+
+
+def test_run_streams_output_live_in_named_workspace(ip, shared_ws, captured):
+    out, err = captured
+    t0 = time.monotonic()
+    ip.run_cell_magic("microagent", f"run --name {shared_ws}", "echo a; echo e >&2; sleep 2; echo b\n")
+    end = time.monotonic()
+    assert out.text == "a\nb\n" and err.text == "e\n"
+    first_a = next(ts for ts, text in out.writes if "a" in text)
+    assert end - first_a >= 1.5, f"'a' arrived {end - first_a:.2f} s before the end (not streamed)"
+    assert first_a - t0 < end - t0
+
+
+def test_run_python_style_command_gets_cell_as_stdin(ip, shared_ws, captured):
+    out, _ = captured
+    # the command reads the cell body on stdin, as `%%microagent run python3` would with a python image
+    ip.run_cell_magic("microagent", f"run --name {shared_ws} sh -s -- x y", 'echo "args:$1,$2 env:$WS_ENV"\n')
+    assert out.text == "args:x,y env:from-create\n"
+
+
+def test_exit_codes_raise_unless_no_raise_error(ip, shared_ws, captured):
+    with pytest.raises(MicroagentCellError) as info:
+        ip.run_cell_magic("microagent", f"run --name {shared_ws}", "echo partial; exit 3\n")
+    assert info.value.exit_code == 3 and info.value.returncode == 3
+    assert info.value.result.stdout == b"partial\n"
+    assert "exited with code 3" in str(info.value)
+
+    ip.run_cell_magic("microagent", f"run --name {shared_ws} --no-raise-error --result res", "exit 5\n")
+    assert ip.user_ns["res"].exit_code == 5
+
+    with pytest.raises(MicroagentCellError) as info:
+        ip.run_cell_magic("microagent", f"run --name {shared_ws} --timeout 0.5", "sleep 5\n")
+    assert info.value.result.status == "timed_out"
+
+    with pytest.raises(MicroagentCellError) as info:
+        ip.run_line_magic("microagent", f"run --name {shared_ws} no-such-command-xyz")
+    assert info.value.exit_code == 127
+
+
+def test_out_and_err_variables(ip, shared_ws, captured):
+    out, err = captured
+    ip.run_cell_magic("microagent", f"run --name {shared_ws} --out o --err e -e GREETING=hello",
+                      'echo "$GREETING out"; echo "to err" >&2\n')
+    assert ip.user_ns["o"] == "hello out\n" and ip.user_ns["e"] == "to err\n"
+    assert out.text == "" and err.text == ""
+
+
+def test_exec_line_and_cell(ip, shared_ws, captured):
+    out, _ = captured
+    ip.run_line_magic("microagent", f"exec {shared_ws} -- echo from-line")
+    ip.run_cell_magic("microagent", f"exec {shared_ws} --cwd /tmp", "pwd\n")
+    assert out.text == "from-line\n/tmp\n"
+
+
+def test_one_shot_run_exit_code_and_delete(ip, engine: Engine, captured):
+    out, _ = captured
+    before = {i.name for i in engine.list()}
+    with pytest.raises(MicroagentCellError) as info:
+        ip.run_cell_magic("microagent", "run --profile tiny --delete", "echo one-shot; exit 7\n")
+    assert info.value.exit_code == 7 and out.text == "one-shot\n"
+    assert {i.name for i in engine.list()} == before  # deleted
+    assert run_names(engine) == []  # and nothing left running
+
+
+def test_help_and_usage_errors(ip):
+    assert "%%microagent run" in repr(ip.run_line_magic("microagent", ""))
+    assert "--no-raise-error" in repr(ip.run_line_magic("microagent", "run --help"))
+    assert "--size-mib" in repr(ip.run_line_magic("microagent", "volume -h"))
+    with pytest.raises(UsageError):
+        ip.run_line_magic("microagent", "frobnicate")
+    with pytest.raises(UsageError):
+        ip.run_line_magic("microagent", "run --memory lots")
+    with pytest.raises(NotFound):
+        ip.run_line_magic("microagent", "status no-such-ws")
+
+
+def test_query_line_magics_render_html_and_text(ip, shared_ws):
+    ps = ip.run_line_magic("microagent", "ps")
+    assert shared_ws in repr(ps) and "running" in repr(ps)
+    html = ps._repr_html_()
+    assert "<table" in html and shared_ws in html and "microagent-state-running" in html
+    listing = ip.run_line_magic("microagent", "list")
+    assert shared_ws in [d["name"] for d in listing]
+    status = ip.run_line_magic("microagent", f"status {shared_ws}")  # no kernel: a static record
+    assert "State:" in repr(status) and status["state"] == "running" and status["execReady"]["ready"]
+    assert "<table" in status._repr_html_()
+    logs = ip.run_line_magic("microagent", f"logs {shared_ws}")
+    assert "microagent-agent" in repr(logs)
+
+
+def test_lifecycle_line_magics_and_live_widgets(ip, engine: Engine):
+    name = "mg-life"
+    rec = ip.run_line_magic("microagent", f"create {name} --profile tiny")
+    assert rec["state"] == "prepared"
+    status = WorkspaceStatusWidget(engine, name, interval=0.2)
+    logw = SerialLogWidget(engine, name)
+    try:
+        assert status.state == "prepared" and not status._buttons["start"].disabled
+        msg = ip.run_line_magic("microagent", f"start {name}")
+        assert repr(msg) == f"Workspace {name}: running"
+        status.wait_for(lambda s: s == "running", 10)
+        assert status._buttons["start"].disabled and not status._buttons["halt"].disabled
+        assert "execReady" in repr(status) and "uptime" in repr(status)
+        deadline = time.monotonic() + 10
+        while "microagent-agent" not in logw.text and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "microagent-agent" in logw.text and logw.line_count > 0
+        # pause freezes the view but not the buffer
+        logw.paused = True
+        frozen = logw._view.value
+        engine.exec(name, ["sh", "-c", "echo marker-from-guest > /dev/console"])
+        deadline = time.monotonic() + 10
+        while "marker-from-guest" not in logw.text and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "marker-from-guest" in logw.text
+        time.sleep(0.6)
+        assert logw._view.value == frozen
+        logw.paused = False
+        deadline = time.monotonic() + 5
+        while "marker-from-guest" not in logw._view.value and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "marker-from-guest" in logw._view.value
+
+        polls = status.polls
+        engine.halt(name)  # changed behind the widget's back: the poller notices
+        assert status.wait_for(lambda s: s == "halted", 10) == "halted"
+        assert status.polls > polls
+        assert not status._buttons["start"].disabled and status._buttons["halt"].disabled
+        assert status._rows["uptime"][0].layout.display == "none"
+        # a button whose action fails shows the engine's message in the widget
+        status.action("halt", wait=True)
+        assert "halt failed" in status._message.value and "not running" in status._message.value
+
+        with pytest.raises(InvalidState):
+            ip.run_line_magic("microagent", f"halt {name}")
+    finally:
+        status.close()
+        logw.close()
+    time.sleep(1.2)
+    assert not status.polling and not logw.following
+    assert repr(ip.run_line_magic("microagent", f"delete {name}")) == f"Deleted workspace {name}"
+    with pytest.raises(NotFound):
+        engine.status(name)
+
+
+def test_volume_line_magics(ip, engine: Engine):
+    created = ip.run_line_magic("microagent", "volume create mgvol --size-mib 64")
+    assert created["name"] == "mgvol"
+    assert "mgvol" in repr(ip.run_line_magic("microagent", "volume list"))
+    assert ip.run_line_magic("microagent", "volume status mgvol")["name"] == "mgvol"
+    assert "Deleted volume mgvol" in repr(ip.run_line_magic("microagent", "volume delete mgvol"))
+    assert "mgvol" not in repr(ip.run_line_magic("microagent", "volume list"))
+
+
+# ---- a real kernel -----------------------------------------------------------------------------
+
+
+class Kernel:
+    def __init__(self, state_dir: Path):
+        self.km = KernelManager(kernel_name="python3")
+        self.km.start_kernel(env=kernel_env(state_dir))
+        self.kc = self.km.client()
+        self.kc.start_channels()
+        self.kc.wait_for_ready(timeout=60)
+
+    def execute(self, code: str, timeout: float = 120, on_msg=None) -> tuple[dict, list[dict]]:
+        msg_id = self.kc.execute(code)
+        msgs: list[dict] = []
+        deadline = time.monotonic() + timeout
+        reply = None
+        while True:
+            try:
+                msg = self.kc.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no idle from the kernel within {timeout} s; got {msgs}") from None
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            msgs.append(msg)
+            if on_msg:
+                on_msg(msg)
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                break
+        reply = self.kc.get_shell_msg(timeout=30)
+        assert reply["parent_header"]["msg_id"] == msg_id
+        return reply, msgs
+
+    def close(self) -> None:
+        self.kc.stop_channels()
+        self.km.shutdown_kernel(now=True)
+
+
+@pytest.fixture(scope="module")
+def kernel(state_dir: Path):
+    k = Kernel(state_dir)
+    reply, _ = k.execute("%load_ext microagent_jupyter")
+    assert reply["content"]["status"] == "ok"
+    yield k
+    k.close()
+
+
+def _stream_text(msgs: list[dict], name: str = "stdout") -> str:
+    return "".join(m["content"]["text"] for m in msgs if m["msg_type"] == "stream" and m["content"]["name"] == name)
+
+
+def test_kernel_streams_before_the_command_ends(kernel, shared_ws):
+    reply, msgs = kernel.execute(f"%%microagent run --name {shared_ws}\necho a; sleep 2; echo b")
+    assert reply["content"]["status"] == "ok"
+    assert _stream_text(msgs) == "a\nb\n"
+    first_a = next(m for m in msgs if m["msg_type"] == "stream" and "a" in m["content"]["text"])
+    assert "b" not in first_a["content"]["text"], "a and b arrived together: output was not streamed"
+    gap = (reply["header"]["date"] - first_a["header"]["date"]).total_seconds()
+    assert gap >= 1.5, f"'a' arrived only {gap:.2f} s before the execute_reply"
+
+
+def test_kernel_error_shows_exit_code_without_engine_traceback(kernel, shared_ws):
+    reply, msgs = kernel.execute(f"%%microagent run --name {shared_ws}\nexit 9")
+    assert reply["content"]["status"] == "error"
+    assert reply["content"]["ename"] == "MicroagentCellError"
+    errors = [m for m in msgs if m["msg_type"] == "error"]
+    assert errors and "exited with code 9" in "".join(errors[0]["content"]["traceback"])
+    reply, _ = kernel.execute(f"%%microagent run --name {shared_ws} --no-raise-error --out captured\nexit 9")
+    assert reply["content"]["status"] == "ok"
+    reply, msgs = kernel.execute("%microagent status no-such-ws")
+    assert reply["content"]["ename"] == "NotFound"
+    assert len(reply["content"]["traceback"]) == 1  # the message, not a trace through the engine
+
+
+def test_kernel_tables_are_html_with_a_text_fallback(kernel, shared_ws):
+    reply, msgs = kernel.execute("%microagent ps")
+    data = next(m["content"]["data"] for m in msgs if m["msg_type"] == "execute_result")
+    assert "<table" in data["text/html"] and shared_ws in data["text/html"]
+    assert data["text/plain"].startswith("NAME") and shared_ws in data["text/plain"]
+
+
+def test_kernel_status_magic_renders_a_live_widget(kernel, shared_ws):
+    reply, msgs = kernel.execute(f"w = %microagent status {shared_ws}\nw")
+    assert reply["content"]["status"] == "ok"
+    bundles = [m["content"]["data"] for m in msgs if m["msg_type"] == "execute_result"]
+    assert bundles and "application/vnd.jupyter.widget-view+json" in bundles[0]
+    assert f"Workspace {shared_ws}: running" in bundles[0]["text/plain"]
+    reply, msgs = kernel.execute("import time; n = w.polls; time.sleep(2); print(w.polls > n, w.polling)\n"
+                                 "w.close(); time.sleep(1.2); print(w.polling)")
+    assert _stream_text(msgs) == "True True\nFalse\n"
+    reply, msgs = kernel.execute(f"lw = %microagent logs {shared_ws}\nimport time; time.sleep(1); "
+                                 f"print('microagent-agent' in lw.text); lw.close()")
+    assert _stream_text(msgs) == "True\n"
+
+
+def test_kernel_interrupt_leaves_no_vm_running(kernel, engine: Engine):
+    started = threading.Event()
+
+    def watch(msg: dict) -> None:
+        if msg["msg_type"] == "stream" and "started" in msg["content"].get("text", ""):
+            started.set()
+
+    def interrupt() -> None:
+        if started.wait(180):
+            time.sleep(0.5)
+            kernel.km.interrupt_kernel()
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    t0 = time.monotonic()
+    reply, msgs = kernel.execute("%%microagent run --profile tiny\necho started; sleep 60; echo never",
+                                 on_msg=watch, timeout=240)
+    assert started.is_set()
+    assert time.monotonic() - t0 < 50, "the interrupt did not stop the guest command"
+    assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
+    assert "never" not in _stream_text(msgs)
+    assert "no VM is left running" in _stream_text(msgs, "stderr")
+    assert run_names(engine) == []
+    # the kernel is still usable
+    reply, msgs = kernel.execute("print('alive')")
+    assert _stream_text(msgs) == "alive\n"
