@@ -323,6 +323,12 @@ def cmd_pull(engine: Engine, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_commit(engine: Engine, args: argparse.Namespace) -> int:
+    img = engine.commit(args.name, args.ref)
+    _emit(args, img.to_json(), f"Committed {args.name} as {args.ref} ({img.id})")
+    return 0
+
+
 def cmd_profiles(engine: Engine, args: argparse.Namespace) -> int:
     rows = [[p.name, str(p.memory_mib), str(p.cpus), str(p.disk_mib)] for p in PROFILES.values()]
     data = [{"name": p.name, "memoryMiB": p.memory_mib, "cpuCount": p.cpus, "sizeMiB": p.disk_mib}
@@ -458,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("images", cmd_images, "cached images: images [list] | images rm REF | images prune")
     p.add_argument("images_cmd", nargs="?", choices=["list", "rm", "remove", "prune"])
     p.add_argument("ref", nargs="?")
+    p = add("commit", cmd_commit, "write a stopped workspace's rootfs as an OCI image: commit WS REF")
+    p.add_argument("name")
+    p.add_argument("ref")
     add("profiles", cmd_profiles, "resource profiles")
     add("doctor", cmd_doctor, "what this host can do (KVM or TCG, qemu, kernel, e2fsprogs)")
     return parser

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import hashlib
 import os
 import posixpath
 import secrets
@@ -11,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from .backends import get_backend
 from .backends.base import DiskSpec, VMSpec
 from .client import ExecResult, OutputCallback, SupervisorConnection
 from .config import default_state_dir, get_profile, hostname_for, validate_name
-from .errors import AlreadyExists, Busy, GuestError, InvalidArgument, InvalidState, NotFound
+from .errors import AlreadyExists, Busy, GuestError, HostError, InvalidArgument, InvalidState, NotFound
 from .fsutil import file_lock, write_json_atomic
 from .guest.initramfs import build_initramfs
 from .guest.kernel import Kernel, resolve_kernel
@@ -648,6 +650,40 @@ class Engine:
     def pull(self, ref: str) -> ImageInfo:
         """Fetch ``ref`` (re-resolving its tag) and build its rootfs image."""
         return self.images.ensure(ref, refresh=True)
+
+    def commit(self, name: str, ref: str) -> ImageInfo:
+        """Write a stopped workspace's rootfs as an OCI image (under ``<state-dir>/committed/``) that
+        ``create --image REF`` boots. The filesystem is checked first (``e2fsck -fn``)."""
+        from .images import reference
+        from .images.commit import rootfs_to_tar, write_layout
+        from .storage.ext4 import fsck
+
+        key = str(reference.parse(ref))
+        info = self._stopped(name)
+        if info.state.state not in ("halted", "stopped", "prepared", "failed"):
+            raise InvalidState(f"workspace {name!r} is {info.state.state}; halt or stop it before commit")
+        with file_lock(info.dir.ops_lock, blocking=False, what=f"workspace {name!r}"):
+            try:
+                fsck(info.dir.rootfs, fix=False)
+            except HostError as exc:
+                raise InvalidState(f"the rootfs of {name!r} is not clean, so it is not committed: {exc}. Start "
+                                   f"and halt the workspace (a clean shutdown), then commit again") from None
+            committed = self.state_dir / "committed"
+            committed.mkdir(parents=True, exist_ok=True)
+            layout = committed / hashlib.sha256(key.encode()).hexdigest()[:16]
+            with tempfile.TemporaryDirectory(dir=committed, prefix=".commit-") as tmp:
+                self.progress(f"Reading the rootfs of {name}")
+                layer = Path(tmp) / "layer.tar"
+                rootfs_to_tar(info.dir.rootfs, layer, Path(tmp) / "work")
+                config = {"Env": [f"{k}={v}" for k, v in info.config.env.items()],
+                          "WorkingDir": info.config.workdir, "Cmd": [info.config.shell]}
+                staged = Path(tmp) / "layout"
+                write_layout(staged, layer, config, "latest")
+                if layout.exists():
+                    shutil.rmtree(layout)
+                os.rename(staged, layout)
+        img = self.images.ensure(f"oci:{layout}:latest")
+        return self.images.tag(key, img.id)
 
     def prune_images(self) -> list[ImageInfo]:
         """Remove cached images (and their blobs) that no workspace was created from."""

@@ -60,3 +60,21 @@ def test_debian_image_runs_python_cell(engine: Engine, cli, registry: Registry) 
                "echo ${BASH_VERSINFO[0]}; cat /etc/debian_version | cut -d. -f1; ls /root")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.decode().split() == ["5", "12"]
+
+
+def test_commit_then_boot_the_committed_image(engine: Engine, cli) -> None:
+    engine.create("sculpt", profile="tiny", env={"ROLE": "sculptor"})
+    engine.start("sculpt")
+    engine.exec("sculpt", ["sh", "-c", "mkdir -p /opt/tool && echo v1 > /opt/tool/VERSION && "
+                                       "chmod 4750 /opt/tool/VERSION && ln /opt/tool/VERSION /opt/tool/hard && "
+                                       "ln -s /opt/tool/VERSION /opt/tool/soft"])
+    proc = cli("commit", "sculpt", "local/sculpt:v1")
+    assert proc.returncode != 0 and b"halt it first" in proc.stderr  # refused while running
+    engine.halt("sculpt")
+    proc = cli("commit", "sculpt", "local/sculpt:v1")
+    assert proc.returncode == 0, proc.stderr
+    proc = cli("run", "--delete", "--profile", "tiny", "local/sculpt:v1", "--", "sh", "-c",
+               "cat /opt/tool/soft; stat -c '%a %h' /opt/tool/VERSION; echo $ROLE")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode().split("\n")[:3] == ["v1", "4750 2", "sculptor"]
+    engine.delete("sculpt")

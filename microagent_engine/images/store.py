@@ -243,6 +243,21 @@ class ImageStore:
         self.progress(f"Image {resolved.id[:19]} ready ({content / 1e6:.0f} MB) in {time.monotonic() - started:.1f} s")
         return info
 
+    def tag(self, ref: str, image_id: str) -> ImageInfo:
+        """Make ``ref`` name the cached image ``image_id`` (used by commit); no network access."""
+        key = str(reference.parse(ref))
+        ext4, meta = self._paths(image_id)
+        with file_lock(self.dir / "locks" / f"{image_id[7:]}.lock", what=f"image {image_id}"):
+            info = self._load(image_id)
+            if info is None:
+                raise NotFound(f"image {image_id} is not in the cache")
+            if key not in info.refs:
+                info.refs.append(key)
+                write_json_atomic(meta, info.to_json())
+        with self._refs_locked() as refs:
+            refs[key] = image_id
+        return info
+
     def list(self) -> list[ImageInfo]:
         out = []
         for meta in sorted(self.dir.glob("oci-*.json")):
