@@ -15,7 +15,6 @@ from pathlib import Path
 from .config import PROFILES
 from .errors import InvalidArgument, MicroagentError
 from .protocol import FrameType
-from .spec import find_default_spec, load_spec, merge
 from .storage.volumes import DEFAULT_SIZE_MIB, render_created, render_deleted, render_list, render_status
 from .workspaces import Engine, WorkspaceInfo
 
@@ -93,6 +92,8 @@ def _create_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                  kernel=args.kernel, env=_env_pairs(args.env) or None, restart=args.restart, shell=args.shell,
                  setup=args.setup, entrypoint=args.entrypoint, mediation=args.mediation, volumes=args.volume,
                  disks=args.disk, bundles=args.bundle, outputs=args.output)
+    from .spec import find_default_spec, load_spec, merge  # imports yaml: only when creating
+
     spec_path = Path(args.file) if args.file else find_default_spec(Path.cwd())
     if spec_path is None:
         return {k: v for k, v in given.items() if v is not None}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import functools
 import hashlib
 import os
 import posixpath
@@ -17,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterator
 
 from .backends import get_backend
 from .backends.base import DiskSpec, VMSpec
@@ -29,7 +30,6 @@ from .guest.initramfs import build_initramfs
 from .guest.kernel import Kernel, resolve_kernel
 from .hostinfo import choose_accel
 from .images.builtin import BUILTIN_REF, builtin_image, is_builtin
-from .images.store import ImageInfo, ImageStore
 from .protocol import FrameType
 from .records import (
     ACTIVE,
@@ -52,6 +52,9 @@ from .storage.attachments import (
 from .storage.bundles import build_bundle
 from .storage.ext4 import clone_sized
 from .storage.volumes import VolumeRegistry
+
+if TYPE_CHECKING:
+    from .images.store import ImageInfo, ImageStore
 
 Progress = Callable[[str], None]
 NETWORK_MODES = {"user": "user", "isolated": "none", "none": "none"}
@@ -151,7 +154,13 @@ class Engine:
         self.progress: Progress = progress or (lambda _msg: None)
         self.backend = get_backend("qemu")
         self.volumes = VolumeRegistry(self.state_dir, self._holder_running)
-        self.images = ImageStore(self.state_dir, progress=self.progress)
+
+    @functools.cached_property
+    def images(self) -> "ImageStore":
+        """The OCI image cache (imported on first use: the registry client is not needed by most commands)."""
+        from .images.store import ImageStore
+
+        return ImageStore(self.state_dir, progress=self.progress)
 
     def _holder_running(self, name: str) -> bool:
         """Does workspace ``name`` hold its disks right now (running, or in the middle of starting)?"""
@@ -647,11 +656,11 @@ class Engine:
             pass
 
     # ---- images --------------------------------------------------------------------------------
-    def pull(self, ref: str) -> ImageInfo:
+    def pull(self, ref: str) -> "ImageInfo":
         """Fetch ``ref`` (re-resolving its tag) and build its rootfs image."""
         return self.images.ensure(ref, refresh=True)
 
-    def commit(self, name: str, ref: str) -> ImageInfo:
+    def commit(self, name: str, ref: str) -> "ImageInfo":
         """Write a stopped workspace's rootfs as an OCI image (under ``<state-dir>/committed/``) that
         ``create --image REF`` boots. The filesystem is checked first (``e2fsck -fn``)."""
         from .images import reference
@@ -685,7 +694,7 @@ class Engine:
         img = self.images.ensure(f"oci:{layout}:latest")
         return self.images.tag(key, img.id)
 
-    def prune_images(self) -> list[ImageInfo]:
+    def prune_images(self) -> list["ImageInfo"]:
         """Remove cached images (and their blobs) that no workspace was created from."""
         in_use = {i.config.image_id or i.config.image for i in self.list()}
         return self.images.prune(in_use)
