@@ -1,5 +1,6 @@
 # Two entry points do all set-up on a fresh Debian machine (as root):
-#   make demo   - the main job: boot a workspace from the built-in image and run a command in it
+#   make demo   - the main job, headless: execute notebooks/quickstart.ipynb in a real kernel (real microVMs)
+#   make lab    - the same notebook in JupyterLab (with the microagent side panel)
 #   make test   - the test suite (boots real VMs; TCG where there is no hardware virtualization)
 SHELL := /bin/bash
 VENV ?= .venv
@@ -7,7 +8,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := qemu-system-x86 e2fsprogs busybox-static gcc libc6-dev cpio lz4 zstd xz-utils docker-registry
 STATE_DIR ?= $(HOME)/.microagent
 
-.PHONY: setup apt venv demo test bench clean
+.PHONY: setup apt venv demo lab test bench clean
 
 setup: apt venv
 
@@ -28,13 +29,19 @@ venv: $(VENV)/.installed
 
 demo: setup
 	$(VENV)/bin/microagent doctor || true
-	$(VENV)/bin/microagent run --delete -- sh -c 'echo "hello from $$(hostname), kernel $$(uname -r)"; cat /etc/os-release | head -1'
+	$(VENV)/bin/microagent run --delete -- sh -c 'echo "hello from $$(hostname), kernel $$(uname -r)"'
+	$(PY) scripts/demo.py notebooks/quickstart.ipynb
+
+lab: setup
+	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --no-browser $(if $(filter 0,$(shell id -u)),--allow-root) \
+	  notebooks/quickstart.ipynb
 
 test: setup
 	$(PY) -m pytest -v -ra
 
 bench: setup
 	$(PY) bench/bench_core.py
+	$(PY) bench/bench_storage.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
