@@ -12,26 +12,13 @@ from typing import Any, Callable, Sequence
 from . import __version__
 from pathlib import Path
 
-from .config import PROFILES
+from .config import PROFILES, parse_env_pairs
 from .errors import InvalidArgument, MicroagentError
 from .protocol import FrameType
 from .storage.volumes import DEFAULT_SIZE_MIB, render_created, render_deleted, render_list, render_status
 from .workspaces import Engine, WorkspaceInfo
 
 Handler = Callable[[Engine, argparse.Namespace], int]
-
-
-def _env_pairs(pairs: list[str] | None) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            if key in os.environ:
-                value = os.environ[key]  # `-e NAME` passes the host's value, as docker does
-            else:
-                raise InvalidArgument(f"-e {pair!r}: use KEY=VALUE (or KEY to pass the host's value)")
-        out[key] = value
-    return out
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -89,7 +76,7 @@ def _create_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """create/run flags the user gave (None = not given, so a spec's value stays), merged over the spec."""
     given = dict(image=args.image, profile=args.profile, memory_mib=args.memory, cpus=args.cpus,
                  size_mib=args.size_mib, hostname=args.hostname, network=args.network, accel=args.accel,
-                 kernel=args.kernel, env=_env_pairs(args.env) or None, restart=args.restart, shell=args.shell,
+                 kernel=args.kernel, env=parse_env_pairs(args.env) or None, restart=args.restart, shell=args.shell,
                  setup=args.setup, entrypoint=args.entrypoint, mediation=args.mediation, volumes=args.volume,
                  disks=args.disk, bundles=args.bundle, outputs=args.output)
     from .spec import find_default_spec, load_spec, merge  # imports yaml: only when creating
@@ -135,7 +122,7 @@ def _writer(stream: Any) -> Callable[[bytes], None]:
 def cmd_exec(engine: Engine, args: argparse.Namespace) -> int:
     streaming = not args.json
     result = engine.exec(
-        args.name, args.command, env=_env_pairs(args.env), cwd=args.cwd, timeout=args.timeout,
+        args.name, args.command, env=parse_env_pairs(args.env), cwd=args.cwd, timeout=args.timeout,
         stdin=_stdin_source(args), capture=args.json,
         on_stdout=_writer(sys.stdout.buffer) if streaming else None,
         on_stderr=_writer(sys.stderr.buffer) if streaming else None)

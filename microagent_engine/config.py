@@ -38,6 +38,20 @@ def validate_name(name: str, kind: str = "workspace") -> str:
     return name
 
 
+def parse_env_pairs(pairs: list[str] | None) -> dict[str, str]:
+    """``KEY=VALUE`` strings from ``-e`` flags; ``KEY`` alone passes the host's value, as docker does."""
+    out: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            if key in os.environ:
+                value = os.environ[key]
+            else:
+                raise InvalidArgument(f"-e {pair!r}: use KEY=VALUE (or KEY to pass the host's value)")
+        out[key] = value
+    return out
+
+
 def hostname_for(name: str) -> str:
     """The workspace name sanitised as a Linux hostname (RFC 1123 label, at most 63 chars)."""
     label = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:63].strip("-")

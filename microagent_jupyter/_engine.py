@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import threading
 import time
@@ -10,57 +9,17 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from microagent_engine import Engine
-from microagent_engine.errors import InvalidArgument, MicroagentError
-
-# create() keyword arguments that newer engines accept; passed through only when the user gave them
-STORAGE_KWARGS = ("volumes", "disks", "bundles", "outputs")
-
-
-class FeatureUnavailable(MicroagentError):
-    """The engine this surface runs on does not provide a feature yet (volumes, cp, spec files...)."""
-
-    exit_code = 3
-
+from microagent_engine.config import parse_env_pairs as env_pairs  # noqa: F401 (re-exported)
+from microagent_engine.errors import MicroagentError
 
 def get_engine(state_dir: str | os.PathLike[str] | None = None) -> Engine:
     """An engine on ``state_dir`` (default: ``$MICROAGENT_STATE_DIR``, else ``~/.microagent``)."""
     return Engine(state_dir or os.environ.get("MICROAGENT_STATE_DIR") or None)
 
 
-def require(engine: Engine, attr: str, what: str) -> Any:
-    """The engine attribute ``attr``, or a clear error when this engine version lacks it."""
-    value = getattr(engine, attr, None)
-    if value is None:
-        raise FeatureUnavailable(f"{what} is not available in this version of microagent's engine "
-                                 f"(Engine.{attr} is missing); upgrade microagent")
-    return value
-
-
-def create_kwargs(engine: Engine, **kwargs: Any) -> dict[str, Any]:
-    """Drop unset values; check that storage options the user did give are supported by ``Engine.create``."""
-    out = {k: v for k, v in kwargs.items() if v is not None and not (k in STORAGE_KWARGS and not v)}
-    params = inspect.signature(engine.create).parameters
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    for key in list(out):
-        if key not in params and not accepts_any:
-            flag = {"volumes": "-v/--volume", "disks": "--disk", "bundles": "--bundle", "outputs": "--output"}
-            raise FeatureUnavailable(f"{flag.get(key, key)} is not supported by this version of microagent's "
-                                     f"engine (Engine.create has no {key!r} argument)")
-    return out
-
-
-def env_pairs(pairs: list[str] | None) -> dict[str, str]:
-    """``KEY=VALUE`` strings (``KEY`` alone takes the host's value, as docker and the CLI do)."""
-    out: dict[str, str] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            if key in os.environ:
-                value = os.environ[key]
-            else:
-                raise InvalidArgument(f"-e {pair!r}: use KEY=VALUE (or KEY to pass the host's value)")
-        out[key] = value
-    return out
+def create_kwargs(**kwargs: Any) -> dict[str, Any]:
+    """The create() arguments the user actually gave (unset values and empty lists dropped)."""
+    return {k: v for k, v in kwargs.items() if v is not None and v != []}
 
 
 def to_json(obj: Any) -> Any:

@@ -22,7 +22,7 @@ from microagent_engine import Engine, ExecResult
 from microagent_engine.errors import InvalidState, MicroagentError, NotFound
 
 from . import display as D
-from ._engine import FeatureUnavailable, create_kwargs, env_pairs, get_engine, require
+from ._engine import create_kwargs, env_pairs, get_engine
 
 STARTABLE = ("prepared", "halted", "stopped", "failed")
 BUILTIN_IMAGES = ("builtin", "microagent/builtin", "builtin:latest")
@@ -294,18 +294,18 @@ class MicroagentMagics(Magics):
             if len(parts) != 2:
                 raise UsageError("usage: %microagent cp SRC DST   (one side is WORKSPACE:/path or "
                                  "WORKSPACE:DISK:/path)")
-            result = require(engine, "cp", "cp")(parts[0], parts[1])
+            result = engine.cp(parts[0], parts[1])
             return D.Message(f"Copied {parts[0]} → {parts[1]}", D.to_json(result) if result is not None else None)
         if sub == "outputs":
             name = self._one_name(sub, rest)
-            rows = require(engine, "outputs", "declared outputs")(name)
+            rows = engine.outputs(name)
             return D.Table(["NAME", "PATH", "EXISTS"], [[o["name"], o["path"], o.get("exists")] for o in rows],
                            data=rows, empty="(no declared outputs)")
         if sub == "output":
             parts = rest.split()
             if len(parts) not in (2, 3):
                 raise UsageError("usage: %microagent output NAME OUTPUT [HOST_DEST]")
-            got = require(engine, "output_get", "declared outputs")(*parts)
+            got = engine.output_get(*parts)
             if isinstance(got, bytes):
                 return _Text(got.decode(errors="replace"))
             return D.Message(f"Output {parts[1]} of {parts[0]} copied to {got}", {"path": str(got)})
@@ -351,7 +351,7 @@ class MicroagentMagics(Magics):
             overrides = merge(spec_kwargs, overrides)
         name, env = overrides.pop("name", None), overrides.pop("env", None)
         storage = {k: overrides.pop(k) for k in ("volumes", "disks", "bundles", "outputs") if k in overrides}
-        kwargs = create_kwargs(engine, **overrides, **storage)
+        kwargs = create_kwargs(**overrides, **storage)
         info = engine.create(name, env=env, **kwargs)
         if args.start:
             info = engine.start(info.name)
@@ -359,14 +359,9 @@ class MicroagentMagics(Magics):
 
     @staticmethod
     def _spec_kwargs(path: str | None) -> dict[str, Any] | None:
-        try:
-            from microagent_engine import spec
-        except ImportError:
-            if path:
-                raise FeatureUnavailable("workspace specs (--file) are not supported by this version of "
-                                         "microagent's engine") from None
-            return None
         from pathlib import Path
+
+        from microagent_engine import spec
 
         found = Path(path).expanduser() if path else spec.find_default_spec(Path.cwd())
         if found is None:
@@ -376,7 +371,7 @@ class MicroagentMagics(Magics):
         return spec.load_spec(found).to_create_kwargs()
 
     def _volume(self, engine: Engine, args: argparse.Namespace) -> Any:
-        volumes = require(engine, "volumes", "named volumes")
+        volumes = engine.volumes
         action = {"ls": "list", "rm": "delete"}.get(args.action, args.action)
         if action != "list" and not args.name:
             raise UsageError(f"usage: %microagent volume {action} NAME")
@@ -416,7 +411,7 @@ class MicroagentMagics(Magics):
         argv = command or ["/bin/sh"]
         stdin = cell.encode() if cell is not None else None
         env = env_pairs(args.env)
-        ckw = create_kwargs(engine, image=image, profile=args.profile, memory_mib=args.memory, cpus=args.cpus,
+        ckw = create_kwargs(image=image, profile=args.profile, memory_mib=args.memory, cpus=args.cpus,
                             size_mib=args.size_mib, network=args.network, volumes=args.volume, disks=args.disk,
                             bundles=args.bundle, outputs=args.output)
         out, err = self._stream(args)

@@ -30,7 +30,7 @@ from microagent_engine.errors import (
     NotFound,
 )
 
-from .._engine import FeatureUnavailable, create_kwargs, get_engine, require, tail_serial_log
+from .._engine import create_kwargs, get_engine, tail_serial_log
 from .config import MicroagentConfig
 
 NAME = r"(?P<name>[^/]+)"
@@ -48,7 +48,7 @@ class BadRequest(Exception):
 def error_status(exc: BaseException) -> int:
     """The one place engine errors are mapped to HTTP status codes."""
     for cls, status in ((Forbidden, 403), (BadRequest, 400), (InvalidArgument, 400), (NotFound, 404),
-                        (AlreadyExists, 409), (InvalidState, 409), (Busy, 409), (FeatureUnavailable, 501),
+                        (AlreadyExists, 409), (InvalidState, 409), (Busy, 409),
                         (ExecTimeout, 504), (GuestError, 502), (HostError, 503), (MicroagentError, 500)):
         if isinstance(exc, cls):
             return status
@@ -198,7 +198,7 @@ class WorkspacesHandler(BaseHandler):
             if body.get(key) is not None and not isinstance(body[key], str):
                 raise BadRequest(f"{key!r} must be a string")
         setup = _strings(body.get("setup"), "setup") or None
-        kwargs = create_kwargs(self.engine, image=image, profile=body.get("profile"), memory_mib=memory, cpus=cpus,
+        kwargs = create_kwargs(image=image, profile=body.get("profile"), memory_mib=memory, cpus=cpus,
                                size_mib=size, network=body.get("network"), hostname=body.get("hostname"),
                                restart=body.get("restart"), shell=body.get("shell"), setup=setup,
                                entrypoint=body.get("entrypoint"), volumes=volumes, disks=disks, bundles=bundles,
@@ -333,7 +333,7 @@ class VolumesHandler(BaseHandler):
     @tornado.web.authenticated
     async def get(self) -> None:
         async def go() -> None:
-            volumes = require(self.engine, "volumes", "named volumes")
+            volumes = self.engine.volumes
             vols = await self.call(volumes.list)
             self.send_json([v.to_json() for v in vols])
         await self.guarded(go)
@@ -341,7 +341,7 @@ class VolumesHandler(BaseHandler):
     @tornado.web.authenticated
     async def post(self) -> None:
         async def go() -> None:
-            volumes = require(self.engine, "volumes", "named volumes")
+            volumes = self.engine.volumes
             body = self.body()
             unknown = set(body) - {"name", "sizeMiB"}
             if unknown:
@@ -359,7 +359,7 @@ class VolumeHandler(BaseHandler):
     @tornado.web.authenticated
     async def get(self, name: str) -> None:
         async def go() -> None:
-            volumes = require(self.engine, "volumes", "named volumes")
+            volumes = self.engine.volumes
             vol = await self.call(volumes.get, name)
             self.send_json(vol.to_json())
         await self.guarded(go)
@@ -367,7 +367,7 @@ class VolumeHandler(BaseHandler):
     @tornado.web.authenticated
     async def delete(self, name: str) -> None:
         async def go() -> None:
-            volumes = require(self.engine, "volumes", "named volumes")
+            volumes = self.engine.volumes
             force = self.get_query_argument("force", "0") in ("1", "true", "yes")
             await self.call(volumes.delete, name, force=force)
             self.send_json({"name": name, "deleted": True})
