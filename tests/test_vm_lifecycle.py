@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -40,14 +42,21 @@ def test_halt_start_persists_and_refusals(engine: Engine, cli) -> None:
     assert engine.status(name).state.state == "running"
 
     engine.exec(name, ["sh", "-c", "echo 'notes from run 1' > /root/notes.txt"])
+    # logs -f follows the console while the workspace runs and ends by itself when it halts
+    follower = subprocess.Popen([sys.executable, "-m", "microagent_engine", "--state-dir", str(engine.state_dir),
+                                 "logs", "-f", name], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(0.5)
+    engine.exec(name, ["sh", "-c", "echo followed-line > /dev/console"])
     info = engine.halt(name)
+    out, _ = follower.communicate(timeout=20)
+    assert follower.returncode == 0
+    assert b"microagent: boot at" in out and b"followed-line" in out
     assert info.state.state == "halted"
     assert not process_matches(info.state.vm_pid, info.state.vm_start_time)
     proc = cli("exec", name, "--", "true")
     assert proc.returncode != 0 and b"is halted" in proc.stderr and b"microagent start life" in proc.stderr
 
     # the write is in the ext4 image itself, readable on the host with e2fsprogs while halted
-    import subprocess
     dump = subprocess.run(["debugfs", "-R", "cat /root/notes.txt", str(info.dir.rootfs)], capture_output=True)
     assert dump.stdout == b"notes from run 1\n"
 

@@ -111,16 +111,16 @@ def test_failing_setup_leaves_failed_state_with_output(engine: Engine, cli) -> N
     engine.delete("badsetup")
 
 
-@pytest.mark.parametrize("policy,restarts", [("on-failure", True), ("never", False)])
-def test_restart_policy_on_entrypoint_crash(engine: Engine, policy: str, restarts: bool) -> None:
+@pytest.mark.parametrize("policy,code,restarts", [("on-failure", 1, True), ("never", 1, False), ("always", 0, True)])
+def test_restart_policy_on_entrypoint_exit(engine: Engine, policy: str, code: int, restarts: bool) -> None:
     name = f"crashy-{policy}"
-    engine.create(name, profile="tiny", restart=policy, entrypoint="echo crashing; exit 1")
+    engine.create(name, profile="tiny", restart=policy, entrypoint=f"echo exiting; exit {code}")
     engine.start(name)
     if restarts:
         assert _wait(lambda: engine.status(name).state.restart_count >= 1, 60)
         assert _wait(lambda: engine.status(name).state.state == "running", 60)
     else:
-        assert _wait(lambda: engine.status(name).state.entrypoint == "exited 1", 30)
+        assert _wait(lambda: engine.status(name).state.entrypoint == f"exited {code}", 30)
         time.sleep(2)
         st = engine.status(name).state
         assert (st.state, st.restart_count) == ("running", 0)
