@@ -20,12 +20,12 @@ from IPython.utils.text import dedent
 
 from microagent_engine import Engine, ExecResult
 from microagent_engine.errors import InvalidState, MicroagentError, NotFound
+from microagent_engine.images.builtin import BUILTIN_NAMES as BUILTIN_IMAGES
+from microagent_engine.records import STARTABLE
 
 from . import display as D
 from ._engine import create_kwargs, env_pairs, get_engine
 
-STARTABLE = ("prepared", "halted", "stopped", "failed")
-BUILTIN_IMAGES = ("builtin", "microagent/builtin", "builtin:latest")
 LIFECYCLE = ("start", "halt", "stop", "kill")
 
 

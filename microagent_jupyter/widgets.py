@@ -20,13 +20,12 @@ from traitlets import Bool, Float, Int, Unicode
 
 from microagent_engine import Engine
 from microagent_engine.errors import MicroagentError, NotFound
+from microagent_engine.records import ACTIVE, STARTABLE
+from microagent_engine.records import READINESS_SIGNALS as READINESS
 
 from ._engine import tail_serial_log
 from .display import readiness_text, state_badge
 
-STARTABLE = ("prepared", "halted", "stopped", "failed")
-ACTIVE = ("starting", "running", "stopping")
-READINESS = ("guestReady", "execReady", "shellReady", "mediationReady")
 
 
 def _parse_time(value: str | None) -> datetime | None:
