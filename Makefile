@@ -5,10 +5,11 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := qemu-system-x86 e2fsprogs busybox-static gcc libc6-dev cpio lz4 zstd xz-utils docker-registry
+APT_PACKAGES := qemu-system-x86 e2fsprogs busybox-static gcc libc6-dev cpio lz4 zstd xz-utils docker-registry \
+  chromium
 STATE_DIR ?= $(HOME)/.microagent
 
-.PHONY: setup apt venv demo lab test bench clean
+.PHONY: setup apt venv demo lab test bench clean labextension labextension-check
 
 setup: apt venv
 
@@ -27,6 +28,19 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# Playwright (npm playwright-core) drives Debian's /usr/bin/chromium; it never downloads a browser
+ui-tests/node_modules/.installed: ui-tests/package-lock.json
+	cd ui-tests && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# Rebuild the JupyterLab panel from labextension/src (the built assets are committed in
+# microagent_jupyter/labextension; labextension-check verifies they match the sources)
+labextension: venv
+	cd labextension && PATH=$(abspath $(VENV))/bin:$$PATH jlpm install && PATH=$(abspath $(VENV))/bin:$$PATH jlpm build:prod
+
+labextension-check: labextension
+	git diff --exit-code --stat -- microagent_jupyter/labextension
+
 demo: setup
 	$(VENV)/bin/microagent doctor || true
 	$(VENV)/bin/microagent run --delete -- sh -c 'echo "hello from $$(hostname), kernel $$(uname -r)"'
@@ -36,7 +50,7 @@ lab: setup
 	$(VENV)/bin/jupyter lab --ip 127.0.0.1 --no-browser $(if $(filter 0,$(shell id -u)),--allow-root) \
 	  notebooks/quickstart.ipynb
 
-test: setup
+test: setup ui-tests/node_modules/.installed
 	$(PY) -m pytest -v -ra
 
 bench: setup

@@ -54,3 +54,8 @@ def __getattr__(name: str) -> Any:  # lazy: importing the package must not pull 
 
         return MicroagentConfig
     raise AttributeError(name)
+
+
+def _jupyter_labextension_paths() -> list[dict[str, str]]:
+    """Where JupyterLab finds the prebuilt side panel (``jupyter labextension develop`` uses it too)."""
+    return [{"src": "labextension", "dest": "microagent-jupyter"}]
