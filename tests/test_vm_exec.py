@@ -151,3 +151,38 @@ def test_ps_lists_running(cli, shared_ws: str) -> None:
     lines = proc.stdout.decode().splitlines()
     assert lines[0].split() == ["NAME", "STATE", "BACKEND", "PROFILE", "NETWORK", "RESTART"]
     assert any(line.split()[:2] == [shared_ws, "running"] for line in lines[1:])
+
+
+def test_connect_interactive_console(state_dir, shared_ws: str) -> None:
+    """`microagent connect` on a real terminal (a pty): type into the guest's console shell, detach with Ctrl-]."""
+    import pty
+    import select
+    import sys
+
+    env = {**os.environ, "MICROAGENT_STATE_DIR": str(state_dir)}
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the CLI with the pty as its terminal
+        os.execve(sys.executable, [sys.executable, "-m", "microagent_engine", "connect", shared_ws], env)
+    seen = b""
+
+    def read_until(marker: bytes, limit: float = 20.0) -> bytes:
+        nonlocal seen
+        deadline = time.monotonic() + limit
+        while marker not in seen and time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.2)[0]:
+                try:
+                    seen += os.read(fd, 4096)
+                except OSError:
+                    break
+        return seen
+
+    try:
+        assert b"Ctrl-]" in read_until(b"Ctrl-]")
+        os.write(fd, b"echo inter$((40+2))active\r")
+        assert b"inter42active" in read_until(b"inter42active")  # computed by the guest's shell
+        os.write(fd, b"\x1d")
+        assert b"Detached." in read_until(b"Detached.")
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        os.close(fd)
