@@ -29,7 +29,8 @@ def diagnose(engine: "Engine") -> dict[str, Any]:
     accel = choose_accel()
     checks = [
         _check("qemu", lambda: engine.backend.version()),
-        {"name": "kvm", "ok": True, "detail": ("usable: " if kvm_ok else "not usable: ") + kvm_why},
+        {"name": "kvm", "ok": kvm_ok, "optional": True,
+         "detail": ("usable: " if kvm_ok else "not usable (VMs run under TCG): ") + kvm_why},
         {"name": "accelerator", "ok": True, "detail": f"{accel.accel} ({accel.reason})"},
     ]
     for tool in ("mkfs.ext4", "e2fsck", "resize2fs", "debugfs"):
@@ -61,12 +62,15 @@ def diagnose(engine: "Engine") -> dict[str, Any]:
         return f"{engine.state_dir} ({free} MiB free)"
 
     checks.append(_check("state dir", state_dir))
-    return {"ok": all(c["ok"] for c in checks), "accel": accel.accel, "checks": checks,
+    return {"ok": all(c["ok"] or c.get("optional") for c in checks), "accel": accel.accel, "checks": checks,
             "installHints": INSTALL_HINTS}
 
 
 def render(report: dict[str, Any]) -> str:
-    lines = [f"{'ok ' if c['ok'] else 'NO '} {c['name']:<20} {c['detail']}" for c in report["checks"]]
+    def mark(c: dict[str, Any]) -> str:
+        return "ok " if c["ok"] else ("-- " if c.get("optional") else "NO ")
+
+    lines = [f"{mark(c)} {c['name']:<20} {c['detail']}" for c in report["checks"]]
     lines.append("")
     lines.append(f"VMs on this host run under {report['accel'].upper()}" +
                  (" (hardware virtualization)." if report["accel"] == "kvm" else " (software emulation: seconds per boot)."))
