@@ -75,7 +75,7 @@ def test_halt_start_persists_and_refusals(engine: Engine, cli) -> None:
 
 def test_vm_killed_from_outside_becomes_failed(engine: Engine, cli) -> None:
     name = "crash"
-    engine.create(name, profile="tiny")
+    engine.create(name, profile="tiny", network="isolated")
     info = engine.start(name)
     os.kill(info.state.vm_pid, signal.SIGKILL)
     assert _wait_state(engine, name, "failed") == "failed"
@@ -86,6 +86,9 @@ def test_vm_killed_from_outside_becomes_failed(engine: Engine, cli) -> None:
     # a failed workspace can be started again
     engine.start(name)
     assert engine.exec(name, ["echo", "back"]).stdout == b"back\n"
+    # --network isolated: no NIC at all, only loopback
+    links = engine.exec(name, ["ip", "-o", "link"]).stdout.decode()
+    assert "lo:" in links and "eth0" not in links
 
     # the supervisor itself dies: its VM goes with it and the record says failed, not running
     sup = engine.status(name).state.supervisor_pid
