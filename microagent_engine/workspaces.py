@@ -315,6 +315,7 @@ class Engine:
             cfg.workdir = img.config.get("WorkingDir") or "/"
             cfg.size_mib = max(cfg.size_mib, img.size_mib)
         self.workspaces_dir.mkdir(parents=True, exist_ok=True)
+        self._sweep_leftovers()
         staging = WorkspaceDir(self.workspaces_dir / f".creating-{name}-{secrets.token_hex(4)}")
         staging.path.mkdir()
         try:
@@ -335,6 +336,19 @@ class Engine:
             if staging.path.exists():
                 shutil.rmtree(staging.path, ignore_errors=True)
         return self._info(ws)
+
+    def _sweep_leftovers(self, stale_after: float = 3600.0) -> None:
+        """Remove what a killed create or delete left behind: a ``.deleting-*`` directory (the delete had
+        committed by renaming) and a ``.creating-*`` one older than ``stale_after`` seconds."""
+        now = time.time()
+        for path in self.workspaces_dir.glob(".*-*"):
+            try:
+                stale = path.name.startswith(".deleting-") or (
+                    path.name.startswith(".creating-") and now - path.stat().st_mtime > stale_after)
+            except FileNotFoundError:
+                continue
+            if stale:
+                shutil.rmtree(path, ignore_errors=True)
 
     @staticmethod
     def _check_file(entry: dict[str, Any]) -> tuple[Path, str, int | None]:

@@ -102,3 +102,18 @@ def test_doctor_reports_accelerator(cli) -> None:
     assert names["qemu"]["ok"] and "QEMU emulator" in names["qemu"]["detail"]
     if os.path.exists("/sys/module/kvm_pvm"):
         assert report["accel"] == "tcg" and "kvm_pvm" in names["kvm"]["detail"]
+
+
+def test_leftovers_of_a_killed_delete_or_create_are_swept(engine: Engine) -> None:
+    wsdir = engine.state_dir / "workspaces"
+    wsdir.mkdir(parents=True, exist_ok=True)
+    (wsdir / ".deleting-gone-1234").mkdir()
+    old = wsdir / ".creating-old-5678"
+    old.mkdir()
+    os.utime(old, (0, 0))
+    fresh = wsdir / ".creating-busy-9abc"  # another process may be creating right now
+    fresh.mkdir()
+    engine.create("sweeper", profile="tiny")
+    assert not (wsdir / ".deleting-gone-1234").exists() and not old.exists() and fresh.exists()
+    fresh.rmdir()
+    engine.delete("sweeper")
