@@ -22,6 +22,7 @@ export class LogView {
   private _loaded = false;
   private _bytes = 0; // bytes of the log file already shown
   private _follow = true;
+  private _autoTop = 0; // scrollTop where the view was last scrolled to the end by us
   private _generation = 0;
 
   constructor() {
@@ -50,11 +51,15 @@ export class LogView {
     this._text = document.createTextNode('');
     this._pre.appendChild(this._text);
     this._pre.addEventListener('scroll', () => {
+      // Scroll events arrive after the fact: one caused by our own scroll-to-end may land after more text
+      // was appended. Only a move above where we last put the view is the user scrolling up.
       const atEnd =
         this._pre.scrollHeight - this._pre.scrollTop - this._pre.clientHeight <
         8;
-      if (atEnd !== this._follow) {
-        this._follow = atEnd;
+      const userMovedUp = this._pre.scrollTop < this._autoTop - 4;
+      const follow = atEnd || (this._follow && !userMovedUp);
+      if (follow !== this._follow) {
+        this._follow = follow;
         this._updateFollow();
       }
     });
@@ -78,6 +83,7 @@ export class LogView {
     this._loaded = false;
     this._text.data = '';
     this._follow = true;
+    this._autoTop = 0;
     this._updateFollow();
     this._title.textContent = name ? `Serial log: ${name}` : 'Serial log';
     this._pre.dataset.workspace = name ?? '';
@@ -188,6 +194,7 @@ export class LogView {
 
   private _scrollToEnd(): void {
     this._pre.scrollTop = this._pre.scrollHeight;
+    this._autoTop = this._pre.scrollTop;
   }
 
   private _updateFollow(): void {
