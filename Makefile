@@ -9,7 +9,7 @@ APT_PACKAGES := qemu-system-x86 e2fsprogs busybox-static gcc libc6-dev cpio lz4 
   chromium
 STATE_DIR ?= $(HOME)/.microagent
 
-.PHONY: setup apt venv demo lab test bench clean labextension labextension-check
+.PHONY: setup apt venv demo lab test bench clean labextension labextension-check panel-into-venv
 
 setup: apt venv
 
@@ -24,7 +24,14 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	$(MAKE) --no-print-directory panel-into-venv
 	touch $@
+
+# an editable install copies the panel's build once; refresh it after a rebuild
+LABEXT_DEST := $(VENV)/share/jupyter/labextensions/microagent-jupyter
+panel-into-venv:
+	rm -rf $(LABEXT_DEST) && mkdir -p $(LABEXT_DEST)
+	cp -r microagent_jupyter/labextension/. labextension/install.json $(LABEXT_DEST)/
 
 venv: $(VENV)/.installed
 
@@ -37,6 +44,7 @@ ui-tests/node_modules/.installed: ui-tests/package-lock.json
 # microagent_jupyter/labextension; labextension-check verifies they match the sources)
 labextension: venv
 	cd labextension && PATH=$(abspath $(VENV))/bin:$$PATH jlpm install && PATH=$(abspath $(VENV))/bin:$$PATH jlpm build:prod
+	$(MAKE) --no-print-directory panel-into-venv
 
 labextension-check: labextension
 	git diff --exit-code --stat -- microagent_jupyter/labextension
