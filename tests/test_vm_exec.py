@@ -70,32 +70,43 @@ def test_relative_cwd_rejected(engine: Engine, shared_ws: str) -> None:
 
 
 def test_concurrent_execs(engine: Engine, shared_ws: str) -> None:
-    results: dict[int, bytes] = {}
+    """Four execs that can only finish together: each marks its arrival, then waits for all four marks. If the
+    engine ran them one after another, the first would wait until its timeout."""
+    engine.exec(shared_ws, ["rm", "-rf", "/tmp/rendezvous"])
+    engine.exec(shared_ws, ["mkdir", "/tmp/rendezvous"])
+    results: dict[int, tuple[str, bytes]] = {}
 
     def one(i: int) -> None:
-        results[i] = engine.exec(shared_ws, ["sh", "-c", f"sleep 1; echo {i}"]).stdout
+        script = (f"touch /tmp/rendezvous/{i}; "
+                  "while [ $(ls /tmp/rendezvous | wc -l) -lt 4 ]; do sleep 0.05; done; echo " + str(i))
+        r = engine.exec(shared_ws, ["sh", "-c", script], timeout=120)
+        results[i] = (r.status, r.stdout)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
-    t0 = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    elapsed = time.monotonic() - t0
-    assert results == {i: f"{i}\n".encode() for i in range(4)}
-    # they overlapped in the guest: four 1-second sleeps in sequence cannot finish in under 4 s
-    assert elapsed < 4.0, f"execs did not run concurrently ({elapsed:.1f} s)"
+    assert results == {i: ("exited", f"{i}\n".encode()) for i in range(4)}
 
 
 def test_output_streams_before_exit(engine: Engine, shared_ws: str) -> None:
-    seen: list[tuple[float, bytes]] = []
-    t0 = time.monotonic()
-    r = engine.exec(shared_ws, ["sh", "-c", "echo first; sleep 2; echo second"],
-                    on_stdout=lambda b: seen.append((time.monotonic() - t0, b)))
-    end = time.monotonic() - t0
-    assert r.stdout == b"first\nsecond\n"
-    assert seen[0][1] == b"first\n"
-    assert end - seen[0][0] >= 1.5  # "first" arrived while the command was still sleeping
+    """The command prints, then waits for a file that the test creates only after it has seen that output:
+    without streaming it could never finish (it would time out instead)."""
+    engine.exec(shared_ws, ["rm", "-f", "/tmp/go"])
+    seen: list[bytes] = []
+    released = threading.Event()
+
+    def on_stdout(data: bytes) -> None:
+        seen.append(data)
+        if b"first" in b"".join(seen) and not released.is_set():
+            released.set()
+            threading.Thread(target=engine.exec, args=(shared_ws, ["touch", "/tmp/go"])).start()
+
+    r = engine.exec(shared_ws, ["sh", "-c", "echo first; while [ ! -e /tmp/go ]; do sleep 0.05; done; echo second"],
+                    on_stdout=on_stdout, timeout=120)
+    assert (r.status, r.stdout) == ("exited", b"first\nsecond\n")
+    assert seen[0] == b"first\n"
 
 
 def test_guest_kernel_is_not_host_kernel(engine: Engine, shared_ws: str) -> None:
