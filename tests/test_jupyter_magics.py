@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from IPython.core.error import UsageError
@@ -69,15 +70,28 @@ def captured(monkeypatch):
     return Lazy()
 
 
-def test_run_streams_output_live_in_named_workspace(ip, shared_ws, captured):
+def _release_when(seen: Callable[[], bool], engine: Engine, ws: str, flag: str) -> threading.Thread:
+    """Create ``flag`` in the guest once ``seen()`` is true: a cell waiting for it ends only if its first
+    output reached us while it was still running."""
+    def run() -> None:
+        deadline = time.monotonic() + 120
+        while not seen() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        engine.exec(ws, ["touch", flag])
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_run_streams_output_live_in_named_workspace(ip, engine, shared_ws, captured):
     out, err = captured
-    t0 = time.monotonic()
-    ip.run_cell_magic("microagent", f"run --name {shared_ws}", "echo a; echo e >&2; sleep 2; echo b\n")
-    end = time.monotonic()
+    engine.exec(shared_ws, ["rm", "-f", "/tmp/go-ipy"])
+    _release_when(lambda: "a" in out.text, engine, shared_ws, "/tmp/go-ipy")
+    ip.run_cell_magic("microagent", f"run --name {shared_ws} --timeout 150",
+                      "echo a; echo e >&2; while [ ! -e /tmp/go-ipy ]; do sleep 0.05; done; echo b\n")
     assert out.text == "a\nb\n" and err.text == "e\n"
-    first_a = next(ts for ts, text in out.writes if "a" in text)
-    assert end - first_a >= 1.5, f"'a' arrived {end - first_a:.2f} s before the end (not streamed)"
-    assert first_a - t0 < end - t0
+    assert [text for _, text in out.writes if text.strip()][0] == "a\n"
 
 
 def test_run_python_style_command_gets_cell_as_stdin(ip, shared_ws, captured):
@@ -271,14 +285,22 @@ def _stream_text(msgs: list[dict], name: str = "stdout") -> str:
     return "".join(m["content"]["text"] for m in msgs if m["msg_type"] == "stream" and m["content"]["name"] == name)
 
 
-def test_kernel_streams_before_the_command_ends(kernel, shared_ws):
-    reply, msgs = kernel.execute(f"%%microagent run --name {shared_ws}\necho a; sleep 2; echo b")
+def test_kernel_streams_before_the_command_ends(kernel, engine, shared_ws):
+    """The guest waits for a file the test creates only after an iopub stream message carried "a"."""
+    engine.exec(shared_ws, ["rm", "-f", "/tmp/go-kernel"])
+    got_a = threading.Event()
+
+    def watch(msg: dict) -> None:
+        if msg["msg_type"] == "stream" and "a" in msg["content"].get("text", ""):
+            got_a.set()
+
+    _release_when(got_a.is_set, engine, shared_ws, "/tmp/go-kernel")
+    reply, msgs = kernel.execute(f"%%microagent run --name {shared_ws} --timeout 150\n"
+                                 "echo a; while [ ! -e /tmp/go-kernel ]; do sleep 0.05; done; echo b", on_msg=watch)
     assert reply["content"]["status"] == "ok"
     assert _stream_text(msgs) == "a\nb\n"
     first_a = next(m for m in msgs if m["msg_type"] == "stream" and "a" in m["content"]["text"])
     assert "b" not in first_a["content"]["text"], "a and b arrived together: output was not streamed"
-    gap = (reply["header"]["date"] - first_a["header"]["date"]).total_seconds()
-    assert gap >= 1.5, f"'a' arrived only {gap:.2f} s before the execute_reply"
 
 
 def test_kernel_error_shows_exit_code_without_engine_traceback(kernel, shared_ws):
@@ -328,11 +350,9 @@ def test_kernel_interrupt_leaves_no_vm_running(kernel, engine: Engine):
             kernel.km.interrupt_kernel()
 
     threading.Thread(target=interrupt, daemon=True).start()
-    t0 = time.monotonic()
     reply, msgs = kernel.execute("%%microagent run --profile tiny\necho started; sleep 60; echo never",
                                  on_msg=watch, timeout=240)
     assert started.is_set()
-    assert time.monotonic() - t0 < 50, "the interrupt did not stop the guest command"
     assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
     assert "never" not in _stream_text(msgs)
     assert "no VM is left running" in _stream_text(msgs, "stderr")
