@@ -63,6 +63,12 @@ export class LogView {
         this._updateFollow();
       }
     });
+    // the pane changes height as the lists above it grow or shrink: stay pinned to the end while following
+    new ResizeObserver(() => {
+      if (this._follow) {
+        this._scrollToEnd();
+      }
+    }).observe(this._pre);
     this.node.append(header, this._pre);
     this._setPlaceholder('Select a workspace to see its serial console.');
   }
