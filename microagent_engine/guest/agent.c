@@ -1358,42 +1358,64 @@ static void dispatch(int type, uint32_t stream, const unsigned char *p, size_t l
     }
 }
 
-static void read_channel(void)
+/* one frame channel's reading side: where it is, what to do with a frame, a loss, an oversized frame */
+struct frame_reader {
+    int *fd;
+    unsigned char **buf;
+    size_t *len;
+    void (*dispatch)(int type, uint32_t stream, const unsigned char *p, size_t len);
+    void (*lost)(const char *why);
+    void (*oversized)(uint32_t stream, uint32_t len);
+};
+
+/* read what the channel has, dispatch every complete frame, keep the partial rest */
+static void read_frames(const struct frame_reader *r)
 {
     ssize_t n;
     do {
-        n = read(chan_fd, rbuf + rlen, HDR_SIZE + MAX_PAYLOAD - rlen);
+        n = read(*r->fd, *r->buf + *r->len, HDR_SIZE + MAX_PAYLOAD - *r->len);
     } while (n < 0 && errno == EINTR);
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
         return;
     if (n <= 0) {
-        channel_lost(n == 0 ? "EOF" : strerror(errno));
+        r->lost(n == 0 ? "EOF" : strerror(errno));
         return;
     }
-    rlen += (size_t)n;
+    *r->len += (size_t)n;
     size_t off = 0;
-    while (chan_fd >= 0 && rlen - off >= HDR_SIZE) {
-        const unsigned char *h = rbuf + off;
+    while (*r->fd >= 0 && *r->len - off >= HDR_SIZE) {
+        const unsigned char *h = *r->buf + off;
         uint32_t stream = ((uint32_t)h[1] << 24) | ((uint32_t)h[2] << 16) | ((uint32_t)h[3] << 8) | h[4];
         uint32_t len = ((uint32_t)h[5] << 24) | ((uint32_t)h[6] << 16) | ((uint32_t)h[7] << 8) | h[8];
         if (len > MAX_PAYLOAD) {
-            send_error(stream, "frame length %u exceeds %u", len, MAX_PAYLOAD);
-            channel_lost("oversized frame");
+            r->oversized(stream, len);
+            r->lost("oversized frame");
             return;
         }
-        if (rlen - off < HDR_SIZE + (size_t)len)
+        if (*r->len - off < HDR_SIZE + (size_t)len)
             break;
-        dispatch(h[0], stream, h + HDR_SIZE, len);
+        r->dispatch(h[0], stream, h + HDR_SIZE, len);
         off += HDR_SIZE + (size_t)len;
     }
-    if (chan_fd < 0) {
-        rlen = 0;
+    if (*r->fd < 0) {
+        *r->len = 0;
         return;
     }
     if (off > 0) {
-        memmove(rbuf, rbuf + off, rlen - off);
-        rlen -= off;
+        memmove(*r->buf, *r->buf + off, *r->len - off);
+        *r->len -= off;
     }
+}
+
+static void main_oversized(uint32_t stream, uint32_t len)
+{
+    send_error(stream, "frame length %u exceeds %u", len, MAX_PAYLOAD);
+}
+
+static void read_channel(void)
+{
+    static const struct frame_reader r = {&chan_fd, &rbuf, &rlen, dispatch, channel_lost, main_oversized};
+    read_frames(&r);
 }
 
 /* ---- virtio port ------------------------------------------------------------------------------------------ */
@@ -1767,42 +1789,16 @@ static void med_dispatch(int type, uint32_t stream, const unsigned char *p, size
     }
 }
 
+static void med_oversized(uint32_t stream, uint32_t len)
+{
+    med_send_error(stream, "frame length %u exceeds %u", len, MAX_PAYLOAD);
+}
+
 static void read_med_channel(void)
 {
-    ssize_t n;
-    do {
-        n = read(med_fd, med_rbuf + med_rlen, HDR_SIZE + MAX_PAYLOAD - med_rlen);
-    } while (n < 0 && errno == EINTR);
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
-        return;
-    if (n <= 0) {
-        med_channel_lost(n == 0 ? "EOF" : strerror(errno));
-        return;
-    }
-    med_rlen += (size_t)n;
-    size_t off = 0;
-    while (med_fd >= 0 && med_rlen - off >= HDR_SIZE) {
-        const unsigned char *h = med_rbuf + off;
-        uint32_t stream = ((uint32_t)h[1] << 24) | ((uint32_t)h[2] << 16) | ((uint32_t)h[3] << 8) | h[4];
-        uint32_t len = ((uint32_t)h[5] << 24) | ((uint32_t)h[6] << 16) | ((uint32_t)h[7] << 8) | h[8];
-        if (len > MAX_PAYLOAD) {
-            med_send_error(stream, "frame length %u exceeds %u", len, MAX_PAYLOAD);
-            med_channel_lost("oversized frame");
-            return;
-        }
-        if (med_rlen - off < HDR_SIZE + (size_t)len)
-            break;
-        med_dispatch(h[0], stream, h + HDR_SIZE, len);
-        off += HDR_SIZE + (size_t)len;
-    }
-    if (med_fd < 0) {
-        med_rlen = 0;
-        return;
-    }
-    if (off > 0) {
-        memmove(med_rbuf, med_rbuf + off, med_rlen - off);
-        med_rlen -= off;
-    }
+    static const struct frame_reader r = {&med_fd, &med_rbuf, &med_rlen, med_dispatch, med_channel_lost,
+                                           med_oversized};
+    read_frames(&r);
 }
 
 /* test mode: connect to --mediation-connect PATH; "" on success, else why not, into err */
