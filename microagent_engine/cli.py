@@ -476,7 +476,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.command = list(args.command) + tail
     elif tail:
         parser.error(f"{args.cmd} takes no command after '--'")
-    progress = (lambda msg: print(msg, file=sys.stderr, flush=True))
+    def progress(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
     engine = Engine(getattr(args, "state_dir", None), progress=progress)
     try:
         return args.handler(engine, args)

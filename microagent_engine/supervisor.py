@@ -227,7 +227,7 @@ class Supervisor:
         vm_log.close()
         self.vm_exited.set()
         self.state.exit_detail = f"exit code {rc}" if rc >= 0 else f"killed by signal {-rc}"
-        for gsid, (client, csid) in list(self.routes.items()):
+        for client, csid in list(self.routes.values()):
             client.send(FrameType.ERROR, csid,
                         f"the VM exited ({self.state.exit_detail}) before the command finished".encode())
         self.routes.clear()
@@ -455,7 +455,7 @@ class Supervisor:
             client.send(FrameType.ERROR, 0, f"supervisor error: {exc}".encode())
         finally:
             self.clients.discard(client)
-            for csid, gsid in client.streams.items():  # the client went away: hang up its commands
+            for gsid in client.streams.values():  # the client went away: hang up its commands
                 self.routes.pop(gsid, None)
                 self.to_agent(FrameType.SIGNAL, gsid, str(int(signal.SIGHUP)).encode())
             writer.close()

@@ -47,7 +47,6 @@ from .storage.attachments import (
     parse_disk_flag,
     parse_volume_flag,
     validate_attachments,
-    validate_mountpoint,
 )
 from .storage.bundles import build_bundle
 from .storage.ext4 import clone_sized

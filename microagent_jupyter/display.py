@@ -47,7 +47,7 @@ class Table:
         return f"{self.title}\n{body}" if self.title else body
 
     def _repr_html_(self) -> str:
-        parts = [f'<div class="microagent-table">']
+        parts = ['<div class="microagent-table">']
         if self.title:
             parts.append(f"<b>{html.escape(self.title)}</b>")
         if not self.rows:

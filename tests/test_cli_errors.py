@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from microagent_engine import Engine
-from microagent_engine.errors import AlreadyExists, InvalidArgument, NotFound
+from microagent_engine.errors import InvalidArgument
 
 
 @pytest.mark.parametrize("bad", ["", "a/b", "..", "a..b", "-x", "x" * 64, "sp ace"])
