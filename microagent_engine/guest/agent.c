@@ -500,14 +500,15 @@ static void pump_output(struct session *s, int is_err)
 
 static void reset_signals_in_child(void)
 {
-    sigset_t empty;
-    sigemptyset(&empty);
-    sigprocmask(SIG_SETMASK, &empty, NULL);
+    /* dispositions first, then the mask: no handler of ours may run in a vfork child */
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = SIG_DFL;
     for (int i = 1; i < NSIG; i++)
         sigaction(i, &sa, NULL);
+    sigset_t empty;
+    sigemptyset(&empty);
+    sigprocmask(SIG_SETMASK, &empty, NULL);
 }
 
 static void close_fds_except(int keep)
@@ -645,13 +646,16 @@ static void start_exec(uint32_t stream, const unsigned char *payload, size_t len
         err = errno;
 
     pid_t pid = -1;
+    char **saved_environ = environ;
     if (!err) {
-        pid = fork();
+        /* vfork: under emulation copying the agent's page tables for fork is a large part of an exec's cost.
+         * The child only makes system calls, then execs or _exits; we run again once it has. */
+        pid = vfork();
         if (pid < 0)
             err = errno;
     }
     if (pid == 0) {
-        /* child */
+        /* child (sharing our memory until exec) */
         reset_signals_in_child();
         setsid();
         if (dup2(inp[0], 0) < 0 || dup2(outp[1], 1) < 0 || dup2(errp[1], 2) < 0)
@@ -659,10 +663,11 @@ static void start_exec(uint32_t stream, const unsigned char *payload, size_t len
         close_fds_except(ep[1]);
         if (cwd && chdir(cwd) < 0)
             child_fail(ep[1], errno);
-        environ = env.v;
+        environ = env.v; /* execvpe searches the PATH of environ */
         execvpe(argv[0], argv, env.v);
         child_fail(ep[1], errno);
     }
+    environ = saved_environ; /* the vfork child set it in our shared memory */
 
     free(argv);
     env_free(&env);
