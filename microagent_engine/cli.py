@@ -50,6 +50,12 @@ def _status_text(info: WorkspaceInfo) -> str:
         lines.append(f"Accelerator: {s.accel} ({s.accel_reason})")
     lines += [f"Network: {'isolated' if c.network == 'none' else c.network}", f"Restart: {c.restart}",
               f"Hostname: {c.hostname}"]
+    for att in c.attachments:
+        source = att["source"] if att["kind"] == "volume" else f"{att['name']}={att['source']}"
+        lines.append(f"{att['kind'].capitalize()}: {source} -> {att['mountpoint']} "
+                     f"({'ro' if att.get('readOnly') else 'rw'})")
+    for out in c.outputs:
+        lines.append(f"Output: {out['name']} = {out['path']}")
     if s.started_at:
         lines.append(f"Started: {s.started_at}" + (f" (boot {s.boot_seconds} s)" if s.boot_seconds else ""))
     if s.kernel_release:

@@ -115,6 +115,9 @@ def test_raw_disk_and_outputs(engine: Engine, cli, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert engine.output_get("reporter", "report") == b'{"ok": true}\n'
     assert cli("output", "get", "reporter", "log").stdout == b"done\n"
+    status = cli("status", "reporter").stdout.decode().splitlines()
+    assert f"Disk: results={disk} -> /results (rw)" in status
+    assert "Output: report = /results/report.json" in status
     listing = cli("--json", "output", "list", "reporter").stdout
     assert b'"exists": true' in listing
     # the disk is the user's file: the data is there on the host
