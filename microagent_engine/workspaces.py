@@ -6,7 +6,6 @@ import json
 import functools
 import hashlib
 import os
-import posixpath
 import secrets
 import select
 import shutil
@@ -42,7 +41,6 @@ from .records import (
 )
 from .storage import debugfs
 from .storage.attachments import (
-    Attachment,
     parse_bundle_flag,
     parse_disk_flag,
     parse_volume_flag,
@@ -51,6 +49,7 @@ from .storage.attachments import (
 from .storage.bundles import build_bundle
 from .storage.ext4 import clone_sized
 from .storage.volumes import VolumeRegistry
+from .transfer import TransferMixin, parse_outputs
 
 if TYPE_CHECKING:
     from .images.store import ImageInfo, ImageStore
@@ -58,31 +57,6 @@ if TYPE_CHECKING:
 Progress = Callable[[str], None]
 NETWORK_MODES = {"user": "user", "isolated": "none", "none": "none"}
 RESTART_POLICIES = ("never", "on-failure", "always")
-
-
-def parse_ws_path(value: str) -> tuple[str, str | None, str] | None:
-    """``WS:/path`` -> (ws, None, path); ``WS:DISK:/path`` -> (ws, disk, path); a host path -> None."""
-    head, sep, rest = value.partition(":")
-    if not sep or "/" in head or not head:
-        return None
-    validate_name(head)
-    disk, sep2, path = rest.partition(":")
-    if sep2 and not disk.startswith("/"):
-        return head, disk, debugfs.normalize_guest_path(path)
-    return head, None, debugfs.normalize_guest_path(rest)
-
-
-def parse_outputs(values: list[str]) -> list[dict[str, str]]:
-    out: list[dict[str, str]] = []
-    for value in values:
-        name, sep, path = value.partition("=")
-        if not sep or not path:
-            raise InvalidArgument(f"--output {value!r}: use NAME=/guest/path, e.g. report=/work/report.json")
-        validate_name(name, "output")
-        if any(o["name"] == name for o in out):
-            raise InvalidArgument(f"output {name!r} is declared twice")
-        out.append({"name": name, "path": debugfs.normalize_guest_path(path)})
-    return out
 
 
 def parse_mediation(value: dict[str, Any] | str | None) -> dict[str, Any] | None:
@@ -145,7 +119,7 @@ class WorkspaceInfo:
         return out
 
 
-class Engine:
+class Engine(TransferMixin):
     """Entry point of the Python API. All state lives under ``state_dir`` (default ``~/.microagent``)."""
 
     def __init__(self, state_dir: str | os.PathLike[str] | None = None, progress: Progress | None = None) -> None:
@@ -436,9 +410,6 @@ class Engine:
                              f"(see 'microagent logs {cfg.name}' and {ws.vm_log})")
         return self._info(ws)
 
-    def _attachments(self, cfg: WorkspaceConfig) -> list[Attachment]:
-        return [Attachment.from_json(a) for a in cfg.attachments]
-
     def _attach_disks(self, info: WorkspaceInfo) -> tuple[list[DiskSpec], list[list[str]]]:
         """Claim named volumes (single-attach), check raw disks, build bundles; the guest mounts each by the
         disk's serial. On any failure the volumes claimed so far are released."""
@@ -711,90 +682,6 @@ class Engine:
         """Remove cached images (and their blobs) that no workspace was created from."""
         in_use = {i.config.image_id or i.config.image for i in self.list()}
         return self.images.prune(in_use)
-
-    # ---- moving data ---------------------------------------------------------------------------
-    def _disk_image(self, info: WorkspaceInfo, disk: str | None) -> Path:
-        """The ext4 image behind ``ws:/path`` (rootfs) or ``ws:<disk>:/path`` (an attachment by name)."""
-        if disk is None or disk == "rootfs":
-            return info.dir.rootfs
-        for att in self._attachments(info.config):
-            if att.name == disk or (att.kind == "volume" and att.source == disk):
-                if att.kind == "bundle":
-                    raise InvalidArgument(f"disk {disk!r} of {info.name} is a bundle, rebuilt from its tar at each "
-                                          f"start; change the tar instead")
-                return self.volumes.get(att.source).path if att.kind == "volume" else Path(att.source)
-        names = ", ".join(["rootfs", *[a.name for a in self._attachments(info.config)]])
-        raise NotFound(f"workspace {info.name!r} has no disk named {disk!r} (it has: {names})")
-
-    def _stopped(self, name: str) -> WorkspaceInfo:
-        info = self.status(name)
-        if self._vm_alive(info) or info.running:
-            raise InvalidState(f"workspace {name!r} is {info.state.state}; cp works only while it is not running: "
-                               f"halt it first (microagent halt {name})")
-        return info
-
-    def cp(self, src: str, dst: str) -> Path | str:
-        """Copy one regular file between the host and a workspace that is not running.
-
-        Workspace side: ``WS:/path`` (its rootfs) or ``WS:DISK:/path`` (an attached volume or disk)."""
-        src_ws, dst_ws = parse_ws_path(src), parse_ws_path(dst)
-        if bool(src_ws) == bool(dst_ws):
-            raise InvalidArgument("cp copies between the host and a workspace: one side must be WS:/path "
-                                  "(or WS:DISK:/path), the other a host path")
-        if dst_ws:
-            name, disk, guest = dst_ws
-            info = self._stopped(name)
-            with file_lock(info.dir.ops_lock, blocking=False, what=f"workspace {name!r}"):
-                host = Path(src).expanduser()
-                if not host.is_file():
-                    raise NotFound(f"{host} is not a regular file on the host")
-                debugfs.copy_in(self._disk_image(info, disk), host, guest)
-            return f"{name}:{guest}"
-        assert src_ws
-        name, disk, guest = src_ws
-        info = self._stopped(name)
-        with file_lock(info.dir.ops_lock, blocking=False, what=f"workspace {name!r}"):
-            target = Path(dst).expanduser()
-            debugfs.copy_out(self._disk_image(info, disk), guest, target)
-        return target / posixpath.basename(guest) if target.is_dir() else target
-
-    def _output_location(self, info: WorkspaceInfo, output: str) -> tuple[Path, str]:
-        decl = next((o for o in info.config.outputs if o["name"] == output), None)
-        if decl is None:
-            declared = ", ".join(o["name"] for o in info.config.outputs) or "none"
-            raise NotFound(f"workspace {info.name!r} declares no output {output!r} (declared: {declared})")
-        path = decl["path"]
-        best: Attachment | None = None
-        for att in self._attachments(info.config):
-            if (path == att.mountpoint or path.startswith(att.mountpoint + "/")) and \
-                    (best is None or len(att.mountpoint) > len(best.mountpoint)):
-                best = att
-        if best is None:
-            return info.dir.rootfs, path
-        if best.kind == "bundle":
-            raise InvalidArgument(f"output {output!r} is on bundle {best.name!r}, which is read from its tar and "
-                                  f"not kept; declare outputs on the rootfs, a volume or a disk")
-        rel = path[len(best.mountpoint):] or "/"
-        return self._disk_image(info, best.name), rel
-
-    def outputs(self, name: str) -> list[dict[str, Any]]:
-        """The declared outputs of a workspace, and whether each exists now (read without booting)."""
-        info = self._stopped(name)
-        out = []
-        for decl in info.config.outputs:
-            image, rel = self._output_location(info, decl["name"])
-            out.append({**decl, "exists": debugfs.exists(image, rel)})
-        return out
-
-    def output_get(self, name: str, output: str, dest: str | os.PathLike[str] | None = None) -> bytes | Path:
-        """An output's bytes (``dest`` None) or a copy at ``dest``; the workspace must not be running."""
-        info = self._stopped(name)
-        image, rel = self._output_location(info, output)
-        if dest is None:
-            return debugfs.read_file(image, rel)
-        target = Path(dest).expanduser()
-        debugfs.copy_out(image, rel, target)
-        return target / posixpath.basename(rel) if target.is_dir() else target
 
     # ---- console -------------------------------------------------------------------------------
     def logs(self, name: str, *, follow: bool = False, poll: float = 0.1,

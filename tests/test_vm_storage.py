@@ -27,7 +27,7 @@ def data_volume(engine: Engine):
 def test_counter_survives_one_shot_runs(cli, data_volume, state_dir: Path) -> None:
     proc = cli("volume", "list")
     assert proc.stdout.decode().split("\n")[1].split() == ["data", "64", "-"]
-    before = set((state_dir / "workspaces").iterdir())
+    before = set((state_dir / "workspaces").glob("*"))
     proc = cli("run", "--delete", "--profile", "tiny", "-v", "data:/work", "--", "sh", "-c",
                "echo 42 > /work/counter.txt")
     assert proc.returncode == 0, proc.stderr
@@ -35,7 +35,7 @@ def test_counter_survives_one_shot_runs(cli, data_volume, state_dir: Path) -> No
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == b"42\n"
     # run --delete left no workspace behind, but the volume kept its data (read back on the host)
-    assert set((state_dir / "workspaces").iterdir()) == before
+    assert set((state_dir / "workspaces").glob("*")) == before
     dump = subprocess.run(["debugfs", "-R", "cat /counter.txt", str(data_volume.path)], capture_output=True)
     assert dump.stdout == b"42\n"
     status = cli("volume", "status", "data").stdout.decode().splitlines()
