@@ -44,6 +44,13 @@ def _set_pdeathsig() -> None:
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def _ignore_cancelled(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Python 3.11's stream server logs a connection task cancelled at loop teardown as an error; it is not."""
+    if isinstance(context.get("exception"), asyncio.CancelledError):
+        return
+    loop.default_exception_handler(context)
+
+
 def tail_text(path: Path, lines: int = 15) -> str:
     try:
         data = path.read_bytes()[-8192:]
@@ -140,6 +147,7 @@ class Supervisor:
                                                            path=str(self.ws.mediation_socket)))
         os.chmod(self.ws.control_socket, 0o600)
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_ignore_cancelled)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.end_vm("kill")))
         self.save(supervisor_pid=os.getpid(), error="", exit_detail="")
@@ -152,7 +160,7 @@ class Supervisor:
                          f"{cfg.target} or change mediation.target")
                 self.save(state="failed", error=error, supervisor_pid=None)
                 self.notify_ready(False, error)
-                return self._close(servers, sockets)
+                return await self._close(servers, sockets)
             background.append(asyncio.create_task(self.mediation.probe_loop()))
         consecutive = 0
         while True:
@@ -180,17 +188,22 @@ class Supervisor:
             task.cancel()
         if self.control_tasks:  # let halt/stop/kill requests answer before the connections close
             await asyncio.wait(self.control_tasks, timeout=5)
-        return self._close(servers, sockets)
+        return await self._close(servers, sockets)
 
     def _sockets(self) -> list[Path]:
         return [self.ws.agent_socket, self.ws.serial_socket, self.ws.qmp_socket, self.ws.control_socket,
                 self.ws.mediation_socket]
 
-    def _close(self, servers: list[asyncio.AbstractServer], sockets: list[Path]) -> int:
+    async def _close(self, servers: list[asyncio.AbstractServer], sockets: list[Path]) -> int:
         for server in servers:
             server.close()
         for client in list(self.clients):
             client.writer.close()
+        # let each connection's task see its EOF and end, rather than be cancelled by asyncio.run's teardown
+        for _ in range(100):
+            if not self.clients:
+                break
+            await asyncio.sleep(0.01)
         for sock in sockets:
             sock.unlink(missing_ok=True)
         return 0 if self.state.state != "failed" else 1
@@ -451,6 +464,8 @@ class Supervisor:
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except asyncio.CancelledError:
+            pass  # the supervisor is ending; the connection closes below
         except Exception as exc:
             client.send(FrameType.ERROR, 0, f"supervisor error: {exc}".encode())
         finally:
