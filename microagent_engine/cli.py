@@ -263,6 +263,8 @@ def cmd_cp(engine: Engine, args: argparse.Namespace) -> int:
 
 def cmd_output(engine: Engine, args: argparse.Namespace) -> int:
     if args.output_cmd == "get":
+        if not args.output:
+            raise InvalidArgument("output get needs the output's name: microagent output get WS NAME [DEST]")
         if args.dest is None and not args.json:
             sys.stdout.buffer.write(engine.output_get(args.name, args.output))  # type: ignore[arg-type]
             return 0

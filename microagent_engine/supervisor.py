@@ -194,7 +194,7 @@ class Supervisor:
         return [self.ws.agent_socket, self.ws.serial_socket, self.ws.qmp_socket, self.ws.control_socket,
                 self.ws.mediation_socket]
 
-    async def _close(self, servers: list[asyncio.AbstractServer], sockets: list[Path]) -> int:
+    async def _close(self, servers: list[asyncio.Server], sockets: list[Path]) -> int:
         for server in servers:
             server.close()
         for client in list(self.clients):

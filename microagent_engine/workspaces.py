@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import builtins
 import functools
 import hashlib
 import os
@@ -71,13 +72,13 @@ def parse_mediation(value: dict[str, Any] | str | None) -> dict[str, Any] | None
     if not value.get("enabled", True):
         return None
     try:
-        port = int(value["port"])
+        guest_port = int(value["port"])
         host, _, tport = str(value["target"]).rpartition(":")
-        if not (0 < port < 65536 and host and 0 < int(tport) < 65536):
+        if not (0 < guest_port < 65536 and host and 0 < int(tport) < 65536):
             raise ValueError
     except (KeyError, ValueError):
         raise InvalidArgument(f"mediation needs a guest port (1-65535) and a target HOST:PORT, got {value!r}") from None
-    return {"enabled": True, "required": bool(value.get("required", False)), "port": port,
+    return {"enabled": True, "required": bool(value.get("required", False)), "port": guest_port,
             "target": f"{host}:{int(tport)}", "failClosed": bool(value.get("failClosed", False))}
 
 
@@ -188,7 +189,7 @@ class Engine(TransferMixin):
     def status(self, name: str) -> WorkspaceInfo:
         return self._info(self._existing(name))
 
-    def list(self) -> list[WorkspaceInfo]:
+    def list(self) -> builtins.list[WorkspaceInfo]:
         if not self.workspaces_dir.is_dir():
             return []
         out = []
@@ -198,7 +199,7 @@ class Engine(TransferMixin):
                 out.append(self._info(ws))
         return out
 
-    def ps(self) -> list[WorkspaceInfo]:
+    def ps(self) -> builtins.list[WorkspaceInfo]:
         return [info for info in self.list() if info.running or self._vm_alive(info)]
 
     # ---- create / delete -----------------------------------------------------------------------
@@ -218,14 +219,14 @@ class Engine(TransferMixin):
         kernel: str | None = None,
         restart: str = "never",
         shell: str | None = None,
-        setup: list[str] | None = None,
+        setup: builtins.list[str] | None = None,
         entrypoint: str | None = None,
         mediation: dict[str, Any] | str | None = None,
-        volumes: list[str] | None = None,
-        disks: list[str] | None = None,
-        bundles: list[str] | None = None,
-        outputs: list[str] | None = None,
-        files: list[dict[str, Any]] | None = None,
+        volumes: builtins.list[str] | None = None,
+        disks: builtins.list[str] | None = None,
+        bundles: builtins.list[str] | None = None,
+        outputs: builtins.list[str] | None = None,
+        files: builtins.list[dict[str, Any]] | None = None,
     ) -> WorkspaceInfo:
         """Record a new workspace and build its rootfs (state ``prepared``). Nothing is left on failure.
 
@@ -410,11 +411,11 @@ class Engine(TransferMixin):
                              f"(see 'microagent logs {cfg.name}' and {ws.vm_log})")
         return self._info(ws)
 
-    def _attach_disks(self, info: WorkspaceInfo) -> tuple[list[DiskSpec], list[list[str]]]:
+    def _attach_disks(self, info: WorkspaceInfo) -> tuple[builtins.list[DiskSpec], builtins.list[builtins.list[str]]]:
         """Claim named volumes (single-attach), check raw disks, build bundles; the guest mounts each by the
         disk's serial. On any failure the volumes claimed so far are released."""
-        disks: list[DiskSpec] = []
-        mounts: list[list[str]] = []
+        disks: builtins.list[DiskSpec] = []
+        mounts: builtins.list[builtins.list[str]] = []
         name = info.config.name
         try:
             for i, att in enumerate(self._attachments(info.config), 1):
@@ -450,10 +451,10 @@ class Engine(TransferMixin):
                 try:
                     os.setsid()
                     null = os.open(os.devnull, os.O_RDWR)
-                    log = os.open(ws.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                    log_fd = os.open(ws.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
                     os.dup2(null, 0)
-                    os.dup2(log, 1)
-                    os.dup2(log, 2)
+                    os.dup2(log_fd, 1)
+                    os.dup2(log_fd, 2)
                     os.closerange(3, ready_fd)
                     os.closerange(ready_fd + 1, 65536)
                     sys.stdout = open(1, "w", buffering=1, closefd=False)
@@ -505,7 +506,7 @@ class Engine(TransferMixin):
     def exec(
         self,
         name: str,
-        argv: list[str],
+        argv: builtins.list[str],
         *,
         env: dict[str, str] | None = None,
         cwd: str | None = None,
@@ -590,7 +591,7 @@ class Engine(TransferMixin):
     # ---- one-shot ------------------------------------------------------------------------------
     def run(
         self,
-        argv: list[str],
+        argv: builtins.list[str],
         *,
         name: str | None = None,
         delete: bool = False,
@@ -678,7 +679,7 @@ class Engine(TransferMixin):
         img = self.images.ensure(f"oci:{layout}:latest")
         return self.images.tag(key, img.id)
 
-    def prune_images(self) -> list["ImageInfo"]:
+    def prune_images(self) -> builtins.list["ImageInfo"]:
         """Remove cached images (and their blobs) that no workspace was created from."""
         in_use = {i.config.image_id or i.config.image for i in self.list()}
         return self.images.prune(in_use)
