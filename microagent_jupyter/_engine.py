@@ -27,12 +27,12 @@ def to_json(obj: Any) -> Any:
 
 
 def tail_serial_log(engine: Engine, name: str, stop: threading.Event, poll: float = 0.2,
-                    follow: bool = True, until_stopped: bool = False) -> Iterator[bytes]:
+                    follow: bool = True) -> Iterator[bytes]:
     """Yield the workspace's serial console log, then (with ``follow``) new bytes as they are written.
 
-    Unlike ``Engine.logs(follow=True)`` this checks ``stop`` between polls, so a widget or HTTP stream can end
-    its thread at once even while the console is silent. It keeps following across restarts (the log file is
-    the same) until ``stop`` is set or the workspace is deleted (``until_stopped``: or no longer running).
+    Unlike ``Engine.logs(follow=True)``, which ends when the workspace stops, this keeps following across halts
+    and restarts (the log file is the same), as a widget left open should, until ``stop`` is set or the
+    workspace is deleted.
     """
     path = Path(engine.status(name).to_json()["serialLog"])
     fh = None
@@ -51,12 +51,8 @@ def tail_serial_log(engine: Engine, name: str, stop: threading.Event, poll: floa
             if now - last_check > 2.0:  # the workspace was deleted: nothing more will come
                 last_check = now
                 try:
-                    info = engine.status(name)
+                    engine.status(name)
                 except MicroagentError:
-                    return
-                if until_stopped and not info.running and not info.dir.supervisor_alive():
-                    if fh and (rest := fh.read()):
-                        yield rest
                     return
             stop.wait(poll)
     finally:

@@ -30,7 +30,7 @@ from microagent_engine.errors import (
     NotFound,
 )
 
-from .._engine import create_kwargs, get_engine, tail_serial_log
+from .._engine import create_kwargs, get_engine
 from .config import MicroagentConfig
 
 NAME = r"(?P<name>[^/]+)"
@@ -304,7 +304,7 @@ class LogStreamHandler(BaseHandler):
 
         def pump() -> None:
             try:
-                for chunk in tail_serial_log(self.engine, name, self._stop, follow=follow, until_stopped=True):
+                for chunk in self.engine.logs(name, follow=follow, stop=self._stop):
                     asyncio.run_coroutine_threadsafe(queue.put(chunk), loop).result()
             except Exception:  # noqa: BLE001 - the stream just ends
                 pass
