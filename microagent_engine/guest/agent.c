@@ -540,6 +540,25 @@ static void child_fail(int errfd, int err)
     _exit(127);
 }
 
+/* append n bytes to a write queue whose unsent part is buf[*off .. *len): drop what was sent, grow as needed */
+static void queue_append(char **buf, size_t *off, size_t *len, size_t *cap, const void *data, size_t n)
+{
+    if (*off > 0) {
+        memmove(*buf, *buf + *off, *len - *off);
+        *len -= *off;
+        *off = 0;
+    }
+    if (*len + n > *cap) {
+        size_t c = *cap ? *cap : 65536;
+        while (c < *len + n)
+            c *= 2;
+        *buf = xrealloc(*buf, c);
+        *cap = c;
+    }
+    memcpy(*buf + *len, data, n);
+    *len += n;
+}
+
 static void exit_failed_to_start(uint32_t stream, int err)
 {
     char buf[256];
@@ -727,22 +746,7 @@ static void handle_stdin(uint32_t stream, const unsigned char *data, size_t len)
         flush_stdin(s);
         return;
     }
-    if (s->inoff > 0 && s->inoff == s->inlen)
-        s->inoff = s->inlen = 0;
-    if (s->inoff > 0) {
-        memmove(s->inbuf, s->inbuf + s->inoff, s->inlen - s->inoff);
-        s->inlen -= s->inoff;
-        s->inoff = 0;
-    }
-    if (s->inlen + len > s->incap) {
-        size_t cap = s->incap ? s->incap : 65536;
-        while (cap < s->inlen + len)
-            cap *= 2;
-        s->inbuf = xrealloc(s->inbuf, cap);
-        s->incap = cap;
-    }
-    memcpy(s->inbuf + s->inlen, data, len);
-    s->inlen += len;
+    queue_append(&s->inbuf, &s->inoff, &s->inlen, &s->incap, data, len);
     stdin_queued += len;
     flush_stdin(s);
 }
@@ -1726,20 +1730,7 @@ static void med_data(uint32_t stream, const unsigned char *p, size_t len)
     struct mconn *c = med_find(stream);
     if (!c || c->closing || len == 0)
         return; /* already closed (frames crossing), or nothing to do */
-    if (c->off > 0) {
-        memmove(c->buf, c->buf + c->off, c->len - c->off);
-        c->len -= c->off;
-        c->off = 0;
-    }
-    if (c->len + len > c->cap) {
-        size_t cap = c->cap ? c->cap : 65536;
-        while (cap < c->len + len)
-            cap *= 2;
-        c->buf = xrealloc(c->buf, cap);
-        c->cap = cap;
-    }
-    memcpy(c->buf + c->len, p, len);
-    c->len += len;
+    queue_append(&c->buf, &c->off, &c->len, &c->cap, p, len);
     if (!c->over_since && mconn_pending(c) >= MED_BUF_CAP)
         c->over_since = mono_ms();
     mconn_flush(c);
