@@ -58,6 +58,14 @@ def line(label: str, ours: list[float], base: list[float]) -> None:
     print(f"{'':<34} ratio  {statistics.median(ours) / statistics.median(base):.2f}")
 
 
+def raw_tar_to_ext4(archive: Path, dest: Path, image: Path, size_mib: int) -> None:
+    """The baseline for bundles and image builds: GNU tar into a fresh directory, then mkfs.ext4 -d."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir()
+    subprocess.run(["tar", "-C", str(dest), "-xf", str(archive)], check=True)  # tar detects gzip itself
+    make_ext4(image, size_mib, dest)
+
+
 def make_tree(root: Path, total_mib: int) -> None:
     """A tree like a project: many small files plus some large ones, ~total_mib of incompressible data."""
     root.mkdir(parents=True)
@@ -102,13 +110,7 @@ def main() -> int:
         out = work / "bundle.ext4"
         ours = timed(lambda: build_bundle(tar, out, work), args.runs)
 
-        def raw_bundle() -> None:
-            dest = work / "x"
-            shutil.rmtree(dest, ignore_errors=True)
-            dest.mkdir()
-            subprocess.run(["tar", "-C", str(dest), "-xf", str(tar)], check=True)
-            make_ext4(work / "raw-bundle.ext4", 160, dest)
-        base = timed(raw_bundle, args.runs)
+        base = timed(lambda: raw_tar_to_ext4(tar, work / "x", work / "raw-bundle.ext4", 160), args.runs)
         line(f"bundle {tar.stat().st_size // MIB} MiB tar", ours, base)
 
         disk = work / "cp.ext4"
@@ -147,13 +149,7 @@ def main() -> int:
             gz_file = work / "layer.tar.gz"
             gz_file.write_bytes(layer)
 
-            def raw_build() -> None:
-                dest = work / "y"
-                shutil.rmtree(dest, ignore_errors=True)
-                dest.mkdir()
-                subprocess.run(["tar", "-C", str(dest), "-xzf", str(gz_file)], check=True)
-                make_ext4(work / "raw-image.ext4", 200, dest)
-            base = timed(raw_build, args.runs)
+            base = timed(lambda: raw_tar_to_ext4(gz_file, work / "y", work / "raw-image.ext4", 200), args.runs)
             line(f"image pull+build ({len(layer) // MIB} MiB gz)", ours, base)
         finally:
             reg.stop()
