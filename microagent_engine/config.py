@@ -15,6 +15,7 @@ ACCEL_ENV = "MICROAGENT_ACCEL"
 QEMU_ENV = "MICROAGENT_QEMU"
 
 MAX_NAME_LEN = 63
+RESTART_POLICIES = ("never", "on-failure", "always")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 

@@ -18,12 +18,11 @@ from typing import Any
 
 import yaml
 
-from .config import PROFILES, hostname_for, validate_name
+from .config import PROFILES, RESTART_POLICIES, hostname_for, validate_name
 from .errors import InvalidArgument, MicroagentError
 from .storage.attachments import check_bundle_file, check_ext4_file, validate_mountpoint
 
 SPEC_NAMES = ("microagent.yaml", "microagent.yml")
-RESTART_POLICIES = ("never", "on-failure", "always")  # same values as workspaces.RESTART_POLICIES
 DISK_MODES = ("ro", "rw")
 BUNDLE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 

@@ -23,7 +23,7 @@ from typing import IO, TYPE_CHECKING, Any, Callable, Iterator
 from .backends import get_backend
 from .backends.base import DiskSpec, VMSpec
 from .client import ExecResult, OutputCallback, SupervisorConnection
-from .config import default_state_dir, get_profile, hostname_for, validate_name
+from .config import RESTART_POLICIES, default_state_dir, get_profile, hostname_for, validate_name
 from .errors import AlreadyExists, Busy, GuestError, HostError, InvalidArgument, InvalidState, NotFound
 from .fsutil import file_lock, write_json_atomic
 from .guest.initramfs import build_initramfs
@@ -57,7 +57,6 @@ if TYPE_CHECKING:
 
 Progress = Callable[[str], None]
 NETWORK_MODES = {"user": "user", "isolated": "none", "none": "none"}
-RESTART_POLICIES = ("never", "on-failure", "always")
 
 
 def parse_mediation(value: dict[str, Any] | str | None) -> dict[str, Any] | None:
