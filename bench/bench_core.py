@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from microagent_engine import Engine  # noqa: E402
 from microagent_engine.backends.base import DiskSpec, VMSpec  # noqa: E402
 from microagent_engine.guest.initramfs import build_initramfs  # noqa: E402
+from microagent_engine.guest.kernel import resolve_kernel  # noqa: E402
 from microagent_engine.hostinfo import choose_accel  # noqa: E402
 from microagent_engine.protocol import FrameDecoder, FrameType, encode_entries, encode_frame  # noqa: E402
 
@@ -41,7 +42,7 @@ def summary(label: str, values: list[float], unit: str = "s", scale: float = 1.0
 def raw_qemu_boot(engine: Engine, rootfs: Path, workdir: Path) -> float:
     """Spawn QEMU exactly as the backend would, answer the agent ourselves, power off; seconds spawn->exit."""
     accel = choose_accel()
-    cfg_kernel = engine.resolve_kernel(engine.status("bench").config)
+    cfg_kernel = resolve_kernel(engine.state_dir, engine.status("bench").config.kernel)
     initramfs = build_initramfs(engine.state_dir, cfg_kernel, engine.backend.guest_modules())
     socks = {n: workdir / f"{n}.sock" for n in ("agent", "serial", "qmp")}
     listeners = {}

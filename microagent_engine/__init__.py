@@ -20,7 +20,7 @@ from .errors import (  # noqa: E402
     MicroagentError,
     NotFound,
 )
-from .workspaces import Engine, WorkspaceInfo  # noqa: E402
+from .engine import Engine, WorkspaceInfo  # noqa: E402
 
 __all__ = [
     "Engine", "WorkspaceInfo", "ExecResult", "MicroagentError", "InvalidArgument", "NotFound", "AlreadyExists",

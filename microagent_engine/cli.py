@@ -16,7 +16,8 @@ from .config import PROFILES, parse_env_pairs
 from .errors import InvalidArgument, MicroagentError
 from .protocol import FrameType
 from .storage.volumes import DEFAULT_SIZE_MIB, render_created, render_deleted, render_list, render_status
-from .workspaces import Engine, WorkspaceInfo
+from .engine import Engine, WorkspaceInfo
+from .model import parse_attachment_flags, parse_mediation_flag, parse_output_flag
 
 Handler = Callable[[Engine, argparse.Namespace], int]
 
@@ -51,11 +52,10 @@ def _status_text(info: WorkspaceInfo) -> str:
     lines += [f"Network: {'isolated' if c.network == 'none' else c.network}", f"Restart: {c.restart}",
               f"Hostname: {c.hostname}"]
     for att in c.attachments:
-        source = att["source"] if att["kind"] == "volume" else f"{att['name']}={att['source']}"
-        lines.append(f"{att['kind'].capitalize()}: {source} -> {att['mountpoint']} "
-                     f"({'ro' if att.get('readOnly') else 'rw'})")
+        source = att.source if att.kind == "volume" else f"{att.name}={att.source}"
+        lines.append(f"{att.kind.capitalize()}: {source} -> {att.mountpoint} ({att.mode})")
     for out in c.outputs:
-        lines.append(f"Output: {out['name']} = {out['path']}")
+        lines.append(f"Output: {out.name} = {out.path}")
     if s.started_at:
         lines.append(f"Started: {s.started_at}" + (f" (boot {s.boot_seconds} s)" if s.boot_seconds else ""))
     if s.kernel_release:
@@ -83,8 +83,10 @@ def _create_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     given = dict(image=args.image, profile=args.profile, memory_mib=args.memory, cpus=args.cpus,
                  size_mib=args.size_mib, hostname=args.hostname, network=args.network, accel=args.accel,
                  kernel=args.kernel, env=parse_env_pairs(args.env) or None, restart=args.restart, shell=args.shell,
-                 setup=args.setup, entrypoint=args.entrypoint, mediation=args.mediation, volumes=args.volume,
-                 disks=args.disk, bundles=args.bundle, outputs=args.output)
+                 setup=args.setup, entrypoint=args.entrypoint,
+                 mediation=parse_mediation_flag(args.mediation) if args.mediation else None,
+                 attachments=parse_attachment_flags(args.volume or [], args.disk or [], args.bundle or []) or None,
+                 outputs=[parse_output_flag(o) for o in args.output or []] or None)
     from .spec import find_default_spec, load_spec, merge  # imports yaml: only when creating
 
     spec_path = Path(args.file) if args.file else find_default_spec(Path.cwd())

@@ -82,9 +82,11 @@ class SupervisorConnection:
                 raise GuestError("the workspace supervisor closed the connection (the VM may have exited)")
             self._pending.extend(self._decoder.feed(data))
 
-    def control(self, op: str, timeout: float | None = None, **params: Any) -> dict[str, Any]:
-        self.send(FrameType.CONTROL, 0, json.dumps({"op": op, **params}).encode())
-        for frame in self.frames(timeout):
+    def control(self, op: str, params: dict[str, Any] | None = None, *,
+                reply_timeout: float | None = None) -> dict[str, Any]:
+        """Send a control request (``op`` with ``params``) and return the supervisor's JSON reply."""
+        self.send(FrameType.CONTROL, 0, json.dumps({**(params or {}), "op": op}).encode())
+        for frame in self.frames(reply_timeout):
             if frame.type == FrameType.REPLY:
                 return json.loads(frame.payload)
             if frame.type == FrameType.ERROR:

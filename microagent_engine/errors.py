@@ -43,3 +43,28 @@ class GuestError(MicroagentError):
 
 class ExecTimeout(MicroagentError):
     """Waiting for the guest took longer than allowed."""
+
+
+class ProtocolError(GuestError):
+    """The peer sent bytes that are not a valid frame (from the guest: treated as hostile, the channel ends)."""
+
+
+class VolumeInUse(InvalidState):
+    """The volume is attached to a running workspace."""
+
+
+class SpecError(InvalidArgument):
+    """A spec file is unreadable or invalid. ``line`` is 1-based; ``line``/``field`` are None when unknown."""
+
+    def __init__(self, problem: str, *, file: object, line: int | None = None, field: str | None = None):
+        self.file, self.line, self.field, self.problem = file, line, field, problem
+        where = f"{file}:{line}" if line is not None else f"{file}"
+        super().__init__(f"{where}: {field}: {problem}" if field else f"{where}: {problem}")
+
+
+class ImageError(MicroagentError):
+    """An image is malformed, fails verification, or a registry answered something unusable."""
+
+
+class AuthError(ImageError):
+    """A registry refused our credentials (or wants some and we have none)."""

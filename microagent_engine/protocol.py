@@ -12,6 +12,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from .errors import ProtocolError
+
 HEADER = struct.Struct(">BII")
 HEADER_SIZE = HEADER.size
 MAX_PAYLOAD = 1 << 20
@@ -63,10 +65,6 @@ def encode_frame(ftype: int, stream: int, payload: bytes = b"") -> bytes:
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(f"frame payload too large ({len(payload)} > {MAX_PAYLOAD})")
     return HEADER.pack(int(ftype), stream, len(payload)) + payload
-
-
-class ProtocolError(Exception):
-    """The peer sent bytes that are not a valid frame."""
 
 
 @dataclass

@@ -6,18 +6,15 @@ import dataclasses
 import fcntl
 import hashlib
 import os
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from .fsutil import read_json, write_json_atomic
+from .model import Attachment, Mediation, Output
 
-STATES = ("prepared", "starting", "running", "stopping", "halted", "stopped", "failed", "quarantined")
-STARTABLE = ("prepared", "halted", "stopped", "failed")
-ACTIVE = ("starting", "running", "stopping", "quarantined")  # a supervisor and (usually) a VM are alive
-READINESS_SIGNALS = ("guestReady", "execReady", "shellReady", "mediationReady")
+from .states import ACTIVE, READINESS_SIGNALS, STARTABLE, STATES  # noqa: F401 (re-exported)
 
 
 def now_iso() -> str:
@@ -43,20 +40,28 @@ class WorkspaceConfig:
     shell: str = "/bin/sh"
     setup: list[str] = field(default_factory=list)
     entrypoint: str | None = None
-    mediation: dict[str, Any] | None = None
-    attachments: list[dict[str, Any]] = field(default_factory=list)
-    outputs: list[dict[str, str]] = field(default_factory=list)
+    mediation: Mediation | None = None
+    attachments: list[Attachment] = field(default_factory=list)
+    outputs: list[Output] = field(default_factory=list)
     image_id: str = ""
     workdir: str = "/"
     created_at: str = field(default_factory=now_iso)
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["mediation"] = self.mediation.to_json() if self.mediation else None
+        out["attachments"] = [a.to_json() for a in self.attachments]
+        out["outputs"] = [o.to_json() for o in self.outputs]
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "WorkspaceConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        cfg = cls(**{k: v for k, v in data.items() if k in known})
+        cfg.mediation = Mediation.from_json(cfg.mediation) if cfg.mediation else None
+        cfg.attachments = [Attachment.from_json(a) for a in cfg.attachments]  # type: ignore[arg-type]
+        cfg.outputs = [Output.from_json(o) for o in cfg.outputs]  # type: ignore[arg-type]
+        return cfg
 
 
 def signal(ready: bool = False, detail: str = "", error: str = "") -> dict[str, Any]:
@@ -178,7 +183,3 @@ def process_start_time(pid: int) -> int | None:
 def process_matches(pid: int | None, start_time: int | None) -> bool:
     """Is the recorded process still the same live process (not a reused pid)?"""
     return bool(pid) and start_time is not None and process_start_time(pid) == start_time  # type: ignore[arg-type]
-
-
-def monotonic() -> float:
-    return time.monotonic()

@@ -18,25 +18,16 @@ from typing import Any
 
 import yaml
 
-from .config import PROFILES, RESTART_POLICIES, hostname_for, validate_name
-from .errors import InvalidArgument, MicroagentError
-from .storage.attachments import check_bundle_file, check_ext4_file, validate_mountpoint
+from .config import PROFILES, RESTART_POLICIES, hostname_for, validate_env_key, validate_hostname, validate_name
+from .model import Attachment, FileCopy, Mediation, Output, parse_host_port, validate_mountpoint
+from .errors import InvalidArgument, MicroagentError, SpecError
+from .storage.attachments import check_bundle_file, check_ext4_file
 
 SPEC_NAMES = ("microagent.yaml", "microagent.yml")
 DISK_MODES = ("ro", "rw")
 BUNDLE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
-_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MODE_RE = re.compile(r"^(0o)?[0-7]+$")
-
-
-class SpecError(InvalidArgument):
-    """A spec file is unreadable or invalid. ``line`` is 1-based; ``line``/``field`` are None when unknown."""
-
-    def __init__(self, problem: str, *, file: Path | str, line: int | None = None, field: str | None = None):
-        self.file, self.line, self.field, self.problem = file, line, field, problem
-        where = f"{file}:{line}" if line is not None else f"{file}"
-        super().__init__(f"{where}: {field}: {problem}" if field else f"{where}: {problem}")
 
 
 @dataclass(frozen=True)
@@ -55,8 +46,8 @@ class DiskEntry:
     mountpoint: str
     mode: str  # "ro" | "rw"
 
-    def cli_form(self) -> str:
-        return f"{self.name}={self.path}:{self.mountpoint}:{self.mode}"
+    def to_model(self, kind: str) -> Attachment:
+        return Attachment(kind, self.name, str(self.path), self.mountpoint, self.mode == "ro")
 
 
 @dataclass(frozen=True)
@@ -64,8 +55,6 @@ class OutputEntry:
     name: str
     path: str  # absolute guest path
 
-    def cli_form(self) -> str:
-        return f"{self.name}={self.path}"
 
 
 @dataclass(frozen=True)
@@ -76,10 +65,12 @@ class MediationSpec:
     target: str | None = None  # "host:port"
     fail_closed: bool = False
 
-    def as_dict(self) -> dict[str, Any]:
-        """The spec's own keys (camelCase), as ``mediation.MediationConfig.from_json`` reads them."""
-        return {"enabled": self.enabled, "required": self.required, "port": self.port, "target": self.target,
-                "failClosed": self.fail_closed}
+    def to_model(self) -> Mediation | None:
+        """The engine's mediation contract (None when not enabled)."""
+        if not self.enabled or self.port is None or self.target is None:
+            return None
+        host, port = parse_host_port(self.target)
+        return Mediation(self.port, host, port, self.required, self.fail_closed)
 
 
 @dataclass
@@ -122,25 +113,32 @@ class WorkspaceSpec:
         if self.setup is not None:
             out["setup"] = list(self.setup)
         if self.files is not None:
-            out["files"] = [{"src": str(f.src), "dst": f.dst, "mode": f.mode} for f in self.files]
+            out["files"] = [FileCopy(f.src, f.dst, f.mode) for f in self.files]
         if self.mediation is not None:
-            out["mediation"] = self.mediation.as_dict()
-        for key in ("disks", "bundles", "outputs"):
-            entries = getattr(self, key)
-            if entries is not None:
-                out[key] = [e.cli_form() for e in entries]
+            out["mediation"] = self.mediation.to_model()
+        if self.disks is not None or self.bundles is not None:
+            out["attachments"] = [e.to_model(kind) for kind, entries in (("disk", self.disks), ("bundle", self.bundles))
+                                  for e in entries or []]
+        if self.outputs is not None:
+            out["outputs"] = [Output(o.name, o.path) for o in self.outputs]
         return out
 
 
 def merge(spec_kwargs: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """``spec_kwargs`` overridden by every ``overrides`` value that is not None. Two dicts (``env``) merge
-    key by key, the override's keys winning; any other value (lists included) replaces the spec's."""
+    key by key, the override's keys winning; attachments and outputs add to the spec's, an override with the
+    same name (or, for attachments, the same mountpoint) replacing the spec's entry; any other value (other lists
+    included) replaces the spec's."""
     out = dict(spec_kwargs)
     for key, value in overrides.items():
         if value is None:
             continue
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = {**out[key], **value}
+        elif key in ("attachments", "outputs") and out.get(key):
+            def same(a: Any, b: Any) -> bool:
+                return a.name == b.name or getattr(a, "mountpoint", None) == getattr(b, "mountpoint", 0)
+            out[key] = [old for old in out[key] if not any(same(old, new) for new in value)] + list(value)
         else:
             out[key] = value
     return out
@@ -433,7 +431,9 @@ class _Validator:
 
     def hostname(self, value: Any) -> str:
         text = self.string(value, "hostname")
-        if len(text) > 63 or text != hostname_for(text):
+        try:
+            validate_hostname(text)
+        except InvalidArgument:
             raise self.err("hostname", f"{_q(text)} is not a valid hostname; use up to 63 lowercase letters, digits "
                                        f"and '-', not starting or ending with '-' (e.g. {_q(hostname_for(text))})")
         return text
@@ -479,7 +479,9 @@ class _Validator:
         out = {}
         for key, item in value.items():
             path = f"env.{key}"
-            if not _ENV_NAME_RE.match(key):
+            try:
+                validate_env_key(key)
+            except InvalidArgument:
                 raise self.err(path, "invalid environment variable name; use letters, digits and '_', not starting "
                                      "with a digit")
             if isinstance(item, str):
@@ -525,10 +527,10 @@ class _Validator:
         host, sep, port = text.rpartition(":")
         if not sep or not host or not port or (host.count(":") and not host.startswith("[")):
             raise self.err(path, f"{_q(text)} has no port; write it as host:port, e.g. \"127.0.0.1:9900\"")
-        if not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise self.err(path, f"{_q(text)}: port {_q(port)} is not a number from 1 to 65535")
-        if host.startswith("[") != host.endswith("]"):
-            raise self.err(path, f"{_q(text)}: write an IPv6 host in brackets, e.g. \"[::1]:9900\"")
+        try:
+            parse_host_port(text, _q(text))  # the rule the engine applies
+        except InvalidArgument as exc:
+            raise self.err(path, str(exc)) from None
         return text
 
     def disks(self, value: Any, key: str, default_mode: str, names: dict, mounts: dict) -> list[DiskEntry]:

@@ -11,6 +11,7 @@ from typing import Any, Iterator
 from microagent_engine import Engine
 from microagent_engine.config import parse_env_pairs as env_pairs  # noqa: F401 (re-exported)
 from microagent_engine.errors import MicroagentError
+from microagent_engine.model import parse_attachment_flags, parse_output_flag
 
 def get_engine(state_dir: str | os.PathLike[str] | None = None) -> Engine:
     """An engine on ``state_dir`` (default: ``$MICROAGENT_STATE_DIR``, else ``~/.microagent``)."""
@@ -22,8 +23,12 @@ def create_kwargs(**kwargs: Any) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None and v != []}
 
 
-def to_json(obj: Any) -> Any:
-    return obj.to_json() if hasattr(obj, "to_json") else obj
+def storage_kwargs(args: Any) -> dict[str, Any]:
+    """``attachments`` and ``outputs`` from the ``-v``/``--disk``/``--bundle``/``--output`` strings of a magic's
+    parsed arguments, through the engine's one parser of that grammar (unset when none were given)."""
+    attachments = parse_attachment_flags(args.volume or [], args.disk or [], args.bundle or [])
+    outputs = [parse_output_flag(o) for o in args.output or []]
+    return {"attachments": attachments or None, "outputs": outputs or None}
 
 
 def tail_serial_log(engine: Engine, name: str, stop: threading.Event, poll: float = 0.2,

@@ -175,7 +175,7 @@ def exec_record(result: Any, name: str) -> Record:
 def volumes_table(vols: list[Any]) -> Table:
     data = [v.to_json() if hasattr(v, "to_json") else dict(v) for v in vols]
     keys: list[str] = []
-    preferred = ["name", "sizeMib", "sizeMiB", "attached", "lastHolder", "createdAt", "path"]
+    preferred = ["name", "sizeMiB", "attached", "lastHolder", "createdAt", "path"]
     for d in data:
         for k in d:
             if k not in keys:

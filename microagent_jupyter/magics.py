@@ -21,10 +21,10 @@ from IPython.utils.text import dedent
 from microagent_engine import Engine, ExecResult
 from microagent_engine.errors import InvalidState, MicroagentError, NotFound
 from microagent_engine.images.builtin import BUILTIN_NAMES as BUILTIN_IMAGES
-from microagent_engine.records import STARTABLE
+from microagent_engine.states import STARTABLE
 
 from . import display as D
-from ._engine import create_kwargs, env_pairs, get_engine
+from ._engine import create_kwargs, env_pairs, get_engine, storage_kwargs
 
 LIFECYCLE = ("start", "halt", "stop", "kill")
 
@@ -295,7 +295,7 @@ class MicroagentMagics(Magics):
                 raise UsageError("usage: %microagent cp SRC DST   (one side is WORKSPACE:/path or "
                                  "WORKSPACE:DISK:/path)")
             result = engine.cp(parts[0], parts[1])
-            return D.Message(f"Copied {parts[0]} → {parts[1]}", D.to_json(result) if result is not None else None)
+            return D.Message(f"Copied {parts[0]} → {parts[1]}", {"copied": str(result)} if result is not None else None)
         if sub == "outputs":
             name = self._one_name(sub, rest)
             rows = engine.outputs(name)
@@ -342,16 +342,14 @@ class MicroagentMagics(Magics):
         args.name = args.name or args.name_opt
         overrides = dict(image=args.image, profile=args.profile, memory_mib=args.memory, cpus=args.cpus,
                          size_mib=args.size_mib, hostname=args.hostname, network=args.network,
-                         volumes=args.volume or None, disks=args.disk or None, bundles=args.bundle or None,
-                         outputs=args.output or None, env=env_pairs(args.env) or None, name=args.name)
+                         **storage_kwargs(args), env=env_pairs(args.env) or None, name=args.name)
         spec_kwargs = self._spec_kwargs(args.file)
         if spec_kwargs is not None:
             from microagent_engine.spec import merge
 
             overrides = merge(spec_kwargs, overrides)
         name, env = overrides.pop("name", None), overrides.pop("env", None)
-        storage = {k: overrides.pop(k) for k in ("volumes", "disks", "bundles", "outputs") if k in overrides}
-        kwargs = create_kwargs(**overrides, **storage)
+        kwargs = create_kwargs(**overrides)
         info = engine.create(name, env=env, **kwargs)
         if args.start:
             info = engine.start(info.name)
@@ -412,8 +410,7 @@ class MicroagentMagics(Magics):
         stdin = cell.encode() if cell is not None else None
         env = env_pairs(args.env)
         ckw = create_kwargs(image=image, profile=args.profile, memory_mib=args.memory, cpus=args.cpus,
-                            size_mib=args.size_mib, network=args.network, volumes=args.volume, disks=args.disk,
-                            bundles=args.bundle, outputs=args.output)
+                            size_mib=args.size_mib, network=args.network, **storage_kwargs(args))
         out, err = self._stream(args)
         result: ExecResult | None = None
         try:

@@ -20,8 +20,8 @@ from traitlets import Bool, Float, Int, Unicode
 
 from microagent_engine import Engine
 from microagent_engine.errors import MicroagentError, NotFound
-from microagent_engine.records import ACTIVE, STARTABLE
-from microagent_engine.records import READINESS_SIGNALS as READINESS
+from microagent_engine.states import ACTIVE
+from microagent_engine.states import READINESS_SIGNALS as READINESS
 
 from ._engine import tail_serial_log
 from .display import readiness_text, state_badge
@@ -152,10 +152,10 @@ class WorkspaceStatusWidget(W.VBox):
                 uptime = _duration((datetime.now(timezone.utc) - started).total_seconds())
             self._show("uptime", uptime)
             self._show("error", html.escape(data.get("error") or ""))
-            if not self.busy:
-                self._set(self._buttons["start"], "disabled", state not in STARTABLE)
-                self._set(self._buttons["halt"], "disabled", state != "running")
-                self._set(self._buttons["kill"], "disabled", state not in (*ACTIVE, "failed"))
+            if not self.busy:  # the engine says which actions this state allows; the buttons follow
+                allowed = data.get("actions") or []
+                for verb, button in self._buttons.items():
+                    self._set(button, "disabled", verb not in allowed)
             return data
 
     def _poll(self) -> None:

@@ -58,7 +58,7 @@ def test_create_output_and_profiles(cli) -> None:
 
 def test_bad_flag_values(cli) -> None:
     proc = cli("create", "x1", "--memory", "0")
-    assert proc.returncode == 2 and b"--memory must be a positive number" in proc.stderr
+    assert proc.returncode == 2 and b"--memory must be a positive whole number" in proc.stderr
     proc = cli("create", "x1", "-e", "NOEQUALS_NOT_SET_ANYWHERE")
     assert proc.returncode == 2 and b"KEY=VALUE" in proc.stderr
     proc = cli("create", "x1", "--image", "docker.io/library/alpine:3.20", env={"MICROAGENT_DOCKER_IO_REGISTRY": ""})

@@ -41,7 +41,7 @@ from microagent_engine.errors import HostError, InvalidArgument, NotFound
 from microagent_engine.hostinfo import require_tool
 from microagent_engine.images import reference
 from microagent_engine.images.layers import LayerApplier
-from microagent_engine.images.reference import AuthError, ImageError
+from microagent_engine.errors import AuthError, ImageError
 from microagent_engine.images.store import ImageStore
 
 REPO = "test/base"

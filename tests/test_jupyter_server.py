@@ -156,12 +156,14 @@ async def test_create_rejects_host_paths_outside_allowed_roots(api, allowed_root
     outside_tar = tmp_path / "outside.tar"
     with tarfile.open(outside_tar, "w"):
         pass
+    link = allowed_root / "link.tar"
+    link.symlink_to(outside_tar)
     forbidden = [
-        {"bundles": [f"cfg={outside_tar}:/config:ro"]},
-        {"disks": ["d=/etc/passwd:/mnt:rw"]},
-        {"volumes": [f"{outside_tar}:/config"]},
-        {"volumes": ["../secret.ext4:/x"]},
-        {"bundles": [f"cfg={allowed_root}/../outside.tar:/config"]},
+        {"attachments": [{"kind": "bundle", "name": "cfg", "source": str(outside_tar), "mountpoint": "/config"}]},
+        {"attachments": [{"kind": "disk", "name": "d", "source": "/etc/passwd", "mountpoint": "/mnt"}]},
+        # a path that reads as inside the root only before normalization, and a symlink out of the root
+        {"attachments": [{"kind": "bundle", "source": f"{allowed_root}/../outside.tar", "mountpoint": "/c"}]},
+        {"attachments": [{"kind": "bundle", "source": str(link), "mountpoint": "/c"}]},
         {"kernel": "/boot/vmlinuz"},
         {"image": "oci:/var/lib/images/x"},
     ]
@@ -169,7 +171,10 @@ async def test_create_rejects_host_paths_outside_allowed_roots(api, allowed_root
         code, body = await api("POST", "workspaces", body={"name": "srv-bad", "profile": "tiny", **extra})
         assert code == 403, (extra, code, body)
         assert "allowed" in body["error"] or "not accepted" in body["error"]
-    for bad in ({"name": "srv-bad", "bogus": 1}, {"name": "Bad Name!"}, {"name": "srv-bad", "memoryMiB": "lots"},
+    for bad in ({"name": "srv-bad", "bogus": 1}, {"name": "srv-bad", "volumes": ["data:/x"]},
+                {"name": "srv-bad", "attachments": [{"kind": "disk", "source": "rel.ext4", "mountpoint": "/x"}]},
+                {"name": "srv-bad", "attachments": [{"kind": "volume", "source": "v", "mountpoint": "/proc"}]},
+                {"name": "srv-bad", "outputs": [{"name": "r", "path": "relative"}]}, {"name": "Bad Name!"}, {"name": "srv-bad", "memoryMiB": "lots"},
                 {"name": "srv-bad", "env": {"A": 1}}, {"name": "srv-bad", "profile": "enormous"}):
         code, body = await api("POST", "workspaces", body=bad)
         assert code == 400, (bad, code, body)
@@ -177,9 +182,12 @@ async def test_create_rejects_host_paths_outside_allowed_roots(api, allowed_root
     assert code == 400 and "JSON" in body["error"]
 
     # inside the allowed roots: accepted and passed to the engine
-    code, body = await api("POST", "workspaces", body={"name": "srv-ok", "profile": "tiny",
-                                                       "bundles": [f"cfg={allowed_root}/config.tar:/config:ro"]})
+    code, body = await api("POST", "workspaces", body={"name": "srv-ok", "profile": "tiny", "attachments": [
+        {"kind": "bundle", "name": "cfg", "source": f"{allowed_root}/sub/../config.tar", "mountpoint": "/config"}]})
     assert code == 201, body
+    # the engine recorded the very object the roots check read: normalized, inside the root
+    assert body["attachments"] == [{"kind": "bundle", "name": "cfg", "source": str(allowed_root / "config.tar"),
+                                    "mountpoint": "/config", "readOnly": True}]
     code, body = await api("DELETE", "workspaces", "srv-ok")
     assert code == 200
 
@@ -197,7 +205,7 @@ async def test_volumes_and_single_attach(api, engine: Engine):
     assert code == 200 and body["name"] == "srvvol"
 
     code, body = await api("POST", "workspaces", body={"name": "srv-vol", "profile": "tiny",
-                                                       "volumes": ["srvvol:/data"], "start": True})
+                                                       "attachments": [{"kind": "volume", "source": "srvvol", "mountpoint": "/data"}], "start": True})
     assert code == 201 and body["state"] == "running"
     try:
         code, body = await api("POST", "workspaces", "srv-vol", "exec",
@@ -206,7 +214,7 @@ async def test_volumes_and_single_attach(api, engine: Engine):
         code, body = await api("DELETE", "volumes", "srvvol")
         assert code == 409, body  # held by a running workspace
         code, body = await api("POST", "workspaces", body={"name": "srv-vol2", "profile": "tiny",
-                                                           "volumes": ["srvvol:/data"]})
+                                                           "attachments": [{"kind": "volume", "source": "srvvol", "mountpoint": "/data"}]})
         if code == 201:  # single-attach may be enforced at create or at start
             code, body = await api("POST", "workspaces", "srv-vol2", "start")
         assert code == 409, body

@@ -27,6 +27,7 @@ import pytest
 
 from microagent_engine import Engine
 from microagent_engine.errors import MicroagentError
+from microagent_engine.model import Attachment
 
 REPO = Path(__file__).resolve().parent.parent
 UI_TESTS = REPO / "ui-tests"
@@ -121,7 +122,7 @@ def panel_workspace(engine: Engine) -> Iterator[str]:
     """A running tiny workspace holding a 16 MiB volume; killed and deleted (with the volumes) afterwards."""
     engine.volumes.create(VOL, size_mib=16)
     try:
-        engine.create(WS, profile="tiny", volumes=[f"{VOL}:/data"])
+        engine.create(WS, profile="tiny", attachments=[Attachment("volume", VOL, VOL, "/data")])
         engine.start(WS)
         yield WS
     finally:

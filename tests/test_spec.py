@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from microagent_engine.errors import InvalidArgument
-from microagent_engine.spec import SpecError, find_default_spec, load_spec, merge, parse_spec
+from microagent_engine.errors import SpecError
+from microagent_engine.model import Attachment, FileCopy, Mediation, Output
+from microagent_engine.spec import find_default_spec, load_spec, merge, parse_spec
 
 # The seed's full example; image 'builtin', host paths created under tmp_path by the fixture.
 FULL = """\
@@ -91,16 +93,15 @@ def test_full_example_maps_to_create_kwargs(project: Path) -> None:
         "shell": "/bin/bash",
         "hostname": "research",
         "setup": ["mkdir -p /workspace", "echo ready > /workspace/status"],
-        "files": [{"src": str(project / "body.py"), "dst": "/app/body.py", "mode": 0o644}],
+        "files": [FileCopy(project / "body.py", "/app/body.py", 0o644)],
         "env": {"MICROAGENT_NAME": "research"},
         "memory_mib": 2048,
         "cpus": 2,
         "size_mib": 8192,
-        "mediation": {"enabled": True, "required": True, "port": 2048, "target": "127.0.0.1:9900",
-                      "failClosed": True},
-        "disks": [f"workspace={project / 'workspace.ext4'}:/workspace:rw"],
-        "bundles": [f"config={project / 'config.tar'}:/config:ro"],
-        "outputs": ["report=/workspace/report.json"],
+        "mediation": Mediation(2048, "127.0.0.1", 9900, required=True, fail_closed=True),
+        "attachments": [Attachment("disk", "workspace", str(project / "workspace.ext4"), "/workspace", False),
+                        Attachment("bundle", "config", str(project / "config.tar"), "/config", True)],
+        "outputs": [Output("report", "/workspace/report.json")],
     }
 
 
@@ -109,8 +110,8 @@ def test_unset_fields_are_omitted_and_defaults_documented(project: Path) -> None
     assert spec.to_create_kwargs() == {"image": "builtin"}
     assert spec.effective_hostname("My_Box") == "my-box"
     mediation = parse_spec("mediation: {enabled: true, port: 2048, target: '[::1]:9900'}\n", Path("m.yaml"))
-    assert mediation.to_create_kwargs() == {"mediation": {"enabled": True, "required": False, "port": 2048,
-                                                          "target": "[::1]:9900", "failClosed": False}}
+    assert mediation.to_create_kwargs() == {"mediation": Mediation(2048, "::1", 9900)}
+    assert mediation.to_create_kwargs()["mediation"].to_json()["target"] == "[::1]:9900"
 
 
 def test_relative_src_is_relative_to_spec_dir_not_cwd(project: Path, tmp_path_factory, monkeypatch) -> None:
@@ -123,8 +124,8 @@ def test_relative_src_is_relative_to_spec_dir_not_cwd(project: Path, tmp_path_fa
           - {src: %s, dst: /app/body.py}
         """ % (project / "body.py")))
     assert spec.to_create_kwargs()["files"] == [
-        {"src": str(project / "sub" / "run.sh"), "dst": "/app/run.sh", "mode": 0o755},
-        {"src": str(project / "body.py"), "dst": "/app/body.py", "mode": None},
+        FileCopy(project / "sub" / "run.sh", "/app/run.sh", 0o755),
+        FileCopy(project / "body.py", "/app/body.py", None),
     ]
 
 

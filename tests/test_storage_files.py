@@ -17,8 +17,8 @@ import pytest
 from microagent_engine.errors import HostError, InvalidArgument, InvalidState, NotFound
 from microagent_engine.hostinfo import require_tool
 from microagent_engine.storage import bundles, debugfs
-from microagent_engine.storage.attachments import (Attachment, parse_bundle_flag, parse_disk_flag, parse_volume_flag,
-                                                   validate_attachments)
+from microagent_engine.model import (Attachment, parse_bundle_flag, parse_disk_flag, parse_volume_flag,
+                                     validate_attachments)
 from microagent_engine.storage.ext4 import fsck, make_ext4
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from microagent_engine import Engine
 from microagent_engine.errors import GuestError, InvalidState
+from microagent_engine.model import parse_mediation_flag
 
 pytestmark = pytest.mark.vm
 
@@ -175,7 +176,7 @@ def test_mediation_bridge_and_fail_closed(engine: Engine, cli) -> None:
 def test_quarantine_cuts_network_and_start_refused(engine: Engine, cli) -> None:
     srv = _server()
     port = srv.server_address[1]
-    engine.create("quar", profile="tiny", mediation=f"2049=127.0.0.1:{port}")
+    engine.create("quar", profile="tiny", mediation=parse_mediation_flag(f"2049=127.0.0.1:{port}"))
     engine.start("quar")
     # user-mode networking: the host's loopback is 10.0.2.2 from the guest
     r = engine.exec("quar", ["sh", "-c", f"echo net | nc -w 3 10.0.2.2 {port}"])

@@ -10,6 +10,7 @@ import pytest
 
 from microagent_engine import Engine
 from microagent_engine.errors import InvalidArgument, InvalidState, NotFound
+from microagent_engine.model import parse_output_flag, parse_volume_flag
 
 pytestmark = pytest.mark.vm
 
@@ -88,8 +89,8 @@ def test_cp_in_before_start_and_out_after_halt(engine: Engine, cli, data_volume,
 
 
 def test_single_attach_fails_closed_then_succeeds(engine: Engine, cli, data_volume) -> None:
-    engine.create("holder-a", profile="tiny", volumes=["data:/work"])
-    engine.create("holder-b", profile="tiny", volumes=["data:/work"])
+    engine.create("holder-a", profile="tiny", attachments=[parse_volume_flag("data:/work")])
+    engine.create("holder-b", profile="tiny", attachments=[parse_volume_flag("data:/work")])
     engine.start("holder-a")
     proc = cli("start", "holder-b")
     assert proc.returncode != 0
@@ -130,11 +131,11 @@ def test_raw_disk_and_outputs(engine: Engine, cli, tmp_path: Path) -> None:
 
 def test_attachment_errors_leave_nothing(engine: Engine, tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="package a directory as a tar"):
-        engine.create("bad1", volumes=[f"{tmp_path}:/data"])
+        engine.create("bad1", attachments=[parse_volume_flag(f"{tmp_path}:/data")])
     with pytest.raises(NotFound, match="volume create nosuch"):
-        engine.create("bad2", volumes=["nosuch:/data"])
+        engine.create("bad2", attachments=[parse_volume_flag("nosuch:/data")])
     with pytest.raises(InvalidArgument):
-        engine.create("bad3", outputs=["report"])
+        engine.create("bad3", outputs=[parse_output_flag("report")])
     for name in ("bad1", "bad2", "bad3"):
         with pytest.raises(NotFound):
             engine.status(name)

@@ -12,7 +12,8 @@ import pytest
 from microagent_engine.errors import AlreadyExists, HostError, InvalidArgument, InvalidState, MicroagentError, NotFound
 from microagent_engine.hostinfo import require_tool
 from microagent_engine.storage import volumes as volmod
-from microagent_engine.storage.volumes import (DEFAULT_SIZE_MIB, VolumeInUse, VolumeRegistry, render_created,
+from microagent_engine.errors import VolumeInUse
+from microagent_engine.storage.volumes import (DEFAULT_SIZE_MIB, VolumeRegistry, render_created,
                                                render_list, render_status)
 
 RUNNING: set[str] = set()
@@ -66,7 +67,7 @@ def test_index_json_content(reg: VolumeRegistry, tmp_path: Path) -> None:
     vol = reg.create("data", size_mib=16)
     index = json.loads((tmp_path / "volumes" / "index.json").read_text())
     assert index == {"version": 1, "volumes": {"data": {
-        "name": "data", "sizeMib": 16, "path": str(vol.path), "createdAt": vol.created_at,
+        "name": "data", "sizeMiB": 16, "path": str(vol.path), "createdAt": vol.created_at,
         "attached": None, "lastHolder": None}}}
     assert vol.to_json() == index["volumes"]["data"]
     assert (tmp_path / "volumes" / ".lock").exists()

@@ -166,7 +166,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
             return false;
           }
           const ws = panel.workspaces.get(name);
-          return !ws || actionAllowed(action, ws.state);
+          return actionAllowed(action, ws);
         },
         execute: args =>
           panel.runAction(action, (args.name as string) || panel.selected)

@@ -56,39 +56,20 @@ const SIGNALS: [keyof IWorkspace, string][] = [
   ['shellReady', 'shell'],
   ['mediationReady', 'mediation']
 ];
-const KNOWN_STATES = new Set([
-  'prepared',
-  'starting',
-  'running',
-  'stopping',
-  'halted',
-  'stopped',
-  'failed',
-  'quarantined'
-]);
-
-/** Which actions make sense in a state (the server has the last word; unknown states allow all). */
-export function actionAllowed(action: PanelAction, state: string): boolean {
-  if (!KNOWN_STATES.has(state)) {
-    return true;
-  }
-  switch (action) {
-    case 'start':
-      return ['prepared', 'halted', 'stopped', 'failed'].includes(state);
-    case 'halt':
-    case 'stop':
-      return ['running', 'quarantined'].includes(state);
-    case 'kill':
-      return !['prepared', 'halted', 'stopped'].includes(state);
-    case 'delete':
-      return !['running', 'starting', 'stopping', 'quarantined'].includes(
-        state
-      );
-  }
+/**
+ * Whether the engine accepts `action` for this workspace now: the server sends the allowed actions with each
+ * workspace (`actions`, computed by the engine's state machine); the panel keeps no copy of those rules.
+ */
+export function actionAllowed(
+  action: PanelAction,
+  ws: IWorkspace | undefined
+): boolean {
+  return !!ws && (ws.actions ?? []).includes(action);
 }
 
-export function isLive(state: string | undefined): boolean {
-  return state === 'running' || state === 'starting' || state === 'stopping';
+/** A supervisor (and so usually a VM) is alive: the serial log may still grow. */
+export function isLive(ws: IWorkspace | undefined): boolean {
+  return !!ws && !!ws.live;
 }
 
 interface IWorkspaceRow {
@@ -211,7 +192,7 @@ export class MicroagentPanel extends Widget {
       after.node.classList.add('ma-mod-selected');
       after.node.setAttribute('aria-selected', 'true');
     }
-    this._log.setWorkspace(name, isLive(name ? this._workspaces.get(name)?.state : undefined));
+    this._log.setWorkspace(name, isLive(name ? this._workspaces.get(name) : undefined));
     this._selectionChanged.emit(name);
   }
 
@@ -426,10 +407,10 @@ export class MicroagentPanel extends Widget {
       this.select(null);
     }
     if (!this._selected && ws.status === 'fulfilled' && ws.value.length) {
-      const first = ws.value.find(w => isLive(w.state)) ?? ws.value[0];
+      const first = ws.value.find(w => isLive(w)) ?? ws.value[0];
       this.select(first.name);
     } else if (this._selected) {
-      this._log.poke(isLive(this._workspaces.get(this._selected)?.state));
+      this._log.poke(isLive(this._workspaces.get(this._selected)));
     }
     this._refreshed.emit();
   }
@@ -601,12 +582,12 @@ export class MicroagentPanel extends Widget {
       return;
     }
     const pending = this._pending.get(name);
-    const state = this._workspaces.get(name)?.state ?? '';
+    const ws = this._workspaces.get(name);
     setText(row.pending, pending ? PENDING[pending] : '');
     setHidden(row.pending, !pending);
     row.node.classList.toggle('ma-mod-busy', !!pending);
     for (const [action, button] of row.buttons) {
-      setDisabled(button, !!pending || !actionAllowed(action, state));
+      setDisabled(button, !!pending || !actionAllowed(action, ws));
     }
   }
 
@@ -629,7 +610,7 @@ export class MicroagentPanel extends Widget {
       const key = JSON.stringify(v);
       if (key !== row.key) {
         row.key = key;
-        setText(row.size, `${v.sizeMib} MiB`);
+        setText(row.size, `${v.sizeMiB} MiB`);
         if (v.attached) {
           setText(row.holder, v.attached);
           setAttr(row.holder, 'title', `attached to workspace "${v.attached}"`);

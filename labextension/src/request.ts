@@ -38,13 +38,17 @@ export interface IWorkspace {
   attachments?: IAttachment[];
   error?: string | null;
   exitDetail?: string | null;
+  /** the actions the engine accepts in the current state */
+  actions?: string[];
+  /** a supervisor (and usually a VM) is alive */
+  live?: boolean;
   [key: string]: unknown;
 }
 
 /** The JSON of one named volume. */
 export interface IVolume {
   name: string;
-  sizeMib: number;
+  sizeMiB: number;
   path?: string;
   createdAt?: string;
   attached?: string | null;

@@ -28,7 +28,7 @@ from typing import BinaryIO, Iterator
 
 from ..errors import HostError
 from ..hostinfo import require_tool
-from .reference import ImageError
+from ..errors import ImageError
 
 _XATTR = "SCHILY.xattr."
 _MAX_LINKS = 40

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from ..errors import InvalidArgument, MicroagentError
+from ..errors import AuthError, ImageError, InvalidArgument, MicroagentError  # noqa: F401 (re-exported)
 
 INSECURE_ENV = "MICROAGENT_INSECURE_REGISTRIES"
 DOCKER_DOMAIN = "docker.io"
@@ -26,14 +26,6 @@ _REPO_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _HOST_RE = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\])(?::[0-9]+)?$")
-
-
-class ImageError(MicroagentError):
-    """An image is malformed, fails verification, or a registry answered something unusable."""
-
-
-class AuthError(ImageError):
-    """A registry refused our credentials (or wants some and we have none)."""
 
 
 @dataclass(frozen=True)

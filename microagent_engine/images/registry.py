@@ -30,7 +30,8 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 from ..errors import HostError, NotFound
 from ..fsutil import file_lock
-from .reference import DOCKER_DOMAIN, DOCKER_IO_ENV, AuthError, ImageError, ImageRef
+from ..errors import AuthError, ImageError
+from .reference import DOCKER_DOMAIN, DOCKER_IO_ENV, ImageRef
 
 AUTH_FILE_ENV = "MICROAGENT_AUTH_FILE"
 DEFAULT_PLATFORM = "linux/amd64"

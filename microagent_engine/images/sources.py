@@ -22,7 +22,7 @@ from typing import Any, BinaryIO, Iterator
 
 from ..errors import InvalidArgument, NotFound
 from .layers import decompressed
-from .reference import ImageError
+from ..errors import ImageError
 from .registry import (
     INDEX_TYPES,
     MANIFEST_TYPES,

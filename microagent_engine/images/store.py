@@ -55,13 +55,13 @@ class ImageInfo:
         return dict(e.split("=", 1) for e in self.config.get("Env") or [] if "=" in e)
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "refs": self.refs, "sizeMib": self.size_mib, "contentBytes": self.content_bytes,
+        return {"id": self.id, "refs": self.refs, "sizeMiB": self.size_mib, "contentBytes": self.content_bytes,
                 "platform": self.platform, "created": self.created, "source": self.source, "layers": self.layers,
                 "blobs": self.blobs, "config": self.config}
 
     @classmethod
     def from_json(cls, d: dict[str, Any], path: Path) -> "ImageInfo":
-        return cls(d["id"], list(d.get("refs") or []), path, int(d["sizeMib"]), int(d["contentBytes"]),
+        return cls(d["id"], list(d.get("refs") or []), path, int(d.get("sizeMiB", d.get("sizeMib"))), int(d["contentBytes"]),
                    d.get("platform", ""), d.get("created", ""), d.get("source", ""), list(d.get("layers") or []),
                    list(d.get("blobs") or []), dict(d.get("config") or {}))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..config import validate_name
-from ..errors import AlreadyExists, InvalidArgument, InvalidState, MicroagentError, NotFound
+from ..errors import AlreadyExists, InvalidArgument, MicroagentError, NotFound, VolumeInUse
 from ..fsutil import file_lock, read_json, write_json_atomic
 from .ext4 import make_ext4
 
@@ -24,10 +24,6 @@ DEFAULT_SIZE_MIB = 1024
 MIN_SIZE_MIB = 8
 MAX_SIZE_MIB = 16 * 1024 * 1024
 INDEX_VERSION = 1
-
-
-class VolumeInUse(InvalidState):
-    """The volume is attached to a running workspace."""
 
 
 def _now() -> str:
@@ -44,12 +40,12 @@ class Volume:
     last_holder: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "sizeMib": self.size_mib, "path": str(self.path), "createdAt": self.created_at,
+        return {"name": self.name, "sizeMiB": self.size_mib, "path": str(self.path), "createdAt": self.created_at,
                 "attached": self.attached, "lastHolder": self.last_holder}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], path: Path) -> "Volume":
-        return cls(name=data["name"], size_mib=int(data["sizeMib"]), path=path, created_at=data["createdAt"],
+        return cls(name=data["name"], size_mib=int(data.get("sizeMiB", data.get("sizeMib"))), path=path, created_at=data["createdAt"],
                    attached=data.get("attached"), last_holder=data.get("lastHolder"))
 
 

@@ -7,6 +7,7 @@ No endpoint reads or writes a host path the server's ``MicroagentConfig.allowed_
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import threading
@@ -29,6 +30,7 @@ from microagent_engine.errors import (
     MicroagentError,
     NotFound,
 )
+from microagent_engine.model import Attachment, Output
 
 from .._engine import create_kwargs, get_engine
 from .config import MicroagentConfig
@@ -100,6 +102,15 @@ class BaseHandler(APIHandler):
             self.send_error_json(exc)
 
     # ---- host paths ----------------------------------------------------------------------------
+    def attachment(self, data: Any) -> Attachment:
+        """The attachment the engine will execute: parsed once, its host file resolved (symlinks followed) and
+        checked against the allowed roots. The engine receives this very object."""
+        att = Attachment.from_json(data)
+        if att.host_path is None:
+            return att
+        self.check_host_path(att.source, att.kind)
+        return dataclasses.replace(att, source=os.path.realpath(att.source))
+
     def check_host_path(self, path: str, what: str) -> None:
         roots = self.ma_config.resolved_roots()
         if not os.path.isabs(os.path.expanduser(path)):
@@ -112,6 +123,14 @@ class BaseHandler(APIHandler):
         hint = (f"allowed roots: {', '.join(roots)}" if roots else
                 "no host paths are allowed; set c.MicroagentConfig.allowed_roots in the server's config")
         raise Forbidden(f"{what} {path!r} is outside the directories this server may read ({hint})")
+
+
+def _list(value: Any, field: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise BadRequest(f"{field!r} must be a list")
+    return value
 
 
 def _strings(value: Any, field: str) -> list[str]:
@@ -134,7 +153,7 @@ def _int(value: Any, field: str) -> int | None:
 
 HOST_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".ext4", ".img")
 CREATE_FIELDS = {"name", "image", "profile", "memoryMiB", "cpus", "cpuCount", "sizeMiB", "env", "network",
-                 "hostname", "volumes", "disks", "bundles", "outputs", "restart", "shell", "setup", "entrypoint",
+                 "hostname", "attachments", "outputs", "restart", "shell", "setup", "entrypoint",
                  "start"}
 LOCAL_IMAGE_PREFIXES = ("oci:", "oci-archive:", "docker-archive:", "dir:", "/", ".", "~", "file:")
 
@@ -164,6 +183,10 @@ class WorkspacesHandler(BaseHandler):
         await self.guarded(go)
 
     def create_args(self, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        for legacy in ("volumes", "disks", "bundles"):
+            if legacy in body:
+                raise BadRequest(f"{legacy!r} is the command-line form; send 'attachments': a list of "
+                                 f"{{kind: volume|disk|bundle, source, mountpoint, name?, readOnly?}} objects")
         unknown = set(body) - CREATE_FIELDS
         if "kernel" in unknown:
             raise Forbidden("'kernel' names a host file and is not accepted over HTTP; configure kernels on the "
@@ -178,19 +201,8 @@ class WorkspacesHandler(BaseHandler):
             path = image.split(":", 1)[1] if image.split(":", 1)[0] in ("oci", "oci-archive", "docker-archive",
                                                                         "dir", "file") else image
             self.check_host_path(path.split(":", 1)[0] if path.startswith(("/", "~")) else path, "image")
-        disks, bundles = _strings(body.get("disks"), "disks"), _strings(body.get("bundles"), "bundles")
-        volumes, outputs = _strings(body.get("volumes"), "volumes"), _strings(body.get("outputs"), "outputs")
-        for what, specs in (("disk", disks), ("bundle", bundles)):
-            for spec in specs:  # NAME=/host/path:/mount[:mode]
-                source = spec.split("=", 1)[1] if "=" in spec.split(":", 1)[0] else spec
-                self.check_host_path(source.split(":", 1)[0], what)
-        for spec in volumes:  # SRC:DST[:mode]; SRC is a volume name, a .tar bundle or an .ext4 disk
-            source = spec.split(":", 1)[0]
-            if "/" in source or source.startswith(("~", ".")) or source.endswith(HOST_SUFFIXES):
-                self.check_host_path(source, "volume source")
-        for spec in outputs:
-            if "=" in spec and not spec.split("=", 1)[1].startswith("/"):
-                raise BadRequest(f"output {spec!r}: use NAME=/guest/path")
+        attachments = [self.attachment(a) for a in _list(body.get("attachments"), "attachments")]
+        outputs = [Output.from_json(o) for o in _list(body.get("outputs"), "outputs")]
         memory = _int(body.get("memoryMiB"), "memoryMiB")
         cpus = _int(body.get("cpus", body.get("cpuCount")), "cpus")
         size = _int(body.get("sizeMiB"), "sizeMiB")
@@ -201,8 +213,7 @@ class WorkspacesHandler(BaseHandler):
         kwargs = create_kwargs(image=image, profile=body.get("profile"), memory_mib=memory, cpus=cpus,
                                size_mib=size, network=body.get("network"), hostname=body.get("hostname"),
                                restart=body.get("restart"), shell=body.get("shell"), setup=setup,
-                               entrypoint=body.get("entrypoint"), volumes=volumes, disks=disks, bundles=bundles,
-                               outputs=outputs)
+                               entrypoint=body.get("entrypoint"), attachments=attachments, outputs=outputs)
         return kwargs, bool(body.get("start"))
 
 

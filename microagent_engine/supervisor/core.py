@@ -1,41 +1,32 @@
-"""The supervisor: one small process per running workspace.
-
-It owns the hypervisor process, appends the serial console to ``serial.log``, speaks to the guest agent over the
-virtio-serial socket, multiplexes clients' execs onto that one channel, runs setup (first boot) and the
-entrypoint, applies the restart policy, bridges mediation, and records every state transition durably in
-``state.json`` -- so ``ps``/``status`` stay true after a crash or a ``kill -9`` of the VM.
-
-Run as ``python -m microagent_engine.supervisor WORKSPACE_DIR --ready-fd N`` (the engine does this).
-"""
+"""The supervisor's core: one instance per running workspace. It owns the hypervisor process and its boot loop
+(restart policy), the serial console, the guest agent's channel, and the workspace's state record."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import ctypes
-import fcntl
 import json
 import os
 import signal
 import sys
 import time
-import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .fsutil import read_json
-from .mediation import MediationBridge, MediationConfig, probe
-from .protocol import ExitStatus, FrameDecoder, FrameType, decode_kv, encode_entries, encode_exec, encode_frame
-from .records import WorkspaceDir, WorkspaceState, now_iso, process_start_time, signal as readiness
+from ..model import LaunchSpec
+from ..protocol import ExitStatus, FrameDecoder, FrameType, decode_kv, encode_entries, encode_frame
+from ..records import WorkspaceDir, now_iso, process_start_time, signal as readiness
+from .clients import ClientHub
+from .guest_tasks import STOP_TIMEOUT, GuestTasks
+from .mediation import MediationBridge, probe
+from .qmp import qmp_command
 
 HALT_TIMEOUT = 30.0
-STOP_TIMEOUT = 5.0
 KVM_FAILURE_MARKERS = ("KVM internal error", "emulation failure", "kvm run failed")
 RESTART_DELAYS = (1, 2, 4, 8, 16, 30)  # bounded back-off between restarts, seconds
 MAX_CONSECUTIVE_RESTARTS = 10
 STABLE_AFTER = 30.0  # a VM that ran this long resets the back-off
-SETUP_TIMEOUT = 3600.0
 
 
 def _set_pdeathsig() -> None:
@@ -52,36 +43,19 @@ def _ignore_cancelled(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) 
 
 
 def tail_text(path: Path, lines: int = 15) -> str:
+    """The last ``lines`` lines of a log file (read from its end)."""
     try:
-        data = path.read_bytes()[-8192:]
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 8192))
+            data = fh.read()
     except OSError:
         return ""
     return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
 
 
-class Client:
-    """One connection to the control socket."""
-
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
-        self.streams: dict[int, int] = {}  # client stream id -> guest stream id
-        self.console = False
-
-    def send(self, ftype: int, stream: int, payload: bytes = b"") -> None:
-        if not self.writer.is_closing():
-            self.writer.write(encode_frame(ftype, stream, payload))
-
-
-class InternalExec:
-    """A command the supervisor itself runs in the guest (setup, entrypoint)."""
-
-    def __init__(self, on_output: Callable[[bytes], None]) -> None:
-        self.on_output = on_output
-        self.done: asyncio.Future[ExitStatus] = asyncio.get_running_loop().create_future()
-
-
 class Supervisor:
-    def __init__(self, ws: WorkspaceDir, launch: dict[str, Any], ready_fd: int | None) -> None:
+    def __init__(self, ws: WorkspaceDir, launch: LaunchSpec, ready_fd: int | None) -> None:
         self.ws = ws
         self.launch = launch
         self.ready_fd = ready_fd
@@ -89,11 +63,9 @@ class Supervisor:
         self.proc: asyncio.subprocess.Process | None = None
         self.agent_writer: asyncio.StreamWriter | None = None
         self.serial_writer: asyncio.StreamWriter | None = None
-        self.clients: set[Client] = set()
-        self.routes: dict[int, tuple[Client, int]] = {}  # guest stream -> (client, client stream)
-        self.internal: dict[int, InternalExec] = {}
+        self.hub = ClientHub(self)
+        self.tasks = GuestTasks(self)
         self.next_stream = 1
-        self.control_tasks: set[asyncio.Future[None]] = set()
         self.intent: str | None = None  # halt | stop | kill | restart | setup-failed
         self.exited = asyncio.Event()  # the supervisor is done (final state recorded)
         self.vm_exited = asyncio.Event()  # the current VM process has exited
@@ -101,9 +73,8 @@ class Supervisor:
         self.ever_ready = False
         self.boot_t0 = time.monotonic()
         self.serial_log = open(ws.serial_log, "ab", buffering=0)
-        self.restart_policy = launch.get("restart", "never")
-        med = launch.get("mediation")
-        self.mediation = MediationBridge(MediationConfig.from_json(med), self.report_mediation) if med else None
+        self.restart_policy = launch.restart
+        self.mediation = MediationBridge(launch.mediation, self.report_mediation) if launch.mediation else None
 
     # ---- state ---------------------------------------------------------------------------------
     def save(self, **changes: Any) -> None:
@@ -140,7 +111,7 @@ class Supervisor:
         servers = [
             await asyncio.start_unix_server(self.on_agent, path=str(self.ws.agent_socket)),
             await asyncio.start_unix_server(self.on_serial, path=str(self.ws.serial_socket)),
-            await asyncio.start_unix_server(self.on_client, path=str(self.ws.control_socket)),
+            await asyncio.start_unix_server(self.hub.on_client, path=str(self.ws.control_socket)),
         ]
         if self.mediation:
             servers.append(await asyncio.start_unix_server(self.mediation.on_port,
@@ -186,8 +157,8 @@ class Supervisor:
         self.exited.set()
         for task in background:
             task.cancel()
-        if self.control_tasks:  # let halt/stop/kill requests answer before the connections close
-            await asyncio.wait(self.control_tasks, timeout=5)
+        if self.hub.control_tasks:  # let halt/stop/kill requests answer before the connections close
+            await asyncio.wait(self.hub.control_tasks, timeout=5)
         return await self._close(servers, sockets)
 
     def _sockets(self) -> list[Path]:
@@ -197,11 +168,10 @@ class Supervisor:
     async def _close(self, servers: list[asyncio.Server], sockets: list[Path]) -> int:
         for server in servers:
             server.close()
-        for client in list(self.clients):
-            client.writer.close()
+        self.hub.close_all()
         # let each connection's task see its EOF and end, rather than be cancelled by asyncio.run's teardown
         for _ in range(100):
-            if not self.clients:
+            if not self.hub.clients:
                 break
             await asyncio.sleep(0.01)
         for sock in sockets:
@@ -218,13 +188,13 @@ class Supervisor:
         for name in self.state.readiness:
             self.set_signal(name, False, "booting")
         self.boot_t0 = time.monotonic()
-        self.serial_note(f"boot at {now_iso()} (accel {self.launch['accel']})")
+        self.serial_note(f"boot at {now_iso()} (accel {self.launch.accel})")
         vm_log = open(self.ws.vm_log, "ab")
-        vm_log.write(f"--- {now_iso()} {' '.join(self.launch['argv'])}\n".encode())
+        vm_log.write(f"--- {now_iso()} {' '.join(self.launch.argv)}\n".encode())
         vm_log.flush()
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                *self.launch["argv"], stdin=asyncio.subprocess.DEVNULL, stdout=vm_log,
+                *self.launch.argv, stdin=asyncio.subprocess.DEVNULL, stdout=vm_log,
                 stderr=asyncio.subprocess.PIPE, preexec_fn=_set_pdeathsig)
         except OSError as exc:
             self.save(state="failed", error=f"could not start the hypervisor: {exc}")
@@ -240,14 +210,8 @@ class Supervisor:
         vm_log.close()
         self.vm_exited.set()
         self.state.exit_detail = f"exit code {rc}" if rc >= 0 else f"killed by signal {-rc}"
-        for client, csid in list(self.routes.values()):
-            client.send(FrameType.ERROR, csid,
-                        f"the VM exited ({self.state.exit_detail}) before the command finished".encode())
-        self.routes.clear()
-        for job in self.internal.values():
-            if not job.done.done():
-                job.done.set_result(ExitStatus("failed_to_start", 127, "the VM exited"))
-        self.internal.clear()
+        self.hub.fail_all(f"the VM exited ({self.state.exit_detail}) before the command finished")
+        self.tasks.fail_all("the VM exited")
         return time.monotonic() - self.boot_t0
 
     def wants_restart(self, entrypoint_status: ExitStatus | None) -> bool:
@@ -292,7 +256,7 @@ class Supervisor:
                 self.proc.kill()
 
     async def boot_deadline(self) -> None:
-        timeout = float(self.launch.get("boot_timeout", 60))
+        timeout = self.launch.boot_timeout
         try:
             await asyncio.wait_for(self.ready.wait(), timeout)
         except asyncio.TimeoutError:
@@ -311,9 +275,22 @@ class Supervisor:
 
     def to_console(self, data: bytes) -> None:
         self.serial_log.write(data)
-        for client in self.clients:
-            if client.console:
-                client.send(FrameType.STDOUT, 0, data)
+        self.hub.to_consoles(data)
+
+    def to_serial(self, data: bytes) -> None:
+        """Type into the serial console (a console client's STDIN)."""
+        if self.serial_writer is not None:
+            self.serial_writer.write(data)
+
+    def new_stream(self) -> int:
+        """A fresh guest stream id."""
+        gsid = self.next_stream
+        self.next_stream += 1
+        return gsid
+
+    def kill_vm(self) -> None:
+        if self.proc and self.proc.returncode is None:
+            self.proc.kill()
 
     # ---- guest agent ---------------------------------------------------------------------------
     async def on_agent(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -338,6 +315,10 @@ class Supervisor:
         self.agent_writer.write(encode_frame(ftype, stream, payload))
         return True
 
+    def exec_allowed(self) -> bool:
+        return self.ready.is_set() and self.state.state in ("running", "quarantined") and \
+            self.agent_writer is not None
+
     def on_agent_frame(self, ftype: int, stream: int, payload: bytes) -> None:
         if ftype == FrameType.HELLO:
             info = decode_kv(payload)
@@ -349,24 +330,11 @@ class Supervisor:
             asyncio.ensure_future(self.on_ready(decode_kv(payload)))
         elif ftype == FrameType.HALTING:
             pass
-        elif stream in self.internal:
-            job = self.internal[stream]
-            if ftype in (FrameType.STDOUT, FrameType.STDERR):
-                job.on_output(payload)
-            elif ftype == FrameType.EXIT:
-                del self.internal[stream]
-                job.done.set_result(ExitStatus.parse(payload))
-            elif ftype == FrameType.ERROR:
-                job.on_output(b"microagent: " + payload + b"\n")
-        elif stream in self.routes:
-            client, csid = self.routes[stream]
-            client.send(ftype, csid, payload)
-            if ftype in (FrameType.EXIT, FrameType.PONG):
-                del self.routes[stream]
-                client.streams.pop(csid, None)
+        elif not self.tasks.deliver(ftype, stream, payload):
+            self.hub.deliver(ftype, stream, payload)
 
     async def on_ready(self, info: dict[str, str]) -> None:
-        shell = self.launch.get("shell", "/bin/sh")
+        shell = self.launch.shell
         if info.get("shell") == "ok":
             self.set_signal("shellReady", True, f"{shell} on the serial console")
         else:
@@ -382,9 +350,9 @@ class Supervisor:
             self.intent = "setup-failed"
             self.to_agent(FrameType.HALT, 0, b"halt")
             return
-        if self.launch.get("setup") and not self.state.setup_done:
+        if self.launch.setup and not self.state.setup_done:
             self.setting_up = True
-            if not await self.run_setup(self.launch["setup"]):
+            if not await self.tasks.run_setup(self.launch.setup):
                 return
             self.setting_up = False
         boot = round(time.monotonic() - self.boot_t0, 3)
@@ -393,137 +361,22 @@ class Supervisor:
         self.save(state="running", boot_seconds=boot, error="; ".join(errors))
         self.ready.set()
         self.notify_ready(True)
-        if self.launch.get("entrypoint"):
-            asyncio.ensure_future(self.run_entrypoint(self.launch["entrypoint"]))
-
-    def internal_exec(self, argv: list[str], on_output: Callable[[bytes], None],
-                      timeout: float | None = None) -> InternalExec:
-        gsid = self.next_stream
-        self.next_stream += 1
-        job = InternalExec(on_output)
-        self.internal[gsid] = job
-        self.to_agent(FrameType.EXEC, gsid, encode_exec(argv, self.launch.get("env"), "/", timeout))
-        return job
-
-    async def run_setup(self, commands: list[str]) -> bool:
-        log_path = self.ws.path / "setup.log"
-        with open(log_path, "ab") as log:
-            def out(data: bytes) -> None:
-                log.write(data)
-                log.flush()
-                self.to_console(data)
-
-            for i, command in enumerate(commands, 1):
-                header = f"--- microagent: setup {i}/{len(commands)}: {command}\n".encode()
-                out(header)
-                st = await self.internal_exec(["/bin/sh", "-c", command], out, SETUP_TIMEOUT).done
-                out(f"--- microagent: setup {i} ended: {st.status} {st.code}\n".encode())
-                if st.status != "exited" or st.code != 0:
-                    error = (f"setup command {i} ({command!r}) failed ({st.status} {st.code}); its output is "
-                             f"in {log_path} and the serial log. Fix it, then delete and recreate the workspace")
-                    self.save(state="failed", error=error)
-                    self.intent = "setup-failed"
-                    self.to_agent(FrameType.HALT, 0, b"halt")
-                    return False
-        self.save(setup_done=True)
-        return True
-
-    async def run_entrypoint(self, command: str) -> None:
-        self.save(entrypoint="running")
-        st = await self.internal_exec(["/bin/sh", "-c", command], self.to_console).done
-        if self.vm_exited.is_set() or self.intent is not None:
-            return
-        self.save(entrypoint=f"{st.status} {st.code}")
-        self.serial_note(f"entrypoint ended: {st.status} {st.code}")
-        if self.wants_restart(st) and self.state.state == "running":
-            self.intent = "restart"
-            self.to_agent(FrameType.HALT, 0, b"poweroff")
-            try:
-                await asyncio.wait_for(self.vm_exited.wait(), STOP_TIMEOUT)
-            except asyncio.TimeoutError:
-                if self.proc and self.proc.returncode is None:
-                    self.proc.kill()
+        if self.launch.entrypoint:
+            asyncio.ensure_future(self.tasks.run_entrypoint(self.launch.entrypoint))
 
     def config_payload(self) -> bytes:
-        entries = [("h", self.launch["hostname"]), ("n", self.launch["network"]), ("s", self.launch["shell"])]
-        entries += [("e", f"{k}={v}") for k, v in self.launch.get("env", {}).items()]
-        entries += [("m", "\t".join(m)) for m in self.launch.get("mounts", [])]
+        entries = [("h", self.launch.hostname), ("n", self.launch.network), ("s", self.launch.shell)]
+        entries += [("e", f"{k}={v}") for k, v in self.launch.env.items()]
+        entries += [("m", "\t".join(m)) for m in self.launch.mounts]
         if self.mediation:
             entries.append(("p", str(self.mediation.cfg.port)))
         return encode_entries(entries)
-
-    # ---- clients -------------------------------------------------------------------------------
-    async def on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        client = Client(writer)
-        self.clients.add(client)
-        decoder = FrameDecoder()
-        try:
-            while data := await reader.read(262144):
-                for frame in decoder.feed(data):
-                    await self.on_client_frame(client, frame.type, frame.stream, frame.payload)
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        except asyncio.CancelledError:
-            pass  # the supervisor is ending; the connection closes below
-        except Exception as exc:
-            client.send(FrameType.ERROR, 0, f"supervisor error: {exc}".encode())
-        finally:
-            self.clients.discard(client)
-            for gsid in client.streams.values():  # the client went away: hang up its commands
-                self.routes.pop(gsid, None)
-                self.to_agent(FrameType.SIGNAL, gsid, str(int(signal.SIGHUP)).encode())
-            writer.close()
-
-    def exec_allowed(self) -> bool:
-        return self.ready.is_set() and self.state.state in ("running", "quarantined") and \
-            self.agent_writer is not None
-
-    async def on_client_frame(self, client: Client, ftype: int, stream: int, payload: bytes) -> None:
-        if ftype == FrameType.CONTROL:
-            request = json.loads(payload or b"{}")
-            task = asyncio.ensure_future(self.control(client, stream, request))
-            self.control_tasks.add(task)
-            task.add_done_callback(self.control_tasks.discard)
-        elif ftype in (FrameType.EXEC, FrameType.PING):
-            if not self.exec_allowed():
-                client.send(FrameType.ERROR, stream, f"workspace is {self.state.state}, not ready for exec".encode())
-                return
-            gsid = self.next_stream
-            self.next_stream += 1
-            client.streams[stream] = gsid
-            self.routes[gsid] = (client, stream)
-            self.to_agent(ftype, gsid, payload)
-        elif ftype == FrameType.STDIN and stream == 0 and client.console:
-            if self.serial_writer is not None:
-                self.serial_writer.write(payload)
-        elif ftype in (FrameType.STDIN, FrameType.SIGNAL) and stream in client.streams:
-            self.to_agent(ftype, client.streams[stream], payload)
-
-    async def control(self, client: Client, stream: int, request: dict[str, Any]) -> None:
-        op = request.get("op")
-        try:
-            if op in ("halt", "stop", "kill"):
-                reply = await self.end_vm(op, float(request.get("timeout") or 0) or None)
-            elif op == "quarantine":
-                reply = await self.quarantine()
-            elif op == "console":
-                client.console = True
-                reply = {"ok": True}
-            elif op == "state":
-                reply = {"ok": True, "state": self.state.to_json()}
-            else:
-                reply = {"ok": False, "error": f"unknown op {op!r}"}
-        except Exception as exc:  # report, never crash the supervisor
-            traceback.print_exc()
-            reply = {"ok": False, "error": str(exc)}
-        client.send(FrameType.REPLY, stream, json.dumps(reply).encode())
 
     async def quarantine(self) -> dict[str, Any]:
         if self.state.state != "running":
             return {"ok": False, "error": f"workspace is {self.state.state}; only a running workspace can be "
                                           f"quarantined"}
-        if self.launch["network"] == "user" and not await self.qmp("set_link", {"name": "net0", "up": False}):
+        if self.launch.network == "user" and not await self.qmp("set_link", {"name": "net0", "up": False}):
             return {"ok": False, "error": "could not take the network link down through QMP"}
         if self.mediation:
             self.mediation.sever("workspace quarantined")
@@ -567,55 +420,4 @@ class Supervisor:
         return {"ok": True, "state": self.state.state}
 
     async def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> bool:
-        try:
-            reader, writer = await asyncio.open_unix_connection(str(self.ws.qmp_socket))
-            await reader.readline()
-            ok = True
-            for cmd, args in (("qmp_capabilities", None), (command, arguments)):
-                msg: dict[str, Any] = {"execute": cmd, **({"arguments": args} if args else {})}
-                writer.write(json.dumps(msg).encode() + b"\n")
-                await writer.drain()
-                while True:  # skip asynchronous events until the command's answer
-                    answer = json.loads(await reader.readline() or b"{}")
-                    if "event" not in answer:
-                        break
-                ok = ok and "return" in answer
-            writer.close()
-            return ok
-        except (OSError, ValueError):
-            return False
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="microagent-supervisor")
-    parser.add_argument("workspace_dir")
-    parser.add_argument("--ready-fd", type=int)
-    parser.add_argument("--foreground", action="store_true", help="do not detach (for debugging)")
-    args = parser.parse_args(argv)
-    ws = WorkspaceDir(Path(args.workspace_dir))
-    if not args.foreground:
-        if os.fork() > 0:  # the engine waits for this parent; the child lives on, reparented to init
-            os._exit(0)
-    lock_fd = os.open(ws.supervisor_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        if args.ready_fd is not None:
-            os.write(args.ready_fd, b'{"ok": false, "error": "another supervisor is already running"}\n')
-        return 1
-    launch = read_json(ws.run_dir / "launch.json")
-    sup = Supervisor(ws, launch, args.ready_fd)
-    try:
-        return asyncio.run(sup.run())
-    except Exception:
-        traceback.print_exc()
-        error = "the supervisor crashed; see supervisor.log"
-        state: WorkspaceState = ws.load_state()
-        state.state, state.error, state.supervisor_pid = "failed", error, None
-        ws.save_state(state)
-        sup.notify_ready(False, error)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        return await qmp_command(self.ws.qmp_socket, command, arguments)

@@ -1,7 +1,6 @@
 """Moving data without booting: ``cp`` between the host and a stopped workspace, and declared outputs.
 
-Mixed into :class:`microagent_engine.workspaces.Engine`; everything here reads or writes ext4 images with
-debugfs while the workspace's VM is not running.
+Everything here reads or writes ext4 images with debugfs while the workspace's VM is not running.
 """
 
 from __future__ import annotations
@@ -9,18 +8,15 @@ from __future__ import annotations
 import os
 import posixpath
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .config import validate_name
-from .errors import InvalidArgument, InvalidState, NotFound
-from .fsutil import file_lock
-from .storage import debugfs
-from .storage.attachments import Attachment
-
-if TYPE_CHECKING:
-    from .records import WorkspaceConfig
-    from .storage.volumes import VolumeRegistry
-    from .workspaces import WorkspaceInfo
+from ..config import validate_name
+from ..errors import InvalidArgument, NotFound
+from ..fsutil import file_lock
+from ..model import Attachment
+from ..storage import debugfs
+from .context import EngineContext
+from .store import WorkspaceInfo
 
 
 def parse_ws_path(value: str) -> tuple[str, str | None, str] | None:
@@ -35,65 +31,33 @@ def parse_ws_path(value: str) -> tuple[str, str | None, str] | None:
     return head, None, debugfs.normalize_guest_path(rest)
 
 
-def parse_outputs(values: list[str]) -> list[dict[str, str]]:
-    out: list[dict[str, str]] = []
-    for value in values:
-        name, sep, path = value.partition("=")
-        if not sep or not path:
-            raise InvalidArgument(f"--output {value!r}: use NAME=/guest/path, e.g. report=/work/report.json")
-        validate_name(name, "output")
-        if any(o["name"] == name for o in out):
-            raise InvalidArgument(f"output {name!r} is declared twice")
-        out.append({"name": name, "path": debugfs.normalize_guest_path(path)})
-    return out
+class Transfer:
+    """``cp``, ``outputs`` and ``output_get``."""
 
-
-
-class TransferMixin:
-    """cp and outputs for the Engine."""
-
-    if TYPE_CHECKING:  # provided by Engine
-        volumes: VolumeRegistry
-
-        def status(self, name: str) -> WorkspaceInfo: ...
-
-        def _vm_alive(self, info: WorkspaceInfo) -> bool: ...
-
-    @staticmethod
-    def _attachments(cfg: "WorkspaceConfig") -> list[Attachment]:
-        return [Attachment.from_json(a) for a in cfg.attachments]
+    def __init__(self, ctx: EngineContext) -> None:
+        self.ctx = ctx
 
     def _disk_image(self, info: WorkspaceInfo, disk: str | None) -> Path:
         """The ext4 image behind ``ws:/path`` (rootfs) or ``ws:<disk>:/path`` (an attachment by name)."""
         if disk is None or disk == "rootfs":
             return info.dir.rootfs
-        for att in self._attachments(info.config):
+        for att in info.config.attachments:
             if att.name == disk or (att.kind == "volume" and att.source == disk):
                 if att.kind == "bundle":
                     raise InvalidArgument(f"disk {disk!r} of {info.name} is a bundle, rebuilt from its tar at each "
                                           f"start; change the tar instead")
-                return self.volumes.get(att.source).path if att.kind == "volume" else Path(att.source)
-        names = ", ".join(["rootfs", *[a.name for a in self._attachments(info.config)]])
+                return self.ctx.volumes.get(att.source).path if att.kind == "volume" else Path(att.source)
+        names = ", ".join(["rootfs", *[a.name for a in info.config.attachments]])
         raise NotFound(f"workspace {info.name!r} has no disk named {disk!r} (it has: {names})")
 
-    def _stopped(self, name: str) -> WorkspaceInfo:
-        info = self.status(name)
-        if self._vm_alive(info) or info.running:
-            raise InvalidState(f"workspace {name!r} is {info.state.state}; cp works only while it is not running: "
-                               f"halt it first (microagent halt {name})")
-        return info
-
     def cp(self, src: str, dst: str) -> Path | str:
-        """Copy one regular file between the host and a workspace that is not running.
-
-        Workspace side: ``WS:/path`` (its rootfs) or ``WS:DISK:/path`` (an attached volume or disk)."""
         src_ws, dst_ws = parse_ws_path(src), parse_ws_path(dst)
         if bool(src_ws) == bool(dst_ws):
             raise InvalidArgument("cp copies between the host and a workspace: one side must be WS:/path "
                                   "(or WS:DISK:/path), the other a host path")
         if dst_ws:
             name, disk, guest = dst_ws
-            info = self._stopped(name)
+            info = self.ctx.store.stopped(name, "cp")
             with file_lock(info.dir.ops_lock, blocking=False, what=f"workspace {name!r}"):
                 host = Path(src).expanduser()
                 if not host.is_file():
@@ -102,20 +66,20 @@ class TransferMixin:
             return f"{name}:{guest}"
         assert src_ws
         name, disk, guest = src_ws
-        info = self._stopped(name)
+        info = self.ctx.store.stopped(name, "cp")
         with file_lock(info.dir.ops_lock, blocking=False, what=f"workspace {name!r}"):
             target = Path(dst).expanduser()
             debugfs.copy_out(self._disk_image(info, disk), guest, target)
         return target / posixpath.basename(guest) if target.is_dir() else target
 
     def _output_location(self, info: WorkspaceInfo, output: str) -> tuple[Path, str]:
-        decl = next((o for o in info.config.outputs if o["name"] == output), None)
+        decl = next((o for o in info.config.outputs if o.name == output), None)
         if decl is None:
-            declared = ", ".join(o["name"] for o in info.config.outputs) or "none"
+            declared = ", ".join(o.name for o in info.config.outputs) or "none"
             raise NotFound(f"workspace {info.name!r} declares no output {output!r} (declared: {declared})")
-        path = decl["path"]
+        path = decl.path
         best: Attachment | None = None
-        for att in self._attachments(info.config):
+        for att in info.config.attachments:
             if (path == att.mountpoint or path.startswith(att.mountpoint + "/")) and \
                     (best is None or len(att.mountpoint) > len(best.mountpoint)):
                 best = att
@@ -128,21 +92,18 @@ class TransferMixin:
         return self._disk_image(info, best.name), rel
 
     def outputs(self, name: str) -> list[dict[str, Any]]:
-        """The declared outputs of a workspace, and whether each exists now (read without booting)."""
-        info = self._stopped(name)
+        info = self.ctx.store.stopped(name, "output list")
         out = []
         for decl in info.config.outputs:
-            image, rel = self._output_location(info, decl["name"])
-            out.append({**decl, "exists": debugfs.exists(image, rel)})
+            image, rel = self._output_location(info, decl.name)
+            out.append({**decl.to_json(), "exists": debugfs.exists(image, rel)})
         return out
 
     def output_get(self, name: str, output: str, dest: str | os.PathLike[str] | None = None) -> bytes | Path:
-        """An output's bytes (``dest`` None) or a copy at ``dest``; the workspace must not be running."""
-        info = self._stopped(name)
+        info = self.ctx.store.stopped(name, "output get")
         image, rel = self._output_location(info, output)
         if dest is None:
             return debugfs.read_file(image, rel)
         target = Path(dest).expanduser()
         debugfs.copy_out(image, rel, target)
         return target / posixpath.basename(rel) if target.is_dir() else target
-

@@ -13,38 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
-from .protocol import FrameDecoder, FrameType, encode_frame
+from ..model import Mediation
+from ..protocol import FrameDecoder, FrameType, encode_frame
 
 PROBE_INTERVAL = 2.0
 CONNECT_TIMEOUT = 3.0
 
 
-@dataclass(frozen=True)
-class MediationConfig:
-    port: int
-    target_host: str
-    target_port: int
-    required: bool = False
-    fail_closed: bool = False
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "MediationConfig":
-        host, _, port = str(data["target"]).rpartition(":")
-        return cls(int(data["port"]), host or "127.0.0.1", int(port), bool(data.get("required")),
-                   bool(data.get("failClosed")))
-
-    @property
-    def target(self) -> str:
-        return f"{self.target_host}:{self.target_port}"
-
-
-async def probe(cfg: MediationConfig) -> str:
+async def probe(cfg: Mediation) -> str:
     """'' if the target accepts a TCP connection, else why not."""
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(cfg.target_host, cfg.target_port),
+        _, writer = await asyncio.wait_for(asyncio.open_connection(cfg.host, cfg.target_port),
                                            CONNECT_TIMEOUT)
     except (OSError, asyncio.TimeoutError) as exc:
         return f"target {cfg.target} unreachable: {getattr(exc, 'strerror', None) or exc.__class__.__name__}"
@@ -57,7 +38,7 @@ async def probe(cfg: MediationConfig) -> str:
 class MediationBridge:
     """One per supervisor; serves whatever mediation port connection the current VM makes."""
 
-    def __init__(self, cfg: MediationConfig, report: Callable[[bool, str, str], None]) -> None:
+    def __init__(self, cfg: Mediation, report: Callable[[bool, str, str], None]) -> None:
         self.cfg = cfg
         self.report = report  # (ready, detail, error) -> records mediationReady
         self.writer: asyncio.StreamWriter | None = None
@@ -157,7 +138,7 @@ class MediationBridge:
     async def _bridge(self, stream: int, queue: "asyncio.Queue[bytes | None]") -> None:
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.cfg.target_host, self.cfg.target_port), CONNECT_TIMEOUT)
+                asyncio.open_connection(self.cfg.host, self.cfg.target_port), CONNECT_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as exc:
             error = f"target {self.cfg.target} unreachable: {getattr(exc, 'strerror', None) or exc}"
             if self.conns.pop(stream, None) is not None:

@@ -1,0 +1,14 @@
+"""The engine: a facade (:class:`Engine`) over collaborators, one per concern.
+
+- ``store``: workspace records, the truth check against live processes, listing
+- ``provision``: create and delete
+- ``lifecycle``: start (launch spec, supervisor spawn), halt, stop, kill, quarantine
+- ``sessions``: exec, ping, the serial console and its log
+- ``transfer``: cp and declared outputs on stopped workspaces
+- ``imaging``: pull, commit, prune
+"""
+
+from .facade import Engine
+from .store import WorkspaceInfo
+
+__all__ = ["Engine", "WorkspaceInfo"]

@@ -1,0 +1,265 @@
+"""The engine's typed Python API: one object whose methods the CLI, the magics and the REST handlers call.
+
+Each concern lives in its own collaborator (records in ``store``, ``provision``, ``lifecycle``, ``sessions``,
+``transfer``, ``imaging``); this class is the public surface and composes them.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import threading
+import time
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Iterator
+
+from ..client import ExecResult, OutputCallback, SupervisorConnection
+from ..config import default_state_dir
+from ..errors import GuestError, InvalidArgument, NotFound
+from ..model import Attachment, FileCopy, Mediation, Output
+from ..storage.volumes import VolumeRegistry
+from .context import EngineContext, Progress
+from .imaging import Imaging
+from .lifecycle import Lifecycle
+from .provision import Provisioner
+from .sessions import Sessions
+from .store import WorkspaceInfo
+from .transfer import Transfer
+
+if TYPE_CHECKING:
+    from ..backends.base import Backend
+    from ..images.store import ImageInfo, ImageStore
+
+
+class Engine:
+    """Entry point of the Python API. All state lives under ``state_dir`` (default ``~/.microagent``)."""
+
+    def __init__(self, state_dir: str | os.PathLike[str] | None = None, progress: Progress | None = None) -> None:
+        self.state_dir = Path(state_dir).expanduser() if state_dir else default_state_dir()
+        self._ctx = EngineContext(self.state_dir, progress)
+        self._provision = Provisioner(self._ctx)
+        self._lifecycle = Lifecycle(self._ctx)
+        self._sessions = Sessions(self._ctx)
+        self._transfer = Transfer(self._ctx)
+        self._imaging = Imaging(self._ctx)
+
+    @property
+    def progress(self) -> Progress:
+        return self._ctx.progress
+
+    @progress.setter
+    def progress(self, callback: Progress) -> None:
+        self._ctx.progress = callback
+
+    @property
+    def volumes(self) -> VolumeRegistry:
+        """Named volumes: ``create``, ``list``, ``get``, ``delete``."""
+        return self._ctx.volumes
+
+    @property
+    def images(self) -> "ImageStore":
+        """The OCI image cache."""
+        return self._ctx.images
+
+    @property
+    def backend(self) -> "Backend":
+        """The hypervisor backend (QEMU)."""
+        return self._ctx.backend
+
+    @property
+    def workspaces_dir(self) -> Path:
+        return self._ctx.store.workspaces_dir
+
+    # ---- queries -------------------------------------------------------------------------------
+    def status(self, name: str) -> WorkspaceInfo:
+        """A workspace's config, state, readiness and allowed actions."""
+        return self._ctx.store.status(name)
+
+    def list(self) -> builtins.list[WorkspaceInfo]:
+        """Every workspace, by name."""
+        return self._ctx.store.list()
+
+    def ps(self) -> builtins.list[WorkspaceInfo]:
+        """The workspaces whose VM (or supervisor) is alive."""
+        return [info for info in self.list() if info.running or info.vm_alive]
+
+    # ---- create / delete -----------------------------------------------------------------------
+    def create(
+        self,
+        name: str | None = None,
+        *,
+        image: str | None = None,
+        profile: str | None = None,
+        memory_mib: int | None = None,
+        cpus: int | None = None,
+        size_mib: int | None = None,
+        env: dict[str, str] | None = None,
+        hostname: str | None = None,
+        network: str = "user",
+        accel: str | None = None,
+        kernel: str | None = None,
+        restart: str = "never",
+        shell: str | None = None,
+        setup: builtins.list[str] | None = None,
+        entrypoint: str | None = None,
+        mediation: Mediation | None = None,
+        attachments: builtins.list[Attachment] | None = None,
+        outputs: builtins.list[Output] | None = None,
+        files: builtins.list[FileCopy] | None = None,
+    ) -> WorkspaceInfo:
+        """Record a new workspace and build its rootfs (state ``prepared``). Nothing is left on failure.
+
+        ``attachments``, ``outputs``, ``mediation`` and ``files`` are :mod:`microagent_engine.model` objects
+        (build them from CLI strings with ``model.parse_*``); all are validated before anything is written."""
+        return self._provision.create(
+            name, image=image, profile=profile, memory_mib=memory_mib, cpus=cpus, size_mib=size_mib, env=env,
+            hostname=hostname, network=network, accel=accel, kernel=kernel, restart=restart, shell=shell,
+            setup=setup, entrypoint=entrypoint, mediation=mediation, attachments=attachments, outputs=outputs,
+            files=files)
+
+    def delete(self, name: str) -> None:
+        """Remove the workspace record and its disks. Refuses while its VM runs."""
+        self._provision.delete(name)
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def start(self, name: str, *, boot_timeout: float | None = None) -> WorkspaceInfo:
+        """Boot the workspace's VM and return once its agent is ready (state ``running``)."""
+        return self._lifecycle.start(name, boot_timeout=boot_timeout)
+
+    def halt(self, name: str, timeout: float | None = None) -> WorkspaceInfo:
+        """Clean, disk-preserving shutdown through the guest agent (``timeout`` seconds, default 30)."""
+        return self._lifecycle.halt(name, timeout)
+
+    def stop(self, name: str) -> WorkspaceInfo:
+        """Ask the guest to power off; after 5 s without exit the workspace is marked failed (no kill)."""
+        return self._lifecycle.stop(name)
+
+    def kill(self, name: str) -> WorkspaceInfo:
+        """Terminate the VM at once."""
+        return self._lifecycle.kill(name)
+
+    def quarantine(self, name: str) -> WorkspaceInfo:
+        """Sever networking and mediation of a running workspace; keeps disk and logs. Start is refused until
+        halt, stop or kill."""
+        return self._lifecycle.quarantine(name)
+
+    # ---- commands and console ------------------------------------------------------------------
+    def connection(self, name: str) -> SupervisorConnection:
+        """A fresh connection to the running workspace's supervisor."""
+        return self._sessions.connection(name)
+
+    def exec(
+        self,
+        name: str,
+        argv: builtins.list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | IO[bytes] | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        capture: bool = True,
+    ) -> ExecResult:
+        """Run ``argv`` in the running workspace; output streams to the callbacks as the guest produces it."""
+        return self._sessions.exec(name, argv, env=env, cwd=cwd, timeout=timeout, stdin=stdin,
+                                   on_stdout=on_stdout, on_stderr=on_stderr, capture=capture)
+
+    def ping(self, name: str) -> float:
+        """Round trip to the guest agent, in seconds."""
+        return self._sessions.ping(name)
+
+    def logs(self, name: str, *, follow: bool = False, poll: float = 0.1,
+             stop: threading.Event | None = None) -> Iterator[bytes]:
+        """The serial console log; with ``follow`` keep yielding new bytes while the workspace runs (or until
+        ``stop`` is set, checked every ``poll`` seconds even while the console is silent)."""
+        return self._sessions.logs(name, follow=follow, poll=poll, stop=stop)
+
+    def console(self, name: str) -> SupervisorConnection:
+        """A connection switched to the serial console: STDOUT frames out, STDIN frames in (stream 0)."""
+        return self._sessions.console(name)
+
+    def console_send(self, name: str, line: str, timeout: float = 30.0) -> str:
+        """Type ``line`` into the serial console shell and return what it printed."""
+        return self._sessions.console_send(name, line, timeout)
+
+    # ---- one-shot ------------------------------------------------------------------------------
+    def run(
+        self,
+        argv: builtins.list[str],
+        *,
+        name: str | None = None,
+        delete: bool = False,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        timeout: float | None = None,
+        stdin: bytes | IO[bytes] | None = None,
+        on_stdout: OutputCallback | None = None,
+        on_stderr: OutputCallback | None = None,
+        capture: bool = True,
+        **create_args: Any,
+    ) -> tuple[WorkspaceInfo, ExecResult]:
+        """create + start + exec, then halt (and delete with ``delete=True``). Never leaves a VM running."""
+        if not argv:
+            raise InvalidArgument("run needs a command, e.g. microagent run -- uname -r")
+        name = name or f"run-{time.time_ns()}"
+        info = self.create(name, env=env, **create_args)
+        try:
+            self.start(name)
+            result = self.exec(name, argv, cwd=cwd, timeout=timeout, stdin=stdin, on_stdout=on_stdout,
+                               on_stderr=on_stderr, capture=capture)
+            self._finish_run(name)
+        except BaseException:
+            self._finish_run(name, force=True)
+            if delete:
+                self.delete(name)
+            raise
+        if delete:
+            self.delete(name)
+        else:
+            info = self.status(name)
+        return info, result
+
+    def _finish_run(self, name: str, force: bool = False) -> None:
+        try:
+            info = self.status(name)
+            if not info.dir.supervisor_alive():
+                return
+            if force:
+                self.kill(name)
+            else:
+                try:
+                    self.halt(name)
+                except GuestError:
+                    self.kill(name)
+        except NotFound:
+            pass
+
+    # ---- data ----------------------------------------------------------------------------------
+    def cp(self, src: str, dst: str) -> Path | str:
+        """Copy one regular file between the host and a workspace that is not running.
+
+        Workspace side: ``WS:/path`` (its rootfs) or ``WS:DISK:/path`` (an attached volume or disk)."""
+        return self._transfer.cp(src, dst)
+
+    def outputs(self, name: str) -> builtins.list[dict[str, Any]]:
+        """The declared outputs of a workspace, and whether each exists now (read without booting)."""
+        return self._transfer.outputs(name)
+
+    def output_get(self, name: str, output: str, dest: str | os.PathLike[str] | None = None) -> bytes | Path:
+        """An output's bytes (``dest`` None) or a copy at ``dest``; the workspace must not be running."""
+        return self._transfer.output_get(name, output, dest)
+
+    # ---- images --------------------------------------------------------------------------------
+    def pull(self, ref: str) -> "ImageInfo":
+        """Fetch ``ref`` (re-resolving its tag) and build its rootfs image."""
+        return self._imaging.pull(ref)
+
+    def commit(self, name: str, ref: str) -> "ImageInfo":
+        """Write a stopped workspace's rootfs as an OCI image (under ``<state-dir>/committed/``) that
+        ``create --image REF`` boots. The filesystem is checked first (``e2fsck -fn``)."""
+        return self._imaging.commit(name, ref)
+
+    def prune_images(self) -> builtins.list["ImageInfo"]:
+        """Remove cached images (and their blobs) that no workspace was created from."""
+        return self._imaging.prune()

@@ -1,0 +1,226 @@
+"""Starting and ending a workspace's VM: attach disks, write the launch spec, spawn the supervisor and wait for
+its word; halt, stop, kill and quarantine through the supervisor's control socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ..backends.base import DiskSpec, VMSpec
+from ..client import SupervisorConnection
+from ..config import BOOT_TIMEOUTS
+from ..errors import GuestError, InvalidState, NotFound
+from ..fsutil import file_lock, write_json_atomic
+from ..guest.initramfs import build_initramfs
+from ..hostinfo import choose_accel
+from ..model import LaunchSpec
+from ..records import WorkspaceDir, now_iso, process_matches
+from ..states import ACTIVE
+from ..storage.bundles import build_bundle
+from .context import EngineContext
+from .store import WorkspaceInfo
+
+#: how long ``halt``/``stop``/``kill`` wait for the supervisor to record the end and exit
+SUPERVISOR_EXIT_WAIT = 10.0
+
+
+class Lifecycle:
+    """``start``, ``halt``, ``stop``, ``kill``, ``quarantine``."""
+
+    def __init__(self, ctx: EngineContext) -> None:
+        self.ctx = ctx
+
+    # ---- start ---------------------------------------------------------------------------------
+    def start(self, name: str, *, boot_timeout: float | None = None) -> WorkspaceInfo:
+        ws = self.ctx.store.existing(name)
+        with file_lock(ws.ops_lock, blocking=False, what=f"workspace {name!r}"):
+            info = self.ctx.store.info(ws)
+            if info.running:
+                raise InvalidState(f"workspace {name!r} is already {info.state.state}")
+            if info.vm_alive:
+                raise InvalidState(f"workspace {name!r} is {info.state.state} but its VM is still running; "
+                                   f"run 'microagent kill {name}' first")
+            if "start" not in info.actions:
+                raise InvalidState(f"workspace {name!r} is {info.state.state}; halt, stop or kill it before start")
+            return self._launch(info, boot_timeout)
+
+    def _launch(self, info: WorkspaceInfo, boot_timeout: float | None) -> WorkspaceInfo:
+        ctx = self.ctx
+        cfg, ws = info.config, info.dir
+        ctx.backend.binary()  # fail first, and clearly, when the hypervisor is missing
+        accel = choose_accel(None if cfg.accel == "auto" else cfg.accel)
+        kernel = ctx.resolve_kernel(cfg.kernel)
+        initramfs = build_initramfs(ctx.state_dir, kernel, ctx.backend.guest_modules())
+        cmdline = " ".join(ctx.backend.kernel_args(accel) + ["microagent.root=/dev/vda"])
+        disks, mounts = self._attach_disks(info)
+        spec = VMSpec(kernel=kernel.path, initramfs=initramfs, cmdline=cmdline, memory_mib=cfg.memory_mib,
+                      cpus=cfg.cpus, disks=[DiskSpec(ws.rootfs), *disks], agent_socket=ws.agent_socket,
+                      serial_socket=ws.serial_socket, control_socket=ws.qmp_socket, network=cfg.network,
+                      accel=accel, mediation_socket=ws.mediation_socket if cfg.mediation else None)
+        timeout = boot_timeout or BOOT_TIMEOUTS[accel.accel]
+        launch = LaunchSpec(argv=ctx.backend.command(spec), hostname=cfg.hostname, network=cfg.network,
+                            shell=cfg.shell, env=cfg.env, accel=accel.accel, boot_timeout=timeout, mounts=mounts,
+                            setup=cfg.setup, entrypoint=cfg.entrypoint, restart=cfg.restart,
+                            mediation=cfg.mediation)
+        ws.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_json_atomic(ws.run_dir / "launch.json", launch.to_json())
+        st = ws.load_state()
+        st.accel, st.accel_reason, st.backend, st.error = accel.accel, accel.reason, ctx.backend.name, ""
+        ws.save_state(st)
+        rfd, wfd = os.pipe()
+        try:
+            spawn_supervisor(ws, wfd)
+            os.close(wfd)
+            wfd = -1
+            reply = _read_ready(rfd, timeout + 30)
+        finally:
+            os.close(rfd)
+            if wfd >= 0:
+                os.close(wfd)
+        if not reply.get("ok"):
+            wait_supervisor_exit(ws)
+            ctx.volumes.release(cfg.name)
+            error = reply.get("error") or "the supervisor exited without a word; see supervisor.log"
+            raise GuestError(f"workspace {cfg.name!r} failed to start: {error}\n"
+                             f"(see 'microagent logs {cfg.name}' and {ws.vm_log})")
+        return ctx.store.info(ws)
+
+    def _attach_disks(self, info: WorkspaceInfo) -> tuple[list[DiskSpec], list[list[str]]]:
+        """Claim named volumes (single-attach), check raw disks, build bundles; the guest mounts each by the
+        disk's serial. On any failure the volumes claimed so far are released."""
+        disks: list[DiskSpec] = []
+        mounts: list[list[str]] = []
+        name = info.config.name
+        try:
+            for i, att in enumerate(info.config.attachments, 1):
+                if att.kind == "volume":
+                    path = self.ctx.volumes.attach(att.source, name).path
+                elif att.kind == "disk":
+                    path = Path(att.source)
+                    if not path.is_file():
+                        raise NotFound(f"disk {att.name}: {path} no longer exists; restore it or recreate the "
+                                       f"workspace without it")
+                else:
+                    self.ctx.progress(f"Building bundle {att.name} from {att.source}")
+                    out_dir = info.dir.path / "bundles"
+                    out_dir.mkdir(exist_ok=True)
+                    path = build_bundle(Path(att.source), out_dir / f"{att.name}.ext4", out_dir)
+                serial = f"ma{i}"
+                disks.append(DiskSpec(path, att.read_only, serial))
+                mounts.append([f"serial:{serial}", att.mountpoint, "ext4", att.mode])
+        except BaseException:
+            self.ctx.volumes.release(name)
+            raise
+        return disks, mounts
+
+    # ---- end -----------------------------------------------------------------------------------
+    def _end(self, name: str, op: str, timeout: float | None = None) -> WorkspaceInfo:
+        info = self.ctx.store.status(name)
+        if not info.dir.supervisor_alive():
+            raise InvalidState(f"workspace {name!r} is {info.state.state}, not running")
+        with SupervisorConnection(info.dir.control_socket) as conn:
+            reply = conn.control(op, {"timeout": timeout} if timeout else {})
+        if not reply.get("ok"):
+            raise GuestError(reply.get("error", f"{op} failed"))
+        wait_supervisor_exit(info.dir)
+        return self.ctx.store.status(name)
+
+    def halt(self, name: str, timeout: float | None = None) -> WorkspaceInfo:
+        return self._end(name, "halt", timeout)
+
+    def stop(self, name: str) -> WorkspaceInfo:
+        return self._end(name, "stop")
+
+    def quarantine(self, name: str) -> WorkspaceInfo:
+        info = self.ctx.store.status(name)
+        if "quarantine" not in info.actions or not info.dir.supervisor_alive():
+            raise InvalidState(f"workspace {name!r} is {info.state.state}; only a running workspace can be "
+                               f"quarantined")
+        with SupervisorConnection(info.dir.control_socket) as conn:
+            reply = conn.control("quarantine", reply_timeout=30)
+        if not reply.get("ok"):
+            raise GuestError(reply.get("error", "quarantine failed"))
+        return self.ctx.store.status(name)
+
+    def kill(self, name: str) -> WorkspaceInfo:
+        info = self.ctx.store.status(name)
+        if info.dir.supervisor_alive():
+            with SupervisorConnection(info.dir.control_socket) as conn:
+                conn.control("kill")
+            wait_supervisor_exit(info.dir)
+            return self.ctx.store.status(name)
+        if process_matches(info.state.vm_pid, info.state.vm_start_time):
+            os.kill(info.state.vm_pid, signal.SIGKILL)  # type: ignore[arg-type]
+        elif info.state.state not in ACTIVE and info.state.state != "failed":
+            raise InvalidState(f"workspace {name!r} is {info.state.state}, not running")
+        st = info.dir.load_state()
+        st.state, st.vm_pid, st.vm_start_time, st.supervisor_pid = "stopped", None, None, None
+        st.stopped_at = now_iso()
+        info.dir.save_state(st)
+        return self.ctx.store.status(name)
+
+
+def wait_supervisor_exit(ws: WorkspaceDir, limit: float = SUPERVISOR_EXIT_WAIT) -> None:
+    deadline = time.monotonic() + limit
+    while ws.supervisor_alive() and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def spawn_supervisor(ws: WorkspaceDir, ready_fd: int) -> None:
+    """Start the detached supervisor. A single-threaded caller (the CLI) forks, saving an interpreter
+    start-up (~0.1 s); a threaded one (a Jupyter kernel) runs a fresh interpreter, as fork is unsafe there."""
+    argv = [str(ws.path), "--ready-fd", str(ready_fd)]
+    if threading.active_count() == 1 and not os.environ.get("MICROAGENT_SUPERVISOR_EXEC"):
+        pid = os.fork()
+        if pid == 0:  # child: become the supervisor's parent, detached from our stdio
+            code = 1
+            try:
+                os.setsid()
+                null = os.open(os.devnull, os.O_RDWR)
+                log_fd = os.open(ws.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                os.dup2(null, 0)
+                os.dup2(log_fd, 1)
+                os.dup2(log_fd, 2)
+                os.closerange(3, ready_fd)
+                os.closerange(ready_fd + 1, 65536)
+                sys.stdout = open(1, "w", buffering=1, closefd=False)
+                sys.stderr = open(2, "w", buffering=1, closefd=False)
+                from ..supervisor import main
+
+                code = main(argv)
+            finally:
+                os._exit(code)
+        os.waitpid(pid, 0)
+        return
+    with open(ws.supervisor_log, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "microagent_engine.supervisor", *argv],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(ready_fd,), start_new_session=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+                str(Path(__file__).resolve().parent.parent.parent), os.environ.get("PYTHONPATH")]))})
+    proc.wait()
+
+
+def _read_ready(fd: int, timeout: float) -> dict[str, Any]:
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return {"ok": False, "error": f"no word from the supervisor within {timeout:.0f} s"}
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        buf += chunk
+    try:
+        return json.loads(buf.splitlines()[0]) if buf else {"ok": False, "error": ""}
+    except ValueError:
+        return {"ok": False, "error": f"garbled reply from the supervisor: {buf[:200]!r}"}

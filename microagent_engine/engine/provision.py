@@ -1,0 +1,154 @@
+"""Creating and deleting workspaces: validate everything, build the rootfs in a staging directory, commit by
+rename (so nothing half-made is ever visible), and remove a workspace's record and disks."""
+
+from __future__ import annotations
+
+import builtins
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+from ..config import (
+    NETWORK_MODES,
+    RESTART_POLICIES,
+    get_profile,
+    hostname_for,
+    validate_choice,
+    validate_env,
+    validate_hostname,
+    validate_name,
+)
+from ..errors import AlreadyExists, InvalidArgument, InvalidState, NotFound
+from ..fsutil import file_lock
+from ..hostinfo import choose_accel
+from ..images.builtin import BUILTIN_REF, builtin_image, is_builtin
+from ..model import Attachment, FileCopy, Mediation, Output, validate_attachments, validate_outputs
+from ..records import WorkspaceConfig, WorkspaceDir, WorkspaceState
+from ..storage import debugfs
+from ..storage.ext4 import clone_sized
+from .context import EngineContext
+from .store import WorkspaceInfo
+
+
+class Provisioner:
+    """``create`` and ``delete``."""
+
+    def __init__(self, ctx: EngineContext) -> None:
+        self.ctx = ctx
+
+    def create(
+        self,
+        name: str | None = None,
+        *,
+        image: str | None = None,
+        profile: str | None = None,
+        memory_mib: int | None = None,
+        cpus: int | None = None,
+        size_mib: int | None = None,
+        env: dict[str, str] | None = None,
+        hostname: str | None = None,
+        network: str = "user",
+        accel: str | None = None,
+        kernel: str | None = None,
+        restart: str = "never",
+        shell: str | None = None,
+        setup: builtins.list[str] | None = None,
+        entrypoint: str | None = None,
+        mediation: Mediation | None = None,
+        attachments: builtins.list[Attachment] | None = None,
+        outputs: builtins.list[Output] | None = None,
+        files: builtins.list[FileCopy] | None = None,
+    ) -> WorkspaceInfo:
+        ctx = self.ctx
+        name = validate_name(f"ws-{secrets.token_hex(4)}" if name is None else name)
+        prof = get_profile(profile)
+        for label, value in (("--memory", memory_mib), ("--cpus", cpus), ("--size-mib", size_mib)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise InvalidArgument(f"{label} must be a positive whole number, got {value!r}")
+        validate_choice(network, NETWORK_MODES, "network mode")
+        validate_choice(restart, RESTART_POLICIES, "restart policy")
+        if accel:
+            choose_accel(accel)  # validates the value (and KVM availability) up front
+        if hostname is not None:
+            validate_hostname(hostname)
+        env = validate_env(dict(env or {}))
+        if mediation is not None and not isinstance(mediation, Mediation):
+            raise InvalidArgument("mediation must be a microagent_engine.model.Mediation (parse the CLI form "
+                                  "with model.parse_mediation_flag)")
+        atts = validate_attachments(attachments or [])
+        outs = validate_outputs(outputs or [])
+        for att in atts:
+            att.check_host_file()
+        file_list = list(files or [])
+        for f in file_list:
+            if not Path(f.src).is_file():
+                raise NotFound(f"file {f.src} does not exist (or is not a regular file); fix files[].src")
+        ws = ctx.store.dir(name)
+        if ws.path.exists():
+            raise AlreadyExists(f"workspace {name!r} already exists; pick another name or delete it first "
+                                f"('microagent delete {name} --yes')")
+        cfg = WorkspaceConfig(
+            name=name, image=BUILTIN_REF if is_builtin(image) else str(image), profile=prof.name,
+            memory_mib=memory_mib or prof.memory_mib, cpus=cpus or prof.cpus, size_mib=size_mib or prof.disk_mib,
+            env=env, hostname=hostname or hostname_for(name), network=NETWORK_MODES[network],
+            accel=accel or "auto", kernel=str(Path(kernel).resolve()) if kernel else None, restart=restart,
+            shell=shell or "/bin/sh", setup=list(setup or []), entrypoint=entrypoint or None,
+            mediation=mediation, attachments=atts, outputs=outs)
+        if not cfg.shell.startswith("/"):
+            raise InvalidArgument(f"shell must be an absolute guest path, got {cfg.shell!r}")
+        for att in atts:
+            if att.kind == "volume":
+                try:
+                    ctx.volumes.get(att.source)
+                except NotFound:
+                    raise NotFound(f"no volume named {att.source!r}; create it first: microagent volume create "
+                                   f"{att.source}") from None
+        ctx.resolve_kernel(cfg.kernel)  # installs the default kernel on first need, as the seeds' create does
+        if is_builtin(image):
+            base = builtin_image(ctx.state_dir)
+        else:
+            img = ctx.images.ensure(str(image))
+            base = img.path
+            cfg.image_id = img.id
+            cfg.env = {**img.env, **cfg.env}  # the image's Env, overridden by the user's
+            cfg.workdir = img.config.get("WorkingDir") or "/"
+            cfg.size_mib = max(cfg.size_mib, img.size_mib)
+        ctx.store.workspaces_dir.mkdir(parents=True, exist_ok=True)
+        ctx.store.sweep_leftovers()
+        staging = WorkspaceDir(ctx.store.workspaces_dir / f".creating-{name}-{secrets.token_hex(4)}")
+        staging.path.mkdir()
+        try:
+            ctx.progress(f"Building rootfs ({cfg.size_mib} MiB) from {cfg.image}")
+            clone_sized(base, staging.rootfs, cfg.size_mib)
+            for f in file_list:
+                debugfs.copy_in(staging.rootfs, Path(f.src), f.dst, mode=f.mode)
+            if shell and not debugfs.exists(staging.rootfs, shell):
+                raise InvalidArgument(f"shell {shell} does not exist in image {cfg.image}; pick a shell the "
+                                      f"image has (e.g. /bin/sh or /bin/bash)")
+            staging.save_config(cfg)
+            staging.save_state(WorkspaceState(state="prepared"))
+            try:
+                os.rename(staging.path, ws.path)
+            except OSError:
+                raise AlreadyExists(f"workspace {name!r} already exists; pick another name") from None
+        finally:
+            if staging.path.exists():
+                shutil.rmtree(staging.path, ignore_errors=True)
+        return ctx.store.info(ws)
+
+    def delete(self, name: str) -> None:
+        ctx = self.ctx
+        ws = ctx.store.existing(name)
+        with file_lock(ws.ops_lock, blocking=False, what=f"workspace {name!r}"):
+            info = ctx.store.info(ws)
+            if ctx.store.vm_alive(info):
+                raise InvalidState(f"workspace {name!r} is {info.state.state} and its VM is still running; "
+                                   f"halt, stop or kill it first")
+            trash = ctx.store.workspaces_dir / f".deleting-{name}-{secrets.token_hex(4)}"
+            run_dir = ws.run_dir
+            os.rename(ws.path, trash)
+            ctx.volumes.release(name)  # the data stays for the next attach
+        shutil.rmtree(trash, ignore_errors=True)
+        if run_dir.exists() and not str(run_dir).startswith(str(trash)):
+            shutil.rmtree(run_dir, ignore_errors=True)
