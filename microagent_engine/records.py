@@ -44,6 +44,7 @@ class WorkspaceConfig:
     setup: list[str] = field(default_factory=list)
     entrypoint: str | None = None
     mediation: dict[str, Any] | None = None
+    network_policy: dict[str, Any] | None = None  # sandbox.network.NetworkPolicy.to_json(); None: mode's default
     attachments: list[dict[str, Any]] = field(default_factory=list)
     outputs: list[dict[str, str]] = field(default_factory=list)
     image_id: str = ""

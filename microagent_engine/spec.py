@@ -20,6 +20,7 @@ import yaml
 
 from .config import PROFILES, RESTART_POLICIES, hostname_for, validate_name
 from .errors import InvalidArgument, MicroagentError
+from .sandbox.network import NetworkPolicy
 from .storage.attachments import check_bundle_file, check_ext4_file, validate_mountpoint
 
 SPEC_NAMES = ("microagent.yaml", "microagent.yml")
@@ -104,6 +105,7 @@ class WorkspaceSpec:
     disks: list[DiskEntry] | None = None
     bundles: list[DiskEntry] | None = None
     outputs: list[OutputEntry] | None = None
+    network: dict[str, Any] | None = None  # sandbox.network.NetworkPolicy.to_json()
 
     def effective_hostname(self, name: str) -> str:
         """The hostname the guest gets: the spec's, else ``name`` sanitised by ``config.hostname_for``."""
@@ -125,6 +127,8 @@ class WorkspaceSpec:
             out["files"] = [{"src": str(f.src), "dst": f.dst, "mode": f.mode} for f in self.files]
         if self.mediation is not None:
             out["mediation"] = self.mediation.as_dict()
+        if self.network is not None:
+            out["network"] = dict(self.network)
         for key in ("disks", "bundles", "outputs"):
             entries = getattr(self, key)
             if entries is not None:
@@ -257,7 +261,7 @@ class _Doc:
 # --- validation --------------------------------------------------------------------------------------------
 
 _TOP_FIELDS = ("name", "image", "profile", "restart", "entrypoint", "shell", "hostname", "setup", "files", "env",
-               "resources", "mediation", "disks", "bundles", "outputs")
+               "resources", "mediation", "disks", "bundles", "outputs", "network")
 _FILE_FIELDS = ("src", "dst", "mode")
 _RESOURCE_FIELDS = ("memoryMiB", "cpuCount", "sizeMiB")
 _MEDIATION_FIELDS = ("enabled", "required", "port", "target", "failClosed")
@@ -408,6 +412,11 @@ class _Validator:
                     setattr(spec, attr, self.positive_int(res[key], f"resources.{key}"))
         if "mediation" in top:
             spec.mediation = self.mediation(top["mediation"])
+        if "network" in top:
+            try:
+                spec.network = NetworkPolicy.parse(top["network"]).to_json()
+            except InvalidArgument as exc:
+                raise self.err("network", str(exc)) from None
         seen_names: dict[str, str] = {}
         seen_mounts: dict[str, str] = {}
         if "disks" in top:

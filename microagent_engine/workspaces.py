@@ -31,6 +31,7 @@ from .guest.kernel import Kernel, resolve_kernel
 from .hostinfo import choose_accel
 from .images.builtin import BUILTIN_REF, builtin_image, is_builtin
 from .protocol import FrameType
+from .sandbox.network import NetworkPolicy, policy_of
 from .records import (
     ACTIVE,
     STARTABLE,
@@ -56,7 +57,6 @@ if TYPE_CHECKING:
     from .images.store import ImageInfo, ImageStore
 
 Progress = Callable[[str], None]
-NETWORK_MODES = {"user": "user", "isolated": "none", "none": "none"}
 
 
 def parse_mediation(value: dict[str, Any] | str | None) -> dict[str, Any] | None:
@@ -104,6 +104,7 @@ class WorkspaceInfo:
             "accelReason": s.accel_reason or None, "image": c.image, "profile": c.profile,
             "resources": {"memoryMiB": c.memory_mib, "cpuCount": c.cpus, "sizeMiB": c.size_mib},
             "network": "isolated" if c.network == "none" else c.network, "restart": c.restart,
+            "networkPolicy": policy_of(c.network, c.network_policy).to_json(),
             "restartCount": s.restart_count, "hostname": c.hostname, "env": c.env,
             "rootfs": str(self.dir.rootfs), "serialLog": str(self.dir.serial_log),
             "createdAt": c.created_at, "startedAt": s.started_at, "stoppedAt": s.stopped_at,
@@ -213,7 +214,7 @@ class Engine(TransferMixin):
         size_mib: int | None = None,
         env: dict[str, str] | None = None,
         hostname: str | None = None,
-        network: str = "user",
+        network: NetworkPolicy | str | dict[str, Any] | None = "user",
         accel: str | None = None,
         kernel: str | None = None,
         restart: str = "never",
@@ -237,8 +238,7 @@ class Engine(TransferMixin):
         for label, value in (("--memory", memory_mib), ("--cpus", cpus), ("--size-mib", size_mib)):
             if value is not None and value <= 0:
                 raise InvalidArgument(f"{label} must be a positive number, got {value}")
-        if network not in NETWORK_MODES:
-            raise InvalidArgument(f"unknown network mode {network!r}; use 'user' or 'isolated'")
+        policy = NetworkPolicy.parse(network)
         if restart not in RESTART_POLICIES:
             raise InvalidArgument(f"unknown restart policy {restart!r}; use one of {', '.join(RESTART_POLICIES)}")
         if accel:
@@ -258,10 +258,10 @@ class Engine(TransferMixin):
         cfg = WorkspaceConfig(
             name=name, image=BUILTIN_REF if is_builtin(image) else str(image), profile=prof.name,
             memory_mib=memory_mib or prof.memory_mib, cpus=cpus or prof.cpus, size_mib=size_mib or prof.disk_mib,
-            env=env, hostname=hostname or hostname_for(name), network=NETWORK_MODES[network],
+            env=env, hostname=hostname or hostname_for(name), network=policy.backend_mode,
             accel=accel or "auto", kernel=str(Path(kernel).resolve()) if kernel else None, restart=restart,
             shell=shell or "/bin/sh", setup=list(setup or []), entrypoint=entrypoint or None,
-            mediation=parse_mediation(mediation))
+            mediation=parse_mediation(mediation), network_policy=policy.to_json())
         if not cfg.shell.startswith("/"):
             raise InvalidArgument(f"shell must be an absolute guest path, got {cfg.shell!r}")
         attachments = validate_attachments(
@@ -386,7 +386,7 @@ class Engine(TransferMixin):
         launch = {"argv": self.backend.command(spec), "hostname": cfg.hostname, "network": cfg.network,
                   "shell": cfg.shell, "env": cfg.env, "accel": accel.accel, "boot_timeout": timeout, "mounts": mounts,
                   "setup": cfg.setup, "entrypoint": cfg.entrypoint, "restart": cfg.restart,
-                  "mediation": cfg.mediation}
+                  "mediation": cfg.mediation, "networkPolicy": cfg.network_policy}
         ws.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_json_atomic(ws.run_dir / "launch.json", launch)
         st = ws.load_state()
