@@ -165,9 +165,11 @@ def peer_ns() -> Iterator[PeerNamespace]:
 
 
 def _fetch(engine: Engine, name: str, host: str, port: int) -> str:
-    """What the guest gets from http://host:port/ ('' when it cannot connect)."""
-    result = engine.exec(name, ["wget", "-q", "-T", "5", "-O", "-", f"http://{host}:{port}/"], timeout=60)
-    return result.stdout.decode(errors="replace") if result.ok else ""
+    """The body the guest gets from http://host:port/ ('' when it cannot connect). busybox nc: the image's
+    static busybox wget crashes in getaddrinfo."""
+    request = r'printf "GET / HTTP/1.0\r\n\r\n" | nc -w 5 "$0" "$1"'
+    result = engine.exec(name, ["sh", "-c", request, host, str(port)], timeout=60)
+    return result.stdout.split(b"\r\n\r\n", 1)[-1].decode(errors="replace") if result.ok else ""
 
 
 def _slirp_pids() -> set[int]:
