@@ -24,11 +24,11 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import MicroagentError
 from .fsutil import read_json
 from .mediation import MediationBridge, MediationConfig, probe
 from .protocol import ExitStatus, FrameDecoder, FrameType, decode_kv, encode_entries, encode_exec, encode_frame
 from .records import WorkspaceDir, WorkspaceState, now_iso, process_start_time, signal as readiness
-from .errors import MicroagentError
 from .sandbox.network import NetworkSandbox, policy_of
 
 HALT_TIMEOUT = 30.0

@@ -36,14 +36,15 @@ import signal
 import socket
 import struct
 import subprocess
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Union
+from typing import Any
 
 from ..errors import HostError, InvalidArgument
 from ..hostinfo import require_tool
 
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 MODES = ("user", "isolated")
 BACKEND_MODES = {"user": "user", "isolated": "none", "none": "none"}  # policy/config spelling -> VMSpec.network
@@ -105,7 +106,7 @@ class AllowEntry:
             return None
 
     @classmethod
-    def parse(cls, text: Any) -> "AllowEntry":
+    def parse(cls, text: Any) -> AllowEntry:
         """``CIDR``, ``ADDRESS``, ``HOST`` with optional ``:PORT``; IPv6 with a port as ``[CIDR]:PORT``."""
         if not isinstance(text, str) or not text.strip():
             raise InvalidArgument(f"allow entry {text!r}: expected CIDR|HOST[:PORT], e.g. 203.0.113.0/24:443 or "
@@ -173,7 +174,7 @@ class NetworkPolicy:
         return BACKEND_MODES[self.mode]
 
     @classmethod
-    def parse(cls, value: "NetworkPolicy | str | dict[str, Any] | None") -> "NetworkPolicy":
+    def parse(cls, value: NetworkPolicy | str | dict[str, Any] | None) -> NetworkPolicy:
         """A policy from a mode string (``user``, ``isolated``; ``none`` = isolated), a spec/JSON mapping
         (``mode``, ``allow``, ``hostPorts``) or a policy; None gives the default (``user``)."""
         if value is None:
@@ -220,7 +221,7 @@ class NetworkPolicy:
         return {"mode": self.mode, "allow": [str(a) for a in self.allow], "hostPorts": list(self.host_ports)}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "NetworkPolicy":
+    def from_json(cls, data: dict[str, Any]) -> NetworkPolicy:
         return cls.parse(data)
 
     def describe(self) -> str:
@@ -381,16 +382,16 @@ def _create_namespaces(userns: bool, host_ports: tuple[int, ...]) -> tuple[dict[
                 Path("/proc/self/uid_map").write_text(f"0 {uid} 1")
                 Path("/proc/self/gid_map").write_text(f"0 {gid} 1")
             _loopback_up()
-            listeners = []
+            child_fds = []
             for port in host_ports:
                 lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 lsock.bind(("127.0.0.1", port))
                 lsock.listen(64)
-                listeners.append(lsock.fileno())
-            socket.send_fds(theirs, [b"ok"], listeners)
+                child_fds.append(lsock.fileno())
+            socket.send_fds(theirs, [b"ok"], child_fds)
             theirs.recv(1)  # the parent has opened our namespace files (or died: EOF)
-        except BaseException as exc:  # report and exit; never return into the parent's code
+        except BaseException as exc:  # noqa: BLE001 -- report and exit; never return into the parent's code
             with contextlib.suppress(BaseException):
                 theirs.sendall(f"error: {exc}".encode())
             code = 1
@@ -451,7 +452,7 @@ class NetworkSandbox:
         self.severed = False
 
     @classmethod
-    async def open(cls, policy: NetworkPolicy, run_dir: Path) -> "NetworkSandbox | None":
+    async def open(cls, policy: NetworkPolicy, run_dir: Path) -> NetworkSandbox | None:
         """Set up enforcement for ``policy`` (None for isolated: no NIC, nothing to enforce). HostError, with
         what to install, when the host cannot enforce it: the VM then does not start (fail closed)."""
         if policy.mode != "user":
@@ -482,8 +483,8 @@ class NetworkSandbox:
             "notes": notes, "uplinkPid": self.slirp.pid if self.slirp else None, "ruleset": ruleset}, indent=1))
 
     def _nft(self, nft: str, ruleset: str) -> None:
-        proc = subprocess.run([nft, "-f", "-"], input=ruleset.encode(), capture_output=True,
-                              preexec_fn=self.preexec())
+        proc = subprocess.run([nft, "-f", "-"], input=ruleset.encode(), capture_output=True, check=False,
+                              preexec_fn=self.preexec())  # the child only calls setns
         if proc.returncode != 0:
             raise HostError(f"nft could not load the workspace's network rules: "
                             f"{proc.stderr.decode(errors='replace').strip()}; check that the kernel has nf_tables "
@@ -498,12 +499,12 @@ class NetworkSandbox:
         if "user" in self.ns:
             argv.append(f"--userns-path=/proc/self/fd/{self.ns['user']}")
         argv += [f"/proc/self/fd/{self.ns['net']}", "tap0"]
-        log = open(self.run_dir / "network.log", "ab")
         try:
-            self.slirp = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                          pass_fds=(ready_w, exit_r, *self.ns.values()), preexec_fn=_pdeathsig)
+            with open(self.run_dir / "network.log", "ab") as log:
+                self.slirp = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                    pass_fds=(ready_w, exit_r, *self.ns.values()), preexec_fn=_pdeathsig)  # noqa: PLW1509
         finally:
-            log.close()
             os.close(ready_w)
             os.close(exit_r)
         try:
