@@ -514,7 +514,8 @@ class NetworkSandbox:
             os.close(ready_r)
         if not ok:
             tail = (self.run_dir / "network.log").read_bytes()[-600:].decode(errors="replace").strip()
-            raise HostError(f"slirp4netns (the workspace's network uplink) did not come up: {tail or 'no output'}")
+            raise HostError(f"slirp4netns (the workspace's network uplink) did not come up: {tail or 'no output'} "
+                            f"(see 'microagent doctor'), or use --network isolated")
 
     async def serve_host_ports(self) -> None:
         """Relay connections accepted on the namespace's 127.0.0.1:PORT to the host's 127.0.0.1:PORT."""
@@ -629,6 +630,10 @@ def network_capabilities() -> dict[str, Any]:
         return {"name": "network policy", "ok": False,
                 "detail": f"{' and '.join(missing)} missing, so --network user cannot start (isolated works): "
                           f"{INSTALL}"}
+    if not os.access("/dev/net/tun", os.R_OK | os.W_OK):
+        return {"name": "network policy", "ok": False,
+                "detail": "/dev/net/tun is not usable by this user (slirp4netns needs it), so --network user cannot "
+                          "start (isolated works): run as root, or make it mode 0666 as most distributions do"}
     userns = os.geteuid() != 0
     try:
         fds, _ = _create_namespaces(userns, ())
