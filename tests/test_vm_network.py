@@ -28,6 +28,7 @@ from microagent_engine import Engine
 from microagent_engine.errors import InvalidArgument, MicroagentError
 from microagent_engine.hostinfo import require_tool
 from microagent_engine.sandbox.network import AllowEntry, NetworkPolicy, host_addresses
+from microagent_engine.spec import load_spec
 
 pytestmark = pytest.mark.vm
 
@@ -279,6 +280,8 @@ def test_cli_and_spec_surfaces(cli, tmp_path: Path) -> None:
     assert cli("delete", "net-spec", "--yes").returncode == 0
     bad = cli("create", "net-bad", "--allow", "192.168.1.0/24")
     assert bad.returncode == 2 and b"never reachable" in bad.stderr and b"Traceback" not in bad.stderr
+    spec.write_text("network: isolated\n")  # the string form stays valid
+    assert load_spec(spec).to_create_kwargs()["network"] == {"mode": "isolated", "allow": [], "hostPorts": []}
     spec.write_text("name: net-bad2\nnetwork: {mode: isolated, hostPorts: [1]}\n")
     bad = cli("create", "-f", str(spec))
     assert bad.returncode == 2 and b"network" in bad.stderr and b"Traceback" not in bad.stderr
