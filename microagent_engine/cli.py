@@ -82,7 +82,8 @@ def _list_text(infos: list[WorkspaceInfo]) -> str:
 def _create_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """create/run flags the user gave (None = not given, so a spec's value stays), merged over the spec."""
     given = dict(image=args.image, profile=args.profile, memory_mib=args.memory, cpus=args.cpus,
-                 size_mib=args.size_mib, hostname=args.hostname, network=NetworkPolicy.from_flags(args.network, args.allow, args.allow_host_port), accel=args.accel,
+                 size_mib=args.size_mib, hostname=args.hostname, accel=args.accel,
+                 network=NetworkPolicy.from_flags(args.network, args.allow, args.allow_host_port),
                  kernel=args.kernel, env=parse_env_pairs(args.env) or None, restart=args.restart, shell=args.shell,
                  setup=args.setup, entrypoint=args.entrypoint, mediation=args.mediation, volumes=args.volume,
                  disks=args.disk, bundles=args.bundle, outputs=args.output)
