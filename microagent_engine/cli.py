@@ -15,6 +15,7 @@ from pathlib import Path
 from .config import PROFILES, parse_env_pairs
 from .errors import InvalidArgument, MicroagentError
 from .protocol import FrameType
+from .sandbox.network import NetworkPolicy, policy_of
 from .storage.volumes import DEFAULT_SIZE_MIB, render_created, render_deleted, render_list, render_status
 from .engine import Engine, WorkspaceInfo
 from .model import parse_attachment_flags, parse_mediation_flag, parse_output_flag
@@ -49,7 +50,7 @@ def _status_text(info: WorkspaceInfo) -> str:
     lines = [_describe(info), f"Image: {c.image}", f"Backend: {s.backend or 'qemu'}"]
     if s.accel:
         lines.append(f"Accelerator: {s.accel} ({s.accel_reason})")
-    lines += [f"Network: {'isolated' if c.network == 'none' else c.network}", f"Restart: {c.restart}",
+    lines += [f"Network: {policy_of(c.network, c.network_policy).describe()}", f"Restart: {c.restart}",
               f"Hostname: {c.hostname}"]
     for att in c.attachments:
         source = att.source if att.kind == "volume" else f"{att.name}={att.source}"
@@ -81,7 +82,8 @@ def _list_text(infos: list[WorkspaceInfo]) -> str:
 def _create_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """create/run flags the user gave (None = not given, so a spec's value stays), merged over the spec."""
     given = dict(image=args.image, profile=args.profile, memory_mib=args.memory, cpus=args.cpus,
-                 size_mib=args.size_mib, hostname=args.hostname, network=args.network, accel=args.accel,
+                 size_mib=args.size_mib, hostname=args.hostname, accel=args.accel,
+                 network=NetworkPolicy.from_flags(args.network, args.allow, args.allow_host_port),
                  kernel=args.kernel, env=parse_env_pairs(args.env) or None, restart=args.restart, shell=args.shell,
                  setup=args.setup, entrypoint=args.entrypoint,
                  mediation=parse_mediation_flag(args.mediation) if args.mediation else None,
@@ -370,7 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--size-mib", type=int, help="rootfs size in MiB (overrides the profile)")
         p.add_argument("-e", "--env", action="append", metavar="KEY=VALUE", help="guest environment variable")
         p.add_argument("--hostname", help="guest hostname (default: the name as a hostname)")
-        p.add_argument("--network", choices=["user", "isolated"], help="user (NAT, default) or isolated")
+        p.add_argument("--network", choices=["user", "isolated"], help="user (NAT to the public internet only, "
+                       "default) or isolated (no NIC)")
+        p.add_argument("--allow", action="append", metavar="CIDR|HOST[:PORT]", help="narrow egress to these "
+                       "destinations (repeatable; host names resolved at start)")
+        p.add_argument("--allow-host-port", action="append", type=int, metavar="PORT", help="let the guest reach "
+                       "this host's 127.0.0.1:PORT at 10.0.2.2:PORT (repeatable)")
         p.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="accelerator (default auto; "
                        "$MICROAGENT_ACCEL)")
         p.add_argument("--kernel", help="guest kernel (vmlinux or bzImage; default: Debian's cloud kernel, "

@@ -11,6 +11,7 @@ from .errors import MicroagentError
 from .guest.initramfs import busybox_path
 from .guest.kernel import installed_default_kernel
 from .hostinfo import INSTALL_HINTS, choose_accel, kvm_usable, require_tool
+from .sandbox.network import network_capabilities
 
 if TYPE_CHECKING:
     from .workspaces import Engine
@@ -53,6 +54,7 @@ def diagnose(engine: "Engine") -> dict[str, Any]:
 
     checks.append(_check("guest kernel", kernel))
     checks.append(_check("lz4 (kernel unpack)", lambda: require_tool("lz4")))
+    checks.append(network_capabilities())
 
     def state_dir() -> str:
         engine.state_dir.mkdir(parents=True, exist_ok=True)

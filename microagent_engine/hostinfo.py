@@ -23,6 +23,8 @@ INSTALL_HINTS: dict[str, str] = {
     "lz4": "apt-get install -y lz4",
     "apt-get": "use a Debian/Ubuntu host, or pass --kernel PATH (or set MICROAGENT_KERNEL) to a vmlinux",
     "dpkg": "apt-get install -y dpkg",
+    "slirp4netns": "apt-get install -y --no-install-recommends slirp4netns",
+    "nft": "apt-get install -y --no-install-recommends nftables",
 }
 
 

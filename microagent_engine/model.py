@@ -379,13 +379,15 @@ class LaunchSpec:
     entrypoint: str | None
     restart: str
     mediation: Mediation | None = None
+    network_policy: dict[str, Any] | None = None  # sandbox.network.NetworkPolicy.to_json()
     extra: dict[str, Any] = field(default_factory=dict)  # backend-specific launch data (e.g. confinement)
 
     def to_json(self) -> dict[str, Any]:
         return {"argv": self.argv, "hostname": self.hostname, "network": self.network, "shell": self.shell,
                 "env": self.env, "accel": self.accel, "bootTimeout": self.boot_timeout, "mounts": self.mounts,
                 "setup": self.setup, "entrypoint": self.entrypoint, "restart": self.restart,
-                "mediation": self.mediation.to_json() if self.mediation else None, "extra": self.extra}
+                "mediation": self.mediation.to_json() if self.mediation else None,
+                "networkPolicy": self.network_policy, "extra": self.extra}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "LaunchSpec":
@@ -394,4 +396,5 @@ class LaunchSpec:
                    shell=data["shell"], env=dict(data["env"]), accel=data["accel"],
                    boot_timeout=float(data["bootTimeout"]), mounts=[list(m) for m in data["mounts"]],
                    setup=list(data["setup"]), entrypoint=data["entrypoint"], restart=data["restart"],
-                   mediation=Mediation.from_json(med) if med else None, extra=dict(data.get("extra") or {}))
+                   mediation=Mediation.from_json(med) if med else None,
+                   network_policy=data.get("networkPolicy"), extra=dict(data.get("extra") or {}))

@@ -41,6 +41,7 @@ class WorkspaceConfig:
     setup: list[str] = field(default_factory=list)
     entrypoint: str | None = None
     mediation: Mediation | None = None
+    network_policy: dict[str, Any] | None = None  # sandbox.network.NetworkPolicy.to_json(); None: mode's default
     attachments: list[Attachment] = field(default_factory=list)
     outputs: list[Output] = field(default_factory=list)
     image_id: str = ""

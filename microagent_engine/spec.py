@@ -19,8 +19,9 @@ from typing import Any
 import yaml
 
 from .config import PROFILES, RESTART_POLICIES, hostname_for, validate_env_key, validate_hostname, validate_name
-from .model import Attachment, FileCopy, Mediation, Output, parse_host_port, validate_mountpoint
 from .errors import InvalidArgument, MicroagentError, SpecError
+from .model import Attachment, FileCopy, Mediation, Output, parse_host_port, validate_mountpoint
+from .sandbox.network import NetworkPolicy
 from .storage.attachments import check_bundle_file, check_ext4_file
 
 SPEC_NAMES = ("microagent.yaml", "microagent.yml")
@@ -95,6 +96,7 @@ class WorkspaceSpec:
     disks: list[DiskEntry] | None = None
     bundles: list[DiskEntry] | None = None
     outputs: list[OutputEntry] | None = None
+    network: dict[str, Any] | None = None  # sandbox.network.NetworkPolicy.to_json()
 
     def effective_hostname(self, name: str) -> str:
         """The hostname the guest gets: the spec's, else ``name`` sanitised by ``config.hostname_for``."""
@@ -116,6 +118,8 @@ class WorkspaceSpec:
             out["files"] = [FileCopy(f.src, f.dst, f.mode) for f in self.files]
         if self.mediation is not None:
             out["mediation"] = self.mediation.to_model()
+        if self.network is not None:
+            out["network"] = dict(self.network)
         if self.disks is not None or self.bundles is not None:
             out["attachments"] = [e.to_model(kind) for kind, entries in (("disk", self.disks), ("bundle", self.bundles))
                                   for e in entries or []]
@@ -255,7 +259,7 @@ class _Doc:
 # --- validation --------------------------------------------------------------------------------------------
 
 _TOP_FIELDS = ("name", "image", "profile", "restart", "entrypoint", "shell", "hostname", "setup", "files", "env",
-               "resources", "mediation", "disks", "bundles", "outputs")
+               "resources", "mediation", "disks", "bundles", "outputs", "network")
 _FILE_FIELDS = ("src", "dst", "mode")
 _RESOURCE_FIELDS = ("memoryMiB", "cpuCount", "sizeMiB")
 _MEDIATION_FIELDS = ("enabled", "required", "port", "target", "failClosed")
@@ -406,6 +410,11 @@ class _Validator:
                     setattr(spec, attr, self.positive_int(res[key], f"resources.{key}"))
         if "mediation" in top:
             spec.mediation = self.mediation(top["mediation"])
+        if "network" in top:
+            try:
+                spec.network = NetworkPolicy.parse(top["network"]).to_json()
+            except InvalidArgument as exc:
+                raise self.err("network", str(exc)) from None
         seen_names: dict[str, str] = {}
         seen_mounts: dict[str, str] = {}
         if "disks" in top:

@@ -176,9 +176,10 @@ def test_mediation_bridge_and_fail_closed(engine: Engine, cli) -> None:
 def test_quarantine_cuts_network_and_start_refused(engine: Engine, cli) -> None:
     srv = _server()
     port = srv.server_address[1]
-    engine.create("quar", profile="tiny", mediation=parse_mediation_flag(f"2049=127.0.0.1:{port}"))
+    engine.create("quar", profile="tiny", mediation=parse_mediation_flag(f"2049=127.0.0.1:{port}"),
+                  network={"hostPorts": [port]})
     engine.start("quar")
-    # user-mode networking: the host's loopback is 10.0.2.2 from the guest
+    # the opted-in host port: the host's 127.0.0.1:port is 10.0.2.2:port from the guest
     r = engine.exec("quar", ["sh", "-c", f"echo net | nc -w 3 10.0.2.2 {port}"])
     assert r.stdout == b"echo:net\n", r.stderr
     proc = cli("quarantine", "quar")

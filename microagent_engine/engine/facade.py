@@ -28,6 +28,7 @@ from .transfer import Transfer
 
 if TYPE_CHECKING:
     from ..backends.base import Backend
+    from ..sandbox.network import NetworkPolicy
     from ..images.store import ImageInfo, ImageStore
 
 
@@ -95,7 +96,7 @@ class Engine:
         size_mib: int | None = None,
         env: dict[str, str] | None = None,
         hostname: str | None = None,
-        network: str = "user",
+        network: "NetworkPolicy | str | dict[str, Any] | None" = "user",
         accel: str | None = None,
         kernel: str | None = None,
         restart: str = "never",

@@ -69,7 +69,7 @@ class Lifecycle:
         launch = LaunchSpec(argv=ctx.backend.command(spec), hostname=cfg.hostname, network=cfg.network,
                             shell=cfg.shell, env=cfg.env, accel=accel.accel, boot_timeout=timeout, mounts=mounts,
                             setup=cfg.setup, entrypoint=cfg.entrypoint, restart=cfg.restart,
-                            mediation=cfg.mediation)
+                            mediation=cfg.mediation, network_policy=cfg.network_policy)
         ws.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_json_atomic(ws.run_dir / "launch.json", launch.to_json())
         st = ws.load_state()

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import builtins
 import os
+from typing import Any
 import secrets
 import shutil
 from pathlib import Path
 
 from ..config import (
-    NETWORK_MODES,
     RESTART_POLICIES,
     get_profile,
     hostname_for,
@@ -24,6 +24,7 @@ from ..fsutil import file_lock
 from ..hostinfo import choose_accel
 from ..images.builtin import BUILTIN_REF, builtin_image, is_builtin
 from ..model import Attachment, FileCopy, Mediation, Output, validate_attachments, validate_outputs
+from ..sandbox.network import NetworkPolicy
 from ..records import WorkspaceConfig, WorkspaceDir, WorkspaceState
 from ..storage import debugfs
 from ..storage.ext4 import clone_sized
@@ -48,7 +49,7 @@ class Provisioner:
         size_mib: int | None = None,
         env: dict[str, str] | None = None,
         hostname: str | None = None,
-        network: str = "user",
+        network: NetworkPolicy | str | dict[str, Any] | None = "user",
         accel: str | None = None,
         kernel: str | None = None,
         restart: str = "never",
@@ -66,7 +67,7 @@ class Provisioner:
         for label, value in (("--memory", memory_mib), ("--cpus", cpus), ("--size-mib", size_mib)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise InvalidArgument(f"{label} must be a positive whole number, got {value!r}")
-        validate_choice(network, NETWORK_MODES, "network mode")
+        policy = NetworkPolicy.parse(network)
         validate_choice(restart, RESTART_POLICIES, "restart policy")
         if accel:
             choose_accel(accel)  # validates the value (and KVM availability) up front
@@ -91,10 +92,10 @@ class Provisioner:
         cfg = WorkspaceConfig(
             name=name, image=BUILTIN_REF if is_builtin(image) else str(image), profile=prof.name,
             memory_mib=memory_mib or prof.memory_mib, cpus=cpus or prof.cpus, size_mib=size_mib or prof.disk_mib,
-            env=env, hostname=hostname or hostname_for(name), network=NETWORK_MODES[network],
+            env=env, hostname=hostname or hostname_for(name), network=policy.backend_mode,
             accel=accel or "auto", kernel=str(Path(kernel).resolve()) if kernel else None, restart=restart,
             shell=shell or "/bin/sh", setup=list(setup or []), entrypoint=entrypoint or None,
-            mediation=mediation, attachments=atts, outputs=outs)
+            mediation=mediation, network_policy=policy.to_json(), attachments=atts, outputs=outs)
         if not cfg.shell.startswith("/"):
             raise InvalidArgument(f"shell must be an absolute guest path, got {cfg.shell!r}")
         for att in atts:

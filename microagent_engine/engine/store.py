@@ -13,6 +13,7 @@ from ..config import validate_name
 from ..errors import Busy, InvalidArgument, InvalidState, NotFound
 from ..fsutil import file_lock
 from ..records import WorkspaceConfig, WorkspaceDir, WorkspaceState, process_matches
+from ..sandbox.network import policy_of
 from ..states import ACTIVE, allowed_actions
 
 
@@ -45,6 +46,7 @@ class WorkspaceInfo:
             "accel": s.accel or None, "accelReason": s.accel_reason or None, "image": c.image,
             "profile": c.profile, "resources": {"memoryMiB": c.memory_mib, "cpuCount": c.cpus, "sizeMiB": c.size_mib},
             "network": "isolated" if c.network == "none" else c.network, "restart": c.restart,
+            "networkPolicy": policy_of(c.network, c.network_policy).to_json(),
             "restartCount": s.restart_count, "hostname": c.hostname, "env": c.env,
             "rootfs": str(self.dir.rootfs), "serialLog": str(self.dir.serial_log),
             "createdAt": c.created_at, "startedAt": s.started_at, "stoppedAt": s.stopped_at,

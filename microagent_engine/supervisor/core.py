@@ -14,9 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import MicroagentError
 from ..model import LaunchSpec
 from ..protocol import ExitStatus, FrameDecoder, FrameType, decode_kv, encode_entries, encode_frame
 from ..records import WorkspaceDir, now_iso, process_start_time, signal as readiness
+from ..sandbox.network import NetworkSandbox, policy_of
 from .clients import ClientHub
 from .guest_tasks import STOP_TIMEOUT, GuestTasks
 from .mediation import MediationBridge, probe
@@ -74,6 +76,8 @@ class Supervisor:
         self.boot_t0 = time.monotonic()
         self.serial_log = open(ws.serial_log, "ab", buffering=0)
         self.restart_policy = launch.restart
+        self.network_policy = policy_of(launch.network, launch.network_policy)
+        self.net: NetworkSandbox | None = None  # this boot's network enforcement (None when isolated)
         self.mediation = MediationBridge(launch.mediation, self.report_mediation) if launch.mediation else None
 
     # ---- state ---------------------------------------------------------------------------------
@@ -193,13 +197,19 @@ class Supervisor:
         vm_log.write(f"--- {now_iso()} {' '.join(self.launch.argv)}\n".encode())
         vm_log.flush()
         try:
+            self.net = await NetworkSandbox.open(self.network_policy, self.ws.run_dir)
             self.proc = await asyncio.create_subprocess_exec(
                 *self.launch.argv, stdin=asyncio.subprocess.DEVNULL, stdout=vm_log,
-                stderr=asyncio.subprocess.PIPE, preexec_fn=_set_pdeathsig)
-        except OSError as exc:
-            self.save(state="failed", error=f"could not start the hypervisor: {exc}")
+                stderr=asyncio.subprocess.PIPE, preexec_fn=self.net.preexec(_set_pdeathsig) if self.net else
+                _set_pdeathsig)
+        except (OSError, MicroagentError) as exc:
+            await self.close_network()
+            prefix = "" if isinstance(exc, MicroagentError) else "could not start the hypervisor: "
+            self.save(state="failed", error=f"{prefix}{exc}")
             self.notify_ready(False, self.state.error)
             return 0.0
+        for note in self.net.notes if self.net else []:
+            self.serial_note(note)
         self.save(state="starting", vm_pid=self.proc.pid, vm_start_time=process_start_time(self.proc.pid),
                   started_at=now_iso(), stopped_at=None, boot_seconds=None)
         watchers = [asyncio.create_task(self.watch_stderr(vm_log)), asyncio.create_task(self.boot_deadline())]
@@ -208,11 +218,17 @@ class Supervisor:
         for task in watchers:
             task.cancel()
         vm_log.close()
+        await self.close_network()
         self.vm_exited.set()
         self.state.exit_detail = f"exit code {rc}" if rc >= 0 else f"killed by signal {-rc}"
         self.hub.fail_all(f"the VM exited ({self.state.exit_detail}) before the command finished")
         self.tasks.fail_all("the VM exited")
         return time.monotonic() - self.boot_t0
+
+    async def close_network(self) -> None:
+        if self.net is not None:
+            await self.net.close()
+            self.net = None
 
     def wants_restart(self, entrypoint_status: ExitStatus | None) -> bool:
         """The restart policy's verdict on a crash (None) or an entrypoint exit."""
@@ -376,6 +392,8 @@ class Supervisor:
         if self.state.state != "running":
             return {"ok": False, "error": f"workspace is {self.state.state}; only a running workspace can be "
                                           f"quarantined"}
+        if self.net is not None:
+            self.net.sever()
         if self.launch.network == "user" and not await self.qmp("set_link", {"name": "net0", "up": False}):
             return {"ok": False, "error": "could not take the network link down through QMP"}
         if self.mediation:

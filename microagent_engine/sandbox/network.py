@@ -1,0 +1,647 @@
+"""A workspace's network policy and its enforcement on the host.
+
+Design (issue 10, item 1). QEMU's ``-netdev user`` (libslirp) maps the guest's gateway 10.0.2.2 to the host's
+127.0.0.1 and connects to any destination from the host's network namespace, so by itself it reaches host-loopback
+services and private networks. Here QEMU runs inside a network namespace of its own:
+
+- QEMU's "host loopback" is then that namespace's loopback, which holds nothing but the listeners of the host ports
+  the user opted in to; the supervisor relays each connection to the same port on the host's 127.0.0.1. So the
+  guest reaches exactly ``10.0.2.2:PORT`` for each opted-in port and nothing else on the host's loopback.
+- The namespace's only uplink is ``slirp4netns --disable-host-loopback`` (a user-mode TCP/IP stack in the host's
+  namespace: no bridge, no veth, no host firewall change, works unprivileged through a user namespace).
+- nftables rules *inside the namespace* (the host's own ruleset is never touched) reject the host's own
+  addresses, loopback, private (RFC 1918, CGNAT, ULA), link-local/metadata, multicast/broadcast and reserved
+  destinations, allow DNS to the host's (non-loopback) resolvers, then either accept the rest (public internet)
+  or only the allow-list. An allow-list narrows; it never opens a blocked range.
+
+One process per workspace beyond QEMU: slirp4netns, which exits when the supervisor closes its exit pipe (or dies).
+The namespace is held by file descriptors in the supervisor, not by a bind mount or a holder process, so nothing
+outlives the supervisor. Alternatives considered: QEMU ``restrict=on`` (drops all egress), passt ``--no-map-gw``
+(no allow-list, no port opt-in), a host-side transparent proxy (needs host firewall changes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import fcntl
+import ipaddress
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import NETWORK_CHOICES, NETWORK_MODES
+from ..errors import HostError, InvalidArgument
+from ..hostinfo import require_tool
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+MODES = NETWORK_CHOICES
+BACKEND_MODES = NETWORK_MODES  # policy/config spelling -> VMSpec.network
+HOST_GATEWAY = "10.0.2.2"  # where the guest reaches an opted-in host port (QEMU slirp's host alias)
+UPLINK_CIDR = "10.0.3.0/24"  # slirp4netns's network inside the namespace (distinct from QEMU's 10.0.2.0/24)
+MAX_HOST_PORTS = 32
+MAX_ALLOW = 256
+MAX_RELAYS_PER_PORT = 64
+READY_TIMEOUT = 10.0
+
+BLOCKED_V4 = (
+    "0.0.0.0/8",  # "this network"
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",  # RFC 1918
+    "100.64.0.0/10",  # carrier-grade NAT
+    "127.0.0.0/8",  # loopback
+    "169.254.0.0/16",  # link-local, cloud metadata (169.254.169.254)
+    "224.0.0.0/4",  # multicast
+    "240.0.0.0/4",  # reserved, and broadcast 255.255.255.255
+)
+BLOCKED_V6 = (
+    "::/128", "::1/128",  # unspecified, loopback
+    "::ffff:0:0/96",  # IPv4-mapped
+    "fc00::/7",  # unique local
+    "fe80::/10", "fec0::/10",  # link-local, site-local
+    "ff00::/8",  # multicast
+)
+_BLOCKED = tuple(ipaddress.ip_network(n) for n in BLOCKED_V4 + BLOCKED_V6)
+_HOSTNAME = re.compile(r"(?=.{1,253}\Z)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\.?",
+                       re.IGNORECASE)
+
+INSTALL = "apt-get install -y --no-install-recommends slirp4netns nftables (or 'make apt')"
+
+
+# ---- the policy --------------------------------------------------------------------------------------------
+
+
+def _port(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise InvalidArgument(f"{what}: expected a port number from 1 to 65535, got {value!r}")
+    text = str(value).strip()
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise InvalidArgument(f"{what}: {value!r} is not a port number from 1 to 65535")
+    return int(text)
+
+
+@dataclass(frozen=True)
+class AllowEntry:
+    """One allow-list entry: a CIDR (or address) or a host name (resolved at start), optionally one port."""
+
+    target: str  # normalised CIDR, or a lower-case host name
+    port: int | None = None
+
+    @property
+    def network(self) -> IPNetwork | None:
+        """The CIDR, or None for a host name."""
+        try:
+            return ipaddress.ip_network(self.target)
+        except ValueError:
+            return None
+
+    @classmethod
+    def parse(cls, text: Any) -> AllowEntry:
+        """``CIDR``, ``ADDRESS``, ``HOST`` with optional ``:PORT``; IPv6 with a port as ``[CIDR]:PORT``."""
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidArgument(f"allow entry {text!r}: expected CIDR|HOST[:PORT], e.g. 203.0.113.0/24:443 or "
+                                  f"pypi.org:443")
+        raw = text.strip()
+        target, port = raw, None
+        if raw.startswith("["):
+            inner, sep, rest = raw[1:].partition("]")
+            if not sep or (rest and not rest.startswith(":")):
+                raise InvalidArgument(f"allow entry {raw!r}: write an IPv6 address with a port as [ADDR]:PORT")
+            target, port = inner, (_port(rest[1:], f"allow entry {raw!r}") if rest else None)
+        elif raw.count(":") == 1:
+            target, _, port_text = raw.partition(":")
+            port = _port(port_text, f"allow entry {raw!r}")
+        try:
+            net: IPNetwork | None = ipaddress.ip_network(target, strict=False)
+        except ValueError:
+            net = None
+        if net is None:
+            if "/" in target or not _HOSTNAME.fullmatch(target) or target.replace(".", "").isdigit():
+                raise InvalidArgument(f"allow entry {raw!r}: {target!r} is neither a CIDR, an IP address nor a "
+                                      f"host name")
+            return cls(target.lower().rstrip("."), port)
+        for blocked in _BLOCKED:
+            if net.version == blocked.version and net.subnet_of(blocked):  # type: ignore[arg-type]
+                raise InvalidArgument(
+                    f"allow entry {raw!r} lies inside {blocked}, which is never reachable from a workspace (the "
+                    f"allow-list only narrows public egress). For a service on this host's loopback use "
+                    f"--allow-host-port PORT (spec: network.hostPorts); the guest reaches it at {HOST_GATEWAY}:PORT")
+        return cls(str(net), port)
+
+    def __str__(self) -> str:
+        if self.port is None:
+            return self.target
+        return f"[{self.target}]:{self.port}" if ":" in self.target else f"{self.target}:{self.port}"
+
+
+@dataclass(frozen=True)
+class NetworkPolicy:
+    """What a workspace's guest may reach. ``isolated``: no NIC. ``user``: NAT to the public internet only,
+    narrowed by ``allow`` when it is not empty; ``host_ports`` opt in to ``host 127.0.0.1:PORT`` at
+    ``10.0.2.2:PORT``."""
+
+    mode: str = "user"
+    allow: tuple[AllowEntry, ...] = ()
+    host_ports: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InvalidArgument(f"unknown network mode {self.mode!r}; use 'user' or 'isolated'")
+        if self.mode == "isolated" and (self.allow or self.host_ports):
+            raise InvalidArgument("network mode isolated has no network device, so an allow-list or host ports "
+                                  "mean nothing; drop them or use mode user")
+        if len(self.allow) > MAX_ALLOW:
+            raise InvalidArgument(f"the allow-list has {len(self.allow)} entries; at most {MAX_ALLOW} are allowed "
+                                  f"(use CIDRs to cover ranges)")
+        if len(self.host_ports) > MAX_HOST_PORTS:
+            raise InvalidArgument(f"{len(self.host_ports)} host ports requested; at most {MAX_HOST_PORTS}")
+        if len(set(self.host_ports)) != len(self.host_ports):
+            raise InvalidArgument(f"host ports {list(self.host_ports)} repeat a port; give each once")
+
+    @property
+    def backend_mode(self) -> str:
+        """``VMSpec.network``/``WorkspaceConfig.network``: ``user`` or ``none``."""
+        return BACKEND_MODES[self.mode]
+
+    @classmethod
+    def parse(cls, value: NetworkPolicy | str | dict[str, Any] | None) -> NetworkPolicy:
+        """A policy from a mode string (``user``, ``isolated``; ``none`` = isolated), a spec/JSON mapping
+        (``mode``, ``allow``, ``hostPorts``) or a policy; None gives the default (``user``)."""
+        if value is None:
+            return cls()
+        if isinstance(value, NetworkPolicy):
+            return value
+        if isinstance(value, str):
+            if value not in BACKEND_MODES:
+                raise InvalidArgument(f"unknown network mode {value!r}; use 'user' or 'isolated'")
+            return cls("isolated" if value == "none" else value)
+        if not isinstance(value, dict):
+            raise InvalidArgument(f"network: expected a mode (user|isolated) or a mapping with mode, allow, "
+                                  f"hostPorts; got {type(value).__name__}")
+        unknown = sorted(set(value) - {"mode", "allow", "hostPorts"})
+        if unknown:
+            raise InvalidArgument(f"network: unknown field(s) {', '.join(map(str, unknown))}; the fields are mode, "
+                                  f"allow, hostPorts")
+        mode = value.get("mode", "user")
+        if not isinstance(mode, str):
+            raise InvalidArgument(f"network.mode: expected user or isolated, got {mode!r}")
+        allow = value.get("allow") or []
+        ports = value.get("hostPorts") or []
+        for key, items in (("allow", allow), ("hostPorts", ports)):
+            if not isinstance(items, list):
+                raise InvalidArgument(f"network.{key}: expected a list, got {type(items).__name__}")
+        return cls("isolated" if mode == "none" else mode, tuple(AllowEntry.parse(a) for a in allow),
+                   tuple(_port(p, "network.hostPorts") for p in ports))
+
+    @classmethod
+    def from_flags(cls, mode: str | None, allow: list[str] | None,
+                   host_ports: list[int] | None) -> dict[str, Any] | None:
+        """The CLI's ``--network``/``--allow``/``--allow-host-port`` as a partial mapping (only the keys given,
+        so they merge key by key over a spec's ``network:``); None when no flag was given."""
+        out: dict[str, Any] = {}
+        if mode is not None:
+            out["mode"] = mode
+        if allow:
+            out["allow"] = list(allow)
+        if host_ports:
+            out["hostPorts"] = list(host_ports)
+        return out or None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mode": self.mode, "allow": [str(a) for a in self.allow], "hostPorts": list(self.host_ports)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> NetworkPolicy:
+        return cls.parse(data)
+
+    def describe(self) -> str:
+        """One line for ``status``."""
+        if self.mode == "isolated":
+            return "isolated (no network device)"
+        reach = ("allow-list only: " + ", ".join(map(str, self.allow))) if self.allow else "public internet only"
+        ports = f"; host ports {', '.join(map(str, self.host_ports))} at {HOST_GATEWAY}" if self.host_ports else ""
+        return f"user ({reach}{ports})"
+
+
+def policy_of(network: str, stored: dict[str, Any] | None) -> NetworkPolicy:
+    """The policy of a workspace config: its stored ``network_policy``, or (configs from before policies) its
+    mode with the default restrictions."""
+    return NetworkPolicy.from_json(stored) if stored else NetworkPolicy.parse(network)
+
+
+# ---- facts about the host ----------------------------------------------------------------------------------
+
+
+def host_addresses() -> list[IPNetwork]:
+    """Every address of this host's network namespace (from /proc/net/fib_trie and /proc/net/if_inet6)."""
+    found: set[IPNetwork] = set()
+    with contextlib.suppress(OSError):
+        last = ""
+        for line in Path("/proc/net/fib_trie").read_text().splitlines():
+            text = line.strip()
+            if text.startswith("|--"):
+                last = text[3:].strip()
+            elif text.startswith("/32 host LOCAL") and last:
+                found.add(ipaddress.ip_network(last))
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/net/if_inet6").read_text().splitlines():
+            hexaddr = line.split()[0]
+            found.add(ipaddress.ip_network(ipaddress.IPv6Address(bytes.fromhex(hexaddr))))
+    return sorted(found, key=lambda n: (n.version, n))
+
+
+def host_resolvers(path: Path = Path("/etc/resolv.conf")) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The host's DNS servers that QEMU's slirp forwards the guest's 10.0.2.3 to (loopback ones are unusable
+    from the namespace and left out)."""
+    out = []
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] == "nameserver":
+                with contextlib.suppress(ValueError):
+                    addr = ipaddress.ip_address(parts[1].split("%")[0])
+                    if not addr.is_loopback and not addr.is_unspecified:
+                        out.append(addr)
+    return out
+
+
+def resolve_allow(entries: Iterable[AllowEntry]) -> tuple[list[tuple[IPNetwork, int | None]], list[str]]:
+    """Allow entries as (network, port) pairs, host names resolved now; plus notes on entries that resolved to
+    nothing usable (they then open nothing: fail closed)."""
+    rules: list[tuple[IPNetwork, int | None]] = []
+    notes: list[str] = []
+    for entry in entries:
+        net = entry.network
+        if net is not None:
+            rules.append((net, entry.port))
+            continue
+        try:
+            infos = socket.getaddrinfo(entry.target, None, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            notes.append(f"allow entry {entry} did not resolve ({exc}); it opens nothing")
+            continue
+        addrs = sorted({ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos}, key=str)
+        usable = [a for a in addrs if not any(a in b for b in _BLOCKED)]
+        if not usable:
+            notes.append(f"allow entry {entry} resolved only to blocked addresses "
+                         f"({', '.join(map(str, addrs))}); it opens nothing")
+        rules += [(ipaddress.ip_network(a), entry.port) for a in usable]
+    return rules, notes
+
+
+def _elements(nets: Iterable[Any]) -> str:
+    return "{ " + ", ".join(str(n) for n in nets) + " }"
+
+
+def render_ruleset(policy: NetworkPolicy, allow: list[tuple[IPNetwork, int | None]], host_addrs: list[IPNetwork],
+                   resolvers: list[Any]) -> str:
+    """The nftables ruleset loaded inside the workspace's namespace (never the host's)."""
+    blocked: dict[int, list[Any]] = {4: [], 6: []}
+    for net in list(_BLOCKED) + list(host_addrs):
+        blocked[net.version].append(net)
+    v4 = list(ipaddress.collapse_addresses(blocked[4]))
+    v6 = list(ipaddress.collapse_addresses(blocked[6]))
+    reject = ["meta l4proto tcp reject with tcp reset", "reject with icmpx type admin-prohibited"]
+    out = [
+        "ct state established,related accept",
+        *([f"oifname \"lo\" ip daddr 127.0.0.1 tcp dport {_elements(policy.host_ports)} accept"]
+          if policy.host_ports else []),
+        *[f"oifname \"lo\" {r}" for r in reject],
+    ]
+    for family, version in (("ip", 4), ("ip6", 6)):
+        dns = [r for r in resolvers if r.version == version]
+        if dns:
+            out.append(f"{family} daddr {_elements(dns)} meta l4proto {{ tcp, udp }} th dport 53 accept")
+    out += [f"ip daddr {_elements(v4)} {r}" for r in reject]
+    out += [f"ip6 daddr {_elements(v6)} {r}" for r in reject]
+    if not policy.allow:
+        out.append("accept")
+    for net, port in allow:
+        match = f"{'ip' if net.version == 4 else 'ip6'} daddr {net}"
+        out.append(f"{match} meta l4proto {{ tcp, udp }} th dport {port} accept" if port else f"{match} accept")
+    out += reject
+    body = "\n".join(f"    {line}" for line in out)
+    return ("table inet microagent {\n"
+            "  chain output {\n    type filter hook output priority 0; policy drop;\n" + body + "\n  }\n"
+            "  chain input {\n    type filter hook input priority 0; policy drop;\n"
+            "    ct state established,related accept\n    iifname \"lo\" accept\n  }\n}\n")
+
+
+SEVER_RULESET = ("table inet microagent_sever {\n"
+                 "  chain output { type filter hook output priority -100; policy drop; }\n"
+                 "  chain input { type filter hook input priority -100; policy drop; }\n}\n")
+
+
+# ---- namespaces --------------------------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
+_SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
+
+
+def _setns(fd: int, nstype: int) -> None:
+    if _libc.setns(fd, nstype) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def _loopback_up() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        flags = struct.unpack("16sH22x", fcntl.ioctl(s, _SIOCGIFFLAGS, struct.pack("16sH22x", b"lo", 0)))[1]
+        fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | _IFF_UP))
+
+
+def _create_namespaces(userns: bool, host_ports: tuple[int, ...]) -> tuple[dict[str, int], list[socket.socket]]:
+    """A new network namespace (inside a new user namespace when not root), held by O_CLOEXEC fds of this
+    process, with loopback up and a listening socket on 127.0.0.1:PORT for each host port.
+
+    A short-lived forked child unshares, creates the listeners and passes them back over SCM_RIGHTS; this process
+    opens the child's namespace files before letting it exit, so no process or mount keeps the namespace."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    uid, gid = os.geteuid(), os.getegid()
+    pid = os.fork()
+    if pid == 0:  # the child: only syscalls, then _exit
+        code = 0
+        try:
+            ours.close()
+            if _libc.unshare(CLONE_NEWNET | (CLONE_NEWUSER if userns else 0)) != 0:
+                raise OSError(ctypes.get_errno(), f"unshare: {os.strerror(ctypes.get_errno())}")
+            if userns:
+                Path("/proc/self/setgroups").write_text("deny")
+                Path("/proc/self/uid_map").write_text(f"0 {uid} 1")
+                Path("/proc/self/gid_map").write_text(f"0 {gid} 1")
+            _loopback_up()
+            child_fds = []
+            for port in host_ports:
+                lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                lsock.bind(("127.0.0.1", port))
+                lsock.listen(64)
+                child_fds.append(lsock.fileno())
+            socket.send_fds(theirs, [b"ok"], child_fds)
+            theirs.recv(1)  # the parent has opened our namespace files (or died: EOF)
+        except BaseException as exc:  # noqa: BLE001 -- report and exit; never return into the parent's code
+            with contextlib.suppress(BaseException):
+                theirs.sendall(f"error: {exc}".encode())
+            code = 1
+        os._exit(code)
+    theirs.close()
+    fds: dict[str, int] = {}
+    try:
+        msg, got, _flags, _addr = socket.recv_fds(ours, 4096, max(1, len(host_ports)))
+        if msg != b"ok":
+            for fd in got:
+                os.close(fd)
+            text = msg.decode(errors="replace") or "the namespace helper exited"
+            raise HostError(f"could not create the workspace's network namespace ({text}); network policy "
+                            f"enforcement needs root or unprivileged user namespaces (see 'microagent doctor'), "
+                            f"or use --network isolated")
+        listeners = [socket.socket(fileno=fd) for fd in got]
+        for kind in (("user", "net") if userns else ("net",)):
+            fds[kind] = os.open(f"/proc/{pid}/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
+        ours.send(b"x")
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        raise
+    finally:
+        ours.close()
+        os.waitpid(pid, 0)
+    return fds, listeners
+
+
+def _ns_ino(fd: int) -> int:
+    return os.fstat(fd).st_ino
+
+
+# ---- the runtime -------------------------------------------------------------------------------------------
+
+
+def _pdeathsig() -> None:
+    _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the supervisor
+
+
+class NetworkSandbox:
+    """The enforcement of one policy for one VM run: namespace, nftables rules, slirp4netns uplink and host-port
+    relays. ``open`` before QEMU starts; QEMU joins ``join_namespaces()`` (or runs with ``preexec``); ``close``
+    after it exits. ``sever`` (quarantine) drops every packet and cuts the uplink and relays."""
+
+    def __init__(self, policy: NetworkPolicy, run_dir: Path) -> None:
+        if policy.mode != "user":
+            raise ValueError("NetworkSandbox enforces mode user only")
+        self.policy = policy
+        self.run_dir = run_dir
+        self.ns: dict[str, int] = {}
+        self.listeners: list[socket.socket] = []
+        self.servers: list[asyncio.AbstractServer] = []
+        self.relays: set[asyncio.Task[None]] = set()
+        self.slirp: subprocess.Popen[bytes] | None = None
+        self.exit_w = -1
+        self.notes: list[str] = []
+        self.severed = False
+
+    @classmethod
+    async def open(cls, policy: NetworkPolicy, run_dir: Path) -> NetworkSandbox | None:
+        """Set up enforcement for ``policy`` (None for isolated: no NIC, nothing to enforce). HostError, with
+        what to install, when the host cannot enforce it: the VM then does not start (fail closed)."""
+        if policy.mode != "user":
+            return None
+        box = cls(policy, run_dir)
+        try:
+            box.start()
+            await box.serve_host_ports()
+        except BaseException:
+            await box.close()
+            raise
+        return box
+
+    # setup
+    def start(self) -> None:
+        slirp = require_tool("slirp4netns")
+        nft = require_tool("nft")
+        allow, notes = resolve_allow(self.policy.allow)
+        host_addrs, resolvers = host_addresses(), host_resolvers()
+        self.notes = notes
+        self.ns, self.listeners = _create_namespaces(os.geteuid() != 0, self.policy.host_ports)
+        ruleset = render_ruleset(self.policy, allow, host_addrs, resolvers)
+        self._nft(nft, ruleset)
+        self._start_slirp(slirp)
+        (self.run_dir / "network.json").write_text(json.dumps({
+            "policy": self.policy.to_json(), "allowResolved": [f"{n}{f':{p}' if p else ''}" for n, p in allow],
+            "dnsServers": [str(r) for r in resolvers], "hostAddresses": [str(a) for a in host_addrs],
+            "notes": notes, "uplinkPid": self.slirp.pid if self.slirp else None, "ruleset": ruleset}, indent=1))
+
+    def _nft(self, nft: str, ruleset: str) -> None:
+        proc = subprocess.run([nft, "-f", "-"], input=ruleset.encode(), capture_output=True, check=False,
+                              preexec_fn=self.preexec())  # the child only calls setns
+        if proc.returncode != 0:
+            raise HostError(f"nft could not load the workspace's network rules: "
+                            f"{proc.stderr.decode(errors='replace').strip()}; check that the kernel has nf_tables "
+                            f"(see 'microagent doctor'), or use --network isolated")
+
+    def _start_slirp(self, slirp: str) -> None:
+        ready_r, ready_w = os.pipe()
+        exit_r, self.exit_w = os.pipe()
+        argv = [slirp, "--configure", "--mtu=65520", "--disable-host-loopback", "--disable-dns",
+                f"--cidr={UPLINK_CIDR}", "--enable-sandbox", "--enable-seccomp", f"--ready-fd={ready_w}",
+                f"--exit-fd={exit_r}", "--netns-type=path"]
+        if "user" in self.ns:
+            argv.append(f"--userns-path=/proc/self/fd/{self.ns['user']}")
+        argv += [f"/proc/self/fd/{self.ns['net']}", "tap0"]
+        try:
+            with open(self.run_dir / "network.log", "ab") as log:
+                self.slirp = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                    pass_fds=(ready_w, exit_r, *self.ns.values()), preexec_fn=_pdeathsig)  # noqa: PLW1509
+        finally:
+            os.close(ready_w)
+            os.close(exit_r)
+        try:
+            ready, _, _ = select.select([ready_r], [], [], READY_TIMEOUT)
+            ok = bool(ready) and os.read(ready_r, 1) == b"1"
+        finally:
+            os.close(ready_r)
+        if not ok:
+            tail = (self.run_dir / "network.log").read_bytes()[-600:].decode(errors="replace").strip()
+            raise HostError(f"slirp4netns (the workspace's network uplink) did not come up: {tail or 'no output'} "
+                            f"(see 'microagent doctor'), or use --network isolated")
+
+    async def serve_host_ports(self) -> None:
+        """Relay connections accepted on the namespace's 127.0.0.1:PORT to the host's 127.0.0.1:PORT."""
+        for lsock in self.listeners:
+            port = lsock.getsockname()[1]
+            lsock.setblocking(False)
+            server = await asyncio.start_server(
+                lambda r, w, p=port: self._relay(p, r, w), sock=lsock)  # type: ignore[misc]
+            self.servers.append(server)
+
+    async def _relay(self, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is None or len(self.relays) >= MAX_RELAYS_PER_PORT * max(1, len(self.servers)) or self.severed:
+            writer.close()
+            return
+        self.relays.add(task)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            writer.close()
+            self.relays.discard(task)
+            return
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()  # a slow reader slows the writer; nothing piles up here
+                if dst.can_write_eof():
+                    dst.write_eof()
+            except (OSError, RuntimeError):
+                pass
+
+        try:
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        finally:
+            for w in (writer, up_writer):
+                w.close()
+            self.relays.discard(task)
+
+    # use
+    def join_namespaces(self) -> dict[str, str]:
+        """Namespace paths for the jailer to setns() into (user first, then net); valid while this lives."""
+        return {kind: f"/proc/{os.getpid()}/fd/{fd}" for kind, fd in self.ns.items()}
+
+    def preexec(self, then: Callable[[], None] | None = None) -> Callable[[], None]:
+        """A ``preexec_fn`` that moves the child into the namespace (checked), then runs ``then``."""
+        ns = dict(self.ns)
+        expected = _ns_ino(ns["net"])
+
+        def enter() -> None:
+            if "user" in ns:
+                _setns(ns["user"], CLONE_NEWUSER)
+            _setns(ns["net"], CLONE_NEWNET)
+            if os.stat("/proc/self/ns/net").st_ino != expected:
+                raise OSError("not in the workspace's network namespace")
+            if then is not None:
+                then()
+
+        return enter
+
+    def sever(self) -> None:
+        """Quarantine: drop every packet in the namespace, stop the uplink and the host-port relays."""
+        self.severed = True
+        with contextlib.suppress(HostError, OSError):
+            self._nft(require_tool("nft"), SEVER_RULESET)
+        self._stop_slirp()
+        for server in self.servers:
+            server.close()
+        for task in list(self.relays):
+            task.cancel()
+
+    def _stop_slirp(self) -> None:
+        if self.exit_w >= 0:
+            os.close(self.exit_w)  # slirp4netns exits when its exit pipe closes
+            self.exit_w = -1
+        if self.slirp is not None:
+            try:
+                self.slirp.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.slirp.kill()
+                self.slirp.wait()
+            self.slirp = None
+
+    async def close(self) -> None:
+        """Tear everything down: uplink, relays, listeners, namespace fds (the namespace goes with QEMU)."""
+        self._stop_slirp()
+        for server in self.servers:
+            server.close()
+        for task in list(self.relays):
+            task.cancel()
+        if self.relays:
+            await asyncio.gather(*self.relays, return_exceptions=True)
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        for lsock in self.listeners:
+            lsock.close()
+        for fd in self.ns.values():
+            os.close(fd)
+        self.servers, self.listeners, self.ns = [], [], {}
+
+
+# ---- what the host can do ----------------------------------------------------------------------------------
+
+
+def network_capabilities() -> dict[str, Any]:
+    """A ``doctor`` check: can this host enforce network policy (slirp4netns, nft, a network namespace)?"""
+    missing = [tool for tool in ("slirp4netns", "nft") if not (shutil.which(tool) or
+                                                               shutil.which(tool, path="/usr/sbin:/sbin"))]
+    if missing:
+        return {"name": "network policy", "ok": False,
+                "detail": f"{' and '.join(missing)} missing, so --network user cannot start (isolated works): "
+                          f"{INSTALL}"}
+    if not os.access("/dev/net/tun", os.R_OK | os.W_OK):
+        return {"name": "network policy", "ok": False,
+                "detail": "/dev/net/tun is not usable by this user (slirp4netns needs it), so --network user cannot "
+                          "start (isolated works): run as root, or make it mode 0666 as most distributions do"}
+    userns = os.geteuid() != 0
+    try:
+        fds, _ = _create_namespaces(userns, ())
+    except (HostError, OSError) as exc:
+        return {"name": "network policy", "ok": False, "detail": str(exc)}
+    for fd in fds.values():
+        os.close(fd)
+    how = "user + network namespace (unprivileged)" if userns else "network namespace (root)"
+    return {"name": "network policy", "ok": True,
+            "detail": f"enforced: {how}, nftables inside it, slirp4netns uplink without host loopback"}
