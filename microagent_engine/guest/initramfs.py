@@ -25,26 +25,33 @@ def agent_source() -> bytes:
     return resources.files(__package__).joinpath(AGENT_SOURCE).read_bytes()
 
 
-def build_agent(state_dir: Path) -> Path:
-    """Compile the static guest agent once per source hash; return the binary's path."""
-    src = agent_source()
-    digest = hashlib.sha256(src).hexdigest()[:16]
-    out = cache_dir(state_dir) / f"agent-{digest}"
+def compile_static(state_dir: Path, source: bytes, name: str) -> Path:
+    """Compile C ``source`` into a static binary, once per source hash; return the cached binary's path.
+
+    The binary is ``<state_dir>/cache/<name>-<hash>``; a failed build raises HostError with gcc's messages.
+    """
+    digest = hashlib.sha256(source).hexdigest()[:16]
+    out = cache_dir(state_dir) / f"{name}-{digest}"
     if out.exists():
         return out
     gcc = require_tool("gcc")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".agent-") as tmp:
-        c_file = Path(tmp) / AGENT_SOURCE
-        c_file.write_bytes(src)
-        binary = Path(tmp) / "agent"
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{name}-") as tmp:
+        c_file = Path(tmp) / f"{name}.c"
+        c_file.write_bytes(source)
+        binary = Path(tmp) / name
         proc = subprocess.run([gcc, "-static", "-O2", "-Wall", "-o", str(binary), str(c_file)],
                               capture_output=True, text=True)
         if proc.returncode != 0:
-            raise HostError(f"compiling the guest agent failed (need a static libc: apt-get install -y gcc "
+            raise HostError(f"compiling {name} failed (need a static libc: apt-get install -y gcc "
                             f"libc6-dev):\n{proc.stderr[-2000:]}")
         os.replace(binary, out)
     return out
+
+
+def build_agent(state_dir: Path) -> Path:
+    """Compile the static guest agent once per source hash; return the binary's path."""
+    return compile_static(state_dir, agent_source(), "agent")
 
 
 def busybox_path() -> Path:
