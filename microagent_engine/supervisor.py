@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from .fsutil import read_json
 from .mediation import MediationBridge, MediationConfig, probe
-from .protocol import ExitStatus, FrameDecoder, FrameType, decode_kv, encode_entries, encode_exec, encode_frame
+from .protocol import ExitStatus, FrameDecoder, FrameType, decode_kv, encode_config, encode_exec, encode_frame
 from .records import WorkspaceDir, WorkspaceState, now_iso, process_start_time, signal as readiness
 
 HALT_TIMEOUT = 30.0
@@ -445,12 +445,9 @@ class Supervisor:
                     self.proc.kill()
 
     def config_payload(self) -> bytes:
-        entries = [("h", self.launch["hostname"]), ("n", self.launch["network"]), ("s", self.launch["shell"])]
-        entries += [("e", f"{k}={v}") for k, v in self.launch.get("env", {}).items()]
-        entries += [("m", "\t".join(m)) for m in self.launch.get("mounts", [])]
-        if self.mediation:
-            entries.append(("p", str(self.mediation.cfg.port)))
-        return encode_entries(entries)
+        return encode_config(self.launch["hostname"], self.launch["network"], self.launch["shell"],
+                             self.launch.get("env", {}), self.launch.get("mounts", []),
+                             self.mediation.cfg.port if self.mediation else None)
 
     # ---- clients -------------------------------------------------------------------------------
     async def on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

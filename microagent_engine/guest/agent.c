@@ -3,16 +3,17 @@
  *
  * In a VM this is PID 1 (/init in the initramfs): it loads the virtio modules, mounts the workspace root
  * filesystem, switches into it and then serves exec requests over the virtio-serial port named
- * "org.microagent.agent".  With "--connect PATH" it skips the boot steps and speaks the same protocol over
- * a unix stream socket (used by the host-side tests).
+ * AGENT_PORT_NAME.  With "--connect PATH" it skips the boot steps and speaks the same protocol over a unix
+ * stream socket (used by the host-side tests, tests/test_agent_protocol.py).
  *
  * Mediation bridge: when CONFIG has a "p<port>" entry, the agent listens on TCP 127.0.0.1:<port> inside the
  * guest and relays every accepted connection over a second channel (the virtio-serial port named
- * "org.microagent.mediation", or "--mediation-connect PATH" in test mode) as MOPEN/MDATA/MCLOSE frames.
+ * MEDIATION_PORT_NAME, or "--mediation-connect PATH" in test mode) as MOPEN/MDATA/MEOF/MCLOSE frames.
  *
  * The wire protocol is described in docs/protocol.md; the host side lives in microagent_engine/protocol.py.
  *
- * Build: gcc -static -O2 -Wall -Wextra -o agent agent.c
+ * Build: microagent_engine/guest/initramfs.py (build_agent) writes protocol.h, generated from protocol.py, beside
+ * this file and runs gcc -static -O2 -Wall; the binary is cached under the state dir by the hash of both.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -57,37 +58,11 @@
 
 /* ---- protocol constants ------------------------------------------------------------------------ */
 
-#define HDR_SIZE 9
-#define MAX_PAYLOAD (1u << 20)
+/* HEADER_SIZE, MAX_PAYLOAD, the port names, PROTOCOL_VERSION and every frame type F_<NAME>: generated from
+ * microagent_engine/protocol.py (render_c_header) and written beside this file by the build */
+#include "protocol.h"
+
 #define OUT_CHUNK 65536
-#define PORT_NAME "org.microagent.agent"
-#define MED_PORT_NAME "org.microagent.mediation"
-#define PROTOCOL_VERSION 1
-
-enum {
-    F_HELLO = 0x01,
-    F_CONFIG = 0x02,
-    F_READY = 0x03,
-    F_EXEC = 0x10,
-    F_STDIN = 0x11,
-    F_STDOUT = 0x12,
-    F_STDERR = 0x13,
-    F_EXIT = 0x14,
-    F_SIGNAL = 0x15,
-    F_HALT = 0x20,
-    F_HALTING = 0x21,
-    F_PING = 0x22,
-    F_PONG = 0x23,
-    F_ERROR = 0x2F,
-    /* mediation channel only */
-    F_MOPEN = 0x50,
-    F_MDATA = 0x51,
-    F_MCLOSE = 0x52,
-    F_MEOF = 0x55,
-    F_MCUT = 0x53,
-    F_MRESUME = 0x54,
-};
-
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #define DRAIN_MS 200
 #define DEFAULT_GRACE_MS 2000
@@ -356,7 +331,7 @@ static int write_all(int fd, const void *buf, size_t len)
 /* blocking write of one frame to fd; -1 if the channel failed */
 static int write_frame(int fd, int type, uint32_t stream, const void *data, size_t len)
 {
-    unsigned char hdr[HDR_SIZE];
+    unsigned char hdr[HEADER_SIZE];
     hdr[0] = (unsigned char)type;
     hdr[1] = (unsigned char)(stream >> 24);
     hdr[2] = (unsigned char)(stream >> 16);
@@ -367,12 +342,12 @@ static int write_frame(int fd, int type, uint32_t stream, const void *data, size
     hdr[7] = (unsigned char)(len >> 8);
     hdr[8] = (unsigned char)len;
     if (len > 0 && len <= 4096) {
-        unsigned char small[HDR_SIZE + 4096];
-        memcpy(small, hdr, HDR_SIZE);
-        memcpy(small + HDR_SIZE, data, len);
-        return write_all(fd, small, HDR_SIZE + len);
+        unsigned char small[HEADER_SIZE + 4096];
+        memcpy(small, hdr, HEADER_SIZE);
+        memcpy(small + HEADER_SIZE, data, len);
+        return write_all(fd, small, HEADER_SIZE + len);
     }
-    if (write_all(fd, hdr, HDR_SIZE) < 0 || (len > 0 && write_all(fd, data, len) < 0))
+    if (write_all(fd, hdr, HEADER_SIZE) < 0 || (len > 0 && write_all(fd, data, len) < 0))
         return -1;
     return 0;
 }
@@ -1038,10 +1013,7 @@ static void do_mount_entry(const char *spec, char *errs, size_t errlen)
         append_err(errs, errlen, "mkdir %s: %s", f[1], strerror(errno));
         return;
     }
-    const char *data = NULL;
-    if (strcmp(f[2], "9p") == 0)
-        data = "trans=virtio,version=9p2000.L,msize=262144";
-    if (mount(f[0], f[1], f[2], flags, data) < 0) {
+    if (mount(f[0], f[1], f[2], flags, NULL) < 0) {
         append_err(errs, errlen, "%s: %s", f[1], strerror(errno));
         return;
     }
@@ -1382,7 +1354,7 @@ static void read_frames(const struct frame_reader *r)
 {
     ssize_t n;
     do {
-        n = read(*r->fd, *r->buf + *r->len, HDR_SIZE + MAX_PAYLOAD - *r->len);
+        n = read(*r->fd, *r->buf + *r->len, HEADER_SIZE + MAX_PAYLOAD - *r->len);
     } while (n < 0 && errno == EINTR);
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
         return;
@@ -1392,7 +1364,7 @@ static void read_frames(const struct frame_reader *r)
     }
     *r->len += (size_t)n;
     size_t off = 0;
-    while (*r->fd >= 0 && *r->len - off >= HDR_SIZE) {
+    while (*r->fd >= 0 && *r->len - off >= HEADER_SIZE) {
         const unsigned char *h = *r->buf + off;
         uint32_t stream = ((uint32_t)h[1] << 24) | ((uint32_t)h[2] << 16) | ((uint32_t)h[3] << 8) | h[4];
         uint32_t len = ((uint32_t)h[5] << 24) | ((uint32_t)h[6] << 16) | ((uint32_t)h[7] << 8) | h[8];
@@ -1401,10 +1373,10 @@ static void read_frames(const struct frame_reader *r)
             r->lost("oversized frame");
             return;
         }
-        if (*r->len - off < HDR_SIZE + (size_t)len)
+        if (*r->len - off < HEADER_SIZE + (size_t)len)
             break;
-        r->dispatch(h[0], stream, h + HDR_SIZE, len);
-        off += HDR_SIZE + (size_t)len;
+        r->dispatch(h[0], stream, h + HEADER_SIZE, len);
+        off += HEADER_SIZE + (size_t)len;
     }
     if (*r->fd < 0) {
         *r->len = 0;
@@ -1464,7 +1436,7 @@ static int find_named_port(const char *name_wanted, char *out, size_t outlen)
 
 static int find_port(void)
 {
-    return find_named_port(PORT_NAME, port_path, sizeof port_path);
+    return find_named_port(AGENT_PORT_NAME, port_path, sizeof port_path);
 }
 
 static void try_open_port(void)
@@ -1873,17 +1845,17 @@ static void med_setup(const char *value)
     } else {
         /* the ports of one virtio-serial device appear together, but give a late one a moment */
         int64_t until = mono_ms() + 1000;
-        while (find_named_port(MED_PORT_NAME, med_port_path, sizeof med_port_path) < 0) {
+        while (find_named_port(MEDIATION_PORT_NAME, med_port_path, sizeof med_port_path) < 0) {
             if (mono_ms() >= until) {
                 snprintf(ready_mediation, sizeof ready_mediation, "error: no mediation port");
-                logmsg("mediation: virtio-serial port %s not found", MED_PORT_NAME);
+                logmsg("mediation: virtio-serial port %s not found", MEDIATION_PORT_NAME);
                 return;
             }
             sleep_ms(20);
         }
     }
     if (!med_rbuf)
-        med_rbuf = xrealloc(NULL, HDR_SIZE + MAX_PAYLOAD);
+        med_rbuf = xrealloc(NULL, HEADER_SIZE + MAX_PAYLOAD);
     if (med_listen((int)port, err, sizeof err) < 0) {
         snprintf(ready_mediation, sizeof ready_mediation, "error: %s", err);
         logmsg("mediation: %s", ready_mediation);
@@ -2119,7 +2091,7 @@ static void boot(void)
     until = mono_ms() + 10000;
     while (find_port() < 0) {
         if (mono_ms() >= until)
-            fatal_boot("virtio-serial port %s not found within 10 s", PORT_NAME);
+            fatal_boot("virtio-serial port %s not found within 10 s", AGENT_PORT_NAME);
         sleep_ms(10);
     }
 }
@@ -2364,7 +2336,7 @@ int main(int argc, char **argv)
         signal(SIGHUP, SIG_IGN);
     }
 
-    rbuf = xrealloc(NULL, HDR_SIZE + MAX_PAYLOAD);
+    rbuf = xrealloc(NULL, HEADER_SIZE + MAX_PAYLOAD);
 
     if (test_mode) {
         ensure_std_fds("/dev/null");

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from microagent_engine import Engine
-from microagent_engine.guest.initramfs import compile_static
+from microagent_engine.guest.initramfs import compile_static, protocol_headers
 
 SOURCE = Path(__file__).resolve().parent / "hostile.c"
 #: where install_hostile puts the program in the guest
@@ -19,7 +19,7 @@ GUEST_PATH = "/tmp/hostile"
 
 def build_hostile(state_dir: Path) -> Path:
     """The static hostile binary for ``state_dir`` (compiled once per source hash)."""
-    return compile_static(state_dir, SOURCE.read_bytes(), "hostile")
+    return compile_static(state_dir, SOURCE.read_bytes(), "hostile", protocol_headers())
 
 
 def install_hostile(engine: Engine, workspace: str, guest_path: str = GUEST_PATH) -> str:

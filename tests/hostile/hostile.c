@@ -1,12 +1,13 @@
 /*
  * hostile: a compromised guest program, for testing that the host survives a hostile guest.
  *
- * It is built like the guest agent (static, by tests/hostile/__init__.py:build_hostile), copied into a running
- * workspace and run there as root by the agent. It talks on the host channel of the agent: the virtio-serial
- * port whose /sys/class/virtio-ports/vportNpM/name is "org.microagent.agent". The agent (PID 1) holds that port
- * open and a port cannot be opened twice, so the program takes a duplicate of PID 1's descriptor with
- * pidfd_open(1) + pidfd_getfd() (found by scanning the /proc/1/fd symlinks for /dev/vportNpM). It only writes
- * to that descriptor, never reads it (the agent keeps receiving the host's frames).
+ * It is built like the guest agent (static, with the generated protocol.h beside it, by build_hostile in
+ * tests/hostile/__init__.py), copied into a running workspace and run there as root by the agent. It talks on
+ * the host channel of the agent: the virtio-serial port whose /sys/class/virtio-ports/vportNpM/name is
+ * AGENT_PORT_NAME. The agent (PID 1) holds that port open and a port cannot be opened twice, so the program
+ * takes a duplicate of PID 1's descriptor with pidfd_open(1) + pidfd_getfd() (found by scanning the /proc/1/fd
+ * symlinks for /dev/vportNpM). It only writes to that descriptor, never reads it (the agent keeps receiving
+ * the host's frames).
  *
  * Frames (docs/protocol.md): a 9-byte header  type:u8  stream:u32 big-endian  length:u32 big-endian, then
  * length payload bytes. Every frame below is written with a single write(2) so that it lands whole between the
@@ -40,15 +41,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#define HDR_SIZE 9
-#define MAX_PAYLOAD (1u << 20)
-#define PORT_NAME "org.microagent.agent"
-#define F_HELLO 0x01
-#define F_READY 0x03
-#define F_STDOUT 0x12
-#define F_EXIT 0x14
-#define F_CONTROL 0x40
-#define F_REPLY 0x41
+/* HEADER_SIZE, MAX_PAYLOAD, AGENT_PORT_NAME, F_<frame type>: generated from microagent_engine/protocol.py */
+#include "protocol.h"
 
 #ifndef SYS_pidfd_open
 #define SYS_pidfd_open 434
@@ -68,7 +62,7 @@ static void say(const char *fmt, ...)
     va_end(ap);
 }
 
-/* "vportNpM" of the virtio-serial port named PORT_NAME into out; -1 if there is none */
+/* "vportNpM" of the virtio-serial port named AGENT_PORT_NAME into out; -1 if there is none */
 static int find_port(char *out, size_t outlen)
 {
     DIR *d = opendir("/sys/class/virtio-ports");
@@ -86,7 +80,7 @@ static int find_port(char *out, size_t outlen)
             continue;
         if (fgets(name, sizeof name, f)) {
             name[strcspn(name, "\n")] = '\0';
-            if (strcmp(name, PORT_NAME) == 0) {
+            if (strcmp(name, AGENT_PORT_NAME) == 0) {
                 snprintf(out, outlen, "%s", de->d_name);
                 found = 0;
             }
@@ -102,7 +96,7 @@ static int steal_channel(void)
 {
     char port[256];
     if (find_port(port, sizeof port) < 0) {
-        say("no virtio-serial port named %s (not in a microagent guest?)", PORT_NAME);
+        say("no virtio-serial port named %s (not in a microagent guest?)", AGENT_PORT_NAME);
         exit(1);
     }
     char want[300];
@@ -140,7 +134,7 @@ static int steal_channel(void)
         exit(1);
     }
     close(pidfd);
-    say("found port %s (%s) as PID 1's fd %d; duplicated as our fd %d", PORT_NAME, want, target, fd);
+    say("found port %s (%s) as PID 1's fd %d; duplicated as our fd %d", AGENT_PORT_NAME, want, target, fd);
     return fd;
 }
 
@@ -176,19 +170,19 @@ static size_t put_header(unsigned char *h, int type, uint32_t stream, uint32_t l
     h[6] = (unsigned char)(len >> 16);
     h[7] = (unsigned char)(len >> 8);
     h[8] = (unsigned char)len;
-    return HDR_SIZE;
+    return HEADER_SIZE;
 }
 
 static void send_frame(int fd, int type, uint32_t stream, const void *payload, size_t len, const char *what)
 {
-    unsigned char buf[HDR_SIZE + 4096];
+    unsigned char buf[HEADER_SIZE + 4096];
     if (len > 4096) {
         say("internal: frame too large");
         exit(1);
     }
     put_header(buf, type, stream, (uint32_t)len);
-    memcpy(buf + HDR_SIZE, payload, len);
-    write_once(fd, buf, HDR_SIZE + len, what);
+    memcpy(buf + HEADER_SIZE, payload, len);
+    write_once(fd, buf, HEADER_SIZE + len, what);
 }
 
 static void mode_forge(uint32_t stream)
@@ -205,9 +199,9 @@ static void mode_forge(uint32_t stream)
 static void mode_oversize(void)
 {
     int fd = steal_channel();
-    static unsigned char buf[HDR_SIZE + 4096];
+    static unsigned char buf[HEADER_SIZE + 4096];
     put_header(buf, F_STDOUT, 1, MAX_PAYLOAD + 1);
-    memset(buf + HDR_SIZE, 'A', sizeof buf - HDR_SIZE);
+    memset(buf + HEADER_SIZE, 'A', sizeof buf - HEADER_SIZE);
     write_once(fd, buf, sizeof buf, "STDOUT header with length MAX_PAYLOAD+1, then 4096 bytes");
 }
 
@@ -226,9 +220,9 @@ static void mode_garbage(void)
         snprintf(what, sizeof what, "type 0x%02x on stream %u, %zu random bytes", types[i], stream, len);
         send_frame(fd, types[i], stream, payload, len, what);
     }
-    unsigned char trunc[HDR_SIZE + 10];
+    unsigned char trunc[HEADER_SIZE + 10];
     put_header(trunc, F_STDOUT, 1, 100);
-    memset(trunc + HDR_SIZE, 'T', 10);
+    memset(trunc + HEADER_SIZE, 'T', 10);
     write_once(fd, trunc, sizeof trunc, "truncated STDOUT frame (header says 100 bytes, 10 follow)");
 }
 
@@ -245,7 +239,7 @@ static void mode_forkbomb(void)
 {
     char port[256];
     if (find_port(port, sizeof port) < 0) {
-        say("refusing to fork-bomb: no %s port here, so this is not a microagent guest", PORT_NAME);
+        say("refusing to fork-bomb: no %s port here, so this is not a microagent guest", AGENT_PORT_NAME);
         exit(1);
     }
     say("fork bomb starting");
