@@ -756,22 +756,30 @@ static int64_t parse_ms(const char *s, int64_t dflt)
     return (int64_t)v;
 }
 
-static void start_exec(uint32_t stream, const unsigned char *payload, size_t len)
+/* a parsed EXEC request; argv points into the frame's payload */
+struct exec_req {
+    char **argv;
+    struct env env; /* defaults, CONFIG env, then the EXEC's */
+    const char *cwd;
+    int64_t timeout_ms, grace_ms;
+    int want_stdin;
+};
+
+static void exec_req_free(struct exec_req *req)
 {
-    if (stream == 0) {
-        chan_send_error(&chan, 0, "EXEC on stream 0");
-        return;
-    }
-    if (find_session(stream)) {
-        chan_send_error(&chan, stream, "stream %u is already running a command", stream);
-        return;
-    }
+    free(req->argv);
+    req->argv = NULL;
+    env_free(&req->env);
+}
+
+/* the EXEC payload's entries into req; on a malformed payload answer ERROR + EXIT and return -1 */
+static int parse_exec(uint32_t stream, const unsigned char *payload, size_t len, struct exec_req *req)
+{
     if (len == 0 || payload[len - 1] != '\0') {
         chan_send_error(&chan, stream, "malformed EXEC: entries are not NUL-terminated");
         chan_send_str(&chan, F_EXIT, stream, "failed_to_start 126 malformed EXEC request");
-        return;
+        return -1;
     }
-
     size_t argc = 0;
     for (size_t off = 0; off < len;) {
         const char *ent = (const char *)payload + off;
@@ -783,15 +791,13 @@ static void start_exec(uint32_t stream, const unsigned char *payload, size_t len
     if (argc == 0) {
         chan_send_error(&chan, stream, "malformed EXEC: no argv");
         chan_send_str(&chan, F_EXIT, stream, "failed_to_start 126 malformed EXEC request");
-        return;
+        return -1;
     }
 
-    char **argv = xrealloc(NULL, (argc + 1) * sizeof(char *));
-    struct env env;
-    env_base(&env);
-    const char *cwd = NULL;
-    int64_t timeout_ms = 0, grace_ms = DEFAULT_GRACE_MS;
-    int want_stdin = 0;
+    memset(req, 0, sizeof *req);
+    req->argv = xrealloc(NULL, (argc + 1) * sizeof(char *));
+    env_base(&req->env);
+    req->grace_ms = DEFAULT_GRACE_MS;
     size_t ai = 0;
     for (size_t off = 0; off < len;) {
         const char *ent = (const char *)payload + off;
@@ -802,80 +808,97 @@ static void start_exec(uint32_t stream, const unsigned char *payload, size_t len
         const char *val = ent + 1;
         switch (ent[0]) {
         case 'a':
-            argv[ai++] = (char *)val;
+            req->argv[ai++] = (char *)val;
             break;
         case 'e':
-            env_set(&env, val);
+            env_set(&req->env, val);
             break;
         case 'c':
             if (*val)
-                cwd = val;
+                req->cwd = val;
             break;
         case 't':
-            timeout_ms = parse_ms(val, 0);
+            req->timeout_ms = parse_ms(val, 0);
             break;
         case 'g':
-            grace_ms = parse_ms(val, DEFAULT_GRACE_MS);
+            req->grace_ms = parse_ms(val, DEFAULT_GRACE_MS);
             break;
         case 'i':
-            want_stdin = strcmp(val, "1") == 0;
+            req->want_stdin = strcmp(val, "1") == 0;
             break;
         default:
             break;
         }
     }
-    argv[ai] = NULL;
+    req->argv[ai] = NULL;
+    return 0;
+}
 
-    int inp[2] = {-1, -1}, outp[2] = {-1, -1}, errp[2] = {-1, -1}, ep[2] = {-1, -1};
-    int err = 0;
+/* the command's pipes (each end close-on-exec): stdin (or /dev/null in inp[0]), stdout, stderr, and ep, which
+ * carries the child's errno if it fails before exec; 0 or the errno */
+static int exec_pipes(int want_stdin, int inp[2], int outp[2], int errp[2], int ep[2])
+{
     if (want_stdin) {
         if (pipe2(inp, O_CLOEXEC) < 0)
-            err = errno;
+            return errno;
     } else {
         inp[0] = open("/dev/null", O_RDONLY | O_CLOEXEC);
         if (inp[0] < 0) {
             /* no /dev/null: an empty pipe gives EOF as well */
             if (pipe2(inp, O_CLOEXEC) < 0)
-                err = errno;
-            else
-                xclose(&inp[1]);
+                return errno;
+            xclose(&inp[1]);
         }
     }
-    if (!err && (pipe2(outp, O_CLOEXEC) < 0 || pipe2(errp, O_CLOEXEC) < 0 || pipe2(ep, O_CLOEXEC) < 0))
-        err = errno;
+    if (pipe2(outp, O_CLOEXEC) < 0 || pipe2(errp, O_CLOEXEC) < 0 || pipe2(ep, O_CLOEXEC) < 0)
+        return errno;
+    return 0;
+}
 
-    pid_t pid = -1;
+/* vfork a child that becomes req's command with in_fd/out_fd/err_fd as 0/1/2 in its own session; if it cannot,
+ * it writes its errno to ep_fd and exits 127. The parent's pid of it, or -1 (errno set) */
+static pid_t vfork_exec(const struct exec_req *req, int in_fd, int out_fd, int err_fd, int ep_fd)
+{
     char **saved_environ = environ;
-    if (!err) {
-        /* vfork: under emulation copying the agent's page tables for fork is a large part of an exec's cost.
-         * The child only makes system calls, then execs or _exits; we run again once it has. */
-        pid = vfork();
-        if (pid < 0)
-            err = errno;
-    }
+    /* vfork: under emulation copying the agent's page tables for fork is a large part of an exec's cost.
+     * The child only makes system calls, then execs or _exits; we run again once it has. */
+    pid_t pid = vfork();
     if (pid == 0) {
         /* child (sharing our memory until exec) */
         reset_signals_in_child();
         setsid();
-        if (dup2(inp[0], 0) < 0 || dup2(outp[1], 1) < 0 || dup2(errp[1], 2) < 0)
-            child_fail(ep[1], errno);
-        close_fds_except(ep[1]);
-        if (cwd && chdir(cwd) < 0)
-            child_fail(ep[1], errno);
-        environ = env.v; /* execvpe searches the PATH of environ */
-        execvpe(argv[0], argv, env.v);
-        child_fail(ep[1], errno);
+        if (dup2(in_fd, 0) < 0 || dup2(out_fd, 1) < 0 || dup2(err_fd, 2) < 0)
+            child_fail(ep_fd, errno);
+        close_fds_except(ep_fd);
+        if (req->cwd && chdir(req->cwd) < 0)
+            child_fail(ep_fd, errno);
+        environ = req->env.v; /* execvpe searches the PATH of environ */
+        execvpe(req->argv[0], req->argv, req->env.v);
+        child_fail(ep_fd, errno);
     }
     environ = saved_environ; /* the vfork child set it in our shared memory */
+    return pid;
+}
 
-    free(argv);
-    env_free(&env);
+/* start req's command; on success *pid_out and fds (our ends: stdin writer or -1, stdout reader, stderr
+ * reader) and 0, else the errno why not (the child's, if chdir or exec failed) */
+static int spawn_exec(const struct exec_req *req, pid_t *pid_out, int fds[3])
+{
+    int inp[2] = {-1, -1}, outp[2] = {-1, -1}, errp[2] = {-1, -1}, ep[2] = {-1, -1};
+    int err = exec_pipes(req->want_stdin, inp, outp, errp, ep);
+    pid_t pid = -1;
+    if (!err) {
+        pid = vfork_exec(req, inp[0], outp[1], errp[1], ep[1]);
+        if (pid < 0)
+            err = errno;
+    }
     xclose(&inp[0]);
     xclose(&outp[1]);
     xclose(&errp[1]);
     xclose(&ep[1]);
 
     if (!err) {
+        /* the error pipe closes on exec (EOF: it ran) or carries the child's errno */
         int child_err = 0;
         ssize_t n;
         do {
@@ -894,17 +917,25 @@ static void start_exec(uint32_t stream, const unsigned char *payload, size_t len
         xclose(&inp[1]);
         xclose(&outp[0]);
         xclose(&errp[0]);
-        exit_failed_to_start(stream, err);
-        return;
+        return err;
     }
+    *pid_out = pid;
+    fds[0] = inp[1];
+    fds[1] = outp[0];
+    fds[2] = errp[0];
+    return 0;
+}
 
+/* a started command becomes a session: its output is forwarded and its timeout runs from now */
+static void register_session(uint32_t stream, pid_t pid, const int fds[3], int64_t timeout_ms, int64_t grace_ms)
+{
     struct session *s = xrealloc(NULL, sizeof *s);
     memset(s, 0, sizeof *s);
     s->stream = stream;
     s->pid = pid;
-    s->in_fd = inp[1];
-    s->out_fd = outp[0];
-    s->err_fd = errp[0];
+    s->in_fd = fds[0];
+    s->out_fd = fds[1];
+    s->err_fd = fds[2];
     if (s->in_fd >= 0)
         set_nonblock(s->in_fd);
     set_nonblock(s->out_fd);
@@ -914,6 +945,31 @@ static void start_exec(uint32_t stream, const unsigned char *payload, size_t len
         s->deadline = mono_ms() + timeout_ms;
     s->next = execs.list;
     execs.list = s;
+}
+
+static void start_exec(uint32_t stream, const unsigned char *payload, size_t len)
+{
+    if (stream == 0) {
+        chan_send_error(&chan, 0, "EXEC on stream 0");
+        return;
+    }
+    if (find_session(stream)) {
+        chan_send_error(&chan, stream, "stream %u is already running a command", stream);
+        return;
+    }
+    struct exec_req req;
+    if (parse_exec(stream, payload, len, &req) < 0)
+        return;
+    pid_t pid = -1;
+    int fds[3];
+    int err = spawn_exec(&req, &pid, fds);
+    int64_t timeout_ms = req.timeout_ms, grace_ms = req.grace_ms;
+    exec_req_free(&req);
+    if (err) {
+        exit_failed_to_start(stream, err);
+        return;
+    }
+    register_session(stream, pid, fds, timeout_ms, grace_ms);
 }
 
 static void handle_stdin(uint32_t stream, const unsigned char *data, size_t len)
