@@ -68,7 +68,7 @@
 #define DEFAULT_GRACE_MS 2000
 #define STDIN_BACKPRESSURE (8u << 20) /* stop reading the channel while this much stdin is queued */
 #define MED_BUF_CAP (4u << 20)        /* stop reading the mediation channel while a connection queues this much */
-#define MED_STALL_MS 10000            /* ...and close that connection if its guest program reads nothing for this long */
+#define MED_STALL_MS 10000            /* ...and close it if its guest program reads nothing for this long */
 #define MED_ACCEPT_BATCH 64
 
 /* ---- state --------------------------------------------------------------------------------------- */
@@ -414,8 +414,8 @@ static int write_frame(int fd, int type, uint32_t stream, const void *data, size
     return 0;
 }
 
-/* the channel closed (EOF, an error, an oversized frame): the channel's own on_lost runs (in test mode the
- * agent channel's exits the agent); in a VM the port is reopened every 100 ms, in test mode never */
+/* the channel closed (EOF, an error, an oversized frame): its on_lost hook runs (for the agent channel in test
+ * mode it exits the agent); in a VM the port is then reopened every 100 ms, in test mode never */
 static void chan_lost(struct channel *c, const char *why)
 {
     if (c->fd < 0)
@@ -600,7 +600,7 @@ static int64_t chan_next_deadline(const struct channel *c)
     return c->fd < 0 && c->reopen_at ? c->reopen_at : -1;
 }
 
-/* ---- the agent channel: what the host sends, the handshake --------------------------------------------- */
+/* ---- the agent channel: HELLO ------------------------------------------------------------------------ */
 
 static void send_hello(void)
 {
@@ -612,7 +612,7 @@ static void send_hello(void)
     chan_send_str(&chan, F_HELLO, 0, buf);
 }
 
-/* ---- sessions (running commands) ------------------------------------------------------------------------------------ */
+/* ---- sessions (running commands) ---------------------------------------------------------------- */
 
 static struct session *find_session(uint32_t stream)
 {
@@ -1284,8 +1284,8 @@ static void do_mount_entry(const char *spec, char *errs, size_t errlen)
 static void send_ready(void)
 {
     char buf[4096];
-    snprintf(buf, sizeof buf, "shell=%s\nnet=%s\nmounts=%s\nmediation=%s\n", config.ready_shell, config.ready_net, config.ready_mounts,
-             config.ready_mediation);
+    snprintf(buf, sizeof buf, "shell=%s\nnet=%s\nmounts=%s\nmediation=%s\n", config.ready_shell, config.ready_net,
+             config.ready_mounts, config.ready_mediation);
     chan_send_str(&chan, F_READY, 0, buf);
 }
 
@@ -1545,7 +1545,7 @@ static void do_halt(uint32_t stream, const unsigned char *data, size_t len)
     power_off();
 }
 
-/* ---- channel input -------------------------------------------------------------------------------------- */
+/* ---- the agent channel: frames from the host ------------------------------------------------------- */
 
 static void test_mode_exit(int code)
 {
@@ -1842,7 +1842,8 @@ static void med_setup(const char *value)
     char err[400];
     if (agent.test_mode) {
         if (!agent.med_connect_path) {
-            snprintf(config.ready_mediation, sizeof config.ready_mediation, "error: no mediation port (no --mediation-connect)");
+            snprintf(config.ready_mediation, sizeof config.ready_mediation,
+                     "error: no mediation port (no --mediation-connect)");
             return;
         }
         if (chan_connect_unix(&med_chan, agent.med_connect_path, err, sizeof err) < 0) {
