@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from .errors import ProtocolError
 
@@ -57,9 +57,6 @@ class Frame:
     stream: int
     payload: bytes = b""
 
-    def encode(self) -> bytes:
-        return encode_frame(self.type, self.stream, self.payload)
-
 
 def encode_frame(ftype: int, stream: int, payload: bytes = b"") -> bytes:
     if len(payload) > MAX_PAYLOAD:
@@ -100,11 +97,22 @@ def encode_entries(entries: list[tuple[str, str]]) -> bytes:
     return bytes(out)
 
 
-def decode_entries(payload: bytes) -> list[tuple[str, str]]:
-    if payload and not payload.endswith(b"\0"):
-        raise ProtocolError("entries payload is not NUL-terminated")
-    items = payload.split(b"\0")[:-1] if payload else []
-    return [(item[:1].decode(), item[1:].decode(errors="replace")) for item in items if item]
+def encode_config(
+    hostname: str,
+    network: str,
+    shell: str,
+    env: dict[str, str],
+    mounts: list[list[str]],
+    mediation_port: int | None,
+) -> bytes:
+    """Payload of the CONFIG frame: hostname, network mode, console shell, default env of every exec,
+    extra mounts (each ``[device, mountpoint, fstype, "ro"|"rw"]``) and the guest's mediation port (or None)."""
+    entries = [("h", hostname), ("n", network), ("s", shell)]
+    entries += [("e", f"{key}={value}") for key, value in env.items()]
+    entries += [("m", "\t".join(mount)) for mount in mounts]
+    if mediation_port is not None:
+        entries.append(("p", str(mediation_port)))
+    return encode_entries(entries)
 
 
 def encode_exec(
@@ -151,7 +159,7 @@ class ExitStatus:
     message: str = ""
 
     @classmethod
-    def parse(cls, payload: bytes) -> "ExitStatus":
+    def parse(cls, payload: bytes) -> ExitStatus:
         parts = payload.decode(errors="replace").split(" ", 2)
         if len(parts) < 2 or not parts[1].lstrip("-").isdigit():
             raise ProtocolError(f"malformed EXIT payload {payload!r}")
@@ -167,3 +175,31 @@ class ExitStatus:
         if self.status == "timed_out":
             return 124
         return self.code if self.code in (126, 127) else 127
+
+
+# ---- the same facts for the C side ------------------------------------------------------------------
+
+#: file name of the header render_c_header() produces; the agent build writes it next to agent.c
+C_HEADER_NAME = "protocol.h"
+
+
+def render_c_header() -> str:
+    """C header with this module's constants and frame types, included by the guest agent (and test programs).
+
+    Frame types are ``F_<NAME>``; the other names are the same as here.
+    """
+    lines = [
+        "/* Generated from microagent_engine/protocol.py by render_c_header(): do not edit, change protocol.py. */",
+        "#ifndef MICROAGENT_PROTOCOL_H",
+        "#define MICROAGENT_PROTOCOL_H",
+        "",
+        f"#define PROTOCOL_VERSION {PROTOCOL_VERSION}",
+        f"#define HEADER_SIZE {HEADER_SIZE}",
+        f"#define MAX_PAYLOAD {MAX_PAYLOAD}u",
+        f'#define AGENT_PORT_NAME "{AGENT_PORT_NAME}"',
+        f'#define MEDIATION_PORT_NAME "{MEDIATION_PORT_NAME}"',
+        "",
+    ]
+    lines += [f"#define F_{ft.name} 0x{ft.value:02X}" for ft in FrameType]
+    lines += ["", "#endif", ""]
+    return "\n".join(lines)

@@ -9,6 +9,7 @@ Run from the repository root: ``PYTHONPATH=. python3 -m pytest -q tests/test_age
 from __future__ import annotations
 
 import os
+import re
 import select
 import shutil
 import socket
@@ -21,19 +22,28 @@ from pathlib import Path
 
 import pytest
 
+from microagent_engine.guest.initramfs import AGENT_SOURCE, agent_source, compile_static, protocol_headers
 from microagent_engine.protocol import (
+    AGENT_PORT_NAME,
+    C_HEADER_NAME,
+    HEADER_SIZE,
+    MAX_PAYLOAD,
+    MEDIATION_PORT_NAME,
+    PROTOCOL_VERSION,
     ExitStatus,
     Frame,
     FrameDecoder,
     FrameType,
-    MEDIATION_PORT_NAME,
     decode_kv,
+    encode_config,
     encode_entries,
     encode_exec,
     encode_frame,
+    render_c_header,
 )
 
-AGENT_SRC = Path(__file__).resolve().parent.parent / "microagent_engine" / "guest" / "agent.c"
+GUEST_DIR = Path(__file__).resolve().parent.parent / "microagent_engine" / "guest"
+HOSTILE_SRC = Path(__file__).resolve().parent / "hostile" / "hostile.c"
 DEFAULT_CONFIG = [("e", "FOO=bar"), ("e", "BAR=from-config"), ("n", "none")]
 
 
@@ -42,12 +52,17 @@ DEFAULT_CONFIG = [("e", "FOO=bar"), ("e", "BAR=from-config"), ("n", "none")]
 
 @pytest.fixture(scope="module")
 def agent_build(tmp_path_factory):
+    """The agent compiled from its build's files (agent.c and the generated protocol.h), with -Wextra as well."""
     gcc = shutil.which("gcc")
     if not gcc:
         pytest.fail("install gcc: apt-get install -y gcc libc6-dev")
-    out = tmp_path_factory.mktemp("agent") / "agent"
+    src_dir = tmp_path_factory.mktemp("agent")
+    for name, body in {AGENT_SOURCE: agent_source(), **protocol_headers()}.items():
+        (src_dir / name).write_bytes(body)
+    out = src_dir / "agent"
     proc = subprocess.run(
-        [gcc, "-static", "-O2", "-Wall", "-Wextra", "-o", str(out), str(AGENT_SRC)],
+        [gcc, "-static", "-O2", "-Wall", "-Wextra", "-o", str(out), str(src_dir / AGENT_SOURCE)],
+        check=False,
         capture_output=True,
         text=True,
     )
@@ -64,6 +79,50 @@ def agent_bin(agent_build):
 def test_compiles_without_warnings(agent_build):
     _, stderr = agent_build
     assert "warning" not in stderr, stderr
+
+
+# ---- the protocol defined once: protocol.py generates the C side ------------------------------------
+
+
+def test_c_header_defines_every_frame_type_and_constant():
+    header = render_c_header()
+    defines = dict(re.findall(r"^#define (\w+) (.+)$", header, re.MULTILINE))
+    for ft in FrameType:
+        assert int(defines[f"F_{ft.name}"], 16) == ft.value, ft
+    assert defines["HEADER_SIZE"] == str(HEADER_SIZE)
+    assert defines["MAX_PAYLOAD"] == f"{MAX_PAYLOAD}u"
+    assert defines["PROTOCOL_VERSION"] == str(PROTOCOL_VERSION)
+    assert defines["AGENT_PORT_NAME"] == f'"{AGENT_PORT_NAME}"'
+    assert defines["MEDIATION_PORT_NAME"] == f'"{MEDIATION_PORT_NAME}"'
+    assert protocol_headers() == {C_HEADER_NAME: header.encode()}
+
+
+@pytest.mark.parametrize("source", [GUEST_DIR / AGENT_SOURCE, HOSTILE_SRC], ids=["agent", "hostile"])
+def test_c_sources_take_the_protocol_from_the_header(source):
+    """No C program keeps its own copy of a frame number or constant: everything comes from protocol.h."""
+    text = source.read_text()
+    assert f'#include "{C_HEADER_NAME}"' in text
+    # a frame type or protocol constant defined (by #define or as an enum member) in the C file itself
+    own = re.findall(r"^\s*#define\s+(F_\w+|HDR_SIZE|HEADER_SIZE|MAX_PAYLOAD|PROTOCOL_VERSION|\w*PORT_NAME)\b", text,
+                     re.MULTILINE)
+    own += re.findall(r"\b(F_[A-Z]+)\s*=", text)
+    assert not own, f"{source.name} defines protocol names itself: {own}"
+    assert "org.microagent." not in text, f"{source.name} spells a port name instead of using the header's"
+
+
+def test_build_cache_key_covers_the_header(tmp_path):
+    src = b'#include "p.h"\nint main(void) { return V; }\n'
+    one = compile_static(tmp_path, src, "keytest", {"p.h": b"#define V 0\n"})
+    two = compile_static(tmp_path, src, "keytest", {"p.h": b"#define V 3\n"})
+    assert one != two
+    assert compile_static(tmp_path, src, "keytest", {"p.h": b"#define V 0\n"}) == one
+    assert subprocess.run([str(two)], check=False).returncode == 3
+
+
+def test_encode_config_entries():
+    payload = encode_config("ws", "user", "/bin/sh", {"A": "1"}, [["serial:d1", "/data", "ext4", "ro"]], 9900)
+    assert payload == b"hws\0nuser\0s/bin/sh\0eA=1\0mserial:d1\t/data\text4\tro\0p9900\0"
+    assert not encode_config("ws", "none", "/bin/sh", {}, [], None).count(b"\0p")
 
 
 # ---- talking to the agent ---------------------------------------------------------------------------

@@ -3,16 +3,17 @@
  *
  * In a VM this is PID 1 (/init in the initramfs): it loads the virtio modules, mounts the workspace root
  * filesystem, switches into it and then serves exec requests over the virtio-serial port named
- * "org.microagent.agent".  With "--connect PATH" it skips the boot steps and speaks the same protocol over
- * a unix stream socket (used by the host-side tests).
+ * AGENT_PORT_NAME.  With "--connect PATH" it skips the boot steps and speaks the same protocol over a unix
+ * stream socket (used by the host-side tests, tests/test_agent_protocol.py).
  *
  * Mediation bridge: when CONFIG has a "p<port>" entry, the agent listens on TCP 127.0.0.1:<port> inside the
  * guest and relays every accepted connection over a second channel (the virtio-serial port named
- * "org.microagent.mediation", or "--mediation-connect PATH" in test mode) as MOPEN/MDATA/MCLOSE frames.
+ * MEDIATION_PORT_NAME, or "--mediation-connect PATH" in test mode) as MOPEN/MDATA/MEOF/MCLOSE frames.
  *
  * The wire protocol is described in docs/protocol.md; the host side lives in microagent_engine/protocol.py.
  *
- * Build: gcc -static -O2 -Wall -Wextra -o agent agent.c
+ * Build: microagent_engine/guest/initramfs.py (build_agent) writes protocol.h, generated from protocol.py, beside
+ * this file and runs gcc -static -O2 -Wall; the binary is cached under the state dir by the hash of both.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -57,54 +58,33 @@
 
 /* ---- protocol constants ------------------------------------------------------------------------ */
 
-#define HDR_SIZE 9
-#define MAX_PAYLOAD (1u << 20)
+/* HEADER_SIZE, MAX_PAYLOAD, the port names, PROTOCOL_VERSION and every frame type F_<NAME>: generated from
+ * microagent_engine/protocol.py (render_c_header) and written beside this file by the build */
+#include "protocol.h"
+
 #define OUT_CHUNK 65536
-#define PORT_NAME "org.microagent.agent"
-#define MED_PORT_NAME "org.microagent.mediation"
-#define PROTOCOL_VERSION 1
-
-enum {
-    F_HELLO = 0x01,
-    F_CONFIG = 0x02,
-    F_READY = 0x03,
-    F_EXEC = 0x10,
-    F_STDIN = 0x11,
-    F_STDOUT = 0x12,
-    F_STDERR = 0x13,
-    F_EXIT = 0x14,
-    F_SIGNAL = 0x15,
-    F_HALT = 0x20,
-    F_HALTING = 0x21,
-    F_PING = 0x22,
-    F_PONG = 0x23,
-    F_ERROR = 0x2F,
-    /* mediation channel only */
-    F_MOPEN = 0x50,
-    F_MDATA = 0x51,
-    F_MCLOSE = 0x52,
-    F_MEOF = 0x55,
-    F_MCUT = 0x53,
-    F_MRESUME = 0x54,
-};
-
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #define DRAIN_MS 200
 #define DEFAULT_GRACE_MS 2000
 #define STDIN_BACKPRESSURE (8u << 20) /* stop reading the channel while this much stdin is queued */
 #define MED_BUF_CAP (4u << 20)        /* stop reading the mediation channel while a connection queues this much */
-#define MED_STALL_MS 10000            /* ...and close that connection if its guest program reads nothing for this long */
+#define MED_STALL_MS 10000            /* ...and close it if its guest program reads nothing for this long */
 #define MED_ACCEPT_BATCH 64
 
 /* ---- state --------------------------------------------------------------------------------------- */
+
+/* bytes accepted but not yet written: the unsent part is buf[off .. len) */
+struct wqueue {
+    char *buf;
+    size_t off, len, cap;
+};
 
 struct session {
     struct session *next;
     uint32_t stream;
     pid_t pid; /* also the process group id (the child calls setsid) */
     int in_fd, out_fd, err_fd;
-    char *inbuf;
-    size_t inoff, inlen, incap;
+    struct wqueue in; /* STDIN bytes not yet written to the command's stdin pipe */
     int in_eof;
     int exited, wstatus;
     int timed_out, killed;
@@ -119,11 +99,10 @@ struct mconn {
     struct mconn *next;
     uint32_t id;
     int fd;
-    int closing; /* the host sent MCLOSE: flush what is queued, then close */
-    int rd_eof;  /* the guest program finished sending (MEOF sent); the host's answer may still come */
-    int dead;    /* closed; freed at the top of the main loop */
-    char *buf;   /* host -> guest bytes not yet written to the socket */
-    size_t off, len, cap;
+    int closing;       /* the host sent MCLOSE: flush what is queued, then close */
+    int rd_eof;        /* the guest program finished sending (MEOF sent); the host's answer may still come */
+    int dead;          /* closed; freed at the top of the main loop */
+    struct wqueue out; /* host -> guest bytes not yet written to the socket */
     int64_t over_since; /* when the queue reached MED_BUF_CAP (or last progress since), 0 = below it */
 };
 
@@ -132,50 +111,76 @@ struct env {
     size_t n, cap;
 };
 
-static int is_pid1;
-static int test_mode;
-static const char *connect_path;
+/* A frame channel to the host: the agent port or the mediation port (in test mode a unix socket each).
+ * Writes block until the host takes them (backpressure); reads are buffered until a frame is complete. */
+struct channel {
+    const char *label;     /* for log messages */
+    const char *port_name; /* virtio-serial port name */
+    int fd;                /* -1 while closed */
+    char path[PATH_MAX];   /* /dev/vportNpM of port_name */
+    int64_t reopen_at;     /* when to retry opening the port (0 = not scheduled; never in test mode) */
+    int reopen_logged;     /* the current run of failed opens was logged once */
+    unsigned char *rbuf;   /* HEADER_SIZE + MAX_PAYLOAD bytes, allocated when first opened */
+    size_t rlen;           /* bytes of an incomplete frame in rbuf */
+    void (*on_open)(void); /* just opened (or NULL) */
+    void (*on_lost)(const char *why); /* just closed: what else goes with it */
+    void (*dispatch)(int type, uint32_t stream, const unsigned char *p, size_t len);
+};
 
-static int chan_fd = -1;
-static char port_path[PATH_MAX];
-static int64_t reconnect_at;
-static int reconnect_logged;
+static void dispatch(int type, uint32_t stream, const unsigned char *p, size_t len);
+static void med_dispatch(int type, uint32_t stream, const unsigned char *p, size_t len);
+static void main_chan_lost(const char *why);
+static void med_chan_lost(const char *why);
+static void send_hello(void);
 
-static int sig_fd = -1;
-static int log_fd = -1;
+static struct channel chan = {.label = "channel", .port_name = AGENT_PORT_NAME, .fd = -1, .on_open = send_hello,
+                              .on_lost = main_chan_lost, .dispatch = dispatch};
+static struct channel med_chan = {.label = "mediation channel", .port_name = MEDIATION_PORT_NAME, .fd = -1,
+                                  .on_lost = med_chan_lost, .dispatch = med_dispatch};
 
-static unsigned char *rbuf;
-static size_t rlen;
+/* how this process runs (set in main) and whether it is shutting down */
+static struct {
+    int is_pid1;
+    int test_mode;                /* --connect PATH: speak over a unix socket, skip the boot steps */
+    const char *connect_path;     /* --connect PATH */
+    const char *med_connect_path; /* --mediation-connect PATH (test mode) */
+    int sig_fd;                   /* signalfd of SIGCHLD */
+    int log_fd;                   /* the console (as PID 1), else -1: stderr */
+    int halting;                  /* HALT received */
+} agent = {.sig_fd = -1, .log_fd = -1};
 
-static struct env cfg_env;
-static int configured;
-static char ready_shell[32] = "missing";
-static char ready_net[512] = "none";
-static char ready_mounts[2048] = "ok";
+/* what CONFIG set: the default env of every exec, and what READY reports */
+static struct {
+    struct env env;
+    int applied; /* the first CONFIG was applied (a later one only updates env and hostname) */
+    char ready_shell[32];
+    char ready_net[512];
+    char ready_mounts[2048];
+    char ready_mediation[512];
+} config = {.ready_shell = "missing", .ready_net = "none", .ready_mounts = "ok", .ready_mediation = "none"};
 
-static char *shell_path;
-static pid_t shell_pid;
-static int64_t shell_respawn_at;
-static int64_t shell_last_spawn;
+/* the console shell on /dev/ttyS0, respawned when it exits */
+static struct {
+    char *path; /* NULL: none */
+    pid_t pid;  /* 0: not running */
+    int64_t respawn_at;
+    int64_t last_spawn;
+} console;
 
-static struct session *sessions;
-static size_t stdin_queued;
-static int halting;
+/* running commands */
+static struct {
+    struct session *list;
+    size_t stdin_queued; /* bytes in every session's stdin queue */
+} execs;
 
-/* mediation */
-static const char *med_connect_path; /* test mode: --mediation-connect PATH */
-static int med_port;                 /* 0 = no mediation */
-static int med_listen_fd = -1;
-static int med_fd = -1; /* the mediation channel */
-static char med_port_path[PATH_MAX];
-static int64_t med_reconnect_at;
-static int med_reconnect_logged;
-static unsigned char *med_rbuf;
-static size_t med_rlen;
-static int med_cut;
-static uint32_t med_next_id = 1;
-static struct mconn *mconns;
-static char ready_mediation[512] = "none";
+/* mediation bridge (its channel is med_chan) */
+static struct {
+    int port;      /* 0 = no mediation */
+    int listen_fd; /* 127.0.0.1:port */
+    int cut;       /* MCUT received, no MRESUME since */
+    uint32_t next_id;
+    struct mconn *conns;
+} med = {.listen_fd = -1, .next_id = 1};
 
 /* ---- small helpers ------------------------------------------------------------------------------- */
 
@@ -208,7 +213,7 @@ static void logmsg(const char *fmt, ...)
     if (len > sizeof buf - 2)
         len = sizeof buf - 2;
     buf[len++] = '\n';
-    int fd = log_fd >= 0 ? log_fd : 2;
+    int fd = agent.log_fd >= 0 ? agent.log_fd : 2;
     ssize_t w = write(fd, buf, len);
     (void)w;
 }
@@ -270,6 +275,39 @@ static char *xstrdup(const char *s)
     return d;
 }
 
+/* ---- write queues ------------------------------------------------------------------------------------ */
+
+/* append n bytes to q (dropping what was sent, growing as needed) */
+static void queue_append(struct wqueue *q, const void *data, size_t n)
+{
+    if (q->off > 0) {
+        memmove(q->buf, q->buf + q->off, q->len - q->off);
+        q->len -= q->off;
+        q->off = 0;
+    }
+    if (q->len + n > q->cap) {
+        size_t c = q->cap ? q->cap : 65536;
+        while (c < q->len + n)
+            c *= 2;
+        q->buf = xrealloc(q->buf, c);
+        q->cap = c;
+    }
+    memcpy(q->buf + q->len, data, n);
+    q->len += n;
+}
+
+static size_t queue_pending(const struct wqueue *q)
+{
+    return q->len - q->off;
+}
+
+static void queue_free(struct wqueue *q)
+{
+    free(q->buf);
+    q->buf = NULL;
+    q->off = q->len = q->cap = 0;
+}
+
 /* ---- environment ----------------------------------------------------------------------------------- */
 
 static void env_set(struct env *e, const char *kv)
@@ -310,8 +348,8 @@ static void env_base(struct env *e)
     env_set(e, "PATH=" DEFAULT_PATH);
     env_set(e, "HOME=/root");
     env_set(e, "TERM=linux");
-    for (size_t i = 0; i < cfg_env.n; i++)
-        env_set(e, cfg_env.v[i]);
+    for (size_t i = 0; i < config.env.n; i++)
+        env_set(e, config.env.v[i]);
 }
 
 static void env_free(struct env *e)
@@ -322,9 +360,8 @@ static void env_free(struct env *e)
     e->cap = 0;
 }
 
-/* ---- channel output -------------------------------------------------------------------------------- */
+/* ---- channels (the agent port and the mediation port) ---------------------------------------------- */
 
-static void channel_lost(const char *why);
 static void med_setup(const char *value);
 
 static int write_all(int fd, const void *buf, size_t len)
@@ -356,7 +393,7 @@ static int write_all(int fd, const void *buf, size_t len)
 /* blocking write of one frame to fd; -1 if the channel failed */
 static int write_frame(int fd, int type, uint32_t stream, const void *data, size_t len)
 {
-    unsigned char hdr[HDR_SIZE];
+    unsigned char hdr[HEADER_SIZE];
     hdr[0] = (unsigned char)type;
     hdr[1] = (unsigned char)(stream >> 24);
     hdr[2] = (unsigned char)(stream >> 16);
@@ -367,39 +404,203 @@ static int write_frame(int fd, int type, uint32_t stream, const void *data, size
     hdr[7] = (unsigned char)(len >> 8);
     hdr[8] = (unsigned char)len;
     if (len > 0 && len <= 4096) {
-        unsigned char small[HDR_SIZE + 4096];
-        memcpy(small, hdr, HDR_SIZE);
-        memcpy(small + HDR_SIZE, data, len);
-        return write_all(fd, small, HDR_SIZE + len);
+        unsigned char small[HEADER_SIZE + 4096];
+        memcpy(small, hdr, HEADER_SIZE);
+        memcpy(small + HEADER_SIZE, data, len);
+        return write_all(fd, small, HEADER_SIZE + len);
     }
-    if (write_all(fd, hdr, HDR_SIZE) < 0 || (len > 0 && write_all(fd, data, len) < 0))
+    if (write_all(fd, hdr, HEADER_SIZE) < 0 || (len > 0 && write_all(fd, data, len) < 0))
         return -1;
     return 0;
 }
 
-static void send_frame(int type, uint32_t stream, const void *data, size_t len)
+/* the channel closed (EOF, an error, an oversized frame): its on_lost hook runs (for the agent channel in test
+ * mode it exits the agent); in a VM the port is then reopened every 100 ms, in test mode never */
+static void chan_lost(struct channel *c, const char *why)
 {
-    if (chan_fd < 0)
+    if (c->fd < 0)
         return;
-    if (write_frame(chan_fd, type, stream, data, len) < 0)
-        channel_lost("write failed");
+    xclose(&c->fd);
+    c->rlen = 0;
+    c->on_lost(why);
+    if (agent.test_mode)
+        return;
+    logmsg("%s closed (%s), reopening %s", c->label, why, c->path);
+    c->reopen_logged = 0;
+    c->reopen_at = mono_ms() + 100;
 }
 
-static void send_str(int type, uint32_t stream, const char *s)
+static void chan_send(struct channel *c, int type, uint32_t stream, const void *data, size_t len)
 {
-    send_frame(type, stream, s, strlen(s));
+    if (c->fd < 0)
+        return;
+    if (write_frame(c->fd, type, stream, data, len) < 0)
+        chan_lost(c, "write failed");
 }
 
-static void send_error(uint32_t stream, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void send_error(uint32_t stream, const char *fmt, ...)
+static void chan_send_str(struct channel *c, int type, uint32_t stream, const char *s)
+{
+    chan_send(c, type, stream, s, strlen(s));
+}
+
+static void chan_send_error(struct channel *c, uint32_t stream, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void chan_send_error(struct channel *c, uint32_t stream, const char *fmt, ...)
 {
     char buf[1024];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(buf, sizeof buf, fmt, ap);
     va_end(ap);
-    send_str(F_ERROR, stream, buf);
+    chan_send_str(c, F_ERROR, stream, buf);
 }
+
+/* fd is the channel now (non-blocking) */
+static void chan_attach(struct channel *c, int fd)
+{
+    if (!c->rbuf)
+        c->rbuf = xrealloc(NULL, HEADER_SIZE + MAX_PAYLOAD);
+    c->fd = fd;
+    c->rlen = 0;
+    c->reopen_logged = 0;
+    if (c->on_open)
+        c->on_open();
+}
+
+/* read what the channel has, dispatch every complete frame, keep the partial rest */
+static void chan_read(struct channel *c)
+{
+    ssize_t n;
+    do {
+        n = read(c->fd, c->rbuf + c->rlen, HEADER_SIZE + MAX_PAYLOAD - c->rlen);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+        return;
+    if (n <= 0) {
+        chan_lost(c, n == 0 ? "EOF" : strerror(errno));
+        return;
+    }
+    c->rlen += (size_t)n;
+    size_t off = 0;
+    while (c->fd >= 0 && c->rlen - off >= HEADER_SIZE) {
+        const unsigned char *h = c->rbuf + off;
+        uint32_t stream = ((uint32_t)h[1] << 24) | ((uint32_t)h[2] << 16) | ((uint32_t)h[3] << 8) | h[4];
+        uint32_t len = ((uint32_t)h[5] << 24) | ((uint32_t)h[6] << 16) | ((uint32_t)h[7] << 8) | h[8];
+        if (len > MAX_PAYLOAD) {
+            chan_send_error(c, stream, "frame length %u exceeds %u", len, MAX_PAYLOAD);
+            chan_lost(c, "oversized frame");
+            return;
+        }
+        if (c->rlen - off < HEADER_SIZE + (size_t)len)
+            break;
+        c->dispatch(h[0], stream, h + HEADER_SIZE, len);
+        off += HEADER_SIZE + (size_t)len;
+    }
+    if (c->fd < 0) {
+        c->rlen = 0;
+        return;
+    }
+    if (off > 0) {
+        memmove(c->rbuf, c->rbuf + off, c->rlen - off);
+        c->rlen -= off;
+    }
+}
+
+/* find the virtio-serial port called c->port_name: its /dev path into c->path; -1 if there is none */
+static int chan_find_port(struct channel *c)
+{
+    DIR *d = opendir("/sys/class/virtio-ports");
+    if (!d)
+        return -1;
+    struct dirent *de;
+    int found = -1;
+    while ((de = readdir(d))) {
+        if (de->d_name[0] == '.')
+            continue;
+        char path[PATH_MAX], name[256];
+        snprintf(path, sizeof path, "/sys/class/virtio-ports/%s/name", de->d_name);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            continue;
+        ssize_t n = read(fd, name, sizeof name - 1);
+        close(fd);
+        if (n <= 0)
+            continue;
+        name[n] = '\0';
+        while (n > 0 && (name[n - 1] == '\n' || name[n - 1] == ' '))
+            name[--n] = '\0';
+        if (strcmp(name, c->port_name) == 0) {
+            snprintf(c->path, sizeof c->path, "/dev/%s", de->d_name);
+            found = 0;
+            break;
+        }
+    }
+    closedir(d);
+    return found;
+}
+
+/* open the port found by chan_find_port; if that fails or the host side is not connected yet, retry in 100 ms */
+static void chan_open_port(struct channel *c)
+{
+    c->reopen_at = 0;
+    int fd = open(c->path, O_RDWR | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+    if (fd < 0) {
+        if (!c->reopen_logged)
+            logmsg("cannot open %s: %s (retrying)", c->path, strerror(errno));
+        c->reopen_logged = 1;
+        c->reopen_at = mono_ms() + 100;
+        return;
+    }
+    struct pollfd pf = {.fd = fd, .events = POLLIN | POLLOUT};
+    if (poll(&pf, 1, 0) >= 0 && (pf.revents & POLLHUP)) {
+        /* virtio-serial: the host side is not connected yet */
+        if (!c->reopen_logged)
+            logmsg("waiting for the host to connect to %s", c->path);
+        c->reopen_logged = 1;
+        close(fd);
+        c->reopen_at = mono_ms() + 100;
+        return;
+    }
+    chan_attach(c, fd);
+}
+
+/* test mode: connect to the unix socket at path; -1 with why not in err */
+static int chan_connect_unix(struct channel *c, const char *path, char *err, size_t errlen)
+{
+    struct sockaddr_un sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sun_family = AF_UNIX;
+    if (strlen(path) >= sizeof sa.sun_path) {
+        snprintf(err, errlen, "socket path too long: %.200s", path);
+        return -1;
+    }
+    strcpy(sa.sun_path, path);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+        snprintf(err, errlen, "connect %.200s: %s", path, strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        return -1;
+    }
+    set_nonblock(fd);
+    chan_attach(c, fd);
+    return 0;
+}
+
+/* timers: reopening a lost port */
+static void chan_timers(struct channel *c, int64_t now)
+{
+    if (c->fd < 0 && c->reopen_at && now >= c->reopen_at)
+        chan_open_port(c);
+}
+
+/* when chan_timers has something to do next, -1 if never */
+static int64_t chan_next_deadline(const struct channel *c)
+{
+    return c->fd < 0 && c->reopen_at ? c->reopen_at : -1;
+}
+
+/* ---- the agent channel: HELLO ------------------------------------------------------------------------ */
 
 static void send_hello(void)
 {
@@ -408,14 +609,14 @@ static void send_hello(void)
     if (uname(&u) < 0)
         snprintf(u.release, sizeof u.release, "unknown");
     snprintf(buf, sizeof buf, "version=%d\nkernel=%s\n", PROTOCOL_VERSION, u.release);
-    send_str(F_HELLO, 0, buf);
+    chan_send_str(&chan, F_HELLO, 0, buf);
 }
 
-/* ---- sessions ---------------------------------------------------------------------------------------- */
+/* ---- sessions (running commands) ---------------------------------------------------------------- */
 
 static struct session *find_session(uint32_t stream)
 {
-    for (struct session *s = sessions; s; s = s->next)
+    for (struct session *s = execs.list; s; s = s->next)
         if (s->stream == stream)
             return s;
     return NULL;
@@ -424,10 +625,8 @@ static struct session *find_session(uint32_t stream)
 static void close_stdin(struct session *s)
 {
     xclose(&s->in_fd);
-    stdin_queued -= s->inlen - s->inoff;
-    free(s->inbuf);
-    s->inbuf = NULL;
-    s->inoff = s->inlen = s->incap = 0;
+    execs.stdin_queued -= queue_pending(&s->in);
+    queue_free(&s->in);
 }
 
 static void signal_group(struct session *s, int sig)
@@ -448,8 +647,8 @@ static void finish_session(struct session *s)
         snprintf(buf, sizeof buf, "signaled %d", WTERMSIG(s->wstatus));
     else
         snprintf(buf, sizeof buf, "exited %d", WEXITSTATUS(s->wstatus));
-    send_str(F_EXIT, s->stream, buf);
-    for (struct session **pp = &sessions; *pp; pp = &(*pp)->next) {
+    chan_send_str(&chan, F_EXIT, s->stream, buf);
+    for (struct session **pp = &execs.list; *pp; pp = &(*pp)->next) {
         if (*pp == s) {
             *pp = s->next;
             break;
@@ -460,11 +659,11 @@ static void finish_session(struct session *s)
 
 static void flush_stdin(struct session *s)
 {
-    while (s->in_fd >= 0 && s->inoff < s->inlen) {
-        ssize_t n = write(s->in_fd, s->inbuf + s->inoff, s->inlen - s->inoff);
+    while (s->in_fd >= 0 && s->in.off < s->in.len) {
+        ssize_t n = write(s->in_fd, s->in.buf + s->in.off, s->in.len - s->in.off);
         if (n > 0) {
-            s->inoff += (size_t)n;
-            stdin_queued -= (size_t)n;
+            s->in.off += (size_t)n;
+            execs.stdin_queued -= (size_t)n;
             continue;
         }
         if (n < 0 && errno == EINTR)
@@ -475,8 +674,8 @@ static void flush_stdin(struct session *s)
         close_stdin(s);
         return;
     }
-    if (s->in_fd >= 0 && s->inoff == s->inlen) {
-        s->inoff = s->inlen = 0;
+    if (s->in_fd >= 0 && s->in.off == s->in.len) {
+        s->in.off = s->in.len = 0;
         if (s->in_eof)
             close_stdin(s);
     }
@@ -490,7 +689,7 @@ static void pump_output(struct session *s, int is_err)
         return;
     ssize_t n = read(*fdp, buf, sizeof buf);
     if (n > 0) {
-        send_frame(is_err ? F_STDERR : F_STDOUT, s->stream, buf, (size_t)n);
+        chan_send(&chan, is_err ? F_STDERR : F_STDOUT, s->stream, buf, (size_t)n);
         return;
     }
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
@@ -540,30 +739,11 @@ static void child_fail(int errfd, int err)
     _exit(127);
 }
 
-/* append n bytes to a write queue whose unsent part is buf[*off .. *len): drop what was sent, grow as needed */
-static void queue_append(char **buf, size_t *off, size_t *len, size_t *cap, const void *data, size_t n)
-{
-    if (*off > 0) {
-        memmove(*buf, *buf + *off, *len - *off);
-        *len -= *off;
-        *off = 0;
-    }
-    if (*len + n > *cap) {
-        size_t c = *cap ? *cap : 65536;
-        while (c < *len + n)
-            c *= 2;
-        *buf = xrealloc(*buf, c);
-        *cap = c;
-    }
-    memcpy(*buf + *len, data, n);
-    *len += n;
-}
-
 static void exit_failed_to_start(uint32_t stream, int err)
 {
     char buf[256];
     snprintf(buf, sizeof buf, "failed_to_start %d %s", err == ENOENT ? 127 : 126, strerror(err));
-    send_str(F_EXIT, stream, buf);
+    chan_send_str(&chan, F_EXIT, stream, buf);
 }
 
 static int64_t parse_ms(const char *s, int64_t dflt)
@@ -576,22 +756,30 @@ static int64_t parse_ms(const char *s, int64_t dflt)
     return (int64_t)v;
 }
 
-static void start_exec(uint32_t stream, const unsigned char *payload, size_t len)
-{
-    if (stream == 0) {
-        send_error(0, "EXEC on stream 0");
-        return;
-    }
-    if (find_session(stream)) {
-        send_error(stream, "stream %u is already running a command", stream);
-        return;
-    }
-    if (len == 0 || payload[len - 1] != '\0') {
-        send_error(stream, "malformed EXEC: entries are not NUL-terminated");
-        send_str(F_EXIT, stream, "failed_to_start 126 malformed EXEC request");
-        return;
-    }
+/* a parsed EXEC request; argv points into the frame's payload */
+struct exec_req {
+    char **argv;
+    struct env env; /* defaults, CONFIG env, then the EXEC's */
+    const char *cwd;
+    int64_t timeout_ms, grace_ms;
+    int want_stdin;
+};
 
+static void exec_req_free(struct exec_req *req)
+{
+    free(req->argv);
+    req->argv = NULL;
+    env_free(&req->env);
+}
+
+/* the EXEC payload's entries into req; on a malformed payload answer ERROR + EXIT and return -1 */
+static int parse_exec(uint32_t stream, const unsigned char *payload, size_t len, struct exec_req *req)
+{
+    if (len == 0 || payload[len - 1] != '\0') {
+        chan_send_error(&chan, stream, "malformed EXEC: entries are not NUL-terminated");
+        chan_send_str(&chan, F_EXIT, stream, "failed_to_start 126 malformed EXEC request");
+        return -1;
+    }
     size_t argc = 0;
     for (size_t off = 0; off < len;) {
         const char *ent = (const char *)payload + off;
@@ -601,17 +789,15 @@ static void start_exec(uint32_t stream, const unsigned char *payload, size_t len
         off += el + 1;
     }
     if (argc == 0) {
-        send_error(stream, "malformed EXEC: no argv");
-        send_str(F_EXIT, stream, "failed_to_start 126 malformed EXEC request");
-        return;
+        chan_send_error(&chan, stream, "malformed EXEC: no argv");
+        chan_send_str(&chan, F_EXIT, stream, "failed_to_start 126 malformed EXEC request");
+        return -1;
     }
 
-    char **argv = xrealloc(NULL, (argc + 1) * sizeof(char *));
-    struct env env;
-    env_base(&env);
-    const char *cwd = NULL;
-    int64_t timeout_ms = 0, grace_ms = DEFAULT_GRACE_MS;
-    int want_stdin = 0;
+    memset(req, 0, sizeof *req);
+    req->argv = xrealloc(NULL, (argc + 1) * sizeof(char *));
+    env_base(&req->env);
+    req->grace_ms = DEFAULT_GRACE_MS;
     size_t ai = 0;
     for (size_t off = 0; off < len;) {
         const char *ent = (const char *)payload + off;
@@ -622,80 +808,97 @@ static void start_exec(uint32_t stream, const unsigned char *payload, size_t len
         const char *val = ent + 1;
         switch (ent[0]) {
         case 'a':
-            argv[ai++] = (char *)val;
+            req->argv[ai++] = (char *)val;
             break;
         case 'e':
-            env_set(&env, val);
+            env_set(&req->env, val);
             break;
         case 'c':
             if (*val)
-                cwd = val;
+                req->cwd = val;
             break;
         case 't':
-            timeout_ms = parse_ms(val, 0);
+            req->timeout_ms = parse_ms(val, 0);
             break;
         case 'g':
-            grace_ms = parse_ms(val, DEFAULT_GRACE_MS);
+            req->grace_ms = parse_ms(val, DEFAULT_GRACE_MS);
             break;
         case 'i':
-            want_stdin = strcmp(val, "1") == 0;
+            req->want_stdin = strcmp(val, "1") == 0;
             break;
         default:
             break;
         }
     }
-    argv[ai] = NULL;
+    req->argv[ai] = NULL;
+    return 0;
+}
 
-    int inp[2] = {-1, -1}, outp[2] = {-1, -1}, errp[2] = {-1, -1}, ep[2] = {-1, -1};
-    int err = 0;
+/* the command's pipes (each end close-on-exec): stdin (or /dev/null in inp[0]), stdout, stderr, and ep, which
+ * carries the child's errno if it fails before exec; 0 or the errno */
+static int exec_pipes(int want_stdin, int inp[2], int outp[2], int errp[2], int ep[2])
+{
     if (want_stdin) {
         if (pipe2(inp, O_CLOEXEC) < 0)
-            err = errno;
+            return errno;
     } else {
         inp[0] = open("/dev/null", O_RDONLY | O_CLOEXEC);
         if (inp[0] < 0) {
             /* no /dev/null: an empty pipe gives EOF as well */
             if (pipe2(inp, O_CLOEXEC) < 0)
-                err = errno;
-            else
-                xclose(&inp[1]);
+                return errno;
+            xclose(&inp[1]);
         }
     }
-    if (!err && (pipe2(outp, O_CLOEXEC) < 0 || pipe2(errp, O_CLOEXEC) < 0 || pipe2(ep, O_CLOEXEC) < 0))
-        err = errno;
+    if (pipe2(outp, O_CLOEXEC) < 0 || pipe2(errp, O_CLOEXEC) < 0 || pipe2(ep, O_CLOEXEC) < 0)
+        return errno;
+    return 0;
+}
 
-    pid_t pid = -1;
+/* vfork a child that becomes req's command with in_fd/out_fd/err_fd as 0/1/2 in its own session; if it cannot,
+ * it writes its errno to ep_fd and exits 127. The parent's pid of it, or -1 (errno set) */
+static pid_t vfork_exec(const struct exec_req *req, int in_fd, int out_fd, int err_fd, int ep_fd)
+{
     char **saved_environ = environ;
-    if (!err) {
-        /* vfork: under emulation copying the agent's page tables for fork is a large part of an exec's cost.
-         * The child only makes system calls, then execs or _exits; we run again once it has. */
-        pid = vfork();
-        if (pid < 0)
-            err = errno;
-    }
+    /* vfork: under emulation copying the agent's page tables for fork is a large part of an exec's cost.
+     * The child only makes system calls, then execs or _exits; we run again once it has. */
+    pid_t pid = vfork();
     if (pid == 0) {
         /* child (sharing our memory until exec) */
         reset_signals_in_child();
         setsid();
-        if (dup2(inp[0], 0) < 0 || dup2(outp[1], 1) < 0 || dup2(errp[1], 2) < 0)
-            child_fail(ep[1], errno);
-        close_fds_except(ep[1]);
-        if (cwd && chdir(cwd) < 0)
-            child_fail(ep[1], errno);
-        environ = env.v; /* execvpe searches the PATH of environ */
-        execvpe(argv[0], argv, env.v);
-        child_fail(ep[1], errno);
+        if (dup2(in_fd, 0) < 0 || dup2(out_fd, 1) < 0 || dup2(err_fd, 2) < 0)
+            child_fail(ep_fd, errno);
+        close_fds_except(ep_fd);
+        if (req->cwd && chdir(req->cwd) < 0)
+            child_fail(ep_fd, errno);
+        environ = req->env.v; /* execvpe searches the PATH of environ */
+        execvpe(req->argv[0], req->argv, req->env.v);
+        child_fail(ep_fd, errno);
     }
     environ = saved_environ; /* the vfork child set it in our shared memory */
+    return pid;
+}
 
-    free(argv);
-    env_free(&env);
+/* start req's command; on success *pid_out and fds (our ends: stdin writer or -1, stdout reader, stderr
+ * reader) and 0, else the errno why not (the child's, if chdir or exec failed) */
+static int spawn_exec(const struct exec_req *req, pid_t *pid_out, int fds[3])
+{
+    int inp[2] = {-1, -1}, outp[2] = {-1, -1}, errp[2] = {-1, -1}, ep[2] = {-1, -1};
+    int err = exec_pipes(req->want_stdin, inp, outp, errp, ep);
+    pid_t pid = -1;
+    if (!err) {
+        pid = vfork_exec(req, inp[0], outp[1], errp[1], ep[1]);
+        if (pid < 0)
+            err = errno;
+    }
     xclose(&inp[0]);
     xclose(&outp[1]);
     xclose(&errp[1]);
     xclose(&ep[1]);
 
     if (!err) {
+        /* the error pipe closes on exec (EOF: it ran) or carries the child's errno */
         int child_err = 0;
         ssize_t n;
         do {
@@ -714,17 +917,25 @@ static void start_exec(uint32_t stream, const unsigned char *payload, size_t len
         xclose(&inp[1]);
         xclose(&outp[0]);
         xclose(&errp[0]);
-        exit_failed_to_start(stream, err);
-        return;
+        return err;
     }
+    *pid_out = pid;
+    fds[0] = inp[1];
+    fds[1] = outp[0];
+    fds[2] = errp[0];
+    return 0;
+}
 
+/* a started command becomes a session: its output is forwarded and its timeout runs from now */
+static void register_session(uint32_t stream, pid_t pid, const int fds[3], int64_t timeout_ms, int64_t grace_ms)
+{
     struct session *s = xrealloc(NULL, sizeof *s);
     memset(s, 0, sizeof *s);
     s->stream = stream;
     s->pid = pid;
-    s->in_fd = inp[1];
-    s->out_fd = outp[0];
-    s->err_fd = errp[0];
+    s->in_fd = fds[0];
+    s->out_fd = fds[1];
+    s->err_fd = fds[2];
     if (s->in_fd >= 0)
         set_nonblock(s->in_fd);
     set_nonblock(s->out_fd);
@@ -732,8 +943,33 @@ static void start_exec(uint32_t stream, const unsigned char *payload, size_t len
     s->grace_ms = grace_ms;
     if (timeout_ms > 0)
         s->deadline = mono_ms() + timeout_ms;
-    s->next = sessions;
-    sessions = s;
+    s->next = execs.list;
+    execs.list = s;
+}
+
+static void start_exec(uint32_t stream, const unsigned char *payload, size_t len)
+{
+    if (stream == 0) {
+        chan_send_error(&chan, 0, "EXEC on stream 0");
+        return;
+    }
+    if (find_session(stream)) {
+        chan_send_error(&chan, stream, "stream %u is already running a command", stream);
+        return;
+    }
+    struct exec_req req;
+    if (parse_exec(stream, payload, len, &req) < 0)
+        return;
+    pid_t pid = -1;
+    int fds[3];
+    int err = spawn_exec(&req, &pid, fds);
+    int64_t timeout_ms = req.timeout_ms, grace_ms = req.grace_ms;
+    exec_req_free(&req);
+    if (err) {
+        exit_failed_to_start(stream, err);
+        return;
+    }
+    register_session(stream, pid, fds, timeout_ms, grace_ms);
 }
 
 static void handle_stdin(uint32_t stream, const unsigned char *data, size_t len)
@@ -746,8 +982,8 @@ static void handle_stdin(uint32_t stream, const unsigned char *data, size_t len)
         flush_stdin(s);
         return;
     }
-    queue_append(&s->inbuf, &s->inoff, &s->inlen, &s->incap, data, len);
-    stdin_queued += len;
+    queue_append(&s->in, data, len);
+    execs.stdin_queued += len;
     flush_stdin(s);
 }
 
@@ -755,7 +991,7 @@ static void handle_signal_frame(uint32_t stream, const unsigned char *data, size
 {
     char buf[32];
     if (len == 0 || len >= sizeof buf) {
-        send_error(stream, "malformed SIGNAL");
+        chan_send_error(&chan, stream, "malformed SIGNAL");
         return;
     }
     memcpy(buf, data, len);
@@ -765,7 +1001,7 @@ static void handle_signal_frame(uint32_t stream, const unsigned char *data, size
     while (*end && isspace((unsigned char)*end))
         end++;
     if (end == buf || *end || sig <= 0 || sig >= NSIG) {
-        send_error(stream, "malformed SIGNAL: %s", buf);
+        chan_send_error(&chan, stream, "malformed SIGNAL: %s", buf);
         return;
     }
     struct session *s = find_session(stream);
@@ -778,15 +1014,15 @@ static void handle_signal_frame(uint32_t stream, const unsigned char *data, size
 
 static void on_child_exit(pid_t pid, int status)
 {
-    if (pid == shell_pid) {
-        shell_pid = 0;
-        if (!halting) {
+    if (pid == console.pid) {
+        console.pid = 0;
+        if (!agent.halting) {
             int64_t now = mono_ms();
-            shell_respawn_at = shell_last_spawn + 1000 > now ? shell_last_spawn + 1000 : now;
+            console.respawn_at = console.last_spawn + 1000 > now ? console.last_spawn + 1000 : now;
         }
         return;
     }
-    for (struct session *s = sessions; s; s = s->next) {
+    for (struct session *s = execs.list; s; s = s->next) {
         if (s->pid == pid && !s->exited) {
             s->exited = 1;
             s->wstatus = status;
@@ -815,7 +1051,7 @@ static int reap_children(void)
 static void drain_sigfd(void)
 {
     struct signalfd_siginfo si;
-    while (read(sig_fd, &si, sizeof si) == (ssize_t)sizeof si) {
+    while (read(agent.sig_fd, &si, sizeof si) == (ssize_t)sizeof si) {
     }
 }
 
@@ -823,20 +1059,20 @@ static void drain_sigfd(void)
 
 static void spawn_shell(void)
 {
-    shell_respawn_at = 0;
-    if (!shell_path || halting)
+    console.respawn_at = 0;
+    if (!console.path || agent.halting)
         return;
-    shell_last_spawn = mono_ms();
+    console.last_spawn = mono_ms();
     struct env env;
     env_base(&env);
-    const char *base = strrchr(shell_path, '/');
-    base = base ? base + 1 : shell_path;
+    const char *base = strrchr(console.path, '/');
+    base = base ? base + 1 : console.path;
     char argv0[256];
     snprintf(argv0, sizeof argv0, "-%s", base);
     pid_t pid = fork();
     if (pid < 0) {
         logmsg("fork for the console shell failed: %s", strerror(errno));
-        shell_respawn_at = mono_ms() + 1000;
+        console.respawn_at = mono_ms() + 1000;
         env_free(&env);
         return;
     }
@@ -856,10 +1092,10 @@ static void spawn_shell(void)
         }
         char *argv[] = {argv0, NULL};
         environ = env.v;
-        execve(shell_path, argv, env.v);
+        execve(console.path, argv, env.v);
         _exit(127);
     }
-    shell_pid = pid;
+    console.pid = pid;
     env_free(&env);
 }
 
@@ -1038,10 +1274,7 @@ static void do_mount_entry(const char *spec, char *errs, size_t errlen)
         append_err(errs, errlen, "mkdir %s: %s", f[1], strerror(errno));
         return;
     }
-    const char *data = NULL;
-    if (strcmp(f[2], "9p") == 0)
-        data = "trans=virtio,version=9p2000.L,msize=262144";
-    if (mount(f[0], f[1], f[2], flags, data) < 0) {
+    if (mount(f[0], f[1], f[2], flags, NULL) < 0) {
         append_err(errs, errlen, "%s: %s", f[1], strerror(errno));
         return;
     }
@@ -1051,24 +1284,24 @@ static void do_mount_entry(const char *spec, char *errs, size_t errlen)
 static void send_ready(void)
 {
     char buf[4096];
-    snprintf(buf, sizeof buf, "shell=%s\nnet=%s\nmounts=%s\nmediation=%s\n", ready_shell, ready_net, ready_mounts,
-             ready_mediation);
-    send_str(F_READY, 0, buf);
+    snprintf(buf, sizeof buf, "shell=%s\nnet=%s\nmounts=%s\nmediation=%s\n", config.ready_shell, config.ready_net,
+             config.ready_mounts, config.ready_mediation);
+    chan_send_str(&chan, F_READY, 0, buf);
 }
 
 static void handle_config(uint32_t stream, const unsigned char *payload, size_t len)
 {
     if (stream != 0) {
-        send_error(stream, "CONFIG must use stream 0");
+        chan_send_error(&chan, stream, "CONFIG must use stream 0");
         return;
     }
     if (len > 0 && payload[len - 1] != '\0') {
-        send_error(0, "malformed CONFIG: entries are not NUL-terminated");
+        chan_send_error(&chan, 0, "malformed CONFIG: entries are not NUL-terminated");
         return;
     }
-    const char *hostname = NULL, *net = NULL, *shell = NULL, *med = NULL;
+    const char *hostname = NULL, *net = NULL, *shell = NULL, *med_value = NULL;
     size_t nmounts = 0;
-    env_clear(&cfg_env);
+    env_clear(&config.env);
     for (size_t off = 0; off < len;) {
         const char *ent = (const char *)payload + off;
         size_t el = strlen(ent);
@@ -1081,7 +1314,7 @@ static void handle_config(uint32_t stream, const unsigned char *payload, size_t 
             hostname = val;
             break;
         case 'e':
-            env_set(&cfg_env, val);
+            env_set(&config.env, val);
             break;
         case 'n':
             net = val;
@@ -1093,45 +1326,45 @@ static void handle_config(uint32_t stream, const unsigned char *payload, size_t 
             nmounts++;
             break;
         case 'p':
-            med = val;
+            med_value = val;
             break;
         default:
             break;
         }
     }
 
-    if (hostname && *hostname && !test_mode) {
+    if (hostname && *hostname && !agent.test_mode) {
         if (sethostname(hostname, strlen(hostname)) < 0)
             logmsg("sethostname(%s) failed: %s", hostname, strerror(errno));
     }
 
-    if (configured) {
+    if (config.applied) {
         /* a reconnecting host: env and hostname are updated, the rest was applied at the first CONFIG */
         send_ready();
         return;
     }
-    configured = 1;
+    config.applied = 1;
 
     /* network */
-    if (!test_mode)
+    if (!agent.test_mode)
         configure_lo();
     if (!net || strcmp(net, "none") == 0)
-        snprintf(ready_net, sizeof ready_net, "none");
+        snprintf(config.ready_net, sizeof config.ready_net, "none");
     else if (strcmp(net, "user") == 0) {
-        if (test_mode)
-            snprintf(ready_net, sizeof ready_net, "error: not supported in test mode");
+        if (agent.test_mode)
+            snprintf(config.ready_net, sizeof config.ready_net, "error: not supported in test mode");
         else
-            configure_user_net(ready_net, sizeof ready_net);
+            configure_user_net(config.ready_net, sizeof config.ready_net);
     } else
-        snprintf(ready_net, sizeof ready_net, "error: unknown network mode %.100s", net);
-    if (strcmp(ready_net, "ok") != 0 && strcmp(ready_net, "none") != 0)
-        logmsg("network: %s", ready_net);
+        snprintf(config.ready_net, sizeof config.ready_net, "error: unknown network mode %.100s", net);
+    if (strcmp(config.ready_net, "ok") != 0 && strcmp(config.ready_net, "none") != 0)
+        logmsg("network: %s", config.ready_net);
 
     /* mounts */
-    if (nmounts > 0 && test_mode) {
-        snprintf(ready_mounts, sizeof ready_mounts, "error: not supported in test mode");
+    if (nmounts > 0 && agent.test_mode) {
+        snprintf(config.ready_mounts, sizeof config.ready_mounts, "error: not supported in test mode");
     } else {
-        char errs[sizeof ready_mounts] = "";
+        char errs[sizeof config.ready_mounts] = "";
         for (size_t off = 0; off < len;) {
             const char *ent = (const char *)payload + off;
             size_t el = strlen(ent);
@@ -1140,22 +1373,22 @@ static void handle_config(uint32_t stream, const unsigned char *payload, size_t 
                 do_mount_entry(ent + 1, errs, sizeof errs);
         }
         if (errs[0]) {
-            snprintf(ready_mounts, sizeof ready_mounts, "%s", errs);
+            snprintf(config.ready_mounts, sizeof config.ready_mounts, "%s", errs);
             logmsg("mounts: %s", errs);
         } else
-            snprintf(ready_mounts, sizeof ready_mounts, "ok");
+            snprintf(config.ready_mounts, sizeof config.ready_mounts, "ok");
     }
 
     /* mediation listener and channel (after the network: lo is up) */
-    med_setup(med);
+    med_setup(med_value);
 
     /* console shell */
-    snprintf(ready_shell, sizeof ready_shell, "missing");
-    if (shell && *shell && !test_mode && access(shell, X_OK) == 0 && access("/dev/ttyS0", F_OK) == 0) {
-        free(shell_path);
-        shell_path = xstrdup(shell);
+    snprintf(config.ready_shell, sizeof config.ready_shell, "missing");
+    if (shell && *shell && !agent.test_mode && access(shell, X_OK) == 0 && access("/dev/ttyS0", F_OK) == 0) {
+        free(console.path);
+        console.path = xstrdup(shell);
         spawn_shell();
-        snprintf(ready_shell, sizeof ready_shell, "ok");
+        snprintf(config.ready_shell, sizeof config.ready_shell, "ok");
     }
 
     send_ready();
@@ -1225,8 +1458,8 @@ static void wait_children_until(int64_t deadline, int only_sessions)
         if (r < 0)
             return; /* ECHILD: nothing left */
         if (only_sessions) {
-            int alive = shell_pid > 0;
-            for (struct session *s = sessions; s; s = s->next)
+            int alive = console.pid > 0;
+            for (struct session *s = execs.list; s; s = s->next)
                 if (!s->exited)
                     alive = 1;
             if (!alive)
@@ -1235,7 +1468,7 @@ static void wait_children_until(int64_t deadline, int only_sessions)
         int64_t now = mono_ms();
         if (now >= deadline)
             return;
-        struct pollfd pf = {.fd = sig_fd, .events = POLLIN};
+        struct pollfd pf = {.fd = agent.sig_fd, .events = POLLIN};
         int64_t left = deadline - now;
         if (left > 50)
             left = 50; /* also catches children that exit without a SIGCHLD being queued */
@@ -1247,7 +1480,7 @@ static void wait_children_until(int64_t deadline, int only_sessions)
 static void power_off(void)
 {
     sync();
-    if (is_pid1) {
+    if (agent.is_pid1) {
         reboot(RB_POWER_OFF);
         logmsg("reboot(RB_POWER_OFF) failed: %s", strerror(errno));
         for (;;)
@@ -1262,7 +1495,7 @@ static void do_halt(uint32_t stream, const unsigned char *data, size_t len)
     while (len > 0 && isspace(data[len - 1]))
         len--;
     if (stream != 0 || len == 0 || len >= sizeof mode) {
-        send_error(stream, "malformed HALT");
+        chan_send_error(&chan, stream, "malformed HALT");
         return;
     }
     memcpy(mode, data, len);
@@ -1273,35 +1506,35 @@ static void do_halt(uint32_t stream, const unsigned char *data, size_t len)
     else if (strcmp(mode, "poweroff") == 0)
         graceful = 0;
     else {
-        send_error(0, "unknown HALT mode: %s", mode);
+        chan_send_error(&chan, 0, "unknown HALT mode: %s", mode);
         return;
     }
-    send_str(F_HALTING, 0, "");
-    halting = 1;
+    chan_send_str(&chan, F_HALTING, 0, "");
+    agent.halting = 1;
     int64_t wait_ms = graceful ? 3000 : 500;
     logmsg("%s requested", mode);
 
-    if (test_mode) {
+    if (agent.test_mode) {
         /* only our own children: never kill(-1) on the host */
-        for (struct session *s = sessions; s; s = s->next)
+        for (struct session *s = execs.list; s; s = s->next)
             if (!s->exited)
                 signal_group(s, SIGTERM);
-        if (shell_pid > 0)
-            kill(shell_pid, SIGTERM);
+        if (console.pid > 0)
+            kill(console.pid, SIGTERM);
         wait_children_until(mono_ms() + wait_ms, 1);
-        for (struct session *s = sessions; s; s = s->next)
+        for (struct session *s = execs.list; s; s = s->next)
             if (!s->exited)
                 signal_group(s, SIGKILL);
-        if (shell_pid > 0)
-            kill(shell_pid, SIGKILL);
+        if (console.pid > 0)
+            kill(console.pid, SIGKILL);
         wait_children_until(mono_ms() + 500, 1);
-        xclose(&chan_fd);
+        xclose(&chan.fd);
         exit(0);
     }
 
     /* an interactive console shell ignores SIGTERM; it holds nothing worth waiting for */
-    if (shell_pid > 0)
-        kill(-shell_pid, SIGKILL);
+    if (console.pid > 0)
+        kill(-console.pid, SIGKILL);
     kill(-1, SIGTERM);
     wait_children_until(mono_ms() + wait_ms, 0);
     kill(-1, SIGKILL);
@@ -1312,29 +1545,23 @@ static void do_halt(uint32_t stream, const unsigned char *data, size_t len)
     power_off();
 }
 
-/* ---- channel input -------------------------------------------------------------------------------------- */
+/* ---- the agent channel: frames from the host ------------------------------------------------------- */
 
 static void test_mode_exit(int code)
 {
-    for (struct session *s = sessions; s; s = s->next)
+    for (struct session *s = execs.list; s; s = s->next)
         if (!s->exited)
             signal_group(s, SIGKILL);
     exit(code);
 }
 
-static void channel_lost(const char *why)
+/* the agent channel closed: in test mode the agent exits (there is nobody to serve) */
+static void main_chan_lost(const char *why)
 {
-    if (chan_fd < 0)
-        return;
-    xclose(&chan_fd);
-    rlen = 0;
-    if (test_mode) {
+    if (agent.test_mode) {
         logmsg("channel closed (%s), exiting", why);
         test_mode_exit(0);
     }
-    logmsg("channel closed (%s), reopening %s", why, port_path);
-    reconnect_logged = 0;
-    reconnect_at = mono_ms() + 100;
 }
 
 static void dispatch(int type, uint32_t stream, const unsigned char *p, size_t len)
@@ -1356,195 +1583,18 @@ static void dispatch(int type, uint32_t stream, const unsigned char *p, size_t l
         do_halt(stream, p, len);
         break;
     case F_PING:
-        send_frame(F_PONG, stream, p, len);
+        chan_send(&chan, F_PONG, stream, p, len);
         break;
     case F_ERROR:
         logmsg("host reported an error on stream %u: %.*s", stream, (int)(len > 500 ? 500 : len), (const char *)p);
         break;
     default:
-        send_error(stream, "unexpected frame type 0x%02x", type);
+        chan_send_error(&chan, stream, "unexpected frame type 0x%02x", type);
         break;
     }
 }
 
-/* one frame channel's reading side: where it is, what to do with a frame, a loss, an oversized frame */
-struct frame_reader {
-    int *fd;
-    unsigned char **buf;
-    size_t *len;
-    void (*dispatch)(int type, uint32_t stream, const unsigned char *p, size_t len);
-    void (*lost)(const char *why);
-    void (*oversized)(uint32_t stream, uint32_t len);
-};
-
-/* read what the channel has, dispatch every complete frame, keep the partial rest */
-static void read_frames(const struct frame_reader *r)
-{
-    ssize_t n;
-    do {
-        n = read(*r->fd, *r->buf + *r->len, HDR_SIZE + MAX_PAYLOAD - *r->len);
-    } while (n < 0 && errno == EINTR);
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
-        return;
-    if (n <= 0) {
-        r->lost(n == 0 ? "EOF" : strerror(errno));
-        return;
-    }
-    *r->len += (size_t)n;
-    size_t off = 0;
-    while (*r->fd >= 0 && *r->len - off >= HDR_SIZE) {
-        const unsigned char *h = *r->buf + off;
-        uint32_t stream = ((uint32_t)h[1] << 24) | ((uint32_t)h[2] << 16) | ((uint32_t)h[3] << 8) | h[4];
-        uint32_t len = ((uint32_t)h[5] << 24) | ((uint32_t)h[6] << 16) | ((uint32_t)h[7] << 8) | h[8];
-        if (len > MAX_PAYLOAD) {
-            r->oversized(stream, len);
-            r->lost("oversized frame");
-            return;
-        }
-        if (*r->len - off < HDR_SIZE + (size_t)len)
-            break;
-        r->dispatch(h[0], stream, h + HDR_SIZE, len);
-        off += HDR_SIZE + (size_t)len;
-    }
-    if (*r->fd < 0) {
-        *r->len = 0;
-        return;
-    }
-    if (off > 0) {
-        memmove(*r->buf, *r->buf + off, *r->len - off);
-        *r->len -= off;
-    }
-}
-
-static void main_oversized(uint32_t stream, uint32_t len)
-{
-    send_error(stream, "frame length %u exceeds %u", len, MAX_PAYLOAD);
-}
-
-static void read_channel(void)
-{
-    static const struct frame_reader r = {&chan_fd, &rbuf, &rlen, dispatch, channel_lost, main_oversized};
-    read_frames(&r);
-}
-
-/* ---- virtio port ------------------------------------------------------------------------------------------ */
-
-/* /dev path of the virtio-serial port called name, into out; -1 if there is none */
-static int find_named_port(const char *name_wanted, char *out, size_t outlen)
-{
-    DIR *d = opendir("/sys/class/virtio-ports");
-    if (!d)
-        return -1;
-    struct dirent *de;
-    int found = -1;
-    while ((de = readdir(d))) {
-        if (de->d_name[0] == '.')
-            continue;
-        char path[PATH_MAX], name[256];
-        snprintf(path, sizeof path, "/sys/class/virtio-ports/%s/name", de->d_name);
-        int fd = open(path, O_RDONLY | O_CLOEXEC);
-        if (fd < 0)
-            continue;
-        ssize_t n = read(fd, name, sizeof name - 1);
-        close(fd);
-        if (n <= 0)
-            continue;
-        name[n] = '\0';
-        while (n > 0 && (name[n - 1] == '\n' || name[n - 1] == ' '))
-            name[--n] = '\0';
-        if (strcmp(name, name_wanted) == 0) {
-            snprintf(out, outlen, "/dev/%s", de->d_name);
-            found = 0;
-            break;
-        }
-    }
-    closedir(d);
-    return found;
-}
-
-static int find_port(void)
-{
-    return find_named_port(PORT_NAME, port_path, sizeof port_path);
-}
-
-static void try_open_port(void)
-{
-    reconnect_at = 0;
-    int fd = open(port_path, O_RDWR | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
-    if (fd < 0) {
-        if (!reconnect_logged)
-            logmsg("cannot open %s: %s (retrying)", port_path, strerror(errno));
-        reconnect_logged = 1;
-        reconnect_at = mono_ms() + 100;
-        return;
-    }
-    struct pollfd pf = {.fd = fd, .events = POLLIN | POLLOUT};
-    if (poll(&pf, 1, 0) >= 0 && (pf.revents & POLLHUP)) {
-        /* virtio-serial: the host side is not connected yet */
-        if (!reconnect_logged)
-            logmsg("waiting for the host to connect to %s", port_path);
-        reconnect_logged = 1;
-        close(fd);
-        reconnect_at = mono_ms() + 100;
-        return;
-    }
-    chan_fd = fd;
-    rlen = 0;
-    reconnect_logged = 0;
-    send_hello();
-}
-
-static void connect_socket(const char *path)
-{
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) {
-        logmsg("socket: %s", strerror(errno));
-        exit(1);
-    }
-    struct sockaddr_un sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sun_family = AF_UNIX;
-    if (strlen(path) >= sizeof sa.sun_path) {
-        logmsg("socket path too long: %s", path);
-        exit(1);
-    }
-    strcpy(sa.sun_path, path);
-    if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
-        logmsg("connect %s: %s", path, strerror(errno));
-        exit(1);
-    }
-    set_nonblock(fd);
-    chan_fd = fd;
-    send_hello();
-}
-
 /* ---- mediation bridge ---------------------------------------------------------------------------------------- */
-
-static void med_channel_lost(const char *why);
-
-static void med_send(int type, uint32_t stream, const void *data, size_t len)
-{
-    if (med_fd < 0)
-        return;
-    if (write_frame(med_fd, type, stream, data, len) < 0)
-        med_channel_lost("write failed");
-}
-
-static void med_send_error(uint32_t stream, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void med_send_error(uint32_t stream, const char *fmt, ...)
-{
-    char buf[512];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(buf, sizeof buf, fmt, ap);
-    va_end(ap);
-    med_send(F_ERROR, stream, buf, strlen(buf));
-}
-
-static size_t mconn_pending(const struct mconn *c)
-{
-    return c->len - c->off;
-}
 
 /* close the guest socket (reading away what the program sent, so the close is a FIN, not a RST that could
  * destroy the bytes it has not read yet); with notify, tell the host with MCLOSE <reason> */
@@ -1559,23 +1609,21 @@ static void mconn_close(struct mconn *c, int notify, const char *reason)
         }
         xclose(&c->fd);
     }
-    free(c->buf);
-    c->buf = NULL;
-    c->off = c->len = c->cap = 0;
+    queue_free(&c->out);
     if (notify)
-        med_send(F_MCLOSE, c->id, reason ? reason : "", reason ? strlen(reason) : 0);
+        chan_send(&med_chan, F_MCLOSE, c->id, reason ? reason : "", reason ? strlen(reason) : 0);
 }
 
 static void med_close_all(int notify, const char *reason)
 {
-    for (struct mconn *c = mconns; c; c = c->next)
+    for (struct mconn *c = med.conns; c; c = c->next)
         if (!c->dead)
             mconn_close(c, notify && !c->closing, reason);
 }
 
 static void med_sweep(void)
 {
-    for (struct mconn **pp = &mconns; *pp;) {
+    for (struct mconn **pp = &med.conns; *pp;) {
         struct mconn *c = *pp;
         if (c->dead) {
             *pp = c->next;
@@ -1587,7 +1635,7 @@ static void med_sweep(void)
 
 static struct mconn *med_find(uint32_t id)
 {
-    for (struct mconn *c = mconns; c; c = c->next)
+    for (struct mconn *c = med.conns; c; c = c->next)
         if (!c->dead && c->id == id)
             return c;
     return NULL;
@@ -1596,52 +1644,20 @@ static struct mconn *med_find(uint32_t id)
 static uint32_t med_alloc_id(void)
 {
     for (;;) {
-        uint32_t id = med_next_id++;
-        if (med_next_id == 0)
-            med_next_id = 1;
+        uint32_t id = med.next_id++;
+        if (med.next_id == 0)
+            med.next_id = 1;
         if (id != 0 && !med_find(id))
             return id;
     }
 }
 
-static void med_channel_lost(const char *why)
+/* the mediation channel closed: every guest connection goes with it (no frames); in test mode it stays closed */
+static void med_chan_lost(const char *why)
 {
-    if (med_fd < 0)
-        return;
-    xclose(&med_fd);
-    med_rlen = 0;
     med_close_all(0, NULL);
-    if (test_mode) {
+    if (agent.test_mode)
         logmsg("mediation channel closed (%s); guest connections are refused from now on", why);
-        return;
-    }
-    logmsg("mediation channel closed (%s), reopening %s", why, med_port_path);
-    med_reconnect_logged = 0;
-    med_reconnect_at = mono_ms() + 100;
-}
-
-static void med_try_open_port(void)
-{
-    med_reconnect_at = 0;
-    int fd = open(med_port_path, O_RDWR | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
-    if (fd < 0) {
-        if (!med_reconnect_logged)
-            logmsg("cannot open %s: %s (retrying)", med_port_path, strerror(errno));
-        med_reconnect_logged = 1;
-        med_reconnect_at = mono_ms() + 100;
-        return;
-    }
-    struct pollfd pf = {.fd = fd, .events = POLLIN | POLLOUT};
-    if (poll(&pf, 1, 0) >= 0 && (pf.revents & POLLHUP)) {
-        /* the host side is not connected yet */
-        close(fd);
-        med_reconnect_logged = 1;
-        med_reconnect_at = mono_ms() + 100;
-        return;
-    }
-    med_fd = fd;
-    med_rlen = 0;
-    med_reconnect_logged = 0;
 }
 
 /* a guest program wrote something (or closed its end) */
@@ -1650,14 +1666,14 @@ static void mconn_read(struct mconn *c)
     static char buf[OUT_CHUNK];
     ssize_t n = read(c->fd, buf, sizeof buf);
     if (n > 0) {
-        med_send(F_MDATA, c->id, buf, (size_t)n);
+        chan_send(&med_chan, F_MDATA, c->id, buf, (size_t)n);
         return;
     }
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
         return;
     if (n == 0) { /* half-close: the program may still be waiting for the answer */
         c->rd_eof = 1;
-        med_send(F_MEOF, c->id, "", 0);
+        chan_send(&med_chan, F_MEOF, c->id, "", 0);
         return;
     }
     char why[128];
@@ -1668,10 +1684,10 @@ static void mconn_read(struct mconn *c)
 /* write what the host sent to the guest program, as far as the socket takes it */
 static void mconn_flush(struct mconn *c)
 {
-    while (!c->dead && c->off < c->len) {
-        ssize_t n = send(c->fd, c->buf + c->off, c->len - c->off, MSG_NOSIGNAL | MSG_DONTWAIT);
+    while (!c->dead && c->out.off < c->out.len) {
+        ssize_t n = send(c->fd, c->out.buf + c->out.off, c->out.len - c->out.off, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n > 0) {
-            c->off += (size_t)n;
+            c->out.off += (size_t)n;
             if (c->over_since)
                 c->over_since = mono_ms(); /* progress: restart the stall clock */
             continue;
@@ -1687,21 +1703,21 @@ static void mconn_flush(struct mconn *c)
     }
     if (c->dead)
         return;
-    if (c->off == c->len) {
-        c->off = c->len = 0;
+    if (c->out.off == c->out.len) {
+        c->out.off = c->out.len = 0;
         if (c->closing) {
             mconn_close(c, 0, NULL);
             return;
         }
     }
-    if (mconn_pending(c) < MED_BUF_CAP)
+    if (queue_pending(&c->out) < MED_BUF_CAP)
         c->over_since = 0;
 }
 
 static void med_accept(void)
 {
-    for (int i = 0; i < MED_ACCEPT_BATCH && med_listen_fd >= 0; i++) {
-        int fd = accept4(med_listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    for (int i = 0; i < MED_ACCEPT_BATCH && med.listen_fd >= 0; i++) {
+        int fd = accept4(med.listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
             if (errno == EINTR || errno == ECONNABORTED)
                 continue;
@@ -1709,7 +1725,7 @@ static void med_accept(void)
                 logmsg("mediation accept: %s", strerror(errno));
             return;
         }
-        if (med_fd < 0 || med_cut) {
+        if (med_chan.fd < 0 || med.cut) {
             close(fd); /* cut, or no host to talk to: the program sees its connection closed at once */
             continue;
         }
@@ -1719,9 +1735,9 @@ static void med_accept(void)
         memset(c, 0, sizeof *c);
         c->fd = fd;
         c->id = med_alloc_id();
-        c->next = mconns;
-        mconns = c;
-        med_send(F_MOPEN, c->id, NULL, 0);
+        c->next = med.conns;
+        med.conns = c;
+        chan_send(&med_chan, F_MOPEN, c->id, NULL, 0);
     }
 }
 
@@ -1730,8 +1746,8 @@ static void med_data(uint32_t stream, const unsigned char *p, size_t len)
     struct mconn *c = med_find(stream);
     if (!c || c->closing || len == 0)
         return; /* already closed (frames crossing), or nothing to do */
-    queue_append(&c->buf, &c->off, &c->len, &c->cap, p, len);
-    if (!c->over_since && mconn_pending(c) >= MED_BUF_CAP)
+    queue_append(&c->out, p, len);
+    if (!c->over_since && queue_pending(&c->out) >= MED_BUF_CAP)
         c->over_since = mono_ms();
     mconn_flush(c);
 }
@@ -1742,7 +1758,7 @@ static void med_dispatch(int type, uint32_t stream, const unsigned char *p, size
     case F_MDATA:
     case F_MCLOSE:
         if (stream == 0) {
-            med_send_error(0, "%s on stream 0", type == F_MDATA ? "MDATA" : "MCLOSE");
+            chan_send_error(&med_chan, 0, "%s on stream 0", type == F_MDATA ? "MDATA" : "MCLOSE");
             break;
         }
         if (type == F_MDATA) {
@@ -1758,67 +1774,31 @@ static void med_dispatch(int type, uint32_t stream, const unsigned char *p, size
     case F_MCUT:
     case F_MRESUME:
         if (stream != 0) {
-            med_send_error(stream, "%s must use stream 0", type == F_MCUT ? "MCUT" : "MRESUME");
+            chan_send_error(&med_chan, stream, "%s must use stream 0", type == F_MCUT ? "MCUT" : "MRESUME");
             break;
         }
         if (type == F_MCUT) {
-            if (!med_cut)
+            if (!med.cut)
                 logmsg("mediation cut");
-            med_cut = 1;
+            med.cut = 1;
             med_close_all(1, "cut");
         } else {
-            if (med_cut)
+            if (med.cut)
                 logmsg("mediation resumed");
-            med_cut = 0;
+            med.cut = 0;
         }
         break;
     case F_PING:
-        med_send(F_PONG, stream, p, len);
+        chan_send(&med_chan, F_PONG, stream, p, len);
         break;
     case F_ERROR:
         logmsg("host reported a mediation error on stream %u: %.*s", stream, (int)(len > 500 ? 500 : len),
                (const char *)p);
         break;
     default:
-        med_send_error(stream, "unexpected frame type 0x%02x on the mediation channel", type);
+        chan_send_error(&med_chan, stream, "unexpected frame type 0x%02x on the mediation channel", type);
         break;
     }
-}
-
-static void med_oversized(uint32_t stream, uint32_t len)
-{
-    med_send_error(stream, "frame length %u exceeds %u", len, MAX_PAYLOAD);
-}
-
-static void read_med_channel(void)
-{
-    static const struct frame_reader r = {&med_fd, &med_rbuf, &med_rlen, med_dispatch, med_channel_lost,
-                                           med_oversized};
-    read_frames(&r);
-}
-
-/* test mode: connect to --mediation-connect PATH; "" on success, else why not, into err */
-static int med_connect_unix(const char *path, char *err, size_t errlen)
-{
-    struct sockaddr_un sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sun_family = AF_UNIX;
-    if (strlen(path) >= sizeof sa.sun_path) {
-        snprintf(err, errlen, "mediation socket path too long");
-        return -1;
-    }
-    strcpy(sa.sun_path, path);
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
-        snprintf(err, errlen, "connect %.200s: %s", path, strerror(errno));
-        if (fd >= 0)
-            close(fd);
-        return -1;
-    }
-    set_nonblock(fd);
-    med_fd = fd;
-    med_rlen = 0;
-    return 0;
 }
 
 static int med_listen(int port, char *err, size_t errlen)
@@ -1840,69 +1820,67 @@ static int med_listen(int port, char *err, size_t errlen)
         close(fd);
         return -1;
     }
-    med_listen_fd = fd;
+    med.listen_fd = fd;
     return 0;
 }
 
-/* CONFIG's p<port> entry (NULL: none), applied once, at the first CONFIG; sets ready_mediation */
+/* CONFIG's p<port> entry (NULL: none), applied once, at the first CONFIG; sets config.ready_mediation */
 static void med_setup(const char *value)
 {
     if (!value) {
-        snprintf(ready_mediation, sizeof ready_mediation, "none");
+        snprintf(config.ready_mediation, sizeof config.ready_mediation, "none");
         return;
     }
     char *end;
     errno = 0;
     long port = strtol(value, &end, 10);
     if (errno || end == value || *end || port < 1 || port > 65535 || !isdigit((unsigned char)value[0])) {
-        snprintf(ready_mediation, sizeof ready_mediation, "error: bad port %.100s", value);
-        logmsg("mediation: %s", ready_mediation);
+        snprintf(config.ready_mediation, sizeof config.ready_mediation, "error: bad port %.100s", value);
+        logmsg("mediation: %s", config.ready_mediation);
         return;
     }
     char err[400];
-    if (test_mode) {
-        if (!med_connect_path) {
-            snprintf(ready_mediation, sizeof ready_mediation, "error: no mediation port (no --mediation-connect)");
+    if (agent.test_mode) {
+        if (!agent.med_connect_path) {
+            snprintf(config.ready_mediation, sizeof config.ready_mediation,
+                     "error: no mediation port (no --mediation-connect)");
             return;
         }
-        if (med_connect_unix(med_connect_path, err, sizeof err) < 0) {
-            snprintf(ready_mediation, sizeof ready_mediation, "error: %s", err);
-            logmsg("mediation: %s", ready_mediation);
+        if (chan_connect_unix(&med_chan, agent.med_connect_path, err, sizeof err) < 0) {
+            snprintf(config.ready_mediation, sizeof config.ready_mediation, "error: %s", err);
+            logmsg("mediation: %s", config.ready_mediation);
             return;
         }
     } else {
         /* the ports of one virtio-serial device appear together, but give a late one a moment */
         int64_t until = mono_ms() + 1000;
-        while (find_named_port(MED_PORT_NAME, med_port_path, sizeof med_port_path) < 0) {
+        while (chan_find_port(&med_chan) < 0) {
             if (mono_ms() >= until) {
-                snprintf(ready_mediation, sizeof ready_mediation, "error: no mediation port");
-                logmsg("mediation: virtio-serial port %s not found", MED_PORT_NAME);
+                snprintf(config.ready_mediation, sizeof config.ready_mediation, "error: no mediation port");
+                logmsg("mediation: virtio-serial port %s not found", MEDIATION_PORT_NAME);
                 return;
             }
             sleep_ms(20);
         }
     }
-    if (!med_rbuf)
-        med_rbuf = xrealloc(NULL, HDR_SIZE + MAX_PAYLOAD);
     if (med_listen((int)port, err, sizeof err) < 0) {
-        snprintf(ready_mediation, sizeof ready_mediation, "error: %s", err);
-        logmsg("mediation: %s", ready_mediation);
-        xclose(&med_fd);
+        snprintf(config.ready_mediation, sizeof config.ready_mediation, "error: %s", err);
+        logmsg("mediation: %s", config.ready_mediation);
+        xclose(&med_chan.fd);
         return;
     }
-    med_port = (int)port;
-    if (!test_mode)
-        med_try_open_port(); /* if the host is not connected yet, retried every 100 ms */
-    snprintf(ready_mediation, sizeof ready_mediation, "ok");
-    logmsg("mediation: listening on 127.0.0.1:%d", med_port);
+    med.port = (int)port;
+    if (!agent.test_mode)
+        chan_open_port(&med_chan); /* if the host is not connected yet, retried every 100 ms */
+    snprintf(config.ready_mediation, sizeof config.ready_mediation, "ok");
+    logmsg("mediation: listening on 127.0.0.1:%d", med.port);
 }
 
 /* timers: reopening the port, closing connections whose program stopped reading */
 static void med_timers(int64_t now)
 {
-    if (!test_mode && med_port && med_fd < 0 && med_reconnect_at && now >= med_reconnect_at)
-        med_try_open_port();
-    for (struct mconn *c = mconns; c; c = c->next) {
+    chan_timers(&med_chan, now);
+    for (struct mconn *c = med.conns; c; c = c->next) {
         if (!c->dead && c->over_since && now - c->over_since >= MED_STALL_MS)
             mconn_close(c, !c->closing, "buffer overflow");
     }
@@ -1910,10 +1888,8 @@ static void med_timers(int64_t now)
 
 static int64_t med_next_deadline(void)
 {
-    int64_t next = -1;
-    if (!test_mode && med_port && med_fd < 0 && med_reconnect_at)
-        next = med_reconnect_at;
-    for (struct mconn *c = mconns; c; c = c->next) {
+    int64_t next = chan_next_deadline(&med_chan);
+    for (struct mconn *c = med.conns; c; c = c->next) {
         if (!c->dead && c->over_since) {
             int64_t t = c->over_since + MED_STALL_MS;
             if (next < 0 || t < next)
@@ -2029,7 +2005,7 @@ static void boot(void)
     try_mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
     try_mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
     ensure_std_fds("/dev/console");
-    log_fd = open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC);
+    agent.log_fd = open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC);
 
     load_modules();
 
@@ -2117,9 +2093,9 @@ static void boot(void)
     logmsg("root %s mounted%s", root, ro ? " read-only" : "");
 
     until = mono_ms() + 10000;
-    while (find_port() < 0) {
+    while (chan_find_port(&chan) < 0) {
         if (mono_ms() >= until)
-            fatal_boot("virtio-serial port %s not found within 10 s", PORT_NAME);
+            fatal_boot("virtio-serial port %s not found within 10 s", AGENT_PORT_NAME);
         sleep_ms(10);
     }
 }
@@ -2131,7 +2107,7 @@ enum { K_CHAN, K_SIG, K_OUT, K_ERR, K_IN, K_MCHAN, K_MLISTEN, K_MCONN };
 static void handle_timers(void)
 {
     int64_t now = mono_ms();
-    for (struct session *s = sessions, *next; s; s = next) {
+    for (struct session *s = execs.list, *next; s; s = next) {
         next = s->next;
         if (!s->exited) {
             if (s->deadline && !s->timed_out && now >= s->deadline) {
@@ -2147,10 +2123,9 @@ static void handle_timers(void)
             finish_session(s);
         }
     }
-    if (shell_respawn_at && now >= shell_respawn_at && !shell_pid)
+    if (console.respawn_at && now >= console.respawn_at && !console.pid)
         spawn_shell();
-    if (!test_mode && chan_fd < 0 && reconnect_at && now >= reconnect_at)
-        try_open_port();
+    chan_timers(&chan, now);
     med_timers(now);
 }
 
@@ -2164,7 +2139,7 @@ static int next_timeout(void)
         if (next < 0 || t_ < next)                                                                     \
             next = t_;                                                                                 \
     } while (0)
-    for (struct session *s = sessions; s; s = s->next) {
+    for (struct session *s = execs.list; s; s = s->next) {
         if (!s->exited) {
             if (s->deadline && !s->timed_out)
                 CONSIDER(s->deadline);
@@ -2174,10 +2149,11 @@ static int next_timeout(void)
             CONSIDER(s->drain_until);
         }
     }
-    if (shell_respawn_at)
-        CONSIDER(shell_respawn_at);
-    if (!test_mode && chan_fd < 0 && reconnect_at)
-        CONSIDER(reconnect_at);
+    if (console.respawn_at)
+        CONSIDER(console.respawn_at);
+    int64_t chan_next = chan_next_deadline(&chan);
+    if (chan_next >= 0)
+        CONSIDER(chan_next);
     int64_t med_next = med_next_deadline();
     if (med_next >= 0)
         CONSIDER(med_next);
@@ -2202,11 +2178,11 @@ static void main_loop(void)
 
         size_t nsess = 0, nmconn = 0;
         int med_paused = 0;
-        for (struct session *s = sessions; s; s = s->next)
+        for (struct session *s = execs.list; s; s = s->next)
             nsess++;
-        for (struct mconn *c = mconns; c; c = c->next) {
+        for (struct mconn *c = med.conns; c; c = c->next) {
             nmconn++;
-            if (mconn_pending(c) >= MED_BUF_CAP)
+            if (queue_pending(&c->out) >= MED_BUF_CAP)
                 med_paused = 1;
         }
         size_t need = 4 + nsess * 3 + nmconn;
@@ -2226,23 +2202,23 @@ static void main_loop(void)
         owners[n] = (owner_);                                                                          \
         n++;                                                                                           \
     } while (0)
-        ADD(sig_fd, POLLIN, K_SIG, NULL);
-        if (chan_fd >= 0 && stdin_queued < STDIN_BACKPRESSURE)
-            ADD(chan_fd, POLLIN, K_CHAN, NULL);
-        for (struct session *s = sessions; s; s = s->next) {
+        ADD(agent.sig_fd, POLLIN, K_SIG, NULL);
+        if (chan.fd >= 0 && execs.stdin_queued < STDIN_BACKPRESSURE)
+            ADD(chan.fd, POLLIN, K_CHAN, NULL);
+        for (struct session *s = execs.list; s; s = s->next) {
             if (s->out_fd >= 0)
                 ADD(s->out_fd, POLLIN, K_OUT, s);
             if (s->err_fd >= 0)
                 ADD(s->err_fd, POLLIN, K_ERR, s);
-            if (s->in_fd >= 0 && s->inoff < s->inlen)
+            if (s->in_fd >= 0 && queue_pending(&s->in))
                 ADD(s->in_fd, POLLOUT, K_IN, s);
         }
-        if (med_fd >= 0 && !med_paused)
-            ADD(med_fd, POLLIN, K_MCHAN, NULL);
-        if (med_listen_fd >= 0)
-            ADD(med_listen_fd, POLLIN, K_MLISTEN, NULL);
-        for (struct mconn *c = mconns; c; c = c->next) {
-            short ev = (short)((c->closing || c->rd_eof ? 0 : POLLIN) | (mconn_pending(c) ? POLLOUT : 0));
+        if (med_chan.fd >= 0 && !med_paused)
+            ADD(med_chan.fd, POLLIN, K_MCHAN, NULL);
+        if (med.listen_fd >= 0)
+            ADD(med.listen_fd, POLLIN, K_MLISTEN, NULL);
+        for (struct mconn *c = med.conns; c; c = c->next) {
+            short ev = (short)((c->closing || c->rd_eof ? 0 : POLLIN) | (queue_pending(&c->out) ? POLLOUT : 0));
             if (ev)
                 ADD(c->fd, ev, K_MCONN, c);
         }
@@ -2317,12 +2293,12 @@ static void main_loop(void)
             reap_children();
         }
         /* the mediation channel before the listener: a MCUT/MRESUME sent before a program connected counts */
-        if (mchan_ready && med_fd >= 0)
-            read_med_channel();
+        if (mchan_ready && med_chan.fd >= 0)
+            chan_read(&med_chan);
         if (mlisten_ready)
             med_accept();
-        if (chan_ready && chan_fd >= 0)
-            read_channel();
+        if (chan_ready && chan.fd >= 0)
+            chan_read(&chan);
     }
 }
 
@@ -2330,17 +2306,17 @@ int main(int argc, char **argv)
 {
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--connect") == 0 && i + 1 < argc)
-            connect_path = argv[++i];
+            agent.connect_path = argv[++i];
         else if (strncmp(argv[i], "--connect=", 10) == 0)
-            connect_path = argv[i] + 10;
+            agent.connect_path = argv[i] + 10;
         else if (strcmp(argv[i], "--mediation-connect") == 0 && i + 1 < argc)
-            med_connect_path = argv[++i];
+            agent.med_connect_path = argv[++i];
         else if (strncmp(argv[i], "--mediation-connect=", 20) == 0)
-            med_connect_path = argv[i] + 20;
+            agent.med_connect_path = argv[i] + 20;
     }
-    is_pid1 = getpid() == 1;
-    test_mode = connect_path != NULL;
-    if (!is_pid1 && !test_mode) {
+    agent.is_pid1 = getpid() == 1;
+    agent.test_mode = agent.connect_path != NULL;
+    if (!agent.is_pid1 && !agent.test_mode) {
         fprintf(stderr, "usage: %s --connect SOCKET [--mediation-connect SOCKET]  (or run as PID 1 in the VM)\n",
                 argv[0]);
         return 2;
@@ -2350,29 +2326,31 @@ int main(int argc, char **argv)
     sigemptyset(&mask);
     sigaddset(&mask, SIGCHLD);
     sigprocmask(SIG_BLOCK, &mask, NULL);
-    sig_fd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
-    if (sig_fd < 0) {
+    agent.sig_fd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC);
+    if (agent.sig_fd < 0) {
         logmsg("signalfd: %s", strerror(errno));
-        if (is_pid1 && !test_mode)
+        if (agent.is_pid1 && !agent.test_mode)
             fatal_boot("signalfd failed");
         return 1;
     }
     signal(SIGPIPE, SIG_IGN);
-    if (is_pid1) {
+    if (agent.is_pid1) {
         signal(SIGTERM, SIG_IGN);
         signal(SIGINT, SIG_IGN);
         signal(SIGHUP, SIG_IGN);
     }
 
-    rbuf = xrealloc(NULL, HDR_SIZE + MAX_PAYLOAD);
-
-    if (test_mode) {
+    if (agent.test_mode) {
         ensure_std_fds("/dev/null");
         prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
-        connect_socket(connect_path);
+        char err[400];
+        if (chan_connect_unix(&chan, agent.connect_path, err, sizeof err) < 0) {
+            logmsg("%s", err);
+            return 1;
+        }
     } else {
         boot();
-        try_open_port();
+        chan_open_port(&chan);
     }
     main_loop();
     return 0;

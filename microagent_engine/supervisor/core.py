@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import MicroagentError
 from ..model import LaunchSpec
-from ..protocol import ExitStatus, FrameDecoder, FrameType, decode_kv, encode_entries, encode_frame
+from ..protocol import ExitStatus, FrameDecoder, FrameType, decode_kv, encode_config, encode_frame
 from ..records import WorkspaceDir, now_iso, process_start_time, signal as readiness
 from ..sandbox.network import NetworkSandbox, policy_of
 from .clients import ClientHub
@@ -381,12 +381,8 @@ class Supervisor:
             asyncio.ensure_future(self.tasks.run_entrypoint(self.launch.entrypoint))
 
     def config_payload(self) -> bytes:
-        entries = [("h", self.launch.hostname), ("n", self.launch.network), ("s", self.launch.shell)]
-        entries += [("e", f"{k}={v}") for k, v in self.launch.env.items()]
-        entries += [("m", "\t".join(m)) for m in self.launch.mounts]
-        if self.mediation:
-            entries.append(("p", str(self.mediation.cfg.port)))
-        return encode_entries(entries)
+        return encode_config(self.launch.hostname, self.launch.network, self.launch.shell, self.launch.env,
+                             self.launch.mounts, self.mediation.cfg.port if self.mediation else None)
 
     async def quarantine(self) -> dict[str, Any]:
         if self.state.state != "running":
