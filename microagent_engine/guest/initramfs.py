@@ -27,21 +27,25 @@ def agent_source() -> bytes:
 
 def build_agent(state_dir: Path) -> Path:
     """Compile the static guest agent once per source hash; return the binary's path."""
-    src = agent_source()
+    return compile_static(state_dir, agent_source(), "agent", "the guest agent")
+
+
+def compile_static(state_dir: Path, src: bytes, name: str, what: str) -> Path:
+    """Compile C ``src`` with ``gcc -static`` once per source hash into the cache; return the binary's path."""
     digest = hashlib.sha256(src).hexdigest()[:16]
-    out = cache_dir(state_dir) / f"agent-{digest}"
+    out = cache_dir(state_dir) / f"{name}-{digest}"
     if out.exists():
         return out
     gcc = require_tool("gcc")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".agent-") as tmp:
-        c_file = Path(tmp) / AGENT_SOURCE
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{name}-") as tmp:
+        c_file = Path(tmp) / f"{name}.c"
         c_file.write_bytes(src)
-        binary = Path(tmp) / "agent"
+        binary = Path(tmp) / name
         proc = subprocess.run([gcc, "-static", "-O2", "-Wall", "-o", str(binary), str(c_file)],
                               capture_output=True, text=True)
         if proc.returncode != 0:
-            raise HostError(f"compiling the guest agent failed (need a static libc: apt-get install -y gcc "
+            raise HostError(f"compiling {what} failed (need a static libc: apt-get install -y gcc "
                             f"libc6-dev):\n{proc.stderr[-2000:]}")
         os.replace(binary, out)
     return out
