@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import fcntl
 import json
 import os
@@ -24,10 +23,12 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import MicroagentError
 from .fsutil import read_json
 from .mediation import MediationBridge, MediationConfig, probe
 from .protocol import ExitStatus, FrameDecoder, FrameType, decode_kv, encode_entries, encode_exec, encode_frame
 from .records import WorkspaceDir, WorkspaceState, now_iso, process_start_time, signal as readiness
+from .sandbox import ConfinedVM, spawn_vm
 
 HALT_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
@@ -36,12 +37,6 @@ RESTART_DELAYS = (1, 2, 4, 8, 16, 30)  # bounded back-off between restarts, seco
 MAX_CONSECUTIVE_RESTARTS = 10
 STABLE_AFTER = 30.0  # a VM that ran this long resets the back-off
 SETUP_TIMEOUT = 3600.0
-
-
-def _set_pdeathsig() -> None:
-    """In the hypervisor child: die with the supervisor, so no VM outlives the process that records it."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _ignore_cancelled(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -86,7 +81,7 @@ class Supervisor:
         self.launch = launch
         self.ready_fd = ready_fd
         self.state = ws.load_state()
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: ConfinedVM | None = None
         self.agent_writer: asyncio.StreamWriter | None = None
         self.serial_writer: asyncio.StreamWriter | None = None
         self.clients: set[Client] = set()
@@ -137,14 +132,8 @@ class Supervisor:
         sockets = self._sockets()
         for sock in sockets:
             sock.unlink(missing_ok=True)
-        servers = [
-            await asyncio.start_unix_server(self.on_agent, path=str(self.ws.agent_socket)),
-            await asyncio.start_unix_server(self.on_serial, path=str(self.ws.serial_socket)),
-            await asyncio.start_unix_server(self.on_client, path=str(self.ws.control_socket)),
-        ]
-        if self.mediation:
-            servers.append(await asyncio.start_unix_server(self.mediation.on_port,
-                                                           path=str(self.ws.mediation_socket)))
+        # the VM's chardevs are socket pairs made per boot by sandbox.spawn_vm; only clients connect here
+        servers = [await asyncio.start_unix_server(self.on_client, path=str(self.ws.control_socket))]
         os.chmod(self.ws.control_socket, 0o600)
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(_ignore_cancelled)
@@ -223,15 +212,15 @@ class Supervisor:
         vm_log.write(f"--- {now_iso()} {' '.join(self.launch['argv'])}\n".encode())
         vm_log.flush()
         try:
-            self.proc = await asyncio.create_subprocess_exec(
-                *self.launch["argv"], stdin=asyncio.subprocess.DEVNULL, stdout=vm_log,
-                stderr=asyncio.subprocess.PIPE, preexec_fn=_set_pdeathsig)
-        except OSError as exc:
+            self.proc = await spawn_vm(self.ws, self.launch, self.state.backend, {
+                "agent": self.on_agent, "ser0": self.on_serial,
+                "mediation": self.mediation.on_port if self.mediation else None}, stdout=vm_log)
+        except (OSError, MicroagentError) as exc:
             self.save(state="failed", error=f"could not start the hypervisor: {exc}")
             self.notify_ready(False, self.state.error)
             return 0.0
         self.save(state="starting", vm_pid=self.proc.pid, vm_start_time=process_start_time(self.proc.pid),
-                  started_at=now_iso(), stopped_at=None, boot_seconds=None)
+                  started_at=now_iso(), stopped_at=None, boot_seconds=None, confinement=self.proc.confinement)
         watchers = [asyncio.create_task(self.watch_stderr(vm_log)), asyncio.create_task(self.boot_deadline())]
         rc = await self.proc.wait()
         await asyncio.sleep(0)  # let the stderr watcher record a last line

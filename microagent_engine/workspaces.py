@@ -114,6 +114,7 @@ class WorkspaceInfo:
             "entrypointStatus": s.entrypoint or None, "mediation": c.mediation, "shell": c.shell,
             "quarantined": s.state == "quarantined", "attachments": c.attachments, "outputs": c.outputs,
             "volumes": [a["source"] for a in c.attachments if a["kind"] == "volume"],
+            "confinement": s.confinement or None,
         }
         out.update(s.readiness)
         return out

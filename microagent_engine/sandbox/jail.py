@@ -269,32 +269,27 @@ async def spawn_vm(ws: WorkspaceDir, launch: dict[str, Any], backend_name: str, 
     backend = get_backend(backend_name)
     cmd = backend.fd_command(launch["argv"])
     try:
-        if os.environ.get(CONFINE_ENV, "").lower() in ("off", "0", "no"):
-            argv = [a for a in cmd.argv if a not in _sandbox_args(cmd.argv)]
+        if os.environ.get(CONFINE_ENV, "").lower() in ("off", "0", "no"):  # the launcher only waits and reports
+            cmd.argv = [a for a in cmd.argv if a not in _sandbox_args(cmd.argv)]
             jail = JailPlan([], {"enabled": False, "unavailable": [{"what": "everything",
                                                                     "why": f"{CONFINE_ENV}=off"}]})
-            rfd = wfd = -1
         else:
             jail = plan(ws, launch["network"], launch["accel"], cmd, os.getpid(), join_namespaces)
-            rfd, wfd = os.pipe()
-            argv = [str(launcher_binary(ws.path.parent.parent)), "--report-fd", str(wfd), *jail.args, "--",
-                    *cmd.argv]
+        rfd, wfd = os.pipe()
+        argv = [str(launcher_binary(ws.path.parent.parent)), "--report-fd", str(wfd), *jail.args, "--", *cmd.argv]
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=stdout, stderr=asyncio.subprocess.PIPE,
-                pass_fds=[fd for fd in (wfd, *cmd.pass_fds) if fd >= 0], env={"PATH": "/usr/bin:/bin"})
+                pass_fds=[wfd, *cmd.pass_fds], env={"PATH": "/usr/bin:/bin"})
         finally:
-            if wfd >= 0:
-                os.close(wfd)
+            os.close(wfd)
             cmd.close_child_ends()
-        pid = proc.pid
-        if rfd >= 0:
-            reply = await _read_report(rfd)
-            if not reply.startswith("pid "):
-                await proc.wait()
-                why = reply[6:] if reply.startswith("error ") else (reply or "the launcher exited without a word")
-                raise JailError(f"could not confine the hypervisor: {why}")
-            pid = int(reply.split()[1])
+        reply = await _read_report(rfd)
+        if not reply.startswith("pid "):
+            await proc.wait()
+            why = reply[6:] if reply.startswith("error ") else (reply or "the launcher exited without a word")
+            raise JailError(f"could not confine the hypervisor: {why}")
+        pid = int(reply.split()[1])
         try:
             pidfd: int | None = os.pidfd_open(pid)
         except OSError:
