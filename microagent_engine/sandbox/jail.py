@@ -21,10 +21,11 @@ import asyncio
 import os
 import signal
 import stat
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from ..backends import get_backend
 from ..backends.base import FdCommand
@@ -42,7 +43,7 @@ LIB_DIRS = ("/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin")
 DEVICES = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
 HOSTNAME = "microagent-vmm"
 
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]] | None  # None: leave unserved
 
 
 class JailError(HostError):
