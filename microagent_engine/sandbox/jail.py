@@ -214,7 +214,7 @@ def observed(pid: int) -> dict[str, Any]:
                 out[key.lower()] = int(value.split()[0])
             elif key in ("CapEff", "CapBnd", "CapAmb", "NoNewPrivs"):
                 out[key[0].lower() + key[1:]] = value.strip()
-        out["separateNamespaces"] = [ns for ns in NAMESPACES
+        out["separateNamespaces"] = [ns for ns in ("user", *NAMESPACES)
                                      if os.readlink(f"/proc/{pid}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}")]
     except OSError:
         pass
