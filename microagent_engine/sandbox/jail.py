@@ -271,7 +271,8 @@ async def spawn_vm(ws: WorkspaceDir, launch: dict[str, Any], backend_name: str, 
     cmd = backend.fd_command(launch["argv"])
     try:
         if os.environ.get(CONFINE_ENV, "").lower() in ("off", "0", "no"):  # the launcher only waits and reports
-            cmd.argv = [a for a in cmd.argv if a not in _sandbox_args(cmd.argv)]
+            host_path = {dst: src for src, dst in cmd.binds_ro}
+            cmd.argv = [host_path.get(a, a) for a in cmd.argv if a not in _sandbox_args(cmd.argv)]
             jail = JailPlan([], {"enabled": False, "unavailable": [{"what": "everything",
                                                                     "why": f"{CONFINE_ENV}=off"}]})
         else:
