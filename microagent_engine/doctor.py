@@ -12,6 +12,7 @@ from .guest.initramfs import busybox_path
 from .guest.kernel import installed_default_kernel
 from .hostinfo import INSTALL_HINTS, choose_accel, kvm_usable, require_tool
 from .sandbox.network import network_capabilities
+from .sandbox import host_summary, launcher_binary
 
 if TYPE_CHECKING:
     from .workspaces import Engine
@@ -64,8 +65,29 @@ def diagnose(engine: "Engine") -> dict[str, Any]:
         return f"{engine.state_dir} ({free} MiB free)"
 
     checks.append(_check("state dir", state_dir))
+    checks += confinement_checks(engine)
     return {"ok": all(c["ok"] or c.get("optional") for c in checks), "accel": accel.accel, "checks": checks,
             "installHints": INSTALL_HINTS}
+
+
+def confinement_checks(engine: "Engine") -> list[dict[str, Any]]:
+    """How each VM's QEMU is confined on this host, and what is unavailable and why."""
+    host = host_summary()
+    checks = [_check("jail launcher", lambda: str(launcher_binary(engine.state_dir)))]
+    if host["namespaces"]:
+        ns = ", ".join(host["namespaces"])
+        checks.append({"name": "vm confinement", "ok": True,
+                       "detail": f"{host['uid']}; no capabilities; no_new_privs; QEMU seccomp sandbox; private root; "
+                                 f"own {ns} namespaces (net only without --network user); rlimits"})
+    else:
+        checks.append({"name": "vm confinement", "ok": False, "optional": True,
+                       "detail": f"no namespaces or private root: {host['userNamespace']['detail']}; still: no_new_"
+                                 f"privs, QEMU seccomp sandbox, rlimits"})
+    cg = host["cgroup"]
+    checks.append({"name": "vm cgroup", "ok": cg["available"], "optional": True,
+                   "detail": ("available: " if cg["available"] else "unavailable (no memory/cpu/pids limits per "
+                              "VM): ") + cg["detail"]})
+    return checks
 
 
 def render(report: dict[str, Any]) -> str:

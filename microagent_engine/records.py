@@ -94,6 +94,7 @@ class WorkspaceState:
     restart_count: int = 0
     setup_done: bool = False
     entrypoint: str = ""
+    confinement: dict[str, Any] = field(default_factory=dict)  # what jailed the VM (sandbox.jail.plan)
     readiness: dict[str, dict[str, Any]] = field(default_factory=initial_readiness)
 
     def to_json(self) -> dict[str, Any]:

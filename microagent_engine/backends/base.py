@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import abc
+import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +37,39 @@ class VMSpec:
     extra_args: list[str] = field(default_factory=list)
 
 
+@dataclass
+class FdCommand:
+    """A hypervisor argv rewritten to use only inherited file descriptors and jail paths, so a process that
+    sees none of the host's files (and may not open them) can run it. Owns the descriptors until closed."""
+
+    argv: list[str]
+    pass_fds: list[int]  # inherited by the hypervisor: disks, connected chardevs, listening QMP socket
+    binds_ro: list[tuple[str, str]]  # (host path, jail path) the hypervisor opens by name (kernel, initrd)
+    chardevs: dict[str, socket.socket]  # chardev id -> the supervisor's end of a connected socket pair
+    devices: list[str]  # host device nodes the hypervisor opens by name (/dev/kvm)
+    largest_file: int  # bytes: the largest file it writes through (RLIMIT_FSIZE must not be below it)
+    listeners: list[tuple[socket.socket, Path]] = field(default_factory=list)
+
+    def close_child_ends(self) -> None:
+        """Close the descriptors handed to the hypervisor (after it was spawned)."""
+        for fd in self.pass_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.pass_fds = []
+
+    def close(self) -> None:
+        """Release everything: child ends, supervisor ends, listening sockets and their paths."""
+        self.close_child_ends()
+        for sock in self.chardevs.values():
+            sock.close()
+        for sock, path in self.listeners:
+            sock.close()
+            path.unlink(missing_ok=True)
+        self.listeners = []
+
+
 class Backend(abc.ABC):
     name: str
 
@@ -57,3 +92,7 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def version(self) -> str:
         """Hypervisor version string (for doctor/status)."""
+
+    def fd_command(self, argv: list[str]) -> FdCommand:
+        """Rewrite :meth:`command`'s argv to inherited descriptors (for a jailed hypervisor)."""
+        raise NotImplementedError(f"backend {self.name} cannot run confined yet")

@@ -59,6 +59,7 @@ class WorkspaceInfo:
             "quarantined": s.state == "quarantined", "attachments": [a.to_json() for a in c.attachments],
             "outputs": [o.to_json() for o in c.outputs],
             "volumes": [a.source for a in c.attachments if a.kind == "volume"],
+            "confinement": s.confinement or None,
         }
         out.update(s.readiness)
         return out

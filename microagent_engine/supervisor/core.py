@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -18,6 +17,7 @@ from ..errors import MicroagentError
 from ..model import LaunchSpec
 from ..protocol import ExitStatus, FrameDecoder, FrameType, decode_kv, encode_config, encode_frame
 from ..records import WorkspaceDir, now_iso, process_start_time, signal as readiness
+from ..sandbox import ConfinedVM, spawn_vm
 from ..sandbox.network import NetworkSandbox, policy_of
 from .clients import ClientHub
 from .guest_tasks import STOP_TIMEOUT, GuestTasks
@@ -29,12 +29,6 @@ KVM_FAILURE_MARKERS = ("KVM internal error", "emulation failure", "kvm run faile
 RESTART_DELAYS = (1, 2, 4, 8, 16, 30)  # bounded back-off between restarts, seconds
 MAX_CONSECUTIVE_RESTARTS = 10
 STABLE_AFTER = 30.0  # a VM that ran this long resets the back-off
-
-
-def _set_pdeathsig() -> None:
-    """In the hypervisor child: die with the supervisor, so no VM outlives the process that records it."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _ignore_cancelled(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -62,7 +56,7 @@ class Supervisor:
         self.launch = launch
         self.ready_fd = ready_fd
         self.state = ws.load_state()
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: ConfinedVM | None = None
         self.agent_writer: asyncio.StreamWriter | None = None
         self.serial_writer: asyncio.StreamWriter | None = None
         self.hub = ClientHub(self)
@@ -112,14 +106,8 @@ class Supervisor:
         sockets = self._sockets()
         for sock in sockets:
             sock.unlink(missing_ok=True)
-        servers = [
-            await asyncio.start_unix_server(self.on_agent, path=str(self.ws.agent_socket)),
-            await asyncio.start_unix_server(self.on_serial, path=str(self.ws.serial_socket)),
-            await asyncio.start_unix_server(self.hub.on_client, path=str(self.ws.control_socket)),
-        ]
-        if self.mediation:
-            servers.append(await asyncio.start_unix_server(self.mediation.on_port,
-                                                           path=str(self.ws.mediation_socket)))
+        # the VM's chardevs are socket pairs made per boot by sandbox.spawn_vm; only clients connect here
+        servers = [await asyncio.start_unix_server(self.hub.on_client, path=str(self.ws.control_socket))]
         os.chmod(self.ws.control_socket, 0o600)
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(_ignore_cancelled)
@@ -198,10 +186,10 @@ class Supervisor:
         vm_log.flush()
         try:
             self.net = await NetworkSandbox.open(self.network_policy, self.ws.run_dir)
-            self.proc = await asyncio.create_subprocess_exec(
-                *self.launch.argv, stdin=asyncio.subprocess.DEVNULL, stdout=vm_log,
-                stderr=asyncio.subprocess.PIPE, preexec_fn=self.net.preexec(_set_pdeathsig) if self.net else
-                _set_pdeathsig)
+            self.proc = await spawn_vm(self.ws, self.launch, self.state.backend, {
+                "agent": self.on_agent, "ser0": self.on_serial,
+                "mediation": self.mediation.on_port if self.mediation else None}, stdout=vm_log,
+                join_namespaces=self.net.join_namespaces() if self.net else None)
         except (OSError, MicroagentError) as exc:
             await self.close_network()
             prefix = "" if isinstance(exc, MicroagentError) else "could not start the hypervisor: "
@@ -211,7 +199,7 @@ class Supervisor:
         for note in self.net.notes if self.net else []:
             self.serial_note(note)
         self.save(state="starting", vm_pid=self.proc.pid, vm_start_time=process_start_time(self.proc.pid),
-                  started_at=now_iso(), stopped_at=None, boot_seconds=None)
+                  started_at=now_iso(), stopped_at=None, boot_seconds=None, confinement=self.proc.confinement)
         watchers = [asyncio.create_task(self.watch_stderr(vm_log)), asyncio.create_task(self.boot_deadline())]
         rc = await self.proc.wait()
         await asyncio.sleep(0)  # let the stderr watcher record a last line
