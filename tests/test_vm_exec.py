@@ -189,6 +189,16 @@ def test_connect_interactive_console(state_dir, shared_ws: str) -> None:
 
     try:
         assert b"Ctrl-]" in read_until(b"Ctrl-]")
+        # rendezvous with the console shell: a line typed before it reads the tty is dropped by its line editor,
+        # so type the command once a prompt has answered an empty line
+        for _ in range(10):
+            before = len(seen)
+            os.write(fd, b"\r")
+            deadline = time.monotonic() + 3.0
+            while b"# " not in seen[before:] and time.monotonic() < deadline:
+                read_until(b"\0never\0", 0.2)
+            if b"# " in seen[before:]:
+                break
         os.write(fd, b"echo inter$((40+2))active\r")
         assert b"inter42active" in read_until(b"inter42active")  # computed by the guest's shell
         os.write(fd, b"\x1d")
