@@ -167,3 +167,31 @@ class ExitStatus:
         if self.status == "timed_out":
             return 124
         return self.code if self.code in (126, 127) else 127
+
+
+# ---- the same facts for the C side ------------------------------------------------------------------
+
+#: file name of the header render_c_header() produces; the agent build writes it next to agent.c
+C_HEADER_NAME = "protocol.h"
+
+
+def render_c_header() -> str:
+    """C header with this module's constants and frame types, included by the guest agent (and test programs).
+
+    Frame types are ``F_<NAME>``; the other names are the same as here.
+    """
+    lines = [
+        "/* Generated from microagent_engine/protocol.py by render_c_header(): do not edit, change protocol.py. */",
+        "#ifndef MICROAGENT_PROTOCOL_H",
+        "#define MICROAGENT_PROTOCOL_H",
+        "",
+        f"#define PROTOCOL_VERSION {PROTOCOL_VERSION}",
+        f"#define HEADER_SIZE {HEADER_SIZE}",
+        f"#define MAX_PAYLOAD {MAX_PAYLOAD}u",
+        f'#define AGENT_PORT_NAME "{AGENT_PORT_NAME}"',
+        f'#define MEDIATION_PORT_NAME "{MEDIATION_PORT_NAME}"',
+        "",
+    ]
+    lines += [f"#define F_{ft.name} 0x{ft.value:02X}" for ft in FrameType]
+    lines += ["", "#endif", ""]
+    return "\n".join(lines)

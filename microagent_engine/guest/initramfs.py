@@ -7,11 +7,13 @@ import os
 import re
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 
 from ..errors import HostError
 from ..hostinfo import is_static_elf, require_tool
+from ..protocol import C_HEADER_NAME, render_c_header
 from .kernel import Kernel
 
 AGENT_SOURCE = "agent.c"
@@ -25,26 +27,43 @@ def agent_source() -> bytes:
     return resources.files(__package__).joinpath(AGENT_SOURCE).read_bytes()
 
 
-def build_agent(state_dir: Path) -> Path:
-    """Compile the static guest agent once per source hash; return the binary's path."""
-    src = agent_source()
-    digest = hashlib.sha256(src).hexdigest()[:16]
-    out = cache_dir(state_dir) / f"agent-{digest}"
+def protocol_headers() -> dict[str, bytes]:
+    """The generated C header of the wire protocol (``#include "protocol.h"``), by file name."""
+    return {C_HEADER_NAME: render_c_header().encode()}
+
+
+def compile_static(state_dir: Path, source: bytes, name: str, headers: Mapping[str, bytes] | None = None) -> Path:
+    """Compile C ``source`` (with ``headers`` written beside it) into a static binary, once per content hash.
+
+    The binary is ``<state_dir>/cache/<name>-<hash>``, the hash covering the source and every header's name
+    and text; a failed build raises HostError with gcc's messages.
+    """
+    files = {f"{name}.c": source, **(headers or {})}
+    h = hashlib.sha256()
+    for fname in sorted(files):
+        h.update(f"{fname}\0{len(files[fname])}\0".encode())
+        h.update(files[fname])
+    out = cache_dir(state_dir) / f"{name}-{h.hexdigest()[:16]}"
     if out.exists():
         return out
     gcc = require_tool("gcc")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".agent-") as tmp:
-        c_file = Path(tmp) / AGENT_SOURCE
-        c_file.write_bytes(src)
-        binary = Path(tmp) / "agent"
-        proc = subprocess.run([gcc, "-static", "-O2", "-Wall", "-o", str(binary), str(c_file)],
-                              capture_output=True, text=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{name}-") as tmp:
+        for fname, body in files.items():
+            (Path(tmp) / fname).write_bytes(body)
+        binary = Path(tmp) / name
+        proc = subprocess.run([gcc, "-static", "-O2", "-Wall", "-o", str(binary), str(Path(tmp) / f"{name}.c")],
+                              check=False, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise HostError(f"compiling the guest agent failed (need a static libc: apt-get install -y gcc "
+            raise HostError(f"compiling {name} failed (need a static libc: apt-get install -y gcc "
                             f"libc6-dev):\n{proc.stderr[-2000:]}")
         os.replace(binary, out)
     return out
+
+
+def build_agent(state_dir: Path) -> Path:
+    """Compile the static guest agent once per content hash (agent.c and protocol.h); return the binary's path."""
+    return compile_static(state_dir, agent_source(), "agent", protocol_headers())
 
 
 def busybox_path() -> Path:
