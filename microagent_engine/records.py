@@ -93,6 +93,7 @@ class WorkspaceState:
     restart_count: int = 0
     setup_done: bool = False
     entrypoint: str = ""
+    dropped_frames: int = 0  # guest frames the supervisor dropped this boot (streams it did not open, ...)
     readiness: dict[str, dict[str, Any]] = field(default_factory=initial_readiness)
 
     def to_json(self) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import threading
 import time
 from typing import IO, Iterator
 
-from ..client import ExecResult, OutputCallback, SupervisorConnection
+from ..client import DEFAULT_MAX_OUTPUT, ExecResult, OutputCallback, SupervisorConnection
 from ..errors import GuestError, InvalidArgument, InvalidState
 from ..protocol import FrameType
 from .context import EngineContext
@@ -33,17 +33,19 @@ class Sessions:
     def exec(self, name: str, argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
              timeout: float | None = None, stdin: bytes | IO[bytes] | None = None,
              on_stdout: OutputCallback | None = None, on_stderr: OutputCallback | None = None,
-             capture: bool = True) -> ExecResult:
+             capture: bool = True, max_output: int = DEFAULT_MAX_OUTPUT) -> ExecResult:
         if not argv:
             raise InvalidArgument("exec needs a command: microagent exec NAME -- COMMAND [ARGS...]")
         if cwd is not None and not cwd.startswith("/"):
             raise InvalidArgument(f"--cwd must be an absolute guest path, got {cwd!r}")
         if timeout is not None and timeout <= 0:
             raise InvalidArgument(f"--timeout must be positive, got {timeout}")
+        if max_output <= 0:
+            raise InvalidArgument(f"--max-output must be a positive number of bytes, got {max_output}")
         info = self.running(name)
         with SupervisorConnection(info.dir.control_socket) as conn:
             return conn.exec(argv, env=env, cwd=cwd or info.config.workdir, timeout=timeout, stdin=stdin,
-                             on_stdout=on_stdout, on_stderr=on_stderr, capture=capture)
+                             on_stdout=on_stdout, on_stderr=on_stderr, capture=capture, max_output=max_output)
 
     def ping(self, name: str) -> float:
         with self.connection(name) as conn:
