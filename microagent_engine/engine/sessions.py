@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import threading
 import time
@@ -12,6 +13,14 @@ from ..errors import GuestError, InvalidArgument, InvalidState
 from ..protocol import FrameType
 from .context import EngineContext
 from .store import WorkspaceInfo
+
+
+def _rotated(fh: IO[bytes], path: os.PathLike[str]) -> bool:
+    """Is ``path`` now a different file from the open ``fh`` (the log rotated under a follower)?"""
+    try:
+        return os.stat(path).st_ino != os.fstat(fh.fileno()).st_ino
+    except OSError:
+        return False
 
 
 class Sessions:
@@ -68,6 +77,10 @@ class Sessions:
                 chunk = fh.read(65536) if fh else b""
                 if chunk:
                     yield chunk
+                    continue
+                if fh and follow and _rotated(fh, ws.serial_log):  # the supervisor began a new serial.log
+                    fh.close()
+                    fh = open(ws.serial_log, "rb")
                     continue
                 if not follow or (stop is not None and stop.is_set()) or \
                         not (ws.supervisor_alive() or store.info(ws).running):

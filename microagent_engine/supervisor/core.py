@@ -500,7 +500,8 @@ class Supervisor:
         elif ftype == FrameType.ERROR:
             print(f"agent reported: {safe_text(payload, 500)}", file=sys.stderr)
         else:
-            what = {FrameType.HELLO: "a second HELLO", FrameType.READY: "READY out of order"}.get(ftype, "stream 0")
+            what = {int(FrameType.HELLO): "a second HELLO", int(FrameType.READY): "READY out of order"}.get(
+                ftype, "a type stream 0 does not carry")
             self.drop_frame(ftype, 0, f"{what} (ignored)")
 
     # ---- liveness ------------------------------------------------------------------------------
