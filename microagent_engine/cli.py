@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 from . import __version__
 from pathlib import Path
 
+from .client import DEFAULT_MAX_OUTPUT
 from .config import PROFILES, parse_env_pairs
 from .errors import InvalidArgument, MicroagentError
 from .protocol import FrameType
@@ -133,7 +134,7 @@ def cmd_exec(engine: Engine, args: argparse.Namespace) -> int:
     streaming = not args.json
     result = engine.exec(
         args.name, args.command, env=parse_env_pairs(args.env), cwd=args.cwd, timeout=args.timeout,
-        stdin=_stdin_source(args), capture=args.json,
+        stdin=_stdin_source(args), capture=args.json, max_output=args.max_output,
         on_stdout=_writer(sys.stdout.buffer) if streaming else None,
         on_stderr=_writer(sys.stderr.buffer) if streaming else None)
     if args.json:
@@ -160,7 +161,7 @@ def cmd_run(engine: Engine, args: argparse.Namespace) -> int:
     kwargs.pop("name", None)
     info, result = engine.run(
         command, name=name, delete=args.delete, cwd=args.cwd,
-        timeout=args.timeout, stdin=_stdin_source(args), capture=args.json,
+        timeout=args.timeout, stdin=_stdin_source(args), capture=args.json, max_output=args.max_output,
         on_stdout=_writer(sys.stdout.buffer) if streaming else None,
         on_stderr=_writer(sys.stderr.buffer) if streaming else None, **kwargs)
     if args.json:
@@ -400,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--cwd", help="working directory in the guest")
         p.add_argument("--timeout", type=float, metavar="SECONDS", help="TERM then KILL the command after this")
         p.add_argument("-i", "--interactive", action="store_true", help="forward stdin even from a terminal")
+        p.add_argument("--max-output", type=int, default=DEFAULT_MAX_OUTPUT, metavar="BYTES",
+                       help=f"with --json: keep at most this much of stdout and of stderr (default "
+                            f"{DEFAULT_MAX_OUTPUT}; more is cut with a marker and \"truncated\": true)")
 
     p = add("create", cmd_create, "create a workspace (state prepared)")
     p.add_argument("name", nargs="?")

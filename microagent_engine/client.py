@@ -12,10 +12,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
-from .errors import GuestError, ExecTimeout
+from .errors import ExecTimeout, GuestError, InvalidArgument
 from .protocol import ExitStatus, Frame, FrameDecoder, FrameType, encode_exec, encode_frame
 
 OutputCallback = Callable[[bytes], None]
+
+#: default cap on each of stdout and stderr kept by a capturing exec (callbacks still see every byte)
+DEFAULT_MAX_OUTPUT = 16 << 20
+#: how long after its own timeout a command may go without an exit status before the host gives up on it
+#: (the agent enforces the timeout; this only bounds the wait when the agent cannot, e.g. under a fork bomb)
+HOST_TIMEOUT_MARGIN = 30.0
+
+
+def truncation_marker(limit: int) -> bytes:
+    """What ends a captured stream that was cut at ``limit`` bytes."""
+    return (f"\n[microagent: output truncated after {limit} bytes; raise the limit with --max-output BYTES, "
+            f"max_output= or maxOutput]\n").encode()
+
+
+class Capture:
+    """Collects one output stream up to ``limit`` bytes; past that, counts and marks the cut."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.buf = bytearray()
+        self.truncated = False
+
+    def add(self, data: bytes) -> None:
+        room = self.limit - len(self.buf)
+        if len(data) > room:
+            self.truncated = True
+            data = data[:max(0, room)]
+        self.buf += data
+
+    def value(self) -> bytes:
+        return bytes(self.buf) + (truncation_marker(self.limit) if self.truncated else b"")
 
 
 @dataclass
@@ -29,6 +60,7 @@ class ExecResult:
     stderr: bytes = b""
     message: str = ""
     duration: float = 0.0
+    truncated: bool = False  # stdout or stderr was cut at the capture limit (the marker ends it)
 
     @property
     def ok(self) -> bool:
@@ -37,7 +69,7 @@ class ExecResult:
     def to_json(self) -> dict[str, Any]:
         return {"status": self.status, "exitCode": self.exit_code, "code": self.code,
                 "stdout": self.stdout.decode(errors="replace"), "stderr": self.stderr.decode(errors="replace"),
-                "message": self.message, "durationSeconds": round(self.duration, 6)}
+                "message": self.message, "durationSeconds": round(self.duration, 6), "truncated": self.truncated}
 
 
 @dataclass
@@ -69,12 +101,17 @@ class SupervisorConnection:
     def send(self, ftype: int, stream: int, payload: bytes = b"") -> None:
         self.sock.sendall(encode_frame(ftype, stream, payload))
 
-    def frames(self, timeout: float | None = None) -> Iterator[Frame]:
-        """Yield frames as they arrive; raises ExecTimeout if none arrives within ``timeout``."""
+    def frames(self, timeout: float | None = None, *, deadline: float | None = None) -> Iterator[Frame]:
+        """Yield frames as they arrive; raises ExecTimeout if none arrives within ``timeout`` or once the
+        ``time.monotonic()`` ``deadline`` has passed."""
         while True:
             while self._pending:
                 yield self._pending.pop(0)
-            ready, _, _ = select.select([self.sock], [], [], timeout)
+            wait = timeout
+            if deadline is not None:
+                left = max(0.0, deadline - time.monotonic())
+                wait = left if wait is None else min(wait, left)
+            ready, _, _ = select.select([self.sock], [], [], wait)
             if not ready:
                 raise ExecTimeout("no answer from the workspace supervisor in time")
             data = self.sock.recv(262144)
@@ -115,13 +152,22 @@ class SupervisorConnection:
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
         capture: bool = True,
+        max_output: int = DEFAULT_MAX_OUTPUT,
     ) -> ExecResult:
         """Run ``argv`` in the guest, streaming output to the callbacks as it comes.
+
+        Captured stdout and stderr keep at most ``max_output`` bytes each; past that the result is marked
+        ``truncated`` and each cut stream ends with a marker (the callbacks still get every byte). With a
+        ``timeout``, the host waits at most HOST_TIMEOUT_MARGIN seconds beyond it for the guest to report the
+        end, then sends SIGKILL and raises ExecTimeout (the agent may be starved, e.g. by a fork bomb).
 
         On KeyboardInterrupt the command's process group gets SIGINT, then SIGKILL if it lingers, before the
         interrupt propagates.
         """
+        if max_output <= 0:
+            raise InvalidArgument(f"max_output must be a positive number of bytes, got {max_output}")
         t0 = time.perf_counter()
+        deadline = time.monotonic() + timeout + HOST_TIMEOUT_MARGIN if timeout else None
         stream = 1
         self.send(FrameType.EXEC, stream, encode_exec(argv, env, cwd, timeout, stdin=stdin is not None))
         feeder: threading.Thread | None = None
@@ -132,25 +178,33 @@ class SupervisorConnection:
         elif stdin is not None:
             feeder = threading.Thread(target=self._feed, args=(stream, stdin), daemon=True)
             feeder.start()
-        out, err = bytearray(), bytearray()
+        out, err = Capture(max_output), Capture(max_output)
         try:
-            for frame in self.frames():
+            for frame in self.frames(deadline=deadline):
                 if frame.type == FrameType.STDOUT:
                     if capture:
-                        out += frame.payload
+                        out.add(frame.payload)
                     if on_stdout:
                         on_stdout(frame.payload)
                 elif frame.type == FrameType.STDERR:
                     if capture:
-                        err += frame.payload
+                        err.add(frame.payload)
                     if on_stderr:
                         on_stderr(frame.payload)
                 elif frame.type == FrameType.EXIT:
                     st = ExitStatus.parse(frame.payload)
-                    return ExecResult(st.status, st.exit_code, st.code, bytes(out), bytes(err), st.message,
-                                      time.perf_counter() - t0)
+                    return ExecResult(st.status, st.exit_code, st.code, out.value(), err.value(), st.message,
+                                      time.perf_counter() - t0, out.truncated or err.truncated)
                 elif frame.type == FrameType.ERROR:
                     raise GuestError(frame.payload.decode(errors="replace"))
+        except ExecTimeout:
+            try:
+                self.send(FrameType.SIGNAL, stream, str(int(signal.SIGKILL)).encode())
+            except OSError:
+                pass
+            raise ExecTimeout(f"the command did not end within {HOST_TIMEOUT_MARGIN:.0f} s after its {timeout} s "
+                              f"timeout: the guest agent is not answering (see execReady in status); the command "
+                              f"was sent SIGKILL") from None
         except KeyboardInterrupt:
             self._interrupt(stream)
             raise

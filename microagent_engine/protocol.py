@@ -150,6 +150,10 @@ def decode_kv(payload: bytes) -> dict[str, str]:
     return out
 
 
+#: the ``status`` values an EXIT frame may carry
+EXIT_STATUSES = ("exited", "signaled", "timed_out", "failed_to_start")
+
+
 @dataclass(frozen=True)
 class ExitStatus:
     """How a guest command ended. ``status`` is exited | signaled | timed_out | failed_to_start."""

@@ -95,6 +95,7 @@ class WorkspaceState:
     setup_done: bool = False
     entrypoint: str = ""
     confinement: dict[str, Any] = field(default_factory=dict)  # what jailed the VM (sandbox.jail.plan)
+    dropped_frames: int = 0  # guest frames the supervisor dropped this boot (streams it did not open, ...)
     readiness: dict[str, dict[str, Any]] = field(default_factory=initial_readiness)
 
     def to_json(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Iterator
 
-from ..client import ExecResult, OutputCallback, SupervisorConnection
+from ..client import DEFAULT_MAX_OUTPUT, ExecResult, OutputCallback, SupervisorConnection
 from ..config import default_state_dir
 from ..errors import GuestError, InvalidArgument, NotFound
 from ..model import Attachment, FileCopy, Mediation, Output
@@ -161,10 +161,13 @@ class Engine:
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
         capture: bool = True,
+        max_output: int = DEFAULT_MAX_OUTPUT,
     ) -> ExecResult:
-        """Run ``argv`` in the running workspace; output streams to the callbacks as the guest produces it."""
+        """Run ``argv`` in the running workspace; output streams to the callbacks as the guest produces it.
+        Captured stdout/stderr keep ``max_output`` bytes each (then ``truncated`` and a marker)."""
         return self._sessions.exec(name, argv, env=env, cwd=cwd, timeout=timeout, stdin=stdin,
-                                   on_stdout=on_stdout, on_stderr=on_stderr, capture=capture)
+                                   on_stdout=on_stdout, on_stderr=on_stderr, capture=capture,
+                                   max_output=max_output)
 
     def ping(self, name: str) -> float:
         """Round trip to the guest agent, in seconds."""
@@ -198,6 +201,7 @@ class Engine:
         on_stdout: OutputCallback | None = None,
         on_stderr: OutputCallback | None = None,
         capture: bool = True,
+        max_output: int = DEFAULT_MAX_OUTPUT,
         **create_args: Any,
     ) -> tuple[WorkspaceInfo, ExecResult]:
         """create + start + exec, then halt (and delete with ``delete=True``). Never leaves a VM running."""
@@ -208,7 +212,7 @@ class Engine:
         try:
             self.start(name)
             result = self.exec(name, argv, cwd=cwd, timeout=timeout, stdin=stdin, on_stdout=on_stdout,
-                               on_stderr=on_stderr, capture=capture)
+                               on_stderr=on_stderr, capture=capture, max_output=max_output)
             self._finish_run(name)
         except BaseException:
             self._finish_run(name, force=True)

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import threading
 import time
 from typing import IO, Iterator
 
-from ..client import ExecResult, OutputCallback, SupervisorConnection
+from ..client import DEFAULT_MAX_OUTPUT, ExecResult, OutputCallback, SupervisorConnection
 from ..errors import GuestError, InvalidArgument, InvalidState
 from ..protocol import FrameType
 from .context import EngineContext
 from .store import WorkspaceInfo
+
+
+def _rotated(fh: IO[bytes], path: os.PathLike[str]) -> bool:
+    """Is ``path`` now a different file from the open ``fh`` (the log rotated under a follower)?"""
+    try:
+        return os.stat(path).st_ino != os.fstat(fh.fileno()).st_ino
+    except OSError:
+        return False
 
 
 class Sessions:
@@ -33,17 +42,19 @@ class Sessions:
     def exec(self, name: str, argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
              timeout: float | None = None, stdin: bytes | IO[bytes] | None = None,
              on_stdout: OutputCallback | None = None, on_stderr: OutputCallback | None = None,
-             capture: bool = True) -> ExecResult:
+             capture: bool = True, max_output: int = DEFAULT_MAX_OUTPUT) -> ExecResult:
         if not argv:
             raise InvalidArgument("exec needs a command: microagent exec NAME -- COMMAND [ARGS...]")
         if cwd is not None and not cwd.startswith("/"):
             raise InvalidArgument(f"--cwd must be an absolute guest path, got {cwd!r}")
         if timeout is not None and timeout <= 0:
             raise InvalidArgument(f"--timeout must be positive, got {timeout}")
+        if max_output <= 0:
+            raise InvalidArgument(f"--max-output must be a positive number of bytes, got {max_output}")
         info = self.running(name)
         with SupervisorConnection(info.dir.control_socket) as conn:
             return conn.exec(argv, env=env, cwd=cwd or info.config.workdir, timeout=timeout, stdin=stdin,
-                             on_stdout=on_stdout, on_stderr=on_stderr, capture=capture)
+                             on_stdout=on_stdout, on_stderr=on_stderr, capture=capture, max_output=max_output)
 
     def ping(self, name: str) -> float:
         with self.connection(name) as conn:
@@ -66,6 +77,10 @@ class Sessions:
                 chunk = fh.read(65536) if fh else b""
                 if chunk:
                     yield chunk
+                    continue
+                if fh and follow and _rotated(fh, ws.serial_log):  # the supervisor began a new serial.log
+                    fh.close()
+                    fh = open(ws.serial_log, "rb")
                     continue
                 if not follow or (stop is not None and stop.is_set()) or \
                         not (ws.supervisor_alive() or store.info(ws).running):

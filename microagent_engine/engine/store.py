@@ -54,7 +54,7 @@ class WorkspaceInfo:
             "supervisorPid": s.supervisor_pid, "kernelRelease": s.kernel_release or None,
             "error": s.error or None, "exitDetail": s.exit_detail or None,
             "setup": c.setup, "setupDone": s.setup_done, "entrypoint": c.entrypoint,
-            "entrypointStatus": s.entrypoint or None,
+            "entrypointStatus": s.entrypoint or None, "droppedFrames": s.dropped_frames,
             "mediation": c.mediation.to_json() if c.mediation else None, "shell": c.shell,
             "quarantined": s.state == "quarantined", "attachments": [a.to_json() for a in c.attachments],
             "outputs": [o.to_json() for o in c.outputs],

@@ -1,5 +1,14 @@
 """The supervisor's core: one instance per running workspace. It owns the hypervisor process and its boot loop
-(restart policy), the serial console, the guest agent's channel, and the workspace's state record."""
+(restart policy), the serial console, the guest agent's channel, and the workspace's state record.
+
+The guest, its agent included, is treated as hostile. The agent channel fails closed: a frame that cannot be
+decoded (oversized, truncated into garbage) or of a type the agent never sends ends the channel; every
+in-flight command gets an error, readiness is saved false with the reason, the workspace is marked failed
+and the VM is killed. Well-formed frames the host did not ask for (a stream it did not open, a type that
+stream does not carry, a second HELLO or READY) are dropped and counted in the record (``dropped_frames``).
+Guest stream ids are random, so a guest program cannot name another command's stream by counting. Every
+string the guest supplies passes :func:`microagent_engine.textsafe.safe_text` before it is saved or relayed.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +16,23 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
-from ..errors import MicroagentError
+from ..errors import MicroagentError, ProtocolError
+from ..logfiles import RotatingLog, tail_bytes
 from ..model import LaunchSpec
-from ..protocol import ExitStatus, FrameDecoder, FrameType, decode_kv, encode_config, encode_frame
+from ..protocol import EXIT_STATUSES, ExitStatus, FrameDecoder, FrameType, decode_kv, encode_config, encode_frame
 from ..records import WorkspaceDir, now_iso, process_start_time, signal as readiness
 from ..sandbox import ConfinedVM, spawn_vm
 from ..sandbox.network import NetworkSandbox, policy_of
-from .clients import ClientHub
+from ..textsafe import safe_text
+from .clients import CLIENT_STALL_LIMIT, ClientHub
 from .guest_tasks import STOP_TIMEOUT, GuestTasks
 from .mediation import MediationBridge, probe
 from .qmp import qmp_command
@@ -29,6 +42,15 @@ KVM_FAILURE_MARKERS = ("KVM internal error", "emulation failure", "kvm run faile
 RESTART_DELAYS = (1, 2, 4, 8, 16, 30)  # bounded back-off between restarts, seconds
 MAX_CONSECUTIVE_RESTARTS = 10
 STABLE_AFTER = 30.0  # a VM that ran this long resets the back-off
+#: frame types the agent sends; anything else from the guest is a protocol violation (the channel fails closed)
+GUEST_FRAME_TYPES = frozenset({FrameType.HELLO, FrameType.READY, FrameType.HALTING, FrameType.STDOUT,
+                               FrameType.STDERR, FrameType.EXIT, FrameType.PONG, FrameType.ERROR})
+#: the guest stream the supervisor's own liveness pings use (never given to a command)
+LIVENESS_STREAM = 0xFFFFFFFF
+PING_INTERVAL = 2.0  # seconds between liveness pings
+LIVENESS_TIMEOUT = 15.0  # an agent silent this long is saved as not exec-ready (the VM is left running)
+#: bytes the supervisor may queue towards the agent before a client's stdin waits for the guest to read
+AGENT_BUFFER_LIMIT = 1 << 20
 
 
 def _ignore_cancelled(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -39,15 +61,9 @@ def _ignore_cancelled(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) 
 
 
 def tail_text(path: Path, lines: int = 15) -> str:
-    """The last ``lines`` lines of a log file (read from its end)."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 8192))
-            data = fh.read()
-    except OSError:
-        return ""
-    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+    """The last ``lines`` lines of a guest-written log file (read from its end), made safe to show."""
+    text = "\n".join(tail_bytes(path, 8192).decode(errors="replace").splitlines()[-lines:])
+    return safe_text(text, 4000, newlines=True)
 
 
 class Supervisor:
@@ -68,7 +84,14 @@ class Supervisor:
         self.ready = asyncio.Event()
         self.ever_ready = False
         self.boot_t0 = time.monotonic()
-        self.serial_log = open(ws.serial_log, "ab", buffering=0)
+        self.serial_log = RotatingLog(ws.serial_log)
+        self.hello_seen = False  # this boot's agent said HELLO (a second one is dropped)
+        self.ready_seen = False  # ... and READY
+        self.channel_failed = False  # the agent broke the protocol: the channel is closed for this boot
+        self.held_since: float | None = None  # reading the agent is paused for a congested client
+        self.last_pong = 0.0
+        self.liveness_task: asyncio.Task[None] | None = None
+        self._save_handle: asyncio.TimerHandle | None = None
         self.restart_policy = launch.restart
         self.network_policy = policy_of(launch.network, launch.network_policy)
         self.net: NetworkSandbox | None = None  # this boot's network enforcement (None when isolated)
@@ -79,6 +102,14 @@ class Supervisor:
         for key, value in changes.items():
             setattr(self.state, key, value)
         self.ws.save_state(self.state)
+
+    def save_soon(self) -> None:
+        """Save within a second (for counters a guest can drive: one write per burst, not per frame)."""
+        if self._save_handle is None:
+            def later() -> None:
+                self._save_handle = None
+                self.save()
+            self._save_handle = asyncio.get_running_loop().call_later(1.0, later)
 
     def set_signal(self, name: str, ready: bool, detail: str = "", error: str = "") -> None:
         self.state.readiness[name] = readiness(ready, detail, error)
@@ -175,6 +206,8 @@ class Supervisor:
         self.ready = asyncio.Event()
         self.vm_exited = asyncio.Event()
         self.agent_writer = None
+        self.hello_seen = self.ready_seen = self.channel_failed = False
+        self.state.dropped_frames = 0
         if self.mediation:
             self.mediation.reset()
         for name in self.state.readiness:
@@ -203,6 +236,9 @@ class Supervisor:
         watchers = [asyncio.create_task(self.watch_stderr(vm_log)), asyncio.create_task(self.boot_deadline())]
         rc = await self.proc.wait()
         await asyncio.sleep(0)  # let the stderr watcher record a last line
+        if self.liveness_task:
+            watchers.append(self.liveness_task)
+            self.liveness_task = None
         for task in watchers:
             task.cancel()
         vm_log.close()
@@ -229,7 +265,9 @@ class Supervisor:
     def finalize(self) -> None:
         how = self.state.exit_detail
         for name in self.state.readiness:
-            self.set_signal(name, False, "VM not running")
+            # after a channel failure the reason stays on the signals it ended
+            kept = self.state.readiness[name].get("error", "") if self.intent == "channel-failed" else ""
+            self.set_signal(name, False, "VM not running", kept)
         if self.intent == "kill":
             final, error = "stopped", ""
         elif self.intent == "halt" and self.state.state == "stopping":
@@ -278,6 +316,7 @@ class Supervisor:
             self.to_console(data)
 
     def to_console(self, data: bytes) -> None:
+        """Console bytes: into the (rotating) serial log, then to console clients (lossy past their bound)."""
         self.serial_log.write(data)
         self.hub.to_consoles(data)
 
@@ -287,10 +326,13 @@ class Supervisor:
             self.serial_writer.write(data)
 
     def new_stream(self) -> int:
-        """A fresh guest stream id."""
-        gsid = self.next_stream
-        self.next_stream += 1
-        return gsid
+        """A fresh guest stream id: random, so that a guest program cannot guess another command's stream
+        (the agent and the guest's root can still read them from PID 1's memory: commands in one VM share one
+        trust domain; the host only guarantees that frames it did not ask for go nowhere)."""
+        while True:
+            gsid = secrets.randbelow(LIVENESS_STREAM - 1) + 1
+            if gsid not in self.hub.routes and gsid not in self.tasks.jobs and gsid not in self.hub.orphans:
+                return gsid
 
     def kill_vm(self) -> None:
         if self.proc and self.proc.returncode is None:
@@ -301,17 +343,63 @@ class Supervisor:
         if self.agent_writer is not None and not self.agent_writer.is_closing():
             writer.close()
             return
+        if self.channel_failed:  # QEMU reconnects the chardev; a failed channel stays closed for this boot
+            writer.close()
+            return
         self.agent_writer = writer
+        writer.transport.set_write_buffer_limits(high=AGENT_BUFFER_LIMIT)
         decoder = FrameDecoder()
         try:
-            while data := await reader.read(262144):
+            while not self.channel_failed and (data := await reader.read(262144)):
                 for frame in decoder.feed(data):
                     self.on_agent_frame(frame.type, frame.stream, frame.payload)
-        except Exception as exc:  # a broken channel is a guest failure, not a supervisor crash
+                    if self.channel_failed:
+                        break
+                else:
+                    await self.hold_for_clients()
+        except ProtocolError as exc:
+            self.fail_channel(str(exc))
+        except (ConnectionError, OSError) as exc:
             print(f"agent channel error: {exc!r}", file=sys.stderr)
+        except Exception as exc:  # a frame the supervisor could not handle: fail closed, never half-open
+            traceback.print_exc()
+            self.fail_channel(f"a guest frame could not be handled ({type(exc).__name__})")
         if self.agent_writer is writer:
             self.agent_writer = None
-            self.set_signal("execReady", False, "agent channel closed")
+            if not self.channel_failed:
+                self.set_signal("execReady", False, "agent channel closed")
+        writer.close()
+
+    async def hold_for_clients(self) -> None:
+        """Stop reading the agent while a client that owns streams is over its output bound (so the guest
+        blocks in its writes instead of the host buffering without end), until it drains or, after
+        CLIENT_STALL_LIMIT, is disconnected. Polls once a second so a client that goes away frees it at once."""
+        while True:
+            stalled = [c for c in self.hub.stream_owners() if c.congested]
+            if not stalled:
+                if self.held_since is not None:
+                    self.held_since = None
+                    self.last_pong = time.monotonic()  # the agent could not answer pings while held
+                return
+            client = stalled[0]
+            if self.hub.check_stall(client):
+                continue
+            if self.held_since is None:
+                self.held_since = time.monotonic()
+            waited = time.monotonic() - (client.stalled_since or time.monotonic())
+            try:
+                await asyncio.wait_for(client.drained(), max(0.01, min(1.0, CLIENT_STALL_LIMIT - waited)))
+            except (asyncio.TimeoutError, ConnectionError):
+                pass
+
+    async def agent_drained(self) -> None:
+        """Wait while more than AGENT_BUFFER_LIMIT bytes wait for the guest to read (client stdin)."""
+        writer = self.agent_writer
+        if writer is not None and not writer.is_closing():
+            try:
+                await writer.drain()
+            except ConnectionError:
+                pass
 
     def to_agent(self, ftype: int, stream: int, payload: bytes = b"") -> bool:
         if self.agent_writer is None or self.agent_writer.is_closing():
@@ -321,21 +409,132 @@ class Supervisor:
 
     def exec_allowed(self) -> bool:
         return self.ready.is_set() and self.state.state in ("running", "quarantined") and \
-            self.agent_writer is not None
+            self.agent_writer is not None and not self.channel_failed
+
+    def fail_channel(self, reason: str) -> None:
+        """The agent broke the protocol: end the channel, fail every command, save the truth, kill the VM."""
+        if self.channel_failed:
+            return
+        self.channel_failed = True
+        reason = safe_text(reason, 300)
+        error = (f"the guest agent broke the channel protocol ({reason}); the channel was closed and the VM "
+                 f"killed. Treat the guest as compromised: delete the workspace, or start it again")
+        print(f"supervisor: {error}", file=sys.stderr)
+        self.serial_note(f"agent channel failed: {reason}")
+        for name in ("guestReady", "execReady"):
+            self.set_signal(name, False, "agent channel closed", f"protocol violation: {reason}")
+        if self.intent not in ("halt", "stop", "kill"):
+            self.intent = "channel-failed"  # no restart: a hostile guest does not get another boot by itself
+        self.save(state="failed", error=error)
+        self.hub.fail_all(error)
+        self.tasks.fail_all(error)
+        if self.agent_writer is not None:
+            self.agent_writer.close()
+        self.agent_writer = None
+        self.kill_vm()
+        self.notify_ready(False, error)
+
+    def drop_frame(self, ftype: int, stream: int, why: str) -> None:
+        """Count (and log the first few of) a well-formed guest frame the host did not ask for."""
+        self.state.dropped_frames += 1
+        count = self.state.dropped_frames
+        if count <= 10 or count % 1000 == 0:
+            print(f"supervisor: dropped guest frame type 0x{ftype:02x} on stream {stream}: {why} "
+                  f"({count} dropped this boot)", file=sys.stderr)
+        self.save_soon()
 
     def on_agent_frame(self, ftype: int, stream: int, payload: bytes) -> None:
-        if ftype == FrameType.HELLO:
+        """Dispatch one guest frame (raises ProtocolError for a frame that must end the channel)."""
+        if ftype not in GUEST_FRAME_TYPES:
+            raise ProtocolError(f"frame type 0x{ftype:02x} on stream {stream}, which the agent never sends")
+        if stream == 0:
+            self.on_agent_control(ftype, payload)
+            return
+        if stream == LIVENESS_STREAM:
+            if ftype == FrameType.PONG:
+                self.on_pong()
+            else:
+                self.drop_frame(ftype, stream, "not a PONG on the liveness stream")
+            return
+        job = stream in self.tasks.jobs
+        route = self.hub.accepts(ftype, stream)
+        if not job and route is None:
+            if stream in self.hub.orphans:  # a command whose client left: expected, not forged
+                if ftype == FrameType.EXIT:
+                    self.hub.orphans.discard(stream)
+                return
+            self.drop_frame(ftype, stream, "no command runs on that stream")
+            return
+        if (job and ftype == FrameType.PONG) or route is False:
+            self.drop_frame(ftype, stream, "that stream does not carry this type")
+            return
+        if ftype == FrameType.EXIT:
+            payload = self.checked_exit(payload)
+        elif ftype == FrameType.ERROR:
+            payload = safe_text(payload, 1000).encode()
+        if not self.tasks.deliver(ftype, stream, payload):
+            self.hub.deliver(ftype, stream, payload)
+
+    @staticmethod
+    def checked_exit(payload: bytes) -> bytes:
+        """An EXIT payload re-encoded from its parsed, validated fields (message made safe to show)."""
+        st = ExitStatus.parse(payload)
+        if st.status not in EXIT_STATUSES:
+            raise ProtocolError(f"EXIT with unknown status {safe_text(st.status, 40)!r}")
+        message = safe_text(st.message, 1000)
+        return f"{st.status} {st.code}{' ' + message if message else ''}".encode()
+
+    def on_agent_control(self, ftype: int, payload: bytes) -> None:
+        """Stream 0: HELLO once, READY once after HELLO, HALTING, ERROR; anything else is dropped."""
+        if ftype == FrameType.HELLO and not self.hello_seen:
+            self.hello_seen = True
             info = decode_kv(payload)
-            self.set_signal("guestReady", True, f"agent v{info.get('version', '?')} on kernel {info.get('kernel', '?')}")
-            self.state.kernel_release = info.get("kernel", "")
+            version = safe_text(info.get("version", "?"), 40)
+            kernel = safe_text(info.get("kernel", "?"), 120)
+            self.set_signal("guestReady", True, f"agent v{version} on kernel {kernel}")
+            self.state.kernel_release = kernel
             self.save()
             self.to_agent(FrameType.CONFIG, 0, self.config_payload())
-        elif ftype == FrameType.READY:
+        elif ftype == FrameType.READY and self.hello_seen and not self.ready_seen:
+            self.ready_seen = True
             asyncio.ensure_future(self.on_ready(decode_kv(payload)))
         elif ftype == FrameType.HALTING:
             pass
-        elif not self.tasks.deliver(ftype, stream, payload):
-            self.hub.deliver(ftype, stream, payload)
+        elif ftype == FrameType.ERROR:
+            print(f"agent reported: {safe_text(payload, 500)}", file=sys.stderr)
+        else:
+            what = {int(FrameType.HELLO): "a second HELLO", int(FrameType.READY): "READY out of order"}.get(
+                ftype, "a type stream 0 does not carry")
+            self.drop_frame(ftype, 0, f"{what} (ignored)")
+
+    # ---- liveness ------------------------------------------------------------------------------
+    async def liveness_loop(self) -> None:
+        """Ping the agent every PING_INTERVAL; save execReady false when it has not answered for
+        LIVENESS_TIMEOUT (a fork bomb, a wedged agent) and true again when it answers. The VM is left alone:
+        the user decides whether to wait or kill it. Pings are not judged while the host itself holds the
+        channel for a congested client."""
+        self.last_pong = time.monotonic()
+        while True:
+            await asyncio.sleep(PING_INTERVAL)
+            if self.channel_failed or self.agent_writer is None:
+                return
+            if self.held_since is not None:
+                self.last_pong = time.monotonic()
+                continue
+            self.to_agent(FrameType.PING, LIVENESS_STREAM, b"live")
+            silent = time.monotonic() - self.last_pong
+            if silent > LIVENESS_TIMEOUT and self.state.readiness.get("execReady", {}).get("ready"):
+                self.set_signal("execReady", False, "agent not answering",
+                                f"the guest agent has not answered a ping for {silent:.0f} s (guest overloaded "
+                                f"or wedged); commands may hang; wait, or kill the workspace")
+                self.save()
+
+    def on_pong(self) -> None:
+        self.last_pong = time.monotonic()
+        sig = self.state.readiness.get("execReady", {})
+        if self.ready.is_set() and not sig.get("ready") and sig.get("detail") == "agent not answering":
+            self.set_signal("execReady", True, "agent answering again")
+            self.save()
 
     async def on_ready(self, info: dict[str, str]) -> None:
         shell = self.launch.shell
@@ -344,13 +543,13 @@ class Supervisor:
         else:
             self.set_signal("shellReady", False, error=f"shell {shell} not found in the guest")
         if self.mediation:
-            med = info.get("mediation", "none")
+            med = safe_text(info.get("mediation", "none"), 200)
             self.mediation.guest_ready(med == "ok", "" if med == "ok" else f"guest side: {med}")
         else:
             self.set_signal("mediationReady", False, "no mediation channel configured")
-        errors = [f"{k}: {v}" for k, v in info.items() if v.startswith("error") and k != "mediation"]
-        if any(k == "mounts" for k in info if info[k].startswith("error")):
-            self.save(state="failed", error="attaching disks failed in the guest: " + info["mounts"])
+        errors = [safe_text(f"{k}: {v}", 300) for k, v in info.items() if v.startswith("error") and k != "mediation"]
+        if info.get("mounts", "").startswith("error"):
+            self.save(state="failed", error="attaching disks failed in the guest: " + safe_text(info["mounts"], 500))
             self.intent = "setup-failed"
             self.to_agent(FrameType.HALT, 0, b"halt")
             return
@@ -359,12 +558,15 @@ class Supervisor:
             if not await self.tasks.run_setup(self.launch.setup):
                 return
             self.setting_up = False
+        if self.channel_failed or self.vm_exited.is_set():
+            return
         boot = round(time.monotonic() - self.boot_t0, 3)
         self.set_signal("execReady", True, f"agent ready after {boot} s")
         self.ever_ready = True
-        self.save(state="running", boot_seconds=boot, error="; ".join(errors))
+        self.save(state="running", boot_seconds=boot, error="; ".join(errors[:8]))
         self.ready.set()
         self.notify_ready(True)
+        self.liveness_task = asyncio.ensure_future(self.liveness_loop())
         if self.launch.entrypoint:
             asyncio.ensure_future(self.tasks.run_entrypoint(self.launch.entrypoint))
 

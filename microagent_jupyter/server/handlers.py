@@ -1,5 +1,10 @@
 """REST handlers. Thin: every operation is one engine call, run off the event loop.
 
+Commands (exec) run in their own thread pool (:data:`EXEC_POOL`), so any number of long commands cannot take
+the threads that listing and status use; each has a default timeout (:data:`REST_EXEC_TIMEOUT`) and a capped
+response (``maxOutput`` bytes of stdout and of stderr, then a marker and ``"truncated": true``). Logs are
+read from the end of the file, never whole.
+
 Errors become ``{"error": message, "type": name}`` with a status code chosen in :func:`error_status`.
 No endpoint reads or writes a host path the server's ``MicroagentConfig.allowed_roots`` does not contain.
 """
@@ -11,6 +16,7 @@ import dataclasses
 import json
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import tornado.web
@@ -19,6 +25,7 @@ from jupyter_server.utils import url_path_join
 from tornado.iostream import StreamClosedError
 
 from microagent_engine import Engine
+from microagent_engine.client import DEFAULT_MAX_OUTPUT
 from microagent_engine.errors import (
     AlreadyExists,
     Busy,
@@ -30,6 +37,7 @@ from microagent_engine.errors import (
     MicroagentError,
     NotFound,
 )
+from microagent_engine.logfiles import SERIAL_LOG_MAX, tail_bytes, tail_lines
 from microagent_engine.model import Attachment, Output
 
 from .._engine import create_kwargs, get_engine
@@ -37,6 +45,11 @@ from .config import MicroagentConfig
 
 NAME = r"(?P<name>[^/]+)"
 TEXT = "text/plain; charset=utf-8"
+#: seconds a REST exec may run when the request names no timeout (``"timeout": 0`` means none)
+REST_EXEC_TIMEOUT = 300.0
+#: threads for REST execs, apart from the default pool that every other (short) engine call uses; more
+#: concurrent execs than this wait their turn, and never delay listing or status
+EXEC_POOL = ThreadPoolExecutor(max_workers=32, thread_name_prefix="microagent-rest-exec")
 
 
 class Forbidden(Exception):
@@ -72,6 +85,10 @@ class BaseHandler(APIHandler):
     async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run a blocking engine call in a worker thread."""
         return await asyncio.get_running_loop().run_in_executor(None, lambda: fn(*args, **kwargs))
+
+    async def call_long(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a blocking call that may take as long as a guest command, in the exec pool."""
+        return await asyncio.get_running_loop().run_in_executor(EXEC_POOL, lambda: fn(*args, **kwargs))
 
     def send_json(self, data: Any, status: int = 200) -> None:
         self.set_status(status)
@@ -247,7 +264,7 @@ class ExecHandler(BaseHandler):
     async def post(self, name: str) -> None:
         async def go() -> None:
             body = self.body()
-            unknown = set(body) - {"argv", "env", "cwd", "timeout", "stdin"}
+            unknown = set(body) - {"argv", "env", "cwd", "timeout", "stdin", "maxOutput"}
             if unknown:
                 raise BadRequest(f"unknown field(s) {', '.join(sorted(unknown))}")
             argv = body.get("argv")
@@ -256,14 +273,18 @@ class ExecHandler(BaseHandler):
             env = body.get("env")
             if env is not None and (not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values())):
                 raise BadRequest("'env' must be an object of string values")
-            timeout = body.get("timeout")
-            if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))):
-                raise BadRequest("'timeout' must be a number of seconds")
+            timeout = body.get("timeout", REST_EXEC_TIMEOUT)
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+                raise BadRequest(f"'timeout' must be a number of seconds (default {REST_EXEC_TIMEOUT:.0f}; 0: none)")
+            max_output = body.get("maxOutput", DEFAULT_MAX_OUTPUT)
+            if isinstance(max_output, bool) or not isinstance(max_output, int) or max_output <= 0:
+                raise BadRequest(f"'maxOutput' must be a positive number of bytes (default {DEFAULT_MAX_OUTPUT})")
             stdin = body.get("stdin")
             if stdin is not None and not isinstance(stdin, str):
                 raise BadRequest("'stdin' must be a string")
-            result = await self.call(self.engine.exec, name, argv, env=env, cwd=body.get("cwd"), timeout=timeout,
-                                     stdin=stdin.encode() if stdin is not None else None)
+            result = await self.call_long(self.engine.exec, name, argv, env=env, cwd=body.get("cwd"),
+                                          timeout=timeout or None, max_output=max_output,
+                                          stdin=stdin.encode() if stdin is not None else None)
             self.send_json(result.to_json())
         await self.guarded(go)
 
@@ -279,11 +300,12 @@ class LogsHandler(BaseHandler):
                     raise ValueError
             except ValueError:
                 raise BadRequest(f"tail must be a non-negative integer, got {tail!r}") from None
-            data = await self.call(lambda: b"".join(self.engine.logs(name)))
-            text = data.decode(errors="replace").replace("\r\n", "\n")
-            lines = text.splitlines()
-            if n is not None:
-                lines = lines[-n:] if n else []
+            path = (await self.call(self.engine.status, name)).dir.serial_log
+            if n is None:  # the current log (capped at SERIAL_LOG_MAX by rotation), read from its end anyway
+                data = await self.call(tail_bytes, path, SERIAL_LOG_MAX)
+                lines = data.decode(errors="replace").replace("\r\n", "\n").splitlines()
+            else:
+                lines = await self.call(tail_lines, path, n)
             if "application/json" in self.request.headers.get("Accept", "") or \
                     self.get_query_argument("format", "") == "json":
                 self.send_json({"name": name, "lines": lines})
