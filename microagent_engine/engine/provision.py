@@ -18,6 +18,7 @@ from ..config import (
     validate_env,
     validate_hostname,
     validate_name,
+    validate_resource,
 )
 from ..errors import AlreadyExists, InvalidArgument, InvalidState, NotFound
 from ..fsutil import file_lock
@@ -63,9 +64,10 @@ class Provisioner:
         ctx = self.ctx
         name = validate_name(f"ws-{secrets.token_hex(4)}" if name is None else name)
         prof = get_profile(profile)
-        for label, value in (("--memory", memory_mib), ("--cpus", cpus), ("--size-mib", size_mib)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                raise InvalidArgument(f"{label} must be a positive whole number, got {value!r}")
+        for key, label, value in (("memory_mib", "--memory", memory_mib), ("cpus", "--cpus", cpus),
+                                  ("size_mib", "--size-mib", size_mib)):
+            if value is not None:
+                validate_resource(key, value, label)
         validate_choice(network, NETWORK_MODES, "network mode")
         validate_choice(restart, RESTART_POLICIES, "restart policy")
         if accel:

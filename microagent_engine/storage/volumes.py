@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ..config import validate_name
+from ..config import MAX_DISK_MIB, validate_name
 from ..errors import AlreadyExists, InvalidArgument, MicroagentError, NotFound, VolumeInUse
 from ..fsutil import file_lock, read_json, write_json_atomic
 from .ext4 import make_ext4
@@ -22,7 +22,7 @@ from .ext4 import make_ext4
 #: the seeds give no default; 1024 MiB matches the default ("small") profile's disk
 DEFAULT_SIZE_MIB = 1024
 MIN_SIZE_MIB = 8
-MAX_SIZE_MIB = 16 * 1024 * 1024
+MAX_SIZE_MIB = MAX_DISK_MIB
 INDEX_VERSION = 1
 
 
