@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..fsutil import open_private
 from ..model import LaunchSpec
 from ..protocol import ExitStatus, FrameDecoder, FrameType, decode_kv, encode_entries, encode_frame
 from ..records import WorkspaceDir, now_iso, process_start_time, signal as readiness
@@ -72,7 +73,7 @@ class Supervisor:
         self.ready = asyncio.Event()
         self.ever_ready = False
         self.boot_t0 = time.monotonic()
-        self.serial_log = open(ws.serial_log, "ab", buffering=0)
+        self.serial_log = open_private(ws.serial_log, "ab", buffering=0)
         self.restart_policy = launch.restart
         self.mediation = MediationBridge(launch.mediation, self.report_mediation) if launch.mediation else None
 
@@ -189,7 +190,7 @@ class Supervisor:
             self.set_signal(name, False, "booting")
         self.boot_t0 = time.monotonic()
         self.serial_note(f"boot at {now_iso()} (accel {self.launch.accel})")
-        vm_log = open(self.ws.vm_log, "ab")
+        vm_log = open_private(self.ws.vm_log, "ab")
         vm_log.write(f"--- {now_iso()} {' '.join(self.launch.argv)}\n".encode())
         vm_log.flush()
         try:
