@@ -83,6 +83,16 @@ def validate_resource(key: str, value: Any, label: str | None = None) -> int:
     return value
 
 
+def validate_text(value: Any, what: str) -> str:
+    """``value`` if it is a string without NUL bytes (a guest command, path or image reference), else
+    InvalidArgument naming ``what``."""
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{what} must be a string, got {type(value).__name__}")
+    if "\0" in value:
+        raise InvalidArgument(f"{what} must not contain a NUL byte")
+    return value
+
+
 def validate_env_key(key: str) -> str:
     """An environment variable name: letters, digits and '_', not starting with a digit."""
     if not isinstance(key, str) or not _ENV_KEY_RE.fullmatch(key):

@@ -19,6 +19,7 @@ from ..config import (
     validate_hostname,
     validate_name,
     validate_resource,
+    validate_text,
 )
 from ..errors import AlreadyExists, InvalidArgument, InvalidState, NotFound
 from ..fsutil import file_lock, private_dir
@@ -75,6 +76,10 @@ class Provisioner:
         if hostname is not None:
             validate_hostname(hostname)
         env = validate_env(dict(env or {}))
+        for what, text in (("image", image), ("shell", shell), ("entrypoint", entrypoint), ("kernel", kernel),
+                           *((f"setup[{i}]", cmd) for i, cmd in enumerate(setup or []))):
+            if text is not None:
+                validate_text(text, what)
         if mediation is not None and not isinstance(mediation, Mediation):
             raise InvalidArgument("mediation must be a microagent_engine.model.Mediation (parse the CLI form "
                                   "with model.parse_mediation_flag)")
