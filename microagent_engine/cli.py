@@ -95,7 +95,7 @@ def _create_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     spec_path = Path(args.file) if args.file else find_default_spec(Path.cwd())
     if spec_path is None:
         return {k: v for k, v in given.items() if v is not None}
-    spec = load_spec(spec_path)
+    spec = load_spec(spec_path, allow_host_files=getattr(args, "allow_host_files", False))
     return merge(spec.to_create_kwargs(), given)
 
 
@@ -390,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--bundle", action="append", metavar="NAME=/path.tar:/mount[:ro|rw]")
         p.add_argument("--output", action="append", metavar="NAME=/guest/path", help="declared output artifact")
         p.add_argument("-f", "--file", help="workspace spec (default: ./microagent.yaml or ./microagent.yml)")
+        p.add_argument("--allow-host-files", action="store_true", help="let the spec copy or attach host files "
+                       "outside its own directory (only for a spec you trust)")
         p.add_argument("--setup", action="append", metavar="CMD", help="shell command run once before first start")
         p.add_argument("--entrypoint", metavar="CMD", help="command run when the workspace starts")
         p.add_argument("--restart", choices=["never", "on-failure", "always"], help="restart policy")

@@ -7,6 +7,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import InvalidArgument
 
@@ -23,6 +24,12 @@ NETWORK_CHOICES = ("user", "isolated")
 ACCEL_CHOICES = ("auto", "kvm", "tcg")
 #: how long a boot may take before the workspace is marked failed, by accelerator (TCG emulates every instruction)
 BOOT_TIMEOUTS = {"kvm": 30.0, "tcg": 90.0}
+#: the largest disk image (rootfs or volume) in MiB: ext4 with 4 KiB blocks, the format of both the host file
+#: holding the image on a typical host and the guest filesystem inside it, holds files up to 16 TiB minus one
+#: block. Images are sparse, so free space is not required up front (a guest filling its disk gets ENOSPC).
+MAX_DISK_MIB = 16 * 1024 * 1024 - 1
+#: resource keyword -> the name users see for it (spec/REST/JSON casing)
+RESOURCE_NAMES = {"memory_mib": "memoryMiB", "cpus": "cpuCount", "size_mib": "sizeMiB"}
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -47,6 +54,43 @@ def validate_name(name: str, kind: str = "workspace") -> str:
             f"invalid {kind} name {name!r}: use letters, digits, '.', '_' and '-', starting with a letter or digit"
         )
     return name
+
+
+def resource_limit(key: str) -> int:
+    """The upper bound of resource ``key`` (``memory_mib``, ``cpus`` or ``size_mib``): the host's RAM in MiB,
+    its CPU cores, or :data:`MAX_DISK_MIB`."""
+    from .hostinfo import host_capacity  # hostinfo imports this module
+
+    ram_mib, cores = host_capacity()
+    return {"memory_mib": ram_mib, "cpus": cores, "size_mib": MAX_DISK_MIB}[key]
+
+
+def validate_resource(key: str, value: Any, label: str | None = None) -> int:
+    """``value`` if it is a whole number from 1 to :func:`resource_limit` for ``key``, else InvalidArgument.
+    ``label`` names the value in the message (a flag such as ``--memory``; default the JSON field name).
+    The one rule for explicit memory, vCPU and disk sizes from the CLI, the spec, REST and Python."""
+    label = label or RESOURCE_NAMES[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"{label} must be a positive whole number, got {str(value)[:40]!r}")
+    if value <= 0:
+        raise InvalidArgument(f"{label} must be a positive whole number, got {value}")
+    limit = resource_limit(key)
+    if value > limit:
+        what = {"memory_mib": f"this host's RAM ({limit} MiB)", "cpus": f"this host's CPU cores ({limit})",
+                "size_mib": f"the largest disk image ({limit} MiB, ext4's 16 TiB file limit)"}[key]
+        shown = value if value.bit_length() < 64 else f"a {value.bit_length()}-bit number"
+        raise InvalidArgument(f"{label} {shown} exceeds {what}; use at most {limit}")
+    return value
+
+
+def validate_text(value: Any, what: str) -> str:
+    """``value`` if it is a string without NUL bytes (a guest command, path or image reference), else
+    InvalidArgument naming ``what``."""
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{what} must be a string, got {type(value).__name__}")
+    if "\0" in value:
+        raise InvalidArgument(f"{what} must not contain a NUL byte")
+    return value
 
 
 def validate_env_key(key: str) -> str:

@@ -1,4 +1,9 @@
-"""Small filesystem helpers: atomic JSON files and advisory locks."""
+"""Small filesystem helpers: private files and directories, atomic JSON files, advisory locks, leftover sweeps.
+
+Everything under the state dir is private to its owner whatever the umask: directories 0700, files 0600
+(guest disks, consoles and records may hold secrets). Every creation point goes through :func:`private_dir`,
+:func:`open_private`, :func:`make_private` or :func:`write_json_atomic`.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +13,82 @@ import fcntl
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 from .errors import Busy
 
 
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+#: temp files (``.NAME.tmp``, ``.NAME.XXXX`` of write_json_atomic) a killed command may leave;
+#: older than this they belong to no live operation and are swept on the next use of their directory
+STALE_TEMP_SECONDS = 3600.0
+_OPEN_FLAGS = {"wb": os.O_WRONLY | os.O_TRUNC, "w": os.O_WRONLY | os.O_TRUNC, "ab": os.O_WRONLY | os.O_APPEND,
+               "a": os.O_WRONLY | os.O_APPEND}
+
+
+def private_dir(path: Path) -> Path:
+    """Create directory ``path`` (and missing parents) with mode 0700 regardless of the umask; an existing
+    directory owned by us is tightened to 0700. Returns ``path``."""
+    path = Path(path)
+    missing = []
+    cur = path
+    while not cur.exists() and cur != cur.parent:
+        missing.append(cur)
+        cur = cur.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(d, PRIVATE_DIR_MODE)
+            os.chmod(d, PRIVATE_DIR_MODE)  # mkdir's mode is masked by the umask
+    make_private(path, PRIVATE_DIR_MODE)
+    return path
+
+
+def make_private(path: Path, mode: int = PRIVATE_FILE_MODE) -> None:
+    """chmod ``path`` to ``mode`` (default 0600) if we own it and it is looser; never raises for a file we may
+    not change (someone else's, a read-only filesystem)."""
+    with contextlib.suppress(OSError):
+        st = os.stat(path)
+        if st.st_uid == os.geteuid() and st.st_mode & 0o777 != mode:
+            os.chmod(path, mode)
+
+
+def open_private(path: Path, mode: str = "ab", buffering: int = -1) -> IO[Any]:
+    """``open(path, mode)`` for ``"wb"``/``"ab"``/``"w"``/``"a"`` that creates the file 0600 whatever the umask
+    and tightens an existing one (a log or disk written before this rule)."""
+    fd = os.open(path, _OPEN_FLAGS[mode] | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE)
+    try:
+        with contextlib.suppress(OSError):
+            if os.fstat(fd).st_mode & 0o777 != PRIVATE_FILE_MODE:
+                os.fchmod(fd, PRIVATE_FILE_MODE)
+        return os.fdopen(fd, mode, buffering)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def sweep_stale_temp(directory: Path, patterns: tuple[str, ...] = (".*.tmp",),
+                     stale_after: float = STALE_TEMP_SECONDS) -> list[Path]:
+    """Delete files in ``directory`` matching ``patterns`` that are older than ``stale_after`` seconds: what a
+    killed command left (a live operation rewrites its temp file, so its mtime stays fresh). Returns them."""
+    now, removed = time.time(), []
+    for pattern in patterns:
+        for path in Path(directory).glob(pattern):
+            try:
+                if path.is_file() and not path.is_symlink() and now - path.stat().st_mtime > stale_after:
+                    path.unlink()
+                    removed.append(path)
+            except OSError:
+                continue
+    return removed
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` so a reader sees the old or the new file, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``data`` as JSON to ``path`` (mode 0600) so a reader sees the old or the new file, never a mix."""
+    if not path.parent.is_dir():
+        private_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
@@ -44,8 +116,9 @@ def read_json(path: Path) -> Any:
 @contextlib.contextmanager
 def file_lock(path: Path, *, blocking: bool = True, what: str = "") -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path`` (a dedicated lock file, never the data file itself)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    if not path.parent.is_dir():
+        private_dir(path.parent)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE)
     try:
         flags = fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB
         try:

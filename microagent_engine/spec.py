@@ -3,6 +3,12 @@
 Every error names the file, line and field (``microagent.yaml:14: files[0].mode: ...``). Lines come from
 PyYAML's composed node tree, which is converted to Python values by a small walker that records where each
 field was written.
+
+A spec may come from a cloned repository, so it is read as untrusted input: the file size, the nesting depth,
+the number of aliases and the size of the tree they expand to are bounded (no alias bomb hangs the loader, no
+nesting overflows the stack), every reader/constructor failure becomes a :class:`SpecError` naming the file,
+and host paths (``files[].src``, ``disks[].path``, ``bundles[].path``) must lie inside the spec's directory
+(symlinks resolved) unless the caller opts in with ``allow_host_files``.
 """
 
 from __future__ import annotations
@@ -12,13 +18,22 @@ import json
 import os
 import posixpath
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .config import PROFILES, RESTART_POLICIES, hostname_for, validate_env_key, validate_hostname, validate_name
+from .config import (
+    PROFILES,
+    RESTART_POLICIES,
+    hostname_for,
+    validate_env_key,
+    validate_hostname,
+    validate_name,
+    validate_resource,
+)
 from .errors import InvalidArgument, MicroagentError, SpecError
 from .model import Attachment, FileCopy, Mediation, Output, parse_host_port, validate_mountpoint
 from .sandbox.network import NetworkPolicy
@@ -29,6 +44,16 @@ DISK_MODES = ("ro", "rw")
 BUNDLE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 _MODE_RE = re.compile(r"^(0o)?[0-7]+$")
+
+#: bounds on a spec as untrusted input (a real spec is a few KiB, a few levels deep, with a handful of aliases)
+MAX_SPEC_BYTES = 1024 * 1024
+MAX_DEPTH = 32
+MAX_ALIASES = 64
+MAX_NODES = 20_000  # the tree after aliases are expanded
+MAX_NUMBER_CHARS = 64  # a longer int/float scalar is no resource size (and sexagesimal ints cost quadratic time)
+MAX_KEY_CHARS = 128
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+_COLLECTION_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
 
 
 @dataclass(frozen=True)
@@ -157,31 +182,81 @@ def find_default_spec(cwd: Path) -> Path | None:
     return found[0] if found else None
 
 
-def load_spec(path: Path) -> WorkspaceSpec:
-    """Read and validate the spec at ``path``."""
+def load_spec(path: Path, *, allow_host_files: bool = False) -> WorkspaceSpec:
+    """Read and validate the spec at ``path``. Host paths in it must lie in its directory unless
+    ``allow_host_files`` (the CLI's ``--allow-host-files``)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise SpecError("is a directory; give the path of a microagent.yaml file", file=path)
+        if not stat.S_ISREG(st.st_mode):
+            raise SpecError("is not a regular file (a device, pipe or socket); give the path of a microagent.yaml "
+                            "file", file=path)
+        if st.st_size > MAX_SPEC_BYTES:
+            raise SpecError(f"is {st.st_size} bytes; a spec may be at most {MAX_SPEC_BYTES} bytes", file=path)
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_SPEC_BYTES + 1)
     except FileNotFoundError:
         raise SpecError("spec file not found; check the --file path", file=path) from None
-    except IsADirectoryError:
-        raise SpecError("is a directory; give the path of a microagent.yaml file", file=path) from None
-    except UnicodeDecodeError as exc:
-        raise SpecError(f"is not UTF-8 text ({exc.reason}); save it as UTF-8", file=path) from None
     except OSError as exc:
-        raise SpecError(f"cannot read the spec file: {exc.strerror}", file=path) from None
-    return parse_spec(text, path)
+        raise SpecError(f"cannot read the spec file: {exc.strerror or exc}", file=path) from None
+    except ValueError as exc:  # e.g. a NUL byte in the path itself
+        raise SpecError(f"is not a usable path ({exc})", file=_printable(str(path))) from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(f"is larger than {MAX_SPEC_BYTES} bytes, the limit for a spec", file=path)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8",
+                        file=path, line=data[:exc.start].count(b"\n") + 1) from None
+    return parse_spec(text, path, allow_host_files=allow_host_files)
 
 
-def parse_spec(text: str, source: Path) -> WorkspaceSpec:
+def parse_spec(text: str, source: Path, *, allow_host_files: bool = False) -> WorkspaceSpec:
     """Validate spec ``text``; ``source`` names it in errors and anchors relative host paths."""
     source = Path(source)
+    if len(text) > MAX_SPEC_BYTES:
+        raise SpecError(f"is larger than {MAX_SPEC_BYTES} characters, the limit for a spec", file=source)
     doc = _Doc(source)
     top = doc.load(text)
-    return _Validator(doc).spec(top)
+    return _Validator(doc, allow_host_files=allow_host_files).spec(top)
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters and lone surrogates escaped, safe to show on a terminal."""
+    return "".join(c if c.isprintable() and not 0xD800 <= ord(c) <= 0xDFFF else
+                   json.dumps(c)[1:-1] for c in text)
 
 
 # --- YAML nodes -> Python values, with the line of every field ---------------------------------------------
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with the composer bounded: nesting depth and number of aliases."""
+
+    def __init__(self, text: str, source: Path) -> None:
+        super().__init__(text)
+        self.source = source
+        self.depth = 0
+        self.aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # noqa: D102 - PyYAML's hook
+        event = self.peek_event()
+        line = event.start_mark.line + 1 if event.start_mark else None
+        if isinstance(event, yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                raise SpecError(f"more than {MAX_ALIASES} YAML aliases ('*name'); write the values out",
+                                file=self.source, line=line)
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise SpecError(f"nested more than {MAX_DEPTH} levels deep; a spec needs a few levels",
+                                file=self.source, line=line)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 class _Doc:
@@ -191,14 +266,20 @@ class _Doc:
         self.source = source
         self.lines: dict[str, int] = {}
         self.raw: dict[str, str] = {}
+        self.nodes = 0
 
     def error(self, path: str, problem: str, line: int | None = None) -> SpecError:
         return SpecError(problem, file=self.source, line=line if line is not None else self.lines.get(path),
                          field=path or None)
 
     def load(self, text: str) -> dict[str, Any]:
-        loader = yaml.SafeLoader(text)
+        nul = text.find("\0")
+        if nul >= 0:
+            raise SpecError("contains a NUL byte; a spec is YAML text (is this a binary file?)", file=self.source,
+                            line=text.count("\n", 0, nul) + 1)
+        loader = None
         try:
+            loader = _BoundedLoader(text, self.source)
             root = loader.get_single_node()
             if root is None:
                 raise SpecError("the spec is empty; add fields such as 'name:' and 'image:'", file=self.source,
@@ -214,19 +295,50 @@ class _Doc:
             if problem.startswith("but ") and exc.context:  # "expected X" lives in context
                 problem = f"{exc.context}, {problem}"
             hint = "; indent with spaces, not tabs" if "\\t" in problem or "\t" in problem else ""
-            raise SpecError(f"invalid YAML: {problem}{hint}", file=self.source,
+            raise SpecError(f"invalid YAML: {_printable(problem)}{hint}", file=self.source,
                             line=mark.line + 1 if mark else None) from None
+        except yaml.reader.ReaderError as exc:
+            char = f"U+{exc.character:04X}" if isinstance(exc.character, int) else repr(exc.character)
+            raise SpecError(f"invalid YAML: the character {char} is not allowed in YAML text; remove it",
+                            file=self.source, line=text.count("\n", 0, max(exc.position, 0)) + 1) from None
         except yaml.YAMLError as exc:
-            raise SpecError(f"invalid YAML: {exc}", file=self.source) from None
+            raise SpecError(f"invalid YAML: {_printable(str(exc))}", file=self.source) from None
+        except RecursionError:  # the bounds above should make this unreachable; never a traceback
+            raise SpecError("nested too deeply; a spec needs a few levels", file=self.source) from None
         finally:
-            loader.dispose()
+            if loader is not None:
+                loader.dispose()
+
+    def _scalar(self, loader: yaml.SafeLoader, node: yaml.ScalarNode, path: str) -> Any:
+        line = node.start_mark.line + 1
+        if node.tag in _NUMBER_TAGS and len(node.value) > MAX_NUMBER_CHARS:
+            raise self.error(path, f"a number of {len(node.value)} characters; no field takes one that long", line)
+        try:
+            value = loader.construct_object(node, deep=True)
+        except (ValueError, OverflowError, TypeError) as exc:  # e.g. a timestamp 2024-13-45
+            raise self.error(path, f"{_q(node.value)} cannot be read as {node.tag.rsplit(':', 1)[-1]} ({exc}); "
+                                   f"quote it to make it a string", line) from None
+        if isinstance(value, str) and any(0xD800 <= ord(c) <= 0xDFFF for c in value):
+            raise self.error(path, "contains an escaped UTF-16 surrogate (e.g. \\ud800), which is not a "
+                                   "character; remove it", line)
+        return value
 
     def _convert(self, loader: yaml.SafeLoader, node: yaml.Node, path: str, active: set[int]) -> Any:
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise self.error(path, f"the spec expands to more than {MAX_NODES} values (YAML aliases repeat "
+                                   f"their value); write it out plainly", node.start_mark.line + 1)
+        if len(active) >= MAX_DEPTH:
+            raise self.error(path, f"nested more than {MAX_DEPTH} levels deep (through aliases); a spec needs a "
+                                   f"few levels", node.start_mark.line + 1)
         if isinstance(node, yaml.ScalarNode):
             self.raw[path] = node.value
-            return loader.construct_object(node, deep=True)
+            return self._scalar(loader, node, path)
         if id(node) in active:
             raise self.error(path, "a YAML alias refers to itself; write the value out", node.start_mark.line + 1)
+        if node.tag not in _COLLECTION_TAGS:
+            raise self.error(path, f"the YAML tag {_q(node.tag)} is not supported; write a plain list or mapping",
+                             node.start_mark.line + 1)
         active = active | {id(node)}
         if isinstance(node, yaml.SequenceNode):
             items = []
@@ -242,10 +354,13 @@ class _Doc:
                 raise self.error(path, "a key is a list or mapping; keys must be plain field names", key_line)
             if key_node.tag == "tag:yaml.org,2002:merge":
                 raise self.error(path, "YAML merge keys ('<<') are not supported; write the fields out", key_line)
-            key = loader.construct_object(key_node, deep=True)
+            key = self._scalar(loader, key_node, path)
             if not isinstance(key, str):
-                raise self.error(path, f"key {key_node.value} is not a string; quote it: {_q(key_node.value)}",
+                raise self.error(path, f"key {_printable(key_node.value[:80])} is not a string; quote it: {_q(key_node.value)}",
                                  key_line)
+            if len(key) > MAX_KEY_CHARS or not key.isprintable():
+                raise self.error(path, f"key {_q(key)} is not a field name (too long, or a control character); "
+                                       f"use plain field names", key_line)
             child = f"{path}.{key}" if path else key
             if key in mapping:
                 raise self.error(child, f"duplicate key (first set on line {self.lines[child]}); remove one of them",
@@ -275,22 +390,25 @@ def _describe(value: Any) -> str:
     if isinstance(value, (int, float)):
         return f"the number {value}"
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
+        return _q(value)
     if isinstance(value, dict):
         return "a mapping"
     if isinstance(value, list):
         return "a list"
-    return f"a {type(value).__name__} ({value})"
+    return f"a {type(value).__name__} ({_printable(str(value)[:80])})"
 
 
-def _q(value: str) -> str:
-    return json.dumps(value, ensure_ascii=False)
+def _q(value: str, limit: int = 120) -> str:
+    """``value`` quoted for a message: JSON-escaped, control characters escaped, cut at ``limit`` characters."""
+    text = json.dumps(value if len(value) <= limit else value[:limit], ensure_ascii=False)
+    return _printable(text) + ("…" if len(value) > limit else "")
 
 
 class _Validator:
-    def __init__(self, doc: _Doc):
+    def __init__(self, doc: _Doc, *, allow_host_files: bool = False):
         self.doc = doc
         self.base = Path(os.path.abspath(doc.source)).parent
+        self.allow_host_files = allow_host_files
 
     def err(self, path: str, problem: str) -> SpecError:
         return self.doc.error(path, problem)
@@ -362,15 +480,24 @@ class _Validator:
         return norm
 
     def host_file(self, value: Any, path: str) -> Path:
-        """A host path relative to the spec's directory (or absolute) naming an existing regular file."""
+        """A host path relative to the spec's directory naming an existing regular file. Unless the caller
+        allows host files, the path with symlinks resolved must lie inside the spec's directory: a cloned
+        repository's spec must not copy ``/etc/shadow`` or ``../../secret`` into an untrusted guest."""
         text = self.string(value, path)
         full = Path(os.path.abspath(self.base / Path(text).expanduser()))
+        if not self.allow_host_files:
+            real, base = os.path.realpath(full), os.path.realpath(self.base)
+            if os.path.commonpath([real, base]) != base:
+                raise self.err(path, f"{_q(text)} is outside the spec's directory ({base}); a spec may only "
+                                     f"use files beside it. Move the file there, or if you trust this spec, "
+                                     f"allow host files (microagent create --allow-host-files, "
+                                     f"load_spec(..., allow_host_files=True))")
         if not full.exists():
-            raise self.err(path, f"{_q(text)} does not exist (looked at {full}); relative paths start at the spec "
-                                 f"file's directory")
+            raise self.err(path, f"{_q(text)} does not exist (looked at {_printable(str(full))}); relative paths "
+                                 f"start at the spec file's directory")
         if not full.is_file():
-            raise self.err(path, f"{_q(text)} is not a regular file ({full}); a directory must be packed as a tar "
-                                 f"and listed under bundles")
+            raise self.err(path, f"{_q(text)} is not a regular file ({_printable(str(full))}); a directory must be "
+                                 f"packed as a tar and listed under bundles")
         return full
 
     def unique(self, seen: dict[str, str], key: str, path: str, what: str) -> None:
@@ -407,7 +534,12 @@ class _Validator:
             res = self.mapping(top["resources"], "resources", _RESOURCE_FIELDS)
             for key, attr in (("memoryMiB", "memory_mib"), ("cpuCount", "cpus"), ("sizeMiB", "size_mib")):
                 if key in res:
-                    setattr(spec, attr, self.positive_int(res[key], f"resources.{key}"))
+                    value = self.positive_int(res[key], f"resources.{key}")
+                    try:
+                        validate_resource(attr, value, key)  # the engine's bound, against this host
+                    except InvalidArgument as exc:
+                        raise self.err(f"resources.{key}", str(exc).removeprefix(f"{key} ")) from None
+                    setattr(spec, attr, value)
         if "mediation" in top:
             spec.mediation = self.mediation(top["mediation"])
         if "network" in top:

@@ -200,6 +200,7 @@ class MicroagentMagics(Magics):
     @argument("--output", action="append", default=[])
     @argument("-f", "--file", metavar="SPEC", help="create from a workspace spec (microagent.yaml); flags "
                                                   "override its fields. Default: ./microagent.yaml if present")
+    @argument("--allow-host-files", action="store_true", help="let the spec use host files outside its directory")
     @argument("--start", action="store_true", help="boot it right away")
     def _create_args(self, line: str) -> None:
         """%microagent create [NAME] [options]"""
@@ -343,7 +344,7 @@ class MicroagentMagics(Magics):
         overrides = dict(image=args.image, profile=args.profile, memory_mib=args.memory, cpus=args.cpus,
                          size_mib=args.size_mib, hostname=args.hostname, network=args.network,
                          **storage_kwargs(args), env=env_pairs(args.env) or None, name=args.name)
-        spec_kwargs = self._spec_kwargs(args.file)
+        spec_kwargs = self._spec_kwargs(args.file, args.allow_host_files)
         if spec_kwargs is not None:
             from microagent_engine.spec import merge
 
@@ -356,7 +357,7 @@ class MicroagentMagics(Magics):
         return D.workspace_record(info)
 
     @staticmethod
-    def _spec_kwargs(path: str | None) -> dict[str, Any] | None:
+    def _spec_kwargs(path: str | None, allow_host_files: bool = False) -> dict[str, Any] | None:
         from pathlib import Path
 
         from microagent_engine import spec
@@ -366,7 +367,7 @@ class MicroagentMagics(Magics):
             return None
         if not found.is_file():
             raise NotFound(f"no spec file at {found}")
-        return spec.load_spec(found).to_create_kwargs()
+        return spec.load_spec(found, allow_host_files=allow_host_files).to_create_kwargs()
 
     def _volume(self, engine: Engine, args: argparse.Namespace) -> Any:
         volumes = engine.volumes

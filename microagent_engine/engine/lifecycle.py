@@ -18,7 +18,7 @@ from ..backends.base import DiskSpec, VMSpec
 from ..client import SupervisorConnection
 from ..config import BOOT_TIMEOUTS
 from ..errors import GuestError, InvalidState, NotFound
-from ..fsutil import file_lock, write_json_atomic
+from ..fsutil import file_lock, open_private, write_json_atomic
 from ..guest.initramfs import build_initramfs
 from ..hostinfo import choose_accel
 from ..model import LaunchSpec
@@ -200,7 +200,7 @@ def spawn_supervisor(ws: WorkspaceDir, ready_fd: int) -> None:
                 os._exit(code)
         os.waitpid(pid, 0)
         return
-    with open(ws.supervisor_log, "ab") as log:
+    with open_private(ws.supervisor_log, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "microagent_engine.supervisor", *argv],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(ready_fd,), start_new_session=True,

@@ -18,9 +18,11 @@ from ..config import (
     validate_env,
     validate_hostname,
     validate_name,
+    validate_resource,
+    validate_text,
 )
 from ..errors import AlreadyExists, InvalidArgument, InvalidState, NotFound
-from ..fsutil import file_lock
+from ..fsutil import file_lock, private_dir
 from ..hostinfo import choose_accel
 from ..images.builtin import BUILTIN_REF, builtin_image, is_builtin
 from ..model import Attachment, FileCopy, Mediation, Output, validate_attachments, validate_outputs
@@ -64,9 +66,10 @@ class Provisioner:
         ctx = self.ctx
         name = validate_name(f"ws-{secrets.token_hex(4)}" if name is None else name)
         prof = get_profile(profile)
-        for label, value in (("--memory", memory_mib), ("--cpus", cpus), ("--size-mib", size_mib)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                raise InvalidArgument(f"{label} must be a positive whole number, got {value!r}")
+        for key, label, value in (("memory_mib", "--memory", memory_mib), ("cpus", "--cpus", cpus),
+                                  ("size_mib", "--size-mib", size_mib)):
+            if value is not None:
+                validate_resource(key, value, label)
         policy = NetworkPolicy.parse(network)
         validate_choice(restart, RESTART_POLICIES, "restart policy")
         if accel:
@@ -74,6 +77,10 @@ class Provisioner:
         if hostname is not None:
             validate_hostname(hostname)
         env = validate_env(dict(env or {}))
+        for what, text in (("image", image), ("shell", shell), ("entrypoint", entrypoint), ("kernel", kernel),
+                           *((f"setup[{i}]", cmd) for i, cmd in enumerate(setup or []))):
+            if text is not None:
+                validate_text(text, what)
         if mediation is not None and not isinstance(mediation, Mediation):
             raise InvalidArgument("mediation must be a microagent_engine.model.Mediation (parse the CLI form "
                                   "with model.parse_mediation_flag)")
@@ -115,24 +122,26 @@ class Provisioner:
             cfg.env = {**img.env, **cfg.env}  # the image's Env, overridden by the user's
             cfg.workdir = img.config.get("WorkingDir") or "/"
             cfg.size_mib = max(cfg.size_mib, img.size_mib)
-        ctx.store.workspaces_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(ctx.state_dir)
+        private_dir(ctx.store.workspaces_dir)
         ctx.store.sweep_leftovers()
         staging = WorkspaceDir(ctx.store.workspaces_dir / f".creating-{name}-{secrets.token_hex(4)}")
-        staging.path.mkdir()
+        staging.path.mkdir(mode=0o700)
         try:
-            ctx.progress(f"Building rootfs ({cfg.size_mib} MiB) from {cfg.image}")
-            clone_sized(base, staging.rootfs, cfg.size_mib)
-            for f in file_list:
-                debugfs.copy_in(staging.rootfs, Path(f.src), f.dst, mode=f.mode)
-            if shell and not debugfs.exists(staging.rootfs, shell):
-                raise InvalidArgument(f"shell {shell} does not exist in image {cfg.image}; pick a shell the "
-                                      f"image has (e.g. /bin/sh or /bin/bash)")
-            staging.save_config(cfg)
-            staging.save_state(WorkspaceState(state="prepared"))
-            try:
-                os.rename(staging.path, ws.path)
-            except OSError:
-                raise AlreadyExists(f"workspace {name!r} already exists; pick another name") from None
+            with file_lock(staging.ops_lock):  # held while this create lives: the sweep leaves it alone
+                ctx.progress(f"Building rootfs ({cfg.size_mib} MiB) from {cfg.image}")
+                clone_sized(base, staging.rootfs, cfg.size_mib)
+                for f in file_list:
+                    debugfs.copy_in(staging.rootfs, Path(f.src), f.dst, mode=f.mode)
+                if shell and not debugfs.exists(staging.rootfs, shell):
+                    raise InvalidArgument(f"shell {shell} does not exist in image {cfg.image}; pick a shell the "
+                                          f"image has (e.g. /bin/sh or /bin/bash)")
+                staging.save_config(cfg)
+                staging.save_state(WorkspaceState(state="prepared"))
+                try:
+                    os.rename(staging.path, ws.path)
+                except OSError:
+                    raise AlreadyExists(f"workspace {name!r} already exists; pick another name") from None
         finally:
             if staging.path.exists():
                 shutil.rmtree(staging.path, ignore_errors=True)

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..config import validate_name
 from ..errors import Busy, InvalidArgument, InvalidState, NotFound
-from ..fsutil import file_lock
+from ..fsutil import file_lock, sweep_stale_temp
 from ..records import WorkspaceConfig, WorkspaceDir, WorkspaceState, process_matches
 from ..sandbox.network import policy_of
 from ..states import ACTIVE, allowed_actions
@@ -63,6 +63,10 @@ class WorkspaceInfo:
         }
         out.update(s.readiness)
         return out
+
+
+#: a ``.creating-*`` directory younger than this may not hold its lock yet (made, lock not yet taken)
+_LOCK_GRACE_SECONDS = 10.0
 
 
 class WorkspaceStore:
@@ -142,13 +146,31 @@ class WorkspaceStore:
 
     def sweep_leftovers(self, stale_after: float = 3600.0) -> None:
         """Remove what a killed create or delete left behind: a ``.deleting-*`` directory (the delete had
-        committed by renaming) and a ``.creating-*`` one older than ``stale_after`` seconds."""
+        committed by renaming), a ``.creating-*`` one whose create is gone (its lock is free; a create holds
+        it from just after making the directory) or older than ``stale_after`` seconds, and stale temp files."""
         now = time.time()
         for path in self.workspaces_dir.glob(".*-*"):
             try:
+                age = now - path.stat().st_mtime
                 stale = path.name.startswith(".deleting-") or (
-                    path.name.startswith(".creating-") and now - path.stat().st_mtime > stale_after)
+                    path.name.startswith(".creating-") and (age > stale_after or (
+                        age > _LOCK_GRACE_SECONDS and self._abandoned(path))))
             except FileNotFoundError:
                 continue
             if stale:
                 shutil.rmtree(path, ignore_errors=True)
+        for path in self.workspaces_dir.iterdir():  # a killed save_state/copy leaves .state.json.XXXX, .x.tmp
+            if not path.name.startswith(".") and path.is_dir():
+                sweep_stale_temp(path, (".*.tmp", ".*.json.*"), stale_after)
+
+    @staticmethod
+    def _abandoned(staging: Path) -> bool:
+        """True if the create that made ``staging`` no longer runs: its lock file exists and is not held."""
+        lock = WorkspaceDir(staging).ops_lock
+        if not lock.exists():
+            return False
+        try:
+            with file_lock(lock, blocking=False):
+                return True
+        except (Busy, OSError):
+            return False

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
 from ..errors import HostError, NotFound
-from ..fsutil import file_lock
+from ..fsutil import file_lock, open_private
 from ..errors import AuthError, ImageError
 from .reference import DOCKER_DOMAIN, DOCKER_IO_ENV, ImageRef
 
@@ -257,7 +257,7 @@ class BlobCache:
         stream, resumed = fetch(offset)
         bar = ProgressBar(label, desc.size, offset if resumed else 0)
         try:
-            with open(partial, "ab" if resumed else "wb") as out:
+            with open_private(partial, "ab" if resumed else "wb") as out:
                 written = offset if resumed else 0
                 while chunk := stream.read(1 << 20):
                     written += len(chunk)

@@ -126,7 +126,7 @@ class ImageStore:
         """Pulls hold it shared so that prune/remove (exclusive) never delete blobs a build is using."""
         path = self.dir / "locks" / "gc.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             yield

@@ -18,10 +18,12 @@ import stat
 import lzma
 import tarfile
 import tempfile
+import time
 import zlib
 from pathlib import Path
 
 from ..errors import InvalidArgument
+from ..fsutil import STALE_TEMP_SECONDS, private_dir, sweep_stale_temp
 from .ext4 import make_ext4
 
 log = logging.getLogger(__name__)
@@ -211,7 +213,8 @@ def build_bundle(tar_path: Path, out: Path, staging_parent: Path, notes: list[st
     """
     tar_path, out = Path(tar_path), Path(out)
     notes = notes if notes is not None else []
-    staging_parent.mkdir(parents=True, exist_ok=True)
+    private_dir(staging_parent)
+    _sweep_staging(staging_parent)
     private = Path(tempfile.mkdtemp(prefix=".bundle-", dir=staging_parent))  # 0700
     root = private / "root"
     root.mkdir(mode=0o755)
@@ -233,6 +236,17 @@ def build_bundle(tar_path: Path, out: Path, staging_parent: Path, notes: list[st
         return out
     finally:
         shutil.rmtree(private, onerror=_force_remove)
+
+
+def _sweep_staging(staging_parent: Path) -> None:
+    """Remove the ``.bundle-*`` trees and ``.NAME.ext4.tmp`` images a killed build left (after an hour: a
+    live build's files are newer)."""
+    sweep_stale_temp(staging_parent, (".*.ext4.tmp",))
+    now = time.time()
+    for path in staging_parent.glob(".bundle-*"):
+        with contextlib.suppress(OSError):
+            if path.is_dir() and not path.is_symlink() and now - path.stat().st_mtime > STALE_TEMP_SECONDS:
+                shutil.rmtree(path, onerror=_force_remove)
 
 
 def _force_remove(func, path, _exc) -> None:  # type: ignore[no-untyped-def]

@@ -8,7 +8,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from ..errors import HostError
+from ..errors import HostError, InvalidArgument
+from ..fsutil import make_private, open_private
 from ..hostinfo import require_tool
 
 MKFS_OPTS = ["-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-m", "0",
@@ -23,13 +24,23 @@ def _run(cmd: list[str], what: str) -> subprocess.CompletedProcess[str]:
     return proc
 
 
+def _grow(fh: "object", path: Path, size_mib: int) -> None:
+    """Truncate the open image ``fh`` to ``size_mib`` MiB; InvalidArgument when the host filesystem cannot."""
+    try:
+        fh.truncate(size_mib * 1024 * 1024)  # type: ignore[attr-defined]
+    except (OSError, OverflowError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise InvalidArgument(f"the host filesystem holding {path.parent} cannot hold a {size_mib} MiB disk image "
+                              f"({why}); choose a smaller size") from None
+
+
 def make_ext4(path: Path, size_mib: int, source_dir: Path | None = None, label: str = "") -> None:
-    """Create ``path`` as a sparse ext4 of ``size_mib`` MiB, populated from ``source_dir``; atomic."""
+    """Create ``path`` as a sparse ext4 of ``size_mib`` MiB (mode 0600), populated from ``source_dir``; atomic."""
     mkfs = require_tool("mkfs.ext4")
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "wb") as fh:
-            fh.truncate(size_mib * 1024 * 1024)
+        with open_private(tmp, "wb") as fh:
+            _grow(fh, path, size_mib)
         cmd = [mkfs, *MKFS_OPTS]
         if label:
             cmd += ["-L", label[:16]]
@@ -52,15 +63,16 @@ def fsck(path: Path, *, fix: bool = True) -> None:
 
 
 def clone_sized(base: Path, dest: Path, size_mib: int) -> None:
-    """Sparse copy of ``base`` to ``dest`` grown to ``size_mib`` (never shrunk); atomic."""
+    """Sparse copy of ``base`` to ``dest`` (mode 0600) grown to ``size_mib`` (never shrunk); atomic."""
     resize2fs = require_tool("resize2fs")
     tmp = dest.with_name(f".{dest.name}.tmp")
     try:
         _run(["cp", "--sparse=always", "--reflink=auto", str(base), str(tmp)], "copying the base image")
+        make_private(tmp)
         if size_mib * 1024 * 1024 > tmp.stat().st_size:
             fsck(tmp)
             with open(tmp, "r+b") as fh:
-                fh.truncate(size_mib * 1024 * 1024)
+                _grow(fh, dest, size_mib)
             _run([resize2fs, "-f", str(tmp)], "resize2fs")
         os.replace(tmp, dest)
     finally:

@@ -14,15 +14,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ..config import validate_name
+from ..config import MAX_DISK_MIB, validate_name
 from ..errors import AlreadyExists, InvalidArgument, MicroagentError, NotFound, VolumeInUse
-from ..fsutil import file_lock, read_json, write_json_atomic
+from ..fsutil import file_lock, private_dir, read_json, sweep_stale_temp, write_json_atomic
 from .ext4 import make_ext4
 
 #: the seeds give no default; 1024 MiB matches the default ("small") profile's disk
 DEFAULT_SIZE_MIB = 1024
 MIN_SIZE_MIB = 8
-MAX_SIZE_MIB = 16 * 1024 * 1024
+MAX_SIZE_MIB = MAX_DISK_MIB
 INDEX_VERSION = 1
 
 
@@ -67,6 +67,11 @@ class VolumeRegistry:
         with file_lock(self.lock_path, what="the volume registry"):
             yield
 
+    def _sweep(self) -> None:
+        """Under the registry lock no other create runs, so any ``.NAME.ext4.tmp`` (and write_json_atomic
+        temp file) is what a killed command left: remove it."""
+        sweep_stale_temp(self.dir, (".*.ext4.tmp", ".index.json.*"), stale_after=0)
+
     def _load(self) -> dict[str, Volume]:
         if not self.index_path.exists():
             return {}
@@ -103,7 +108,9 @@ class VolumeRegistry:
         if not isinstance(size_mib, int) or not MIN_SIZE_MIB <= size_mib <= MAX_SIZE_MIB:
             raise InvalidArgument(f"volume size {size_mib!r} MiB is out of range; "
                                   f"use --size-mib between {MIN_SIZE_MIB} and {MAX_SIZE_MIB}")
+        private_dir(self.dir)
         with self._locked():
+            self._sweep()
             vols = self._load()
             if name in vols:
                 raise AlreadyExists(f'volume "{name}" already exists; use it, or delete it first with: '
@@ -132,6 +139,7 @@ class VolumeRegistry:
     def delete(self, name: str, force: bool = False) -> Volume:
         """Remove the volume and its disk; InvalidState while a running workspace holds it (unless force)."""
         with self._locked():
+            self._sweep()
             vols = self._load()
             vol = self._require(vols, name)
             if vol.attached and not force and self.is_running(vol.attached):

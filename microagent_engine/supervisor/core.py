@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MicroagentError, ProtocolError
+from ..fsutil import open_private
 from ..logfiles import RotatingLog, tail_bytes
 from ..model import LaunchSpec
 from ..protocol import EXIT_STATUSES, ExitStatus, FrameDecoder, FrameType, decode_kv, encode_config, encode_frame
@@ -214,7 +215,7 @@ class Supervisor:
             self.set_signal(name, False, "booting")
         self.boot_t0 = time.monotonic()
         self.serial_note(f"boot at {now_iso()} (accel {self.launch.accel})")
-        vm_log = open(self.ws.vm_log, "ab")
+        vm_log = open_private(self.ws.vm_log, "ab")
         vm_log.write(f"--- {now_iso()} {' '.join(self.launch.argv)}\n".encode())
         vm_log.flush()
         try:

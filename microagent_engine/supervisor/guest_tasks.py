@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Callable
 
+from ..fsutil import open_private
 from ..protocol import ExitStatus, FrameType, encode_exec
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ class GuestTasks:
     async def run_setup(self, commands: list[str]) -> bool:
         sup = self.sup
         log_path = sup.ws.path / "setup.log"
-        with open(log_path, "ab") as log:
+        with open_private(log_path, "ab") as log:
             def out(data: bytes) -> None:
                 log.write(data)
                 log.flush()

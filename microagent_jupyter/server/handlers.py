@@ -44,6 +44,7 @@ from .._engine import create_kwargs, get_engine
 from .config import MicroagentConfig
 
 NAME = r"(?P<name>[^/]+)"
+MAX_BODY_BYTES = 1024 * 1024  # a create or exec request is a few KiB; larger bodies are refused
 TEXT = "text/plain; charset=utf-8"
 #: seconds a REST exec may run when the request names no timeout (``"timeout": 0`` means none)
 REST_EXEC_TIMEOUT = 300.0
@@ -104,10 +105,12 @@ class BaseHandler(APIHandler):
     def body(self) -> dict[str, Any]:
         if not self.request.body:
             return {}
+        if len(self.request.body) > MAX_BODY_BYTES:
+            raise BadRequest(f"the request body is {len(self.request.body)} bytes; the limit is {MAX_BODY_BYTES}")
         try:
             data = json.loads(self.request.body)
-        except ValueError as exc:
-            raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser's stack
+            raise BadRequest(f"the request body is not valid JSON: {str(exc)[:200]}") from None
         if not isinstance(data, dict):
             raise BadRequest("the request body must be a JSON object")
         return data
@@ -188,7 +191,7 @@ class WorkspacesHandler(BaseHandler):
         async def go() -> None:
             body = self.body()
             kwargs, start = self.create_args(body)
-            env = body.get("env") or {}
+            env = body.get("env") if body.get("env") is not None else {}
             if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                     for k, v in env.items()):
                 raise BadRequest("'env' must be an object of string values")
@@ -231,7 +234,10 @@ class WorkspacesHandler(BaseHandler):
                                size_mib=size, network=body.get("network"), hostname=body.get("hostname"),
                                restart=body.get("restart"), shell=body.get("shell"), setup=setup,
                                entrypoint=body.get("entrypoint"), attachments=attachments, outputs=outputs)
-        return kwargs, bool(body.get("start"))
+        start = body.get("start", False)
+        if not isinstance(start, bool):
+            raise BadRequest("'start' must be true or false")
+        return kwargs, start
 
 
 class WorkspaceHandler(BaseHandler):
