@@ -144,7 +144,7 @@ def cmd_exec(engine: Engine, args: argparse.Namespace) -> int:
 
 
 def cmd_run(engine: Engine, args: argparse.Namespace) -> int:
-    positionals = list(args.positionals)
+    positionals = list(args.positionals)  # [IMAGE] COMMAND...: after the first word, everything is the command
     if args.image is None and positionals:
         args.image = positionals.pop(0)
     command = positionals + args.command
@@ -407,8 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-e", "--env", action="append", metavar="KEY=VALUE")
     exec_flags(p)
 
-    p = add("run", cmd_run, "create + start + exec (+ halt): run [IMAGE] [-- CMD...]")
-    p.add_argument("positionals", nargs="*", metavar="[IMAGE] CMD")
+    p = add("run", cmd_run, "create + start + exec (+ halt): run [options] [IMAGE] [CMD...] (after IMAGE every "
+            "word is the command's, options included)")
+    p.add_argument("positionals", nargs=argparse.REMAINDER, metavar="[IMAGE] CMD")
     create_flags(p)
     exec_flags(p)
     p.add_argument("--exec", dest="exec_line", metavar="LINE", help="command line run with /bin/sh -c")

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import re
+import shlex
 import subprocess
 import sys
 from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.utils.text import dedent
 
 from microagent_engine import Engine, ExecResult
@@ -103,6 +103,20 @@ def _split_image_command(tokens: list[str], image: str | None) -> tuple[str | No
     if image is None and tokens and _looks_like_image(tokens[0]):
         image = tokens.pop(0)
     return image, tokens
+
+
+def split_line(line: str) -> list[str]:
+    """Split a magic line like a shell would (quotes, backslash escapes). IPython has already expanded
+    ``$var`` and ``{expr}`` in it."""
+    try:
+        return shlex.split(line, posix=True)
+    except ValueError as exc:  # "No closing quotation", "No escaped character"
+        raise UsageError(f"cannot split the line into words: {exc}; close the quote or escape it") from None
+
+
+def _parse(magic: Any, argv: list[str]) -> argparse.Namespace:
+    """Parse already-split words with a magic_arguments parser (its errors are UsageErrors)."""
+    return magic.parser.parse_args(argv)
 
 
 def _short_traceback(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: Any = None) -> list[str]:
@@ -243,36 +257,37 @@ class MicroagentMagics(Magics):
         Every subcommand takes --help. `--state-dir DIR` before the subcommand overrides $MICROAGENT_STATE_DIR.
         """
         state_dir = None
-        m = re.match(r"\s*--state-dir(?:=|\s+)(\S+)(.*)", line, re.S)
-        if m:
-            state_dir, line = m.group(1), m.group(2)
-        words = line.strip().split(None, 1)
+        words = split_line(line)
+        if words[:1] == ["--state-dir"] and len(words) > 1:
+            state_dir, words = words[1], words[2:]
+        elif words[:1] and words[0].startswith("--state-dir="):
+            state_dir, words = words[0].split("=", 1)[1], words[1:]
         if not words or words[0] in ("-h", "--help", "help"):
             return _Text(dedent(self.microagent.__doc__ or "").strip())
-        sub, rest = words[0], (words[1] if len(words) > 1 else "")
-        if rest.split()[:1] in (["-h"], ["--help"]):
+        sub, rest = words[0], words[1:]
+        if rest[:1] in (["-h"], ["--help"]):
             return _Text(self._help(sub))
         engine = self.engine(state_dir)
         if sub == "run":
-            return self._run(engine, parse_argstring(self._run_args, rest), cell)
+            return self._run(engine, _parse(self._run_args, rest), cell)
         if sub == "exec":
-            return self._exec(engine, parse_argstring(self._exec_args, rest), cell)
+            return self._exec(engine, _parse(self._exec_args, rest), cell)
         if cell is not None and cell.strip():
             raise UsageError(f"%%microagent {sub} takes no cell body; use %microagent {sub} ... (one %)")
         if sub in ("ps", "list", "ls"):
-            if rest.strip():
+            if rest:
                 raise UsageError(f"%microagent {sub} takes no arguments")
             infos = engine.ps() if sub == "ps" else engine.list()
             return D.workspaces_table(infos)
         if sub == "status":
-            args = parse_argstring(self._status_args, rest)
+            args = _parse(self._status_args, rest)
             info = engine.status(args.name)
             if args.static or not self.in_kernel:
                 return D.workspace_record(info)
             from .widgets import WorkspaceStatusWidget
             return WorkspaceStatusWidget(engine, args.name)
         if sub == "logs":
-            args = parse_argstring(self._logs_args, rest)
+            args = _parse(self._logs_args, rest)
             engine.status(args.name)
             if args.static or not self.in_kernel:
                 text = b"".join(engine.logs(args.name)).decode(errors="replace").replace("\r\n", "\n")
@@ -280,7 +295,7 @@ class MicroagentMagics(Magics):
             from .widgets import SerialLogWidget
             return SerialLogWidget(engine, args.name, max_lines=args.max_lines)
         if sub == "create":
-            return self._create(engine, parse_argstring(self._create_args, rest))
+            return self._create(engine, _parse(self._create_args, rest))
         if sub in LIFECYCLE:
             name = self._one_name(sub, rest)
             info = getattr(engine, sub)(name)
@@ -290,7 +305,7 @@ class MicroagentMagics(Magics):
             engine.delete(name)
             return D.Message(f"Deleted workspace {name}", {"name": name, "deleted": True})
         if sub == "cp":
-            parts = rest.split()
+            parts = rest
             if len(parts) != 2:
                 raise UsageError("usage: %microagent cp SRC DST   (one side is WORKSPACE:/path or "
                                  "WORKSPACE:DISK:/path)")
@@ -302,7 +317,7 @@ class MicroagentMagics(Magics):
             return D.Table(["NAME", "PATH", "EXISTS"], [[o["name"], o["path"], o.get("exists")] for o in rows],
                            data=rows, empty="(no declared outputs)")
         if sub == "output":
-            parts = rest.split()
+            parts = rest
             if len(parts) not in (2, 3):
                 raise UsageError("usage: %microagent output NAME OUTPUT [HOST_DEST]")
             got = engine.output_get(*parts)
@@ -310,7 +325,7 @@ class MicroagentMagics(Magics):
                 return _Text(got.decode(errors="replace"))
             return D.Message(f"Output {parts[1]} of {parts[0]} copied to {got}", {"path": str(got)})
         if sub in ("volume", "volumes"):
-            return self._volume(engine, parse_argstring(self._volume_args, rest))
+            return self._volume(engine, _parse(self._volume_args, rest))
         raise UsageError(f"unknown subcommand {sub!r}; see %microagent? for the list")
 
     def _help(self, sub: str) -> str:
@@ -320,7 +335,8 @@ class MicroagentMagics(Magics):
         if sub in parsers:
             parser = parsers[sub].parser
             parser.prog = f"%microagent {sub}"
-            return parser.format_help()
+            parser.formatter_class = argparse.RawDescriptionHelpFormatter  # "usage: ...", not IPython's "::"
+            return parser.format_help().strip()
         usage = {"cp": "SRC DST", "outputs": "NAME", "output": "NAME OUTPUT [HOST_DEST]", "ps": "", "list": ""}
         if sub in (*LIFECYCLE, "delete", "rm"):
             return f"usage: %microagent {sub} NAME"
@@ -329,8 +345,7 @@ class MicroagentMagics(Magics):
         raise UsageError(f"unknown subcommand {sub!r}; see %microagent --help")
 
     @staticmethod
-    def _one_name(sub: str, rest: str) -> str:
-        parts = rest.split()
+    def _one_name(sub: str, parts: list[str]) -> str:
         if len(parts) != 1 or parts[0].startswith("-"):
             raise UsageError(f"usage: %microagent {sub} NAME")
         return parts[0]
@@ -521,8 +536,21 @@ def _delete_quietly(engine: Engine, name: str) -> None:
 _installed_handler: list[bool] = []
 
 
+def _bodiless_cell_as_line(lines: list[str]) -> list[str]:
+    """IPython refuses a cell magic with an empty body; ``%%microagent run --help`` alone in a cell is a line
+    magic call, so rewrite it as one (an input transformer, run before IPython's magic parsing)."""
+    body = [ln for ln in lines[1:] if ln.strip()]
+    if lines and not body and lines[0].lstrip().startswith("%%microagent"):
+        return [lines[0].lstrip()[1:]] + lines[1:]
+    return lines
+
+
 def load_ipython_extension(ipython: Any) -> None:
     ipython.register_magics(MicroagentMagics)
+    if _bodiless_cell_as_line not in ipython.input_transformers_cleanup:
+        ipython.input_transformers_cleanup.append(_bodiless_cell_as_line)
+    from .completion import install_completer
+    install_completer(ipython)
     # engine errors are messages for the user, not bugs: show them without a traceback into the engine,
     # unless the user already installed their own custom exception handler
     if not ipython.custom_exceptions:
@@ -531,6 +559,10 @@ def load_ipython_extension(ipython: Any) -> None:
 
 
 def unload_ipython_extension(ipython: Any) -> None:
+    if _bodiless_cell_as_line in ipython.input_transformers_cleanup:
+        ipython.input_transformers_cleanup.remove(_bodiless_cell_as_line)
+    from .completion import uninstall_completer
+    uninstall_completer(ipython)
     if _installed_handler:
         ipython.set_custom_exc((), None)
         _installed_handler.clear()

@@ -360,3 +360,44 @@ def test_kernel_interrupt_leaves_no_vm_running(kernel, engine: Engine):
     # the kernel is still usable
     reply, msgs = kernel.execute("print('alive')")
     assert _stream_text(msgs) == "alive\n"
+
+
+# ---- notebook polish (issue 11) ------------------------------------------------------------------
+
+
+def test_magic_lines_split_like_a_shell(ip, shared_ws, captured):
+    out, _ = captured
+    ip.user_ns["who"] = "you there"
+    ip.run_line_magic("microagent", f'exec {shared_ws} -- sh -c "echo hi there"')
+    ip.run_line_magic("microagent", f"exec {shared_ws} -- echo \"a  b\" 'c d'")
+    ip.run_cell_magic("microagent", f'run --name {shared_ws} -e "K=a b"', 'echo "[$K]"\n')
+    ip.run_line_magic("microagent", f'exec {shared_ws} -- echo "hey $who"')  # IPython expands $who first
+    assert out.text == "hi there\na  b c d\n[a b]\nhey you there\n"
+    with pytest.raises(UsageError, match="quot"):
+        ip.run_line_magic("microagent", f'exec {shared_ws} -- echo "unclosed')
+
+
+def _complete(ip, line: str) -> list[str]:
+    from IPython.core.completer import provisionalcompleter
+
+    with provisionalcompleter():
+        return [c.text for c in ip.Completer.completions(line, len(line))]
+
+
+def test_completion_of_subcommands_options_and_names(ip, shared_ws, engine: Engine):
+    engine.volumes.create("compvol", size_mib=16) if "compvol" not in [v.name for v in engine.volumes.list()] \
+        else None
+    assert set(_complete(ip, "%microagent st")) == {"status", "start", "stop"}  # not %store
+    assert _complete(ip, "%%microagent run --pro") == ["--profile"]
+    assert _complete(ip, "%%microagent run --profile ti") == ["tiny"]
+    assert _complete(ip, f"%microagent status {shared_ws[:3]}") == [shared_ws]
+    assert _complete(ip, f"%microagent exec {shared_ws[:3]}") == [shared_ws]
+    assert _complete(ip, "%%microagent run -v compv") == ["compvol:"]
+    assert "builtin" in _complete(ip, "%%microagent run --image bu")
+
+
+def test_help_reads_well_and_works_from_an_empty_cell(ip):
+    text = repr(ip.run_line_magic("microagent", "exec --help"))
+    assert text.startswith("usage: %microagent exec") and "::" not in text
+    result = ip.run_cell("%%microagent run --help\n")
+    assert result.success and "--no-raise-error" in repr(result.result)
