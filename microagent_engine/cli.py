@@ -166,6 +166,13 @@ def cmd_run(engine: Engine, args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def cmd_prune(engine: Engine, args: argparse.Namespace) -> int:
+    gone = engine.prune()
+    _emit(args, {"removed": gone}, f"Removed {len(gone)} stopped one-shot workspace(s)"
+          + "".join(f"\n  {n}" for n in gone))
+    return 0
+
+
 def cmd_list(engine: Engine, args: argparse.Namespace) -> int:
     infos = engine.list()
     _emit(args, [i.to_json() for i in infos], _list_text(infos))
@@ -418,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("list", cmd_list, "saved workspaces", aliases=["ls"])
     add("ps", cmd_ps, "running workspaces")
+    add("prune", cmd_prune, "remove stopped one-shot workspaces (those run made under a generated name)")
     p = add("status", cmd_status, "one workspace (with --json: readiness signals)")
     p.add_argument("name")
     for verb, text in (("halt", "clean disk-preserving shutdown"),
@@ -497,6 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"microagent: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
+        print("microagent: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `microagent logs ws | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

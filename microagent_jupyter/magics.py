@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import re
 import shlex
 import subprocess
 import sys
@@ -55,6 +56,11 @@ class MicroagentCellError(subprocess.CalledProcessError):
         if status == "failed_to_start":
             return f"{cmd!r} {where} could not start: {self.result.message} (exit code {self.returncode})"
         return f"{cmd!r} {where} exited with code {self.returncode}"
+
+
+class MicroagentInterrupted(KeyboardInterrupt):
+    """Ctrl-C / kernel interrupt during a guest command: the command was stopped (INT, TERM, then KILL).
+    Shown as one ``KeyboardInterrupt: ...`` line instead of a traceback through the engine."""
 
 
 class _Sink:
@@ -105,6 +111,16 @@ def _split_image_command(tokens: list[str], image: str | None) -> tuple[str | No
     return image, tokens
 
 
+def unbuffered_python(argv: list[str], env: dict[str, str]) -> dict[str, str]:
+    """``env`` plus ``PYTHONUNBUFFERED=1`` when the command is a Python interpreter and the user did not set it:
+    a cell's prints then stream as they happen instead of arriving all at once at the end (a pipe, not a tty,
+    makes Python block-buffer its stdout)."""
+    prog = argv[0].rsplit("/", 1)[-1] if argv else ""
+    if re.fullmatch(r"python[0-9.]*", prog) and "PYTHONUNBUFFERED" not in env:
+        return {**env, "PYTHONUNBUFFERED": "1"}
+    return env
+
+
 def split_line(line: str) -> list[str]:
     """Split a magic line like a shell would (quotes, backslash escapes). IPython has already expanded
     ``$var`` and ``{expr}`` in it."""
@@ -120,7 +136,9 @@ def _parse(magic: Any, argv: list[str]) -> argparse.Namespace:
 
 
 def _short_traceback(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: Any = None) -> list[str]:
-    stb = [f"\x1b[0;31m{etype.__name__}\x1b[0m: {value}"]
+    if issubclass(etype, KeyboardInterrupt):
+        etype = KeyboardInterrupt  # what the user did, and what a kernel's error reply should name
+    stb = [f"\x1b[0;31m{etype.__name__}\x1b[0m: {D.notebook_wording(str(value))}"]
     shell._showtraceback(etype, value, stb)
     return stb
 
@@ -161,7 +179,9 @@ class MicroagentMagics(Magics):
     @argument("--network", choices=["user", "isolated"], help="user (NAT, default) or isolated")
     @argument("--name", help="run in this persistent workspace: exec if running, start if stopped, else create "
                              "it (and keep it running)")
-    @argument("--delete", action="store_true", help="delete the workspace afterwards")
+    @argument("--keep", action="store_true", help="keep the one-shot workspace (halted) after the cell; "
+                                                   "%%microagent prune removes kept ones")
+    @argument("--delete", action="store_true", help="with --name: delete that workspace afterwards")
     @argument("--cwd", help="working directory in the guest")
     @argument("--timeout", type=float, metavar="SECONDS", help="TERM then KILL the command after this")
     @argument("--no-raise-error", action="store_true",
@@ -175,8 +195,8 @@ class MicroagentMagics(Magics):
         """%%microagent run [options] [IMAGE] [COMMAND ...]
 
         Run the cell body as the stdin of COMMAND (default /bin/sh) in a one-shot microVM workspace, streaming
-        its output into the cell. The workspace is halted afterwards (deleted with --delete); nothing is left
-        running, also on Ctrl-C. Use `IMAGE -- COMMAND` when the image name could be mistaken for a command.
+        its output into the cell. The workspace is deleted when the cell ends (kept, halted, with --keep);
+        nothing is left running, also on Ctrl-C. Use `IMAGE -- COMMAND` when the image name could be mistaken for a command.
         A non-zero exit raises MicroagentCellError (unless --no-raise-error).
 
         With --name NAME the cell runs in that persistent workspace instead: exec'd if it runs, started if it is
@@ -253,6 +273,7 @@ class MicroagentMagics(Magics):
         %microagent cp SRC DST                             copy a file in/out of a stopped workspace
         %microagent outputs NAME | output NAME OUTPUT [DEST]   declared result files of a stopped workspace
         %microagent volume create NAME [--size-mib N] | list | status NAME | delete NAME [--force]
+        %microagent prune                                  remove stopped one-shot workspaces (run --keep)
 
         Every subcommand takes --help. `--state-dir DIR` before the subcommand overrides $MICROAGENT_STATE_DIR.
         """
@@ -263,10 +284,10 @@ class MicroagentMagics(Magics):
         elif words[:1] and words[0].startswith("--state-dir="):
             state_dir, words = words[0].split("=", 1)[1], words[1:]
         if not words or words[0] in ("-h", "--help", "help"):
-            return _Text(dedent(self.microagent.__doc__ or "").strip())
+            return D.Text(dedent(self.microagent.__doc__ or "").strip())
         sub, rest = words[0], words[1:]
         if rest[:1] in (["-h"], ["--help"]):
-            return _Text(self._help(sub))
+            return D.Text(self._help(sub))
         engine = self.engine(state_dir)
         if sub == "run":
             return self._run(engine, _parse(self._run_args, rest), cell)
@@ -291,7 +312,7 @@ class MicroagentMagics(Magics):
             engine.status(args.name)
             if args.static or not self.in_kernel:
                 text = b"".join(engine.logs(args.name)).decode(errors="replace").replace("\r\n", "\n")
-                return _Text("\n".join(text.splitlines()[-args.max_lines:]))
+                return D.Text("\n".join(text.splitlines()[-args.max_lines:]))
             from .widgets import SerialLogWidget
             return SerialLogWidget(engine, args.name, max_lines=args.max_lines)
         if sub == "create":
@@ -322,8 +343,13 @@ class MicroagentMagics(Magics):
                 raise UsageError("usage: %microagent output NAME OUTPUT [HOST_DEST]")
             got = engine.output_get(*parts)
             if isinstance(got, bytes):
-                return _Text(got.decode(errors="replace"))
+                return D.output_bytes(got, _output_basename(engine, parts[0], parts[1]))
             return D.Message(f"Output {parts[1]} of {parts[0]} copied to {got}", {"path": str(got)})
+        if sub == "prune":
+            if rest:
+                raise UsageError("%microagent prune takes no arguments")
+            gone = engine.prune()
+            return D.Message(f"Removed {len(gone)} stopped one-shot workspace(s)", {"removed": gone})
         if sub in ("volume", "volumes"):
             return self._volume(engine, _parse(self._volume_args, rest))
         raise UsageError(f"unknown subcommand {sub!r}; see %microagent? for the list")
@@ -337,7 +363,8 @@ class MicroagentMagics(Magics):
             parser.prog = f"%microagent {sub}"
             parser.formatter_class = argparse.RawDescriptionHelpFormatter  # "usage: ...", not IPython's "::"
             return parser.format_help().strip()
-        usage = {"cp": "SRC DST", "outputs": "NAME", "output": "NAME OUTPUT [HOST_DEST]", "ps": "", "list": ""}
+        usage = {"cp": "SRC DST", "outputs": "NAME", "output": "NAME OUTPUT [HOST_DEST]", "ps": "", "list": "",
+                 "prune": ""}
         if sub in (*LIFECYCLE, "delete", "rm"):
             return f"usage: %microagent {sub} NAME"
         if sub in usage:
@@ -423,7 +450,7 @@ class MicroagentMagics(Magics):
         image, command = _split_image_command(args.command, args.image)
         argv = command or ["/bin/sh"]
         stdin = cell.encode() if cell is not None else None
-        env = env_pairs(args.env)
+        env = unbuffered_python(argv, env_pairs(args.env))
         ckw = create_kwargs(image=image, profile=args.profile, memory_mib=args.memory, cpus=args.cpus,
                             size_mib=args.size_mib, network=args.network, **storage_kwargs(args))
         out, err = self._stream(args)
@@ -433,15 +460,14 @@ class MicroagentMagics(Magics):
                 result = self._run_named(engine, args, argv, stdin, env, ckw, out, err)
                 workspace = args.name
             else:
-                info, result = engine.run(argv, delete=args.delete, env=env, cwd=args.cwd, timeout=args.timeout,
+                info, result = engine.run(argv, delete=not args.keep, env=env, cwd=args.cwd, timeout=args.timeout,
                                           stdin=stdin, on_stdout=out, on_stderr=err, capture=True, **ckw)
                 workspace = info.name
         except KeyboardInterrupt:
             out.finish(), err.finish()
             where = f"workspace {args.name!r} is still running" if args.name and _alive(engine, args.name) \
                 else "no VM is left running"
-            print(f"microagent: interrupted; the guest command was stopped and {where}", file=sys.stderr)
-            raise
+            raise MicroagentInterrupted(f"the guest command was stopped and {where}") from None
         finally:
             if result is None:
                 out.finish(), err.finish()
@@ -454,8 +480,10 @@ class MicroagentMagics(Magics):
             state = engine.status(name).state.state
             created = False
         except NotFound:
-            engine.create(name, env=env, **ckw)
-            state, created, env = "prepared", True, {}
+            user_env = env_pairs(args.env)
+            engine.create(name, env=user_env, **ckw)  # the workspace keeps the user's env; exec adds the rest
+            state, created = "prepared", True
+            env = {k: v for k, v in env.items() if k not in user_env}
         try:
             if state in STARTABLE:
                 engine.start(name)
@@ -464,6 +492,8 @@ class MicroagentMagics(Magics):
         except BaseException:
             if created or state in STARTABLE:  # never leave a half-booted VM behind
                 _kill_quietly(engine, name)
+            if created:  # nor a record this cell made but could not start
+                _delete_quietly(engine, name)
             raise
         try:
             result = engine.exec(name, argv, env=env or None, cwd=args.cwd, timeout=args.timeout, stdin=stdin,
@@ -490,25 +520,22 @@ class MicroagentMagics(Magics):
         out, err = self._stream(args)
         result = None
         try:
-            result = engine.exec(args.name, argv, env=env_pairs(args.env) or None, cwd=args.cwd,
-                                 timeout=args.timeout, stdin=cell.encode() if cell is not None else None,
+            env = unbuffered_python(argv, env_pairs(args.env))
+            result = engine.exec(args.name, argv, env=env or None, cwd=args.cwd, timeout=args.timeout,
+                                 stdin=cell.encode() if cell is not None else None,
                                  on_stdout=out, on_stderr=err, capture=True)
+        except KeyboardInterrupt:
+            raise MicroagentInterrupted(f"the guest command was stopped; workspace {args.name!r} keeps "
+                                        f"running") from None
         finally:
             if result is None:
                 out.finish(), err.finish()
         self._finish(args, out, err, result, argv, args.name)
 
 
-class _Text:
-    def __init__(self, text: str):
-        self.text = text
-
-    def __repr__(self) -> str:
-        return self.text
-
-    def _repr_html_(self) -> str:
-        import html
-        return f'<pre class="microagent-log">{html.escape(self.text)}</pre>'
+def _output_basename(engine: Engine, workspace: str, output: str) -> str:
+    decl = next((o for o in engine.status(workspace).config.outputs if o.name == output), None)
+    return decl.path.rstrip("/").rsplit("/", 1)[-1] if decl else output
 
 
 def _alive(engine: Engine, name: str) -> bool:
@@ -554,7 +581,7 @@ def load_ipython_extension(ipython: Any) -> None:
     # engine errors are messages for the user, not bugs: show them without a traceback into the engine,
     # unless the user already installed their own custom exception handler
     if not ipython.custom_exceptions:
-        ipython.set_custom_exc((MicroagentError, MicroagentCellError), _short_traceback)
+        ipython.set_custom_exc((MicroagentError, MicroagentCellError, MicroagentInterrupted), _short_traceback)
         _installed_handler.append(True)
 
 

@@ -19,7 +19,7 @@ from ..config import (
     validate_hostname,
     validate_name,
 )
-from ..errors import AlreadyExists, InvalidArgument, InvalidState, NotFound
+from ..errors import AlreadyExists, InvalidArgument, InvalidState, MicroagentError, NotFound
 from ..fsutil import file_lock
 from ..hostinfo import choose_accel
 from ..images.builtin import BUILTIN_REF, builtin_image, is_builtin
@@ -59,6 +59,7 @@ class Provisioner:
         attachments: builtins.list[Attachment] | None = None,
         outputs: builtins.list[Output] | None = None,
         files: builtins.list[FileCopy] | None = None,
+        one_shot: bool = False,
     ) -> WorkspaceInfo:
         ctx = self.ctx
         name = validate_name(f"ws-{secrets.token_hex(4)}" if name is None else name)
@@ -94,7 +95,7 @@ class Provisioner:
             env=env, hostname=hostname or hostname_for(name), network=NETWORK_MODES[network],
             accel=accel or "auto", kernel=str(Path(kernel).resolve()) if kernel else None, restart=restart,
             shell=shell or "/bin/sh", setup=list(setup or []), entrypoint=entrypoint or None,
-            mediation=mediation, attachments=atts, outputs=outs)
+            mediation=mediation, attachments=atts, outputs=outs, one_shot=one_shot)
         if not cfg.shell.startswith("/"):
             raise InvalidArgument(f"shell must be an absolute guest path, got {cfg.shell!r}")
         for att in atts:
@@ -136,6 +137,18 @@ class Provisioner:
             if staging.path.exists():
                 shutil.rmtree(staging.path, ignore_errors=True)
         return ctx.store.info(ws)
+
+    def prune(self) -> builtins.list[str]:
+        """Delete the one-shot records whose VM is not running; the names removed."""
+        gone = []
+        for info in self.ctx.store.list():
+            if info.config.one_shot and not self.ctx.store.vm_alive(info):
+                try:
+                    self.delete(info.name)
+                except MicroagentError:  # deleted, started or busy meanwhile (another process): leave it
+                    continue
+                gone.append(info.name)
+        return gone
 
     def delete(self, name: str) -> None:
         ctx = self.ctx

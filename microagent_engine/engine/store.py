@@ -57,6 +57,7 @@ class WorkspaceInfo:
             "quarantined": s.state == "quarantined", "attachments": [a.to_json() for a in c.attachments],
             "outputs": [o.to_json() for o in c.outputs],
             "volumes": [a.source for a in c.attachments if a.kind == "volume"],
+            "oneShot": c.one_shot,
         }
         out.update(s.readiness)
         return out
