@@ -12,7 +12,7 @@ import re
 import shlex
 import subprocess
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
@@ -26,6 +26,7 @@ from microagent_engine.states import STARTABLE
 
 from . import display as D
 from ._engine import create_kwargs, env_pairs, get_engine, storage_kwargs
+from .progress import CellProgress
 
 LIFECYCLE = ("start", "halt", "stop", "kill")
 
@@ -66,12 +67,15 @@ class MicroagentInterrupted(KeyboardInterrupt):
 class _Sink:
     """Streams guest output into the cell as it arrives (or into a variable), decoding UTF-8 incrementally."""
 
-    def __init__(self, stream: str, to_variable: bool):
-        self.stream, self.to_variable = stream, to_variable
+    def __init__(self, stream: str, to_variable: bool, before_first: Callable[[], None] | None = None):
+        self.stream, self.to_variable, self.before_first = stream, to_variable, before_first
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.parts: list[str] = []
 
     def __call__(self, data: bytes) -> None:
+        if self.before_first is not None:  # the command's first output: the preparation display collapses
+            self.before_first()
+            self.before_first = None
         text = self.decoder.decode(data)
         self._emit(text)
 
@@ -425,11 +429,13 @@ class MicroagentMagics(Magics):
         volumes.delete(args.name, force=args.force)
         return D.Message(f"Deleted volume {args.name}", {"name": args.name, "deleted": True})
 
-    def _stream(self, args: argparse.Namespace) -> tuple[_Sink, _Sink]:
+    def _stream(self, args: argparse.Namespace,
+                before_first: Callable[[], None] | None = None) -> tuple[_Sink, _Sink]:
         for var in (args.out, args.err, args.result):
             if var is not None and not var.isidentifier():
                 raise UsageError(f"{var!r} is not a valid variable name")
-        return _Sink("stdout", args.out is not None), _Sink("stderr", args.err is not None)
+        return (_Sink("stdout", args.out is not None, before_first),
+                _Sink("stderr", args.err is not None, before_first))
 
     def _finish(self, args: argparse.Namespace, out: _Sink, err: _Sink, result: ExecResult | None,
                 argv: list[str], workspace: str) -> None:
@@ -453,11 +459,13 @@ class MicroagentMagics(Magics):
         env = unbuffered_python(argv, env_pairs(args.env))
         ckw = create_kwargs(image=image, profile=args.profile, memory_mib=args.memory, cpus=args.cpus,
                             size_mib=args.size_mib, network=args.network, **storage_kwargs(args))
-        out, err = self._stream(args)
+        progress = CellProgress(self.in_kernel)
+        engine.progress = progress
+        out, err = self._stream(args, progress.done)
         result: ExecResult | None = None
         try:
             if args.name:
-                result = self._run_named(engine, args, argv, stdin, env, ckw, out, err)
+                result = self._run_named(engine, args, argv, stdin, env, ckw, out, err, progress)
                 workspace = args.name
             else:
                 info, result = engine.run(argv, delete=not args.keep, env=env, cwd=args.cwd, timeout=args.timeout,
@@ -469,12 +477,14 @@ class MicroagentMagics(Magics):
                 else "no VM is left running"
             raise MicroagentInterrupted(f"the guest command was stopped and {where}") from None
         finally:
+            progress.done()
             if result is None:
                 out.finish(), err.finish()
         self._finish(args, out, err, result, argv, workspace)
 
     def _run_named(self, engine: Engine, args: argparse.Namespace, argv: list[str], stdin: bytes | None,
-                   env: dict[str, str], ckw: dict[str, Any], out: _Sink, err: _Sink) -> ExecResult:
+                   env: dict[str, str], ckw: dict[str, Any], out: _Sink, err: _Sink,
+                   progress: CellProgress) -> ExecResult:
         name = args.name
         try:
             state = engine.status(name).state.state
@@ -486,6 +496,7 @@ class MicroagentMagics(Magics):
             env = {k: v for k, v in env.items() if k not in user_env}
         try:
             if state in STARTABLE:
+                progress(f"Booting {name}")
                 engine.start(name)
             elif state != "running":
                 raise InvalidState(f"workspace {name!r} is {state}; wait for it, or halt/kill it first")
@@ -495,6 +506,7 @@ class MicroagentMagics(Magics):
             if created:  # nor a record this cell made but could not start
                 _delete_quietly(engine, name)
             raise
+        progress.done()
         try:
             result = engine.exec(name, argv, env=env or None, cwd=args.cwd, timeout=args.timeout, stdin=stdin,
                                  on_stdout=out, on_stderr=err, capture=True)

@@ -494,3 +494,18 @@ def test_notebook_errors_suggest_magics(ip, captured):
     result = ip.run_cell("%microagent status no-such-ws")
     assert isinstance(result.error_in_exec, NotFound)
     assert "'%microagent list'" in out.text and "Traceback" not in out.text
+
+
+def test_kernel_shows_preparation_in_place_then_collapses_it(kernel, engine: Engine):
+    reply, msgs = kernel.execute("%%microagent run --profile tiny\necho command-output")
+    assert reply["content"]["status"] == "ok"
+    kinds = [(m["msg_type"], m["content"]) for m in msgs
+             if m["msg_type"] in ("display_data", "update_display_data", "stream")]
+    shown = [c["data"]["text/html"] for t, c in kinds if t in ("display_data", "update_display_data")]
+    assert [t for t, _ in kinds].count("display_data") == 1  # one display, updated in place
+    assert "Building rootfs" in shown[0] and any("Booting" in h for h in shown)
+    first_output = next(i for i, (t, c) in enumerate(kinds) if t == "stream" and "command-output" in c["text"])
+    last_update = max(i for i, (t, _) in enumerate(kinds) if t == "update_display_data")
+    assert last_update < first_output  # collapsed before the command's output
+    collapsed = kinds[last_update][1]["data"]["text/html"]
+    assert collapsed == "" or collapsed.startswith("<details")

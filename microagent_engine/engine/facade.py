@@ -211,6 +211,7 @@ class Engine:
         name = name or f"run-{time.time_ns()}"
         info = self._provision.create(name, env=env, one_shot=one_shot, **create_args)
         try:
+            self.progress(f"Booting {name}")
             self.start(name)
         except BaseException as exc:
             self._finish_run(name, force=True)
