@@ -184,6 +184,9 @@ def test_lifecycle_line_magics_and_live_widgets(ip, engine: Engine):
         status.wait_for(lambda s: s == "running", 10)
         assert status._buttons["start"].disabled and not status._buttons["halt"].disabled
         assert "execReady" in repr(status) and "uptime" in repr(status)
+        assert "mediationReady: – not configured" in repr(status) and "✓" in repr(status)
+        assert status.click("kill") is None and status.state == "running"  # the first press only asks
+        assert status._buttons["kill"].description == "Really kill?" and "confirm" in status._message.value
         deadline = time.monotonic() + 10
         while "microagent-agent" not in logw.text and time.monotonic() < deadline:
             time.sleep(0.1)
