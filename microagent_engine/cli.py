@@ -147,7 +147,7 @@ def cmd_exec(engine: Engine, args: argparse.Namespace) -> int:
 
 
 def cmd_run(engine: Engine, args: argparse.Namespace) -> int:
-    positionals = list(args.positionals)
+    positionals = list(args.positionals)  # [IMAGE] COMMAND...: after the first word, everything is the command
     if args.image is None and positionals:
         args.image = positionals.pop(0)
     command = positionals + args.command
@@ -167,6 +167,13 @@ def cmd_run(engine: Engine, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"workspace": info.name, "deleted": args.delete, **result.to_json()}, indent=2))
     return result.exit_code
+
+
+def cmd_prune(engine: Engine, args: argparse.Namespace) -> int:
+    gone = engine.prune()
+    _emit(args, {"removed": gone}, f"Removed {len(gone)} stopped one-shot workspace(s)"
+          + "".join(f"\n  {n}" for n in gone))
+    return 0
 
 
 def cmd_list(engine: Engine, args: argparse.Namespace) -> int:
@@ -420,8 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-e", "--env", action="append", metavar="KEY=VALUE")
     exec_flags(p)
 
-    p = add("run", cmd_run, "create + start + exec (+ halt): run [IMAGE] [-- CMD...]")
-    p.add_argument("positionals", nargs="*", metavar="[IMAGE] CMD")
+    p = add("run", cmd_run, "create + start + exec (+ halt): run [options] [IMAGE] [CMD...] (after IMAGE every "
+            "word is the command's, options included)")
+    p.add_argument("positionals", nargs=argparse.REMAINDER, metavar="[IMAGE] CMD")
     create_flags(p)
     exec_flags(p)
     p.add_argument("--exec", dest="exec_line", metavar="LINE", help="command line run with /bin/sh -c")
@@ -430,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("list", cmd_list, "saved workspaces", aliases=["ls"])
     add("ps", cmd_ps, "running workspaces")
+    add("prune", cmd_prune, "remove stopped one-shot workspaces (those run made under a generated name)")
     p = add("status", cmd_status, "one workspace (with --json: readiness signals)")
     p.add_argument("name")
     for verb, text in (("halt", "clean disk-preserving shutdown"),
@@ -509,6 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"microagent: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
+        print("microagent: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `microagent logs ws | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -161,8 +161,8 @@ class SupervisorConnection:
         ``timeout``, the host waits at most HOST_TIMEOUT_MARGIN seconds beyond it for the guest to report the
         end, then sends SIGKILL and raises ExecTimeout (the agent may be starved, e.g. by a fork bomb).
 
-        On KeyboardInterrupt the command's process group gets SIGINT, then SIGKILL if it lingers, before the
-        interrupt propagates.
+        On KeyboardInterrupt the command's process group gets SIGINT, then SIGTERM, then SIGKILL (see
+        ``_interrupt``) before the interrupt propagates.
         """
         if max_output <= 0:
             raise InvalidArgument(f"max_output must be a positive number of bytes, got {max_output}")
@@ -210,20 +210,37 @@ class SupervisorConnection:
             raise
         raise GuestError("exec ended without an exit status")  # pragma: no cover
 
+    INTERRUPT_GRACE = 2.0  # seconds each of SIGINT and SIGTERM get before the next, stronger signal
+
     def _interrupt(self, stream: int) -> None:
+        """Stop the command after a KeyboardInterrupt: SIGINT to its process group, then SIGTERM, then SIGKILL,
+        each after ``INTERRUPT_GRACE`` seconds without an exit status. The deadline is checked after every
+        frame, so a command that ignores INT and TERM and keeps printing still ends; output arriving meanwhile
+        is dropped. A second Ctrl-C goes straight to SIGKILL."""
         try:
-            self.send(FrameType.SIGNAL, stream, str(int(signal.SIGINT)).encode())
-            deadline = time.monotonic() + 2
-            while time.monotonic() < deadline:
-                for frame in self.frames(max(0.01, deadline - time.monotonic())):
-                    if frame.type in (FrameType.EXIT, FrameType.ERROR):
-                        return
-            self.send(FrameType.SIGNAL, stream, str(int(signal.SIGKILL)).encode())
-        except (OSError, GuestError, ExecTimeout):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+                self.send(FrameType.SIGNAL, stream, str(int(sig)).encode())
+                if self._wait_exit(self.INTERRUPT_GRACE):
+                    return
+        except (OSError, GuestError, KeyboardInterrupt):
             try:
                 self.send(FrameType.SIGNAL, stream, str(int(signal.SIGKILL)).encode())
             except OSError:
                 pass
+
+    def _wait_exit(self, grace: float) -> bool:
+        """True once the exec's EXIT (or ERROR) frame arrives, or the connection ends; False after ``grace``."""
+        deadline = time.monotonic() + grace
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                frame = next(self.frames(left))
+            except ExecTimeout:
+                return False
+            except GuestError:  # the supervisor closed the connection: nothing is left to stop
+                return True
+            if frame.type in (FrameType.EXIT, FrameType.ERROR):
+                return True
+        return False
 
     def _feed(self, stream: int, fh: IO[bytes]) -> None:
         try:

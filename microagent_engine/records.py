@@ -47,6 +47,7 @@ class WorkspaceConfig:
     image_id: str = ""
     workdir: str = "/"
     created_at: str = field(default_factory=now_iso)
+    one_shot: bool = False  # made by run under a generated name (prune removes it once stopped)
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

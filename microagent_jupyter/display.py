@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import html
 import json
+import re
+from pathlib import Path
 from typing import Any, Sequence
 
 from microagent_engine import WorkspaceInfo
@@ -188,3 +190,61 @@ def volumes_table(vols: list[Any]) -> Table:
 def volume_record(vol: Any) -> Record:
     data = vol.to_json() if hasattr(vol, "to_json") else dict(vol)
     return Record(f"Volume {data.get('name', '')}", list(data.items()), data=data)
+
+
+# ---- engine messages and output files in a notebook ---------------------------------------------
+
+_CLI_HINT = re.compile(r"(?<![\w%/.-])microagent (?=[a-z])")
+
+
+def notebook_wording(message: str) -> str:
+    """An engine message with its CLI suggestions (``microagent halt ws``) as the magic the notebook user types
+    (``%microagent halt ws``); the notebook's delete asks no confirmation, so ``--yes`` goes."""
+    return _CLI_HINT.sub("%microagent ", message).replace(" --yes", "")
+
+
+_IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"), (b"GIF87a", "gif"), (b"GIF89a", "gif"))
+
+
+def _as_text(data: bytes) -> str | None:
+    if b"\x00" in data:
+        return None
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def output_bytes(data: bytes, basename: str, directory: Path | None = None) -> Any:
+    """How a notebook shows an output file's bytes: an image is displayed, text is shown, anything else is written
+    to ``basename`` in ``directory`` (default: the current directory; an existing file is not overwritten)."""
+    from IPython.display import SVG, Image
+
+    for magic, fmt in _IMAGE_MAGIC:
+        if data.startswith(magic):
+            return Image(data=data, format=fmt)
+    text = _as_text(data)
+    if text is not None and basename.lower().endswith(".svg") and "<svg" in text:
+        return SVG(data=text)
+    if text is not None:
+        return Text(text)
+    target = (directory or Path.cwd()) / (basename or "output.bin")
+    stem, n = target, 1
+    while target.exists():
+        target = stem.with_name(f"{stem.stem}-{n}{stem.suffix}")
+        n += 1
+    target.write_bytes(data)
+    return Message(f"Binary output ({len(data)} bytes) written to {target}", {"path": str(target)})
+
+
+class Text:
+    """Plain text: as-is in a terminal, a <pre> block in a notebook."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+    def _repr_html_(self) -> str:
+        return f'<pre class="microagent-log">{html.escape(self.text)}</pre>'

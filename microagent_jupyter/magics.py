@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import codecs
 import re
+import shlex
 import subprocess
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.utils.text import dedent
 
 from microagent_engine import Engine, ExecResult
@@ -25,6 +26,7 @@ from microagent_engine.states import STARTABLE
 
 from . import display as D
 from ._engine import create_kwargs, env_pairs, get_engine, storage_kwargs
+from .progress import CellProgress
 
 LIFECYCLE = ("start", "halt", "stop", "kill")
 
@@ -57,15 +59,23 @@ class MicroagentCellError(subprocess.CalledProcessError):
         return f"{cmd!r} {where} exited with code {self.returncode}"
 
 
+class MicroagentInterrupted(KeyboardInterrupt):
+    """Ctrl-C / kernel interrupt during a guest command: the command was stopped (INT, TERM, then KILL).
+    Shown as one ``KeyboardInterrupt: ...`` line instead of a traceback through the engine."""
+
+
 class _Sink:
     """Streams guest output into the cell as it arrives (or into a variable), decoding UTF-8 incrementally."""
 
-    def __init__(self, stream: str, to_variable: bool):
-        self.stream, self.to_variable = stream, to_variable
+    def __init__(self, stream: str, to_variable: bool, before_first: Callable[[], None] | None = None):
+        self.stream, self.to_variable, self.before_first = stream, to_variable, before_first
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.parts: list[str] = []
 
     def __call__(self, data: bytes) -> None:
+        if self.before_first is not None:  # the command's first output: the preparation display collapses
+            self.before_first()
+            self.before_first = None
         text = self.decoder.decode(data)
         self._emit(text)
 
@@ -105,8 +115,34 @@ def _split_image_command(tokens: list[str], image: str | None) -> tuple[str | No
     return image, tokens
 
 
+def unbuffered_python(argv: list[str], env: dict[str, str]) -> dict[str, str]:
+    """``env`` plus ``PYTHONUNBUFFERED=1`` when the command is a Python interpreter and the user did not set it:
+    a cell's prints then stream as they happen instead of arriving all at once at the end (a pipe, not a tty,
+    makes Python block-buffer its stdout)."""
+    prog = argv[0].rsplit("/", 1)[-1] if argv else ""
+    if re.fullmatch(r"python[0-9.]*", prog) and "PYTHONUNBUFFERED" not in env:
+        return {**env, "PYTHONUNBUFFERED": "1"}
+    return env
+
+
+def split_line(line: str) -> list[str]:
+    """Split a magic line like a shell would (quotes, backslash escapes). IPython has already expanded
+    ``$var`` and ``{expr}`` in it."""
+    try:
+        return shlex.split(line, posix=True)
+    except ValueError as exc:  # "No closing quotation", "No escaped character"
+        raise UsageError(f"cannot split the line into words: {exc}; close the quote or escape it") from None
+
+
+def _parse(magic: Any, argv: list[str]) -> argparse.Namespace:
+    """Parse already-split words with a magic_arguments parser (its errors are UsageErrors)."""
+    return magic.parser.parse_args(argv)
+
+
 def _short_traceback(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: Any = None) -> list[str]:
-    stb = [f"\x1b[0;31m{etype.__name__}\x1b[0m: {value}"]
+    if issubclass(etype, KeyboardInterrupt):
+        etype = KeyboardInterrupt  # what the user did, and what a kernel's error reply should name
+    stb = [f"\x1b[0;31m{etype.__name__}\x1b[0m: {D.notebook_wording(str(value))}"]
     shell._showtraceback(etype, value, stb)
     return stb
 
@@ -147,7 +183,9 @@ class MicroagentMagics(Magics):
     @argument("--network", choices=["user", "isolated"], help="user (NAT, default) or isolated")
     @argument("--name", help="run in this persistent workspace: exec if running, start if stopped, else create "
                              "it (and keep it running)")
-    @argument("--delete", action="store_true", help="delete the workspace afterwards")
+    @argument("--keep", action="store_true", help="keep the one-shot workspace (halted) after the cell; "
+                                                   "%%microagent prune removes kept ones")
+    @argument("--delete", action="store_true", help="with --name: delete that workspace afterwards")
     @argument("--cwd", help="working directory in the guest")
     @argument("--timeout", type=float, metavar="SECONDS", help="TERM then KILL the command after this")
     @argument("--no-raise-error", action="store_true",
@@ -161,8 +199,8 @@ class MicroagentMagics(Magics):
         """%%microagent run [options] [IMAGE] [COMMAND ...]
 
         Run the cell body as the stdin of COMMAND (default /bin/sh) in a one-shot microVM workspace, streaming
-        its output into the cell. The workspace is halted afterwards (deleted with --delete); nothing is left
-        running, also on Ctrl-C. Use `IMAGE -- COMMAND` when the image name could be mistaken for a command.
+        its output into the cell. The workspace is deleted when the cell ends (kept, halted, with --keep);
+        nothing is left running, also on Ctrl-C. Use `IMAGE -- COMMAND` when the image name could be mistaken for a command.
         A non-zero exit raises MicroagentCellError (unless --no-raise-error).
 
         With --name NAME the cell runs in that persistent workspace instead: exec'd if it runs, started if it is
@@ -240,48 +278,50 @@ class MicroagentMagics(Magics):
         %microagent cp SRC DST                             copy a file in/out of a stopped workspace
         %microagent outputs NAME | output NAME OUTPUT [DEST]   declared result files of a stopped workspace
         %microagent volume create NAME [--size-mib N] | list | status NAME | delete NAME [--force]
+        %microagent prune                                  remove stopped one-shot workspaces (run --keep)
 
         Every subcommand takes --help. `--state-dir DIR` before the subcommand overrides $MICROAGENT_STATE_DIR.
         """
         state_dir = None
-        m = re.match(r"\s*--state-dir(?:=|\s+)(\S+)(.*)", line, re.S)
-        if m:
-            state_dir, line = m.group(1), m.group(2)
-        words = line.strip().split(None, 1)
+        words = split_line(line)
+        if words[:1] == ["--state-dir"] and len(words) > 1:
+            state_dir, words = words[1], words[2:]
+        elif words[:1] and words[0].startswith("--state-dir="):
+            state_dir, words = words[0].split("=", 1)[1], words[1:]
         if not words or words[0] in ("-h", "--help", "help"):
-            return _Text(dedent(self.microagent.__doc__ or "").strip())
-        sub, rest = words[0], (words[1] if len(words) > 1 else "")
-        if rest.split()[:1] in (["-h"], ["--help"]):
-            return _Text(self._help(sub))
+            return D.Text(dedent(self.microagent.__doc__ or "").strip())
+        sub, rest = words[0], words[1:]
+        if rest[:1] in (["-h"], ["--help"]):
+            return D.Text(self._help(sub))
         engine = self.engine(state_dir)
         if sub == "run":
-            return self._run(engine, parse_argstring(self._run_args, rest), cell)
+            return self._run(engine, _parse(self._run_args, rest), cell)
         if sub == "exec":
-            return self._exec(engine, parse_argstring(self._exec_args, rest), cell)
+            return self._exec(engine, _parse(self._exec_args, rest), cell)
         if cell is not None and cell.strip():
             raise UsageError(f"%%microagent {sub} takes no cell body; use %microagent {sub} ... (one %)")
         if sub in ("ps", "list", "ls"):
-            if rest.strip():
+            if rest:
                 raise UsageError(f"%microagent {sub} takes no arguments")
             infos = engine.ps() if sub == "ps" else engine.list()
             return D.workspaces_table(infos)
         if sub == "status":
-            args = parse_argstring(self._status_args, rest)
+            args = _parse(self._status_args, rest)
             info = engine.status(args.name)
             if args.static or not self.in_kernel:
                 return D.workspace_record(info)
             from .widgets import WorkspaceStatusWidget
             return WorkspaceStatusWidget(engine, args.name)
         if sub == "logs":
-            args = parse_argstring(self._logs_args, rest)
+            args = _parse(self._logs_args, rest)
             engine.status(args.name)
             if args.static or not self.in_kernel:
                 text = b"".join(engine.logs(args.name)).decode(errors="replace").replace("\r\n", "\n")
-                return _Text("\n".join(text.splitlines()[-args.max_lines:]))
+                return D.Text("\n".join(text.splitlines()[-args.max_lines:]))
             from .widgets import SerialLogWidget
             return SerialLogWidget(engine, args.name, max_lines=args.max_lines)
         if sub == "create":
-            return self._create(engine, parse_argstring(self._create_args, rest))
+            return self._create(engine, _parse(self._create_args, rest))
         if sub in LIFECYCLE:
             name = self._one_name(sub, rest)
             info = getattr(engine, sub)(name)
@@ -291,7 +331,7 @@ class MicroagentMagics(Magics):
             engine.delete(name)
             return D.Message(f"Deleted workspace {name}", {"name": name, "deleted": True})
         if sub == "cp":
-            parts = rest.split()
+            parts = rest
             if len(parts) != 2:
                 raise UsageError("usage: %microagent cp SRC DST   (one side is WORKSPACE:/path or "
                                  "WORKSPACE:DISK:/path)")
@@ -303,15 +343,20 @@ class MicroagentMagics(Magics):
             return D.Table(["NAME", "PATH", "EXISTS"], [[o["name"], o["path"], o.get("exists")] for o in rows],
                            data=rows, empty="(no declared outputs)")
         if sub == "output":
-            parts = rest.split()
+            parts = rest
             if len(parts) not in (2, 3):
                 raise UsageError("usage: %microagent output NAME OUTPUT [HOST_DEST]")
             got = engine.output_get(*parts)
             if isinstance(got, bytes):
-                return _Text(got.decode(errors="replace"))
+                return D.output_bytes(got, _output_basename(engine, parts[0], parts[1]))
             return D.Message(f"Output {parts[1]} of {parts[0]} copied to {got}", {"path": str(got)})
+        if sub == "prune":
+            if rest:
+                raise UsageError("%microagent prune takes no arguments")
+            gone = engine.prune()
+            return D.Message(f"Removed {len(gone)} stopped one-shot workspace(s)", {"removed": gone})
         if sub in ("volume", "volumes"):
-            return self._volume(engine, parse_argstring(self._volume_args, rest))
+            return self._volume(engine, _parse(self._volume_args, rest))
         raise UsageError(f"unknown subcommand {sub!r}; see %microagent? for the list")
 
     def _help(self, sub: str) -> str:
@@ -321,8 +366,10 @@ class MicroagentMagics(Magics):
         if sub in parsers:
             parser = parsers[sub].parser
             parser.prog = f"%microagent {sub}"
-            return parser.format_help()
-        usage = {"cp": "SRC DST", "outputs": "NAME", "output": "NAME OUTPUT [HOST_DEST]", "ps": "", "list": ""}
+            parser.formatter_class = argparse.RawDescriptionHelpFormatter  # "usage: ...", not IPython's "::"
+            return parser.format_help().strip()
+        usage = {"cp": "SRC DST", "outputs": "NAME", "output": "NAME OUTPUT [HOST_DEST]", "ps": "", "list": "",
+                 "prune": ""}
         if sub in (*LIFECYCLE, "delete", "rm"):
             return f"usage: %microagent {sub} NAME"
         if sub in usage:
@@ -330,8 +377,7 @@ class MicroagentMagics(Magics):
         raise UsageError(f"unknown subcommand {sub!r}; see %microagent --help")
 
     @staticmethod
-    def _one_name(sub: str, rest: str) -> str:
-        parts = rest.split()
+    def _one_name(sub: str, parts: list[str]) -> str:
         if len(parts) != 1 or parts[0].startswith("-"):
             raise UsageError(f"usage: %microagent {sub} NAME")
         return parts[0]
@@ -384,11 +430,13 @@ class MicroagentMagics(Magics):
         volumes.delete(args.name, force=args.force)
         return D.Message(f"Deleted volume {args.name}", {"name": args.name, "deleted": True})
 
-    def _stream(self, args: argparse.Namespace) -> tuple[_Sink, _Sink]:
+    def _stream(self, args: argparse.Namespace,
+                before_first: Callable[[], None] | None = None) -> tuple[_Sink, _Sink]:
         for var in (args.out, args.err, args.result):
             if var is not None and not var.isidentifier():
                 raise UsageError(f"{var!r} is not a valid variable name")
-        return _Sink("stdout", args.out is not None), _Sink("stderr", args.err is not None)
+        return (_Sink("stdout", args.out is not None, before_first),
+                _Sink("stderr", args.err is not None, before_first))
 
     def _finish(self, args: argparse.Namespace, out: _Sink, err: _Sink, result: ExecResult | None,
                 argv: list[str], workspace: str) -> None:
@@ -409,48 +457,57 @@ class MicroagentMagics(Magics):
         image, command = _split_image_command(args.command, args.image)
         argv = command or ["/bin/sh"]
         stdin = cell.encode() if cell is not None else None
-        env = env_pairs(args.env)
+        env = unbuffered_python(argv, env_pairs(args.env))
         ckw = create_kwargs(image=image, profile=args.profile, memory_mib=args.memory, cpus=args.cpus,
                             size_mib=args.size_mib, network=args.network, **storage_kwargs(args))
-        out, err = self._stream(args)
+        progress = CellProgress(self.in_kernel)
+        engine.progress = progress
+        out, err = self._stream(args, progress.done)
         result: ExecResult | None = None
         try:
             if args.name:
-                result = self._run_named(engine, args, argv, stdin, env, ckw, out, err)
+                result = self._run_named(engine, args, argv, stdin, env, ckw, out, err, progress)
                 workspace = args.name
             else:
-                info, result = engine.run(argv, delete=args.delete, env=env, cwd=args.cwd, timeout=args.timeout,
+                info, result = engine.run(argv, delete=not args.keep, env=env, cwd=args.cwd, timeout=args.timeout,
                                           stdin=stdin, on_stdout=out, on_stderr=err, capture=True, **ckw)
                 workspace = info.name
         except KeyboardInterrupt:
             out.finish(), err.finish()
             where = f"workspace {args.name!r} is still running" if args.name and _alive(engine, args.name) \
                 else "no VM is left running"
-            print(f"microagent: interrupted; the guest command was stopped and {where}", file=sys.stderr)
-            raise
+            raise MicroagentInterrupted(f"the guest command was stopped and {where}") from None
         finally:
+            progress.done()
             if result is None:
                 out.finish(), err.finish()
         self._finish(args, out, err, result, argv, workspace)
 
     def _run_named(self, engine: Engine, args: argparse.Namespace, argv: list[str], stdin: bytes | None,
-                   env: dict[str, str], ckw: dict[str, Any], out: _Sink, err: _Sink) -> ExecResult:
+                   env: dict[str, str], ckw: dict[str, Any], out: _Sink, err: _Sink,
+                   progress: CellProgress) -> ExecResult:
         name = args.name
         try:
             state = engine.status(name).state.state
             created = False
         except NotFound:
-            engine.create(name, env=env, **ckw)
-            state, created, env = "prepared", True, {}
+            user_env = env_pairs(args.env)
+            engine.create(name, env=user_env, **ckw)  # the workspace keeps the user's env; exec adds the rest
+            state, created = "prepared", True
+            env = {k: v for k, v in env.items() if k not in user_env}
         try:
             if state in STARTABLE:
+                progress(f"Booting {name}")
                 engine.start(name)
             elif state != "running":
                 raise InvalidState(f"workspace {name!r} is {state}; wait for it, or halt/kill it first")
         except BaseException:
             if created or state in STARTABLE:  # never leave a half-booted VM behind
                 _kill_quietly(engine, name)
+            if created:  # nor a record this cell made but could not start
+                _delete_quietly(engine, name)
             raise
+        progress.done()
         try:
             result = engine.exec(name, argv, env=env or None, cwd=args.cwd, timeout=args.timeout, stdin=stdin,
                                  on_stdout=out, on_stderr=err, capture=True)
@@ -476,25 +533,22 @@ class MicroagentMagics(Magics):
         out, err = self._stream(args)
         result = None
         try:
-            result = engine.exec(args.name, argv, env=env_pairs(args.env) or None, cwd=args.cwd,
-                                 timeout=args.timeout, stdin=cell.encode() if cell is not None else None,
+            env = unbuffered_python(argv, env_pairs(args.env))
+            result = engine.exec(args.name, argv, env=env or None, cwd=args.cwd, timeout=args.timeout,
+                                 stdin=cell.encode() if cell is not None else None,
                                  on_stdout=out, on_stderr=err, capture=True)
+        except KeyboardInterrupt:
+            raise MicroagentInterrupted(f"the guest command was stopped; workspace {args.name!r} keeps "
+                                        f"running") from None
         finally:
             if result is None:
                 out.finish(), err.finish()
         self._finish(args, out, err, result, argv, args.name)
 
 
-class _Text:
-    def __init__(self, text: str):
-        self.text = text
-
-    def __repr__(self) -> str:
-        return self.text
-
-    def _repr_html_(self) -> str:
-        import html
-        return f'<pre class="microagent-log">{html.escape(self.text)}</pre>'
+def _output_basename(engine: Engine, workspace: str, output: str) -> str:
+    decl = next((o for o in engine.status(workspace).config.outputs if o.name == output), None)
+    return decl.path.rstrip("/").rsplit("/", 1)[-1] if decl else output
 
 
 def _alive(engine: Engine, name: str) -> bool:
@@ -522,16 +576,33 @@ def _delete_quietly(engine: Engine, name: str) -> None:
 _installed_handler: list[bool] = []
 
 
+def _bodiless_cell_as_line(lines: list[str]) -> list[str]:
+    """IPython refuses a cell magic with an empty body; ``%%microagent run --help`` alone in a cell is a line
+    magic call, so rewrite it as one (an input transformer, run before IPython's magic parsing)."""
+    body = [ln for ln in lines[1:] if ln.strip()]
+    if lines and not body and lines[0].lstrip().startswith("%%microagent"):
+        return [lines[0].lstrip()[1:]] + lines[1:]
+    return lines
+
+
 def load_ipython_extension(ipython: Any) -> None:
     ipython.register_magics(MicroagentMagics)
+    if _bodiless_cell_as_line not in ipython.input_transformers_cleanup:
+        ipython.input_transformers_cleanup.append(_bodiless_cell_as_line)
+    from .completion import install_completer
+    install_completer(ipython)
     # engine errors are messages for the user, not bugs: show them without a traceback into the engine,
     # unless the user already installed their own custom exception handler
     if not ipython.custom_exceptions:
-        ipython.set_custom_exc((MicroagentError, MicroagentCellError), _short_traceback)
+        ipython.set_custom_exc((MicroagentError, MicroagentCellError, MicroagentInterrupted), _short_traceback)
         _installed_handler.append(True)
 
 
 def unload_ipython_extension(ipython: Any) -> None:
+    if _bodiless_cell_as_line in ipython.input_transformers_cleanup:
+        ipython.input_transformers_cleanup.remove(_bodiless_cell_as_line)
+    from .completion import uninstall_completer
+    uninstall_completer(ipython)
     if _installed_handler:
         ipython.set_custom_exc((), None)
         _installed_handler.clear()

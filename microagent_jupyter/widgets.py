@@ -93,7 +93,8 @@ class WorkspaceStatusWidget(W.VBox):
             "kill": W.Button(description="Kill", icon="times", button_style="danger", disabled=True),
         }
         for verb, button in self._buttons.items():
-            button.on_click(lambda _b, verb=verb: self.action(verb))
+            button.on_click(lambda _b, verb=verb: self.click(verb))
+        self._kill_armed_at = 0.0
         self._message = W.HTML(layout=W.Layout(display="none"))
         self._data: dict[str, Any] = {}
         super().__init__(children=[self._title, *rows, W.HBox(list(self._buttons.values())), self._message],
@@ -142,8 +143,10 @@ class WorkspaceStatusWidget(W.VBox):
                 sig = data.get(key)
                 if sig is None:
                     self._show(key, "")
-                else:
-                    mark = "✅" if sig.get("ready") else "⏳" if state in ACTIVE else "—"
+                elif key == "mediationReady" and not data.get("mediation"):
+                    self._show(key, "– not configured")
+                else:  # text glyphs: they render without an emoji font
+                    mark = "✓" if sig.get("ready") else "…" if state in ACTIVE else "–"
                     self._show(key, f"{mark} {html.escape(readiness_text(sig))}")
             self._show("volumes", html.escape(_volumes_text(data.get("volumes") or data.get("attachments"))))
             started = _parse_time(data.get("startedAt"))
@@ -172,6 +175,31 @@ class WorkspaceStatusWidget(W.VBox):
         self._set(self._message.layout, "display", "block" if text else "none")
 
     # ---- actions -------------------------------------------------------------------------------
+    KILL_CONFIRM_SECONDS = 5.0
+
+    def click(self, verb: str) -> threading.Thread | None:
+        """A button press. Kill asks first: the first press arms it ("Really kill?"), a second press within
+        ``KILL_CONFIRM_SECONDS`` kills, as the side panel's confirmation does."""
+        kill = self._buttons["kill"]
+        if verb != "kill":
+            return self.action(verb)
+        if time.monotonic() - self._kill_armed_at > self.KILL_CONFIRM_SECONDS:
+            self._kill_armed_at = time.monotonic()
+            self._set(kill, "description", "Really kill?")
+            self._set_message("Kill ends the VM at once, without a clean shutdown. Press again to confirm.")
+            threading.Timer(self.KILL_CONFIRM_SECONDS, self._disarm_kill, kwargs={"expired_only": True}).start()
+            return None
+        self._disarm_kill()
+        return self.action("kill")
+
+    def _disarm_kill(self, expired_only: bool = False) -> None:
+        if expired_only and time.monotonic() - self._kill_armed_at < self.KILL_CONFIRM_SECONDS - 0.05:
+            return  # re-armed since this timer started
+        if expired_only and self._kill_armed_at:
+            self._set_message("")
+        self._kill_armed_at = 0.0
+        self._set(self._buttons["kill"], "description", "Kill")
+
     def action(self, verb: str, wait: bool = False) -> threading.Thread:
         """Run ``engine.<verb>(name)`` (start, halt, stop, kill) in a background thread."""
         if verb not in ("start", "halt", "stop", "kill"):
@@ -320,7 +348,10 @@ class SerialLogWidget(W.VBox):
         # column-reverse keeps the scroll position pinned to the newest line (follow mode)
         value = (f'<div style="display:flex;flex-direction:column-reverse;overflow:auto;max-height:{self._height};'
                  f'background:#0d1117;color:#e6edf3;padding:4px 8px;border-radius:4px">'
-                 f'<pre style="margin:0;font-size:12px;white-space:pre-wrap">{body}</pre></div>')
+                 f'<pre style="margin:0;font-size:12px;white-space:pre-wrap;overflow:visible !important;'
+                 f'max-height:none !important;height:auto">{body}</pre></div>')
+        # the <pre> must not scroll itself (JupyterLab styles output <pre>s with overflow): only the outer
+        # column-reverse box scrolls, which keeps its newest line in view
         if self._view.value != value:
             self._view.value = value
 

@@ -19,7 +19,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from jupyter_client import KernelManager
 
 from microagent_engine import Engine
-from microagent_engine.errors import InvalidState, NotFound
+from microagent_engine.errors import InvalidState, MicroagentError, NotFound
 from microagent_jupyter.magics import MicroagentCellError
 from microagent_jupyter.widgets import SerialLogWidget, WorkspaceStatusWidget
 
@@ -184,6 +184,9 @@ def test_lifecycle_line_magics_and_live_widgets(ip, engine: Engine):
         status.wait_for(lambda s: s == "running", 10)
         assert status._buttons["start"].disabled and not status._buttons["halt"].disabled
         assert "execReady" in repr(status) and "uptime" in repr(status)
+        assert "mediationReady: – not configured" in repr(status) and "✓" in repr(status)
+        assert status.click("kill") is None and status.state == "running"  # the first press only asks
+        assert status._buttons["kill"].description == "Really kill?" and "confirm" in status._message.value
         deadline = time.monotonic() + 10
         while "microagent-agent" not in logw.text and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -350,13 +353,162 @@ def test_kernel_interrupt_leaves_no_vm_running(kernel, engine: Engine):
             kernel.km.interrupt_kernel()
 
     threading.Thread(target=interrupt, daemon=True).start()
-    reply, msgs = kernel.execute("%%microagent run --profile tiny\necho started; sleep 60; echo never",
+    before = {i.name for i in engine.list()}
+    # the command ignores INT and TERM and keeps printing: only the KILL step ends it
+    reply, msgs = kernel.execute("%%microagent run --profile tiny\n"
+                                 "trap '' INT TERM; echo started; while true; do echo x; sleep 0.1; done",
                                  on_msg=watch, timeout=240)
     assert started.is_set()
-    assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
-    assert "never" not in _stream_text(msgs)
-    assert "no VM is left running" in _stream_text(msgs, "stderr")
+    content = reply["content"]
+    assert content["status"] == "error" and content["ename"] == "MicroagentInterrupted"  # a KeyboardInterrupt
+    assert len(content["traceback"]) == 1 and "KeyboardInterrupt" in content["traceback"][0]
+    assert len(content["traceback"]) == 1 and "no VM is left running" in content["traceback"][0]
     assert run_names(engine) == []
+    assert {i.name for i in engine.list()} == before  # the one-shot's record is gone too
     # the kernel is still usable
     reply, msgs = kernel.execute("print('alive')")
     assert _stream_text(msgs) == "alive\n"
+
+
+# ---- notebook polish (issue 11) ------------------------------------------------------------------
+
+
+def test_magic_lines_split_like_a_shell(ip, shared_ws, captured):
+    out, _ = captured
+    ip.user_ns["who"] = "you there"
+    ip.run_line_magic("microagent", f'exec {shared_ws} -- sh -c "echo hi there"')
+    ip.run_line_magic("microagent", f"exec {shared_ws} -- echo \"a  b\" 'c d'")
+    ip.run_cell_magic("microagent", f'run --name {shared_ws} -e "K=a b"', 'echo "[$K]"\n')
+    ip.run_line_magic("microagent", f'exec {shared_ws} -- echo "hey $who"')  # IPython expands $who first
+    assert out.text == "hi there\na  b c d\n[a b]\nhey you there\n"
+    with pytest.raises(UsageError, match="quot"):
+        ip.run_line_magic("microagent", f'exec {shared_ws} -- echo "unclosed')
+
+
+def _complete(ip, line: str) -> list[str]:
+    from IPython.core.completer import provisionalcompleter
+
+    with provisionalcompleter():
+        return [c.text for c in ip.Completer.completions(line, len(line))]
+
+
+def test_completion_of_subcommands_options_and_names(ip, shared_ws, engine: Engine):
+    engine.volumes.create("compvol", size_mib=16) if "compvol" not in [v.name for v in engine.volumes.list()] \
+        else None
+    assert set(_complete(ip, "%microagent st")) == {"status", "start", "stop"}  # not %store
+    assert _complete(ip, "%%microagent run --pro") == ["--profile"]
+    assert _complete(ip, "%%microagent run --profile ti") == ["tiny"]
+    assert _complete(ip, f"%microagent status {shared_ws[:3]}") == [shared_ws]
+    assert _complete(ip, f"%microagent exec {shared_ws[:3]}") == [shared_ws]
+    assert _complete(ip, "%%microagent run -v compv") == ["compvol:"]
+    assert "builtin" in _complete(ip, "%%microagent run --image bu")
+
+
+def test_help_reads_well_and_works_from_an_empty_cell(ip):
+    text = repr(ip.run_line_magic("microagent", "exec --help"))
+    assert text.startswith("usage: %microagent exec") and "::" not in text
+    result = ip.run_cell("%%microagent run --help\n")
+    assert result.success and "--no-raise-error" in repr(result.result)
+
+
+def test_one_shot_runs_are_removed_unless_kept_and_prune_removes_kept_ones(ip, engine: Engine, captured):
+    out, _ = captured
+    before = {i.name for i in engine.list()}
+    ip.run_cell_magic("microagent", "run --profile tiny", "echo gone\n")
+    assert {i.name for i in engine.list()} == before
+    ip.run_cell_magic("microagent", "run --profile tiny --keep", "echo kept\n")
+    kept = [i for i in engine.list() if i.name not in before]
+    assert len(kept) == 1 and kept[0].state.state == "halted" and kept[0].to_json()["oneShot"] is True
+    assert out.text == "gone\nkept\n"
+    removed = ip.run_line_magic("microagent", "prune")
+    assert removed.data == {"removed": [kept[0].name]}
+    assert {i.name for i in engine.list()} == before
+
+
+def test_refused_run_leaves_no_record(ip, engine: Engine):
+    engine.volumes.create("mg-busy", size_mib=16)
+    from microagent_engine.model import parse_attachment_flags
+
+    engine.create("mg-holder", profile="tiny", attachments=parse_attachment_flags(["mg-busy:/data"], [], []))
+    engine.start("mg-holder")
+    try:
+        before = {i.name for i in engine.list()}
+        from microagent_engine.errors import VolumeInUse
+
+        with pytest.raises(VolumeInUse):
+            ip.run_cell_magic("microagent", "run --profile tiny -v mg-busy:/data", "echo never\n")
+        with pytest.raises(VolumeInUse):
+            ip.run_cell_magic("microagent", "run --profile tiny --name mg-refused -v mg-busy:/data", "echo never\n")
+        assert {i.name for i in engine.list()} == before
+    finally:
+        engine.kill("mg-holder")
+        engine.delete("mg-holder")
+
+
+def test_failed_boot_error_quotes_the_boot_log(ip, engine: Engine):
+    before = {i.name for i in engine.list()}
+    with pytest.raises(MicroagentError) as info:
+        ip.run_cell_magic("microagent", "run --memory 40 --delete", "echo never\n")
+    message = str(info.value)
+    assert "failed to start" in message and "Last lines of the boot log" in message
+    assert "microagent: boot at" in message  # a line of the (deleted) workspace's console log
+    assert "microagent logs run-" not in message and "vm.log" not in message
+    assert {i.name for i in engine.list()} == before
+
+
+def test_python_commands_run_unbuffered(ip, engine: Engine, shared_ws, captured):
+    out, _ = captured
+    engine.exec(shared_ws, ["sh", "-c", "mkdir -p /tmp/py && printf '#!/bin/sh\\necho \"[$PYTHONUNBUFFERED]\"\\n' "
+                                        "> /tmp/py/python3 && chmod +x /tmp/py/python3"])
+    ip.run_cell_magic("microagent", f"run --name {shared_ws} /tmp/py/python3", "print(1)\n")
+    ip.run_cell_magic("microagent", f"run --name {shared_ws} -e PYTHONUNBUFFERED=0 /tmp/py/python3", "print(1)\n")
+    ip.run_cell_magic("microagent", f"exec {shared_ws} /tmp/py/python3", "print(1)\n")
+    ip.run_cell_magic("microagent", f"exec {shared_ws} sh", "echo \"[$PYTHONUNBUFFERED]\"\n")
+    assert out.text == "[1]\n[0]\n[1]\n[]\n"
+
+
+def test_cp_both_ways_and_output_without_dest(ip, engine: Engine, tmp_path: Path, monkeypatch):
+    from IPython.display import Image
+
+    from microagent_engine.model import parse_output_flag
+
+    engine.create("mg-files", profile="tiny", outputs=[parse_output_flag(o) for o in
+                                                       ("pic=/out/pic.png", "notes=/out/notes.txt", "blob=/out/b.bin")])
+    try:
+        png = b"\x89PNG\r\n\x1a\n" + bytes(range(256))
+        for name, data in (("pic.png", png), ("notes.txt", b"hello notes\n"), ("b.bin", b"\x00\x01\xfe\xff")):
+            (tmp_path / name).write_bytes(data)
+            msg = ip.run_line_magic("microagent", f"cp {tmp_path / name} mg-files:/out/{name}")
+            assert repr(msg).startswith("Copied")
+        back = ip.run_line_magic("microagent", f"cp mg-files:/out/notes.txt {tmp_path}/back.txt")
+        assert repr(back).startswith("Copied") and (tmp_path / "back.txt").read_bytes() == b"hello notes\n"
+        shown = ip.run_line_magic("microagent", "output mg-files pic")
+        assert isinstance(shown, Image) and shown.data == png
+        assert repr(ip.run_line_magic("microagent", "output mg-files notes")) == "hello notes\n"
+        monkeypatch.chdir(tmp_path)
+        written = ip.run_line_magic("microagent", "output mg-files blob")
+        assert "written to" in repr(written) and (tmp_path / "b.bin").read_bytes() == b"\x00\x01\xfe\xff"
+    finally:
+        engine.delete("mg-files")
+
+
+def test_notebook_errors_suggest_magics(ip, captured):
+    out, _ = captured
+    result = ip.run_cell("%microagent status no-such-ws")
+    assert isinstance(result.error_in_exec, NotFound)
+    assert "'%microagent list'" in out.text and "Traceback" not in out.text
+
+
+def test_kernel_shows_preparation_in_place_then_collapses_it(kernel, engine: Engine):
+    reply, msgs = kernel.execute("%%microagent run --profile tiny\necho command-output")
+    assert reply["content"]["status"] == "ok"
+    kinds = [(m["msg_type"], m["content"]) for m in msgs
+             if m["msg_type"] in ("display_data", "update_display_data", "stream")]
+    shown = [c["data"]["text/html"] for t, c in kinds if t in ("display_data", "update_display_data")]
+    assert [t for t, _ in kinds].count("display_data") == 1  # one display, updated in place
+    assert "Building rootfs" in shown[0] and any("Booting" in h for h in shown)
+    first_output = next(i for i, (t, c) in enumerate(kinds) if t == "stream" and "command-output" in c["text"])
+    last_update = max(i for i, (t, _) in enumerate(kinds) if t == "update_display_data")
+    assert last_update < first_output  # collapsed before the command's output
+    collapsed = kinds[last_update][1]["data"]["text/html"]
+    assert collapsed == "" or collapsed.startswith("<details")

@@ -15,7 +15,7 @@ from typing import IO, TYPE_CHECKING, Any, Iterator
 
 from ..client import DEFAULT_MAX_OUTPUT, ExecResult, OutputCallback, SupervisorConnection
 from ..config import default_state_dir
-from ..errors import GuestError, InvalidArgument, NotFound
+from ..errors import GuestError, InvalidArgument, MicroagentError, NotFound
 from ..model import Attachment, FileCopy, Mediation, Output
 from ..storage.volumes import VolumeRegistry
 from .context import EngineContext, Progress
@@ -23,6 +23,7 @@ from .imaging import Imaging
 from .lifecycle import Lifecycle
 from .provision import Provisioner
 from .sessions import Sessions
+from .bootlog import boot_log_tail
 from .store import WorkspaceInfo
 from .transfer import Transfer
 
@@ -204,26 +205,51 @@ class Engine:
         max_output: int = DEFAULT_MAX_OUTPUT,
         **create_args: Any,
     ) -> tuple[WorkspaceInfo, ExecResult]:
-        """create + start + exec, then halt (and delete with ``delete=True``). Never leaves a VM running."""
+        """create + start + exec, then halt (and delete with ``delete=True``). Never leaves a VM running, and
+        leaves no record when the workspace could not start (the error then quotes the end of its boot log).
+
+        Without ``name`` the workspace is named ``run-<ns>`` and marked one-shot (``oneShot``), so
+        :meth:`prune` removes it once stopped."""
         if not argv:
             raise InvalidArgument("run needs a command, e.g. microagent run -- uname -r")
+        one_shot = name is None
         name = name or f"run-{time.time_ns()}"
-        info = self.create(name, env=env, **create_args)
+        info = self._provision.create(name, env=env, one_shot=one_shot, **create_args)
         try:
+            self.progress(f"Booting {name}")
             self.start(name)
+        except BaseException as exc:
+            self._finish_run(name, force=True)
+            boot_log = boot_log_tail(info)
+            self._delete_quietly(name)  # a run that never ran leaves nothing behind
+            if isinstance(exc, GuestError) and boot_log:
+                reason = str(exc).split("\n", 1)[0].removesuffix("Last console lines:").rstrip()
+                raise GuestError(f"{reason}\nLast lines of the boot log:\n{boot_log}") from None
+            raise
+        try:
             result = self.exec(name, argv, cwd=cwd, timeout=timeout, stdin=stdin, on_stdout=on_stdout,
                                on_stderr=on_stderr, capture=capture, max_output=max_output)
             self._finish_run(name)
         except BaseException:
             self._finish_run(name, force=True)
             if delete:
-                self.delete(name)
+                self._delete_quietly(name)
             raise
         if delete:
             self.delete(name)
         else:
             info = self.status(name)
         return info, result
+
+    def prune(self) -> builtins.list[str]:
+        """Delete the stopped one-shot workspaces (those ``run`` made under a generated name); their names."""
+        return self._provision.prune()
+
+    def _delete_quietly(self, name: str) -> None:
+        try:
+            self.delete(name)
+        except MicroagentError:
+            pass
 
     def _finish_run(self, name: str, force: bool = False) -> None:
         try:

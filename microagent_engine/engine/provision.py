@@ -21,7 +21,7 @@ from ..config import (
     validate_resource,
     validate_text,
 )
-from ..errors import AlreadyExists, InvalidArgument, InvalidState, NotFound
+from ..errors import AlreadyExists, InvalidArgument, InvalidState, MicroagentError, NotFound
 from ..fsutil import file_lock, private_dir
 from ..hostinfo import choose_accel
 from ..images.builtin import BUILTIN_REF, builtin_image, is_builtin
@@ -62,6 +62,7 @@ class Provisioner:
         attachments: builtins.list[Attachment] | None = None,
         outputs: builtins.list[Output] | None = None,
         files: builtins.list[FileCopy] | None = None,
+        one_shot: bool = False,
     ) -> WorkspaceInfo:
         ctx = self.ctx
         name = validate_name(f"ws-{secrets.token_hex(4)}" if name is None else name)
@@ -102,7 +103,8 @@ class Provisioner:
             env=env, hostname=hostname or hostname_for(name), network=policy.backend_mode,
             accel=accel or "auto", kernel=str(Path(kernel).resolve()) if kernel else None, restart=restart,
             shell=shell or "/bin/sh", setup=list(setup or []), entrypoint=entrypoint or None,
-            mediation=mediation, network_policy=policy.to_json(), attachments=atts, outputs=outs)
+            mediation=mediation, network_policy=policy.to_json(), attachments=atts, outputs=outs,
+            one_shot=one_shot)
         if not cfg.shell.startswith("/"):
             raise InvalidArgument(f"shell must be an absolute guest path, got {cfg.shell!r}")
         for att in atts:
@@ -146,6 +148,18 @@ class Provisioner:
             if staging.path.exists():
                 shutil.rmtree(staging.path, ignore_errors=True)
         return ctx.store.info(ws)
+
+    def prune(self) -> builtins.list[str]:
+        """Delete the one-shot records whose VM is not running; the names removed."""
+        gone = []
+        for info in self.ctx.store.list():
+            if info.config.one_shot and not self.ctx.store.vm_alive(info):
+                try:
+                    self.delete(info.name)
+                except MicroagentError:  # deleted, started or busy meanwhile (another process): leave it
+                    continue
+                gone.append(info.name)
+        return gone
 
     def delete(self, name: str) -> None:
         ctx = self.ctx

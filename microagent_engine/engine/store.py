@@ -60,6 +60,7 @@ class WorkspaceInfo:
             "outputs": [o.to_json() for o in c.outputs],
             "volumes": [a.source for a in c.attachments if a.kind == "volume"],
             "confinement": s.confinement or None,
+            "oneShot": c.one_shot,
         }
         out.update(s.readiness)
         return out
