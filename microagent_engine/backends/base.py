@@ -34,7 +34,6 @@ class VMSpec:
     network: str  # "user" | "none"
     accel: AccelChoice
     mediation_socket: Path | None = None  # a second virtio-serial port for the mediation bridge
-    extra_args: list[str] = field(default_factory=list)
 
 
 @dataclass
