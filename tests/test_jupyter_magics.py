@@ -458,8 +458,9 @@ def test_failed_boot_error_quotes_the_boot_log(ip, engine: Engine):
 
 def test_python_commands_run_unbuffered(ip, engine: Engine, shared_ws, captured):
     out, _ = captured
-    engine.exec(shared_ws, ["sh", "-c", "mkdir -p /tmp/py && printf '#!/bin/sh\\necho \"[$PYTHONUNBUFFERED]\"\\n' "
-                                        "> /tmp/py/python3 && chmod +x /tmp/py/python3"])
+    fake_python = ("mkdir -p /tmp/py && printf '#!/bin/sh\\necho \"[$PYTHONUNBUFFERED]\"\\n' > /tmp/py/python3 "
+                   "&& chmod +x /tmp/py/python3")  # prints what a real interpreter would see
+    engine.exec(shared_ws, ["sh", "-c", fake_python])
     ip.run_cell_magic("microagent", f"run --name {shared_ws} /tmp/py/python3", "print(1)\n")
     ip.run_cell_magic("microagent", f"run --name {shared_ws} -e PYTHONUNBUFFERED=0 /tmp/py/python3", "print(1)\n")
     ip.run_cell_magic("microagent", f"exec {shared_ws} /tmp/py/python3", "print(1)\n")

@@ -142,14 +142,38 @@ def panel_workspace(engine: Engine) -> Iterator[str]:
                 pass
 
 
+NOTEBOOK_CELLS = (
+    "%load_ext microagent_jupyter",
+    "%microagent start {ws}",
+    '%microagent exec {ws} -- sh -c "echo hi there"',
+    "%microagent logs {ws}",
+    "%microagent exec {ws} -- sh -c 'seq 60 | sed s/^/console-line-/ > /dev/console; echo ma-last-line > /dev/console'",
+    "%microagent halt {ws}",
+    "open('in.txt', 'w').write('payload from host\\n')\n%microagent cp in.txt {ws}:/root/in.txt",
+    "%microagent cp {ws}:/root/in.txt back.txt",
+    "print(open('back.txt').read())",
+    "%%microagent run --profile tiny\ntrap '' INT TERM; echo started; while true; do echo x; sleep 0.1; done",
+    "%microagent ps",
+)
+
+
+def _write_notebook(path: Path, ws: str) -> None:
+    """The notebook the browser runs cell by cell (see notebookChecks in panel.spec.mjs)."""
+    cells = [{"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None,
+              "source": src.replace("{ws}", ws)} for src in NOTEBOOK_CELLS]
+    path.write_text(json.dumps({"cells": cells, "nbformat": 4, "nbformat_minor": 5, "metadata": {
+        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}}))
+
+
 def test_panel_in_chromium(engine: Engine, lab: tuple[str, str], panel_workspace: str, browser_tools: str,
                            tmp_path: Path) -> None:
     url, token = lab
     shots = Path(os.environ.get("MICROAGENT_UI_SCREENSHOTS", UI_TESTS / "screenshots"))
+    _write_notebook(tmp_path / "root" / "polish.ipynb", panel_workspace)
     env = {**os.environ, "LAB_URL": url, "LAB_TOKEN": token, "MA_WS": panel_workspace, "MA_VOL": VOL,
-           "SCREENSHOTS": str(shots), "CHROMIUM": str(CHROMIUM)}
+           "SCREENSHOTS": str(shots), "CHROMIUM": str(CHROMIUM), "MA_NOTEBOOK": "polish.ipynb"}
     proc = subprocess.run([browser_tools, str(UI_TESTS / "panel.spec.mjs")], cwd=UI_TESTS, env=env,
-                          capture_output=True, text=True, timeout=240)
+                          capture_output=True, text=True, timeout=480)
     out = proc.stdout + proc.stderr
     print(out)
     if proc.returncode != 0:
@@ -160,8 +184,10 @@ def test_panel_in_chromium(engine: Engine, lab: tuple[str, str], panel_workspace
     assert result_line, out
     result = json.loads(result_line[-1][len("RESULT "):])
     assert result["ok"], result
-    # the click in the browser really halted the VM
+    # the click in the browser really halted the VM (and the notebook, which started it again, halted it too)
     assert engine.status(panel_workspace).state.state == "halted"
+    assert result["interruptSeconds"] < 10
+    assert not [i.name for i in engine.list() if i.name.startswith("run-")]  # the interrupted one-shot is gone
     vol = engine.volumes.get(VOL)
     assert vol.attached is None and vol.last_holder == panel_workspace
     assert VOL + "x" not in {v.name for v in engine.volumes.list()}

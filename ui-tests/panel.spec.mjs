@@ -99,6 +99,125 @@ const wsRow = `${panel} li[data-ws="${WS}"]`;
 const volRow = `${panel} li[data-vol="${VOL}"]`;
 const textOf = sel => page.locator(sel).first().textContent();
 
+// ---- notebook helpers ------------------------------------------------------------------------------------
+const cellSel = i => `.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell >> nth=${i}`;
+
+async function runCell(i, { wait = true, timeout = 120_000 } = {}) {
+  const cell = page.locator(cellSel(i));
+  const prompt = cell.locator('.jp-InputArea-prompt');
+  for (let attempt = 0; ; attempt++) {
+    await prompt.click();
+    await page.keyboard.press('Escape');
+    await page.keyboard.press('Shift+Enter');
+    // queued ([*]) or done ([n]); a run sent while the kernel was still connecting is dropped: send it again
+    const deadline = Date.now() + 10_000;
+    while (Date.now() < deadline && /\[ ?\]/.test((await prompt.textContent()) ?? '')) {
+      await page.waitForTimeout(100);
+    }
+    if (!/\[ ?\]/.test((await prompt.textContent()) ?? '') || attempt >= 2) {
+      break;
+    }
+  }
+  if (wait) {
+    await cellDone(i, timeout);
+  }
+  return cell;
+}
+
+async function cellDone(i, timeout) {
+  const prompt = page.locator(cellSel(i)).locator('.jp-InputArea-prompt');
+  const deadline = Date.now() + timeout;
+  while (Date.now() < deadline) {
+    if (/\[\d+\]/.test((await prompt.textContent()) ?? '')) {
+      return;
+    }
+    await page.waitForTimeout(100);
+  }
+  throw new Error(`cell ${i} still running after ${timeout / 1000} s`);
+}
+
+const outputText = async i => (await page.locator(cellSel(i)).locator('.jp-OutputArea').textContent()) ?? '';
+
+async function expectOutput(i, want, what) {
+  const text = await outputText(i);
+  if (!want.test(text) || /Traceback|Error/.test(text)) {
+    throw new Error(`${what}: cell ${i} output ${JSON.stringify(text.slice(0, 800))}`);
+  }
+  return text;
+}
+
+async function notebookChecks(nb) {
+  await page.goto(`${LAB_URL}lab/tree/${nb}?token=${encodeURIComponent(TOKEN)}`, { waitUntil: 'domcontentloaded' });
+  await page.locator(cellSel(0)).waitFor({ state: 'visible', timeout: 60_000 });
+  await until('the notebook kernel to be idle',
+    () => /\| Idle/.test(document.querySelector('#jp-main-statusbar')?.textContent ?? ''), undefined, 60_000);
+  await runCell(0); // %load_ext
+  await runCell(1); // %microagent start WS
+  await runCell(2);
+  step(`exec with a quoted command: ${JSON.stringify((await expectOutput(2, /hi there/, 'sh -c "echo hi there"')).trim())}`);
+
+  await runCell(3); // the logs widget
+  await until('the log widget to render', () => !!document.querySelector('.microagent-serial-log pre'), undefined,
+    30_000);
+  await runCell(4); // 60 console lines, then the marker
+  await until('the log widget to show its last line in view', () => {
+    const pre = document.querySelector('.microagent-serial-log pre');
+    const node = pre?.firstChild;
+    const at = node?.textContent?.lastIndexOf('ma-last-line') ?? -1;
+    if (at < 0) {
+      return false;
+    }
+    const range = document.createRange();
+    range.setStart(node, at);
+    range.setEnd(node, at + 'ma-last-line'.length);
+    const line = range.getBoundingClientRect();
+    const box = pre.parentElement.getBoundingClientRect();
+    const preScrolls = pre.scrollHeight > pre.clientHeight + 1;
+    return !preScrolls && line.height > 0 && line.top >= box.top - 1 && line.bottom <= box.bottom + 1;
+  }, undefined, 30_000);
+  step('log widget: the last console line is in view (its <pre> does not scroll itself)');
+  result.screenshots.push(await shot('notebook-log-widget.png'));
+
+  await runCell(5); // halt, for cp
+  await runCell(6);
+  await expectOutput(6, /Copied in\.txt/, 'cp into the workspace');
+  await runCell(7);
+  await expectOutput(7, /Copied/, 'cp out of the workspace');
+  await runCell(8);
+  await expectOutput(8, /payload from host/, 'the copied-back file');
+  step('cp both ways: "Copied" twice, no traceback, the file came back');
+
+  await runCell(9, { wait: false }); // a one-shot run that ignores INT and TERM
+  for (const deadline = Date.now() + 180_000; !(await outputText(9)).includes('started');) {
+    if (Date.now() > deadline) {
+      throw new Error(`the one-shot command did not print "started": ${await outputText(9)}`);
+    }
+    await page.waitForTimeout(100);
+  }
+  const interruptedAt = Date.now();
+  const button = page.locator('.jp-NotebookPanel:not(.lm-mod-hidden) [data-command="notebook:interrupt-kernel"]');
+  if (await button.count()) {
+    await button.first().click();
+  } else {
+    await page.keyboard.press('Escape');
+    await page.keyboard.press('i');
+    await page.keyboard.press('i');
+  }
+  await cellDone(9, 10_000);
+  result.interruptSeconds = (Date.now() - interruptedAt) / 1000;
+  const interrupted = await outputText(9);
+  if (!/KeyboardInterrupt: the guest command was stopped and no VM is left running/.test(interrupted) ||
+      /Traceback/.test(interrupted)) {
+    throw new Error(`interrupt output: ${JSON.stringify(interrupted.slice(-800))}`);
+  }
+  await runCell(10); // %microagent ps
+  if (/run-\d/.test(await outputText(10))) {
+    throw new Error(`a one-shot VM is left running: ${await outputText(10)}`);
+  }
+  step(`interrupt of a command ignoring INT and TERM: kernel idle after ${result.interruptSeconds} s, no VM left`);
+  result.screenshots.push(await shot('notebook-interrupted.png'));
+}
+
 try {
   // ---- open JupyterLab and the panel (sidebar icon) ----------------------------------------------------
   await page.goto(`${LAB_URL}lab?token=${encodeURIComponent(TOKEN)}`, { waitUntil: 'domcontentloaded' });
@@ -363,6 +482,11 @@ try {
   );
   step(`halted from the panel; volume shows "last: ${WS}"`);
   result.screenshots.push(await shot('panel-halted.png'));
+
+  // ---- a notebook: magics with quoting, cp, the log widget following, interrupt -------------------------
+  if (process.env.MA_NOTEBOOK) {
+    await notebookChecks(process.env.MA_NOTEBOOK);
+  }
 
   const ours = pageErrors.filter(e => e.includes('microagent'));
   if (ours.length) {

@@ -416,7 +416,10 @@ export class MicroagentPanel extends Widget {
   }
 
   private _renderWorkspaces(list: IWorkspace[]): void {
-    const sorted = [...list].sort((a, b) => a.name.localeCompare(b.name));
+    // named workspaces first, then one-shot runs (kept with --keep), each by name
+    const sorted = [...list].sort(
+      (a, b) => Number(!!a.oneShot) - Number(!!b.oneShot) || a.name.localeCompare(b.name)
+    );
     this._workspaces = new Map(sorted.map(w => [w.name, w]));
     for (const [name, row] of this._wsRows) {
       if (!this._workspaces.has(name)) {
@@ -514,6 +517,8 @@ export class MicroagentPanel extends Widget {
     if (key === row.key) {
       return; // nothing changed: leave the DOM alone
     }
+    row.node.classList.toggle('ma-mod-oneShot', !!w.oneShot);
+    row.node.title = w.oneShot ? 'one-shot run (remove stopped ones with %microagent prune)' : '';
     row.key = key;
     const state = String(w.state ?? 'unknown');
     setText(row.badge, state);

@@ -26,6 +26,8 @@ export interface IAttachment {
 export interface IWorkspace {
   name: string;
   state: string;
+  /** made by `run` under a generated name; listed after the named workspaces, removed by `prune` */
+  oneShot?: boolean;
   accel?: string | null;
   accelReason?: string | null;
   profile?: string | null;
