@@ -16,18 +16,16 @@ from .client import DEFAULT_MAX_OUTPUT
 from .config import PROFILES, parse_env_pairs
 from .errors import InvalidArgument, MicroagentError
 from .protocol import FrameType
-from .sandbox.network import NetworkPolicy, policy_of
+from .sandbox.network import NetworkPolicy
 from .storage.volumes import DEFAULT_SIZE_MIB, render_created, render_deleted, render_list, render_status
 from .engine import Engine, WorkspaceInfo
+from .render import fields_text, status_fields, summary_fields, text_table
 from .model import parse_attachment_flags, parse_mediation_flag, parse_output_flag
 
 Handler = Callable[[Engine, argparse.Namespace], int]
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
-    return "\n".join(lines)
+_table = text_table
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
@@ -35,40 +33,11 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
 
 
 def _describe(info: WorkspaceInfo) -> str:
-    c, s = info.config, info.state
-    lines = [
-        f"Workspace: {c.name}",
-        f"State: {s.state}",
-        f"Rootfs: {info.dir.rootfs}",
-        f"Profile: {c.profile}",
-        f"Resources: memory={c.memory_mib}MiB cpus={c.cpus} disk={c.size_mib}MiB",
-    ]
-    return "\n".join(lines)
+    return fields_text(summary_fields(info))
 
 
 def _status_text(info: WorkspaceInfo) -> str:
-    c, s = info.config, info.state
-    lines = [_describe(info), f"Image: {c.image}", f"Backend: {s.backend or 'qemu'}"]
-    if s.accel:
-        lines.append(f"Accelerator: {s.accel} ({s.accel_reason})")
-    lines += [f"Network: {policy_of(c.network, c.network_policy).describe()}", f"Restart: {c.restart}",
-              f"Hostname: {c.hostname}"]
-    for att in c.attachments:
-        source = att.source if att.kind == "volume" else f"{att.name}={att.source}"
-        lines.append(f"{att.kind.capitalize()}: {source} -> {att.mountpoint} ({att.mode})")
-    for out in c.outputs:
-        lines.append(f"Output: {out.name} = {out.path}")
-    if s.started_at:
-        lines.append(f"Started: {s.started_at}" + (f" (boot {s.boot_seconds} s)" if s.boot_seconds else ""))
-    if s.kernel_release:
-        lines.append(f"Kernel: {s.kernel_release}")
-    for name, sig in s.readiness.items():
-        mark = "yes" if sig.get("ready") else "no"
-        extra = sig.get("error") or sig.get("detail") or ""
-        lines.append(f"{name}: {mark}" + (f" ({extra})" if extra else ""))
-    if s.error:
-        lines.append(f"Error: {s.error}")
-    return "\n".join(lines)
+    return fields_text(status_fields(info))
 
 
 def _list_text(infos: list[WorkspaceInfo]) -> str:

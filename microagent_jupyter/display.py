@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from microagent_engine import WorkspaceInfo
+from microagent_engine.render import readiness_text, text_table
 
 _STATE_COLORS = {"running": "#1a7f37", "starting": "#9a6700", "stopping": "#9a6700", "halted": "#57606a",
                  "stopped": "#57606a", "prepared": "#0969da", "failed": "#cf222e", "quarantined": "#8250df"}
@@ -21,12 +22,6 @@ def state_badge(state: str) -> str:
     color = _STATE_COLORS.get(state, "#57606a")
     return (f'<span class="microagent-state microagent-state-{html.escape(state)}" '
             f'style="color:{color};font-weight:600">{html.escape(state)}</span>')
-
-
-def _text_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
-    cells = [[str(c) for c in header]] + [["" if c is None else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
 
 
 class Table:
@@ -45,7 +40,7 @@ class Table:
         return iter(self.data if self.data is not None else self.rows)
 
     def __repr__(self) -> str:
-        body = _text_table(self.rows, self.header) if self.rows else self.empty
+        body = text_table(self.rows, self.header) if self.rows else self.empty
         return f"{self.title}\n{body}" if self.title else body
 
     def _repr_html_(self) -> str:
@@ -129,11 +124,6 @@ def workspaces_table(infos: list[WorkspaceInfo], title: str = "") -> Table:
         cells.append([html.escape(str(row[0])), state_badge(j["state"])] + [html.escape(str(c)) for c in row[2:]])
     return Table(header, rows, title=title, data=[i.to_json() for i in infos], html_cells=cells,
                  empty="(no workspaces)")
-
-
-def readiness_text(sig: dict[str, Any]) -> str:
-    extra = sig.get("error") or sig.get("detail") or ""
-    return ("yes" if sig.get("ready") else "no") + (f" ({extra})" if extra else "")
 
 
 def workspace_record(info: WorkspaceInfo) -> Record:

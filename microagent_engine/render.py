@@ -1,0 +1,59 @@
+"""Plain-text renderings shared by the CLI and the notebook's text fallbacks: tables, readiness, a workspace's
+status fields. The notebook adds HTML on top; the wording and the field set live here once."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Sequence
+
+from .sandbox.network import policy_of
+
+if TYPE_CHECKING:
+    from .engine import WorkspaceInfo
+
+
+def text_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    """Left-aligned columns under a header, two spaces apart."""
+    cells = [[str(c) for c in header]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def readiness_text(sig: dict[str, Any]) -> str:
+    """``yes``/``no`` with the signal's detail or error, e.g. ``no (agent channel closed)``."""
+    extra = sig.get("error") or sig.get("detail") or ""
+    return ("yes" if sig.get("ready") else "no") + (f" ({extra})" if extra else "")
+
+
+def summary_fields(info: "WorkspaceInfo") -> list[tuple[str, str]]:
+    """What ``create`` reports: name, state, rootfs, profile, resources."""
+    c, s = info.config, info.state
+    return [("Workspace", c.name), ("State", s.state), ("Rootfs", str(info.dir.rootfs)), ("Profile", c.profile),
+            ("Resources", f"memory={c.memory_mib}MiB cpus={c.cpus} disk={c.size_mib}MiB")]
+
+
+def status_fields(info: "WorkspaceInfo") -> list[tuple[str, str]]:
+    """Every field ``status`` shows, in order, as (label, text)."""
+    c, s = info.config, info.state
+    fields = summary_fields(info) + [("Image", c.image), ("Backend", s.backend or "qemu")]
+    if s.accel:
+        fields.append(("Accelerator", f"{s.accel} ({s.accel_reason})"))
+    fields += [("Network", policy_of(c.network, c.network_policy).describe()), ("Restart", c.restart),
+               ("Hostname", c.hostname), ("Actions", ", ".join(info.actions) or "none")]
+    for att in c.attachments:
+        source = att.source if att.kind == "volume" else f"{att.name}={att.source}"
+        fields.append((att.kind.capitalize(), f"{source} -> {att.mountpoint} ({att.mode})"))
+    for out in c.outputs:
+        fields.append(("Output", f"{out.name} = {out.path}"))
+    if s.started_at:
+        fields.append(("Started", s.started_at + (f" (boot {s.boot_seconds} s)" if s.boot_seconds else "")))
+    if s.kernel_release:
+        fields.append(("Kernel", s.kernel_release))
+    for name, sig in s.readiness.items():
+        fields.append((name, readiness_text(sig)))
+    if s.error:
+        fields.append(("Error", s.error))
+    return fields
+
+
+def fields_text(fields: Sequence[tuple[str, str]]) -> str:
+    return "\n".join(f"{label}: {text}" for label, text in fields)
