@@ -14,6 +14,9 @@ def test_run_image_then_command_with_options_needs_no_double_dash(cli) -> None:
     proc = cli("run", "--delete", "-v", "data:/work", "--profile", "tiny", "builtin", "cat", "/work/counter.txt")
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout == b"42\n"
+    # leave the session's state as found: the first run's record (a one-shot) and the volume
+    assert cli("prune").returncode == 0
+    assert cli("volume", "delete", "data").returncode == 0, "the pruned one-shot still holds the volume"
 
 
 def test_cli_exec_interrupt_ends_a_command_that_ignores_int_and_term(cli, shared_ws, state_dir) -> None:
