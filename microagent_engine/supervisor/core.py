@@ -573,7 +573,8 @@ class Supervisor:
 
     def config_payload(self) -> bytes:
         return encode_config(self.launch.hostname, self.launch.network, self.launch.shell, self.launch.env,
-                             self.launch.mounts, self.mediation.cfg.port if self.mediation else None)
+                             self.launch.mounts, self.mediation.cfg.port if self.mediation else None,
+                             clock=time.time(), seed=secrets.token_bytes(32))
 
     async def quarantine(self) -> dict[str, Any]:
         if self.state.state != "running":
