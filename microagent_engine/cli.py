@@ -59,7 +59,10 @@ def _status_text(info: WorkspaceInfo) -> str:
     for out in c.outputs:
         lines.append(f"Output: {out.name} = {out.path}")
     if s.started_at:
-        lines.append(f"Started: {s.started_at}" + (f" (boot {s.boot_seconds} s)" if s.boot_seconds else ""))
+        lines.append(f"Started: {s.started_at}" + (f" (boot {s.boot_seconds} s" + (f", {s.boot_mode}" if s.boot_mode
+                     else "") + ")" if s.boot_seconds else ""))
+    if s.cold_reason:
+        lines.append(f"Cold boot: {s.cold_reason}")
     if s.kernel_release:
         lines.append(f"Kernel: {s.kernel_release}")
     for name, sig in s.readiness.items():
