@@ -449,7 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     for verb, text in (("halt", "clean disk-preserving shutdown"),
                        ("stop", "ask the guest to shut down; failed after 5 s (no kill)"),
-                       ("kill", "terminate the VM at once")):
+                       ("kill", "terminate the VM at once"),
+                       ("pause", "freeze a running workspace's VM (processes keep their state)"),
+                       ("resume", "continue a paused workspace")):
         p = add(verb, _lifecycle(verb), text)
         p.add_argument("name")
     p = add("delete", cmd_delete, "remove a workspace and its disk", aliases=["rm"])

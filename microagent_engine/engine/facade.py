@@ -130,6 +130,14 @@ class Engine:
         ``cold=True`` forces a cold boot."""
         return self._lifecycle.start(name, boot_timeout=boot_timeout, cold=cold)
 
+    def pause(self, name: str) -> WorkspaceInfo:
+        """Freeze a running workspace's VM (state ``paused``): its processes keep their state; exec is refused."""
+        return self._lifecycle.pause(name)
+
+    def resume(self, name: str) -> WorkspaceInfo:
+        """Continue a paused workspace (state ``running``)."""
+        return self._lifecycle.pause(name, resume=True)
+
     def halt(self, name: str, timeout: float | None = None) -> WorkspaceInfo:
         """Clean, disk-preserving shutdown through the guest agent (``timeout`` seconds, default 30)."""
         return self._lifecycle.halt(name, timeout)

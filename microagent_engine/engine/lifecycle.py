@@ -152,6 +152,19 @@ class Lifecycle:
             raise GuestError(reply.get("error", "quarantine failed"))
         return self.ctx.store.status(name)
 
+    def pause(self, name: str, resume: bool = False) -> WorkspaceInfo:
+        """Stop (or, ``resume``, continue) the VM's vCPUs; memory, processes and open commands stay."""
+        op = "resume" if resume else "pause"
+        info = self.ctx.store.status(name)
+        if op not in info.actions or not info.dir.supervisor_alive():
+            need = "paused" if resume else "running"
+            raise InvalidState(f"workspace {name!r} is {info.state.state}; only a {need} workspace can be {op}d")
+        with SupervisorConnection(info.dir.control_socket) as conn:
+            reply = conn.control(op, reply_timeout=30)
+        if not reply.get("ok"):
+            raise GuestError(reply.get("error", f"{op} failed"))
+        return self.ctx.store.status(name)
+
     def kill(self, name: str) -> WorkspaceInfo:
         info = self.ctx.store.status(name)
         if info.dir.supervisor_alive():

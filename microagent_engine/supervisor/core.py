@@ -561,7 +561,7 @@ class Supervisor:
             await asyncio.sleep(PING_INTERVAL)
             if self.channel_failed or self.agent_writer is None:
                 return
-            if self.held_since is not None:
+            if self.held_since is not None or self.state.state == "paused":
                 self.last_pong = time.monotonic()
                 continue
             self.to_agent(FrameType.PING, LIVENESS_STREAM, b"live")
@@ -632,6 +632,22 @@ class Supervisor:
         self.save(state="quarantined", error="quarantined: network and mediation severed; halt, stop or kill "
                                               "it before starting again")
         return {"ok": True, "state": "quarantined"}
+
+    async def pause(self, pause: bool) -> dict[str, Any]:
+        """pause: stop the vCPUs (QMP ``stop``), keeping memory and processes; resume: ``cont``."""
+        want = "running" if pause else "paused"
+        if self.state.state != want:
+            verb = "paused" if pause else "resumed"
+            return {"ok": False, "error": f"workspace is {self.state.state}; only a {want} workspace can be {verb}"}
+        if not await self.qmp("stop" if pause else "cont"):
+            return {"ok": False, "error": f"QEMU did not {'stop' if pause else 'continue'} the VM through QMP"}
+        self.last_pong = time.monotonic()  # the guest could not answer pings while paused
+        if pause:
+            self.set_signal("execReady", False, "paused", "workspace paused; resume it to run commands")
+        else:
+            self.set_signal("execReady", True, "resumed")
+        self.save(state="paused" if pause else "running")
+        return {"ok": True, "state": self.state.state}
 
     async def end_vm(self, how: str, timeout: float | None = None) -> dict[str, Any]:
         """halt (graceful, via the agent), stop (ask once, wait 5 s, no escalation) or kill (hard)."""
