@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,10 +108,14 @@ class Template:
         shutil.rmtree(self.memory.parent, ignore_errors=True)
 
     def prepare_build(self) -> None:
-        """Fresh directories for a build (any earlier, unfinished one removed)."""
+        """Fresh directories for a build (any earlier, unfinished one removed); RAM files on tmpfs whose state
+        dir is gone are swept (the tmpfs directory names its state dir in ``state-dir``)."""
         self.discard()
         private_dir(self.dir)
         private_dir(self.memory.parent)
+        if self.memory.parent.parent.parent == SHM:
+            (self.memory.parent.parent / "state-dir").write_text(str(self.dir.parent.parent.resolve()))
+            sweep_orphans()
 
     def finish_build(self, seconds: float, state_bytes: int) -> None:
         write_json_atomic(self.meta_file, {"key": self.key, "shape": self.shape, "memoryMiB": self.memory_mib,
@@ -140,3 +145,18 @@ def list_templates(state_dir: Path) -> list[dict[str, Any]]:
         except (OSError, ValueError):
             continue
     return out
+
+
+def sweep_orphans() -> list[Path]:
+    """Remove this user's template RAM directories on tmpfs whose state dir no longer exists; what was removed."""
+    removed = []
+    for d in SHM.glob(f"microagent-{os.geteuid()}-*"):
+        try:
+            owner = Path((d / "state-dir").read_text().strip())
+        except OSError:
+            owner = None
+        young = time.time() - d.stat().st_mtime < 60 if d.exists() else False  # a build that just began
+        if not young and (owner is None or not (owner / TEMPLATES_DIR).is_dir()):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
