@@ -80,9 +80,10 @@ def cmd_create(engine: Engine, args: argparse.Namespace) -> int:
 
 
 def cmd_start(engine: Engine, args: argparse.Namespace) -> int:
-    info = engine.start(args.name)
+    info = engine.start(args.name, cold=args.cold)
+    mode = info.state.boot_mode + (f": {info.state.cold_reason}" if info.state.cold_reason else "")
     _emit(args, info.to_json(), f"Workspace {info.name} running (accel {info.state.accel}, "
-                                f"boot {info.state.boot_seconds} s)")
+                                f"boot {info.state.boot_seconds} s, {mode})")
     return 0
 
 
@@ -132,7 +133,7 @@ def cmd_run(engine: Engine, args: argparse.Namespace) -> int:
         command, name=name, delete=args.delete, cwd=args.cwd,
         timeout=args.timeout, stdin=_stdin_source(args), capture=args.json, max_output=args.max_output,
         on_stdout=_writer(sys.stdout.buffer) if streaming else None,
-        on_stderr=_writer(sys.stderr.buffer) if streaming else None, **kwargs)
+        on_stderr=_writer(sys.stderr.buffer) if streaming else None, cold=args.cold, **kwargs)
     if args.json:
         print(json.dumps({"workspace": info.name, "deleted": args.delete, **result.to_json()}, indent=2))
     return result.exit_code
@@ -389,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("start", cmd_start, "boot a workspace")
     p.add_argument("name")
+    p.add_argument("--cold", action="store_true", help="boot cold, not from the machine shape's template")
 
     p = add("exec", cmd_exec, "run a command in a running workspace: exec NAME -- CMD [ARGS...]")
     p.add_argument("name")
@@ -403,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     exec_flags(p)
     p.add_argument("--exec", dest="exec_line", metavar="LINE", help="command line run with /bin/sh -c")
     p.add_argument("--delete", action="store_true", help="delete the workspace afterwards")
+    p.add_argument("--cold", action="store_true", help="boot cold, not from the machine shape's template")
     p.set_defaults(command=[])
 
     add("list", cmd_list, "saved workspaces", aliases=["ls"])
@@ -412,7 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     for verb, text in (("halt", "clean disk-preserving shutdown"),
                        ("stop", "ask the guest to shut down; failed after 5 s (no kill)"),
-                       ("kill", "terminate the VM at once")):
+                       ("kill", "terminate the VM at once"),
+                       ("pause", "freeze a running workspace's VM (processes keep their state)"),
+                       ("resume", "continue a paused workspace")):
         p = add(verb, _lifecycle(verb), text)
         p.add_argument("name")
     p = add("delete", cmd_delete, "remove a workspace and its disk", aliases=["rm"])

@@ -104,10 +104,19 @@ def encode_config(
     env: dict[str, str],
     mounts: list[list[str]],
     mediation_port: int | None,
+    clock: float | None = None,
+    seed: bytes | None = None,
 ) -> bytes:
     """Payload of the CONFIG frame: hostname, network mode, console shell, default env of every exec,
-    extra mounts (each ``[device, mountpoint, fstype, "ro"|"rw"]``) and the guest's mediation port (or None)."""
+    extra mounts (each ``[device, mountpoint, fstype, "ro"|"rw"]``), the guest's mediation port (or None), the
+    host's clock (seconds since the epoch, set in the guest) and host randomness (mixed into the guest's RNG,
+    which is reseeded): a VM restored from a template resumes with the template's clock and RNG state."""
     entries = [("h", hostname), ("n", network), ("s", shell)]
+    if clock is not None:
+        ns = int(clock * 1e9)
+        entries.append(("t", f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"))
+    if seed:
+        entries.append(("r", seed.hex()))
     entries += [("e", f"{key}={value}") for key, value in env.items()]
     entries += [("m", "\t".join(mount)) for mount in mounts]
     if mediation_port is not None:

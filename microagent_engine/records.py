@@ -89,6 +89,8 @@ class WorkspaceState:
     started_at: str | None = None
     stopped_at: str | None = None
     boot_seconds: float | None = None
+    boot_mode: str = ""  # "warm" (a template clone) or "cold"
+    cold_reason: str = ""  # why the last boot was cold
     error: str = ""
     exit_detail: str = ""
     kernel_release: str = ""

@@ -45,7 +45,10 @@ def status_fields(info: "WorkspaceInfo") -> list[tuple[str, str]]:
     for out in c.outputs:
         fields.append(("Output", f"{out.name} = {out.path}"))
     if s.started_at:
-        fields.append(("Started", s.started_at + (f" (boot {s.boot_seconds} s)" if s.boot_seconds else "")))
+        boot = f" (boot {s.boot_seconds} s{', ' + s.boot_mode if s.boot_mode else ''})" if s.boot_seconds else ""
+        fields.append(("Started", s.started_at + boot))
+    if s.cold_reason:
+        fields.append(("Cold boot", s.cold_reason))
     if s.kernel_release:
         fields.append(("Kernel", s.kernel_release))
     for name, sig in s.readiness.items():

@@ -28,7 +28,7 @@ from . import display as D
 from ._engine import create_kwargs, env_pairs, get_engine, storage_kwargs
 from .progress import CellProgress
 
-LIFECYCLE = ("start", "halt", "stop", "kill")
+LIFECYCLE = ("start", "pause", "resume", "halt", "stop", "kill")
 
 
 class MicroagentCellError(subprocess.CalledProcessError):

@@ -48,6 +48,9 @@ class FdCommand:
     devices: list[str]  # host device nodes the hypervisor opens by name (/dev/kvm)
     largest_file: int  # bytes: the largest file it writes through (RLIMIT_FSIZE must not be below it)
     listeners: list[tuple[socket.socket, Path]] = field(default_factory=list)
+    binds_rw: list[tuple[str, str]] = field(default_factory=list)  # (host path, jail path) opened for writing
+    env: dict[str, str] = field(default_factory=dict)  # extra environment of the hypervisor (LD_PRELOAD)
+    incoming_fd: int | None = None  # the hypervisor's descriptor number of a saved VM state to restore
 
     def close_child_ends(self) -> None:
         """Close the descriptors handed to the hypervisor (after it was spawned)."""

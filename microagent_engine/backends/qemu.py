@@ -21,6 +21,11 @@ from .base import Backend, FdCommand, VMSpec
 SANDBOX_ARGS = ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
 JAIL_KERNEL = "/vm/kernel"
 JAIL_INITRD = "/vm/initrd"
+JAIL_MEMORY = "/vm/memory"  # a template's guest RAM file (memory-backend-file needs a path, not a descriptor)
+JAIL_RO_OPEN = "/vm/ro-open.so"  # makes QEMU open JAIL_MEMORY read-only for a copy-on-write clone
+RO_OPEN_NAME = "ro-open.so"  # the shim's file name, beside the template's RAM file
+#: the id of the file-backed RAM object of templates and clones
+MEMORY_ID = "ram0"
 
 FAST_BOOT_ARGS = [
     "console=ttyS0", "reboot=t", "panic=-1", "quiet", "pci=off", "cryptomgr.notests", "mitigations=off",
@@ -82,6 +87,20 @@ class QemuBackend(Backend):
             cmd += ["-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"]
         return cmd
 
+    @staticmethod
+    def memory_file_argv(argv: list[str], memory_mib: int, mem_path: Path, share: bool,
+                         incoming: Path | None = None) -> list[str]:
+        """``argv`` with guest RAM in ``mem_path``: ``share=True`` for a template (its RAM is written to the file),
+        ``False`` for a clone (the file mapped copy-on-write, ``incoming`` the device state it restores)."""
+        out = list(argv)
+        i = out.index("-M")
+        out[i + 1] += f",memory-backend={MEMORY_ID}"
+        out[i + 2:i + 2] = ["-object", f"memory-backend-file,id={MEMORY_ID},size={memory_mib}M,mem-path={mem_path},"
+                                       f"share={'on' if share else 'off'}"]
+        if incoming is not None:
+            out += ["-incoming", f"exec:cat {incoming}"]
+        return out
+
     def fd_command(self, argv: list[str]) -> FdCommand:
         """Rewrite :meth:`command`'s argv: drives become ``-add-fd`` sets of pre-opened files, chardev sockets
         become connected socket pairs (the supervisor keeps one end), the QMP chardev a listening socket the
@@ -102,6 +121,14 @@ class QemuBackend(Backend):
                     out.argv += ["-drive", self._drive_by_fd(val, out)]
                 elif opt == "-chardev" and val.startswith("socket,"):
                     out.argv += ["-chardev", self._chardev_by_fd(val, out)]
+                elif opt == "-object" and val.startswith("memory-backend-file,"):
+                    out.argv += [opt, self._memory_by_bind(val, out)]
+                elif opt == "-incoming" and val.startswith("exec:cat "):
+                    # QEMU's seccomp denies spawning `cat`: hand over the state file and restore it through QMP
+                    fd = os.open(val[len("exec:cat "):], os.O_RDONLY | os.O_CLOEXEC)
+                    out.pass_fds.append(fd)
+                    out.incoming_fd = fd
+                    out.argv += [opt, "defer"]
                 elif opt == "-accel" and val == "kvm":
                     out.devices.append("/dev/kvm")
                     out.argv += [opt, val]
@@ -132,6 +159,22 @@ class QemuBackend(Backend):
         out.largest_file = max(out.largest_file, os.fstat(out.pass_fds[-1]).st_size)
         out.argv += [x for p in prefix for x in ("-add-fd", p)]
         return ",".join(f"file=/dev/fdset/{fdset}" if o.startswith("file=") else o for o in opts)
+
+    @staticmethod
+    def _memory_by_bind(value: str, out: FdCommand) -> str:
+        """A template's RAM file is bound writable into the jail; a clone's read-only, and the ro-open shim makes
+        QEMU 7.2 (which opens the file O_RDWR even for share=off) open it read-only: a clone can then never
+        write into, or punch holes in (a balloon discard would), the file other clones map."""
+        opts = value.split(",")
+        path = next(o[9:] for o in opts if o.startswith("mem-path="))
+        if "share=on" in opts:
+            out.binds_rw.append((path, JAIL_MEMORY))
+        else:
+            out.binds_ro.append((path, JAIL_MEMORY))
+            out.binds_ro.append((str(Path(path).with_name(RO_OPEN_NAME)), JAIL_RO_OPEN))
+            out.env["LD_PRELOAD"] = JAIL_RO_OPEN
+            out.env["MICROAGENT_RO_OPEN"] = JAIL_MEMORY
+        return ",".join(f"mem-path={JAIL_MEMORY}" if o.startswith("mem-path=") else o for o in opts)
 
     @staticmethod
     def _chardev_by_fd(value: str, out: FdCommand) -> str:

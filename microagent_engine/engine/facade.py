@@ -124,9 +124,19 @@ class Engine:
         self._provision.delete(name)
 
     # ---- lifecycle -----------------------------------------------------------------------------
-    def start(self, name: str, *, boot_timeout: float | None = None) -> WorkspaceInfo:
-        """Boot the workspace's VM and return once its agent is ready (state ``running``)."""
-        return self._lifecycle.start(name, boot_timeout=boot_timeout)
+    def start(self, name: str, *, boot_timeout: float | None = None, cold: bool = False) -> WorkspaceInfo:
+        """Boot the workspace's VM and return once its agent is ready (state ``running``): a clone of the machine
+        shape's template when there is one (``bootMode`` warm), else a cold boot (``coldReason`` says why);
+        ``cold=True`` forces a cold boot."""
+        return self._lifecycle.start(name, boot_timeout=boot_timeout, cold=cold)
+
+    def pause(self, name: str) -> WorkspaceInfo:
+        """Freeze a running workspace's VM (state ``paused``): its processes keep their state; exec is refused."""
+        return self._lifecycle.pause(name)
+
+    def resume(self, name: str) -> WorkspaceInfo:
+        """Continue a paused workspace (state ``running``)."""
+        return self._lifecycle.pause(name, resume=True)
 
     def halt(self, name: str, timeout: float | None = None) -> WorkspaceInfo:
         """Clean, disk-preserving shutdown through the guest agent (``timeout`` seconds, default 30)."""
@@ -203,6 +213,7 @@ class Engine:
         on_stderr: OutputCallback | None = None,
         capture: bool = True,
         max_output: int = DEFAULT_MAX_OUTPUT,
+        cold: bool = False,
         **create_args: Any,
     ) -> tuple[WorkspaceInfo, ExecResult]:
         """create + start + exec, then halt (and delete with ``delete=True``). Never leaves a VM running, and
@@ -217,7 +228,7 @@ class Engine:
         info = self._provision.create(name, env=env, one_shot=one_shot, **create_args)
         try:
             self.progress(f"Booting {name}")
-            self.start(name)
+            self.start(name, cold=cold)
         except BaseException as exc:
             self._finish_run(name, force=True)
             boot_log = boot_log_tail(info)

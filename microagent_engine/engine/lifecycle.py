@@ -23,6 +23,7 @@ from ..guest.initramfs import build_initramfs
 from ..hostinfo import choose_accel
 from ..model import LaunchSpec
 from ..records import WorkspaceDir, now_iso, process_matches
+from ..snapshots.warm import COLD_KEY
 from ..states import ACTIVE
 from ..storage.bundles import build_bundle
 from .context import EngineContext
@@ -39,7 +40,7 @@ class Lifecycle:
         self.ctx = ctx
 
     # ---- start ---------------------------------------------------------------------------------
-    def start(self, name: str, *, boot_timeout: float | None = None) -> WorkspaceInfo:
+    def start(self, name: str, *, boot_timeout: float | None = None, cold: bool = False) -> WorkspaceInfo:
         ws = self.ctx.store.existing(name)
         with file_lock(ws.ops_lock, blocking=False, what=f"workspace {name!r}"):
             info = self.ctx.store.info(ws)
@@ -50,9 +51,9 @@ class Lifecycle:
                                    f"run 'microagent kill {name}' first")
             if "start" not in info.actions:
                 raise InvalidState(f"workspace {name!r} is {info.state.state}; halt, stop or kill it before start")
-            return self._launch(info, boot_timeout)
+            return self._launch(info, boot_timeout, cold)
 
-    def _launch(self, info: WorkspaceInfo, boot_timeout: float | None) -> WorkspaceInfo:
+    def _launch(self, info: WorkspaceInfo, boot_timeout: float | None, cold: bool = False) -> WorkspaceInfo:
         ctx = self.ctx
         cfg, ws = info.config, info.dir
         ctx.backend.binary()  # fail first, and clearly, when the hypervisor is missing
@@ -69,7 +70,8 @@ class Lifecycle:
         launch = LaunchSpec(argv=ctx.backend.command(spec), hostname=cfg.hostname, network=cfg.network,
                             shell=cfg.shell, env=cfg.env, accel=accel.accel, boot_timeout=timeout, mounts=mounts,
                             setup=cfg.setup, entrypoint=cfg.entrypoint, restart=cfg.restart,
-                            mediation=cfg.mediation, network_policy=cfg.network_policy)
+                            mediation=cfg.mediation, network_policy=cfg.network_policy,
+                            extra={COLD_KEY: True} if cold else {})
         ws.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_json_atomic(ws.run_dir / "launch.json", launch.to_json())
         st = ws.load_state()
@@ -148,6 +150,19 @@ class Lifecycle:
             reply = conn.control("quarantine", reply_timeout=30)
         if not reply.get("ok"):
             raise GuestError(reply.get("error", "quarantine failed"))
+        return self.ctx.store.status(name)
+
+    def pause(self, name: str, resume: bool = False) -> WorkspaceInfo:
+        """Stop (or, ``resume``, continue) the VM's vCPUs; memory, processes and open commands stay."""
+        op = "resume" if resume else "pause"
+        info = self.ctx.store.status(name)
+        if op not in info.actions or not info.dir.supervisor_alive():
+            need = "paused" if resume else "running"
+            raise InvalidState(f"workspace {name!r} is {info.state.state}; only a {need} workspace can be {op}d")
+        with SupervisorConnection(info.dir.control_socket) as conn:
+            reply = conn.control(op, reply_timeout=30)
+        if not reply.get("ok"):
+            raise GuestError(reply.get("error", f"{op} failed"))
         return self.ctx.store.status(name)
 
     def kill(self, name: str) -> WorkspaceInfo:

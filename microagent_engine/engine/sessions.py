@@ -32,7 +32,8 @@ class Sessions:
     def running(self, name: str) -> WorkspaceInfo:
         info = self.ctx.store.status(name)
         if "exec" not in info.actions:
-            hint = (f"start it first: microagent start {name}" if "start" in info.actions else "wait or kill it")
+            hint = (f"start it first: microagent start {name}" if "start" in info.actions else
+                    f"resume it first: microagent resume {name}" if "resume" in info.actions else "wait or kill it")
             raise InvalidState(f"workspace {name!r} is {info.state.state}, not running; {hint}")
         return info
 

@@ -22,6 +22,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <linux/random.h>
 #include <net/if.h>
 #include <net/route.h>
 #include <netinet/in.h>
@@ -147,6 +148,8 @@ static struct {
     int sig_fd;                   /* signalfd of SIGCHLD */
     int log_fd;                   /* the console (as PID 1), else -1: stderr */
     int halting;                  /* HALT received */
+    char root_dev[PATH_MAX];      /* microagent.root= (mounted at the first CONFIG) */
+    int root_ro;                  /* microagent.ro=1 */
 } agent = {.sig_fd = -1, .log_fd = -1};
 
 /* what CONFIG set: the default env of every exec, and what READY reports */
@@ -1289,6 +1292,48 @@ static void send_ready(void)
     chan_send_str(&chan, F_READY, 0, buf);
 }
 
+static void mount_root(void);
+
+static int hexval(char c)
+{
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+}
+
+/* CONFIG's "t<sec>.<nsec>": the host's clock (a VM restored from a template resumes with the template's) */
+static void apply_clock(const char *value)
+{
+    char *end = NULL;
+    long long sec = strtoll(value, &end, 10);
+    long nsec = 0;
+    if (end && *end == '.')
+        nsec = strtol(end + 1, NULL, 10);
+    struct timespec ts = {.tv_sec = (time_t)sec, .tv_nsec = nsec >= 0 && nsec < 1000000000 ? nsec : 0};
+    if (sec > 0 && clock_settime(CLOCK_REALTIME, &ts) < 0)
+        logmsg("setting the clock failed: %s", strerror(errno));
+}
+
+/* CONFIG's "r<hex>": host randomness mixed into the kernel RNG, which is then reseeded (clones of one template
+ * would otherwise share its RNG state) */
+static void apply_seed(const char *hex)
+{
+    struct {
+        struct rand_pool_info info;
+        unsigned char buf[64];
+    } e;
+    size_t n = 0;
+    for (; n < sizeof e.buf && hexval(hex[2 * n]) >= 0 && hexval(hex[2 * n + 1]) >= 0; n++)
+        e.buf[n] = (unsigned char)(hexval(hex[2 * n]) << 4 | hexval(hex[2 * n + 1]));
+    if (n == 0)
+        return;
+    e.info.entropy_count = (int)(n * 8);
+    e.info.buf_size = (int)n;
+    int fd = open("/dev/urandom", O_RDWR | O_CLOEXEC);
+    if (fd < 0 || ioctl(fd, RNDADDENTROPY, &e) < 0 || ioctl(fd, RNDRESEEDCRNG) < 0)
+        logmsg("reseeding the kernel RNG failed: %s", strerror(errno));
+    if (fd >= 0)
+        close(fd);
+}
+
 static void handle_config(uint32_t stream, const unsigned char *payload, size_t len)
 {
     if (stream != 0) {
@@ -1299,7 +1344,7 @@ static void handle_config(uint32_t stream, const unsigned char *payload, size_t 
         chan_send_error(&chan, 0, "malformed CONFIG: entries are not NUL-terminated");
         return;
     }
-    const char *hostname = NULL, *net = NULL, *shell = NULL, *med_value = NULL;
+    const char *hostname = NULL, *net = NULL, *shell = NULL, *med_value = NULL, *clock = NULL, *seed = NULL;
     size_t nmounts = 0;
     env_clear(&config.env);
     for (size_t off = 0; off < len;) {
@@ -1328,6 +1373,12 @@ static void handle_config(uint32_t stream, const unsigned char *payload, size_t 
         case 'p':
             med_value = val;
             break;
+        case 't':
+            clock = val;
+            break;
+        case 'r':
+            seed = val;
+            break;
         default:
             break;
         }
@@ -1344,6 +1395,16 @@ static void handle_config(uint32_t stream, const unsigned char *payload, size_t 
         return;
     }
     config.applied = 1;
+
+    /* identity of this boot (a clone of a template resumes with the template's clock and RNG), then the root */
+    if (!agent.test_mode) {
+        if (clock)
+            apply_clock(clock);
+        if (seed)
+            apply_seed(seed);
+    }
+    if (agent.is_pid1 && !agent.test_mode)
+        mount_root();
 
     /* network */
     if (!agent.test_mode)
@@ -1941,7 +2002,14 @@ static void try_mount(const char *src, const char *target, const char *type, uns
         logmsg("mounting %s on %s failed: %s", type, target, strerror(errno));
 }
 
-static void load_modules(void)
+/* block and network drivers load at the first CONFIG, not at boot: a template snapshot taken at HELLO has not
+ * probed any disk or NIC, so a clone restored from it probes its own disks (their sizes, their serials) */
+static int late_module(const char *path)
+{
+    return strstr(path, "/virtio_blk.ko") != NULL || strstr(path, "/virtio_net.ko") != NULL;
+}
+
+static void load_modules(int late)
 {
     FILE *f = fopen("/modules/order", "re");
     if (!f)
@@ -1958,6 +2026,8 @@ static void load_modules(void)
             continue;
         char path[PATH_MAX + 2];
         snprintf(path, sizeof path, "%s%s", *p == '/' ? "" : "/", p);
+        if (late_module(path) != late)
+            continue;
         int fd = open(path, O_RDONLY | O_CLOEXEC);
         if (fd < 0) {
             logmsg("module %s: %s", path, strerror(errno));
@@ -2007,9 +2077,10 @@ static void boot(void)
     ensure_std_fds("/dev/console");
     agent.log_fd = open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC);
 
-    load_modules();
+    load_modules(0);
 
-    char root[PATH_MAX] = "/dev/vda";
+    char *root = agent.root_dev;
+    snprintf(root, sizeof agent.root_dev, "/dev/vda");
     int ro = 0;
     {
         char cmdline[4096];
@@ -2024,9 +2095,9 @@ static void boot(void)
         for (char *tok = strtok_r(cmdline, " \t\n", &save); tok; tok = strtok_r(NULL, " \t\n", &save)) {
             if (strncmp(tok, "microagent.root=", 16) == 0 && tok[16]) {
                 if (tok[16] == '/')
-                    snprintf(root, sizeof root, "%s", tok + 16);
+                    snprintf(root, sizeof agent.root_dev, "%s", tok + 16);
                 else
-                    snprintf(root, sizeof root, "/dev/%s", tok + 16);
+                    snprintf(root, sizeof agent.root_dev, "/dev/%s", tok + 16);
             } else if (strcmp(tok, "microagent.ro=1") == 0) {
                 ro = 1;
             } else if (strcmp(tok, "microagent.ro=0") == 0) {
@@ -2034,7 +2105,23 @@ static void boot(void)
             }
         }
     }
+    agent.root_ro = ro;
 
+    int64_t until = mono_ms() + 10000;
+    while (chan_find_port(&chan) < 0) {
+        if (mono_ms() >= until)
+            fatal_boot("virtio-serial port %s not found within 10 s", AGENT_PORT_NAME);
+        sleep_ms(10);
+    }
+}
+
+/* At the first CONFIG (after HELLO, so after a template snapshot): load the disk and NIC drivers, mount the root
+ * disk and switch into it. */
+static void mount_root(void)
+{
+    const char *root = agent.root_dev;
+    int ro = agent.root_ro;
+    load_modules(1);
     struct stat st;
     int64_t until = mono_ms() + 10000;
     while (stat(root, &st) < 0 || !S_ISBLK(st.st_mode)) {
@@ -2091,13 +2178,6 @@ static void boot(void)
     try_mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777");
 
     logmsg("root %s mounted%s", root, ro ? " read-only" : "");
-
-    until = mono_ms() + 10000;
-    while (chan_find_port(&chan) < 0) {
-        if (mono_ms() >= until)
-            fatal_boot("virtio-serial port %s not found within 10 s", AGENT_PORT_NAME);
-        sleep_ms(10);
-    }
 }
 
 /* ---- main loop ------------------------------------------------------------------------------------------- */

@@ -5,7 +5,8 @@
  * bind mounts it is told (--bind-ro/--bind-rw/--symlink), pivots into it, sets rlimits, drops to an
  * unprivileged uid/gid with no capabilities and no_new_privs, and execs the hypervisor. The parent stays as the
  * hypervisor's waiter: it reports the hypervisor's host pid on --report-fd ("pid N\n", or "error MSG\n"),
- * forwards TERM/INT/HUP/QUIT and mirrors the hypervisor's exit (code or signal).
+ * forwards TERM/INT/HUP/QUIT and mirrors the hypervisor's exit (code or signal). --env NAME=VALUE adds to the
+ * hypervisor's otherwise fixed environment.
  *
  * Build: gcc -static -O2 -Wall (the engine compiles and caches it by source hash).
  */
@@ -45,6 +46,8 @@ static long uid = -1, gid = -1;
 static gid_t groups[16];
 static int n_groups;
 static pid_t child;
+static char *envp[MAX_ITEMS + 3] = {"PATH=/usr/bin:/bin", "LC_ALL=C"};
+static int n_env = 2;
 
 /* In the child: report a failed step to the waiter (which relays it to the supervisor) and exit. */
 static void die(const char *fmt, ...) {
@@ -215,6 +218,8 @@ int main(int argc, char **argv) {
             binds_rw[n_rw].a = argv[i + 1]; binds_rw[n_rw++].b = argv[i + 2]; i += 2;
         } else if (!strcmp(a, "--symlink") && more >= 2 && n_links < MAX_ITEMS) {
             links[n_links].a = argv[i + 1]; links[n_links++].b = argv[i + 2]; i += 2;
+        } else if (!strcmp(a, "--env") && more >= 1 && n_env < MAX_ITEMS + 2) {
+            envp[n_env++] = argv[++i]; /* NAME=VALUE for the hypervisor (the ro-open shim of a clone) */
         } else if (!strcmp(a, "--rlimit") && more >= 2 && n_rlims < 16) {
             int r = rlimit_id(argv[i + 1]);
             if (r < 0) usage("unknown resource for --rlimit");
@@ -294,7 +299,6 @@ int main(int argc, char **argv) {
             if (setrlimit(rlims[r].resource, &rl) < 0) die("setrlimit %d", rlims[r].resource);
         }
         drop_privileges();
-        char *envp[] = {"PATH=/usr/bin:/bin", "LC_ALL=C", NULL};
         execve(argv[i], argv + i, envp);
         die("exec %s", argv[i]);
     }

@@ -154,7 +154,9 @@ def plan(ws: WorkspaceDir, network: str, accel: str, cmd: FdCommand, supervisor_
             args += ["--bind-ro", src, dst]
         for dev in [*DEVICES, *cmd.devices]:
             args += ["--bind-rw", dev, dev]
-        visible = [dst for _, dst in binds] + list(DEVICES) + cmd.devices
+        for src, dst in cmd.binds_rw:  # a template's RAM file (snapshots.warm gives it to the VM's uid)
+            args += ["--bind-rw", src, dst]
+        visible = [dst for _, dst in binds] + list(DEVICES) + cmd.devices + [dst for _, dst in cmd.binds_rw]
     else:
         unavailable.append({"what": "private root", "why": "needs a mount namespace"})
 
@@ -274,14 +276,19 @@ async def spawn_vm(ws: WorkspaceDir, launch: "LaunchSpec", backend_name: str, ha
     cmd = backend.fd_command(launch.argv)
     try:
         if os.environ.get(CONFINE_ENV, "").lower() in ("off", "0", "no"):  # the launcher only waits and reports
-            host_path = {dst: src for src, dst in cmd.binds_ro}
+            host_path = {dst: src for src, dst in [*cmd.binds_ro, *cmd.binds_rw]}
+            if "MICROAGENT_RO_OPEN" in cmd.env:
+                cmd.env["MICROAGENT_RO_OPEN"] = host_path[cmd.env["MICROAGENT_RO_OPEN"]]
+                cmd.env["LD_PRELOAD"] = host_path[cmd.env["LD_PRELOAD"]]
             cmd.argv = [host_path.get(a, a) for a in cmd.argv if a not in _sandbox_args(cmd.argv)]
             jail = JailPlan([], {"enabled": False, "unavailable": [{"what": "everything",
                                                                     "why": f"{CONFINE_ENV}=off"}]})
         else:
             jail = plan(ws, launch.network, launch.accel, cmd, os.getpid(), join_namespaces)
         rfd, wfd = os.pipe()
-        argv = [str(launcher_binary(ws.path.parent.parent)), "--report-fd", str(wfd), *jail.args, "--", *cmd.argv]
+        env_args = [a for k, v in cmd.env.items() for a in ("--env", f"{k}={v}")]
+        argv = [str(launcher_binary(ws.path.parent.parent)), "--report-fd", str(wfd), *jail.args, *env_args, "--",
+                *cmd.argv]
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=stdout, stderr=asyncio.subprocess.PIPE,

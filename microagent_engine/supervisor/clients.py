@@ -213,7 +213,8 @@ class ClientHub:
                 task.add_done_callback(tasks.discard)
         elif ftype in (FrameType.EXEC, FrameType.PING):
             if not sup.exec_allowed():
-                client.send(FrameType.ERROR, stream, f"workspace is {sup.state.state}, not ready for exec".encode())
+                hint = "; resume it first" if sup.state.state == "paused" else ""
+                client.send(FrameType.ERROR, stream, f"workspace is {sup.state.state}, not ready for exec{hint}".encode())
                 return
             if stream in client.streams:
                 client.send(FrameType.ERROR, stream, f"stream {stream} is already in use".encode())
@@ -235,6 +236,8 @@ class ClientHub:
                 reply = await sup.end_vm(op, float(request.get("timeout") or 0) or None)
             elif op == "quarantine":
                 reply = await sup.quarantine()
+            elif op in ("pause", "resume"):
+                reply = await sup.pause(op == "pause")
             elif op == "console":
                 client.console = True
                 reply = {"ok": True}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -32,6 +33,7 @@ from ..protocol import EXIT_STATUSES, ExitStatus, FrameDecoder, FrameType, decod
 from ..records import WorkspaceDir, now_iso, process_start_time, signal as readiness
 from ..sandbox import ConfinedVM, spawn_vm
 from ..sandbox.network import NetworkSandbox, policy_of
+from ..snapshots.warm import BootPlan, WarmBoot
 from ..textsafe import safe_text
 from .clients import CLIENT_STALL_LIMIT, ClientHub
 from .guest_tasks import STOP_TIMEOUT, GuestTasks
@@ -97,6 +99,8 @@ class Supervisor:
         self.network_policy = policy_of(launch.network, launch.network_policy)
         self.net: NetworkSandbox | None = None  # this boot's network enforcement (None when isolated)
         self.mediation = MediationBridge(launch.mediation, self.report_mediation) if launch.mediation else None
+        self.warm = WarmBoot(self)
+        self.clone_boot = False  # this boot restores a template clone (its agent sent HELLO in the template)
 
     # ---- state ---------------------------------------------------------------------------------
     def save(self, **changes: Any) -> None:
@@ -220,10 +224,7 @@ class Supervisor:
         vm_log.flush()
         try:
             self.net = await NetworkSandbox.open(self.network_policy, self.ws.run_dir)
-            self.proc = await spawn_vm(self.ws, self.launch, self.state.backend, {
-                "agent": self.on_agent, "ser0": self.on_serial,
-                "mediation": self.mediation.on_port if self.mediation else None}, stdout=vm_log,
-                join_namespaces=self.net.join_namespaces() if self.net else None)
+            self.proc = await self.start_vm(vm_log)
         except (OSError, MicroagentError) as exc:
             await self.close_network()
             prefix = "" if isinstance(exc, MicroagentError) else "could not start the hypervisor: "
@@ -249,6 +250,47 @@ class Supervisor:
         self.hub.fail_all(f"the VM exited ({self.state.exit_detail}) before the command finished")
         self.tasks.fail_all("the VM exited")
         return time.monotonic() - self.boot_t0
+
+    async def start_vm(self, vm_log: Any) -> ConfinedVM:
+        """Spawn this boot's VM: a clone of the machine shape's template (snapshots.warm), or a cold boot when
+        there is none to be had (the reason saved as ``cold_reason`` and noted in the serial log)."""
+        plan = await self.warm.plan()
+        self.clone_boot = plan.mode == "warm"
+        vm = await self.spawn(plan.argv, vm_log)
+        if plan.mode == "warm":
+            error = await self.warm.restore(vm)
+            if error:
+                self.clone_boot = False
+                vm.kill()
+                await vm.wait()
+                key = plan.template.key if plan.template else "?"
+                plan = BootPlan("cold", self.launch.argv, f"restoring template {key} failed: {error}")
+                vm = await self.spawn(plan.argv, vm_log)
+            else:
+                await self.configure_clone()
+        key = plan.template.key if plan.template else "?"
+        built = ", built by this start" if plan.built else ""
+        how = f"warm (clone of template {key}{built})" if plan.mode == "warm" else f"cold: {plan.reason}"
+        self.serial_note(f"boot mode {how}")
+        self.state.boot_mode, self.state.cold_reason = plan.mode, plan.reason
+        return vm
+
+    async def spawn(self, argv: list[str], vm_log: Any) -> ConfinedVM:
+        return await spawn_vm(self.ws, dataclasses.replace(self.launch, argv=argv), self.state.backend, {
+            "agent": self.on_agent, "ser0": self.on_serial,
+            "mediation": self.mediation.on_port if self.mediation else None}, stdout=vm_log,
+            join_namespaces=self.net.join_namespaces() if self.net else None)
+
+    async def configure_clone(self) -> None:
+        """A restored clone's agent said HELLO in the template: send its CONFIG (own hostname, env, disks, clock
+        and RNG seed) now that it runs."""
+        for _ in range(500):
+            if self.agent_writer is not None:
+                break
+            await asyncio.sleep(0.002)
+        self.hello_seen = True
+        self.set_signal("guestReady", True, "agent restored from a template")
+        self.to_agent(FrameType.CONFIG, 0, self.config_payload())
 
     async def close_network(self) -> None:
         if self.net is not None:
@@ -519,7 +561,7 @@ class Supervisor:
             await asyncio.sleep(PING_INTERVAL)
             if self.channel_failed or self.agent_writer is None:
                 return
-            if self.held_since is not None:
+            if self.held_since is not None or self.state.state == "paused":
                 self.last_pong = time.monotonic()
                 continue
             self.to_agent(FrameType.PING, LIVENESS_STREAM, b"live")
@@ -573,7 +615,8 @@ class Supervisor:
 
     def config_payload(self) -> bytes:
         return encode_config(self.launch.hostname, self.launch.network, self.launch.shell, self.launch.env,
-                             self.launch.mounts, self.mediation.cfg.port if self.mediation else None)
+                             self.launch.mounts, self.mediation.cfg.port if self.mediation else None,
+                             clock=time.time(), seed=secrets.token_bytes(32))
 
     async def quarantine(self) -> dict[str, Any]:
         if self.state.state != "running":
@@ -589,6 +632,22 @@ class Supervisor:
         self.save(state="quarantined", error="quarantined: network and mediation severed; halt, stop or kill "
                                               "it before starting again")
         return {"ok": True, "state": "quarantined"}
+
+    async def pause(self, pause: bool) -> dict[str, Any]:
+        """pause: stop the vCPUs (QMP ``stop``), keeping memory and processes; resume: ``cont``."""
+        want = "running" if pause else "paused"
+        if self.state.state != want:
+            verb = "paused" if pause else "resumed"
+            return {"ok": False, "error": f"workspace is {self.state.state}; only a {want} workspace can be {verb}"}
+        if not await self.qmp("stop" if pause else "cont"):
+            return {"ok": False, "error": f"QEMU did not {'stop' if pause else 'continue'} the VM through QMP"}
+        self.last_pong = time.monotonic()  # the guest could not answer pings while paused
+        if pause:
+            self.set_signal("execReady", False, "paused", "workspace paused; resume it to run commands")
+        else:
+            self.set_signal("execReady", True, "resumed")
+        self.save(state="paused" if pause else "running")
+        return {"ok": True, "state": self.state.state}
 
     async def end_vm(self, how: str, timeout: float | None = None) -> dict[str, Any]:
         """halt (graceful, via the agent), stop (ask once, wait 5 s, no escalation) or kill (hard)."""

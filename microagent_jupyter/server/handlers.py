@@ -431,7 +431,7 @@ def setup_handlers(web_app: Any, config: MicroagentConfig) -> None:
         (r"/?", RootHandler),
         (r"/workspaces/?", WorkspacesHandler),
         (rf"/workspaces/{NAME}/?", WorkspaceHandler),
-        (rf"/workspaces/{NAME}/(?P<action>start|halt|stop|kill)/?", ActionHandler),
+        (rf"/workspaces/{NAME}/(?P<action>start|pause|resume|halt|stop|kill)/?", ActionHandler),
         (rf"/workspaces/{NAME}/exec/?", ExecHandler),
         (rf"/workspaces/{NAME}/logs/?", LogsHandler),
         (rf"/workspaces/{NAME}/logs/stream/?", LogStreamHandler),

@@ -1,0 +1,150 @@
+"""Warm start from template snapshots (real VMs): clones of one template have their own identity and their own
+memory and disks; a template that does not fit falls back to a cold boot with the reason shown; --cold works."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from microagent_engine import Engine
+from microagent_engine.snapshots.templates import list_templates
+
+PROBE = "hostname; date +%s; head -c16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo"
+
+
+def _probe(engine: Engine, name: str) -> tuple[str, int, str, tuple[float, float]]:
+    before = time.time()
+    res = engine.exec(name, ["sh", "-c", PROBE])
+    after = time.time()
+    hostname, clock, rng = res.stdout.decode().split("\n")[:3]
+    return hostname, int(clock), rng, (before, after)
+
+
+def _template_memory(state_dir: Path) -> Path:
+    metas = list_templates(state_dir)
+    assert metas, "no template was saved"
+    return Path(metas[0]["memoryFile"])
+
+
+@pytest.fixture(scope="module")
+def clones(engine: Engine) -> list[str]:
+    """Three tiny workspaces of one shape: the first start builds the template, every start is a clone."""
+    names = ["warm-a", "warm-b", "warm-c"]
+    for name in names:
+        engine.create(name, profile="tiny", network="none", hostname=f"host-{name}")
+    for name in names[:2]:
+        info = engine.start(name)
+        assert info.state.boot_mode == "warm", info.state.cold_reason
+    yield names
+    for name in names:
+        try:
+            engine.kill(name)
+        except Exception:
+            pass
+        engine.delete(name)
+
+
+def test_clones_have_their_own_identity(engine: Engine, clones: list[str]) -> None:
+    a, b = (_probe(engine, n) for n in clones[:2])
+    assert (a[0], b[0]) == ("host-warm-a", "host-warm-b")
+    assert a[2] != b[2] and len(a[2]) == 32 and len(b[2]) == 32, "clones share their RNG output"
+    for _, clock, _, (before, after) in (a, b):  # `date +%s` truncates: the guest read its clock in between
+        assert int(before) - 1 <= clock <= after + 1, f"guest clock {clock} vs host {before}..{after}"
+    status = engine.status(clones[0]).to_json()
+    assert status["bootMode"] == "warm" and status["coldReason"] is None
+
+
+def test_writes_stay_in_their_clone(engine: Engine, clones: list[str], state_dir: Path) -> None:
+    a, b, c = clones
+    memory = _template_memory(state_dir)
+    before = hashlib.sha256(memory.read_bytes()).hexdigest()
+    # memory (tmpfs), page cache and disk writes in a
+    engine.exec(a, ["sh", "-c", "dd if=/dev/urandom of=/tmp/ram-a bs=1M count=16 2>/dev/null; "
+                                "echo from-a > /disk-a; sync"])
+    for other in (b,):
+        out = engine.exec(other, ["sh", "-c", "ls /tmp/ram-a /disk-a 2>&1; true"]).stdout.decode()
+        assert "No such file" in out and out.count("No such file") == 2, out
+    info = engine.start(c)  # a clone started after a's writes
+    assert info.state.boot_mode == "warm"
+    out = engine.exec(c, ["sh", "-c", "ls /tmp/ram-a /disk-a 2>&1; true"]).stdout.decode()
+    assert out.count("No such file") == 2, out
+    assert hashlib.sha256(memory.read_bytes()).hexdigest() == before, "a clone wrote into the template's RAM file"
+    assert oct(memory.stat().st_mode & 0o777) == oct(0o644)
+
+
+def test_cold_flag(engine: Engine, cli) -> None:
+    engine.create("warm-cold", profile="tiny", network="none")
+    try:
+        proc = cli("start", "warm-cold", "--cold")
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert "cold" in proc.stdout.decode()
+        status = json.loads(cli("status", "warm-cold", "--json").stdout)
+        assert status["bootMode"] == "cold" and "--cold" in status["coldReason"]
+        assert engine.exec("warm-cold", ["true"]).exit_code == 0
+    finally:
+        engine.kill("warm-cold")
+        engine.delete("warm-cold")
+
+
+def test_one_shot_run_is_warm(engine: Engine, clones: list[str]) -> None:
+    info, result = engine.run(["sh", "-c", "echo hi"], profile="tiny", network="none")
+    assert result.stdout == b"hi\n"
+    assert info.state.boot_mode == "warm", info.state.cold_reason
+
+
+def test_mismatched_template_falls_back_to_cold(engine: Engine, state_dir: Path, clones: list[str]) -> None:
+    metas = list(Path(state_dir, "templates").glob("*/meta.json"))
+    tiny = [m for m in metas if json.loads(m.read_text())["memoryMiB"] == 256]
+    assert tiny
+    meta = json.loads(tiny[0].read_text())
+    meta["memoryMiB"] = 512  # as if the template had been built for another memory size
+    tiny[0].write_text(json.dumps(meta))
+    engine.create("warm-mismatch", profile="tiny", network="none")
+    try:
+        info = engine.start("warm-mismatch")
+        assert info.state.boot_mode == "cold"
+        assert "512 MiB" in info.state.cold_reason and "256 MiB" in info.state.cold_reason
+        assert engine.exec("warm-mismatch", ["true"]).exit_code == 0
+        assert "cold: template" in info.dir.serial_log.read_text(errors="replace")
+        engine.kill("warm-mismatch")
+        info = engine.start("warm-mismatch")  # the broken template was removed; this start built a new one
+        assert info.state.boot_mode == "warm", info.state.cold_reason
+    finally:
+        engine.kill("warm-mismatch")
+        engine.delete("warm-mismatch")
+
+
+def test_pause_resume_keeps_a_running_command(engine: Engine, clones: list[str]) -> None:
+    import threading
+
+    from microagent_engine.errors import InvalidState
+
+    name = clones[1]
+    started = threading.Event()
+    out: list[bytes] = []
+    result: list[object] = []
+
+    def on_stdout(data: bytes) -> None:
+        out.append(data)
+        if b"started" in b"".join(out):
+            started.set()
+
+    script = "echo started; while [ ! -e /tmp/go ]; do sleep 0.05; done; echo resumed-and-done"
+    worker = threading.Thread(target=lambda: result.append(engine.exec(name, ["sh", "-c", script],
+                                                                       on_stdout=on_stdout)))
+    worker.start()
+    assert started.wait(60), "the command did not start"
+    info = engine.pause(name)
+    assert info.state.state == "paused" and "resume" in info.actions and "exec" not in info.actions
+    with pytest.raises(InvalidState, match="resume it first"):
+        engine.exec(name, ["true"])
+    assert worker.is_alive()
+    assert engine.resume(name).state.state == "running"
+    assert engine.exec(name, ["touch", "/tmp/go"]).exit_code == 0
+    worker.join(60)
+    assert result and result[0].exit_code == 0  # type: ignore[attr-defined]
+    assert b"resumed-and-done" in b"".join(out)
