@@ -70,5 +70,5 @@ class AuthError(ImageError):
     """A registry refused our credentials (or wants some and we have none)."""
 
 
-class PortUnavailable(MicroagentError):
+class PortUnavailable(AlreadyExists):
     """A host port to publish cannot be bound (in use, or the address is not on this host)."""
