@@ -126,6 +126,9 @@ def test_a_host_client_that_does_not_read_stalls_only_itself(engine: Engine, ws:
         assert stuck.recv(10)  # the flood started
         assert _round_trip(port, b"still flowing" * 1000) == b"still flowing" * 1000
         assert engine.exec(name, ["echo", "exec ok"]).stdout == b"exec ok\n"
+        pid = engine.status(name).state.supervisor_pid
+        rss_kib = int(open(f"/proc/{pid}/status").read().split("VmRSS:")[1].split()[0])
+        assert rss_kib < 100 * 1024, f"supervisor RSS {rss_kib} KiB while a client reads nothing"
     engine.unpublish(name, yes_port, dynamic_ip)
 
 
@@ -220,3 +223,99 @@ def test_taken_host_port_is_refused_and_nothing_is_left(engine: Engine, cli) -> 
             engine.delete("pub-later")
     finally:
         holder.close()
+
+
+# ---- the agent's side of the protocol, with the agent on the host (test mode, no VM) ----------------------
+
+from tests.test_agent_protocol import agent, agent_bin, agent_build, start_agent  # noqa: E402,F401 (fixtures)
+from microagent_engine.protocol import PUBLISH_WINDOW, FrameType  # noqa: E402
+
+
+def _host_echo_server() -> socket.socket:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+
+            def one(c: socket.socket) -> None:
+                with c:
+                    while data := c.recv(65536):
+                        c.sendall(data)
+                    c.shutdown(socket.SHUT_WR)
+            threading.Thread(target=one, args=(conn,), daemon=True).start()
+    threading.Thread(target=serve, daemon=True).start()
+    return srv
+
+
+def test_agent_relays_within_the_window(agent) -> None:
+    """The agent never has more than a window of unacknowledged PDATA out, and echoes 3 MiB intact."""
+    import queue
+    frames: queue.Queue = queue.Queue()
+
+    def read() -> None:  # the agent's writes block until read: read on a thread, like the supervisor
+        while True:
+            try:
+                frames.put(agent.recv(30))
+            except Exception as exc:
+                frames.put(exc)
+                return
+    threading.Thread(target=read, daemon=True).start()
+    srv = _host_echo_server()
+    agent.send(FrameType.POPEN, 7, str(srv.getsockname()[1]).encode())
+    data, sent, credit, got, unacked = os.urandom(3 << 20), 0, PUBLISH_WINDOW, bytearray(), 0
+    eof_sent = saw_eof = False
+    while True:
+        while credit > 0 and sent < len(data):
+            n = min(65536, credit, len(data) - sent)
+            agent.send(FrameType.PDATA, 7, data[sent:sent + n])
+            sent, credit = sent + n, credit - n
+        if sent == len(data) and not eof_sent:
+            agent.send(FrameType.PEOF, 7)
+            eof_sent = True
+        frame = frames.get(timeout=30)
+        assert frame.stream == 7, frame
+        if frame.type == FrameType.PACK:
+            credit += int(frame.payload)
+            assert credit <= PUBLISH_WINDOW
+        elif frame.type == FrameType.PDATA:
+            got += frame.payload
+            unacked += len(frame.payload)
+            assert unacked <= PUBLISH_WINDOW
+            agent.send(FrameType.PACK, 7, str(len(frame.payload)).encode())
+            unacked -= len(frame.payload)
+        elif frame.type == FrameType.PEOF:
+            saw_eof = True
+        elif frame.type == FrameType.PCLOSE:
+            break
+        else:
+            raise AssertionError(frame)
+    assert saw_eof and bytes(got) == data
+    srv.close()
+
+
+def test_agent_refuses_bad_opens_and_answers_pclose(agent) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    agent.send(FrameType.POPEN, 9, str(closed_port).encode())
+    frame = agent.recv(10)
+    assert (frame.type, frame.stream) == (FrameType.PCLOSE, 9) and b"refused" in frame.payload
+    agent.send(FrameType.POPEN, 0, b"80")
+    assert agent.recv(10).type == FrameType.ERROR
+    agent.send(FrameType.POPEN, 10, b"port")
+    frame = agent.recv(10)
+    assert frame.type == FrameType.PCLOSE and b"malformed POPEN" in frame.payload
+    srv = _host_echo_server()
+    agent.send(FrameType.POPEN, 11, str(srv.getsockname()[1]).encode())
+    agent.send(FrameType.PCLOSE, 11, b"host aborts")
+    frame = agent.recv(10)
+    assert (frame.type, frame.stream) == (FrameType.PCLOSE, 11)  # the answer that frees the stream
+    agent.send(FrameType.PDATA, 11, b"late")  # crossing frames for a finished stream are ignored
+    assert agent.run(["echo", "ok"], stream=12).stdout == b"ok\n"
+    srv.close()
