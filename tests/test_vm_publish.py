@@ -60,7 +60,8 @@ def ws(engine: Engine) -> Iterator[tuple[str, int]]:
     name, port = "pub", _free_port()
     engine.create(name, profile="tiny", network="isolated", publish=[parse_publish_flag(f"{port}:{ECHO_PORT}")])
     engine.start(name)
-    servers = (f"nc -ll -p {ECHO_PORT} -e cat; nc -ll -p {EARLY_PORT} -e echo bye; "
+    # nc's listen backlog is its count of -l: 32, so that parallel connections are not dropped by the guest
+    servers = (f"nc -{'l' * 32} -p {ECHO_PORT} -e cat; nc -ll -p {EARLY_PORT} -e echo bye; "
                f"mkdir -p /www && echo hello-from-httpd > /www/index.html && httpd -p 127.0.0.1:{HTTP_PORT} -h /www")
     started = engine.exec(name, ["sh", "-c", f"({servers.replace('; ', ' & ')}) >/dev/null 2>&1 &"])
     assert started.exit_code == 0, started.stderr

@@ -107,6 +107,7 @@ class PortConn:
         self.guest_eof = False  # the agent sent PEOF
         self.aborted = False  # we sent PCLOSE: frames until the agent's PCLOSE are expected and ignored
         self.tasks: list[asyncio.Task[None]] = []
+        self.reset_at_end = False  # the agent's PCLOSE said why: end the client's connection with a reset
 
     # ---- from the agent ------------------------------------------------------------------------
     def on_data(self, payload: bytes) -> None:
@@ -134,10 +135,13 @@ class PortConn:
             self.guest_eof = True
             self._put(_EOF)
 
-    def on_close(self) -> None:
-        """The agent finished the stream: deliver what is queued to the client, then close it."""
+    def on_close(self, failed: bool) -> None:
+        """The agent finished the stream: deliver what is queued to the client, then close it; ``failed`` (the
+        PCLOSE had a reason: connect refused, reset, ...) resets the client's connection instead of a FIN, as a
+        direct TCP connection would."""
         for task in self.tasks[:1]:  # the upstream reader: nothing more goes to the guest
             task.cancel()
+        self.reset_at_end = failed
         self._put(_CLOSE)
 
     def _put(self, item: Any) -> None:
@@ -190,6 +194,11 @@ class PortConn:
                     await self.inbox_ready.wait()
                 item = self.inbox.popleft()
                 if item is _CLOSE:
+                    if self.reset_at_end:
+                        await self.writer.drain()
+                        self.writer.transport.abort()
+                        self.relay.forget_socket(self)
+                        return
                     break
                 if item is _EOF:
                     if self.writer.can_write_eof():
@@ -322,7 +331,7 @@ class PortRelay:
         if ftype == FrameType.PCLOSE:
             del self.conns[stream]
             if not conn.aborted:
-                conn.on_close()
+                conn.on_close(bool(payload))
             return
         if conn.aborted:
             return  # crossing our PCLOSE: expected
