@@ -294,8 +294,10 @@ class PortRelay:
     async def on_client(self, listener: Listener, reader: asyncio.StreamReader,
                         writer: asyncio.StreamWriter) -> None:
         sup = self.sup
-        if self.open_sockets >= MAX_CONNECTIONS or sup.state.state != "running" or not sup.exec_allowed():
-            why = "too many connections" if self.open_sockets >= MAX_CONNECTIONS else f"workspace {sup.state.state}"
+        # streams the agent has not answered yet count too: an agent that never answers PCLOSE cannot grow them
+        full = self.open_sockets >= MAX_CONNECTIONS or len(self.conns) >= 2 * MAX_CONNECTIONS
+        if full or sup.state.state != "running" or not sup.exec_allowed():
+            why = "too many connections" if full else f"workspace {sup.state.state}"
             print(f"supervisor: refused a connection to {listener.item}: {why}", file=sys.stderr)
             writer.transport.abort()
             return
