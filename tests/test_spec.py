@@ -137,7 +137,7 @@ def test_env_numbers_keep_their_written_text(project: Path) -> None:
 @pytest.mark.parametrize("text, message", [
     ("name: a\nimgae: builtin\n",
      "SPEC:2: imgae: unknown field; did you mean image? Allowed fields: name, image, profile, restart, entrypoint, "
-     "shell, hostname, setup, files, env, resources, mediation, disks, bundles, outputs, network"),
+     "shell, hostname, setup, files, env, resources, mediation, disks, bundles, outputs, network, publish"),
     ("resources:\n  cpuCount: 2\n  memoryMB: 512\n",
      "SPEC:3: resources.memoryMB: unknown field; did you mean memoryMiB? Allowed fields: memoryMiB, cpuCount, "
      "sizeMiB"),
@@ -329,3 +329,17 @@ def test_merge_overrides_win_unless_none(project: Path) -> None:
     assert merged["setup"] == ["true"]
     assert spec_kwargs["name"] == "research"  # inputs are not modified
     assert merge({}, {"restart": "always", "hostname": None}) == {"restart": "always"}
+
+
+def test_publish_entries(tmp_path):
+    """``publish``: flag strings or {hostIp?, hostPort, guestPort}; an unquoted 8080:22 (a YAML number) is named."""
+    spec = tmp_path / "microagent.yaml"
+    spec.write_text('publish: ["8888:8888", {hostIp: 0.0.0.0, hostPort: 0, guestPort: 22}]\n')
+    from microagent_engine.model import Publish
+    assert load_spec(spec).to_create_kwargs()["publish"] == [Publish(8888, 8888), Publish(0, 22, "0.0.0.0")]
+    spec.write_text("publish: [8080:22]\n")
+    with pytest.raises(SpecError, match=r'publish\[0\]: got the number .*quote the entry'):
+        load_spec(spec)
+    spec.write_text('publish: ["1:2", "1:3"]\n')
+    with pytest.raises(SpecError, match="127.0.0.1:1 is published twice"):
+        load_spec(spec)
