@@ -20,6 +20,10 @@ from ..protocol import FrameDecoder, FrameType, encode_frame
 
 PROBE_INTERVAL = 2.0
 CONNECT_TIMEOUT = 3.0
+#: guest bytes queued for one slow target connection before that connection is closed (the port is never stalled)
+CONN_BUFFER = 1 << 20
+#: bridged connections at once; further MOPENs are refused
+MAX_CONNECTIONS = 64
 
 
 async def probe(cfg: Mediation) -> str:
@@ -43,6 +47,7 @@ class MediationBridge:
         self.report = report  # (ready, detail, error) -> records mediationReady
         self.writer: asyncio.StreamWriter | None = None
         self.conns: dict[int, asyncio.Queue[bytes | None]] = {}  # guest stream -> bytes for the target
+        self.queued: dict[int, int] = {}  # guest stream -> bytes in its queue (bounded by CONN_BUFFER)
         self.cut_reason = ""
         self.guest_ok = False
         self.target_error = ""
@@ -125,10 +130,20 @@ class MediationBridge:
             if self.cut:
                 self._send(FrameType.MCLOSE, stream, f"mediation channel cut: {self.cut_reason}".encode())
                 return
+            if stream in self.conns or len(self.conns) >= MAX_CONNECTIONS:
+                self._send(FrameType.MCLOSE, stream, b"too many mediation connections")
+                return
             queue: asyncio.Queue[bytes | None] = asyncio.Queue()
             self.conns[stream] = queue
+            self.queued[stream] = 0
             asyncio.ensure_future(self._bridge(stream, queue))
         elif ftype == FrameType.MDATA and stream in self.conns:
+            self.queued[stream] = self.queued.get(stream, 0) + len(payload)
+            if self.queued[stream] > CONN_BUFFER:  # the target does not keep up: end this connection only
+                self.conns.pop(stream).put_nowait(None)
+                self.queued.pop(stream, None)
+                self._send(FrameType.MCLOSE, stream, b"the host target is not reading; connection closed")
+                return
             self.conns[stream].put_nowait(payload)
         elif ftype == FrameType.MCLOSE and stream in self.conns:
             self.conns.pop(stream).put_nowait(None)
@@ -149,6 +164,8 @@ class MediationBridge:
         with contextlib.suppress(ConnectionError, OSError):
             while (data := await queue.get()) is not None:
                 if data:
+                    if stream in self.queued:
+                        self.queued[stream] -= len(data)
                     writer.write(data)
                     await writer.drain()
                 elif writer.can_write_eof():
@@ -160,7 +177,10 @@ class MediationBridge:
         with contextlib.suppress(ConnectionError):
             while data := await reader.read(65536):
                 self._send(FrameType.MDATA, stream, data)
+                if self.writer is not None:  # backpressure: a guest that does not read slows the target
+                    await self.writer.drain()
         queue = self.conns.pop(stream, None)
+        self.queued.pop(stream, None)
         if queue is not None:
             self._send(FrameType.MCLOSE, stream)
             queue.put_nowait(None)
