@@ -215,12 +215,11 @@ def test_malformed_frames_fail_the_channel_closed(engine: Engine, fresh_ws: str,
     assert not thread.is_alive(), "the in-flight exec hangs after a malformed frame"
     assert isinstance(out.get("error"), GuestError), out
     assert "broke the channel protocol" in str(out["error"])
-    st = wait_for(lambda: (s := status(engine, fresh_ws))["state"] in ("failed", "stopped") and s,
-                  what="the workspace to be marked failed")
+    st = wait_for(lambda: (s := status(engine, fresh_ws))["state"] in ("failed", "stopped") and
+                  s["vmPid"] is None and s, what="the workspace to be marked failed and its VM gone")
     assert st["state"] == "failed" and not st["execReady"]["ready"] and not st["guestReady"]["ready"]
     assert "protocol violation" in st["execReady"]["error"]
     assert "broke the channel protocol" in st["error"]
-    assert st["vmPid"] is None  # the VM was killed
     text = cli("status", fresh_ws)
     assert b"execReady: no" in text.stdout and b"\x1b" not in text.stdout
 
