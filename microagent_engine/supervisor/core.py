@@ -29,7 +29,8 @@ from ..errors import ProtocolError
 from ..logfiles import RotatingLog, tail_bytes
 from ..model import LaunchSpec
 from ..protocol import EXIT_STATUSES, ExitStatus, FrameDecoder, FrameType, decode_kv, encode_entries, encode_frame
-from ..records import WorkspaceDir, now_iso, process_start_time, signal as readiness
+from ..records import WorkspaceDir, now_iso, process_start_time
+from ..records import signal as readiness
 from ..textsafe import safe_text
 from .clients import CLIENT_STALL_LIMIT, ClientHub
 from .guest_tasks import STOP_TIMEOUT, GuestTasks
