@@ -129,8 +129,7 @@ async def test_log_tail_reads_from_the_end(api, engine: Engine) -> None:
     try:
         log = engine.status(name).dir.serial_log
         with open(log, "wb") as fh:
-            for i in range(200000):
-                fh.write(f"line {i}\r\n".encode())
+            fh.writelines(f"line {i}\r\n".encode() for i in range(200000))
         code, body = await api("GET", "workspaces", name, "logs", params={"tail": "3", "format": "json"})
         assert code == 200 and body["lines"] == ["line 199997", "line 199998", "line 199999"]
         code, body = await api("GET", "workspaces", name, "logs", params={"tail": "0", "format": "json"})

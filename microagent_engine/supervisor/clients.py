@@ -107,7 +107,7 @@ class Route:
 class ClientHub:
     """All client connections of one supervisor and the guest streams they own."""
 
-    def __init__(self, sup: "Supervisor") -> None:
+    def __init__(self, sup: Supervisor) -> None:
         self.sup = sup
         self.clients: set[Client] = set()
         self.routes: dict[int, Route] = {}  # guest stream -> route

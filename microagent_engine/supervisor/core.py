@@ -52,7 +52,7 @@ GUEST_FRAME_TYPES = frozenset({FrameType.HELLO, FrameType.READY, FrameType.HALTI
 #: the guest stream the supervisor's own liveness pings use (never given to a command)
 LIVENESS_STREAM = 0xFFFFFFFF
 PING_INTERVAL = 2.0  # seconds between liveness pings
-LIVENESS_TIMEOUT = 15.0  # an agent silent this long is saved as not exec-ready (the VM is left running)
+LIVENESS_TIMEOUT = 10.0  # a ping unanswered this long saves execReady false (the VM is left running)
 #: bytes the supervisor may queue towards the agent before a client's stdin waits for the guest to read
 AGENT_BUFFER_LIMIT = 1 << 20
 
@@ -93,7 +93,8 @@ class Supervisor:
         self.ready_seen = False  # ... and READY
         self.channel_failed = False  # the agent broke the protocol: the channel is closed for this boot
         self.held_since: float | None = None  # reading the agent is paused for a congested client
-        self.last_pong = 0.0
+        self.pings: dict[int, float] = {}  # liveness pings not answered yet: sequence -> when sent
+        self.ping_seq = 0
         self.liveness_task: asyncio.Task[None] | None = None
         self._save_handle: asyncio.TimerHandle | None = None
         self.restart_policy = launch.restart
@@ -436,7 +437,7 @@ class Supervisor:
             if not stalled:
                 if self.held_since is not None:
                     self.held_since = None
-                    self.last_pong = time.monotonic()  # the agent could not answer pings while held
+                    self.pings.clear()  # the agent could not answer pings while held
                 return
             client = stalled[0]
             if self.hub.check_stall(client):
@@ -512,7 +513,7 @@ class Supervisor:
             return
         if stream == LIVENESS_STREAM:
             if ftype == FrameType.PONG:
-                self.on_pong()
+                self.on_pong(payload)
             else:
                 self.drop_frame(ftype, stream, "not a PONG on the liveness stream")
             return
@@ -569,30 +570,41 @@ class Supervisor:
 
     # ---- liveness ------------------------------------------------------------------------------
     async def liveness_loop(self) -> None:
-        """Ping the agent every PING_INTERVAL; save execReady false when it has not answered for
-        LIVENESS_TIMEOUT (a fork bomb, a wedged agent) and true again when it answers. The VM is left alone:
-        the user decides whether to wait or kill it. Pings are not judged while the host itself holds the
-        channel for a congested client."""
-        self.last_pong = time.monotonic()
+        """Ping the agent every PING_INTERVAL; save execReady false once a ping has waited LIVENESS_TIMEOUT for
+        its answer (a fork bomb, a wedged agent) and true again when one is answered promptly. The VM is left
+        alone: the user decides whether to wait or to kill it. Pings are not judged while the host itself
+        holds the channel for a congested client."""
+        self.pings.clear()
         while True:
             await asyncio.sleep(PING_INTERVAL)
             if self.channel_failed or self.agent_writer is None:
                 return
+            now = time.monotonic()
             if self.held_since is not None or self.state.state == "paused":
-                self.last_pong = time.monotonic()
+                self.pings.clear()
                 continue
-            self.to_agent(FrameType.PING, LIVENESS_STREAM, b"live")
-            silent = time.monotonic() - self.last_pong
-            if silent > LIVENESS_TIMEOUT and self.state.readiness.get("execReady", {}).get("ready"):
+            if len(self.pings) < 64:  # an agent that answers nothing gets no more than this many queued
+                self.ping_seq += 1
+                self.pings[self.ping_seq] = now
+                self.to_agent(FrameType.PING, LIVENESS_STREAM, str(self.ping_seq).encode())
+            waited = now - min(self.pings.values())
+            if waited > LIVENESS_TIMEOUT and self.state.readiness.get("execReady", {}).get("ready"):
                 self.set_signal("execReady", False, "agent not answering",
-                                f"the guest agent has not answered a ping for {silent:.0f} s (guest overloaded "
+                                f"the guest agent has not answered a ping for {waited:.0f} s (guest overloaded "
                                 f"or wedged); commands may hang; wait, or kill the workspace")
                 self.save()
 
-    def on_pong(self) -> None:
-        self.last_pong = time.monotonic()
+    def on_pong(self, payload: bytes) -> None:
+        try:
+            sent = self.pings.pop(int(payload))
+        except (ValueError, KeyError):
+            self.drop_frame(FrameType.PONG, LIVENESS_STREAM, "an answer to no ping")
+            return
+        for seq in [seq for seq in self.pings if self.pings[seq] <= sent]:  # answers arrive in order
+            del self.pings[seq]
+        prompt = time.monotonic() - sent < LIVENESS_TIMEOUT / 2
         sig = self.state.readiness.get("execReady", {})
-        if self.ready.is_set() and not sig.get("ready") and sig.get("detail") == "agent not answering":
+        if prompt and self.ready.is_set() and not sig.get("ready") and sig.get("detail") == "agent not answering":
             self.set_signal("execReady", True, "agent answering again")
             self.save()
 
@@ -659,7 +671,7 @@ class Supervisor:
             return {"ok": False, "error": f"workspace is {self.state.state}; only a {want} workspace can be {verb}"}
         if not await self.qmp("stop" if pause else "cont"):
             return {"ok": False, "error": f"QEMU did not {'stop' if pause else 'continue'} the VM through QMP"}
-        self.last_pong = time.monotonic()  # the guest could not answer pings while paused
+        self.pings.clear()  # the guest could not answer pings while paused
         if pause:
             self.set_signal("execReady", False, "paused", "workspace paused; resume it to run commands")
         else:
