@@ -12,6 +12,7 @@ from microagent_engine import Engine
 from microagent_engine.config import parse_env_pairs as env_pairs  # noqa: F401 (re-exported)
 from microagent_engine.errors import MicroagentError
 from microagent_engine.model import parse_attachment_flags, parse_output_flag
+from microagent_engine.sandbox.network import NetworkPolicy
 
 def get_engine(state_dir: str | os.PathLike[str] | None = None) -> Engine:
     """An engine on ``state_dir`` (default: ``$MICROAGENT_STATE_DIR``, else ``~/.microagent``)."""
@@ -21,6 +22,11 @@ def get_engine(state_dir: str | os.PathLike[str] | None = None) -> Engine:
 def create_kwargs(**kwargs: Any) -> dict[str, Any]:
     """The create() arguments the user actually gave (unset values and empty lists dropped)."""
     return {k: v for k, v in kwargs.items() if v is not None and v != []}
+
+
+def network_kwarg(args: Any) -> Any:
+    """The network policy of ``--network``/``--allow``/``--allow-host-port`` (None: the default policy)."""
+    return NetworkPolicy.from_flags(args.network, args.allow, args.allow_host_port)
 
 
 def storage_kwargs(args: Any) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from microagent_engine import WorkspaceInfo
-from microagent_engine.render import readiness_text, text_table
+from microagent_engine.render import status_fields, text_table
 
 _STATE_COLORS = {"running": "#1a7f37", "starting": "#9a6700", "stopping": "#9a6700", "halted": "#57606a",
                  "stopped": "#57606a", "prepared": "#0969da", "failed": "#cf222e", "quarantined": "#8250df"}
@@ -127,34 +127,10 @@ def workspaces_table(infos: list[WorkspaceInfo], title: str = "") -> Table:
 
 
 def workspace_record(info: WorkspaceInfo) -> Record:
-    j = info.to_json()
-    r = j["resources"]
-    fields: list[tuple[str, Any]] = [
-        ("State", j["state"]), ("Image", j["image"]), ("Profile", j["profile"]),
-        ("Resources", f"memory={r['memoryMiB']}MiB cpus={r['cpuCount']} disk={r['sizeMiB']}MiB"),
-        ("Backend", j["backend"]),
-    ]
-    if j.get("accel"):
-        fields.append(("Accelerator", f"{j['accel']} ({j.get('accelReason') or ''})"))
-    fields += [("Network", j["network"]), ("Hostname", j["hostname"])]
-    if j.get("startedAt"):
-        fields.append(("Started", j["startedAt"] + (f" (boot {j['bootSeconds']} s)" if j.get("bootSeconds") else "")))
-    for key in ("guestReady", "execReady", "shellReady", "mediationReady"):
-        if key in j:
-            fields.append((key, readiness_text(j[key])))
-    if j.get("volumes") or j.get("attachments"):
-        fields.append(("Volumes", ", ".join(_volume_label(v) for v in j.get("volumes") or j["attachments"])))
-    if j.get("error"):
-        fields.append(("Error", j["error"]))
-    return Record(f"Workspace {j['name']}", fields, data=j)
-
-
-def _volume_label(v: Any) -> str:
-    if isinstance(v, dict):
-        name = v.get("name") or v.get("volume") or v.get("source") or "?"
-        target = v.get("mountpoint") or v.get("target") or v.get("mountPath") or v.get("guestPath") or ""
-        return f"{name}:{target}" if target else str(name)
-    return str(v)
+    """The fields ``microagent status`` prints (one rendering, :func:`microagent_engine.render.status_fields`),
+    with the state as a coloured badge in HTML."""
+    fields = [(label, text) for label, text in status_fields(info) if label != "Workspace"]
+    return Record(f"Workspace {info.name}", fields, data=info.to_json())
 
 
 def exec_record(result: Any, name: str) -> Record:

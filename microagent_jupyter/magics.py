@@ -25,7 +25,7 @@ from microagent_engine.images.builtin import BUILTIN_NAMES as BUILTIN_IMAGES
 from microagent_engine.states import STARTABLE
 
 from . import display as D
-from ._engine import create_kwargs, env_pairs, get_engine, storage_kwargs
+from ._engine import create_kwargs, env_pairs, get_engine, network_kwarg, storage_kwargs
 from .progress import CellProgress
 
 LIFECYCLE = ("start", "pause", "resume", "halt", "stop", "kill")
@@ -180,7 +180,12 @@ class MicroagentMagics(Magics):
     @argument("--cpus", type=int, help="vCPUs (overrides the profile)")
     @argument("--size-mib", type=int, metavar="MIB", help="rootfs size in MiB (overrides the profile)")
     @argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE", help="guest environment variable")
-    @argument("--network", choices=["user", "isolated"], help="user (NAT, default) or isolated")
+    @argument("--network", choices=["user", "isolated"], help="user (NAT to the public internet only, default) or "
+              "isolated (no NIC)")
+    @argument("--allow", action="append", default=[], metavar="CIDR|HOST[:PORT]",
+              help="narrow egress to these destinations (repeatable)")
+    @argument("--allow-host-port", action="append", default=[], type=int, metavar="PORT",
+              help="let the guest reach this port of the host's 127.0.0.1 at 10.0.2.2:PORT (repeatable)")
     @argument("--name", help="run in this persistent workspace: exec if running, start if stopped, else create "
                              "it (and keep it running)")
     @argument("--keep", action="store_true", help="keep the one-shot workspace (halted) after the cell; "
@@ -231,6 +236,8 @@ class MicroagentMagics(Magics):
     @argument("--size-mib", type=int, metavar="MIB")
     @argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE")
     @argument("--network", choices=["user", "isolated"])
+    @argument("--allow", action="append", default=[], metavar="CIDR|HOST[:PORT]")
+    @argument("--allow-host-port", action="append", default=[], type=int, metavar="PORT")
     @argument("--hostname")
     @argument("-v", "--volume", action="append", default=[])
     @argument("--bundle", action="append", default=[])
@@ -388,7 +395,7 @@ class MicroagentMagics(Magics):
             raise UsageError(f"two names given ({args.name!r} and --name {args.name_opt!r}); give one")
         args.name = args.name or args.name_opt
         overrides = dict(image=args.image, profile=args.profile, memory_mib=args.memory, cpus=args.cpus,
-                         size_mib=args.size_mib, hostname=args.hostname, network=args.network,
+                         size_mib=args.size_mib, hostname=args.hostname, network=network_kwarg(args),
                          **storage_kwargs(args), env=env_pairs(args.env) or None, name=args.name)
         spec_kwargs = self._spec_kwargs(args.file, args.allow_host_files)
         if spec_kwargs is not None:
@@ -459,7 +466,7 @@ class MicroagentMagics(Magics):
         stdin = cell.encode() if cell is not None else None
         env = unbuffered_python(argv, env_pairs(args.env))
         ckw = create_kwargs(image=image, profile=args.profile, memory_mib=args.memory, cpus=args.cpus,
-                            size_mib=args.size_mib, network=args.network, **storage_kwargs(args))
+                            size_mib=args.size_mib, network=network_kwarg(args), **storage_kwargs(args))
         progress = CellProgress(self.in_kernel)
         engine.progress = progress
         out, err = self._stream(args, progress.done)

@@ -23,8 +23,10 @@ from microagent_engine.errors import MicroagentError, NotFound
 from microagent_engine.states import ACTIVE
 from microagent_engine.states import READINESS_SIGNALS as READINESS
 
+from microagent_engine.render import readiness_text
+
 from ._engine import tail_serial_log
-from .display import readiness_text, state_badge
+from .display import state_badge
 
 
 
