@@ -530,10 +530,15 @@ export class MicroagentPanel extends Widget {
       w.profile ? `profile ${w.profile}` : '',
       res.memoryMiB ? `${res.memoryMiB} MiB` : '',
       res.cpuCount ? `${res.cpuCount} cpu` : '',
-      res.sizeMiB ? `disk ${res.sizeMiB} MiB` : ''
+      res.sizeMiB ? `disk ${res.sizeMiB} MiB` : '',
+      w.networkSummary ? `network ${w.networkSummary}` : ''
     ].filter(Boolean);
     setText(row.meta, parts.join(' · '));
-    setAttr(row.meta, 'title', w.accelReason ? String(w.accelReason) : '');
+    setAttr(
+      row.meta,
+      'title',
+      [w.accelReason, w.networkSummary].filter(Boolean).map(String).join('\n')
+    );
     SIGNALS.forEach(([key, label], i) => {
       const signal = w[key] as IReadiness | undefined;
       const dot = row.dots[i];

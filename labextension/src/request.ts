@@ -40,6 +40,8 @@ export interface IWorkspace {
   attachments?: IAttachment[];
   error?: string | null;
   exitDetail?: string | null;
+  /** the network policy in one line (what the guest can reach) */
+  networkSummary?: string;
   /** the actions the engine accepts in the current state */
   actions?: string[];
   /** a supervisor (and usually a VM) is alive */

@@ -54,6 +54,7 @@ class WorkspaceInfo:
             "profile": c.profile, "resources": {"memoryMiB": c.memory_mib, "cpuCount": c.cpus, "sizeMiB": c.size_mib},
             "network": "isolated" if c.network == "none" else c.network, "restart": c.restart,
             "networkPolicy": policy_of(c.network, c.network_policy).to_json(),
+            "networkSummary": policy_of(c.network, c.network_policy).describe(),
             "restartCount": s.restart_count, "hostname": c.hostname, "env": c.env,
             "rootfs": str(self.dir.rootfs), "serialLog": str(self.dir.serial_log),
             "createdAt": c.created_at, "startedAt": s.started_at, "stoppedAt": s.stopped_at,
