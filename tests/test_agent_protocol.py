@@ -274,7 +274,8 @@ def test_hello_and_ready(start_agent):
     _, hello, ready = start_agent()
     assert hello["version"] == "1"
     assert hello["kernel"] == os.uname().release
-    assert ready == {"shell": "missing", "net": "none", "mounts": "ok", "mediation": "none"}
+    assert ready == {"shell": "missing", "net": "none", "mounts": "ok", "mediation": "none",
+                     "kernel": os.uname().release, "version": "1"}
 
 
 def test_mounts_refused_in_test_mode(start_agent):

@@ -1287,8 +1287,13 @@ static void do_mount_entry(const char *spec, char *errs, size_t errlen)
 static void send_ready(void)
 {
     char buf[4096];
-    snprintf(buf, sizeof buf, "shell=%s\nnet=%s\nmounts=%s\nmediation=%s\n", config.ready_shell, config.ready_net,
-             config.ready_mounts, config.ready_mediation);
+    struct utsname u;
+    if (uname(&u) < 0)
+        snprintf(u.release, sizeof u.release, "unknown");
+    /* the kernel again: a clone restored from a template said HELLO before this host was listening */
+    snprintf(buf, sizeof buf, "shell=%s\nnet=%s\nmounts=%s\nmediation=%s\nkernel=%s\nversion=%d\n",
+             config.ready_shell, config.ready_net, config.ready_mounts, config.ready_mediation, u.release,
+             PROTOCOL_VERSION);
     chan_send_str(&chan, F_READY, 0, buf);
 }
 

@@ -610,6 +610,10 @@ class Supervisor:
 
     async def on_ready(self, info: dict[str, str]) -> None:
         shell = self.launch.shell
+        if "kernel" in info:  # READY repeats it: a template clone's HELLO went to the template's host
+            kernel = safe_text(info["kernel"], 120)
+            self.state.kernel_release = kernel
+            self.set_signal("guestReady", True, f"agent v{safe_text(info.get('version', '?'), 40)} on kernel {kernel}")
         if info.get("shell") == "ok":
             self.set_signal("shellReady", True, f"{shell} on the serial console")
         else:
