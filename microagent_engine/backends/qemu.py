@@ -73,7 +73,13 @@ class QemuBackend(Backend):
         ]
         for i, disk in enumerate(spec.disks):
             ro = ",read-only=on" if disk.read_only else ""
-            cmd += ["-drive", f"id=disk{i},file={disk.path},format=raw,if=none,cache=writeback,discard=unmap{ro}",
+            # file.locking=off: QEMU's image locks would guard an image against a second QEMU, which the engine
+            # already rules out (each VM gets descriptors its supervisor opened; the workspace lock and the volume
+            # registry's single attach). With an fd set holding a read-write and a read-only descriptor (two open
+            # file descriptions) QEMU's own locks conflict with each other when it re-activates the disk after a
+            # migration (the 'cont' after a workspace snapshot: "Failed to get shared write lock").
+            cmd += ["-drive", f"id=disk{i},file={disk.path},format=raw,if=none,cache=writeback,discard=unmap,"
+                              f"file.locking=off{ro}",
                     "-device", f"virtio-blk-device,drive=disk{i}" + (f",serial={disk.serial}" if disk.serial else "")]
         cmd += [
             "-device", "virtio-serial-device,id=vser0",
@@ -97,9 +103,23 @@ class QemuBackend(Backend):
         out[i + 1] += f",memory-backend={MEMORY_ID}"
         out[i + 2:i + 2] = ["-object", f"memory-backend-file,id={MEMORY_ID},size={memory_mib}M,mem-path={mem_path},"
                                        f"share={'on' if share else 'off'}"]
-        if incoming is not None:
-            out += ["-incoming", f"exec:cat {incoming}"]
+        return QemuBackend.incoming_argv(out, incoming) if incoming is not None else out
+
+    @staticmethod
+    def ram_backend_argv(argv: list[str], memory_mib: int) -> list[str]:
+        """``argv`` with anonymous guest RAM under the id templates and clones use (MEMORY_ID): a VM restored from
+        a snapshot of a template clone needs the RAM block its migration stream names."""
+        out = list(argv)
+        i = out.index("-M")
+        out[i + 1] += f",memory-backend={MEMORY_ID}"
+        out[i + 2:i + 2] = ["-object", f"memory-backend-ram,id={MEMORY_ID},size={memory_mib}M"]
         return out
+
+    @staticmethod
+    def incoming_argv(argv: list[str], state: Path) -> list[str]:
+        """``argv`` restoring the migration stream in file ``state`` (:meth:`fd_command` passes it as a
+        descriptor and the supervisor restores it through QMP)."""
+        return [*argv, "-incoming", f"exec:cat {state}"]
 
     def fd_command(self, argv: list[str]) -> FdCommand:
         """Rewrite :meth:`command`'s argv: drives become ``-add-fd`` sets of pre-opened files, chardev sockets
