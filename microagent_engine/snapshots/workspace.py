@@ -146,6 +146,17 @@ def fill_clone(state_dir: Path, snapshot: str, staging: WorkspaceDir) -> None:
                                                       "shape": meta["shape"]})
 
 
+def render_snapshots(metas: list[dict[str, Any]]) -> str:
+    """The snapshot list as a text table."""
+    from ..render import text_table
+
+    if not metas:
+        return "(no snapshots; take one with 'microagent snapshot WORKSPACE NAME')"
+    rows = [[m["name"], m["workspace"], m["createdAt"][:19].replace("T", " "), f"{m['memoryMiB']} MiB",
+             f"{m['stateBytes'] >> 20} MiB", f"{m['stoppedSeconds']} s"] for m in metas]
+    return text_table(rows, ["NAME", "WORKSPACE", "CREATED", "MEMORY", "STATE", "STOPPED"])
+
+
 def pending_restore(ws: WorkspaceDir, argv: list[str]) -> dict[str, Any] | None:
     """The launch ``extra`` of a workspace's first start after create --from-snapshot (None: a normal boot);
     InvalidState when this host would now launch a VM the snapshot cannot be restored into."""
