@@ -72,11 +72,49 @@ def _create_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_create(engine: Engine, args: argparse.Namespace) -> int:
     if args.name and args.name_opt and args.name != args.name_opt:
         raise InvalidArgument(f"two names given ({args.name!r} and --name {args.name_opt!r}); give one")
+    if args.from_snapshot:  # the snapshot's workspace as it was: no spec file, only name, hostname and env
+        info = engine.create(args.name or args.name_opt, **_snapshot_create_kwargs(args))
+        _emit(args, info.to_json(), _describe(info) + f"\n(start it to resume snapshot {args.from_snapshot})")
+        return 0
     kwargs = _create_kwargs(args)
     name = args.name or args.name_opt or kwargs.pop("name", None)
     kwargs.pop("name", None)
-    info = engine.create(name, **kwargs)
+    info = engine.create(name, cold=args.cold, **kwargs)
     _emit(args, info.to_json(), _describe(info))
+    return 0
+
+
+def _snapshot_create_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    others = [f for f, v in (("--image", args.image), ("--profile", args.profile), ("--memory", args.memory),
+                             ("--cpus", args.cpus), ("--size-mib", args.size_mib), ("--file", args.file),
+                             ("--network", args.network), ("--volume", args.volume), ("--disk", args.disk),
+                             ("--bundle", args.bundle), ("--setup", args.setup), ("--entrypoint", args.entrypoint),
+                             ("--publish", args.publish), ("--mediation", args.mediation), ("--cold", args.cold or None),
+                             ("--kernel", args.kernel), ("--accel", args.accel), ("--shell", args.shell))
+              if v is not None]
+    if others:
+        raise InvalidArgument(f"--from-snapshot takes the workspace as it was snapshotted; only a name, --hostname "
+                              f"and -e/--env may be given with it (not {', '.join(others)})")
+    return dict(from_snapshot=args.from_snapshot, hostname=args.hostname, env=parse_env_pairs(args.env) or None)
+
+
+def cmd_snapshot(engine: Engine, args: argparse.Namespace) -> int:
+    from .snapshots.workspace import render_snapshots
+
+    words = args.words
+    if args.cmd == "snapshots" or words in (["list"], ["ls"]):
+        metas = engine.snapshots()
+        _emit(args, metas, render_snapshots(metas))
+    elif len(words) == 2 and words[0] in ("rm", "delete"):
+        engine.remove_snapshot(words[1])
+        _emit(args, {"name": words[1], "removed": True}, f"Removed snapshot {words[1]}")
+    elif len(words) == 2:
+        meta = engine.snapshot(words[0], words[1])
+        _emit(args, meta, f"Snapshot {meta['name']} of {meta['workspace']} taken (VM stopped "
+                          f"{meta['stoppedSeconds']} s; {meta['stateBytes'] >> 20} MiB state); resume it with "
+                          f"'microagent create NEW --from-snapshot {meta['name']}' and start")
+    else:
+        raise InvalidArgument("usage: microagent snapshot WORKSPACE NAME | snapshot list | snapshot rm NAME")
     return 0
 
 
@@ -391,6 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("create", cmd_create, "create a workspace (state prepared)")
     p.add_argument("name", nargs="?")
     create_flags(p)
+    p.add_argument("--from-snapshot", metavar="SNAPSHOT", help="a clone of a workspace snapshot (own copy of its "
+                   "disk); its first start resumes the snapshot with its processes running")
+    p.add_argument("--cold", action="store_true", help="every start boots cold, not from the machine shape's "
+                   "template")
 
     p = add("start", cmd_start, "boot a workspace")
     p.add_argument("name")
@@ -424,6 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
                        ("resume", "continue a paused workspace")):
         p = add(verb, _lifecycle(verb), text)
         p.add_argument("name")
+    p = add("snapshot", cmd_snapshot, "workspace snapshots: snapshot WORKSPACE NAME (memory + disk, the VM "
+            "stopped briefly) | snapshot list | snapshot rm NAME")
+    p.add_argument("words", nargs="+", metavar="WORKSPACE NAME | list | rm NAME")
+    p = add("snapshots", cmd_snapshot, "list workspace snapshots")
+    p.set_defaults(words=[])
     p = add("delete", cmd_delete, "remove a workspace and its disk", aliases=["rm"])
     p.add_argument("name")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")

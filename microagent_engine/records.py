@@ -49,6 +49,8 @@ class WorkspaceConfig:
     workdir: str = "/"
     created_at: str = field(default_factory=now_iso)
     one_shot: bool = False  # made by run under a generated name (prune removes it once stopped)
+    cold: bool = False  # every start boots cold (create --cold), never from a template
+    from_snapshot: str | None = None  # the workspace snapshot it was created from (create --from-snapshot)
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -14,7 +14,7 @@ ACTIVE = ("starting", "running", "paused", "stopping", "quarantined")
 EXEC_STATES = ("running", "quarantined")
 READINESS_SIGNALS = ("guestReady", "execReady", "shellReady", "mediationReady")
 #: every action a front-end may offer, in display order
-ACTIONS = ("start", "pause", "resume", "halt", "stop", "kill", "quarantine", "delete", "exec", "cp")
+ACTIONS = ("start", "pause", "resume", "snapshot", "halt", "stop", "kill", "quarantine", "delete", "exec", "cp")
 
 
 def allowed_actions(state: str, vm_alive: bool = False) -> list[str]:
@@ -23,6 +23,8 @@ def allowed_actions(state: str, vm_alive: bool = False) -> list[str]:
         "start": state in STARTABLE and not vm_alive,
         "pause": state == "running",  # the VM's vCPUs stop; its memory and processes stay as they are
         "resume": state == "paused",
+        # memory, device state and disks saved with the VM stopped briefly; it runs on (or stays paused) after
+        "snapshot": state in ("running", "paused"),
         "halt": state in EXEC_STATES,
         "stop": state in EXEC_STATES,
         "kill": state in ACTIVE or state == "failed" or vm_alive,

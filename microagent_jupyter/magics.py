@@ -247,6 +247,8 @@ class MicroagentMagics(Magics):
                                                   "override its fields. Default: ./microagent.yaml if present")
     @argument("--allow-host-files", action="store_true", help="let the spec use host files outside its directory")
     @argument("--start", action="store_true", help="boot it right away")
+    @argument("--from-snapshot", metavar="SNAPSHOT", help="a clone of a workspace snapshot; its first start "
+                                                          "resumes it with its processes running")
     def _create_args(self, line: str) -> None:
         """%microagent create [NAME] [options]"""
 
@@ -333,6 +335,8 @@ class MicroagentMagics(Magics):
             name = self._one_name(sub, rest)
             info = getattr(engine, sub)(name)
             return D.Message(f"Workspace {name}: {info.state.state}", info.to_json(), info.state.state)
+        if sub in ("snapshot", "snapshots"):
+            return self._snapshot(engine, sub, rest)
         if sub in ("delete", "rm"):
             name = self._one_name(sub, rest)
             engine.delete(name)
@@ -384,6 +388,24 @@ class MicroagentMagics(Magics):
         raise UsageError(f"unknown subcommand {sub!r}; see %microagent --help")
 
     @staticmethod
+    def _snapshot(engine: Engine, sub: str, rest: list[str]) -> Any:
+        """%microagent snapshot WS NAME | snapshot list | snapshot rm NAME | snapshots"""
+        if sub == "snapshots" or rest in (["list"], ["ls"]):
+            rows = engine.snapshots()
+            return D.Table(["NAME", "WORKSPACE", "CREATED", "STATE MiB"],
+                           [[m["name"], m["workspace"], m["createdAt"], m["stateBytes"] >> 20] for m in rows],
+                           data=rows, empty="(no snapshots)")
+        if len(rest) == 2 and rest[0] in ("rm", "delete"):
+            engine.remove_snapshot(rest[1])
+            return D.Message(f"Removed snapshot {rest[1]}", {"name": rest[1], "removed": True})
+        if len(rest) == 2 and not any(r.startswith("-") for r in rest):
+            meta = engine.snapshot(rest[0], rest[1])
+            return D.Message(f"Snapshot {meta['name']} of {meta['workspace']} taken (VM stopped "
+                             f"{meta['stoppedSeconds']} s); resume it with %microagent create NEW --from-snapshot "
+                             f"{meta['name']} --start", meta)
+        raise UsageError("usage: %microagent snapshot WORKSPACE NAME | snapshot list | snapshot rm NAME")
+
+    @staticmethod
     def _one_name(sub: str, parts: list[str]) -> str:
         if len(parts) != 1 or parts[0].startswith("-"):
             raise UsageError(f"usage: %microagent {sub} NAME")
@@ -394,6 +416,10 @@ class MicroagentMagics(Magics):
         if args.name and args.name_opt and args.name != args.name_opt:
             raise UsageError(f"two names given ({args.name!r} and --name {args.name_opt!r}); give one")
         args.name = args.name or args.name_opt
+        if args.from_snapshot:
+            info = engine.create(args.name, from_snapshot=args.from_snapshot, hostname=args.hostname,
+                                 env=env_pairs(args.env) or None)
+            return D.workspace_record(engine.start(info.name) if args.start else info)
         overrides = dict(image=args.image, profile=args.profile, memory_mib=args.memory, cpus=args.cpus,
                          size_mib=args.size_mib, hostname=args.hostname, network=network_kwarg(args),
                          **storage_kwargs(args), env=env_pairs(args.env) or None, name=args.name)

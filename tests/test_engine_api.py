@@ -22,7 +22,7 @@ def test_lifecycle_console_outputs_commit_through_the_api(engine: Engine, tmp_pa
     info = engine.create(name, profile="tiny", outputs=[Output("note", "/root/note.txt")])
     assert info.actions == ["start", "delete", "cp"]
     info = engine.start(name)
-    assert set(info.actions) == {"pause", "halt", "stop", "kill", "quarantine", "exec"}
+    assert set(info.actions) == {"pause", "snapshot", "halt", "stop", "kill", "quarantine", "exec"}
     assert info.to_json()["actions"] == info.actions and info.to_json()["live"] is True
     assert engine.console_send(name, "echo console-$((40+2))") == "console-42"
     with engine.connection(name) as conn:

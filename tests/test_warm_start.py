@@ -150,3 +150,14 @@ def test_pause_resume_keeps_a_running_command(engine: Engine, clones: list[str])
     worker.join(60)
     assert result and result[0].exit_code == 0  # type: ignore[attr-defined]
     assert b"resumed-and-done" in b"".join(out)
+
+
+def test_create_cold_boots_every_start_cold(engine: Engine) -> None:
+    engine.create("warm-cold-cfg", profile="tiny", network="none", cold=True)
+    try:
+        info = engine.start("warm-cold-cfg")
+        assert info.state.boot_mode == "cold" and "--cold" in info.state.cold_reason
+        assert engine.exec("warm-cold-cfg", ["true"]).exit_code == 0
+    finally:
+        engine.kill("warm-cold-cfg")
+        engine.delete("warm-cold-cfg")

@@ -17,6 +17,7 @@ from ..client import DEFAULT_MAX_OUTPUT, ExecResult, OutputCallback, SupervisorC
 from ..config import default_state_dir
 from ..errors import GuestError, InvalidArgument, MicroagentError, NotFound
 from ..model import PUBLISH_DEFAULT_HOST_IP, Attachment, FileCopy, Mediation, Output, Publish
+from ..snapshots import workspace as snapshot_store
 from ..storage.volumes import VolumeRegistry
 from .context import EngineContext, Progress
 from .imaging import Imaging
@@ -109,16 +110,21 @@ class Engine:
         outputs: builtins.list[Output] | None = None,
         files: builtins.list[FileCopy] | None = None,
         publish: builtins.list[Publish] | None = None,
+        from_snapshot: str | None = None,
+        cold: bool = False,
     ) -> WorkspaceInfo:
         """Record a new workspace and build its rootfs (state ``prepared``). Nothing is left on failure.
 
         ``attachments``, ``outputs``, ``mediation``, ``files`` and ``publish`` are :mod:`microagent_engine.model` objects
-        (build them from CLI strings with ``model.parse_*``); all are validated before anything is written."""
+        (build them from CLI strings with ``model.parse_*``); all are validated before anything is written.
+        ``from_snapshot``: a clone of that workspace snapshot (its own copy of the disk) whose first start resumes
+        it with its processes running; only ``hostname`` and ``env`` may be given with it. ``cold``: every start
+        of this workspace boots cold, never from a template."""
         return self._provision.create(
             name, image=image, profile=profile, memory_mib=memory_mib, cpus=cpus, size_mib=size_mib, env=env,
             hostname=hostname, network=network, accel=accel, kernel=kernel, restart=restart, shell=shell,
             setup=setup, entrypoint=entrypoint, mediation=mediation, attachments=attachments, outputs=outputs,
-            files=files, publish=publish)
+            files=files, publish=publish, from_snapshot=from_snapshot, cold=cold)
 
     def delete(self, name: str) -> None:
         """Remove the workspace record and its disks. Refuses while its VM runs."""
@@ -138,6 +144,20 @@ class Engine:
     def resume(self, name: str) -> WorkspaceInfo:
         """Continue a paused workspace (state ``running``)."""
         return self._lifecycle.pause(name, resume=True)
+
+    def snapshot(self, name: str, snapshot: str) -> dict[str, Any]:
+        """Save the running (or paused) workspace as ``snapshot``: memory, device state and a copy of its root disk,
+        the VM stopped for a moment (``stoppedSeconds``); it runs on. ``create(NEW, from_snapshot=snapshot)`` makes
+        a workspace that resumes it. Returns the snapshot's meta (name, workspace, sizes, times)."""
+        return self._lifecycle.snapshot(name, snapshot)
+
+    def snapshots(self) -> builtins.list[dict[str, Any]]:
+        """Every workspace snapshot's meta, by name."""
+        return snapshot_store.list_all(self.state_dir)
+
+    def remove_snapshot(self, snapshot: str) -> None:
+        """Delete a snapshot (workspaces created from it keep their own disks)."""
+        snapshot_store.remove(self.state_dir, snapshot)
 
     def halt(self, name: str, timeout: float | None = None) -> WorkspaceInfo:
         """Clean, disk-preserving shutdown through the guest agent (``timeout`` seconds, default 30)."""

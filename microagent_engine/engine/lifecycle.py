@@ -23,6 +23,8 @@ from ..guest.initramfs import build_initramfs
 from ..hostinfo import choose_accel
 from ..model import PUBLISH_DEFAULT_HOST_IP, LaunchSpec, Publish
 from ..records import WorkspaceDir, now_iso, process_matches
+from ..snapshots import workspace as snapshots
+from ..snapshots.live import RESTORE_KEY
 from ..snapshots.warm import COLD_KEY
 from ..states import ACTIVE
 from ..storage.bundles import build_bundle
@@ -69,11 +71,16 @@ class Lifecycle:
                       serial_socket=ws.serial_socket, control_socket=ws.qmp_socket, network=cfg.network,
                       accel=accel, mediation_socket=ws.mediation_socket if cfg.mediation else None)
         timeout = boot_timeout or BOOT_TIMEOUTS[accel.accel]
-        launch = LaunchSpec(argv=ctx.backend.command(spec), hostname=cfg.hostname, network=cfg.network,
+        argv = ctx.backend.command(spec)
+        cold = cold or cfg.cold
+        if cold:
+            snapshots.restore_done(ws)  # a cold start boots the snapshot's disk without its processes
+        extra: dict[str, Any] = {COLD_KEY: True} if cold else (snapshots.pending_restore(ws, argv) or {})
+        launch = LaunchSpec(argv=argv, hostname=cfg.hostname, network=cfg.network,
                             shell=cfg.shell, env=cfg.env, accel=accel.accel, boot_timeout=timeout, mounts=mounts,
                             setup=cfg.setup, entrypoint=cfg.entrypoint, restart=cfg.restart,
                             mediation=cfg.mediation, network_policy=cfg.network_policy, publish=cfg.publish,
-                            extra={COLD_KEY: True} if cold else {})
+                            extra=extra)
         ws.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_json_atomic(ws.run_dir / "launch.json", launch.to_json())
         st = ws.load_state()
@@ -91,10 +98,14 @@ class Lifecycle:
                 os.close(wfd)
         if not reply.get("ok"):
             wait_supervisor_exit(ws)
+            if RESTORE_KEY in extra and ws.load_state().boot_mode == "snapshot":
+                snapshots.restore_done(ws)  # it resumed, then failed: its disk has moved on from the snapshot
             ctx.volumes.release(cfg.name)
             error = reply.get("error") or "the supervisor exited without a word; see supervisor.log"
             raise GuestError(f"workspace {cfg.name!r} failed to start: {error}\n"
                              f"(see 'microagent logs {cfg.name}' and {ws.vm_log})")
+        if RESTORE_KEY in extra:
+            snapshots.restore_done(ws)
         return ctx.store.info(ws)
 
     def _attach_disks(self, info: WorkspaceInfo) -> tuple[list[DiskSpec], list[list[str]]]:
@@ -166,6 +177,15 @@ class Lifecycle:
         if not reply.get("ok"):
             raise GuestError(reply.get("error", f"{op} failed"))
         return self.ctx.store.status(name)
+
+    def snapshot(self, name: str, snapshot: str) -> dict[str, Any]:
+        """Save a running (or paused) workspace as ``snapshot``: memory, device state and a copy of its root
+        disk, the VM stopped briefly; it keeps running. The snapshot's meta."""
+        info = self.ctx.store.status(name)
+        if "snapshot" not in info.actions or not info.dir.supervisor_alive():
+            raise InvalidState(f"workspace {name!r} is {info.state.state}; only a running or paused workspace can be "
+                               f"snapshotted (microagent start {name})")
+        return snapshots.take(self.ctx.state_dir, info.dir, snapshot)
 
     # ---- published ports (while running) ------------------------------------------------------
     def publish(self, name: str, guest_port: int, host_port: int = 0,

@@ -31,6 +31,7 @@ from ..supervisor.publish import check_publish_free
 from ..sandbox.network import NetworkPolicy
 from ..records import WorkspaceConfig, WorkspaceDir, WorkspaceState
 from ..storage import debugfs
+from ..snapshots import workspace as snapshots
 from ..storage.ext4 import clone_sized
 from .context import EngineContext
 from .store import WorkspaceInfo
@@ -66,9 +67,21 @@ class Provisioner:
         files: builtins.list[FileCopy] | None = None,
         one_shot: bool = False,
         publish: builtins.list[Publish] | None = None,
+        from_snapshot: str | None = None,
+        cold: bool = False,
     ) -> WorkspaceInfo:
         ctx = self.ctx
         name = validate_name(f"ws-{secrets.token_hex(4)}" if name is None else name)
+        if from_snapshot is not None:
+            given = [k for k, v in (("image", image), ("profile", profile), ("memory", memory_mib), ("cpus", cpus),
+                                    ("size", size_mib), ("kernel", kernel), ("accel", accel), ("shell", shell),
+                                    ("setup", setup), ("entrypoint", entrypoint), ("mediation", mediation),
+                                    ("attachments", attachments), ("outputs", outputs), ("files", files),
+                                    ("publish", publish), ("cold", cold or None)) if v is not None]
+            if given:
+                raise InvalidArgument(f"--from-snapshot takes the workspace as it was snapshotted; only a name, "
+                                      f"--hostname and -e/--env may be given with it (not {', '.join(given)})")
+            return self._create_from_snapshot(name, from_snapshot, hostname, env)
         prof = get_profile(profile)
         for key, label, value in (("memory_mib", "--memory", memory_mib), ("cpus", "--cpus", cpus),
                                   ("size_mib", "--size-mib", size_mib)):
@@ -109,7 +122,7 @@ class Provisioner:
             accel=accel or "auto", kernel=str(Path(kernel).resolve()) if kernel else None, restart=restart,
             shell=shell or "/bin/sh", setup=list(setup or []), entrypoint=entrypoint or None,
             mediation=mediation, network_policy=policy.to_json(), attachments=atts, outputs=outs,
-            one_shot=one_shot, publish=ports)
+            one_shot=one_shot, publish=ports, cold=cold)
         if not cfg.shell.startswith("/"):
             raise InvalidArgument(f"shell must be an absolute guest path, got {cfg.shell!r}")
         for att in atts:
@@ -145,6 +158,36 @@ class Provisioner:
                                           f"image has (e.g. /bin/sh or /bin/bash)")
                 staging.save_config(cfg)
                 staging.save_state(WorkspaceState(state="prepared"))
+                try:
+                    os.rename(staging.path, ws.path)
+                except OSError:
+                    raise AlreadyExists(f"workspace {name!r} already exists; pick another name") from None
+        finally:
+            if staging.path.exists():
+                shutil.rmtree(staging.path, ignore_errors=True)
+        return ctx.store.info(ws)
+
+    def _create_from_snapshot(self, name: str, snapshot: str, hostname: str | None,
+                              env: dict[str, str] | None) -> WorkspaceInfo:
+        """A new workspace whose first start resumes ``snapshot`` (its own copy of the disk)."""
+        ctx = self.ctx
+        if hostname is not None:
+            validate_hostname(hostname)
+        cfg, meta = snapshots.clone_config(ctx.state_dir, snapshot, name, hostname, validate_env(dict(env or {})))
+        ws = ctx.store.dir(name)
+        if ws.path.exists():
+            raise AlreadyExists(f"workspace {name!r} already exists; pick another name or delete it first "
+                                f"('microagent delete {name} --yes')")
+        private_dir(ctx.store.workspaces_dir)
+        ctx.store.sweep_leftovers()
+        staging = WorkspaceDir(ctx.store.workspaces_dir / f".creating-{name}-{secrets.token_hex(4)}")
+        staging.path.mkdir(mode=0o700)
+        try:
+            with file_lock(staging.ops_lock):
+                ctx.progress(f"Copying snapshot {snapshot}'s disk")
+                snapshots.fill_clone(ctx.state_dir, snapshot, staging)
+                staging.save_config(cfg)
+                staging.save_state(WorkspaceState(state="prepared", setup_done=bool(meta.get("setupDone"))))
                 try:
                     os.rename(staging.path, ws.path)
                 except OSError:

@@ -1394,20 +1394,21 @@ static void handle_config(uint32_t stream, const unsigned char *payload, size_t 
             logmsg("sethostname(%s) failed: %s", hostname, strerror(errno));
     }
 
-    if (config.applied) {
-        /* a reconnecting host: env and hostname are updated, the rest was applied at the first CONFIG */
-        send_ready();
-        return;
-    }
-    config.applied = 1;
-
-    /* identity of this boot (a clone of a template resumes with the template's clock and RNG), then the root */
+    /* identity of this boot: a clone of a template, or of a workspace snapshot (whose first CONFIG was applied
+     * before it was saved), resumes with the clock and RNG state it was saved with */
     if (!agent.test_mode) {
         if (clock)
             apply_clock(clock);
         if (seed)
             apply_seed(seed);
     }
+
+    if (config.applied) {
+        /* a restored snapshot: env, hostname, clock and seed are updated, the rest was applied at the first CONFIG */
+        send_ready();
+        return;
+    }
+    config.applied = 1;
     if (agent.is_pid1 && !agent.test_mode)
         mount_root();
 

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 #: the launch's ``extra`` key that forces a cold boot (``--cold``)
 COLD_KEY = "cold"
 MIGRATION_CAPS = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
+#: a workspace snapshot carries its RAM in the stream
+RAM_MIGRATION_CAPS = {"capabilities": [{"capability": "x-ignore-shared", "state": False}]}
 
 
 @dataclass
@@ -174,15 +176,17 @@ class WarmBoot:
         return t.state_file.stat().st_size
 
     # ---- clone ---------------------------------------------------------------------------------
-    async def restore(self, vm: "ConfinedVM") -> str:
-        """Restore a just-spawned clone from its inherited state descriptor; "" once it runs, else the error."""
+    async def restore(self, vm: "ConfinedVM", ignore_shared: bool = True) -> str:
+        """Restore a just-spawned clone from its inherited state descriptor; "" once it runs, else the error.
+        ``ignore_shared``: the stream holds device state only (a template's); False: RAM too (a workspace
+        snapshot). The capability changes the stream's format, so it must match the saving side's."""
         fd = vm.cmd.incoming_fd
         if fd is None:
             return "the clone's argv has no incoming state"
 
         def run() -> None:
             with QmpSession(self.sup.ws.qmp_socket) as qmp:
-                qmp.command("migrate-set-capabilities", MIGRATION_CAPS)
+                qmp.command("migrate-set-capabilities", MIGRATION_CAPS if ignore_shared else RAM_MIGRATION_CAPS)
                 qmp.command("migrate-incoming", {"uri": f"fd:{fd}"})
                 qmp.wait_migration()
                 status = qmp.command("query-status") or {}

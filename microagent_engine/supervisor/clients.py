@@ -26,6 +26,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..protocol import FrameDecoder, FrameType, encode_frame
@@ -238,6 +239,10 @@ class ClientHub:
                 reply = await sup.quarantine()
             elif op in ("pause", "resume"):
                 reply = await sup.pause(op == "pause")
+            elif op == "snapshot":
+                from ..snapshots.live import save
+
+                reply = await save(sup, Path(str(request.get("dir", ""))))
             elif op == "console":
                 client.console = True
                 reply = {"ok": True}

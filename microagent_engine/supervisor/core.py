@@ -25,7 +25,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from ..errors import MicroagentError, ProtocolError
+from ..errors import HostError, MicroagentError, ProtocolError
 from ..fsutil import open_private
 from ..logfiles import RotatingLog, tail_bytes
 from ..model import LaunchSpec
@@ -33,6 +33,7 @@ from ..protocol import EXIT_STATUSES, ExitStatus, FrameDecoder, FrameType, decod
 from ..records import WorkspaceDir, now_iso, process_start_time, signal as readiness
 from ..sandbox import ConfinedVM, spawn_vm
 from ..sandbox.network import NetworkSandbox, policy_of
+from ..snapshots.live import RESTORE_KEY, restore_argv
 from ..snapshots.warm import BootPlan, WarmBoot
 from ..textsafe import safe_text
 from .clients import CLIENT_STALL_LIMIT, ClientHub
@@ -104,6 +105,10 @@ class Supervisor:
         self.warm = WarmBoot(self)
         self.clone_boot = False  # this boot restores a template clone (its agent sent HELLO in the template)
         self.ports = PortRelay(self)  # published ports (-p, Engine.publish)
+        self.snapshotting = False  # a workspace snapshot is being saved (the VM is stopped meanwhile)
+        #: the first boot restores this workspace snapshot (create --from-snapshot); restarts boot normally
+        self.pending_restore: dict[str, Any] | None = launch.extra.get(RESTORE_KEY)
+        self.restored = False  # this boot resumed a workspace snapshot: its processes (entrypoint too) run on
 
     # ---- state ---------------------------------------------------------------------------------
     def save(self, **changes: Any) -> None:
@@ -267,6 +272,10 @@ class Supervisor:
     async def start_vm(self, vm_log: Any) -> ConfinedVM:
         """Spawn this boot's VM: a clone of the machine shape's template (snapshots.warm), or a cold boot when
         there is none to be had (the reason saved as ``cold_reason`` and noted in the serial log)."""
+        self.restored = False
+        if self.pending_restore is not None:
+            restore, self.pending_restore = self.pending_restore, None
+            return await self.start_restored(restore, vm_log)
         plan = await self.warm.plan()
         self.clone_boot = plan.mode == "warm"
         vm = await self.spawn(plan.argv, vm_log)
@@ -288,21 +297,37 @@ class Supervisor:
         self.state.boot_mode, self.state.cold_reason = plan.mode, plan.reason
         return vm
 
+    async def start_restored(self, restore: dict[str, Any], vm_log: Any) -> ConfinedVM:
+        """Spawn a clone of a workspace snapshot and resume it (no cold fallback: its processes would be lost)."""
+        name = restore.get("snapshot", "?")
+        vm = await self.spawn(restore_argv(self.launch.argv, restore), vm_log)
+        error = await self.warm.restore(vm, ignore_shared=False)
+        if error:
+            vm.kill()
+            await vm.wait()
+            raise HostError(f"restoring snapshot {name!r} failed: {error}; 'microagent start --cold' boots its disk "
+                            f"without its processes")
+        self.restored = self.clone_boot = True
+        await self.configure_clone(f"agent resumed from snapshot {name}")
+        self.serial_note(f"boot mode snapshot (resumed {name})")
+        self.state.boot_mode, self.state.cold_reason = "snapshot", ""
+        return vm
+
     async def spawn(self, argv: list[str], vm_log: Any) -> ConfinedVM:
         return await spawn_vm(self.ws, dataclasses.replace(self.launch, argv=argv), self.state.backend, {
             "agent": self.on_agent, "ser0": self.on_serial,
             "mediation": self.mediation.on_port if self.mediation else None}, stdout=vm_log,
             join_namespaces=self.net.join_namespaces() if self.net else None)
 
-    async def configure_clone(self) -> None:
-        """A restored clone's agent said HELLO in the template: send its CONFIG (own hostname, env, disks, clock
-        and RNG seed) now that it runs."""
+    async def configure_clone(self, detail: str = "agent restored from a template") -> None:
+        """A restored clone's agent said HELLO in the template (or snapshot): send its CONFIG (own hostname, env,
+        disks, clock and RNG seed) now that it runs."""
         for _ in range(500):
             if self.agent_writer is not None:
                 break
             await asyncio.sleep(0.002)
         self.hello_seen = True
-        self.set_signal("guestReady", True, "agent restored from a template")
+        self.set_signal("guestReady", True, detail)
         self.to_agent(FrameType.CONFIG, 0, self.config_payload())
 
     async def close_network(self) -> None:
@@ -580,7 +605,7 @@ class Supervisor:
             if self.channel_failed or self.agent_writer is None:
                 return
             now = time.monotonic()
-            if self.held_since is not None or self.state.state == "paused":
+            if self.held_since is not None or self.state.state == "paused" or self.snapshotting:
                 self.pings.clear()
                 continue
             if len(self.pings) < 64:  # an agent that answers nothing gets no more than this many queued
@@ -643,7 +668,7 @@ class Supervisor:
         self.ready.set()
         self.notify_ready(True)
         self.liveness_task = asyncio.ensure_future(self.liveness_loop())
-        if self.launch.entrypoint:
+        if self.launch.entrypoint and not self.restored:  # a resumed snapshot's entrypoint is still running
             asyncio.ensure_future(self.tasks.run_entrypoint(self.launch.entrypoint))
 
     def config_payload(self) -> bytes:

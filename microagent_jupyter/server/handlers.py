@@ -174,7 +174,7 @@ def _int(value: Any, field: str) -> int | None:
 HOST_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".ext4", ".img")
 CREATE_FIELDS = {"publish", "name", "image", "profile", "memoryMiB", "cpus", "cpuCount", "sizeMiB", "env", "network",
                  "hostname", "attachments", "outputs", "restart", "shell", "setup", "entrypoint",
-                 "start"}
+                 "start", "fromSnapshot"}
 LOCAL_IMAGE_PREFIXES = ("oci:", "oci-archive:", "docker-archive:", "dir:", "/", ".", "~", "file:")
 
 
@@ -240,11 +240,47 @@ class WorkspacesHandler(BaseHandler):
                                size_mib=size, network=body.get("network"), hostname=body.get("hostname"),
                                restart=body.get("restart"), shell=body.get("shell"), setup=setup,
                                entrypoint=body.get("entrypoint"), attachments=attachments, outputs=outputs,
-                               publish=publish)
+                               publish=publish, from_snapshot=_str_or_none(body.get("fromSnapshot"), "fromSnapshot"))
         start = body.get("start", False)
         if not isinstance(start, bool):
             raise BadRequest("'start' must be true or false")
         return kwargs, start
+
+
+def _str_or_none(value: Any, key: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise BadRequest(f"{key!r} must be a string")
+    return value
+
+
+class SnapshotHandler(BaseHandler):
+    """POST /workspaces/NAME/snapshot {"name": SNAPSHOT}: snapshot a running workspace (it runs on)."""
+
+    @tornado.web.authenticated
+    async def post(self, name: str) -> None:
+        async def go() -> None:
+            snapshot = _str_or_none(self.body().get("name"), "name")
+            if not snapshot:
+                raise BadRequest("'name' (the snapshot's name) is required")
+            self.send_json(await self.call_long(self.engine.snapshot, name, snapshot), 201)
+        await self.guarded(go)
+
+
+class SnapshotsHandler(BaseHandler):
+    """GET /snapshots; DELETE /snapshots/NAME."""
+
+    @tornado.web.authenticated
+    async def get(self) -> None:
+        async def go() -> None:
+            self.send_json(await self.call(self.engine.snapshots))
+        await self.guarded(go)
+
+    @tornado.web.authenticated
+    async def delete(self, name: str) -> None:
+        async def go() -> None:
+            await self.call(self.engine.remove_snapshot, name)
+            self.send_json({"name": name, "removed": True})
+        await self.guarded(go)
 
 
 class WorkspaceHandler(BaseHandler):
@@ -440,6 +476,9 @@ def setup_handlers(web_app: Any, config: MicroagentConfig) -> None:
         (rf"/workspaces/{NAME}/?", WorkspaceHandler),
         (rf"/workspaces/{NAME}/(?P<action>start|pause|resume|halt|stop|kill)/?", ActionHandler),
         (rf"/workspaces/{NAME}/exec/?", ExecHandler),
+        (rf"/workspaces/{NAME}/snapshot/?", SnapshotHandler),
+        (r"/snapshots/?", SnapshotsHandler),
+        (rf"/snapshots/{NAME}/?", SnapshotsHandler),
         (rf"/workspaces/{NAME}/logs/?", LogsHandler),
         (rf"/workspaces/{NAME}/logs/stream/?", LogStreamHandler),
         (r"/volumes/?", VolumesHandler),

@@ -1,0 +1,129 @@
+"""Workspace snapshots (real VMs): snapshot WS NAME while it runs, create --from-snapshot resumes its processes in a
+clone with its own disk, memory, RNG and clock; the CLI's snapshot verbs."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from microagent_engine import Engine
+from microagent_engine.errors import InvalidArgument, InvalidState, NotFound
+
+# the value is replaced atomically (write then rename), so a reader never sees a half-written file
+COUNTER = ("(i=0; while true; do i=$((i+1)); echo $i > /tmp/c.new; mv /tmp/c.new /tmp/c; sleep 0.2; done) "
+           "</dev/null >/dev/null 2>&1 &")
+
+
+def _count(engine: Engine, name: str) -> int:
+    return int(engine.exec(name, ["cat", "/tmp/c"]).stdout.decode().strip())
+
+
+def _wait_above(engine: Engine, name: str, value: int) -> int:
+    """The counter once it is past ``value`` (the loop runs on its own; no timing is asserted)."""
+    for _ in range(600):
+        if engine.exec(name, ["test", "-s", "/tmp/c"]).exit_code != 0:  # the loop has not written yet
+            time.sleep(0.1)
+            continue
+        now = _count(engine, name)
+        if now > value:
+            return now
+        time.sleep(0.1)
+    raise AssertionError(f"the counter in {name} stayed at {value}")
+
+
+@pytest.fixture(scope="module")
+def source(engine: Engine) -> Iterator[str]:
+    name = "snap-src"
+    engine.create(name, profile="tiny", network="none")
+    engine.start(name)
+    assert engine.exec(name, ["sh", "-c", COUNTER]).exit_code == 0
+    _wait_above(engine, name, 0)
+    yield name
+    for ws in (name, "snap-clone", "snap-clone2"):
+        try:
+            engine.kill(ws)
+        except Exception:
+            pass
+        try:
+            engine.delete(ws)
+        except Exception:
+            pass
+    for snap in engine.snapshots():
+        engine.remove_snapshot(snap["name"])
+
+
+def test_clone_resumes_a_running_counter(engine: Engine, source: str, state_dir: Path) -> None:
+    assert "snapshot" in engine.status(source).actions
+    before = _wait_above(engine, source, 3)  # the loop has been counting for a while
+    meta = engine.snapshot(source, "snap1")
+    at_snapshot = _count(engine, source)
+    assert meta["workspace"] == source and meta["stateBytes"] > 0
+    snap_dir = state_dir / "snapshots" / "snap1"
+    assert oct(snap_dir.stat().st_mode & 0o777) == oct(0o700)
+    assert all(oct(f.stat().st_mode & 0o777) == oct(0o600) for f in snap_dir.iterdir())
+    # the source runs on
+    assert engine.status(source).state.state == "running"
+    _wait_above(engine, source, at_snapshot)
+
+    info = engine.create("snap-clone", from_snapshot="snap1")
+    assert info.config.from_snapshot == "snap1" and info.state.state == "prepared"
+    info = engine.start("snap-clone")
+    assert info.state.boot_mode == "snapshot", info.state.cold_reason
+    first = _count(engine, "snap-clone")
+    assert first >= before, (first, before)  # it resumed the loop where the snapshot caught it ...
+    assert _wait_above(engine, "snap-clone", first) > first  # ... and the loop keeps counting
+
+    # writes in the clone stay there (memory and disk), and the source's stay in the source
+    engine.exec("snap-clone", ["sh", "-c", "echo clone > /tmp/only-clone; echo clone > /only-clone; sync"])
+    out = engine.exec(source, ["sh", "-c", "ls /tmp/only-clone /only-clone 2>&1; true"]).stdout.decode()
+    assert out.count("No such file") == 2, out
+    engine.exec(source, ["sh", "-c", "echo src > /only-src; sync"])
+    assert "No such file" in engine.exec("snap-clone", ["sh", "-c", "ls /only-src 2>&1; true"]).stdout.decode()
+
+    # its own RNG and the host's clock
+    rng = "head -c16 /dev/urandom | od -An -tx1 | tr -d ' \\n'"
+    a = engine.exec(source, ["sh", "-c", rng]).stdout
+    b = engine.exec("snap-clone", ["sh", "-c", rng]).stdout
+    assert a != b and len(a) == 32
+    before = time.time()
+    clock = int(engine.exec("snap-clone", ["date", "+%s"]).stdout)
+    assert int(before) - 1 <= clock <= time.time() + 1
+
+    # the first start consumed the restore: a halt and start boot the clone's disk
+    engine.halt("snap-clone")
+    info = engine.start("snap-clone")
+    assert info.state.boot_mode in ("warm", "cold")
+    assert engine.exec("snap-clone", ["cat", "/only-clone"]).stdout == b"clone\n"
+
+
+def test_snapshot_rules(engine: Engine, source: str) -> None:
+    with pytest.raises(NotFound, match="no snapshot named"):
+        engine.create("x-none", from_snapshot="no-such-snapshot")
+    with pytest.raises(InvalidArgument, match="only a name, --hostname and -e/--env"):
+        engine.create("x-bad", from_snapshot="snap1", memory_mib=512)
+    engine.create("snap-stopped", profile="tiny", network="none")
+    try:
+        with pytest.raises(InvalidState, match="only a running or paused workspace"):
+            engine.snapshot("snap-stopped", "never")
+    finally:
+        engine.delete("snap-stopped")
+
+
+def test_cli_snapshot_verbs(engine: Engine, source: str, cli) -> None:
+    proc = cli("snapshot", source, "snap-cli")
+    assert proc.returncode == 0, proc.stderr.decode()
+    listed = json.loads(cli("snapshot", "list", "--json").stdout)
+    assert "snap-cli" in [s["name"] for s in listed]
+    proc = cli("create", "snap-clone2", "--from-snapshot", "snap-cli", "--hostname", "clone-two")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert engine.start("snap-clone2").state.boot_mode == "snapshot"
+    assert engine.exec("snap-clone2", ["hostname"]).stdout == b"clone-two\n"
+    _wait_above(engine, "snap-clone2", _count(engine, "snap-clone2"))
+    assert cli("snapshot", "rm", "snap-cli").returncode == 0
+    assert "snap-cli" not in [s["name"] for s in json.loads(cli("snapshots", "--json").stdout)]
+    # the clone has its own disk: removing the snapshot leaves it working
+    assert engine.exec("snap-clone2", ["true"]).exit_code == 0
