@@ -35,6 +35,7 @@ from .config import (
     validate_resource,
 )
 from .errors import InvalidArgument, MicroagentError, SpecError
+from .images.debian import parse_packages
 from .model import Attachment, FileCopy, Mediation, Output, parse_host_port, validate_mountpoint
 from .sandbox.network import NetworkPolicy
 from .storage.attachments import check_bundle_file, check_ext4_file
@@ -122,6 +123,7 @@ class WorkspaceSpec:
     bundles: list[DiskEntry] | None = None
     outputs: list[OutputEntry] | None = None
     network: dict[str, Any] | None = None  # sandbox.network.NetworkPolicy.to_json()
+    packages: list[str] | None = None  # Debian packages added to the built-in Debian image
 
     def effective_hostname(self, name: str) -> str:
         """The hostname the guest gets: the spec's, else ``name`` sanitised by ``config.hostname_for``."""
@@ -150,6 +152,8 @@ class WorkspaceSpec:
                                   for e in entries or []]
         if self.outputs is not None:
             out["outputs"] = [Output(o.name, o.path) for o in self.outputs]
+        if self.packages is not None:
+            out["packages"] = list(self.packages)
         return out
 
 
@@ -374,7 +378,7 @@ class _Doc:
 # --- validation --------------------------------------------------------------------------------------------
 
 _TOP_FIELDS = ("name", "image", "profile", "restart", "entrypoint", "shell", "hostname", "setup", "files", "env",
-               "resources", "mediation", "disks", "bundles", "outputs", "network")
+               "resources", "mediation", "disks", "bundles", "outputs", "network", "packages")
 _FILE_FIELDS = ("src", "dst", "mode")
 _RESOURCE_FIELDS = ("memoryMiB", "cpuCount", "sizeMiB")
 _MEDIATION_FIELDS = ("enabled", "required", "port", "target", "failClosed")
@@ -555,6 +559,13 @@ class _Validator:
             spec.bundles = self.disks(top["bundles"], "bundles", "ro", seen_names, seen_mounts)
         if "outputs" in top:
             spec.outputs = self.outputs(top["outputs"])
+        if "packages" in top:
+            items = [self.string(v, f"packages[{i}]") for i, v in
+                     enumerate(self.items(top["packages"], "packages", "Debian package names"))]
+            try:
+                spec.packages = list(parse_packages(items))
+            except InvalidArgument as exc:
+                raise self.err("packages", str(exc)) from None
         return spec
 
     def named(self, value: Any, path: str, kind: str) -> str:
