@@ -125,6 +125,7 @@ class Provisioner:
             built = builtin_base(image, ctx.state_dir, extra_packages, ctx.progress)
             base = built.path
             cfg.env = {**built.env, **cfg.env}
+            cfg.size_mib = max(cfg.size_mib, built.size_mib)
         else:
             img = ctx.images.ensure(str(image))
             base = img.path

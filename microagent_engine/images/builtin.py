@@ -69,6 +69,7 @@ class BuiltinBase:
     ref: str
     path: Path
     env: dict[str, str] = field(default_factory=dict)
+    size_mib: int = BASE_SIZE_MIB
 
 
 def is_builtin(ref: str | None) -> bool:
@@ -91,7 +92,7 @@ def builtin_base(ref: str | None, state_dir: Path, packages: Iterable[str] = (),
     extra = parse_packages(list(packages))
     if ref in PYTHON_NAMES:
         img = debian_image(state_dir, PYTHON_RECIPE, extra, progress)
-        return BuiltinBase(PYTHON_REF, img.path, dict(img.env))
+        return BuiltinBase(PYTHON_REF, img.path, dict(img.env), img.size_mib)
     if extra:
         raise InvalidArgument(f"packages can only be added to the built-in Debian image ({PYTHON_REF}), not to "
                               f"{ref or BUILTIN_REF}; use --image {PYTHON_REF}, or install them in a setup step")

@@ -50,7 +50,7 @@ DPKG_PATH_INCLUDES = ("/usr/share/doc/*/copyright",)
 BASE_PACKAGES = ("usr-is-merged",)
 #: run last in the tree (``$1``): drop Python test suites (as the official python images do; py3compile needs
 #: them present while packages are configured, so they go here and not as dpkg excludes), logs and caches
-TRIM_HOOK = ('find "$1/usr/lib/python3" -depth -type d \\( -name tests -o -name test -o -name idle_test \\) '
+TRIM_HOOK = ('find "$1"/usr/lib/python3* -type d \\( -name tests -o -name test -o -name idle_test \\) '
              '-prune -exec rm -rf {} + ; '
              'rm -rf "$1"/var/log/* "$1"/var/cache/debconf/*-old "$1"/var/lib/dpkg/*-old "$1"/var/cache/ldconfig/* '
              '"$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin')
@@ -253,7 +253,10 @@ def _mmdebstrap(tar: Path, packages: list[str], recipe: Recipe, suite: str, labe
             line = line.rstrip("\n")
             log.append(line)
             del log[:-200]
-            if line.startswith("I: ") and not line.startswith(("I: using ", "I: automatically")):
+            if line.startswith("I: running --customize-hook"):
+                say(f"{label}: running build hooks (font cache, trimming)...")
+            elif line.startswith("I: ") and not line.startswith(("I: using ", "I: automatically", "I: chroot ",
+                                                                   "I: finding ", "I: removing tempdir")):
                 say(f"{label}: {safe_text(line[3:], 200)}")
         rc = proc.wait()
     except BaseException:  # Ctrl-C or an error here: mmdebstrap cleans up its temp dir on SIGTERM
