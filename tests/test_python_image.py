@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -14,7 +15,9 @@ import pytest
 from microagent_engine import Engine
 from microagent_engine.errors import InvalidArgument
 from microagent_engine.images import reference
-from microagent_engine.images.builtin import MPLCONFIGDIR, PYTHON_REF
+from microagent_engine.fsutil import file_lock, write_json_atomic
+from microagent_engine.images import debian
+from microagent_engine.images.builtin import MPLCONFIGDIR, PYTHON_RECIPE, PYTHON_REF
 from microagent_engine.images.debian import parse_packages
 from microagent_engine.spec import load_spec
 from python_image_cache import python_image_into
@@ -125,3 +128,39 @@ def test_guest_timings(engine: Engine, python_image: Path) -> None:
     finally:
         engine.kill("pytime")
         engine.delete("pytime")
+
+
+def test_concurrent_users_wait_for_one_build(tmp_path: Path) -> None:
+    """A second user of an image being built waits on the build's lock, then takes its result (no second build).
+    The first builder is played by this test: it holds the lock and then writes the image, as a build does."""
+    extra = ("never-built-by-this-test",)
+    key = debian.cache_key(PYTHON_RECIPE, extra, debian.host_suite())
+    images = tmp_path / "images"
+    lock = images / "locks" / f"debian-{key}.lock"
+    waiting, result = threading.Event(), []
+
+    def progress(msg: str) -> None:
+        if msg.startswith("Waiting for another process"):
+            waiting.set()
+        elif msg.startswith("Building image"):
+            result.append("built twice")
+
+    with file_lock(lock):
+        user = threading.Thread(target=lambda: result.append(
+            debian.debian_image(tmp_path, PYTHON_RECIPE, extra, progress)))
+        user.start()
+        assert waiting.wait(60)
+        out = images / f"debian-{key}.ext4"
+        out.write_bytes(b"")
+        img = debian.DebianImage(out, "python", ["x"], {}, "s", 1, 1, 1, 1.0)
+        write_json_atomic(out.with_suffix(".json"), img.to_json())
+    user.join(60)
+    assert len(result) == 1 and isinstance(result[0], debian.DebianImage) and result[0].path == out
+
+
+def test_cli_packages_flag_errors(cli) -> None:
+    proc = cli("create", "clipkg", "--packages", "hello")
+    assert proc.returncode == 2 and b"built-in Debian image" in proc.stderr, proc.stderr
+    proc = cli("create", "clipkg", "--image", PYTHON_REF, "--packages", "ok-name Bad;Name")
+    assert proc.returncode == 2 and b"is not a Debian package name" in proc.stderr, proc.stderr
+    assert cli("status", "clipkg").returncode == 1  # nothing was recorded
