@@ -7,20 +7,19 @@ import json
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
+from python_image_cache import python_image_into
 
 from microagent_engine import Engine
 from microagent_engine.errors import InvalidArgument
-from microagent_engine.images import reference
 from microagent_engine.fsutil import file_lock, write_json_atomic
-from microagent_engine.images import debian
+from microagent_engine.images import debian, reference
 from microagent_engine.images.builtin import MPLCONFIGDIR, PYTHON_RECIPE, PYTHON_REF
 from microagent_engine.images.debian import parse_packages
 from microagent_engine.spec import load_spec
-from python_image_cache import python_image_into
 
 pytestmark = pytest.mark.vm
 
@@ -42,7 +41,8 @@ def test_image_is_cached_with_its_record(python_image: Path) -> None:
     meta = json.loads(python_image.with_suffix(".json").read_text())
     assert meta["recipe"] == "python" and "python3-pandas" in meta["packages"]
     assert meta["env"] == {"MPLCONFIGDIR": MPLCONFIGDIR}
-    used = subprocess.run(["dumpe2fs", "-h", str(python_image)], capture_output=True, text=True).stdout
+    used = subprocess.run(["dumpe2fs", "-h", str(python_image)], capture_output=True, text=True,
+                          check=True).stdout
     assert "Filesystem volume name:   microagent" in used
     print(f"\nimage: tar {meta['tarBytes'] / 1e6:.0f} MB, content {meta['contentBytes'] / 1e6:.0f} MB, "
           f"ext4 {meta['sizeMiB']} MiB, build {meta['buildSeconds']} s")
@@ -109,7 +109,7 @@ def test_docker_io_defaults_to_docker_hub(monkeypatch: pytest.MonkeyPatch) -> No
     assert (ref.registry, ref.scheme) == ("127.0.0.1:5999", "http")
     monkeypatch.setenv(reference.DOCKER_IO_ENV, "not a host/")
     with pytest.raises(InvalidArgument, match=reference.DOCKER_IO_ENV):
-        ref.registry
+        _ = ref.registry
 
 
 def test_guest_timings(engine: Engine, python_image: Path) -> None:

@@ -24,8 +24,8 @@ from ..config import (
 from ..errors import AlreadyExists, InvalidArgument, InvalidState, MicroagentError, NotFound
 from ..fsutil import file_lock, private_dir
 from ..hostinfo import choose_accel
-from ..images.debian import parse_packages
 from ..images.builtin import PYTHON_REF, accepts_packages, builtin_base, canonical, is_builtin
+from ..images.debian import parse_packages
 from ..model import Attachment, FileCopy, Mediation, Output, validate_attachments, validate_outputs
 from ..sandbox.network import NetworkPolicy
 from ..records import WorkspaceConfig, WorkspaceDir, WorkspaceState

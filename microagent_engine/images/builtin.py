@@ -14,10 +14,9 @@ import hashlib
 import os
 import subprocess
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ..errors import InvalidArgument
 from ..guest.initramfs import busybox_path
@@ -49,7 +48,8 @@ PYTHON_RECIPE = Recipe(
     name="python",
     packages=("python3", "python3-ipykernel", "python3-numpy", "python3-pandas", "python3-matplotlib",
               # python3-fonttools needs "python3-scipy | python3-munkres": name the small one so apt takes it
-              "python3-munkres"),
+              "python3-munkres",
+              "procps"),  # ps, free, top, pkill (as the busybox image has): not in minbase
     hooks=(
         'sed -i -E "s/^#?[[:space:]]*backend[[:space:]]*:.*/backend: Agg/" "$1/etc/matplotlibrc"',
         f'chroot "$1" env HOME=/root MPLCONFIGDIR={MPLCONFIGDIR} python3 -c "import matplotlib.pyplot"',

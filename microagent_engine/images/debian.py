@@ -24,10 +24,10 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import Busy, HostError, ImageError, InvalidArgument
 from ..fsutil import file_lock, private_dir, read_json, write_json_atomic
@@ -96,7 +96,7 @@ class DebianImage:
                 "buildSeconds": self.build_seconds, "created": self.created, "builderVersion": BUILDER_VERSION}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any], path: Path) -> "DebianImage":
+    def from_json(cls, d: dict[str, Any], path: Path) -> DebianImage:
         return cls(path, str(d["recipe"]), list(d["packages"]), dict(d.get("env") or {}), str(d.get("suite", "")),
                    int(d["sizeMiB"]), int(d["contentBytes"]), int(d.get("tarBytes", 0)),
                    float(d.get("buildSeconds", 0.0)), str(d.get("created", "")))
@@ -127,7 +127,7 @@ def host_suite() -> str:
         text = OS_RELEASE.read_text()
     except OSError:
         text = ""
-    m = re.search(r'^VERSION_CODENAME="?([a-z0-9-]+)"?\s*$', text, re.M)
+    m = re.search(r'^VERSION_CODENAME="?([a-z0-9-]+)"?\s*$', text, re.MULTILINE)
     if not m:
         raise HostError("built-in Debian images are built from this host's apt sources with mmdebstrap, and this "
                         f"host's {OS_RELEASE} names no release (VERSION_CODENAME); use a Debian or Ubuntu host, "
@@ -245,8 +245,9 @@ def mmdebstrap_argv(tar: Path, packages: list[str], recipe: Recipe, suite: str) 
 def _mmdebstrap(tar: Path, packages: list[str], recipe: Recipe, suite: str, label: str, say: Progress) -> None:
     argv = mmdebstrap_argv(tar, packages, recipe, suite)
     log: list[str] = []
+    # same process group: a Ctrl-C in a terminal reaches mmdebstrap too, which then removes its temp dir
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, errors="replace", start_new_session=True)
+                            text=True, errors="replace")
     try:
         assert proc.stderr is not None
         for line in proc.stderr:
@@ -259,9 +260,9 @@ def _mmdebstrap(tar: Path, packages: list[str], recipe: Recipe, suite: str, labe
                                                                    "I: finding ", "I: removing tempdir")):
                 say(f"{label}: {safe_text(line[3:], 200)}")
         rc = proc.wait()
-    except BaseException:  # Ctrl-C or an error here: mmdebstrap cleans up its temp dir on SIGTERM
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+    except BaseException:  # Ctrl-C (or a kernel interrupt) here: mmdebstrap cleans up on SIGTERM once its
+        with contextlib.suppress(ProcessLookupError):  # current step (e.g. a dpkg run) ends
+            proc.send_signal(signal.SIGTERM)
         proc.wait()
         raise
     if rc == 0:
