@@ -245,9 +245,9 @@ def mmdebstrap_argv(tar: Path, packages: list[str], recipe: Recipe, suite: str) 
 def _mmdebstrap(tar: Path, packages: list[str], recipe: Recipe, suite: str, label: str, say: Progress) -> None:
     argv = mmdebstrap_argv(tar, packages, recipe, suite)
     log: list[str] = []
-    # same process group: a Ctrl-C in a terminal reaches mmdebstrap too, which then removes its temp dir
+    # its own process group, so that an interrupt can reach all of mmdebstrap's processes (see below)
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, errors="replace")
+                            text=True, errors="replace", start_new_session=True)
     try:
         assert proc.stderr is not None
         for line in proc.stderr:
@@ -260,10 +260,12 @@ def _mmdebstrap(tar: Path, packages: list[str], recipe: Recipe, suite: str, labe
                                                                    "I: finding ", "I: removing tempdir")):
                 say(f"{label}: {safe_text(line[3:], 200)}")
         rc = proc.wait()
-    except BaseException:  # Ctrl-C (or a kernel interrupt) here: mmdebstrap cleans up on SIGTERM once its
-        with contextlib.suppress(ProcessLookupError):  # current step (e.g. a dpkg run) ends
-            proc.send_signal(signal.SIGTERM)
-        proc.wait()
+    except BaseException:
+        # Ctrl-C or a kernel interrupt: every mmdebstrap process must get the signal (the main one alone waits
+        # for its helpers forever), and its stderr must be drained while it unmounts and removes its temp dir
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.communicate()
         raise
     if rc == 0:
         return
