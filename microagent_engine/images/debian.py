@@ -59,6 +59,7 @@ MAX_EXTRA_PACKAGES = 64
 SOURCES_LIST = Path("/etc/apt/sources.list")
 SOURCES_DIR = Path("/etc/apt/sources.list.d")
 OS_RELEASE = Path("/etc/os-release")
+_APT_OPTION_RE = re.compile(r'^Acquire::(?:(?:https?|ftp)::Proxy(?:::[^ ]+)?|Check-Valid-Until) "[^"\n]*";$', re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,17 @@ def host_sources() -> list[Path]:
         raise HostError(f"this host has no apt sources ({SOURCES_LIST}, {SOURCES_DIR}/*.sources) to build the "
                         "built-in image from; configure apt (apt-get update must work)")
     return found
+
+
+def host_apt_options() -> list[str]:
+    """The host's apt settings that decide whether its sources can be reached at all (proxies, and accepting a
+    snapshot mirror's expired Release files), as ``apt.conf`` lines for mmdebstrap, which ignores the host's."""
+    try:
+        dump = subprocess.run([require_tool("apt-config"), "dump"], capture_output=True, text=True,
+                              check=True).stdout
+    except (HostError, OSError, subprocess.CalledProcessError):
+        return []
+    return [line for line in dump.splitlines() if _APT_OPTION_RE.match(line)]
 
 
 def cache_key(recipe: Recipe, extra: tuple[str, ...], suite: str) -> str:
@@ -238,6 +250,7 @@ def mmdebstrap_argv(tar: Path, packages: list[str], recipe: Recipe, suite: str) 
     argv = [require_tool("mmdebstrap"), "--variant=minbase", "--format=tar", "--include=" + ",".join(packages)]
     argv += [f"--dpkgopt=path-exclude={p}" for p in DPKG_PATH_EXCLUDES]
     argv += [f"--dpkgopt=path-include={p}" for p in DPKG_PATH_INCLUDES]
+    argv += [f"--aptopt={line}" for line in host_apt_options()]
     argv += [f"--customize-hook={h}" for h in (*recipe.hooks, TRIM_HOOK)]
     return argv + [suite, str(tar), *map(str, host_sources())]
 
