@@ -112,19 +112,21 @@ class Engine:
         publish: builtins.list[Publish] | None = None,
         from_snapshot: str | None = None,
         cold: bool = False,
+        packages: builtins.list[str] | None = None,
     ) -> WorkspaceInfo:
         """Record a new workspace and build its rootfs (state ``prepared``). Nothing is left on failure.
 
-        ``attachments``, ``outputs``, ``mediation``, ``files`` and ``publish`` are :mod:`microagent_engine.model` objects
-        (build them from CLI strings with ``model.parse_*``); all are validated before anything is written.
+        ``attachments``, ``outputs``, ``mediation``, ``files`` and ``publish`` are :mod:`microagent_engine.model`
+        objects (build them from CLI strings with ``model.parse_*``); all are validated before anything is written.
         ``from_snapshot``: a clone of that workspace snapshot (its own copy of the disk) whose first start resumes
         it with its processes running; only ``hostname`` and ``env`` may be given with it. ``cold``: every start
-        of this workspace boots cold, never from a template."""
+        of this workspace boots cold, never from a template. ``packages`` (Debian package names) are added to the
+        built-in ``builtin:python`` image (built on first need, once per package set)."""
         return self._provision.create(
             name, image=image, profile=profile, memory_mib=memory_mib, cpus=cpus, size_mib=size_mib, env=env,
             hostname=hostname, network=network, accel=accel, kernel=kernel, restart=restart, shell=shell,
             setup=setup, entrypoint=entrypoint, mediation=mediation, attachments=attachments, outputs=outputs,
-            files=files, publish=publish, from_snapshot=from_snapshot, cold=cold)
+            files=files, publish=publish, from_snapshot=from_snapshot, cold=cold, packages=packages)
 
     def delete(self, name: str) -> None:
         """Remove the workspace record and its disks. Refuses while its VM runs."""
