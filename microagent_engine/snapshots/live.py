@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..backends.qemu import QemuBackend
 from ..errors import HostError
-from .qmp import QmpError, QmpSession
+from ..backends.qmp import QmpError, QmpSession
 from .templates import memory_of, shape_of
 
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ from ..errors import Busy, MicroagentError
 from ..protocol import FrameDecoder, FrameType
 from ..sandbox import spawn_vm
 from ..sandbox.jail import JAIL_UID_BASE
-from .qmp import QmpError, QmpSession
+from ..backends.qmp import QmpError, QmpSession
 from .shim import ro_open_library
 from .templates import Template, memory_of, template_for
 

@@ -40,7 +40,7 @@ from .clients import CLIENT_STALL_LIMIT, ClientHub
 from .guest_tasks import STOP_TIMEOUT, GuestTasks
 from .mediation import MediationBridge, probe
 from .publish import PORT_FRAME_TYPES, PortRelay
-from .qmp import qmp_command
+from ..backends.qmp import qmp_command
 
 HALT_TIMEOUT = 30.0
 KVM_FAILURE_MARKERS = ("KVM internal error", "emulation failure", "kvm run failed")

@@ -1,7 +1,9 @@
-"""A blocking QMP session (run in a thread by the supervisor): commands, descriptor passing and migrations."""
+"""QEMU's QMP monitor: a blocking session (commands, descriptor passing, migrations) and a one-shot command
+for the event loop. The supervisor, templates and snapshots all talk to QEMU through this."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
@@ -77,3 +79,16 @@ class QmpSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+async def qmp_command(socket_path: Path, command: str, arguments: dict[str, Any] | None = None) -> bool:
+    """Run one QMP command from the event loop (in a thread); True if QEMU answered it with a ``return``."""
+    def run() -> bool:
+        try:
+            with QmpSession(socket_path, timeout=10.0) as qmp:
+                qmp.command(command, arguments)
+            return True
+        except (QmpError, OSError, ValueError):
+            return False
+
+    return await asyncio.to_thread(run)
