@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import builtins
 import os
-from typing import Any
 import secrets
 import shutil
+from typing import Any, Callable
 from pathlib import Path
 
 from ..config import (
@@ -151,6 +151,25 @@ class Provisioner:
             cfg.env = {**img.env, **cfg.env}  # the image's Env, overridden by the user's
             cfg.workdir = img.config.get("WorkingDir") or "/"
             cfg.size_mib = max(cfg.size_mib, img.size_mib)
+
+        def fill(staging: WorkspaceDir) -> None:
+            ctx.progress(f"Building rootfs ({cfg.size_mib} MiB) from {cfg.image}")
+            clone_sized(base, staging.rootfs, cfg.size_mib)
+            for f in file_list:
+                debugfs.copy_in(staging.rootfs, Path(f.src), f.dst, mode=f.mode)
+            if shell and not debugfs.exists(staging.rootfs, shell):
+                raise InvalidArgument(f"shell {shell} does not exist in image {cfg.image}; pick a shell the "
+                                      f"image has (e.g. /bin/sh or /bin/bash)")
+            staging.save_config(cfg)
+            staging.save_state(WorkspaceState(state="prepared"))
+
+        return self._staged(name, fill)
+
+    def _staged(self, name: str, fill: Callable[[WorkspaceDir], None]) -> WorkspaceInfo:
+        """Build a workspace in a private staging directory (``fill``), then commit it by one rename: a failed or
+        killed create leaves nothing visible (the next create sweeps its staging directory)."""
+        ctx = self.ctx
+        ws = ctx.store.dir(name)
         private_dir(ctx.state_dir)
         private_dir(ctx.store.workspaces_dir)
         ctx.store.sweep_leftovers()
@@ -158,15 +177,7 @@ class Provisioner:
         staging.path.mkdir(mode=0o700)
         try:
             with file_lock(staging.ops_lock):  # held while this create lives: the sweep leaves it alone
-                ctx.progress(f"Building rootfs ({cfg.size_mib} MiB) from {cfg.image}")
-                clone_sized(base, staging.rootfs, cfg.size_mib)
-                for f in file_list:
-                    debugfs.copy_in(staging.rootfs, Path(f.src), f.dst, mode=f.mode)
-                if shell and not debugfs.exists(staging.rootfs, shell):
-                    raise InvalidArgument(f"shell {shell} does not exist in image {cfg.image}; pick a shell the "
-                                          f"image has (e.g. /bin/sh or /bin/bash)")
-                staging.save_config(cfg)
-                staging.save_state(WorkspaceState(state="prepared"))
+                fill(staging)
                 try:
                     os.rename(staging.path, ws.path)
                 except OSError:
@@ -187,24 +198,14 @@ class Provisioner:
         if ws.path.exists():
             raise AlreadyExists(f"workspace {name!r} already exists; pick another name or delete it first "
                                 f"('microagent delete {name} --yes')")
-        private_dir(ctx.store.workspaces_dir)
-        ctx.store.sweep_leftovers()
-        staging = WorkspaceDir(ctx.store.workspaces_dir / f".creating-{name}-{secrets.token_hex(4)}")
-        staging.path.mkdir(mode=0o700)
-        try:
-            with file_lock(staging.ops_lock):
-                ctx.progress(f"Copying snapshot {snapshot}'s disk")
-                snapshots.fill_clone(ctx.state_dir, snapshot, staging)
-                staging.save_config(cfg)
-                staging.save_state(WorkspaceState(state="prepared", setup_done=bool(meta.get("setupDone"))))
-                try:
-                    os.rename(staging.path, ws.path)
-                except OSError:
-                    raise AlreadyExists(f"workspace {name!r} already exists; pick another name") from None
-        finally:
-            if staging.path.exists():
-                shutil.rmtree(staging.path, ignore_errors=True)
-        return ctx.store.info(ws)
+
+        def fill(staging: WorkspaceDir) -> None:
+            ctx.progress(f"Copying snapshot {snapshot}'s disk")
+            snapshots.fill_clone(ctx.state_dir, snapshot, staging)
+            staging.save_config(cfg)
+            staging.save_state(WorkspaceState(state="prepared", setup_done=bool(meta.get("setupDone"))))
+
+        return self._staged(name, fill)
 
     def prune(self) -> builtins.list[str]:
         """Delete the one-shot records whose VM is not running; the names removed."""
