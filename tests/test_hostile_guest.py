@@ -226,16 +226,19 @@ def test_malformed_frames_fail_the_channel_closed(engine: Engine, fresh_ws: str,
 
 
 def test_fork_bomb_makes_exec_not_ready_and_a_timed_exec_returns(engine: Engine, fresh_ws: str) -> None:
+    """Under a fork bomb nothing hangs and status tells the truth. Whether the starved agent still answers pings
+    within the liveness limit depends on the guest scheduler, so both truthful outcomes are accepted: execReady
+    false with the liveness reason, or execReady true while the agent really answers a ping."""
     bomb, bomb_out = in_thread(lambda: engine.exec(fresh_ws, [GUEST_PATH, "forkbomb"]))  # no timeout: it stays
 
-    def not_ready() -> dict[str, Any] | None:
-        assert bomb.is_alive(), f"the fork bomb ended: {bomb_out}"
-        s = status(engine, fresh_ws)
-        return None if s["execReady"]["ready"] else s
+    def bombing() -> bool:  # rendezvous: the guest is full of processes (or too busy to even count them)
+        try:
+            r = engine.exec(fresh_ws, ["sh", "-c", "ls -d /proc/[0-9]* | wc -l"], timeout=10)
+        except ExecTimeout:
+            return True
+        return r.status != "exited" or int(r.stdout.strip() or 0) > 200
 
-    st = wait_for(not_ready, timeout=300, what="execReady to turn false under the fork bomb")
-    assert st["state"] == "running"  # the VM is left to the user
-    assert "not answered a ping" in st["execReady"]["error"]
+    wait_for(bombing, timeout=120, what="the fork bomb to fill the guest")
     timed, out = in_thread(lambda: engine.exec(fresh_ws, ["true"], timeout=5))
     timed.join(300)
     assert not timed.is_alive(), "exec with a timeout hangs under a fork bomb"
@@ -243,3 +246,12 @@ def test_fork_bomb_makes_exec_not_ready_and_a_timed_exec_returns(engine: Engine,
         assert isinstance(out["error"], ExecTimeout), out["error"]
     else:
         assert isinstance(out["result"], ExecResult)
+    assert bomb.is_alive(), f"the fork bomb ended: {bomb_out}"
+    st = status(engine, fresh_ws)
+    assert st["state"] == "running"  # the VM is left to the user
+    if st["execReady"]["ready"]:
+        pinged, pong = in_thread(lambda: engine.ping(fresh_ws))
+        pinged.join(60)
+        assert not pinged.is_alive() and "result" in pong, "execReady says yes but the agent does not answer"
+    else:
+        assert "not answered a ping" in st["execReady"]["error"]
