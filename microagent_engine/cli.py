@@ -19,7 +19,7 @@ from .protocol import FrameType
 from .sandbox.network import NetworkPolicy, policy_of
 from .storage.volumes import DEFAULT_SIZE_MIB, render_created, render_deleted, render_list, render_status
 from .engine import Engine, WorkspaceInfo
-from .model import parse_attachment_flags, parse_mediation_flag, parse_output_flag
+from .model import parse_attachment_flags, parse_mediation_flag, parse_output_flag, parse_publish_flag
 
 Handler = Callable[[Engine, argparse.Namespace], int]
 
@@ -58,6 +58,11 @@ def _status_text(info: WorkspaceInfo) -> str:
         lines.append(f"{att.kind.capitalize()}: {source} -> {att.mountpoint} ({att.mode})")
     for out in c.outputs:
         lines.append(f"Output: {out.name} = {out.path}")
+    for port in info.published():
+        state = "listening" if port["listening"] else (port.get("error") or "not listening")
+        host = f"[{port['hostIp']}]" if ":" in port["hostIp"] else port["hostIp"]
+        lines.append(f"Publish: {host}:{port['hostPort']} -> guest 127.0.0.1:{port['guestPort']} ({state}"
+                     + (", dynamic)" if port.get("dynamic") else ")"))
     if s.started_at:
         lines.append(f"Started: {s.started_at}" + (f" (boot {s.boot_seconds} s)" if s.boot_seconds else ""))
     if s.kernel_release:
@@ -89,7 +94,8 @@ def _create_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                  setup=args.setup, entrypoint=args.entrypoint,
                  mediation=parse_mediation_flag(args.mediation) if args.mediation else None,
                  attachments=parse_attachment_flags(args.volume or [], args.disk or [], args.bundle or []) or None,
-                 outputs=[parse_output_flag(o) for o in args.output or []] or None)
+                 outputs=[parse_output_flag(o) for o in args.output or []] or None,
+                 publish=[parse_publish_flag(p) for p in args.publish or []] or None)
     from .spec import find_default_spec, load_spec, merge  # imports yaml: only when creating
 
     spec_path = Path(args.file) if args.file else find_default_spec(Path.cwd())
@@ -403,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--entrypoint", metavar="CMD", help="command run when the workspace starts")
         p.add_argument("--restart", choices=["never", "on-failure", "always"], help="restart policy")
         p.add_argument("--shell", help="console shell (default /bin/sh)")
+        p.add_argument("-p", "--publish", action="append", metavar="[HOST_IP:]HOST_PORT:GUEST_PORT",
+                       help="forward a host TCP port to the guest's 127.0.0.1:GUEST_PORT over the agent channel "
+                       "(works with --network isolated; HOST_IP default 127.0.0.1; HOST_PORT 0 = any free port)")
         p.add_argument("--mediation", metavar="PORT=HOST:PORT",
                        help="bridge guest 127.0.0.1:PORT to a host TCP service (required, fail-closed)")
 

@@ -68,3 +68,7 @@ class ImageError(MicroagentError):
 
 class AuthError(ImageError):
     """A registry refused our credentials (or wants some and we have none)."""
+
+
+class PortUnavailable(AlreadyExists):
+    """A host port to publish cannot be bound (in use, or the address is not on this host)."""

@@ -2,8 +2,8 @@
 
 ``Engine.create`` takes these objects. The CLI and the magics build them from their string forms
 (``-v SRC:DST[:ro|rw]``, ``--disk/--bundle NAME=PATH:MOUNT[:ro|rw]``, ``--output NAME=/path``,
-``--mediation PORT=HOST:PORT``) with the ``parse_*`` functions here; the spec loader and the REST API build them
-from JSON with ``from_json``. Whatever checks a front-end makes (e.g. REST's allowed roots) read the same objects
+``--mediation PORT=HOST:PORT``, ``-p [HOST_IP:]HOST_PORT:GUEST_PORT``) with the ``parse_*`` functions here; the
+spec loader and the REST API build them from JSON with ``from_json``. Whatever checks a front-end makes (e.g. REST's allowed roots) read the same objects
 the engine then executes.
 """
 
@@ -347,6 +347,101 @@ def parse_mediation_flag(value: str) -> Mediation:
     return Mediation(int(port), host, tport, required=True, fail_closed=True)
 
 
+# ---- published ports ----------------------------------------------------------------------------------
+#: the host address a published port binds to unless the user names another one
+PUBLISH_DEFAULT_HOST_IP = "127.0.0.1"
+_PUBLISH_EXAMPLE = "e.g. -p 8888:8888, -p 0:8888 (any free host port) or -p 0.0.0.0:8080:80"
+
+
+def _port_number(value: Any, what: str, allow_zero: bool) -> int:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    low = 0 if allow_zero else 1
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= 65535:
+        raise InvalidArgument(f"{what} {value!r} is not a port number from {low} to 65535"
+                              + (" (0: any free port)" if allow_zero else ""))
+    return value
+
+
+def _host_ip(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{what} must be an IP address string such as 127.0.0.1")
+    try:
+        return str(ipaddress.ip_address(value.strip("[]")))
+    except ValueError:
+        raise InvalidArgument(f"{what} {value!r} is not an IP address (a host name is not accepted); use e.g. "
+                              f"127.0.0.1, 0.0.0.0 or [::1]") from None
+
+
+@dataclass(frozen=True)
+class Publish:
+    """A host TCP port forwarded into the guest over the agent channel (works with ``--network isolated``):
+    connections to ``host_ip:host_port`` on the host reach ``127.0.0.1:guest_port`` in the guest.
+    ``host_port`` 0 picks a free port at each start; binding a non-loopback ``host_ip`` must be asked for."""
+
+    host_port: int
+    guest_port: int
+    host_ip: str = PUBLISH_DEFAULT_HOST_IP
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "host_port", _port_number(self.host_port, "published host port", True))
+        object.__setattr__(self, "guest_port", _port_number(self.guest_port, "published guest port", False))
+        object.__setattr__(self, "host_ip", _host_ip(self.host_ip, "published host IP"))
+
+    @property
+    def host_address(self) -> str:
+        return format_host_port(self.host_ip, self.host_port)
+
+    def __str__(self) -> str:
+        return f"{self.host_address}->{self.guest_port}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"hostIp": self.host_ip, "hostPort": self.host_port, "guestPort": self.guest_port}
+
+    @classmethod
+    def from_json(cls, data: Any) -> "Publish":
+        """From ``{hostPort, guestPort, hostIp?}`` or the flag's string form ``[HOST_IP:]HOST_PORT:GUEST_PORT``."""
+        if isinstance(data, str):
+            return parse_publish_flag(data)
+        d = _expect(data, "publish", ("hostIp", "hostPort", "guestPort"), ("hostPort", "guestPort"))
+        return cls(d["hostPort"], d["guestPort"], d.get("hostIp") or PUBLISH_DEFAULT_HOST_IP)
+
+
+def parse_publish_flag(value: str) -> Publish:
+    """``-p/--publish [HOST_IP:]HOST_PORT:GUEST_PORT`` (an IPv6 HOST_IP in brackets); HOST_IP defaults to
+    127.0.0.1, so a published port is reachable from this host only unless an address is named."""
+    if not isinstance(value, str):
+        raise InvalidArgument(f"--publish must be a string [HOST_IP:]HOST_PORT:GUEST_PORT, {_PUBLISH_EXAMPLE}")
+    rest, sep, guest = value.rpartition(":")
+    if not sep or not rest:
+        raise InvalidArgument(f"--publish {value!r}: expected [HOST_IP:]HOST_PORT:GUEST_PORT, {_PUBLISH_EXAMPLE}")
+    ip, sep, host = rest.rpartition(":")
+    if sep and not ip:
+        raise InvalidArgument(f"--publish {value!r}: empty HOST_IP; {_PUBLISH_EXAMPLE}")
+    if ip.startswith("[") != ip.endswith("]") or (":" in ip and not ip.startswith("[")):
+        raise InvalidArgument(f"--publish {value!r}: write an IPv6 host address in brackets, e.g. [::1]:8080:80")
+    try:
+        return Publish(_port_number(host, "host port", True), _port_number(guest, "guest port", False),
+                       ip or PUBLISH_DEFAULT_HOST_IP)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"--publish {value!r}: {exc}; {_PUBLISH_EXAMPLE}") from None
+
+
+def validate_publish(items: Iterable[Publish]) -> list[Publish]:
+    """InvalidArgument on non-Publish items or a host address published twice."""
+    out = list(items)
+    seen: set[tuple[str, int]] = set()
+    for p in out:
+        if not isinstance(p, Publish):
+            raise InvalidArgument(f"publish entries must be Publish objects (see microagent_engine.model."
+                                  f"parse_publish_flag), got {type(p).__name__}")
+        key = (p.host_ip, p.host_port)
+        if p.host_port and key in seen:
+            raise InvalidArgument(f"host address {p.host_address} is published twice; publish each host port once")
+        seen.add(key)
+    return out
+
+
 # ---- files copied in at create -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class FileCopy:
@@ -380,6 +475,7 @@ class LaunchSpec:
     restart: str
     mediation: Mediation | None = None
     network_policy: dict[str, Any] | None = None  # sandbox.network.NetworkPolicy.to_json()
+    publish: list[Publish] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # backend-specific launch data (e.g. confinement)
 
     def to_json(self) -> dict[str, Any]:
@@ -387,7 +483,8 @@ class LaunchSpec:
                 "env": self.env, "accel": self.accel, "bootTimeout": self.boot_timeout, "mounts": self.mounts,
                 "setup": self.setup, "entrypoint": self.entrypoint, "restart": self.restart,
                 "mediation": self.mediation.to_json() if self.mediation else None,
-                "networkPolicy": self.network_policy, "extra": self.extra}
+                "networkPolicy": self.network_policy, "publish": [p.to_json() for p in self.publish],
+                "extra": self.extra}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "LaunchSpec":
@@ -397,4 +494,5 @@ class LaunchSpec:
                    boot_timeout=float(data["bootTimeout"]), mounts=[list(m) for m in data["mounts"]],
                    setup=list(data["setup"]), entrypoint=data["entrypoint"], restart=data["restart"],
                    mediation=Mediation.from_json(med) if med else None,
-                   network_policy=data.get("networkPolicy"), extra=dict(data.get("extra") or {}))
+                   network_policy=data.get("networkPolicy"),
+                   publish=[Publish.from_json(p) for p in data.get("publish") or []], extra=dict(data.get("extra") or {}))

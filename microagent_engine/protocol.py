@@ -22,6 +22,9 @@ AGENT_PORT_NAME = "org.microagent.agent"
 #: virtio-serial port of the mediation channel (guest programs <-> host, relayed by the agent)
 MEDIATION_PORT_NAME = "org.microagent.mediation"
 PROTOCOL_VERSION = 1
+#: published ports: bytes one side may send on a port stream before the other side acknowledges them (PACK);
+#: bounds what either side buffers per connection
+PUBLISH_WINDOW = 256 << 10
 
 
 class FrameType(enum.IntEnum):
@@ -46,6 +49,12 @@ class FrameType(enum.IntEnum):
     MEOF = 0x55  # agent -> host: the guest program finished sending (half-close); the answer may still flow
     MCUT = 0x53  # host -> agent, stream 0: close every connection, refuse new ones until MRESUME
     MRESUME = 0x54  # host -> agent, stream 0: accept connections again
+    # Published ports (agent channel, host-chosen non-zero streams; see docs/protocol.md "Published ports"):
+    POPEN = 0x60  # host -> agent: connect to 127.0.0.1:<guest port> in the guest; payload: decimal port
+    PDATA = 0x61  # either way: bytes of that connection, within the receiver's window
+    PACK = 0x62  # either way: decimal count of bytes the sender of this frame has consumed (window credit)
+    PEOF = 0x63  # either way: the sender's side finished sending (half-close)
+    PCLOSE = 0x64  # either way: the connection is finished both ways; optional UTF-8 reason
     # Supervisor-only (client <-> supervisor, never sent to the guest):
     CONTROL = 0x40  # client -> supervisor: JSON request
     REPLY = 0x41  # supervisor -> client: JSON reply
@@ -202,6 +211,7 @@ def render_c_header() -> str:
         f"#define MAX_PAYLOAD {MAX_PAYLOAD}u",
         f'#define AGENT_PORT_NAME "{AGENT_PORT_NAME}"',
         f'#define MEDIATION_PORT_NAME "{MEDIATION_PORT_NAME}"',
+        f"#define PUBLISH_WINDOW {PUBLISH_WINDOW}u",
         "",
     ]
     lines += [f"#define F_{ft.name} 0x{ft.value:02X}" for ft in FrameType]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .fsutil import read_json, write_json_atomic
-from .model import Attachment, Mediation, Output
+from .model import Attachment, Mediation, Output, Publish
 
 from .states import ACTIVE, READINESS_SIGNALS, STARTABLE, STATES  # noqa: F401 (re-exported)
 
@@ -44,6 +44,7 @@ class WorkspaceConfig:
     network_policy: dict[str, Any] | None = None  # sandbox.network.NetworkPolicy.to_json(); None: mode's default
     attachments: list[Attachment] = field(default_factory=list)
     outputs: list[Output] = field(default_factory=list)
+    publish: list[Publish] = field(default_factory=list)  # host ports forwarded into the guest (-p)
     image_id: str = ""
     workdir: str = "/"
     created_at: str = field(default_factory=now_iso)
@@ -54,6 +55,7 @@ class WorkspaceConfig:
         out["mediation"] = self.mediation.to_json() if self.mediation else None
         out["attachments"] = [a.to_json() for a in self.attachments]
         out["outputs"] = [o.to_json() for o in self.outputs]
+        out["publish"] = [p.to_json() for p in self.publish]
         return out
 
     @classmethod
@@ -63,6 +65,7 @@ class WorkspaceConfig:
         cfg.mediation = Mediation.from_json(cfg.mediation) if cfg.mediation else None
         cfg.attachments = [Attachment.from_json(a) for a in cfg.attachments]  # type: ignore[arg-type]
         cfg.outputs = [Output.from_json(o) for o in cfg.outputs]  # type: ignore[arg-type]
+        cfg.publish = [Publish.from_json(p) for p in cfg.publish]  # type: ignore[arg-type]
         return cfg
 
 
@@ -96,6 +99,7 @@ class WorkspaceState:
     setup_done: bool = False
     entrypoint: str = ""
     confinement: dict[str, Any] = field(default_factory=dict)  # what jailed the VM (sandbox.jail.plan)
+    publish: list[dict[str, Any]] = field(default_factory=list)  # live published ports (supervisor.publish)
     dropped_frames: int = 0  # guest frames the supervisor dropped this boot (streams it did not open, ...)
     readiness: dict[str, dict[str, Any]] = field(default_factory=initial_readiness)
 

@@ -35,7 +35,8 @@ from .config import (
     validate_resource,
 )
 from .errors import InvalidArgument, MicroagentError, SpecError
-from .model import Attachment, FileCopy, Mediation, Output, parse_host_port, validate_mountpoint
+from .model import Attachment, FileCopy, Mediation, Output, Publish, parse_host_port, validate_mountpoint, \
+    validate_publish
 from .sandbox.network import NetworkPolicy
 from .storage.attachments import check_bundle_file, check_ext4_file
 
@@ -122,6 +123,7 @@ class WorkspaceSpec:
     bundles: list[DiskEntry] | None = None
     outputs: list[OutputEntry] | None = None
     network: dict[str, Any] | None = None  # sandbox.network.NetworkPolicy.to_json()
+    publish: list[Publish] | None = None  # "[HOST_IP:]HOST_PORT:GUEST_PORT" or {hostIp?, hostPort, guestPort}
 
     def effective_hostname(self, name: str) -> str:
         """The hostname the guest gets: the spec's, else ``name`` sanitised by ``config.hostname_for``."""
@@ -150,6 +152,8 @@ class WorkspaceSpec:
                                   for e in entries or []]
         if self.outputs is not None:
             out["outputs"] = [Output(o.name, o.path) for o in self.outputs]
+        if self.publish is not None:
+            out["publish"] = list(self.publish)
         return out
 
 
@@ -374,7 +378,7 @@ class _Doc:
 # --- validation --------------------------------------------------------------------------------------------
 
 _TOP_FIELDS = ("name", "image", "profile", "restart", "entrypoint", "shell", "hostname", "setup", "files", "env",
-               "resources", "mediation", "disks", "bundles", "outputs", "network")
+               "resources", "mediation", "disks", "bundles", "outputs", "network", "publish")
 _FILE_FIELDS = ("src", "dst", "mode")
 _RESOURCE_FIELDS = ("memoryMiB", "cpuCount", "sizeMiB")
 _MEDIATION_FIELDS = ("enabled", "required", "port", "target", "failClosed")
@@ -555,6 +559,8 @@ class _Validator:
             spec.bundles = self.disks(top["bundles"], "bundles", "ro", seen_names, seen_mounts)
         if "outputs" in top:
             spec.outputs = self.outputs(top["outputs"])
+        if "publish" in top:
+            spec.publish = self.publish(top["publish"])
         return spec
 
     def named(self, value: Any, path: str, kind: str) -> str:
@@ -708,6 +714,22 @@ class _Validator:
                 else default_mode
             entries.append(DiskEntry(name=name, path=host, mountpoint=mount, mode=mode))
         return entries
+
+    def publish(self, value: Any) -> list[Publish]:
+        entries = []
+        for i, item in enumerate(self.items(value, "publish", '"HOST_PORT:GUEST_PORT" or {hostIp, hostPort, '
+                                                               'guestPort} entries')):
+            if isinstance(item, int):
+                raise self.err(f"publish[{i}]", f"got the number {item}: quote the entry, e.g. \"8080:80\" (YAML "
+                                                f"reads an unquoted 8080:22 as a number)")
+            try:
+                entries.append(Publish.from_json(item))
+            except InvalidArgument as exc:
+                raise self.err(f"publish[{i}]", str(exc)) from None
+        try:
+            return validate_publish(entries)
+        except InvalidArgument as exc:
+            raise self.err("publish", str(exc)) from None
 
     def outputs(self, value: Any) -> list[OutputEntry]:
         entries, seen = [], {}

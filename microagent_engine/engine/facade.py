@@ -16,7 +16,7 @@ from typing import IO, TYPE_CHECKING, Any, Iterator
 from ..client import DEFAULT_MAX_OUTPUT, ExecResult, OutputCallback, SupervisorConnection
 from ..config import default_state_dir
 from ..errors import GuestError, InvalidArgument, MicroagentError, NotFound
-from ..model import Attachment, FileCopy, Mediation, Output
+from ..model import PUBLISH_DEFAULT_HOST_IP, Attachment, FileCopy, Mediation, Output, Publish
 from ..storage.volumes import VolumeRegistry
 from .context import EngineContext, Progress
 from .imaging import Imaging
@@ -108,16 +108,17 @@ class Engine:
         attachments: builtins.list[Attachment] | None = None,
         outputs: builtins.list[Output] | None = None,
         files: builtins.list[FileCopy] | None = None,
+        publish: builtins.list[Publish] | None = None,
     ) -> WorkspaceInfo:
         """Record a new workspace and build its rootfs (state ``prepared``). Nothing is left on failure.
 
-        ``attachments``, ``outputs``, ``mediation`` and ``files`` are :mod:`microagent_engine.model` objects
+        ``attachments``, ``outputs``, ``mediation``, ``files`` and ``publish`` are :mod:`microagent_engine.model` objects
         (build them from CLI strings with ``model.parse_*``); all are validated before anything is written."""
         return self._provision.create(
             name, image=image, profile=profile, memory_mib=memory_mib, cpus=cpus, size_mib=size_mib, env=env,
             hostname=hostname, network=network, accel=accel, kernel=kernel, restart=restart, shell=shell,
             setup=setup, entrypoint=entrypoint, mediation=mediation, attachments=attachments, outputs=outputs,
-            files=files)
+            files=files, publish=publish)
 
     def delete(self, name: str) -> None:
         """Remove the workspace record and its disks. Refuses while its VM runs."""
@@ -144,6 +145,32 @@ class Engine:
         """Sever networking and mediation of a running workspace; keeps disk and logs. Start is refused until
         halt, stop or kill."""
         return self._lifecycle.quarantine(name)
+
+    # ---- published ports -----------------------------------------------------------------------
+    def publish(self, name: str, guest_port: int, host_port: int = 0,
+                host_ip: str = PUBLISH_DEFAULT_HOST_IP) -> tuple[str, int]:
+        """Forward a host TCP port into the running workspace: connections to ``host_ip:host_port`` reach
+        ``127.0.0.1:guest_port`` inside the guest, carried by the guest agent over virtio-serial (so this works
+        with ``network="isolated"`` too). ``host_port=0`` binds a free port; the bound ``(host_ip, host_port)``
+        is returned. ``host_ip`` defaults to 127.0.0.1 (this host only); a non-loopback address exposes the
+        guest port to the network and must be asked for. The forwarding lasts until :meth:`unpublish` or until
+        the workspace stops (it survives VM restarts of the same start); ``-p`` flags at create are re-bound at
+        every start instead. Each connection is relayed with half-close and per-connection flow control; a
+        guest port nobody listens on gives a connection that is closed at once.
+
+        Raises InvalidState when the workspace is not running, PortUnavailable when the host port is taken
+        (the message names it)."""
+        return self._lifecycle.publish(name, guest_port, host_port, host_ip)
+
+    def unpublish(self, name: str, host_port: int, host_ip: str = PUBLISH_DEFAULT_HOST_IP) -> None:
+        """Stop forwarding ``host_ip:host_port`` (published by :meth:`publish` or ``-p``); its listener closes
+        and its open connections are closed. GuestError if nothing is published there."""
+        self._lifecycle.unpublish(name, host_port, host_ip)
+
+    def published(self, name: str) -> builtins.list[dict[str, Any]]:
+        """The workspace's published ports as status shows them: ``{hostIp, hostPort, guestPort, listening,
+        error, dynamic, connections}`` each (empty when not running)."""
+        return self.status(name).to_json()["publish"]
 
     # ---- commands and console ------------------------------------------------------------------
     def connection(self, name: str) -> SupervisorConnection:

@@ -17,14 +17,15 @@ from typing import Any
 from ..backends.base import DiskSpec, VMSpec
 from ..client import SupervisorConnection
 from ..config import BOOT_TIMEOUTS
-from ..errors import GuestError, InvalidState, NotFound
+from ..errors import GuestError, InvalidState, NotFound, PortUnavailable
 from ..fsutil import file_lock, open_private, write_json_atomic
 from ..guest.initramfs import build_initramfs
 from ..hostinfo import choose_accel
-from ..model import LaunchSpec
+from ..model import PUBLISH_DEFAULT_HOST_IP, LaunchSpec, Publish
 from ..records import WorkspaceDir, now_iso, process_matches
 from ..states import ACTIVE
 from ..storage.bundles import build_bundle
+from ..supervisor.publish import check_publish_free
 from .context import EngineContext
 from .store import WorkspaceInfo
 
@@ -56,6 +57,7 @@ class Lifecycle:
         ctx = self.ctx
         cfg, ws = info.config, info.dir
         ctx.backend.binary()  # fail first, and clearly, when the hypervisor is missing
+        check_publish_free(cfg.publish)  # a taken host port fails before anything is started
         accel = choose_accel(None if cfg.accel == "auto" else cfg.accel)
         kernel = ctx.resolve_kernel(cfg.kernel)
         initramfs = build_initramfs(ctx.state_dir, kernel, ctx.backend.guest_modules())
@@ -69,7 +71,7 @@ class Lifecycle:
         launch = LaunchSpec(argv=ctx.backend.command(spec), hostname=cfg.hostname, network=cfg.network,
                             shell=cfg.shell, env=cfg.env, accel=accel.accel, boot_timeout=timeout, mounts=mounts,
                             setup=cfg.setup, entrypoint=cfg.entrypoint, restart=cfg.restart,
-                            mediation=cfg.mediation, network_policy=cfg.network_policy)
+                            mediation=cfg.mediation, network_policy=cfg.network_policy, publish=cfg.publish)
         ws.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_json_atomic(ws.run_dir / "launch.json", launch.to_json())
         st = ws.load_state()
@@ -149,6 +151,32 @@ class Lifecycle:
         if not reply.get("ok"):
             raise GuestError(reply.get("error", "quarantine failed"))
         return self.ctx.store.status(name)
+
+    # ---- published ports (while running) ------------------------------------------------------
+    def publish(self, name: str, guest_port: int, host_port: int = 0,
+                host_ip: str = PUBLISH_DEFAULT_HOST_IP) -> tuple[str, int]:
+        """Forward ``host_ip:host_port`` to the guest's ``127.0.0.1:guest_port`` until unpublished or the
+        workspace ends; host_port 0 picks a free port. Returns the bound (host_ip, host_port)."""
+        item = Publish(host_port, guest_port, host_ip)  # validates
+        reply = self._publish_control(name, "publish", item.to_json())
+        return str(reply["hostIp"]), int(reply["hostPort"])
+
+    def unpublish(self, name: str, host_port: int, host_ip: str = PUBLISH_DEFAULT_HOST_IP) -> None:
+        """Stop forwarding ``host_ip:host_port`` (its open connections are closed)."""
+        item = Publish(host_port, 1, host_ip)
+        self._publish_control(name, "unpublish", {"hostIp": item.host_ip, "hostPort": item.host_port})
+
+    def _publish_control(self, name: str, op: str, params: dict[str, Any]) -> dict[str, Any]:
+        info = self.ctx.store.status(name)
+        if info.state.state not in ("running", "starting") or not info.dir.supervisor_alive():
+            raise InvalidState(f"workspace {name!r} is {info.state.state}; ports can be published only while it "
+                               f"runs (microagent start {name})")
+        with SupervisorConnection(info.dir.control_socket) as conn:
+            reply = conn.control(op, params)
+        if not reply.get("ok"):
+            raise PortUnavailable(reply.get("error", f"{op} failed")) if reply.get("portTaken") else \
+                GuestError(reply.get("error", f"{op} failed"))
+        return reply
 
     def kill(self, name: str) -> WorkspaceInfo:
         info = self.ctx.store.status(name)

@@ -25,7 +25,9 @@ from ..errors import AlreadyExists, InvalidArgument, InvalidState, MicroagentErr
 from ..fsutil import file_lock, private_dir
 from ..hostinfo import choose_accel
 from ..images.builtin import BUILTIN_REF, builtin_image, is_builtin
-from ..model import Attachment, FileCopy, Mediation, Output, validate_attachments, validate_outputs
+from ..model import Attachment, FileCopy, Mediation, Output, Publish, validate_attachments, validate_outputs, \
+    validate_publish
+from ..supervisor.publish import check_publish_free
 from ..sandbox.network import NetworkPolicy
 from ..records import WorkspaceConfig, WorkspaceDir, WorkspaceState
 from ..storage import debugfs
@@ -63,6 +65,7 @@ class Provisioner:
         outputs: builtins.list[Output] | None = None,
         files: builtins.list[FileCopy] | None = None,
         one_shot: bool = False,
+        publish: builtins.list[Publish] | None = None,
     ) -> WorkspaceInfo:
         ctx = self.ctx
         name = validate_name(f"ws-{secrets.token_hex(4)}" if name is None else name)
@@ -87,6 +90,8 @@ class Provisioner:
                                   "with model.parse_mediation_flag)")
         atts = validate_attachments(attachments or [])
         outs = validate_outputs(outputs or [])
+        ports = validate_publish(publish or [])
+        check_publish_free(ports)  # a taken host port fails now, before anything is written
         for att in atts:
             att.check_host_file()
         file_list = list(files or [])
@@ -104,7 +109,7 @@ class Provisioner:
             accel=accel or "auto", kernel=str(Path(kernel).resolve()) if kernel else None, restart=restart,
             shell=shell or "/bin/sh", setup=list(setup or []), entrypoint=entrypoint or None,
             mediation=mediation, network_policy=policy.to_json(), attachments=atts, outputs=outs,
-            one_shot=one_shot)
+            one_shot=one_shot, publish=ports)
         if not cfg.shell.startswith("/"):
             raise InvalidArgument(f"shell must be an absolute guest path, got {cfg.shell!r}")
         for att in atts:

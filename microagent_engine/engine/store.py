@@ -39,6 +39,13 @@ class WorkspaceInfo:
         """What the engine accepts for this workspace now (see :func:`microagent_engine.states.allowed_actions`)."""
         return allowed_actions(self.state.state, self.vm_alive)
 
+    def published(self) -> builtins.list[dict[str, Any]]:
+        """Published ports: live from the supervisor (bound port, ``listening``) while it runs, else the
+        configured ones (``listening`` false)."""
+        if self.running and self.dir.supervisor_alive() and self.state.publish:
+            return self.state.publish
+        return [{**p.to_json(), "listening": False, "error": None, "dynamic": False} for p in self.config.publish]
+
     def to_json(self) -> dict[str, Any]:
         c, s = self.config, self.state
         out: dict[str, Any] = {
@@ -61,6 +68,7 @@ class WorkspaceInfo:
             "volumes": [a.source for a in c.attachments if a.kind == "volume"],
             "confinement": s.confinement or None,
             "oneShot": c.one_shot,
+            "publish": self.published(),
         }
         out.update(s.readiness)
         return out

@@ -1547,6 +1547,9 @@ static void do_halt(uint32_t stream, const unsigned char *data, size_t len)
 
 /* ---- the agent channel: frames from the host ------------------------------------------------------- */
 
+static void pub_dispatch(int type, uint32_t stream, const unsigned char *p, size_t len);
+static void pub_lost(void);
+
 static void test_mode_exit(int code)
 {
     for (struct session *s = execs.list; s; s = s->next)
@@ -1558,6 +1561,7 @@ static void test_mode_exit(int code)
 /* the agent channel closed: in test mode the agent exits (there is nobody to serve) */
 static void main_chan_lost(const char *why)
 {
+    pub_lost();
     if (agent.test_mode) {
         logmsg("channel closed (%s), exiting", why);
         test_mode_exit(0);
@@ -1584,6 +1588,13 @@ static void dispatch(int type, uint32_t stream, const unsigned char *p, size_t l
         break;
     case F_PING:
         chan_send(&chan, F_PONG, stream, p, len);
+        break;
+    case F_POPEN:
+    case F_PDATA:
+    case F_PACK:
+    case F_PEOF:
+    case F_PCLOSE:
+        pub_dispatch(type, stream, p, len);
         break;
     case F_ERROR:
         logmsg("host reported an error on stream %u: %.*s", stream, (int)(len > 500 ? 500 : len), (const char *)p);
@@ -1899,6 +1910,289 @@ static int64_t med_next_deadline(void)
     return next;
 }
 
+/* ---- published ports (host -> guest TCP) ------------------------------------------------------------------ */
+
+/* The host asks (POPEN on a stream it chose, payload: the guest port) for a connection to 127.0.0.1:<port> in the
+ * guest; bytes flow as PDATA both ways, each way within a window of PUBLISH_WINDOW unacknowledged bytes (PACK
+ * returns credit), PEOF is a half-close, PCLOSE ends the stream (answered with PCLOSE unless we sent one). */
+
+#define PUB_MAX_CONNS 1024                /* the host bounds this lower; a guard only */
+#define PUB_ACK_MIN (PUBLISH_WINDOW / 4u) /* acknowledge written bytes at least this often */
+
+struct pconn {
+    struct pconn *next;
+    uint32_t stream;
+    int fd;
+    int connecting;         /* non-blocking connect in progress */
+    int rd_eof;             /* the guest program finished sending: PEOF sent */
+    int host_eof;           /* the host sent PEOF: shut our write side once the queue is written */
+    int wr_shut;            /* shutdown(SHUT_WR) done */
+    int dead;               /* closed; freed at the top of the main loop */
+    struct wqueue out;      /* host -> guest bytes not yet written */
+    size_t credit;          /* guest -> host bytes we may still send before the host acknowledges */
+    size_t written_unacked; /* host bytes written to the program and not yet acknowledged (PACK) */
+};
+
+static struct {
+    struct pconn *list;
+    size_t n;
+} ports;
+
+static struct pconn *pub_find(uint32_t stream)
+{
+    for (struct pconn *c = ports.list; c; c = c->next)
+        if (!c->dead && c->stream == stream)
+            return c;
+    return NULL;
+}
+
+/* close the guest socket; with notify, PCLOSE <reason> to the host */
+static void pub_close(struct pconn *c, int notify, const char *reason)
+{
+    if (c->dead)
+        return;
+    c->dead = 1;
+    ports.n--;
+    xclose(&c->fd);
+    queue_free(&c->out);
+    if (notify)
+        chan_send(&chan, F_PCLOSE, c->stream, reason ? reason : "", reason ? strlen(reason) : 0);
+}
+
+static void pub_sweep(void)
+{
+    for (struct pconn **pp = &ports.list; *pp;) {
+        struct pconn *c = *pp;
+        if (c->dead) {
+            *pp = c->next;
+            free(c);
+        } else
+            pp = &c->next;
+    }
+}
+
+/* the agent channel closed: every published-port connection goes with it (no frames) */
+static void pub_lost(void)
+{
+    for (struct pconn *c = ports.list; c; c = c->next)
+        pub_close(c, 0, NULL);
+}
+
+static void pub_close_errno(struct pconn *c, const char *what, int err)
+{
+    char why[160];
+    snprintf(why, sizeof why, "%s: %s", what, strerror(err));
+    pub_close(c, 1, why);
+}
+
+/* both directions finished: close and tell the host */
+static void pub_maybe_finish(struct pconn *c)
+{
+    if (!c->dead && c->rd_eof && c->wr_shut)
+        pub_close(c, 1, NULL);
+}
+
+static void pub_ack(struct pconn *c)
+{
+    char buf[24];
+    snprintf(buf, sizeof buf, "%zu", c->written_unacked);
+    c->written_unacked = 0;
+    chan_send_str(&chan, F_PACK, c->stream, buf);
+}
+
+/* write what the host sent to the program, as far as the socket takes it; acknowledge it; half-close after */
+static void pub_flush(struct pconn *c)
+{
+    if (c->dead || c->connecting)
+        return;
+    while (c->out.off < c->out.len) {
+        ssize_t n = send(c->fd, c->out.buf + c->out.off, c->out.len - c->out.off, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n > 0) {
+            c->out.off += (size_t)n;
+            c->written_unacked += (size_t)n;
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            break;
+        pub_close_errno(c, "write", n < 0 ? errno : EPIPE);
+        return;
+    }
+    if (c->out.off == c->out.len)
+        c->out.off = c->out.len = 0;
+    if (c->written_unacked && (c->written_unacked >= PUB_ACK_MIN || queue_pending(&c->out) == 0))
+        pub_ack(c);
+    if (c->host_eof && !c->wr_shut && queue_pending(&c->out) == 0) {
+        shutdown(c->fd, SHUT_WR);
+        c->wr_shut = 1;
+        pub_maybe_finish(c);
+    }
+}
+
+/* the program sent something (or finished sending) */
+static void pub_read(struct pconn *c)
+{
+    static char buf[OUT_CHUNK];
+    size_t want = c->credit < sizeof buf ? c->credit : sizeof buf;
+    if (want == 0)
+        return;
+    ssize_t n = read(c->fd, buf, want);
+    if (n > 0) {
+        c->credit -= (size_t)n;
+        chan_send(&chan, F_PDATA, c->stream, buf, (size_t)n);
+        return;
+    }
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+        return;
+    if (n == 0) {
+        c->rd_eof = 1;
+        chan_send(&chan, F_PEOF, c->stream, "", 0);
+        pub_maybe_finish(c);
+        return;
+    }
+    pub_close_errno(c, "read", errno);
+}
+
+static void pub_open(uint32_t stream, const unsigned char *p, size_t len)
+{
+    char buf[8];
+    if (stream == 0) {
+        chan_send_error(&chan, 0, "POPEN on stream 0");
+        return;
+    }
+    if (pub_find(stream)) {
+        chan_send_error(&chan, stream, "stream %u is already a published-port connection", stream);
+        return;
+    }
+    long port = 0;
+    if (len > 0 && len < sizeof buf) {
+        memcpy(buf, p, len);
+        buf[len] = '\0';
+        char *end = buf;
+        port = isdigit((unsigned char)buf[0]) ? strtol(buf, &end, 10) : 0;
+        if (*end)
+            port = 0;
+    }
+    if (port < 1 || port > 65535) {
+        chan_send_str(&chan, F_PCLOSE, stream, "malformed POPEN: the payload is a port number 1-65535");
+        return;
+    }
+    if (ports.n >= PUB_MAX_CONNS) {
+        chan_send_str(&chan, F_PCLOSE, stream, "too many connections");
+        return;
+    }
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        char why[160];
+        snprintf(why, sizeof why, "socket: %s", strerror(errno));
+        chan_send_str(&chan, F_PCLOSE, stream, why);
+        return;
+    }
+    struct sockaddr_in sin;
+    memset(&sin, 0, sizeof sin);
+    sin.sin_family = AF_INET;
+    sin.sin_port = htons((uint16_t)port);
+    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    int r;
+    do {
+        r = connect(fd, (struct sockaddr *)&sin, sizeof sin);
+    } while (r < 0 && errno == EINTR);
+    if (r < 0 && errno != EINPROGRESS) {
+        char why[160];
+        snprintf(why, sizeof why, "connect 127.0.0.1:%ld: %s", port, strerror(errno));
+        close(fd);
+        chan_send_str(&chan, F_PCLOSE, stream, why);
+        return;
+    }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    struct pconn *c = xrealloc(NULL, sizeof *c);
+    memset(c, 0, sizeof *c);
+    c->stream = stream;
+    c->fd = fd;
+    c->connecting = r < 0;
+    c->credit = PUBLISH_WINDOW;
+    c->next = ports.list;
+    ports.list = c;
+    ports.n++;
+}
+
+static void pub_dispatch(int type, uint32_t stream, const unsigned char *p, size_t len)
+{
+    if (type == F_POPEN) {
+        pub_open(stream, p, len);
+        return;
+    }
+    struct pconn *c = pub_find(stream);
+    if (!c)
+        return; /* finished (frames crossing our PCLOSE) or never opened */
+    if (type == F_PDATA) {
+        if (c->host_eof || len == 0)
+            return;
+        if (queue_pending(&c->out) + len > PUBLISH_WINDOW) {
+            pub_close(c, 1, "protocol: PDATA beyond the window");
+            return;
+        }
+        queue_append(&c->out, p, len);
+        pub_flush(c);
+    } else if (type == F_PACK) {
+        char buf[16];
+        size_t n = len < sizeof buf - 1 ? len : sizeof buf - 1;
+        memcpy(buf, p, n);
+        buf[n] = '\0';
+        long long v = strtoll(buf, NULL, 10);
+        if (v > 0) {
+            c->credit += (size_t)v;
+            if (c->credit > PUBLISH_WINDOW)
+                c->credit = PUBLISH_WINDOW;
+        }
+    } else if (type == F_PEOF) {
+        c->host_eof = 1;
+        pub_flush(c);
+    } else if (type == F_PCLOSE) {
+        pub_close(c, 1, NULL); /* the answer frees the stream on the host */
+    }
+}
+
+/* poll events for c (0: not polled now) */
+static short pub_events(const struct pconn *c)
+{
+    if (c->dead)
+        return 0;
+    if (c->connecting)
+        return POLLOUT;
+    return (short)((!c->rd_eof && c->credit > 0 ? POLLIN : 0) | (queue_pending(&c->out) ? POLLOUT : 0));
+}
+
+static void pub_ready(struct pconn *c, short re)
+{
+    if (c->connecting) {
+        int err = 0;
+        socklen_t el = sizeof err;
+        if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &el) < 0)
+            err = errno;
+        if (err) {
+            pub_close_errno(c, "connect", err);
+            return;
+        }
+        c->connecting = 0;
+        pub_flush(c);
+        return;
+    }
+    /* read first: what the program sent is forwarded even if writing to it fails next */
+    if (!c->rd_eof && c->credit > 0 && (re & (POLLIN | POLLHUP | POLLERR)))
+        pub_read(c);
+    if (!c->dead && (re & POLLOUT))
+        pub_flush(c);
+    if (!c->dead && (re & (POLLERR | POLLNVAL))) {
+        int err = 0;
+        socklen_t el = sizeof err;
+        getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &el);
+        pub_close_errno(c, "socket", err ? err : ECONNRESET);
+    }
+}
+
 /* ---- boot (PID 1) ---------------------------------------------------------------------------------------- */
 
 static void fatal_boot(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
@@ -2102,7 +2396,7 @@ static void boot(void)
 
 /* ---- main loop ------------------------------------------------------------------------------------------- */
 
-enum { K_CHAN, K_SIG, K_OUT, K_ERR, K_IN, K_MCHAN, K_MLISTEN, K_MCONN };
+enum { K_CHAN, K_SIG, K_OUT, K_ERR, K_IN, K_MCHAN, K_MLISTEN, K_MCONN, K_PCONN };
 
 static void handle_timers(void)
 {
@@ -2175,6 +2469,7 @@ static void main_loop(void)
     for (;;) {
         handle_timers();
         med_sweep();
+        pub_sweep();
 
         size_t nsess = 0, nmconn = 0;
         int med_paused = 0;
@@ -2185,7 +2480,7 @@ static void main_loop(void)
             if (queue_pending(&c->out) >= MED_BUF_CAP)
                 med_paused = 1;
         }
-        size_t need = 4 + nsess * 3 + nmconn;
+        size_t need = 4 + nsess * 3 + nmconn + ports.n;
         if (need > cap) {
             cap = need * 2;
             pfds = xrealloc(pfds, cap * sizeof *pfds);
@@ -2221,6 +2516,11 @@ static void main_loop(void)
             short ev = (short)((c->closing || c->rd_eof ? 0 : POLLIN) | (queue_pending(&c->out) ? POLLOUT : 0));
             if (ev)
                 ADD(c->fd, ev, K_MCONN, c);
+        }
+        for (struct pconn *c = ports.list; c; c = c->next) {
+            short ev = pub_events(c);
+            if (ev)
+                ADD(c->fd, ev, K_PCONN, c);
         }
 #undef ADD
 
@@ -2269,6 +2569,10 @@ static void main_loop(void)
                     else if (c->closing && (re & (POLLHUP | POLLERR | POLLNVAL)))
                         mconn_close(c, 0, NULL);
                 }
+                break;
+            case K_PCONN:
+                if (!((struct pconn *)owners[i])->dead && ((struct pconn *)owners[i])->fd == pfds[i].fd)
+                    pub_ready(owners[i], pfds[i].revents);
                 break;
             case K_OUT:
                 if (s->out_fd == pfds[i].fd)

@@ -238,6 +238,8 @@ class ClientHub:
             elif op == "console":
                 client.console = True
                 reply = {"ok": True}
+            elif op in ("publish", "unpublish"):
+                reply = await sup.ports.control(op, request)
             elif op == "state":
                 reply = {"ok": True, "state": sup.state.to_json()}
             else:

@@ -36,6 +36,7 @@ from ..textsafe import safe_text
 from .clients import CLIENT_STALL_LIMIT, ClientHub
 from .guest_tasks import STOP_TIMEOUT, GuestTasks
 from .mediation import MediationBridge, probe
+from .publish import PORT_FRAME_TYPES, PortRelay
 from .qmp import qmp_command
 
 HALT_TIMEOUT = 30.0
@@ -45,7 +46,7 @@ MAX_CONSECUTIVE_RESTARTS = 10
 STABLE_AFTER = 30.0  # a VM that ran this long resets the back-off
 #: frame types the agent sends; anything else from the guest is a protocol violation (the channel fails closed)
 GUEST_FRAME_TYPES = frozenset({FrameType.HELLO, FrameType.READY, FrameType.HALTING, FrameType.STDOUT,
-                               FrameType.STDERR, FrameType.EXIT, FrameType.PONG, FrameType.ERROR})
+                               FrameType.STDERR, FrameType.EXIT, FrameType.PONG, FrameType.ERROR}) | PORT_FRAME_TYPES
 #: the guest stream the supervisor's own liveness pings use (never given to a command)
 LIVENESS_STREAM = 0xFFFFFFFF
 PING_INTERVAL = 2.0  # seconds between liveness pings
@@ -97,6 +98,7 @@ class Supervisor:
         self.network_policy = policy_of(launch.network, launch.network_policy)
         self.net: NetworkSandbox | None = None  # this boot's network enforcement (None when isolated)
         self.mediation = MediationBridge(launch.mediation, self.report_mediation) if launch.mediation else None
+        self.ports = PortRelay(self)  # published ports (-p, Engine.publish)
 
     # ---- state ---------------------------------------------------------------------------------
     def save(self, **changes: Any) -> None:
@@ -157,6 +159,15 @@ class Supervisor:
                 self.notify_ready(False, error)
                 return await self._close(servers, sockets)
             background.append(asyncio.create_task(self.mediation.probe_loop()))
+        self.state.publish = []
+        for item in self.launch.publish:
+            try:
+                await self.ports.bind(item, dynamic=False)
+            except MicroagentError as exc:
+                self.save(state="failed", error=str(exc), supervisor_pid=None)
+                self.notify_ready(False, str(exc))
+                await self.ports.close()
+                return await self._close(servers, sockets)
         consecutive = 0
         while True:
             ran_for = await self.boot_once()
@@ -181,6 +192,7 @@ class Supervisor:
         self.exited.set()
         for task in background:
             task.cancel()
+        await self.ports.close()
         if self.hub.control_tasks:  # let halt/stop/kill requests answer before the connections close
             await asyncio.wait(self.hub.control_tasks, timeout=5)
         return await self._close(servers, sockets)
@@ -332,7 +344,8 @@ class Supervisor:
         trust domain; the host only guarantees that frames it did not ask for go nowhere)."""
         while True:
             gsid = secrets.randbelow(LIVENESS_STREAM - 1) + 1
-            if gsid not in self.hub.routes and gsid not in self.tasks.jobs and gsid not in self.hub.orphans:
+            if gsid not in self.hub.routes and gsid not in self.tasks.jobs and gsid not in self.hub.orphans \
+                    and not self.ports.owns(gsid):
                 return gsid
 
     def kill_vm(self) -> None:
@@ -365,6 +378,7 @@ class Supervisor:
         except Exception as exc:  # a frame the supervisor could not handle: fail closed, never half-open
             traceback.print_exc()
             self.fail_channel(f"a guest frame could not be handled ({type(exc).__name__})")
+        self.ports.channel_lost()
         if self.agent_writer is writer:
             self.agent_writer = None
             if not self.channel_failed:
@@ -450,6 +464,9 @@ class Supervisor:
             raise ProtocolError(f"frame type 0x{ftype:02x} on stream {stream}, which the agent never sends")
         if stream == 0:
             self.on_agent_control(ftype, payload)
+            return
+        if ftype in PORT_FRAME_TYPES:
+            self.ports.deliver(ftype, stream, payload)
             return
         if stream == LIVENESS_STREAM:
             if ftype == FrameType.PONG:
@@ -585,6 +602,7 @@ class Supervisor:
             return {"ok": False, "error": "could not take the network link down through QMP"}
         if self.mediation:
             self.mediation.sever("workspace quarantined")
+        self.ports.sever()
         self.set_signal("mediationReady", False, "quarantined", "workspace quarantined")
         self.save(state="quarantined", error="quarantined: network and mediation severed; halt, stop or kill "
                                               "it before starting again")

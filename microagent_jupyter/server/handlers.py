@@ -38,7 +38,7 @@ from microagent_engine.errors import (
     NotFound,
 )
 from microagent_engine.logfiles import SERIAL_LOG_MAX, tail_bytes, tail_lines
-from microagent_engine.model import Attachment, Output
+from microagent_engine.model import Attachment, Output, Publish
 
 from .._engine import create_kwargs, get_engine
 from .config import MicroagentConfig
@@ -172,7 +172,7 @@ def _int(value: Any, field: str) -> int | None:
 
 
 HOST_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".ext4", ".img")
-CREATE_FIELDS = {"name", "image", "profile", "memoryMiB", "cpus", "cpuCount", "sizeMiB", "env", "network",
+CREATE_FIELDS = {"publish", "name", "image", "profile", "memoryMiB", "cpus", "cpuCount", "sizeMiB", "env", "network",
                  "hostname", "attachments", "outputs", "restart", "shell", "setup", "entrypoint",
                  "start"}
 LOCAL_IMAGE_PREFIXES = ("oci:", "oci-archive:", "docker-archive:", "dir:", "/", ".", "~", "file:")
@@ -202,6 +202,10 @@ class WorkspacesHandler(BaseHandler):
             self.send_json(info.to_json(), 201)
         await self.guarded(go)
 
+    @staticmethod
+    def bad_publish(item: Any) -> Publish:
+        raise BadRequest(f"'publish' entries must be {{hostIp?, hostPort, guestPort}} objects, got {item!r:.80}")
+
     def create_args(self, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         for legacy in ("volumes", "disks", "bundles"):
             if legacy in body:
@@ -223,6 +227,8 @@ class WorkspacesHandler(BaseHandler):
             self.check_host_path(path.split(":", 1)[0] if path.startswith(("/", "~")) else path, "image")
         attachments = [self.attachment(a) for a in _list(body.get("attachments"), "attachments")]
         outputs = [Output.from_json(o) for o in _list(body.get("outputs"), "outputs")]
+        publish = [Publish.from_json(p) if isinstance(p, dict) else self.bad_publish(p)
+                   for p in _list(body.get("publish"), "publish")]
         memory = _int(body.get("memoryMiB"), "memoryMiB")
         cpus = _int(body.get("cpus", body.get("cpuCount")), "cpus")
         size = _int(body.get("sizeMiB"), "sizeMiB")
@@ -233,7 +239,8 @@ class WorkspacesHandler(BaseHandler):
         kwargs = create_kwargs(image=image, profile=body.get("profile"), memory_mib=memory, cpus=cpus,
                                size_mib=size, network=body.get("network"), hostname=body.get("hostname"),
                                restart=body.get("restart"), shell=body.get("shell"), setup=setup,
-                               entrypoint=body.get("entrypoint"), attachments=attachments, outputs=outputs)
+                               entrypoint=body.get("entrypoint"), attachments=attachments, outputs=outputs,
+                               publish=publish)
         start = body.get("start", False)
         if not isinstance(start, bool):
             raise BadRequest("'start' must be true or false")
