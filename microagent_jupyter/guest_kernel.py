@@ -81,7 +81,8 @@ class GuestKernel:
     def _run(self) -> None:
         script = (f"echo $$ > {PID_FILE}; echo microagent-kernel-pid $$ >&2; "
                   f"exec {self.python} -m ipykernel_launcher -f {CONNECTION_FILE}")
-        env = {"PYTHONUNBUFFERED": "1", "MPLBACKEND": "module://matplotlib_inline.backend_inline", **self.env}
+        # MPLBACKEND stays unset: ipykernel then installs its inline backend (figures as image/png display_data)
+        env = {"PYTHONUNBUFFERED": "1", **self.env}
         try:
             self.result = self.engine.exec(self.workspace, ["/bin/sh", "-c", script], env=env,
                                            on_stdout=self._log, on_stderr=self._log, capture=False)

@@ -33,7 +33,7 @@ PROVISIONER_NAME = "microagent-provisioner"
 class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     """Runs the kernel of a notebook inside a microagent workspace (see the module docstring)."""
 
-    image = Unicode("python", config=True, help="image of the kernel's workspace")
+    image = Unicode("builtin:python", config=True, help="image of the kernel's workspace")
     profile = Unicode("", config=True, help="resource profile (tiny, small, medium, large); default: the engine's")
     memory = Integer(0, config=True, help="memory in MiB (0: the profile's)")
     cpus = Integer(0, config=True, help="vCPUs (0: the profile's)")

@@ -34,7 +34,7 @@ from .guest_kernel import GuestKernel
 from .magics import MicroagentInterrupted
 from .output_policy import OutputPolicy
 
-PYTHON_IMAGE = "python"
+PYTHON_IMAGE = "builtin:python"
 INTERRUPT_GRACE = 8.0  # seconds to wait for the guest's reply after SIGINT
 
 
@@ -341,6 +341,8 @@ def python_magic(shell: Any, engine: Engine, argv: list[str], cell: str | None, 
         V.encode(shell.user_ns[n])
     create = create_kwargs(image=args.image, profile=args.profile, memory_mib=args.memory, cpus=args.cpus,
                            network=args.network, attachments=storage_kwargs(_Storage(args.volume))["attachments"])
+    if progress is not None:
+        engine.progress = progress  # image build, boot: shown in the cell as `run` shows them
     try:
         sess = get_session(engine, args.name, create, env_pairs(args.env), progress)
     finally:
