@@ -91,9 +91,13 @@ class PythonSession:
         self.kernel.stop()
         self.start()
 
-    def stop(self) -> None:
-        """Stop the kernel; an owned (per-notebook) session's workspace is killed and deleted."""
+    def stop(self, fast: bool = False) -> None:
+        """Stop the kernel; an owned (per-notebook) session's workspace is killed and deleted. ``fast`` (at
+        interpreter exit, where a kernel manager allows a few seconds) kills an owned workspace outright."""
         self.close_client()
+        if fast and self.owned:
+            _remove_workspace(self.engine, self.name)
+            return
         try:
             self.kernel.stop()
         except MicroagentError:
@@ -249,7 +253,7 @@ def stop_all() -> None:
     for key in list(_sessions):
         sess = _sessions.pop(key)
         try:
-            sess.stop()
+            sess.stop(fast=True)
         except Exception:  # noqa: BLE001 (exiting: best effort, next one)
             pass
 
