@@ -34,7 +34,7 @@ MAX_GUEST_MESSAGE = 64 * 1024 * 1024
 _REPLY_TYPES = {
     "shell": {"execute_reply", "inspect_reply", "complete_reply", "history_reply", "is_complete_reply",
               "kernel_info_reply", "comm_info_reply", "shutdown_reply", "interrupt_reply"},
-    "control": {"shutdown_reply", "interrupt_reply", "kernel_info_reply", "debug_reply", "usage_reply"},
+    "control": {"shutdown_reply", "interrupt_reply", "kernel_info_reply", "usage_reply"},
     "stdin": {"input_request"},
 }
 
@@ -242,6 +242,11 @@ class Relay:
                                                        content.get("metadata"))
             return {"status": content.get("status"), "found": bool(content.get("found")), "data": data,
                     "metadata": metadata}
+        if msg_type == "kernel_info_reply":  # help_links become Help-menu entries in the page: http(s) only
+            links = [{"text": str(h.get("text", ""))[:100], "url": h["url"]} for h in content.get("help_links") or []
+                     if isinstance(h, dict) and isinstance(h.get("url"), str)
+                     and h["url"].lower().startswith(("https://", "http://"))]
+            return {**content, "help_links": links[:20]}
         return content
 
 
