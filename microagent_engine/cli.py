@@ -95,7 +95,8 @@ def _create_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                  mediation=parse_mediation_flag(args.mediation) if args.mediation else None,
                  attachments=parse_attachment_flags(args.volume or [], args.disk or [], args.bundle or []) or None,
                  outputs=[parse_output_flag(o) for o in args.output or []] or None,
-                 publish=[parse_publish_flag(p) for p in args.publish or []] or None)
+                 publish=[parse_publish_flag(p) for p in args.publish or []] or None,
+                 packages=[args.packages] if args.packages else None)
     from .spec import find_default_spec, load_spec, merge  # imports yaml: only when creating
 
     spec_path = Path(args.file) if args.file else find_default_spec(Path.cwd())
@@ -378,7 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     def create_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--image", help="image reference (default: the built-in busybox image)")
+        p.add_argument("--image", help="image reference (default: the built-in busybox image; builtin:python "
+                       "for Python with numpy, pandas, matplotlib, ipykernel)")
+        p.add_argument("--packages", metavar="'PKG ...'", help="Debian packages to add to --image builtin:python "
+                       "(space- or comma-separated)")
         p.add_argument("--name", dest="name_opt", help="workspace name")
         p.add_argument("--profile", choices=list(PROFILES), help="resource profile (default small)")
         p.add_argument("--memory", type=int, metavar="MIB", help="memory in MiB (overrides the profile)")

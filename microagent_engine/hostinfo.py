@@ -26,6 +26,7 @@ INSTALL_HINTS: dict[str, str] = {
     "dpkg": "apt-get install -y dpkg",
     "slirp4netns": "apt-get install -y --no-install-recommends slirp4netns",
     "nft": "apt-get install -y --no-install-recommends nftables",
+    "mmdebstrap": "apt-get install -y --no-install-recommends mmdebstrap (builds the built-in Python image)",
 }
 
 

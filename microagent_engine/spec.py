@@ -35,6 +35,7 @@ from .config import (
     validate_resource,
 )
 from .errors import InvalidArgument, MicroagentError, SpecError
+from .images.debian import parse_packages
 from .model import Attachment, FileCopy, Mediation, Output, Publish, parse_host_port, validate_mountpoint, \
     validate_publish
 from .sandbox.network import NetworkPolicy
@@ -124,6 +125,7 @@ class WorkspaceSpec:
     outputs: list[OutputEntry] | None = None
     network: dict[str, Any] | None = None  # sandbox.network.NetworkPolicy.to_json()
     publish: list[Publish] | None = None  # "[HOST_IP:]HOST_PORT:GUEST_PORT" or {hostIp?, hostPort, guestPort}
+    packages: list[str] | None = None  # Debian packages added to the built-in Debian image
 
     def effective_hostname(self, name: str) -> str:
         """The hostname the guest gets: the spec's, else ``name`` sanitised by ``config.hostname_for``."""
@@ -154,6 +156,8 @@ class WorkspaceSpec:
             out["outputs"] = [Output(o.name, o.path) for o in self.outputs]
         if self.publish is not None:
             out["publish"] = list(self.publish)
+        if self.packages is not None:
+            out["packages"] = list(self.packages)
         return out
 
 
@@ -378,7 +382,7 @@ class _Doc:
 # --- validation --------------------------------------------------------------------------------------------
 
 _TOP_FIELDS = ("name", "image", "profile", "restart", "entrypoint", "shell", "hostname", "setup", "files", "env",
-               "resources", "mediation", "disks", "bundles", "outputs", "network", "publish")
+               "resources", "mediation", "disks", "bundles", "outputs", "network", "publish", "packages")
 _FILE_FIELDS = ("src", "dst", "mode")
 _RESOURCE_FIELDS = ("memoryMiB", "cpuCount", "sizeMiB")
 _MEDIATION_FIELDS = ("enabled", "required", "port", "target", "failClosed")
@@ -561,6 +565,13 @@ class _Validator:
             spec.outputs = self.outputs(top["outputs"])
         if "publish" in top:
             spec.publish = self.publish(top["publish"])
+        if "packages" in top:
+            items = [self.string(v, f"packages[{i}]") for i, v in
+                     enumerate(self.items(top["packages"], "packages", "Debian package names"))]
+            try:
+                spec.packages = list(parse_packages(items))
+            except InvalidArgument as exc:
+                raise self.err("packages", str(exc)) from None
         return spec
 
     def named(self, value: Any, path: str, kind: str) -> str:

@@ -174,7 +174,9 @@ class MicroagentMagics(Magics):
     @argument("--disk", action="append", default=[], metavar="NAME=/path.ext4:/mount[:rw]",
               help="attach an existing ext4 image")
     @argument("--output", action="append", default=[], metavar="NAME=/guest/path", help="declare a result file")
-    @argument("--image", help="image reference (default: the built-in busybox image); or give IMAGE first")
+    @argument("--image", help="image reference (default: the built-in busybox image; builtin:python for Python "
+                              "with numpy, pandas, matplotlib); or give IMAGE first")
+    @argument("--packages", metavar="'PKG ...'", help="Debian packages to add to builtin:python")
     @argument("--profile", help="resource profile: tiny, small (default), medium, large")
     @argument("--memory", type=int, metavar="MIB", help="memory in MiB (overrides the profile)")
     @argument("--cpus", type=int, help="vCPUs (overrides the profile)")
@@ -225,6 +227,7 @@ class MicroagentMagics(Magics):
     @argument("name", nargs="?")
     @argument("--name", dest="name_opt", metavar="NAME", help="workspace name (same as the positional NAME)")
     @argument("--image")
+    @argument("--packages", metavar="'PKG ...'")
     @argument("--profile")
     @argument("--memory", type=int, metavar="MIB")
     @argument("--cpus", type=int)
@@ -400,7 +403,8 @@ class MicroagentMagics(Magics):
         args.name = args.name or args.name_opt
         overrides = dict(image=args.image, profile=args.profile, memory_mib=args.memory, cpus=args.cpus,
                          size_mib=args.size_mib, hostname=args.hostname, network=args.network,
-                         **storage_kwargs(args), env=env_pairs(args.env) or None, name=args.name)
+                         **storage_kwargs(args), env=env_pairs(args.env) or None, name=args.name,
+                         packages=[args.packages] if args.packages else None)
         spec_kwargs = self._spec_kwargs(args.file, args.allow_host_files)
         if spec_kwargs is not None:
             from microagent_engine.spec import merge
@@ -470,7 +474,8 @@ class MicroagentMagics(Magics):
         stdin = cell.encode() if cell is not None else None
         env = unbuffered_python(argv, env_pairs(args.env))
         ckw = create_kwargs(image=image, profile=args.profile, memory_mib=args.memory, cpus=args.cpus,
-                            size_mib=args.size_mib, network=args.network, **storage_kwargs(args))
+                            size_mib=args.size_mib, network=args.network, **storage_kwargs(args),
+                            packages=[args.packages] if args.packages else None)
         progress = CellProgress(self.in_kernel)
         engine.progress = progress
         out, err = self._stream(args, progress.done)

@@ -21,6 +21,8 @@ from microagent_engine.errors import MicroagentError
 from microagent_engine.hostinfo import require_tool
 
 REPO = Path(__file__).resolve().parent.parent
+# no test may reach Docker Hub: docker.io references go to a closed local port unless a test sets its own registry
+os.environ.setdefault("MICROAGENT_DOCKER_IO_REGISTRY", "127.0.0.1:9")
 
 
 @pytest.fixture(scope="session")
@@ -68,6 +70,15 @@ def shared_ws(engine: Engine) -> Iterator[str]:
     except MicroagentError:
         pass
     engine.delete(name)
+
+
+@pytest.fixture(scope="session")
+def python_image(state_dir: Path) -> Path:
+    """The built-in ``builtin:python`` image in the session's state dir. Its build (minutes) is cached across
+    sessions in $MICROAGENT_TEST_IMAGE_CACHE (default /var/tmp/microagent-test-images-UID), keyed by package set."""
+    from python_image_cache import python_image_into
+
+    return python_image_into(state_dir)
 
 
 @pytest.fixture

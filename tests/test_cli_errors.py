@@ -61,8 +61,9 @@ def test_bad_flag_values(cli) -> None:
     assert proc.returncode == 2 and b"--memory must be a positive whole number" in proc.stderr
     proc = cli("create", "x1", "-e", "NOEQUALS_NOT_SET_ANYWHERE")
     assert proc.returncode == 2 and b"KEY=VALUE" in proc.stderr
-    proc = cli("create", "x1", "--image", "docker.io/library/alpine:3.20", env={"MICROAGENT_DOCKER_IO_REGISTRY": ""})
-    assert proc.returncode == 3 and b"MICROAGENT_DOCKER_IO_REGISTRY" in proc.stderr
+    proc = cli("create", "x1", "--image", "docker.io/library/alpine:3.20",
+               env={"MICROAGENT_DOCKER_IO_REGISTRY": "127.0.0.1:9"})  # the override (a closed port) wins
+    assert proc.returncode == 3 and b"127.0.0.1:9" in proc.stderr
     proc = cli("create", "x1", "--image", "127.0.0.1:9/none:1")
     assert proc.returncode == 3 and b"127.0.0.1:9" in proc.stderr
     assert cli("status", "x1").returncode == 1  # nothing was recorded

@@ -57,7 +57,7 @@ def test_cli_bad_input_gives_messages(cli, specs: Path, engine: Engine) -> None:
         ("volume", "status", "x\ty"), ("output", "get", "nope", "r"), ("nonsense",),
     ] + [("create", "fe1", "--file", str(specs / name)) for name in HOSTILE_SPECS]
     for args in cases:
-        proc = cli(*args, timeout=120, env={"MICROAGENT_DOCKER_IO_REGISTRY": ""})
+        proc = cli(*args, timeout=120, env={"MICROAGENT_DOCKER_IO_REGISTRY": "127.0.0.1:9"})
         assert b"Traceback" not in proc.stderr and b"Traceback" not in proc.stdout, (args, proc.stderr[-1500:])
         assert proc.returncode != 0, args
         assert b"error" in proc.stderr, (args, proc.stderr[-500:])

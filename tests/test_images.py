@@ -99,8 +99,7 @@ def test_parse_references(monkeypatch: pytest.MonkeyPatch) -> None:
     r = reference.parse("python:3.12")
     assert (str(r), r.tag) == (f"{hub}/library/python:3.12", "3.12")
     monkeypatch.delenv(reference.DOCKER_IO_ENV, raising=False)
-    with pytest.raises(HostError, match=reference.DOCKER_IO_ENV):
-        r.registry  # no registry host is built in: the docker.io endpoint is configured
+    assert (r.registry, r.scheme) == ("registry-1.docker.io", "https")  # Docker Hub's endpoint by default
     monkeypatch.setenv(reference.DOCKER_IO_ENV, "127.0.0.1:5999")
     assert (r.registry, r.scheme) == ("127.0.0.1:5999", "http")
     assert str(reference.parse("alpine")) == f"{hub}/library/alpine:latest"

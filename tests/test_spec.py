@@ -137,7 +137,7 @@ def test_env_numbers_keep_their_written_text(project: Path) -> None:
 @pytest.mark.parametrize("text, message", [
     ("name: a\nimgae: builtin\n",
      "SPEC:2: imgae: unknown field; did you mean image? Allowed fields: name, image, profile, restart, entrypoint, "
-     "shell, hostname, setup, files, env, resources, mediation, disks, bundles, outputs, network"),
+     "shell, hostname, setup, files, env, resources, mediation, disks, bundles, outputs, network, publish, packages"),
     ("resources:\n  cpuCount: 2\n  memoryMB: 512\n",
      "SPEC:3: resources.memoryMB: unknown field; did you mean memoryMiB? Allowed fields: memoryMiB, cpuCount, "
      "sizeMiB"),

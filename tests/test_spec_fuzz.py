@@ -215,7 +215,7 @@ def test_cli_create_file_sample_gives_no_traceback(project: Path, cli) -> None:
         spec = project / "microagent.yaml"
         spec.write_text(text, encoding="utf-8", errors="surrogatepass")
         proc = cli("create", "--file", str(spec), "--name", "fuzz-cli", timeout=120,
-                   env={"MICROAGENT_DOCKER_IO_REGISTRY": ""})  # an image name never reaches the network
+                   env={"MICROAGENT_DOCKER_IO_REGISTRY": "127.0.0.1:9"})  # an image name never reaches the network
         assert b"Traceback" not in proc.stderr, (label, proc.stderr[-2000:])
         if proc.returncode == 0:
             cli("delete", "fuzz-cli", "--yes")

@@ -109,16 +109,19 @@ class Engine:
         outputs: builtins.list[Output] | None = None,
         files: builtins.list[FileCopy] | None = None,
         publish: builtins.list[Publish] | None = None,
+        packages: builtins.list[str] | None = None,
     ) -> WorkspaceInfo:
         """Record a new workspace and build its rootfs (state ``prepared``). Nothing is left on failure.
 
         ``attachments``, ``outputs``, ``mediation``, ``files`` and ``publish`` are :mod:`microagent_engine.model` objects
-        (build them from CLI strings with ``model.parse_*``); all are validated before anything is written."""
+        (build them from CLI strings with ``model.parse_*``); all are validated before anything is written.
+        ``packages`` (Debian package names) are added to the built-in ``builtin:python`` image (built on first
+        need, once per package set)."""
         return self._provision.create(
             name, image=image, profile=profile, memory_mib=memory_mib, cpus=cpus, size_mib=size_mib, env=env,
             hostname=hostname, network=network, accel=accel, kernel=kernel, restart=restart, shell=shell,
             setup=setup, entrypoint=entrypoint, mediation=mediation, attachments=attachments, outputs=outputs,
-            files=files, publish=publish)
+            files=files, publish=publish, packages=packages)
 
     def delete(self, name: str) -> None:
         """Remove the workspace record and its disks. Refuses while its VM runs."""

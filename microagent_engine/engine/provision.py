@@ -24,7 +24,8 @@ from ..config import (
 from ..errors import AlreadyExists, InvalidArgument, InvalidState, MicroagentError, NotFound
 from ..fsutil import file_lock, private_dir
 from ..hostinfo import choose_accel
-from ..images.builtin import BUILTIN_REF, builtin_image, is_builtin
+from ..images.debian import parse_packages
+from ..images.builtin import PYTHON_REF, accepts_packages, builtin_base, canonical, is_builtin
 from ..model import Attachment, FileCopy, Mediation, Output, Publish, validate_attachments, validate_outputs, \
     validate_publish
 from ..supervisor.publish import check_publish_free
@@ -66,10 +67,15 @@ class Provisioner:
         files: builtins.list[FileCopy] | None = None,
         one_shot: bool = False,
         publish: builtins.list[Publish] | None = None,
+        packages: builtins.list[str] | None = None,
     ) -> WorkspaceInfo:
         ctx = self.ctx
         name = validate_name(f"ws-{secrets.token_hex(4)}" if name is None else name)
         prof = get_profile(profile)
+        extra_packages = parse_packages(packages)
+        if extra_packages and not accepts_packages(image):
+            raise InvalidArgument(f"packages can only be added to the built-in Debian image, not to "
+                                  f"{image or canonical(image)}; use --image {PYTHON_REF}")
         for key, label, value in (("memory_mib", "--memory", memory_mib), ("cpus", "--cpus", cpus),
                                   ("size_mib", "--size-mib", size_mib)):
             if value is not None:
@@ -103,7 +109,7 @@ class Provisioner:
             raise AlreadyExists(f"workspace {name!r} already exists; pick another name or delete it first "
                                 f"('microagent delete {name} --yes')")
         cfg = WorkspaceConfig(
-            name=name, image=BUILTIN_REF if is_builtin(image) else str(image), profile=prof.name,
+            name=name, image=canonical(image) if is_builtin(image) else str(image), profile=prof.name,
             memory_mib=memory_mib or prof.memory_mib, cpus=cpus or prof.cpus, size_mib=size_mib or prof.disk_mib,
             env=env, hostname=hostname or hostname_for(name), network=policy.backend_mode,
             accel=accel or "auto", kernel=str(Path(kernel).resolve()) if kernel else None, restart=restart,
@@ -121,7 +127,9 @@ class Provisioner:
                                    f"{att.source}") from None
         ctx.resolve_kernel(cfg.kernel)  # installs the default kernel on first need, as the seeds' create does
         if is_builtin(image):
-            base = builtin_image(ctx.state_dir)
+            built = builtin_base(image, ctx.state_dir, extra_packages, ctx.progress)
+            base = built.path
+            cfg.env = {**built.env, **cfg.env}
         else:
             img = ctx.images.ensure(str(image))
             base = img.path

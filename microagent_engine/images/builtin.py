@@ -1,4 +1,12 @@
-"""The built-in image: a tiny rootfs made from the host's busybox-static, so nothing needs a registry."""
+"""The built-in images, which need no registry (one place for their names):
+
+- ``builtin`` (also ``builtin:latest``, ``microagent/builtin``): a tiny rootfs made from the host's busybox-static.
+- ``builtin:python``: CPython 3 with ipykernel, numpy, pandas and matplotlib, built on first need from Debian
+  packages with mmdebstrap (see :mod:`.debian`); users may add Debian packages to it (``--packages``).
+
+The names live in the ``builtin`` repository so that they cannot be taken for Docker Hub images: ``python`` and
+``python:3.12`` keep meaning ``docker.io/library/python``.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +14,22 @@ import hashlib
 import os
 import subprocess
 import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
+from ..errors import InvalidArgument
 from ..guest.initramfs import busybox_path
 from ..storage.ext4 import make_ext4
+from .debian import Recipe, debian_image, parse_packages
 
-BUILTIN_NAMES = ("builtin", "microagent/builtin", "builtin:latest")
+BUSYBOX_NAMES = ("builtin", "microagent/builtin", "builtin:latest")
 BUILTIN_REF = "builtin"
+PYTHON_REF = "builtin:python"
+PYTHON_NAMES = (PYTHON_REF,)
+#: every name of a built-in image (completion and the magics' IMAGE-first form use it)
+BUILTIN_NAMES = BUSYBOX_NAMES + PYTHON_NAMES
 BASE_SIZE_MIB = 64
 
 _FILES = {
@@ -24,13 +41,70 @@ _FILES = {
     "etc/profile": "export PS1='\\h:\\w\\$ '\n",
 }
 
+#: matplotlib's font cache is built once into the image (35 s under TCG otherwise) in MPLCONFIGDIR, and its
+#: default backend is Agg through /etc/matplotlibrc (not MPLBACKEND: ipykernel only installs its inline
+#: backend when MPLBACKEND is unset)
+MPLCONFIGDIR = "/var/cache/matplotlib"
+PYTHON_RECIPE = Recipe(
+    name="python",
+    packages=("python3", "python3-ipykernel", "python3-numpy", "python3-pandas", "python3-matplotlib",
+              # python3-fonttools needs "python3-scipy | python3-munkres": name the small one so apt takes it
+              "python3-munkres"),
+    hooks=(
+        'sed -i -E "s/^#?[[:space:]]*backend[[:space:]]*:.*/backend: Agg/" "$1/etc/matplotlibrc"',
+        f'chroot "$1" env HOME=/root MPLCONFIGDIR={MPLCONFIGDIR} python3 -c "import matplotlib.pyplot"',
+    ),
+    files=tuple((rel, _FILES[rel]) for rel in ("etc/hosts", "etc/resolv.conf"))
+    + (("etc/hostname", "microagent\n"),),
+    env=(("MPLCONFIGDIR", MPLCONFIGDIR),),
+)
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class BuiltinBase:
+    """A built-in image's base ext4, its canonical name and the environment it brings."""
+
+    ref: str
+    path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
 
 def is_builtin(ref: str | None) -> bool:
     return ref is None or ref in BUILTIN_NAMES
 
 
+def canonical(ref: str | None) -> str:
+    """The name a workspace records for the built-in image ``ref``."""
+    return PYTHON_REF if ref in PYTHON_NAMES else BUILTIN_REF
+
+
+def accepts_packages(ref: str | None) -> bool:
+    """True for the images ``packages`` can be added to."""
+    return ref in PYTHON_NAMES
+
+
+def builtin_base(ref: str | None, state_dir: Path, packages: Iterable[str] = (),
+                 progress: Progress | None = None) -> BuiltinBase:
+    """The base ext4 of the built-in image ``ref`` (None = busybox), building it on first need."""
+    extra = parse_packages(list(packages))
+    if ref in PYTHON_NAMES:
+        img = debian_image(state_dir, PYTHON_RECIPE, extra, progress)
+        return BuiltinBase(PYTHON_REF, img.path, dict(img.env))
+    if extra:
+        raise InvalidArgument(f"packages can only be added to the built-in Debian image ({PYTHON_REF}), not to "
+                              f"{ref or BUILTIN_REF}; use --image {PYTHON_REF}, or install them in a setup step")
+    return BuiltinBase(BUILTIN_REF, builtin_image(state_dir))
+
+
+def builtin_python_image(state_dir: Path, packages: Iterable[str] = (), progress: Progress | None = None) -> Path:
+    """Path of the cached base ext4 of ``builtin:python`` (plus ``packages``), built on first need."""
+    return builtin_base(PYTHON_REF, state_dir, packages, progress).path
+
+
 def builtin_image(state_dir: Path) -> Path:
-    """Path of the cached base ext4 of the built-in image, building it on first use."""
+    """Path of the cached base ext4 of the busybox built-in image, building it on first use."""
     busybox = busybox_path()
     data = busybox.read_bytes()
     digest = hashlib.sha256(data + repr(sorted(_FILES.items())).encode()).hexdigest()[:16]

@@ -1,9 +1,9 @@
 """Image references: ``[registry/]repository[:tag][@sha256:digest]`` with Docker's normalisation.
 
-``python:3.12`` means ``docker.io/library/python:3.12``. The host serving docker.io's registry API (Docker Hub's
-endpoint or a mirror of it) is taken from ``$MICROAGENT_DOCKER_IO_REGISTRY``; the project writes no registry host
-into its code. The first path
-component is a registry when it contains ``.`` or ``:`` or is ``localhost``. Registries on 127.0.0.1, ::1 and
+``python:3.12`` means ``docker.io/library/python:3.12``. docker.io's registry API is served by Docker Hub's
+standard endpoint ``registry-1.docker.io`` (with the token flow its ``WWW-Authenticate`` header names), as every
+OCI client does; ``$MICROAGENT_DOCKER_IO_REGISTRY`` (``host[:port]``) overrides it, e.g. for a mirror. The first
+path component is a registry when it contains ``.`` or ``:`` or is ``localhost``. Registries on 127.0.0.1, ::1 and
 localhost, and those listed in ``$MICROAGENT_INSECURE_REGISTRIES`` (``host:port,...``), are spoken to over plain
 http; every other registry over https.
 """
@@ -19,6 +19,8 @@ from ..errors import AuthError, ImageError, InvalidArgument, MicroagentError  # 
 INSECURE_ENV = "MICROAGENT_INSECURE_REGISTRIES"
 DOCKER_DOMAIN = "docker.io"
 DOCKER_IO_ENV = "MICROAGENT_DOCKER_IO_REGISTRY"
+#: the registry API endpoint of docker.io (Docker Hub), used unless $MICROAGENT_DOCKER_IO_REGISTRY names another
+DOCKER_IO_ENDPOINT = "registry-1.docker.io"
 DEFAULT_TAG = "latest"
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
@@ -39,16 +41,7 @@ class ImageRef:
 
     @property
     def registry(self) -> str:
-        if self.domain != DOCKER_DOMAIN:
-            return self.domain
-        endpoint = os.environ.get(DOCKER_IO_ENV, "").strip()
-        if not endpoint:
-            from ..errors import HostError
-
-            raise HostError(f"{self.domain}/{self.repository}: set {DOCKER_IO_ENV} to the host[:port] that serves "
-                            f"docker.io's registry API (Docker Hub's endpoint or your mirror), or push the image to "
-                            f"a registry you name in the reference")
-        return endpoint
+        return docker_io_endpoint() if self.domain == DOCKER_DOMAIN else self.domain
 
     @property
     def reference(self) -> str:
@@ -73,6 +66,15 @@ class ImageRef:
 
     def with_digest(self, digest: str) -> "ImageRef":
         return ImageRef(self.domain, self.repository, self.tag, digest)
+
+
+def docker_io_endpoint() -> str:
+    """The host[:port] serving docker.io's registry API: ``$MICROAGENT_DOCKER_IO_REGISTRY``, else Docker Hub's."""
+    endpoint = os.environ.get(DOCKER_IO_ENV, "").strip()
+    if endpoint and not _HOST_RE.match(endpoint):
+        raise InvalidArgument(f"{DOCKER_IO_ENV}={endpoint!r} is not a host[:port]; set it to your mirror's "
+                              f"registry host (e.g. mirror.example:5000) or unset it to use Docker Hub")
+    return endpoint or DOCKER_IO_ENDPOINT
 
 
 def is_insecure(host: str) -> bool:

@@ -31,9 +31,10 @@ from typing import Any, BinaryIO, Callable, Iterator
 from ..errors import HostError, NotFound
 from ..fsutil import file_lock, open_private
 from ..errors import AuthError, ImageError
-from .reference import DOCKER_DOMAIN, DOCKER_IO_ENV, ImageRef
+from .reference import DOCKER_DOMAIN, DOCKER_IO_ENV, ImageRef, docker_io_endpoint
 
 AUTH_FILE_ENV = "MICROAGENT_AUTH_FILE"
+DOCKER_INDEX_HOST = "index.docker.io"  # the key ``docker login`` stores Docker Hub credentials under
 DEFAULT_PLATFORM = "linux/amd64"
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -302,8 +303,10 @@ def credentials(registry: str) -> tuple[str, str] | None:
         raise AuthError(f"cannot read registry credentials from {path} ({exc}); fix the file or point "
                         f"{AUTH_FILE_ENV} at another one") from None
     names = {registry}
-    if registry == os.environ.get(DOCKER_IO_ENV):
-        names.add(DOCKER_DOMAIN)  # credentials saved under docker.io apply to its configured endpoint
+    if registry == docker_io_endpoint():
+        # credentials saved under docker.io (``docker login`` writes https://index.docker.io/v1/) apply to the
+        # endpoint serving it (Docker Hub's, or the mirror $MICROAGENT_DOCKER_IO_REGISTRY names)
+        names |= {DOCKER_DOMAIN, DOCKER_INDEX_HOST}
     for key, entry in (doc.get("auths") or {}).items():
         if _host_of(key) not in names or not isinstance(entry, dict):
             continue
@@ -354,9 +357,13 @@ class RegistryClient:
                 self._http_error(ref, exc.code, what)
             except (urllib.error.URLError, socket.timeout, ConnectionError) as exc:
                 reason = getattr(exc, "reason", exc)
+                from .builtin import PYTHON_REF  # (imports this module)
+
+                hint = (f"; offline, use a mirror ({DOCKER_IO_ENV}=host:port) or the built-in Python image "
+                        f"(--image {PYTHON_REF})" if ref.domain == DOCKER_DOMAIN else "")
                 raise HostError(f"cannot reach registry {ref.registry} ({reason}); check the address, that the "
                                 f"registry is running and your network (plain-http registries must be listed in "
-                                f"$MICROAGENT_INSECURE_REGISTRIES)") from None
+                                f"$MICROAGENT_INSECURE_REGISTRIES){hint}") from None
         raise AssertionError("unreachable")
 
     def _http_error(self, ref: ImageRef, code: int, what: str) -> None:
