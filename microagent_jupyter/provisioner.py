@@ -22,6 +22,7 @@ from traitlets import Dict, List, Unicode, Integer
 
 from microagent_engine import Engine
 from microagent_engine.errors import MicroagentError
+from microagent_engine.images.builtin import PYTHON_REF
 from microagent_engine.model import parse_attachment_flags
 
 from .guest_kernel import GuestKernel, KernelDied
@@ -33,7 +34,7 @@ PROVISIONER_NAME = "microagent-provisioner"
 class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     """Runs the kernel of a notebook inside a microagent workspace (see the module docstring)."""
 
-    image = Unicode("builtin:python", config=True, help="image of the kernel's workspace")
+    image = Unicode(PYTHON_REF, config=True, help="image of the kernel's workspace")
     profile = Unicode("", config=True, help="resource profile (tiny, small, medium, large); default: the engine's")
     memory = Integer(0, config=True, help="memory in MiB (0: the profile's)")
     cpus = Integer(0, config=True, help="vCPUs (0: the profile's)")

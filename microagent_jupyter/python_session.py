@@ -26,6 +26,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 
 from microagent_engine import Engine
 from microagent_engine.errors import InvalidState, MicroagentError, NotFound
+from microagent_engine.images.builtin import PYTHON_REF as PYTHON_IMAGE
 from microagent_engine.states import STARTABLE
 
 from . import values as V
@@ -34,7 +35,6 @@ from .guest_kernel import GuestKernel
 from .magics import MicroagentInterrupted
 from .output_policy import OutputPolicy
 
-PYTHON_IMAGE = "builtin:python"
 INTERRUPT_GRACE = 8.0  # seconds to wait for the guest's reply after SIGINT
 
 

@@ -29,7 +29,7 @@ NAME = "pyt"
 
 
 @pytest.fixture(scope="module")
-def ip(state_dir: Path) -> Iterator[InteractiveShell]:
+def ip(state_dir: Path, python_image: Path) -> Iterator[InteractiveShell]:
     os.environ["MICROAGENT_STATE_DIR"] = str(state_dir)
     shell = InteractiveShell.instance()
     shell.run_line_magic("load_ext", "microagent_jupyter")
@@ -172,7 +172,8 @@ def _kernel_outputs(kc: Any, code: str) -> tuple[dict[str, Any], list[dict[str, 
     return reply["content"], outs
 
 
-def test_notebook_kernel_session_outputs_inert_and_removed_at_shutdown(state_dir: Path, engine: Engine) -> None:
+def test_notebook_kernel_session_outputs_inert_and_removed_at_shutdown(state_dir: Path, engine: Engine,
+                                                                       python_image: Path) -> None:
     km = KernelManager(kernel_name="python3")
     km.start_kernel(env=kernel_env(state_dir))
     kc = km.client()

@@ -135,8 +135,8 @@ def _ensure_entry_point(tmp: Path) -> None:
 
 
 @pytest.mark.vm
-def test_nbclient_runs_a_notebook_in_the_sandboxed_kernel(state_dir: Path, engine, tmp_path: Path,
-                                                         monkeypatch) -> None:
+def test_nbclient_runs_a_notebook_in_the_sandboxed_kernel(state_dir: Path, engine, python_image: Path,
+                                                         tmp_path: Path, monkeypatch) -> None:
     import nbformat
     from nbclient import NotebookClient
 
