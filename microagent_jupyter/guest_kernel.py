@@ -11,6 +11,7 @@ kernel's provisioner (:mod:`.provisioner`).
 from __future__ import annotations
 
 import json
+import queue
 import secrets
 import threading
 import time
@@ -138,7 +139,7 @@ class GuestKernel:
                         # the kernel answers; wait until iopub delivers too (its SUB connects asynchronously)
                         self._wait_iopub(client, deadline)
                         return reply["content"]
-            except Exception:  # queue.Empty: no answer yet
+            except queue.Empty:  # no answer yet
                 continue
         raise GuestError(f"the Python kernel in workspace {self.workspace!r} did not answer within {timeout:.0f} s")
 
@@ -151,8 +152,57 @@ class GuestKernel:
                     msg = client.get_iopub_msg(timeout=0.5)
                     if msg["msg_type"] == "status":
                         return
-            except Exception:
+            except queue.Empty:
                 continue
+
+    def wait_ready_raw(self, info: dict[str, Any], timeout: float = READY_TIMEOUT) -> None:
+        """Like :meth:`wait_ready`, with plain ZMQ sockets on ``info`` (usable from any thread: no event loop);
+        returns once a kernel_info reply came back on shell and a status message on iopub."""
+        import zmq
+        from jupyter_client.session import Session
+
+        session = Session(key=str(info["key"]).encode(), signature_scheme="hmac-sha256", username="microagent")
+        ctx = zmq.Context()
+        shell, sub = ctx.socket(zmq.DEALER), ctx.socket(zmq.SUB)
+        for sock in (shell, sub):
+            sock.linger = 0
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        shell.connect(f"tcp://{info['ip']}:{info['shell_port']}")
+        sub.connect(f"tcp://{info['ip']}:{info['iopub_port']}")
+        poller = zmq.Poller()
+        poller.register(shell, zmq.POLLIN)
+        poller.register(sub, zmq.POLLIN)
+        shell_ok = iopub_ok = False
+        deadline = time.monotonic() + timeout
+        try:
+            while not (shell_ok and iopub_ok):
+                if time.monotonic() > deadline:
+                    raise GuestError(f"the Python kernel in workspace {self.workspace!r} did not answer within "
+                                     f"{timeout:.0f} s")
+                if not self.alive:
+                    raise self.died_error()
+                msg = session.msg("kernel_info_request", {})
+                try:
+                    shell.send_multipart(session.serialize(msg), flags=zmq.NOBLOCK)
+                except zmq.Again:  # not connected yet
+                    pass
+                end = time.monotonic() + (1.0 if shell_ok else 2.0)
+                while time.monotonic() < end and not (shell_ok and iopub_ok):
+                    for sock, _ in poller.poll(200):
+                        frames = sock.recv_multipart()
+                        try:
+                            _idents, parts = session.feed_identities(frames)
+                            got = session.deserialize(parts)
+                        except Exception:  # noqa: BLE001 (not a valid signed message: ignore it)
+                            continue
+                        if sock is shell and got["msg_type"] == "kernel_info_reply":
+                            shell_ok = True
+                        elif sock is sub and got["msg_type"] == "status":
+                            iopub_ok = True
+        finally:
+            shell.close(0)
+            sub.close(0)
+            ctx.term()
 
     def interrupt(self) -> None:
         """SIGINT to the guest kernel process (what a local kernel's interrupt does)."""

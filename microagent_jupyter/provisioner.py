@@ -111,16 +111,8 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     def _wait_ready(self) -> None:
         """Wait until the guest kernel answers *through the relay* (shell and iopub), so the frontend's first
         request is not lost while the guest's ports come up."""
-        from jupyter_client.blocking.client import BlockingKernelClient
-
         assert self.kernel is not None
-        client = BlockingKernelClient()
-        client.load_connection_info(self.connection_info)
-        client.start_channels()
-        try:
-            self.kernel.wait_ready(client)
-        finally:
-            client.stop_channels()
+        self.kernel.wait_ready_raw(self.connection_info)
 
     async def poll(self) -> int | None:
         if self.kernel is None:

@@ -152,20 +152,24 @@ class Relay:
                     frames = sock.recv_multipart()
                     f, g = socks[ch]
                     if ch == "hb":
-                        if self.alive():
-                            f.send_multipart(frames)
-                        else:  # a REP must answer before it can receive again: answer nothing useful
-                            f.send(b"")
+                        # a REP must answer before it can receive again: echo while the guest kernel is alive
+                        f.send_multipart(frames if self.alive() else [b""], flags=zmq.NOBLOCK)
                     elif ch == "iopub" and side == "front":  # subscriptions from the frontend: ignore
                         continue
                     elif side == "front":
                         out = self._to_guest(frames)
                         if out is not None and g is not None:
-                            g.send_multipart(out)
+                            try:  # never block the relay: while the guest is not connected, the request is lost
+                                g.send_multipart(out, flags=zmq.NOBLOCK)  # (clients retry kernel_info)
+                            except zmq.Again:
+                                self.dropped += 1
                     else:
                         out = self._to_front(ch, frames)
                         if out is not None:
-                            f.send_multipart(out)
+                            try:
+                                f.send_multipart(out, flags=zmq.NOBLOCK)
+                            except zmq.Again:
+                                self.dropped += 1
         finally:
             for f, g in socks.values():
                 f.close(0)
