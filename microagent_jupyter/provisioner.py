@@ -47,6 +47,7 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     kernel: GuestKernel | None = None
     relay: Relay | None = None
     _engine: Engine | None = None
+    _front: dict[str, Any] = {}
 
     @property
     def engine(self) -> Engine:
@@ -96,12 +97,12 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         try:
             self.kernel.launch()
             frontend = km.get_connection_info() if km is not None else {}
-            self.connection_info = {k: v for k, v in frontend.items() if k != "kernel_name"}
-            if isinstance(self.connection_info.get("key"), bytes):
-                self.connection_info["key"] = self.connection_info["key"].decode()
+            self.connection_info = {k: v for k, v in frontend.items() if k != "kernel_name"}  # key: bytes, as km's
+            key = self.connection_info.get("key", b"")
+            self._front = {**self.connection_info, "key": key.decode() if isinstance(key, bytes) else key}
             if self.relay is None or not self.relay.running:
                 kernel = self.kernel
-                self.relay = Relay(self.connection_info, kernel.host_info, alive=lambda: kernel.alive)
+                self.relay = Relay(self._front, kernel.host_info, alive=lambda: kernel.alive)
                 self.relay.start()
             self._wait_ready()
         except BaseException:
@@ -112,7 +113,7 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         """Wait until the guest kernel answers *through the relay* (shell and iopub), so the frontend's first
         request is not lost while the guest's ports come up."""
         assert self.kernel is not None
-        self.kernel.wait_ready_raw(self.connection_info)
+        self.kernel.wait_ready_raw(self._front)
 
     async def poll(self) -> int | None:
         if self.kernel is None:
