@@ -159,3 +159,52 @@ def test_nbclient_runs_a_notebook_in_the_sandboxed_kernel(state_dir: Path, engin
     after = {i.name for i in engine.list()}
     assert after <= before, f"workspaces left behind: {after - before}"
     assert not [i.name for i in engine.ps() if i.name.startswith("nbk-")]
+
+
+@pytest.mark.vm
+def test_sandboxed_kernel_interrupt_restart_shutdown(state_dir: Path, engine, python_image: Path, tmp_path: Path,
+                                                     monkeypatch) -> None:
+    import threading
+
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    _ensure_entry_point(tmp_path / "ep")
+    monkeypatch.setenv("MICROAGENT_STATE_DIR", str(state_dir))
+    ksm = KernelSpecManager(kernel_dirs=[str(KERNELS / "kernels")])
+    km = KernelManager(kernel_name="microagent-python", kernel_spec_manager=ksm)
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=300)
+        workspaces = [i.name for i in engine.ps() if i.name.startswith("nbk-")]
+        assert len(workspaces) == 1
+        reply, _ = _run(kc, "x = 41")
+        assert reply["content"]["status"] == "ok"
+        sleeping = threading.Event()
+
+        def hook(msg: dict[str, Any]) -> None:
+            if msg["msg_type"] == "stream" and "sleeping" in msg["content"]["text"]:
+                sleeping.set()
+
+        def interrupt() -> None:  # the frontend's interrupt, once the guest is inside the sleep
+            sleeping.wait(120)
+            km.interrupt_kernel()
+
+        t = threading.Thread(target=interrupt, daemon=True)
+        t.start()
+        reply = kc.execute_interactive("import time; print('sleeping', flush=True); time.sleep(60)",
+                                       output_hook=hook, timeout=120)
+        t.join()
+        assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
+        reply, outs = _run(kc, "x + 1")
+        assert [m["content"]["data"]["text/plain"] for m in outs if m["msg_type"] == "execute_result"] == ["42"]
+        km.restart_kernel()
+        kc.wait_for_ready(timeout=300)
+        assert [i.name for i in engine.ps() if i.name.startswith("nbk-")] == workspaces  # same VM, new kernel
+        reply, _ = _run(kc, "x")
+        assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "NameError"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel()
+    assert not [i.name for i in engine.list() if i.name.startswith("nbk-")]
