@@ -20,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jupyter_client import KernelManager  # noqa: E402
+from jupyter_client import KernelManager
 
-from microagent_engine import Engine  # noqa: E402
-from microagent_jupyter import python_session as PS  # noqa: E402
+from microagent_engine import Engine
+from microagent_jupyter import python_session as PS
 
 
 def pct(values: list[float], q: float) -> float:

@@ -67,8 +67,7 @@ class GuestKernel:
         """Write the connection file, start the kernel process, publish its ports (once per workspace start).
         Returns at once; :meth:`wait_ready` (or a client's kernel_info) tells when it answers."""
         guest_info = connection_info(self.key, GUEST_PORTS)
-        self.engine.exec(self.workspace, ["/bin/sh", "-c", f"umask 077; mkdir -p {GUEST_DIR}; "
-                                          f"cat > {CONNECTION_FILE}"],
+        self.engine.exec(self.workspace, ["/bin/sh", "-c", f"umask 077; mkdir -p {GUEST_DIR}; cat > {CONNECTION_FILE}"],
                          stdin=json.dumps(guest_info).encode(), capture=True, timeout=60)
         self._pid_seen.clear()
         self.result = self.error = None

@@ -76,7 +76,7 @@ _STYLE_PROPERTIES = {
     "text-overflow", "overflow", "line-height", "list-style-type",
 }
 _URL_ATTRIBUTES = {"href", "src", "cite"}
-_DATA_IMAGE = re.compile(r"data:image/(png|jpeg|gif|webp);base64,[A-Za-z0-9+/=\s]*\Z", re.I)
+_DATA_IMAGE = re.compile(r"data:image/(png|jpeg|gif|webp);base64,[A-Za-z0-9+/=\s]*\Z", re.IGNORECASE)
 _URL_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*):")
 
 
@@ -148,8 +148,8 @@ _SVG_ATTRIBUTES = {
     "maskContentUnits", "filterUnits", "primitiveUnits", "href", "space", "lengthAdjust", "textLength",
     "vector-effect", "shape-rendering", "text-rendering", "image-rendering", "startOffset",
 }
-_CSS_URL = re.compile(r"url\s*\(\s*['\"]?\s*([^)'\"]*)", re.I)
-_CSS_BAD = re.compile(r"@import|expression\s*\(|javascript:|behavior\s*:|-moz-binding|\\", re.I)
+_CSS_URL = re.compile(r"url\s*\(\s*['\"]?\s*([^)'\"]*)", re.IGNORECASE)
+_CSS_BAD = re.compile(r"@import|expression\s*\(|javascript:|behavior\s*:|-moz-binding|\\", re.IGNORECASE)
 
 
 class UnsafeSVG(ValueError):
@@ -214,7 +214,7 @@ def _clean_svg_element(el: ET.Element) -> ET.Element | None:
 def sanitize_svg(source: str) -> str:
     """Rebuild an SVG document from an allow-list of elements and attributes; raise :class:`UnsafeSVG` when it
     cannot be parsed (DOCTYPE/entities are refused outright)."""
-    if re.search(r"<!DOCTYPE|<!ENTITY", source, re.I):
+    if re.search(r"<!DOCTYPE|<!ENTITY", source, re.IGNORECASE):
         raise UnsafeSVG("SVG with a DOCTYPE or entity declarations")
     try:
         root = ET.fromstring(source)
@@ -231,7 +231,7 @@ def sanitize_svg(source: str) -> str:
 
 
 # ---- LaTeX -----------------------------------------------------------------------------------------
-_LATEX_BAD = re.compile(r"\\(href|url|class|cssId|style|unicode|require|html|data)\b", re.I)
+_LATEX_BAD = re.compile(r"\\(href|url|class|cssId|style|unicode|require|html|data)\b", re.IGNORECASE)
 
 
 # ---- policy ----------------------------------------------------------------------------------------

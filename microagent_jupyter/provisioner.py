@@ -18,7 +18,7 @@ import signal
 from typing import Any
 
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
-from traitlets import Dict, List, Unicode, Integer
+from traitlets import Dict, Integer, List, Unicode
 
 from microagent_engine import Engine
 from microagent_engine.errors import MicroagentError
@@ -187,4 +187,4 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return max(recommended, 60.0)
 
 
-__all__ = ["KernelDied", "MicroagentProvisioner", "PROVISIONER_NAME"]
+__all__ = ["PROVISIONER_NAME", "KernelDied", "MicroagentProvisioner"]

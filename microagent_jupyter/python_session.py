@@ -11,7 +11,6 @@ interrupt sends SIGINT to the guest kernel and keeps the session. ``--in``/``--o
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import os
 import queue

@@ -22,7 +22,8 @@ import hashlib
 import hmac
 import json
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 

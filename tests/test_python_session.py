@@ -9,20 +9,20 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 from jupyter_client import KernelManager
+from jupyter_conftest_helpers import kernel_env
+from test_sandboxed_kernel import HOSTILE_CELLS, assert_inert
 
 from microagent_engine import Engine
 from microagent_jupyter import python_session as PS
 from microagent_jupyter.values import ValueRefused
-
-from jupyter_conftest_helpers import kernel_env
-from test_sandboxed_kernel import HOSTILE_CELLS, assert_inert
 
 pytestmark = pytest.mark.vm
 NAME = "pyt"

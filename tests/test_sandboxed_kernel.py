@@ -6,12 +6,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import socket
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import zmq
