@@ -194,6 +194,10 @@ class PythonSession:
 
         with self.lock:
             reply = self._execute(code, show, timeout=timeout)
+        if reply.get("status") == "error" and not error:
+            # the guest's iopub error can trail its idle status (ipykernel publishes it from another path):
+            # the execute_reply carries the same traceback, so show that one
+            show({"msg_type": "error", "content": reply})
         if reply.get("status") == "error" and raise_error:
             raise GuestPythonError(str(error.get("ename", reply.get("ename"))),
                                    str(error.get("evalue", reply.get("evalue"))),
