@@ -64,6 +64,8 @@ async function openNotebook(cardText) {
   await card.waitFor({ state: 'visible', timeout: 90_000 });
   await card.click();
   await page.locator('.jp-NotebookPanel .jp-Cell').first().waitFor({ state: 'visible' });
+  // a cell run before the kernel is connected is not executed: wait for the status bar's "| Idle"
+  await page.locator('.jp-StatusBar-Widget', { hasText: /\| Idle/ }).first().waitFor({ timeout: 300_000 });
 }
 
 /** Type `code` into the last cell and run it; wait until the notebook's kernel is idle again. */
