@@ -283,6 +283,8 @@ class MicroagentMagics(Magics):
 
         %%microagent run [options] [IMAGE] [COMMAND ...]   run the cell in a one-shot workspace
         %%microagent exec NAME [options] COMMAND ...       run the cell in a running workspace
+        %%microagent python [options]                      run the cell in a persistent sandboxed IPython kernel
+        %microagent session restart|stop [NAME] | list     manage those Python sessions
         %microagent ps | list                              running / saved workspaces
         %microagent status NAME                            live status widget (start/halt/kill buttons)
         %microagent logs NAME                              live serial console widget
@@ -310,6 +312,12 @@ class MicroagentMagics(Magics):
             return self._run(engine, _parse(self._run_args, rest), cell)
         if sub == "exec":
             return self._exec(engine, _parse(self._exec_args, rest), cell)
+        if sub == "python":  # persistent sandboxed IPython session (microagent_jupyter.python_session)
+            from .python_session import python_magic
+            return python_magic(self.shell, engine, rest, cell, CellProgress(self.in_kernel))
+        if sub == "session" and not (cell or "").strip():
+            from .python_session import session_magic
+            return D.Text(session_magic(engine, rest))
         if cell is not None and cell.strip():
             raise UsageError(f"%%microagent {sub} takes no cell body; use %microagent {sub} ... (one %)")
         if sub in ("ps", "list", "ls"):
@@ -377,6 +385,9 @@ class MicroagentMagics(Magics):
         parsers = {"run": self._run_args, "exec": self._exec_args, "create": self._create_args,
                    "status": self._status_args, "logs": self._logs_args, "volume": self._volume_args,
                    "volumes": self._volume_args}
+        if sub in ("python", "session"):
+            from . import python_session
+            parsers[sub] = getattr(python_session, f"{sub}_args")
         if sub in parsers:
             parser = parsers[sub].parser
             parser.prog = f"%microagent {sub}"

@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Python-session benchmark: a sandboxed session (``%%microagent python``'s machinery) against a local ipykernel.
+
+    (a) cold time to a ready session: create + boot the workspace (built-in Python image, cached) + start the
+        guest ipykernel + first kernel_info reply through the published ports; vs a local ipykernel's start
+    (b) a cell's round trip (execute ``1+1`` until its execute_result and idle): p50/p95, both sides
+
+Prints each figure and the ratios sandbox/local. The Python image is built first if it is not cached (not
+timed). Usage: python bench/bench_python.py [--sessions N] [--cells N] [--state-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from jupyter_client import KernelManager
+
+from microagent_engine import Engine
+from microagent_jupyter import python_session as PS
+
+
+def pct(values: list[float], q: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(q * (len(v) - 1))))]
+
+
+def line(label: str, values: list[float]) -> str:
+    return (f"{label:<40} n={len(values):<4} p50={statistics.median(values) * 1000:9.1f} ms  "
+            f"p95={pct(values, 0.95) * 1000:9.1f} ms  max={max(values) * 1000:9.1f} ms")
+
+
+def roundtrip(client, code: str = "1+1") -> float:
+    start = time.perf_counter()
+    client.execute_interactive(code, output_hook=lambda m: None, timeout=120)
+    return time.perf_counter() - start
+
+
+def bench_local(sessions: int, cells: int) -> tuple[list[float], list[float]]:
+    starts, rts = [], []
+    for _ in range(sessions):
+        t0 = time.perf_counter()
+        km = KernelManager(kernel_name="python3")
+        km.start_kernel()
+        kc = km.client()
+        kc.start_channels()
+        kc.wait_for_ready(timeout=120)
+        starts.append(time.perf_counter() - t0)
+        roundtrip(kc)  # warm-up
+        rts += [roundtrip(kc) for _ in range(cells)]
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    return starts, rts
+
+
+def bench_sandbox(engine: Engine, sessions: int, cells: int) -> tuple[list[float], list[float]]:
+    starts, rts = [], []
+    for i in range(sessions):
+        name = f"bench-py-{i}"
+        t0 = time.perf_counter()
+        sess = PS.get_session(engine, name, {}, {})
+        starts.append(time.perf_counter() - t0)
+        try:
+            roundtrip(sess.client)  # warm-up (TCG translates the code path once)
+            rts += [roundtrip(sess.client) for _ in range(cells)]
+        finally:
+            sess.stop()
+            PS._sessions.pop(PS._key(engine, name), None)
+            PS._remove_workspace(engine, name)
+    return starts, rts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sessions", type=int, default=3)
+    ap.add_argument("--cells", type=int, default=50)
+    ap.add_argument("--state-dir", help="reuse this state dir (and its cached Python image)")
+    args = ap.parse_args()
+    engine = Engine(args.state_dir or tempfile.mkdtemp(prefix="ma-bench-py-", dir="/tmp"))
+    print("preparing the built-in Python image (cached after the first build) ...", flush=True)
+    warm = PS.get_session(engine, "bench-py-warm", {}, {})  # builds the image if needed; not timed
+    warm.stop()
+    PS._sessions.clear()
+    PS._remove_workspace(engine, "bench-py-warm")
+
+    l_start, l_rt = bench_local(args.sessions, args.cells)
+    s_start, s_rt = bench_sandbox(engine, args.sessions, args.cells)
+    print(line("local ipykernel: start to ready", l_start))
+    print(line("sandbox session: cold start to ready", s_start))
+    print(line("local ipykernel: cell round trip (1+1)", l_rt))
+    print(line("sandbox session: cell round trip (1+1)", s_rt))
+    print(f"ratio cold start sandbox/local: p50 {statistics.median(s_start) / statistics.median(l_start):.1f}x")
+    print(f"ratio round trip sandbox/local: p50 {statistics.median(s_rt) / statistics.median(l_rt):.1f}x, "
+          f"p95 {pct(s_rt, 0.95) / pct(l_rt, 0.95):.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""An ipykernel running inside a workspace, reached from the host through published ports.
+
+The host makes the HMAC key and the connection file, writes the file into the running guest with an exec and
+stdin (``Engine.cp`` needs a stopped workspace), starts ``python3 -m ipykernel_launcher`` with an exec that a host
+thread holds for the kernel's life (so "is the kernel alive" costs nothing and its exit code is known), and
+publishes the kernel's five ZMQ ports with :meth:`Engine.publish` (carried by the guest agent, so the workspace
+can be ``--network isolated``). Used by ``%%microagent python`` (:mod:`.python_session`) and by the sandboxed
+kernel's provisioner (:mod:`.provisioner`).
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import secrets
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from microagent_engine import Engine, ExecResult
+from microagent_engine.errors import GuestError, MicroagentError
+
+#: ZMQ ports the guest kernel binds on its own loopback (the guest is a VM of its own: fixed ports are fine)
+GUEST_PORTS = {"shell_port": 50101, "iopub_port": 50102, "stdin_port": 50103, "control_port": 50104,
+               "hb_port": 50105}
+GUEST_DIR = "/tmp/.microagent-kernel"
+CONNECTION_FILE = f"{GUEST_DIR}/kernel.json"
+PID_FILE = f"{GUEST_DIR}/kernel.pid"
+READY_TIMEOUT = 300.0  # cold ipykernel + numpy/pandas imports under TCG take tens of seconds
+LOG_LINES = 200
+
+
+class KernelDied(GuestError):
+    """The guest kernel process ended (crash, OOM, killed)."""
+
+
+def connection_info(key: str, ports: dict[str, int], ip: str = "127.0.0.1") -> dict[str, Any]:
+    """A Jupyter connection-file dict."""
+    return {**ports, "ip": ip, "key": key, "transport": "tcp", "signature_scheme": "hmac-sha256",
+            "kernel_name": "python3"}
+
+
+class GuestKernel:
+    """One ipykernel process in a running workspace and the published host ports that reach it.
+
+    ``host_info`` is the connection info a host-side client uses (ports on 127.0.0.1, the host-made key)."""
+
+    def __init__(self, engine: Engine, workspace: str, *, python: str = "python3",
+                 env: dict[str, str] | None = None) -> None:
+        self.engine, self.workspace, self.python, self.env = engine, workspace, python, dict(env or {})
+        self.key = secrets.token_hex(32)
+        self.host_ports: dict[str, int] = {}
+        self.pid: int | None = None
+        self.result: ExecResult | None = None
+        self.error: BaseException | None = None
+        self.log: deque[str] = deque(maxlen=LOG_LINES)
+        self._thread: threading.Thread | None = None
+        self._pid_seen = threading.Event()
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    @property
+    def host_info(self) -> dict[str, Any]:
+        return connection_info(self.key, self.host_ports)
+
+    def launch(self) -> None:
+        """Write the connection file, start the kernel process, publish its ports (once per workspace start).
+        Returns at once; :meth:`wait_ready` (or a client's kernel_info) tells when it answers."""
+        guest_info = connection_info(self.key, GUEST_PORTS)
+        self.engine.exec(self.workspace, ["/bin/sh", "-c", f"umask 077; mkdir -p {GUEST_DIR}; cat > {CONNECTION_FILE}"],
+                         stdin=json.dumps(guest_info).encode(), capture=True, timeout=60)
+        self._pid_seen.clear()
+        self.result = self.error = None
+        self._thread = threading.Thread(target=self._run, name=f"guest-kernel-{self.workspace}", daemon=True)
+        self._thread.start()
+        if not self.host_ports:
+            for field_name, guest_port in GUEST_PORTS.items():
+                _ip, port = self.engine.publish(self.workspace, guest_port)
+                self.host_ports[field_name] = port
+
+    def _run(self) -> None:
+        script = (f"echo $$ > {PID_FILE}; echo microagent-kernel-pid $$ >&2; "
+                  f"exec {self.python} -m ipykernel_launcher -f {CONNECTION_FILE}")
+        # MPLBACKEND stays unset: ipykernel then installs its inline backend (figures as image/png display_data)
+        env = {"PYTHONUNBUFFERED": "1", **self.env}
+        try:
+            self.result = self.engine.exec(self.workspace, ["/bin/sh", "-c", script], env=env,
+                                           on_stdout=self._log, on_stderr=self._log, capture=False)
+        except BaseException as exc:  # noqa: BLE001 (reported by alive()/wait_ready)
+            self.error = exc
+        finally:
+            self._pid_seen.set()
+
+    def _log(self, data: bytes) -> None:
+        for line in data.decode(errors="replace").splitlines():
+            if line.startswith("microagent-kernel-pid "):
+                try:
+                    self.pid = int(line.split()[1])
+                except ValueError:
+                    pass
+                self._pid_seen.set()
+                continue
+            self.log.append(line)
+
+    @property
+    def alive(self) -> bool:
+        """True while the guest kernel process runs (its exec has not returned)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def exit_code(self) -> int | None:
+        """The kernel process's exit code once it ended (None while it runs)."""
+        if self.alive:
+            return None
+        return self.result.exit_code if self.result is not None else 1
+
+    def died_error(self) -> KernelDied:
+        """Why the kernel is gone, with the tail of its log."""
+        what = (f"exited with code {self.result.exit_code}" if self.result is not None
+                else f"could not run ({self.error})" if self.error else "is not running")
+        tail = "\n".join(list(self.log)[-15:])
+        return KernelDied(f"the Python kernel in workspace {self.workspace!r} {what}"
+                          + (f"; its last output:\n{tail}" if tail else "")
+                          + "\nRestart it with %microagent session restart " + self.workspace)
+
+    def wait_ready(self, client: Any, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
+        """Send kernel_info_request until the kernel answers (returns the reply content); raises
+        :class:`KernelDied` when the process ends first, :class:`GuestError` after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive:
+                raise self.died_error()
+            msg_id = client.kernel_info()
+            try:
+                end = time.monotonic() + 2.0
+                while time.monotonic() < end:
+                    reply = client.get_shell_msg(timeout=max(0.05, end - time.monotonic()))
+                    if reply["parent_header"].get("msg_id") == msg_id:
+                        # the kernel answers; wait until iopub delivers too (its SUB connects asynchronously)
+                        self._wait_iopub(client, deadline)
+                        return reply["content"]
+            except queue.Empty:  # no answer yet
+                continue
+        raise GuestError(f"the Python kernel in workspace {self.workspace!r} did not answer within {timeout:.0f} s")
+
+    @staticmethod
+    def _wait_iopub(client: Any, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            client.kernel_info()
+            try:
+                while True:
+                    msg = client.get_iopub_msg(timeout=0.5)
+                    if msg["msg_type"] == "status":
+                        return
+            except queue.Empty:
+                continue
+
+    def wait_ready_raw(self, info: dict[str, Any], timeout: float = READY_TIMEOUT) -> None:
+        """Like :meth:`wait_ready`, with plain ZMQ sockets on ``info`` (usable from any thread: no event loop);
+        returns once a kernel_info reply came back on shell and a status message on iopub."""
+        import zmq
+        from jupyter_client.session import Session
+
+        session = Session(key=str(info["key"]).encode(), signature_scheme="hmac-sha256", username="microagent")
+        ctx = zmq.Context()
+        shell, sub = ctx.socket(zmq.DEALER), ctx.socket(zmq.SUB)
+        for sock in (shell, sub):
+            sock.linger = 0
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        shell.connect(f"tcp://{info['ip']}:{info['shell_port']}")
+        sub.connect(f"tcp://{info['ip']}:{info['iopub_port']}")
+        poller = zmq.Poller()
+        poller.register(shell, zmq.POLLIN)
+        poller.register(sub, zmq.POLLIN)
+        shell_ok = iopub_ok = False
+        deadline = time.monotonic() + timeout
+        try:
+            while not (shell_ok and iopub_ok):
+                if time.monotonic() > deadline:
+                    raise GuestError(f"the Python kernel in workspace {self.workspace!r} did not answer within "
+                                     f"{timeout:.0f} s")
+                if not self.alive:
+                    raise self.died_error()
+                msg = session.msg("kernel_info_request", {})
+                try:
+                    shell.send_multipart(session.serialize(msg), flags=zmq.NOBLOCK)
+                except zmq.Again:  # not connected yet
+                    pass
+                end = time.monotonic() + (1.0 if shell_ok else 2.0)
+                while time.monotonic() < end and not (shell_ok and iopub_ok):
+                    for sock, _ in poller.poll(200):
+                        frames = sock.recv_multipart()
+                        try:
+                            _idents, parts = session.feed_identities(frames)
+                            got = session.deserialize(parts)
+                        except Exception:  # noqa: BLE001 (not a valid signed message: ignore it)
+                            continue
+                        if sock is shell and got["msg_type"] == "kernel_info_reply":
+                            shell_ok = True
+                        elif sock is sub and got["msg_type"] == "status":
+                            iopub_ok = True
+        finally:
+            shell.close(0)
+            sub.close(0)
+            ctx.term()
+
+    def interrupt(self) -> None:
+        """SIGINT to the guest kernel process (what a local kernel's interrupt does)."""
+        target = str(self.pid) if self.pid else f"$(cat {PID_FILE})"
+        self.engine.exec(self.workspace, ["/bin/sh", "-c", f"kill -INT {target}"], capture=True, timeout=30)
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the guest kernel process (no-op when it is gone)."""
+        if not self.alive:
+            return
+        target = str(self.pid) if self.pid else f"$(cat {PID_FILE})"
+        try:
+            self.engine.exec(self.workspace, ["/bin/sh", "-c", f"kill -{int(signum)} {target}"], capture=True,
+                             timeout=30)
+        except MicroagentError:
+            pass
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Kill the guest kernel process (TERM, then KILL) and wait for its exec to end."""
+        if self.alive:
+            self.signal(15)
+            if self._thread is not None:
+                self._thread.join(timeout)
+            if self.alive:
+                self.signal(9)
+                if self._thread is not None:
+                    self._thread.join(timeout)
+
+    def unpublish(self) -> None:
+        """Close the published host ports (quietly, e.g. when the workspace is already gone)."""
+        for port in self.host_ports.values():
+            try:
+                self.engine.unpublish(self.workspace, port)
+            except MicroagentError:
+                pass
+        self.host_ports = {}

@@ -1,0 +1,190 @@
+"""A jupyter_client kernel provisioner whose kernel runs in a microVM: "Python 3 (microagent sandbox)".
+
+``launch_kernel`` creates and boots a one-off workspace (image/profile/volumes/network from the kernelspec's
+``metadata.kernel_provisioner.config``), starts a :class:`~.guest_kernel.GuestKernel` in it (ports published over
+the agent channel; network ``isolated`` unless configured) and a :class:`~.relay.Relay` that binds the
+frontend's ports on 127.0.0.1: the frontend only ever talks to the relay, which verifies the guest's signatures,
+applies the output policy, drops guest comms and re-signs with the frontend's key. Interrupt sends SIGINT to the
+guest kernel; restart keeps the VM and starts a new kernel in it; shutdown (``cleanup``) kills and deletes the
+workspace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+from typing import Any
+
+from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
+from traitlets import Dict, Integer, List, Unicode
+
+from microagent_engine import Engine
+from microagent_engine.errors import MicroagentError
+from microagent_engine.images.builtin import PYTHON_REF
+from microagent_engine.model import parse_attachment_flags
+
+from .guest_kernel import GuestKernel, KernelDied
+from .relay import Relay
+
+PROVISIONER_NAME = "microagent-provisioner"
+
+
+class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
+    """Runs the kernel of a notebook inside a microagent workspace (see the module docstring)."""
+
+    image = Unicode(PYTHON_REF, config=True, help="image of the kernel's workspace")
+    profile = Unicode("", config=True, help="resource profile (tiny, small, medium, large); default: the engine's")
+    memory = Integer(0, config=True, help="memory in MiB (0: the profile's)")
+    cpus = Integer(0, config=True, help="vCPUs (0: the profile's)")
+    network = Unicode("isolated", config=True, help="isolated (default) or user")
+    volumes = List(Unicode(), config=True, help="attachments as -v takes them: NAME:/path[:ro|rw]")
+    env = Dict(config=True, help="guest environment variables")
+    state_dir = Unicode("", config=True, help="microagent state dir (default: $MICROAGENT_STATE_DIR or ~/.microagent)")
+
+    workspace: str | None = None
+    kernel: GuestKernel | None = None
+    relay: Relay | None = None
+    _engine: Engine | None = None
+    _front: dict[str, Any] = {}
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = Engine(self.state_dir or os.environ.get("MICROAGENT_STATE_DIR") or None)
+        return self._engine
+
+    @property
+    def has_process(self) -> bool:
+        return self.kernel is not None
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        km = self.parent
+        if km is not None:
+            km.ip = "127.0.0.1"
+            km.transport = "tcp"
+            km.write_connection_file()  # the frontend's ports and key: the relay binds these
+        kwargs.pop("env", None)
+        return await super().pre_launch(cmd=kwargs.pop("cmd", []), **kwargs)
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> dict[str, Any]:
+        await asyncio.to_thread(self._launch)
+        return self.connection_info
+
+    def _launch(self) -> None:
+        km = self.parent
+        engine = self.engine
+        if self.workspace is None:
+            self.workspace = f"nbk-{(self.kernel_id or secrets.token_hex(4))[:8]}-{secrets.token_hex(2)}"
+            attachments = parse_attachment_flags(list(self.volumes), [], []) or None
+            kwargs: dict[str, Any] = {"image": self.image, "network": self.network or "isolated",
+                                      "attachments": attachments}
+            if self.profile:
+                kwargs["profile"] = self.profile
+            if self.memory:
+                kwargs["memory_mib"] = self.memory
+            if self.cpus:
+                kwargs["cpus"] = self.cpus
+            try:
+                engine.create(self.workspace, env={str(k): str(v) for k, v in self.env.items()} or None, **kwargs)
+                engine.start(self.workspace)
+            except BaseException:
+                self._remove()
+                raise
+        if self.kernel is None:
+            self.kernel = GuestKernel(engine, self.workspace)
+        try:
+            self.kernel.launch()
+            frontend = km.get_connection_info() if km is not None else {}
+            self.connection_info = {k: v for k, v in frontend.items() if k != "kernel_name"}  # key: bytes, as km's
+            key = self.connection_info.get("key", b"")
+            self._front = {**self.connection_info, "key": key.decode() if isinstance(key, bytes) else key}
+            if self.relay is None or not self.relay.running:
+                kernel = self.kernel
+                self.relay = Relay(self._front, kernel.host_info, alive=lambda: kernel.alive)
+                self.relay.start()
+            self._wait_ready()
+        except BaseException:
+            self._remove()
+            raise
+
+    def _wait_ready(self) -> None:
+        """Wait until the guest kernel answers *through the relay* (shell and iopub), so the frontend's first
+        request is not lost while the guest's ports come up."""
+        assert self.kernel is not None
+        self.kernel.wait_ready_raw(self._front)
+
+    async def poll(self) -> int | None:
+        if self.kernel is None:
+            return 0
+        return self.kernel.exit_code()
+
+    async def wait(self) -> int | None:
+        while self.kernel is not None and self.kernel.alive:
+            await asyncio.sleep(0.1)
+        return await self.poll()
+
+    async def send_signal(self, signum: int) -> None:
+        if self.kernel is None:
+            return
+        if signum == signal.SIGINT:
+            await asyncio.to_thread(self.kernel.interrupt)
+        else:
+            await asyncio.to_thread(self.kernel.signal, signum)
+
+    async def kill(self, restart: bool = False) -> None:
+        if self.kernel is not None:
+            await asyncio.to_thread(self.kernel.signal, signal.SIGKILL)
+
+    async def terminate(self, restart: bool = False) -> None:
+        if self.kernel is not None:
+            await asyncio.to_thread(self.kernel.signal, signal.SIGTERM)
+
+    async def cleanup(self, restart: bool = False) -> None:
+        """On restart keep the VM (a new kernel starts in it); otherwise stop the relay and remove the VM."""
+        if restart:
+            if self.kernel is not None:
+                await asyncio.to_thread(self.kernel.stop)
+            return
+        await asyncio.to_thread(self._remove)
+
+    def _remove(self) -> None:
+        if self.relay is not None:
+            self.relay.stop()
+            self.relay = None
+        if self.kernel is not None:
+            try:
+                self.kernel.stop(timeout=3)
+            except MicroagentError:
+                pass
+        self.kernel = None
+        name, self.workspace = self.workspace, None
+        if name is None:
+            return
+        engine = self.engine
+        try:
+            info = engine.status(name)
+            if info.running or info.vm_alive:
+                engine.kill(name)
+            engine.delete(name)
+        except MicroagentError:
+            pass
+
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        info = await super().get_provisioner_info()
+        info["workspace"] = self.workspace
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
+        await super().load_provisioner_info(provisioner_info)
+        self.workspace = provisioner_info.get("workspace")
+
+    def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
+        return max(recommended, 10.0)
+
+    def get_stable_start_time(self, recommended: float = 10.0) -> float:
+        return max(recommended, 60.0)
+
+
+__all__ = ["PROVISIONER_NAME", "KernelDied", "MicroagentProvisioner"]

@@ -1,0 +1,393 @@
+"""``%%microagent python``: cells in a persistent IPython kernel inside a microVM, with outputs as a local kernel's.
+
+A session is a workspace (``--name NAME``, else one per notebook kernel, removed when that kernel exits) running a
+:class:`~.guest_kernel.GuestKernel`, driven from the host with jupyter_client's ``BlockingKernelClient``. Every
+message from the guest passes the :class:`~.output_policy.OutputPolicy` before it is shown: streams are written to
+the cell's stdout/stderr as they arrive, display_data/execute_result become rich displays, an error prints the
+guest's traceback and raises :class:`GuestPythonError` (unless ``--no-raise-error``). Ctrl-C / the notebook's
+interrupt sends SIGINT to the guest kernel and keeps the session. ``--in``/``--out`` move values with
+:mod:`.values` (never pickle).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import queue
+import secrets
+import sys
+import threading
+import time
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic_arguments import argument, magic_arguments
+
+from microagent_engine import Engine
+from microagent_engine.errors import InvalidState, MicroagentError, NotFound
+from microagent_engine.images.builtin import PYTHON_REF as PYTHON_IMAGE
+from microagent_engine.states import STARTABLE
+
+from . import values as V
+from ._engine import create_kwargs, env_pairs, storage_kwargs
+from .guest_kernel import GuestKernel
+from .magics import MicroagentInterrupted
+from .output_policy import OutputPolicy
+
+INTERRUPT_GRACE = 8.0  # seconds to wait for the guest's reply after SIGINT
+
+
+class GuestPythonError(MicroagentError):
+    """The cell raised in the guest; ``ename``/``evalue``/``traceback`` are the guest's."""
+
+    def __init__(self, ename: str, evalue: str, traceback: list[str], session: str):
+        super().__init__(f"{ename}: {evalue} (raised in the sandboxed session {session!r})")
+        self.ename, self.evalue, self.traceback, self.session = ename, evalue, traceback, session
+
+
+class SessionInterrupted(MicroagentInterrupted):
+    """The cell was interrupted: SIGINT went to the guest kernel; the session keeps its variables."""
+
+
+class PythonSession:
+    """A workspace with a guest kernel and the host client that talks to it."""
+
+    def __init__(self, engine: Engine, name: str, owned: bool) -> None:
+        self.engine, self.name, self.owned = engine, name, owned
+        self.kernel = GuestKernel(engine, name)
+        self.client: Any = None
+        self.policy = OutputPolicy()
+        self.lock = threading.Lock()
+
+    # ---- start / stop ----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Launch the guest kernel, connect a client, install the value helpers; returns when it answers."""
+        from jupyter_client.blocking.client import BlockingKernelClient
+
+        self.kernel.launch()
+        client = BlockingKernelClient()
+        client.load_connection_info(self.kernel.host_info)
+        client.start_channels()
+        self.client = client
+        try:
+            self.kernel.wait_ready(client)
+            self._run_hidden(V.GUEST_CODE)
+        except BaseException:
+            self.close_client()
+            raise
+
+    def close_client(self) -> None:
+        if self.client is not None:
+            try:
+                self.client.stop_channels()
+            except Exception:  # noqa: BLE001 (closing anyway)
+                pass
+            self.client = None
+
+    def restart(self) -> None:
+        """A fresh kernel in the same workspace (variables are lost)."""
+        self.close_client()
+        self.kernel.stop()
+        self.start()
+
+    def stop(self, fast: bool = False) -> None:
+        """Stop the kernel; an owned (per-notebook) session's workspace is killed and deleted. ``fast`` (at
+        interpreter exit, where a kernel manager allows a few seconds) kills an owned workspace outright."""
+        self.close_client()
+        if fast and self.owned:
+            _remove_workspace(self.engine, self.name)
+            return
+        try:
+            self.kernel.stop()
+        except MicroagentError:
+            pass
+        self.kernel.unpublish()
+        if self.owned:
+            _remove_workspace(self.engine, self.name)
+
+    # ---- running code ----------------------------------------------------------------------------
+    def _run_hidden(self, code: str) -> list[dict[str, Any]]:
+        """Run code silently (no history, no display): returns the iopub messages it caused; raises on error."""
+        msgs: list[dict[str, Any]] = []
+        reply = self._execute(code, msgs.append, store_history=False)
+        if reply.get("status") != "ok":
+            raise GuestPythonError(str(reply.get("ename")), str(reply.get("evalue")), [], self.name)
+        return msgs
+
+    def _execute(self, code: str, on_msg: Any, *, store_history: bool = True, timeout: float | None = None
+                 ) -> dict[str, Any]:
+        if not self.kernel.alive:
+            raise self.kernel.died_error()
+        client = self.client
+        msg_id = client.execute(code, store_history=store_history, allow_stdin=False)
+        interrupted_at: float | None = None
+        reply: dict[str, Any] | None = None
+        idle = False
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while reply is None or not idle:
+            try:
+                try:
+                    msg = client.get_iopub_msg(timeout=0.1)
+                    if msg["parent_header"].get("msg_id") == msg_id:
+                        if msg["msg_type"] == "status" and msg["content"].get("execution_state") == "idle":
+                            idle = True
+                        else:
+                            on_msg(msg)
+                except queue.Empty:
+                    pass
+                if reply is None:
+                    try:
+                        shell = client.get_shell_msg(timeout=0)
+                        if shell["parent_header"].get("msg_id") == msg_id:
+                            reply = shell["content"]
+                    except queue.Empty:
+                        pass
+                if not self.kernel.alive:
+                    raise self.kernel.died_error()
+                if interrupted_at is not None and time.monotonic() - interrupted_at > INTERRUPT_GRACE:
+                    raise SessionInterrupted(f"interrupted; the sandboxed session {self.name!r} did not answer "
+                                             f"yet (it may still be busy)")
+                if deadline is not None and time.monotonic() > deadline and interrupted_at is None:
+                    self.kernel.interrupt()
+                    interrupted_at = time.monotonic()
+            except KeyboardInterrupt:
+                if interrupted_at is not None:
+                    raise SessionInterrupted(f"interrupted; session {self.name!r} keeps running") from None
+                self.kernel.interrupt()
+                interrupted_at = time.monotonic()
+        if interrupted_at is not None and reply.get("status") == "error" and \
+                reply.get("ename") == "KeyboardInterrupt":
+            raise SessionInterrupted(f"the cell was interrupted in the guest; session {self.name!r} keeps its "
+                                     f"variables")
+        return reply
+
+    def run_cell(self, code: str, *, raise_error: bool = True, timeout: float | None = None) -> dict[str, Any]:
+        """Run ``code`` as a cell: outputs are shown (after the output policy) as they arrive."""
+        from IPython.display import clear_output, display
+
+        self.policy.new_cell()
+        error: dict[str, Any] = {}
+
+        def show(msg: dict[str, Any]) -> None:
+            kind = msg["msg_type"]
+            content = self.policy.filter_content(kind, msg["content"])
+            if content is None:
+                return
+            if kind == "stream":
+                out = sys.stdout if content["name"] == "stdout" else sys.stderr
+                out.write(content["text"])
+                out.flush()
+            elif kind in ("display_data", "execute_result", "update_display_data"):
+                display_id = content.get("transient", {}).get("display_id")
+                kwargs: dict[str, Any] = {"raw": True, "metadata": content["metadata"] or None}
+                if display_id:
+                    kwargs.update(display_id=f"microagent-{self.name}-{display_id}",
+                                  update=kind == "update_display_data")
+                if content["data"]:
+                    display(content["data"], **kwargs)
+            elif kind == "error":
+                error.update(content)
+                sys.stderr.write("\n".join(content["traceback"]) + "\n")
+                sys.stderr.flush()
+            elif kind == "clear_output":
+                clear_output(wait=content["wait"])
+
+        with self.lock:
+            reply = self._execute(code, show, timeout=timeout)
+        if reply.get("status") == "error" and not error:
+            # the guest's iopub error can trail its idle status (ipykernel publishes it from another path):
+            # the execute_reply carries the same traceback, so show that one
+            show({"msg_type": "error", "content": reply})
+        if reply.get("status") == "error" and raise_error:
+            raise GuestPythonError(str(error.get("ename", reply.get("ename"))),
+                                   str(error.get("evalue", reply.get("evalue"))),
+                                   list(error.get("traceback", [])), self.name)
+        return reply
+
+    def put(self, name: str, value: Any) -> None:
+        """Bind ``name`` in the guest session to a host value (sent in a safe format)."""
+        with self.lock:
+            self._run_hidden(V.put_code(name, value))
+
+    def get(self, name: str) -> Any:
+        """A guest variable's value on the host, decoded without pickle/eval (:func:`values.decode`)."""
+        with self.lock:
+            msgs = self._run_hidden(V.get_code(name))
+        for msg in msgs:
+            if msg["msg_type"] == "display_data":
+                data = msg["content"].get("data") or {}
+                if V.VALUE_MIME in data:
+                    return V.decode(data[V.VALUE_MIME])
+                raise V.ValueRefused(f"the guest answered --out {name} with {sorted(data)[:5]} instead of a "
+                                     f"value transfer; refused")
+        raise V.ValueRefused(f"the guest sent nothing for --out {name}")
+
+
+# ---- registry of this process's sessions --------------------------------------------------------
+_sessions: dict[tuple[str, str], PythonSession] = {}
+_default_names: dict[str, str] = {}
+_atexit_installed: list[bool] = []
+
+
+def _key(engine: Engine, name: str) -> tuple[str, str]:
+    return (str(engine.state_dir), name)
+
+
+def default_session_name(engine: Engine) -> str:
+    """The per-notebook-kernel session's workspace name (one per host process and state dir)."""
+    sd = str(engine.state_dir)
+    if sd not in _default_names:
+        _default_names[sd] = f"py-{os.getpid()}-{secrets.token_hex(3)}"
+    return _default_names[sd]
+
+
+def _remove_workspace(engine: Engine, name: str) -> None:
+    try:
+        info = engine.status(name)
+        if info.running or info.vm_alive:
+            engine.kill(name)
+        engine.delete(name)
+    except MicroagentError:
+        pass
+
+
+def stop_all() -> None:
+    """Stop every session of this process (per-notebook ones are deleted). Runs at interpreter exit."""
+    for key in list(_sessions):
+        sess = _sessions.pop(key)
+        try:
+            sess.stop(fast=True)
+        except Exception:  # noqa: BLE001 (exiting: best effort, next one)
+            pass
+
+
+def get_session(engine: Engine, name: str | None, create: dict[str, Any], env: dict[str, str],
+                progress: Any = None) -> PythonSession:
+    """The running session ``name`` (default: this kernel's own), created/booted/started as needed."""
+    owned = name is None
+    name = name or default_session_name(engine)
+    sess = _sessions.get(_key(engine, name))
+    if sess is not None and sess.kernel.alive and sess.client is not None:
+        return sess
+    if sess is not None:  # its kernel died: start a new one in the same workspace
+        sess.close_client()
+        _sessions.pop(_key(engine, name), None)
+    created = False
+    try:
+        state = engine.status(name).state.state
+    except NotFound:
+        engine.create(name, env=env or None, **{"image": PYTHON_IMAGE, "network": "isolated", **create})
+        state, created = "prepared", True
+    try:
+        if state in STARTABLE:
+            if progress:
+                progress(f"Booting {name}")
+            engine.start(name)
+        elif state != "running":
+            raise InvalidState(f"workspace {name!r} is {state}; wait for it, or halt/kill it first")
+        if progress:
+            progress(f"Starting the Python kernel in {name}")
+        sess = PythonSession(engine, name, owned)
+        sess.start()
+    except BaseException:
+        if created or owned:
+            _remove_workspace(engine, name)
+        raise
+    _sessions[_key(engine, name)] = sess
+    if not _atexit_installed:
+        atexit.register(stop_all)
+        _atexit_installed.append(True)
+    return sess
+
+
+# ---- the magics -----------------------------------------------------------------------------------
+@magic_arguments()
+@argument("--name", help="run in this persistent workspace's session (created with the Python image if missing, "
+                         "left running); default: this notebook kernel's own session, removed when it exits")
+@argument("--image", help=f"image for a new session workspace (default: the built-in {PYTHON_IMAGE!r} image)")
+@argument("--profile", help="resource profile for a new session workspace: tiny, small (default), medium, large")
+@argument("--memory", type=int, metavar="MIB")
+@argument("--cpus", type=int)
+@argument("--network", choices=["user", "isolated"], help="network of a new session workspace (default isolated)")
+@argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE")
+@argument("-v", "--volume", action="append", default=[], metavar="SRC:DST[:ro|rw]")
+@argument("--in", dest="inputs", nargs="+", default=[], metavar="NAME",
+          help="send these host variables into the session first (plain data, numpy arrays, DataFrames)")
+@argument("--out", dest="outputs", nargs="+", default=[], metavar="NAME",
+          help="bring these session variables back into the notebook afterwards (never pickled)")
+@argument("--timeout", type=float, metavar="SECONDS", help="interrupt the cell after this")
+@argument("--no-raise-error", action="store_true", help="show the guest's traceback without raising")
+def python_args(line: str) -> None:
+    """%%microagent python [options]
+
+    Run the cell in a persistent IPython kernel inside a microVM. Variables persist across cells; stdout/stderr
+    stream live; display() and the last expression show as rich output (after the host's output policy: HTML,
+    SVG and Markdown sanitized, JavaScript dropped). An exception shows the guest's traceback and raises
+    GuestPythonError. Interrupt stops the running cell and keeps the session.
+    """
+
+
+@magic_arguments()
+@argument("action", choices=["restart", "stop", "list"])
+@argument("name", nargs="?", help="session workspace (default: this notebook kernel's own session)")
+def session_args(line: str) -> None:
+    """%microagent session restart|stop [NAME] | list"""
+
+
+def python_magic(shell: Any, engine: Engine, argv: list[str], cell: str | None, progress: Any = None) -> None:
+    """``%%microagent python``: see :func:`python_args`."""
+    args = python_args.parser.parse_args(argv)
+    if cell is None or not cell.strip():
+        if not args.inputs and not args.outputs:
+            raise UsageError("%%microagent python runs the cell's code: put it below the magic line")
+    V.check_names(args.inputs + args.outputs)
+    missing = [n for n in args.inputs if n not in shell.user_ns]
+    if missing:
+        raise UsageError(f"--in names host variables that do not exist: {', '.join(missing)}")
+    for n in args.inputs:  # refuse before any VM boots
+        V.encode(shell.user_ns[n])
+    create = create_kwargs(image=args.image, profile=args.profile, memory_mib=args.memory, cpus=args.cpus,
+                           network=args.network, attachments=storage_kwargs(_Storage(args.volume))["attachments"])
+    if progress is not None:
+        engine.progress = progress  # image build, boot: shown in the cell as `run` shows them
+    try:
+        sess = get_session(engine, args.name, create, env_pairs(args.env), progress)
+    finally:
+        if progress is not None:
+            progress.done()
+    for n in args.inputs:
+        sess.put(n, shell.user_ns[n])
+    if cell is not None and cell.strip():
+        sess.run_cell(cell, raise_error=not args.no_raise_error, timeout=args.timeout)
+    for n in args.outputs:
+        shell.user_ns[n] = sess.get(n)
+
+
+class _Storage:
+    def __init__(self, volume: list[str]) -> None:
+        self.volume, self.disk, self.bundle, self.output = volume, [], [], []
+
+
+def session_magic(engine: Engine, argv: list[str]) -> str:
+    """``%microagent session restart|stop [NAME] | list``."""
+    args = session_args.parser.parse_args(argv)
+    if args.action == "list":
+        names = [n for (sd, n), s in _sessions.items() if sd == str(engine.state_dir)]
+        return "\n".join(names) if names else "(no Python sessions in this kernel)"
+    name = args.name or _default_names.get(str(engine.state_dir))
+    sess = _sessions.get(_key(engine, name)) if name else None
+    if sess is None:
+        raise NotFound(f"no Python session {name or '(default)'} in this notebook kernel; "
+                       f"%microagent session list shows them")
+    if args.action == "restart":
+        sess.restart()
+        return f"Restarted the Python session in {name} (its variables are gone)"
+    _sessions.pop(_key(engine, name), None)
+    sess.stop()
+    if sess.owned:
+        return f"Stopped the Python session {name} and removed its workspace"
+    return f"Stopped the Python session in {name}; the workspace still runs (%microagent halt {name} stops it)"
+
+
+__all__ = ["GuestPythonError", "PythonSession", "SessionInterrupted", "get_session", "python_magic",
+           "session_magic", "stop_all"]

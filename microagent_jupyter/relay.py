@@ -1,0 +1,259 @@
+"""A host-side ZMQ relay between a Jupyter frontend and a sandboxed kernel: the frontend never talks to the
+guest's sockets.
+
+The relay binds the frontend's five ports on 127.0.0.1 (it *is* the kernel, for the frontend) and connects to
+the guest kernel's published ports. Every message is checked and re-signed in both directions:
+
+* frontend → guest (shell, control, stdin): the frontend's HMAC is verified with the frontend's key; the frames
+  are re-signed with the guest's key (the guest never learns the frontend's key).
+* guest → frontend: the guest's HMAC is verified with the guest key (bad or missing signatures are dropped);
+  iopub content passes :meth:`OutputPolicy.filter_content` (display_data/execute_result/update_display_data
+  sanitized, ``comm_*`` and unknown types dropped); shell replies are bounded and their MIME bundles filtered
+  (``inspect_reply`` data, ``execute_reply`` pager payloads; other payloads such as ``set_next_input`` dropped);
+  guest ``comm_*`` messages on any channel are dropped; then the frames are signed with the frontend's key.
+* heartbeat: answered by the relay while the guest kernel is alive (``alive`` callable).
+
+Guest-side sockets have ZMQ_MAXMSGSIZE set, so a guest cannot make the host buffer an unbounded message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from .output_policy import OutputPolicy
+
+DELIM = b"<IDS|MSG>"
+CHANNELS = ("shell", "control", "stdin", "iopub", "hb")
+MAX_GUEST_MESSAGE = 64 * 1024 * 1024
+_REPLY_TYPES = {
+    "shell": {"execute_reply", "inspect_reply", "complete_reply", "history_reply", "is_complete_reply",
+              "kernel_info_reply", "comm_info_reply", "shutdown_reply", "interrupt_reply"},
+    "control": {"shutdown_reply", "interrupt_reply", "kernel_info_reply", "usage_reply"},
+    "stdin": {"input_request"},
+}
+
+
+class Signer:
+    """HMAC-SHA256 signing as Jupyter's wire protocol defines it (over header, parent, metadata, content)."""
+
+    def __init__(self, key: str | bytes) -> None:
+        self.key = key.encode() if isinstance(key, str) else key
+
+    def sign(self, parts: list[bytes]) -> bytes:
+        if not self.key:
+            return b""
+        h = hmac.new(self.key, digestmod=hashlib.sha256)
+        for p in parts:
+            h.update(p)
+        return h.hexdigest().encode()
+
+    def verify(self, signature: bytes, parts: list[bytes]) -> bool:
+        return hmac.compare_digest(signature, self.sign(parts))
+
+
+def split(frames: list[bytes]) -> tuple[list[bytes], list[bytes]] | None:
+    """``(identities, [signature, header, parent, metadata, content, *buffers])`` or None when malformed."""
+    try:
+        i = frames.index(DELIM)
+    except ValueError:
+        return None
+    rest = frames[i + 1:]
+    return (frames[:i], rest) if len(rest) >= 5 else None
+
+
+class Relay:
+    """Runs in its own thread (:meth:`start`/:meth:`stop`). ``frontend`` and ``guest`` are connection-info dicts;
+    ``alive()`` says whether the guest kernel still runs (heartbeats are answered only then)."""
+
+    def __init__(self, frontend: dict[str, Any], guest: dict[str, Any], alive: Callable[[], bool],
+                 policy: OutputPolicy | None = None) -> None:
+        self.frontend, self.guest, self.alive = frontend, guest, alive
+        self.policy = policy or OutputPolicy()
+        self.front_signer, self.guest_signer = Signer(frontend["key"]), Signer(guest["key"])
+        self.dropped = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    def start(self) -> None:
+        """Bind and connect every socket, then relay in a background thread (binding errors raise here)."""
+        self._thread = threading.Thread(target=self._main, name="microagent-relay", daemon=True)
+        self._thread.start()
+        self._ready.wait(30)
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ---- socket setup -------------------------------------------------------------------------------
+    def _main(self) -> None:
+        ctx = zmq.Context()
+        socks: dict[str, tuple[zmq.Socket, zmq.Socket | None]] = {}
+        try:
+            fip, gip = self.frontend["ip"], self.guest["ip"]
+            for ch in ("shell", "control", "stdin"):
+                f = ctx.socket(zmq.ROUTER)
+                f.linger = 0
+                f.bind(f"tcp://{fip}:{self.frontend[ch + '_port']}")
+                g = ctx.socket(zmq.DEALER)
+                g.linger = 0
+                g.setsockopt(zmq.MAXMSGSIZE, MAX_GUEST_MESSAGE)
+                g.connect(f"tcp://{gip}:{self.guest[ch + '_port']}")
+                socks[ch] = (f, g)
+            f = ctx.socket(zmq.XPUB)
+            f.linger = 0
+            f.bind(f"tcp://{fip}:{self.frontend['iopub_port']}")
+            g = ctx.socket(zmq.SUB)
+            g.linger = 0
+            g.setsockopt(zmq.MAXMSGSIZE, MAX_GUEST_MESSAGE)
+            g.setsockopt(zmq.SUBSCRIBE, b"")
+            g.connect(f"tcp://{gip}:{self.guest['iopub_port']}")
+            socks["iopub"] = (f, g)
+            hb = ctx.socket(zmq.REP)
+            hb.linger = 0
+            hb.bind(f"tcp://{fip}:{self.frontend['hb_port']}")
+            socks["hb"] = (hb, None)
+        except BaseException as exc:  # noqa: BLE001 (re-raised in start())
+            self._error = exc
+            self._ready.set()
+            for f, g in socks.values():
+                f.close(0)
+                if g is not None:
+                    g.close(0)
+            ctx.term()
+            return
+        self._ready.set()
+        poller = zmq.Poller()
+        owner: dict[zmq.Socket, tuple[str, str]] = {}
+        for ch, (f, g) in socks.items():
+            poller.register(f, zmq.POLLIN)
+            owner[f] = (ch, "front")
+            if g is not None:
+                poller.register(g, zmq.POLLIN)
+                owner[g] = (ch, "guest")
+        try:
+            while not self._stop.is_set():
+                for sock, _ in poller.poll(200):
+                    ch, side = owner[sock]
+                    frames = sock.recv_multipart()
+                    f, g = socks[ch]
+                    if ch == "hb":
+                        # a REP must answer before it can receive again: echo while the guest kernel is alive
+                        f.send_multipart(frames if self.alive() else [b""], flags=zmq.NOBLOCK)
+                    elif ch == "iopub" and side == "front":  # subscriptions from the frontend: ignore
+                        continue
+                    elif side == "front":
+                        out = self._to_guest(frames)
+                        if out is not None and g is not None:
+                            try:  # never block the relay: while the guest is not connected, the request is lost
+                                g.send_multipart(out, flags=zmq.NOBLOCK)  # (clients retry kernel_info)
+                            except zmq.Again:
+                                self.dropped += 1
+                    else:
+                        out = self._to_front(ch, frames)
+                        if out is not None:
+                            try:
+                                f.send_multipart(out, flags=zmq.NOBLOCK)
+                            except zmq.Again:
+                                self.dropped += 1
+        finally:
+            for f, g in socks.values():
+                f.close(0)
+                if g is not None:
+                    g.close(0)
+            ctx.term()
+
+    # ---- message rewriting ------------------------------------------------------------------------------
+    def _to_guest(self, frames: list[bytes]) -> list[bytes] | None:
+        parts = split(frames)
+        if parts is None:
+            self.dropped += 1
+            return None
+        idents, (sig, *body) = parts
+        if not self.front_signer.verify(sig, body[:4]):
+            self.dropped += 1
+            return None
+        return [*idents, DELIM, self.guest_signer.sign(body[:4]), *body]
+
+    def _to_front(self, channel: str, frames: list[bytes]) -> list[bytes] | None:
+        parts = split(frames)
+        if parts is None:
+            self.dropped += 1
+            return None
+        idents, (sig, header_b, parent_b, meta_b, content_b, *buffers) = parts
+        if not self.guest_signer.verify(sig, [header_b, parent_b, meta_b, content_b]):
+            self.dropped += 1
+            return None
+        try:
+            header = json.loads(header_b)
+            content = json.loads(content_b)
+            json.loads(parent_b), json.loads(meta_b)
+        except ValueError:
+            self.dropped += 1
+            return None
+        msg_type = header.get("msg_type") if isinstance(header, dict) else None
+        if not isinstance(msg_type, str):
+            self.dropped += 1
+            return None
+        new = self.filter(channel, msg_type, content)
+        if new is None:
+            self.dropped += 1
+            return None
+        content_b = json.dumps(new).encode()
+        body = [header_b, parent_b, b"{}", content_b]
+        if channel == "iopub" and idents:
+            idents = [idents[0][:200]]
+        return [*idents, DELIM, self.front_signer.sign(body), *body]  # buffers dropped (comm payloads)
+
+    def filter(self, channel: str, msg_type: str, content: Any) -> dict[str, Any] | None:
+        """The content the frontend may see for one guest message, or None to drop it."""
+        if msg_type.startswith("comm_") or not isinstance(content, dict):
+            return None
+        if channel == "iopub":
+            if msg_type == "status" and content.get("execution_state") == "restarting":
+                return {"execution_state": "restarting"}
+            return self.policy.filter_content(msg_type, content)
+        if msg_type not in _REPLY_TYPES.get(channel, ()):
+            return None
+        if msg_type == "input_request":
+            return {"prompt": str(content.get("prompt", ""))[:4096], "password": bool(content.get("password"))}
+        if msg_type == "execute_reply":
+            self.policy.new_cell()
+            payloads = []
+            for p in content.get("payload") or []:
+                if isinstance(p, dict) and p.get("source") == "page":
+                    data, _ = self.policy.filter_bundle(p.get("data"), None)
+                    payloads.append({"source": "page", "data": data, "start": _int(p.get("start"))})
+            return {**{k: v for k, v in content.items() if k in ("status", "execution_count", "ename",
+                                                                  "evalue", "traceback", "user_expressions")},
+                    "payload": payloads, "user_expressions": {}}
+        if msg_type == "inspect_reply":
+            data, metadata = self.policy.filter_bundle(content.get("data") or {"text/plain": ""},
+                                                       content.get("metadata"))
+            return {"status": content.get("status"), "found": bool(content.get("found")), "data": data,
+                    "metadata": metadata}
+        if msg_type == "kernel_info_reply":  # help_links become Help-menu entries in the page: http(s) only
+            links = [{"text": str(h.get("text", ""))[:100], "url": h["url"]} for h in content.get("help_links") or []
+                     if isinstance(h, dict) and isinstance(h.get("url"), str)
+                     and h["url"].lower().startswith(("https://", "http://"))]
+            return {**content, "help_links": links[:20]}
+        return content
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0

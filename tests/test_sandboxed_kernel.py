@@ -1,0 +1,210 @@
+"""The sandboxed kernel: the host-side ZMQ relay (against a real local ipykernel standing in for the guest: the
+relay is transport-agnostic) and the whole kernelspec "Python 3 (microagent sandbox)" run by nbclient in a VM."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import socket
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+from jupyter_client import KernelManager
+from jupyter_client.blocking.client import BlockingKernelClient
+
+from microagent_jupyter.guest_kernel import connection_info
+from microagent_jupyter.relay import DELIM, Relay
+
+REPO = Path(__file__).resolve().parent.parent
+KERNELS = REPO / "share" / "jupyter"
+PORTS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+
+HOSTILE_CELLS = [
+    'from IPython.display import HTML, SVG, Javascript, Markdown, display\n'
+    'display(HTML(\'<img src=x onerror="window.__pwned=1">\'))',
+    'display(HTML("<script>window.__pwned=2</script>"))',
+    'display(SVG(\'<svg xmlns="http://www.w3.org/2000/svg" onload="window.__pwned=4"><rect width="1"/></svg>\'))',
+    'display(Javascript("window.__pwned=3"))',
+    'display(Markdown("[x](javascript:window.__pwned=5)"))',
+]
+
+
+def assert_inert(outputs: list[dict[str, Any]]) -> None:
+    """No bundle that reaches the frontend could run code in the page."""
+    for out in outputs:
+        data = out.get("data", {})
+        assert set(data) <= {"text/plain", "text/html", "image/svg+xml", "image/png"}, data
+        rich = json.dumps({k: v for k, v in data.items() if k != "text/plain"})
+        for bad in ("onerror", "onload", "<script", "javascript:", "__pwned"):
+            assert bad not in rich, (bad, rich)
+
+
+def _free_ports() -> dict[str, int]:
+    socks = [socket.socket() for _ in PORTS]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = {name: s.getsockname()[1] for name, s in zip(PORTS, socks)}
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture
+def relayed() -> Iterator[tuple[BlockingKernelClient, Relay, dict[str, Any]]]:
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel()
+    guest = km.get_connection_info()
+    guest["key"] = guest["key"].decode() if isinstance(guest["key"], bytes) else guest["key"]
+    front = connection_info(uuid.uuid4().hex, _free_ports())
+    relay = Relay(front, guest, alive=km.is_alive)
+    relay.start()
+    client = BlockingKernelClient()
+    client.load_connection_info(front)
+    client.start_channels()
+    client.wait_for_ready(timeout=120)
+    yield client, relay, guest
+    client.stop_channels()
+    relay.stop()
+    km.shutdown_kernel(now=True)
+
+
+def _run(client: BlockingKernelClient, code: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    outs: list[dict[str, Any]] = []
+    reply = client.execute_interactive(code, output_hook=outs.append, timeout=120)
+    return reply, outs
+
+
+def test_relay_applies_the_policy_and_resigns(relayed) -> None:
+    client, relay, _guest = relayed
+    shown: list[dict[str, Any]] = []
+    for cell in HOSTILE_CELLS:
+        reply, outs = _run(client, cell)
+        assert reply["content"]["status"] == "ok"
+        shown += [{"type": m["msg_type"], **m["content"]} for m in outs if m["msg_type"] == "display_data"]
+    assert len(shown) == 5
+    assert_inert(shown)
+    assert any("dropped output type" in o["data"].get("text/plain", "") for o in shown)
+    reply, outs = _run(client, "print('hi'); 40 + 2")
+    assert [m["content"]["text"] for m in outs if m["msg_type"] == "stream"] == ["hi\n"]
+    assert [m["content"]["data"]["text/plain"] for m in outs if m["msg_type"] == "execute_result"] == ["42"]
+
+
+def test_relay_drops_guest_comms_and_forged_messages(relayed) -> None:
+    client, relay, guest = relayed
+    _reply, outs = _run(client, "from ipykernel.comm import Comm\nc = Comm(target_name='jupyter.widget', "
+                                "data={'x': '<script>window.__pwned=6</script>'})\nc.send({'y': 1})")
+    assert not [m for m in outs if m["msg_type"].startswith("comm_")]
+    # a message on iopub signed with a wrong key (what a guest without the key could forge) never arrives
+    ctx = zmq.Context.instance()
+    forged_dropped = relay.dropped
+    pub = ctx.socket(zmq.DEALER)
+    pub.connect(f"tcp://127.0.0.1:{relay.frontend['shell_port']}")
+    header = json.dumps({"msg_id": "x", "msg_type": "execute_request", "session": "s", "username": "u",
+                         "version": "5.3", "date": "2026-01-01T00:00:00Z"}).encode()
+    parts = [header, b"{}", b"{}", json.dumps({"code": "import os"}).encode()]
+    bad = hmac.new(b"not-the-key", digestmod=hashlib.sha256)
+    for p in parts:
+        bad.update(p)
+    pub.send_multipart([DELIM, bad.hexdigest().encode(), *parts])
+    reply, _ = _run(client, "1")
+    assert reply["content"]["status"] == "ok"
+    assert relay.dropped > forged_dropped
+    pub.close(0)
+
+
+# ---- the whole sandboxed kernel, in a VM ---------------------------------------------------------------------
+def _ensure_entry_point(tmp: Path) -> None:
+    """The provisioner is found through its entry point, which `pip install -e .` (make setup) registers; when
+    the venv was installed from another checkout, register this checkout's the same way (a dist-info on sys.path)."""
+    from importlib.metadata import entry_points
+
+    if any(ep.name == "microagent-provisioner" for ep in entry_points(group="jupyter_client.kernel_provisioners")):
+        return
+    dist = tmp / "microagent_sandbox_ep-0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: microagent-sandbox-ep\nVersion: 0\n")
+    (dist / "entry_points.txt").write_text("[jupyter_client.kernel_provisioners]\nmicroagent-provisioner = "
+                                           "microagent_jupyter.provisioner:MicroagentProvisioner\n")
+    sys.path.insert(0, str(tmp))
+
+
+@pytest.mark.vm
+def test_nbclient_runs_a_notebook_in_the_sandboxed_kernel(state_dir: Path, engine, python_image: Path,
+                                                         tmp_path: Path, monkeypatch) -> None:
+    import nbformat
+    from nbclient import NotebookClient
+
+    _ensure_entry_point(tmp_path / "ep")
+    monkeypatch.setenv("JUPYTER_PATH", str(KERNELS))
+    monkeypatch.setenv("MICROAGENT_STATE_DIR", str(state_dir))
+    before = {i.name for i in engine.list()}
+    cells = ["x = 41", "x + 1",
+             "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()",
+             "import pandas as pd\npd.DataFrame({'a': [1, 2]})", *HOSTILE_CELLS]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    client = NotebookClient(nb, kernel_name="microagent-python", timeout=600, startup_timeout=600)
+    client.execute()
+    outs = [c.outputs for c in nb.cells]
+    assert outs[1][0]["data"]["text/plain"] == "42"
+    assert any("image/png" in o.get("data", {}) for o in outs[2])
+    assert any("<table" in o.get("data", {}).get("text/html", "") for o in outs[3])
+    assert_inert([o for cell in outs[4:] for o in cell])
+    assert len([o for cell in outs[4:] for o in cell]) == 5
+    after = {i.name for i in engine.list()}
+    assert after <= before, f"workspaces left behind: {after - before}"
+    assert not [i.name for i in engine.ps() if i.name.startswith("nbk-")]
+
+
+@pytest.mark.vm
+def test_sandboxed_kernel_interrupt_restart_shutdown(state_dir: Path, engine, python_image: Path, tmp_path: Path,
+                                                     monkeypatch) -> None:
+    import threading
+
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    _ensure_entry_point(tmp_path / "ep")
+    monkeypatch.setenv("MICROAGENT_STATE_DIR", str(state_dir))
+    ksm = KernelSpecManager(kernel_dirs=[str(KERNELS / "kernels")])
+    km = KernelManager(kernel_name="microagent-python", kernel_spec_manager=ksm)
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=300)
+        workspaces = [i.name for i in engine.ps() if i.name.startswith("nbk-")]
+        assert len(workspaces) == 1
+        reply, _ = _run(kc, "x = 41")
+        assert reply["content"]["status"] == "ok"
+        sleeping = threading.Event()
+
+        def hook(msg: dict[str, Any]) -> None:
+            if msg["msg_type"] == "stream" and "sleeping" in msg["content"]["text"]:
+                sleeping.set()
+
+        def interrupt() -> None:  # the frontend's interrupt, once the guest is inside the sleep
+            sleeping.wait(120)
+            km.interrupt_kernel()
+
+        t = threading.Thread(target=interrupt, daemon=True)
+        t.start()
+        reply = kc.execute_interactive("import time; print('sleeping', flush=True); time.sleep(60)",
+                                       output_hook=hook, timeout=120)
+        t.join()
+        assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
+        reply, outs = _run(kc, "x + 1")
+        assert [m["content"]["data"]["text/plain"] for m in outs if m["msg_type"] == "execute_result"] == ["42"]
+        km.restart_kernel()
+        kc.wait_for_ready(timeout=300)
+        assert [i.name for i in engine.ps() if i.name.startswith("nbk-")] == workspaces  # same VM, new kernel
+        reply, _ = _run(kc, "x")
+        assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "NameError"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel()
+    assert not [i.name for i in engine.list() if i.name.startswith("nbk-")]

@@ -1,0 +1,131 @@
+// Browser test of sandboxed Python output, run with plain `node` by tests/test_sandbox_browser.py.
+//
+// Opens JupyterLab, starts a notebook with the "Python 3 (microagent sandbox)" kernel from the launcher, runs a
+// plot and hostile cells; then a notebook with the local Python kernel running the same through
+// `%%microagent python`. Checks a plot <img> shows and `window.__pwned` stays undefined in the page.
+//
+// Environment: LAB_URL (ending in '/'), LAB_TOKEN, SCREENSHOTS, CHROMIUM (default /usr/bin/chromium).
+// Prints progress and, on success, a last line `RESULT {...}`; exits non-zero otherwise.
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const LAB_URL = process.env.LAB_URL;
+const TOKEN = process.env.LAB_TOKEN;
+const SHOTS = process.env.SCREENSHOTS || path.join(here, 'screenshots');
+const EXE = process.env.CHROMIUM || '/usr/bin/chromium';
+if (!LAB_URL || !TOKEN) {
+  console.error('sandbox.spec: set LAB_URL and LAB_TOKEN');
+  process.exit(2);
+}
+let chromium;
+try {
+  ({ chromium } = await import('playwright-core'));
+} catch {
+  console.error('sandbox.spec: playwright-core is missing; install it with: cd ui-tests && npm ci');
+  process.exit(3);
+}
+
+const t0 = Date.now();
+const log = msg => console.log(`[${((Date.now() - t0) / 1000).toFixed(1)}s] ${msg}`);
+fs.mkdirSync(SHOTS, { recursive: true });
+const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'ma-chromium-'));
+const context = await chromium.launchPersistentContext(userDataDir, {
+  executablePath: EXE,
+  headless: true,
+  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+    '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+  viewport: { width: 1400, height: 900 }
+});
+const page = context.pages()[0] ?? (await context.newPage());
+page.setDefaultTimeout(60_000);
+
+const HOSTILE = [
+  'from IPython.display import HTML, SVG, Javascript, display',
+  'display(HTML(\'<img src=x onerror="window.__pwned=1">\'))',
+  'display(HTML("<script>window.__pwned=2</script>"))',
+  'display(SVG(\'<svg xmlns="http://www.w3.org/2000/svg" width="20" height="20" onload="window.__pwned=4">' +
+    '<rect width="10" height="10"/></svg>\'))',
+  'display(Javascript("window.__pwned=3"))'
+].join('\n');
+const PLOT = 'import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()';
+
+const result = { ok: false, steps: [], screenshots: [], pwned: {} };
+const step = name => {
+  result.steps.push(name);
+  log(name);
+};
+
+async function openNotebook(cardText) {
+  await page.goto(`${LAB_URL}lab?token=${encodeURIComponent(TOKEN)}&reset`, { waitUntil: 'domcontentloaded' });
+  const card = page.locator('.jp-LauncherCard', { hasText: cardText }).first();
+  await card.waitFor({ state: 'visible', timeout: 90_000 });
+  await card.click();
+  await page.locator('.jp-NotebookPanel .jp-Cell').first().waitFor({ state: 'visible' });
+  // a cell run before the kernel is connected is not executed: wait for the status bar's "| Idle"
+  await page.locator('.jp-StatusBar-Widget', { hasText: /\| Idle/ }).first().waitFor({ timeout: 300_000 });
+}
+
+/** Type `code` into the last cell and run it; wait until the notebook's kernel is idle again. */
+async function runCell(code, timeout = 300_000) {
+  const cells = page.locator('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell');
+  const editor = cells.last().locator('.cm-content');
+  await editor.click();
+  await page.keyboard.insertText(code);
+  const before = await page.locator('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-InputPrompt').last().textContent();
+  await page.keyboard.press('Shift+Enter');
+  await page.waitForFunction(
+    () => {
+      const prompts = [...document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-InputPrompt')];
+      const done = prompts.length >= 2 && /\[\d+\]/.test(prompts[prompts.length - 2].textContent);
+      return done;
+    },
+    before,
+    { timeout, polling: 250 }
+  );
+}
+
+async function pwned() {
+  return page.evaluate(() => (typeof window.__pwned === 'undefined' ? 'undefined' : String(window.__pwned)));
+}
+
+async function checkNotebook(label, prefix) {
+  await runCell(prefix + PLOT);
+  await page.locator('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output img').first()
+    .waitFor({ state: 'visible', timeout: 60_000 });
+  step(`${label}: plot shown`);
+  await runCell(prefix + HOSTILE);
+  await page.locator('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output', { hasText: '[microagent] dropped' })
+    .first().waitFor({ state: 'visible', timeout: 60_000 });
+  await page.waitForTimeout(1000); // give any handler that could fire a chance to (the assertion is its absence)
+  result.pwned[label] = await pwned();
+  const shot = path.join(SHOTS, `sandbox-${label}.png`);
+  await page.screenshot({ path: shot });
+  result.screenshots.push(shot);
+  step(`${label}: hostile outputs rendered, window.__pwned is ${result.pwned[label]}`);
+}
+
+try {
+  await openNotebook('microagent sandbox');
+  step('notebook with the sandboxed kernel started from the launcher');
+  await checkNotebook('sandboxed-kernel', '');
+  await openNotebook('Python 3 (ipykernel)');
+  step('notebook with the local kernel started');
+  await runCell('%load_ext microagent_jupyter');
+  await checkNotebook('magic', '%%microagent python\n');
+  result.ok = Object.values(result.pwned).every(v => v === 'undefined');
+} catch (error) {
+  result.error = String(error?.stack ?? error);
+  try {
+    const shot = path.join(SHOTS, 'sandbox-failure.png');
+    await page.screenshot({ path: shot });
+    result.screenshots.push(shot);
+  } catch {}
+} finally {
+  await context.close();
+  fs.rmSync(userDataDir, { recursive: true, force: true });
+}
+console.log(`RESULT ${JSON.stringify(result)}`);
+process.exit(result.ok ? 0 : 1);
