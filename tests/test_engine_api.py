@@ -83,3 +83,15 @@ def test_actions_cover_every_state() -> None:
     for state in STATES:
         assert set(allowed_actions(state)) <= set(ACTIONS)
     assert allowed_actions("quarantined") == ["halt", "stop", "kill", "exec"]
+
+
+def test_prune_removes_stopped_one_shot_records(engine: Engine) -> None:
+    info, result = engine.run(["true"], profile="tiny", network="none")
+    assert result.ok and info.config.one_shot and info.state.state == "halted"
+    named, _ = engine.run(["true"], name="api-named-run", profile="tiny", network="none")
+    try:
+        removed = engine.prune()
+        assert info.name in removed and named.name not in removed  # a run the user named is theirs to keep
+        assert info.name not in {i.name for i in engine.list()}
+    finally:
+        engine.delete(named.name)
