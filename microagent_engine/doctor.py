@@ -55,6 +55,8 @@ def diagnose(engine: "Engine") -> dict[str, Any]:
 
     checks.append(_check("guest kernel", kernel))
     checks.append(_check("lz4 (kernel unpack)", lambda: require_tool("lz4")))
+    mmdebstrap = _check("mmdebstrap (builtin:python image)", lambda: require_tool("mmdebstrap"))
+    checks.append({**mmdebstrap, "optional": True})
     checks.append(network_capabilities())
 
     def state_dir() -> str:
@@ -78,7 +80,7 @@ def confinement_checks(engine: "Engine") -> list[dict[str, Any]]:
         ns = ", ".join(host["namespaces"])
         checks.append({"name": "vm confinement", "ok": True,
                        "detail": f"{host['uid']}; no capabilities; no_new_privs; QEMU seccomp sandbox; private root; "
-                                 f"own {ns} namespaces (net only without --network user); rlimits"})
+                                 f"own {ns} namespaces (with --network user, the network policy's own namespace); rlimits"})
     else:
         checks.append({"name": "vm confinement", "ok": False, "optional": True,
                        "detail": f"no namespaces or private root: {host['userNamespace']['detail']}; still: no_new_"
