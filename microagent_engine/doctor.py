@@ -80,7 +80,8 @@ def confinement_checks(engine: "Engine") -> list[dict[str, Any]]:
         ns = ", ".join(host["namespaces"])
         checks.append({"name": "vm confinement", "ok": True,
                        "detail": f"{host['uid']}; no capabilities; no_new_privs; QEMU seccomp sandbox; private root; "
-                                 f"own {ns} namespaces (with --network user, the network policy's own namespace); rlimits"})
+                                 f"own {ns} namespaces (with --network user, the network policy's own namespace); "
+                                 f"rlimits"})
     else:
         checks.append({"name": "vm confinement", "ok": False, "optional": True,
                        "detail": f"no namespaces or private root: {host['userNamespace']['detail']}; still: no_new_"
@@ -98,8 +99,8 @@ def render(report: dict[str, Any]) -> str:
 
     lines = [f"{mark(c)} {c['name']:<20} {c['detail']}" for c in report["checks"]]
     lines.append("")
-    lines.append(f"VMs on this host run under {report['accel'].upper()}" +
-                 (" (hardware virtualization)." if report["accel"] == "kvm" else " (software emulation: seconds per boot)."))
+    how = " (hardware virtualization)." if report["accel"] == "kvm" else " (software emulation: seconds per boot)."
+    lines.append(f"VMs on this host run under {report['accel'].upper()}{how}")
     if not report["ok"]:
         lines.append("Some checks failed: each line says what to install. 'make setup' installs everything.")
     return "\n".join(lines)
