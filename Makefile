@@ -6,7 +6,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := qemu-system-x86 e2fsprogs busybox-static gcc libc6-dev cpio lz4 zstd xz-utils docker-registry \
-  chromium slirp4netns nftables mmdebstrap
+  chromium slirp4netns nftables mmdebstrap python3-yaml
 STATE_DIR ?= $(HOME)/.microagent
 
 .PHONY: setup apt venv demo lab test bench clean labextension labextension-check panel-into-venv

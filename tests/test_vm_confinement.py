@@ -102,11 +102,13 @@ def test_unprivileged_user_gets_namespaces_and_seccomp(state_dir: Path) -> None:
     home.mkdir()
     try:
         shutil.copytree(state_dir / "kernels", home / "kernels", symlinks=True)
+        # the engine's code, where nobody can read it (the checkout may live under a private home)
+        shutil.copytree(Path(__file__).resolve().parent.parent / "microagent_engine", home / "src" / "microagent_engine",
+                        ignore=shutil.ignore_patterns("__pycache__"))
         subprocess.run(["chown", "-R", "nobody:", str(home)], check=True)
         home.chmod(0o700)
         py = _python_for("nobody")
-        repo = Path(__file__).resolve().parent.parent
-        env = f"HOME={home} MICROAGENT_STATE_DIR={home} PYTHONPATH={repo}"
+        env = f"HOME={home} MICROAGENT_STATE_DIR={home} PYTHONPATH={home / 'src'}"
 
         def run(*args: str) -> subprocess.CompletedProcess[bytes]:
             cmd = f"cd {home} && env {env} {py} -m microagent_engine " + " ".join(args)
