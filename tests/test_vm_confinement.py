@@ -101,6 +101,9 @@ def test_unprivileged_user_gets_namespaces_and_seccomp(state_dir: Path) -> None:
     home = Path(f"/tmp/ma-nobody-{os.getpid()}")
     home.mkdir()
     try:
+        from microagent_engine.guest.kernel import resolve_kernel
+
+        resolve_kernel(state_dir)  # installed on first need (this test may run alone)
         shutil.copytree(state_dir / "kernels", home / "kernels", symlinks=True)
         # the engine's code, where nobody can read it (the checkout may live under a private home)
         shutil.copytree(Path(__file__).resolve().parent.parent / "microagent_engine", home / "src" / "microagent_engine",
