@@ -76,7 +76,13 @@ def child(launcher: int, req: str, conn: str) -> None:
         sys.stderr.flush()
         sys.argv = ["ipykernel_launcher", "-f", conn]
         from ipykernel import kernelapp
-        kernelapp.launch_new_instance()
+        app = kernelapp.IPKernelApp.instance()
+        app.initialize(sys.argv[1:])
+        # the inline backend hooks into the shell when it is imported; it was imported before there was one
+        inline = sys.modules.get("matplotlib_inline.backend_inline")
+        if inline is not None:
+            inline._enable_matplotlib_integration()
+        app.start()
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
