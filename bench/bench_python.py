@@ -4,6 +4,9 @@
     (a) cold time to a ready session: create + boot the workspace (built-in Python image, cached) + start the
         guest ipykernel + first kernel_info reply through the published ports; vs a local ipykernel's start
     (b) a cell's round trip (execute ``1+1`` until its execute_result and idle): p50/p95, both sides
+    (c) first result on a fresh notebook: ``%%microagent python`` (no session yet) running
+        ``import pandas, matplotlib; 1+1`` through a real IPython shell, until ``2`` is displayed: cold (a cold
+        boot + imports) vs warm (a clone of the warm Python snapshot, built first and not timed)
 
 Prints each figure and the ratios sandbox/local. The Python image is built first if it is not cached (not
 timed). Usage: python bench/bench_python.py [--sessions N] [--cells N] [--state-dir DIR]
@@ -61,6 +64,7 @@ def bench_local(sessions: int, cells: int) -> tuple[list[float], list[float]]:
 
 def bench_sandbox(engine: Engine, sessions: int, cells: int) -> tuple[list[float], list[float]]:
     starts, rts = [], []
+    PS.WARM_ENABLED = False  # (a) is the cold start; (c) compares it with the warm one
     for i in range(sessions):
         name = f"bench-py-{i}"
         t0 = time.perf_counter()
@@ -76,11 +80,42 @@ def bench_sandbox(engine: Engine, sessions: int, cells: int) -> tuple[list[float
     return starts, rts
 
 
+FIRST_CELL = "import pandas, matplotlib\n1+1"
+
+
+def first_result(engine: Engine, warm: bool, n: int) -> list[float]:
+    """Seconds from ``%%microagent python`` on a notebook without a session to the cell's displayed result."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "microagent_jupyter")
+    times = []
+    PS.WARM_ENABLED = warm
+    try:
+        for _ in range(n):
+            PS._default_names.clear()  # a fresh notebook kernel: no session yet
+            t0 = time.perf_counter()
+            with capture_output() as cap:
+                shell.run_cell_magic("microagent", "python", FIRST_CELL)
+            times.append(time.perf_counter() - t0)
+            assert cap.outputs[-1].data["text/plain"] == "2", cap.outputs
+            sess = next(iter(PS._sessions.values()))
+            assert (sess.warm_from is not None) == warm, sess.cold_reason
+            PS.stop_all()
+    finally:
+        PS.WARM_ENABLED = True
+        shell.run_line_magic("unload_ext", "microagent_jupyter")
+    return times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sessions", type=int, default=3)
     ap.add_argument("--cells", type=int, default=50)
     ap.add_argument("--state-dir", help="reuse this state dir (and its cached Python image)")
+    ap.add_argument("--first", type=int, default=3, help="fresh-notebook first results per mode (cold, warm)")
+    ap.add_argument("--only-first", action="store_true", help="measure (c) only")
     args = ap.parse_args()
     engine = Engine(args.state_dir or tempfile.mkdtemp(prefix="ma-bench-py-", dir="/tmp"))
     print("preparing the built-in Python image (cached after the first build) ...", flush=True)
@@ -89,6 +124,18 @@ def main() -> None:
     PS._sessions.clear()
     PS._remove_workspace(engine, "bench-py-warm")
 
+    from microagent_jupyter import warm_python
+    print("preparing the warm Python snapshot (built once per image and shape) ...", flush=True)
+    snap, why = warm_python.warm_snapshot(engine, {"image": PS.PYTHON_IMAGE, "network": "isolated"})
+    if snap is None:
+        sys.exit(f"no warm snapshot: {why}")
+    cold = first_result(engine, False, args.first)
+    warm_t = first_result(engine, True, args.first)
+    print(line("fresh notebook, first result: cold", cold))
+    print(line("fresh notebook, first result: warm", warm_t))
+    print(f"ratio first result cold/warm: p50 {statistics.median(cold) / statistics.median(warm_t):.1f}x")
+    if args.only_first:
+        return
     l_start, l_rt = bench_local(args.sessions, args.cells)
     s_start, s_rt = bench_sandbox(engine, args.sessions, args.cells)
     print(line("local ipykernel: start to ready", l_start))

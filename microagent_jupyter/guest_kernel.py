@@ -27,6 +27,26 @@ GUEST_PORTS = {"shell_port": 50101, "iopub_port": 50102, "stdin_port": 50103, "c
 GUEST_DIR = "/tmp/.microagent-kernel"
 CONNECTION_FILE = f"{GUEST_DIR}/kernel.json"
 PID_FILE = f"{GUEST_DIR}/kernel.pid"
+#: where a warm snapshot's zygote (:mod:`.guest_zygote`) waits for requests (see :mod:`.warm_python`)
+ZYGOTE_DIR = "/tmp/.microagent-zygote"
+#: the held exec's script when the workspace has a live zygote: ask it for a kernel (forked from the warm process,
+#: with this exec's environment and the host-made connection file), copy the kernel's output to the exec's, exit
+#: with its exit code. Without a zygote the kernel is started cold, as ``python3 -m ipykernel_launcher``.
+ZYGOTE_LAUNCHER = f"""
+Z={ZYGOTE_DIR}
+if [ -p $Z/requests ] && [ -r $Z/pid ] && kill -0 "$(cat $Z/pid)" 2>/dev/null; then
+  d=$(mktemp -d {GUEST_DIR}/req.XXXXXX) && mkfifo $d/out $d/err $d/rc || exit 1
+  exec 3<>$d/rc
+  cat $d/out & o=$!
+  cat $d/err >&2 & e=$!
+  echo "$$ $d {CONNECTION_FILE}" > $Z/requests
+  read rc <&3
+  ( sleep 2; kill $o $e ) >/dev/null 2>&1 &
+  wait $o $e 2>/dev/null
+  rm -rf $d
+  exit ${{rc:-1}}
+fi
+"""
 READY_TIMEOUT = 300.0  # cold ipykernel + numpy/pandas imports under TCG take tens of seconds
 LOG_LINES = 200
 
@@ -79,7 +99,7 @@ class GuestKernel:
                 self.host_ports[field_name] = port
 
     def _run(self) -> None:
-        script = (f"echo $$ > {PID_FILE}; echo microagent-kernel-pid $$ >&2; "
+        script = (ZYGOTE_LAUNCHER + f"echo $$ > {PID_FILE}; echo microagent-kernel-pid $$ >&2; "
                   f"exec {self.python} -m ipykernel_launcher -f {CONNECTION_FILE}")
         # MPLBACKEND stays unset: ipykernel then installs its inline backend (figures as image/png display_data)
         env = {"PYTHONUNBUFFERED": "1", **self.env}

@@ -18,7 +18,7 @@ import signal
 from typing import Any
 
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
-from traitlets import Dict, Integer, List, Unicode
+from traitlets import Bool, Dict, Integer, List, Unicode
 
 from microagent_engine import Engine
 from microagent_engine.errors import MicroagentError
@@ -27,6 +27,8 @@ from microagent_engine.model import parse_attachment_flags
 
 from .guest_kernel import GuestKernel, KernelDied
 from .relay import Relay
+from .session_owner import sweep
+from .warm_python import start_session_workspace
 
 PROVISIONER_NAME = "microagent-provisioner"
 
@@ -41,6 +43,7 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     network = Unicode("isolated", config=True, help="isolated (default) or user")
     volumes = List(Unicode(), config=True, help="attachments as -v takes them: NAME:/path[:ro|rw]")
     env = Dict(config=True, help="guest environment variables")
+    warm = Bool(True, config=True, help="start from the warm Python snapshot (imports done) when one fits")
     state_dir = Unicode("", config=True, help="microagent state dir (default: $MICROAGENT_STATE_DIR or ~/.microagent)")
 
     workspace: str | None = None
@@ -48,6 +51,8 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     relay: Relay | None = None
     _engine: Engine | None = None
     _front: dict[str, Any] = {}
+    warm_from: str | None = None
+    cold_reason = ""
 
     @property
     def engine(self) -> Engine:
@@ -86,9 +91,14 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 kwargs["memory_mib"] = self.memory
             if self.cpus:
                 kwargs["cpus"] = self.cpus
+            env = {str(k): str(v) for k, v in self.env.items()}
             try:
-                engine.create(self.workspace, env={str(k): str(v) for k, v in self.env.items()} or None, **kwargs)
-                engine.start(self.workspace)
+                sweep(engine)  # VMs of kernels whose server was killed hard
+                create = {k: v for k, v in kwargs.items() if v is not None}
+                self.warm_from, self.cold_reason = start_session_workspace(engine, self.workspace, create, env,
+                                                                           owned=True, warm=self.warm)
+                if self.cold_reason:
+                    self.log.info("microagent kernel %s boots cold: %s", self.workspace, self.cold_reason)
             except BaseException:
                 self._remove()
                 raise

@@ -33,8 +33,12 @@ from ._engine import create_kwargs, env_pairs, storage_kwargs
 from .guest_kernel import GuestKernel
 from .magics import MicroagentInterrupted
 from .output_policy import OutputPolicy
+from .session_owner import remove_workspace, sweep
+from .warm_python import start_session_workspace
 
 INTERRUPT_GRACE = 8.0  # seconds to wait for the guest's reply after SIGINT
+#: new session workspaces start from the warm Python snapshot (:mod:`.warm_python`); MICROAGENT_WARM_PYTHON=0: cold
+WARM_ENABLED = os.environ.get("MICROAGENT_WARM_PYTHON", "1") != "0"
 
 
 class GuestPythonError(MicroagentError):
@@ -58,6 +62,8 @@ class PythonSession:
         self.client: Any = None
         self.policy = OutputPolicy()
         self.lock = threading.Lock()
+        self.warm_from: str | None = None  # the warm snapshot this session's workspace resumed
+        self.cold_reason = ""  # why it booted cold instead
 
     # ---- start / stop ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -241,14 +247,7 @@ def default_session_name(engine: Engine) -> str:
     return _default_names[sd]
 
 
-def _remove_workspace(engine: Engine, name: str) -> None:
-    try:
-        info = engine.status(name)
-        if info.running or info.vm_alive:
-            engine.kill(name)
-        engine.delete(name)
-    except MicroagentError:
-        pass
+_remove_workspace = remove_workspace
 
 
 def stop_all() -> None:
@@ -272,13 +271,19 @@ def get_session(engine: Engine, name: str | None, create: dict[str, Any], env: d
     if sess is not None:  # its kernel died: start a new one in the same workspace
         sess.close_client()
         _sessions.pop(_key(engine, name), None)
+    sweep(engine)  # sessions of notebook kernels that were killed hard
     created = False
+    warm_from: str | None = None
+    cold_reason = "the workspace existed"
     try:
-        state = engine.status(name).state.state
-    except NotFound:
-        engine.create(name, env=env or None, **{"image": PYTHON_IMAGE, "network": "isolated", **create})
-        state, created = "prepared", True
-    try:
+        try:
+            state = engine.status(name).state.state
+        except NotFound:
+            created = True
+            warm_from, cold_reason = start_session_workspace(
+                engine, name, {"image": PYTHON_IMAGE, "network": "isolated", **create}, env, owned=owned,
+                progress=progress, warm=WARM_ENABLED)
+            state = "running"
         if state in STARTABLE:
             if progress:
                 progress(f"Booting {name}")
@@ -288,6 +293,7 @@ def get_session(engine: Engine, name: str | None, create: dict[str, Any], env: d
         if progress:
             progress(f"Starting the Python kernel in {name}")
         sess = PythonSession(engine, name, owned)
+        sess.warm_from, sess.cold_reason = warm_from, cold_reason if warm_from is None else ""
         sess.start()
     except BaseException:
         if created or owned:
@@ -372,8 +378,12 @@ def session_magic(engine: Engine, argv: list[str]) -> str:
     """``%microagent session restart|stop [NAME] | list``."""
     args = session_args.parser.parse_args(argv)
     if args.action == "list":
+        swept = sweep(engine)
         names = [n for (sd, n), s in _sessions.items() if sd == str(engine.state_dir)]
-        return "\n".join(names) if names else "(no Python sessions in this kernel)"
+        text = "\n".join(names) if names else "(no Python sessions in this kernel)"
+        if swept:
+            text += f"\n(removed {len(swept)} session(s) whose notebook kernel is gone: {', '.join(swept)})"
+        return text
     name = args.name or _default_names.get(str(engine.state_dir))
     sess = _sessions.get(_key(engine, name)) if name else None
     if sess is None:

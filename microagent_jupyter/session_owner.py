@@ -1,0 +1,79 @@
+"""Which host process owns a session workspace, and the sweep of sessions whose owner is gone.
+
+A per-notebook Python session (and a sandboxed kernel's, and a warm-snapshot build workspace) is removed by its
+owner at exit. An owner killed hard (SIGKILL, OOM: no atexit) leaves its VM running. So the owner writes its pid and
+start time (``/proc/PID/stat`` field 22: a pid reused by another process has another start time) into the
+workspace's directory, and :func:`sweep` (run at the next session start and by ``%microagent session list``) kills
+and deletes every workspace whose recorded owner no longer runs. Workspaces without the record (named sessions,
+everything else) are never touched.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from microagent_engine import Engine
+from microagent_engine.errors import MicroagentError
+from microagent_engine.fsutil import read_json, write_json_atomic
+
+OWNER_FILE = "session-owner.json"
+
+
+def process_start(pid: int) -> int | None:
+    """The start time (clock ticks after boot) of process ``pid``; None when there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # fields after "comm)": state is 3rd overall, starttime 22nd
+
+
+def _owner_path(engine: Engine, name: str) -> Path:
+    return Path(engine.workspaces_dir) / name / OWNER_FILE
+
+
+def record_owner(engine: Engine, name: str, pid: int | None = None) -> None:
+    """Record this process (or ``pid``) as the owner of workspace ``name``."""
+    pid = pid or os.getpid()
+    write_json_atomic(_owner_path(engine, name), {"pid": pid, "start": process_start(pid)})
+
+
+def owner_alive(record: dict[str, object]) -> bool:
+    """True while the recorded owner process still runs."""
+    pid = record.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    start = process_start(pid)
+    return start is not None and start == record.get("start")
+
+
+def remove_workspace(engine: Engine, name: str) -> None:
+    """Kill (if it runs) and delete workspace ``name``, quietly."""
+    try:
+        info = engine.status(name)
+        if info.running or info.vm_alive:
+            engine.kill(name)
+        engine.delete(name)
+    except MicroagentError:
+        pass
+
+
+def sweep(engine: Engine) -> list[str]:
+    """Kill and delete the workspaces whose recorded owner process is gone; their names."""
+    gone = []
+    root = Path(engine.workspaces_dir)
+    if not root.is_dir():
+        return gone
+    for path in sorted(root.glob(f"*/{OWNER_FILE}")):
+        name = path.parent.name
+        if name.startswith("."):
+            continue
+        try:
+            record = read_json(path)
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and not owner_alive(record):
+            remove_workspace(engine, name)
+            gone.append(name)
+    return gone

@@ -1,0 +1,124 @@
+"""Warm Python sessions: sessions resume a snapshot whose guest process already imported ipykernel, numpy, pandas
+and matplotlib; each gets a kernel of its own (own HMAC key, own variables, own random state); a broken snapshot
+falls back to a cold boot with the reason; sessions of a notebook kernel killed hard are swept."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+
+from microagent_engine import Engine
+from microagent_engine.errors import NotFound
+from microagent_jupyter import python_session as PS
+from microagent_jupyter import session_owner, warm_python
+
+pytestmark = pytest.mark.vm
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def engine(state_dir: Path, python_image: Path) -> Iterator[Engine]:
+    os.environ["MICROAGENT_STATE_DIR"] = str(state_dir)
+    yield Engine(state_dir)
+    PS.stop_all()
+
+
+def value(sess: PS.PythonSession, code: str) -> Any:
+    with capture_output() as cap:
+        sess.run_cell(code)
+    return cap.outputs[-1].data["text/plain"]
+
+
+def test_warm_session_starts_with_the_imports_done(engine: Engine) -> None:
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "microagent_jupyter")
+    try:
+        with capture_output() as cap:
+            shell.run_cell_magic("microagent", "python", "import sys\n'pandas' in sys.modules, "
+                                 "'matplotlib.pyplot' in sys.modules")
+        assert cap.outputs[-1].data["text/plain"] == "(True, True)"
+        sess = PS._sessions[PS._key(engine, PS.default_session_name(engine))]
+        assert sess.warm_from and sess.warm_from.startswith(warm_python.SNAPSHOT_PREFIX), sess.cold_reason
+        with capture_output() as cap:  # the figure comes back as a cold kernel's would
+            shell.run_cell_magic("microagent", "python", "import matplotlib.pyplot as plt\nplt.plot([1, 2])\n"
+                                 "plt.show()")
+        assert any("image/png" in o.data for o in cap.outputs)
+    finally:
+        PS.stop_all()
+        shell.run_line_magic("unload_ext", "microagent_jupyter")
+
+
+def test_two_warm_sessions_have_own_keys_state_and_randomness(engine: Engine) -> None:
+    a = PS.get_session(engine, "warm-a", {}, {})
+    b = PS.get_session(engine, "warm-b", {}, {})
+    try:
+        assert a.warm_from and a.warm_from == b.warm_from, (a.cold_reason, b.cold_reason)
+        assert a.kernel.key != b.kernel.key and a.kernel.host_ports != b.kernel.host_ports
+        a.run_cell("x = 1")
+        assert value(a, "'x' in globals()") == "True"
+        assert value(b, "'x' in globals()") == "False"
+        draw = "import random, numpy; (random.random(), float(numpy.random.random()))"
+        assert value(a, draw) != value(b, draw)
+    finally:
+        for s in (a, b):
+            s.stop()
+            PS._sessions.pop(PS._key(engine, s.name), None)
+            session_owner.remove_workspace(engine, s.name)
+
+
+CHILD = """
+import sys, time
+from microagent_engine import Engine
+from microagent_jupyter import python_session as PS
+sess = PS.get_session(Engine(sys.argv[1]), None, {}, {})
+print("READY", sess.name, flush=True)
+time.sleep(600)
+"""
+
+
+def test_sessions_of_a_killed_notebook_kernel_are_swept(engine: Engine, state_dir: Path) -> None:
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(state_dir)], stdout=subprocess.PIPE,
+                             env={**os.environ, "PYTHONPATH": str(REPO)}, text=True)
+    try:
+        line = child.stdout.readline().split()
+        assert line[:1] == ["READY"], line
+        name = line[1]
+        assert engine.status(name).vm_alive
+        child.send_signal(signal.SIGKILL)  # no atexit: the VM stays behind
+        child.wait()
+        assert engine.status(name).vm_alive
+        from microagent_jupyter.python_session import session_magic
+        out = session_magic(engine, ["list"])
+        assert name in out
+        with pytest.raises(NotFound):
+            engine.status(name)
+    finally:
+        if child.poll() is None:
+            child.kill()
+
+
+def test_broken_warm_snapshot_falls_back_to_cold(engine: Engine, state_dir: Path) -> None:
+    snaps = [m["name"] for m in engine.snapshots() if m["name"].startswith(warm_python.SNAPSHOT_PREFIX)]
+    assert snaps
+    from microagent_engine.snapshots.workspace import snapshot_dir
+    state = snapshot_dir(state_dir, snaps[0]) / "state"
+    with open(state, "r+b") as fh:  # a torn stream: the restore fails
+        fh.truncate(4096)
+    sess = PS.get_session(engine, "warm-broken", {}, {})
+    try:
+        assert sess.warm_from is None and "could not be resumed" in sess.cold_reason, sess.cold_reason
+        assert value(sess, "40 + 2") == "42"
+        assert snaps[0] not in [m["name"] for m in engine.snapshots()]  # removed: the next session rebuilds it
+    finally:
+        sess.stop()
+        PS._sessions.pop(PS._key(engine, sess.name), None)
+        session_owner.remove_workspace(engine, sess.name)
