@@ -2,7 +2,9 @@
 """Engine-core benchmark: our `run` against raw QEMU booting the same kernel + initramfs, in one process.
 
     (a) raw QEMU: same argv the backend builds, a bare socket server doing HELLO -> CONFIG -> READY -> HALT
-    (b) `microagent run -- true` end to end (CLI subprocess: create, boot, exec, halt, delete)
+    (b) `microagent run --cold -- true` end to end (CLI subprocess: create, cold boot, exec, halt, delete), the
+        same work as (a) plus everything the engine adds (jail, network namespace, supervisor, records)
+    (b') the same run warm (restored from a template snapshot, the default)
     (c) exec round trip on a running workspace: `true` (fork+exec in the guest) and a PING (no process)
     (d) halt and start latency
 
@@ -107,12 +109,15 @@ def main() -> int:
         raw_qemu_boot(engine, rootfs, work)  # warm caches (initramfs build, page cache)
         subprocess.run(cli + ["run", "--delete", "--", "true"], env=env, check=True, capture_output=True)
 
-        raw, run = [], []
-        for _ in range(args.boots):  # interleave so drift in host load hits both alike
+        raw, run, warm = [], [], []
+        for _ in range(args.boots):  # interleave so drift in host load hits all alike
             raw.append(raw_qemu_boot(engine, rootfs, work))
             t0 = time.perf_counter()
-            subprocess.run(cli + ["run", "--delete", "--", "true"], env=env, check=True, capture_output=True)
+            subprocess.run(cli + ["run", "--cold", "--delete", "--", "true"], env=env, check=True, capture_output=True)
             run.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            subprocess.run(cli + ["run", "--delete", "--", "true"], env=env, check=True, capture_output=True)
+            warm.append(time.perf_counter() - t0)
 
         engine.start("bench")
         execs = [engine.exec("bench", ["true"]).duration for _ in range(args.execs)]
@@ -129,8 +134,11 @@ def main() -> int:
         engine.kill("bench")
 
         print(summary("(a) raw QEMU boot -> agent ready -> off", raw))
-        print(summary("(b) microagent run -- true (end to end)", run))
+        print(summary("(b) microagent run --cold -- true (end to end)", run))
         print(f"{'ratio (b)/(a) of medians':<44} {statistics.median(run) / statistics.median(raw):.3f}")
+        print(summary("(b') microagent run -- true (warm, default)", warm))
+        label = "ratio (b)/(b') of medians (cold/warm)"
+        print(f"{label:<44} {statistics.median(run) / statistics.median(warm):.3f}")
         print(summary("(c) exec `true` round trip", execs, "ms", 1000))
         print(summary("(c) agent PING round trip (no fork)", pings, "ms", 1000))
         print(summary("(d) halt", halts))
