@@ -84,7 +84,8 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in runs.items()}
     smed = {k: statistics.median(v) for k, v in starts.items()}
     print(f"run -- true        cold {med['cold']:.2f} s  warm {med['warm']:.2f} s  ({med['cold'] / med['warm']:.1f}x)")
-    print(f"start to exec      cold {smed['cold']:.2f} s  warm {smed['warm']:.2f} s  ({smed['cold'] / smed['warm']:.1f}x)")
+    ratio = smed["cold"] / smed["warm"]
+    print(f"start to exec      cold {smed['cold']:.2f} s  warm {smed['warm']:.2f} s  ({ratio:.1f}x)")
 
     for mode in ("cold", "warm"):
         engine.create(f"one-{mode}", **tiny)

@@ -90,7 +90,8 @@ def _snapshot_create_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                              ("--cpus", args.cpus), ("--size-mib", args.size_mib), ("--file", args.file),
                              ("--network", args.network), ("--volume", args.volume), ("--disk", args.disk),
                              ("--bundle", args.bundle), ("--setup", args.setup), ("--entrypoint", args.entrypoint),
-                             ("--publish", args.publish), ("--mediation", args.mediation), ("--cold", args.cold or None),
+                             ("--publish", args.publish), ("--mediation", args.mediation),
+                             ("--cold", args.cold or None),
                              ("--kernel", args.kernel), ("--accel", args.accel), ("--shell", args.shell))
               if v is not None]
     if others:

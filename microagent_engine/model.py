@@ -3,8 +3,8 @@
 ``Engine.create`` takes these objects. The CLI and the magics build them from their string forms
 (``-v SRC:DST[:ro|rw]``, ``--disk/--bundle NAME=PATH:MOUNT[:ro|rw]``, ``--output NAME=/path``,
 ``--mediation PORT=HOST:PORT``, ``-p [HOST_IP:]HOST_PORT:GUEST_PORT``) with the ``parse_*`` functions here; the
-spec loader and the REST API build them from JSON with ``from_json``. Whatever checks a front-end makes (e.g. REST's allowed roots) read the same objects
-the engine then executes.
+spec loader and the REST API build them from JSON with ``from_json``. Whatever checks a front-end makes (e.g.
+REST's allowed roots) read the same objects the engine then executes.
 """
 
 from __future__ import annotations
@@ -495,4 +495,5 @@ class LaunchSpec:
                    setup=list(data["setup"]), entrypoint=data["entrypoint"], restart=data["restart"],
                    mediation=Mediation.from_json(med) if med else None,
                    network_policy=data.get("networkPolicy"),
-                   publish=[Publish.from_json(p) for p in data.get("publish") or []], extra=dict(data.get("extra") or {}))
+                   publish=[Publish.from_json(p) for p in data.get("publish") or []],
+                   extra=dict(data.get("extra") or {}))

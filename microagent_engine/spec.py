@@ -364,8 +364,8 @@ class _Doc:
                 raise self.error(path, "YAML merge keys ('<<') are not supported; write the fields out", key_line)
             key = self._scalar(loader, key_node, path)
             if not isinstance(key, str):
-                raise self.error(path, f"key {_printable(key_node.value[:80])} is not a string; quote it: {_q(key_node.value)}",
-                                 key_line)
+                raise self.error(path, f"key {_printable(key_node.value[:80])} is not a string; quote it: "
+                                       f"{_q(key_node.value)}", key_line)
             if len(key) > MAX_KEY_CHARS or not key.isprintable():
                 raise self.error(path, f"key {_q(key)} is not a field name (too long, or a control character); "
                                        f"use plain field names", key_line)

@@ -207,7 +207,8 @@ class MicroagentMagics(Magics):
 
         Run the cell body as the stdin of COMMAND (default /bin/sh) in a one-shot microVM workspace, streaming
         its output into the cell. The workspace is deleted when the cell ends (kept, halted, with --keep);
-        nothing is left running, also on Ctrl-C. Use `IMAGE -- COMMAND` when the image name could be mistaken for a command.
+        nothing is left running, also on Ctrl-C. Use `IMAGE -- COMMAND` when the image name could be mistaken for a
+        command.
         A non-zero exit raises MicroagentCellError (unless --no-raise-error).
 
         With --name NAME the cell runs in that persistent workspace instead: exec'd if it runs, started if it is

@@ -49,7 +49,8 @@ class WorkspaceInfo:
     def to_json(self) -> dict[str, Any]:
         c, s = self.config, self.state
         out: dict[str, Any] = {
-            "name": c.name, "state": s.state, "actions": self.actions, "live": self.running, "backend": s.backend or "qemu",
+            "name": c.name, "state": s.state, "actions": self.actions, "live": self.running,
+            "backend": s.backend or "qemu",
             "accel": s.accel or None, "accelReason": s.accel_reason or None, "image": c.image,
             "profile": c.profile, "resources": {"memoryMiB": c.memory_mib, "cpuCount": c.cpus, "sizeMiB": c.size_mib},
             "network": "isolated" if c.network == "none" else c.network, "restart": c.restart,

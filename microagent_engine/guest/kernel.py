@@ -39,7 +39,8 @@ class Kernel:
         if not self.modules_dir:
             return None
         for suffix in (".ko", ".ko.xz", ".ko.zst"):
-            hits = list(self.modules_dir.rglob(name + suffix)) + list(self.modules_dir.rglob(name.replace("_", "-") + suffix))
+            hits = (list(self.modules_dir.rglob(name + suffix))
+                    + list(self.modules_dir.rglob(name.replace("_", "-") + suffix)))
             if hits:
                 return hits[0]
         return None

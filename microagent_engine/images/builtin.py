@@ -116,7 +116,8 @@ def builtin_image(state_dir: Path) -> Path:
     applets = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True, check=True).stdout.split()
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".builtin-") as tmp:
         root = Path(tmp) / "root"
-        for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "root", "tmp", "dev", "proc", "sys", "run", "var/tmp", "home"):
+        for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "root", "tmp", "dev", "proc", "sys", "run", "var/tmp",
+                  "home"):
             (root / d).mkdir(parents=True, exist_ok=True)
         os.chmod(root / "tmp", 0o1777)
         os.chmod(root / "root", 0o700)

@@ -59,7 +59,8 @@ MAX_EXTRA_PACKAGES = 64
 SOURCES_LIST = Path("/etc/apt/sources.list")
 SOURCES_DIR = Path("/etc/apt/sources.list.d")
 OS_RELEASE = Path("/etc/os-release")
-_APT_OPTION_RE = re.compile(r'^Acquire::(?:(?:https?|ftp)::Proxy(?:::[^ ]+)?|Check-Valid-Until) "[^"\n]*";$', re.IGNORECASE)
+_APT_OPTION_RE = re.compile(r'^Acquire::(?:(?:https?|ftp)::Proxy(?:::[^ ]+)?|Check-Valid-Until) "[^"\n]*";$',
+                            re.IGNORECASE)
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,8 @@ class ImageInfo:
 
     @classmethod
     def from_json(cls, d: dict[str, Any], path: Path) -> "ImageInfo":
-        return cls(d["id"], list(d.get("refs") or []), path, int(d.get("sizeMiB", d.get("sizeMib"))), int(d["contentBytes"]),
+        size = int(d.get("sizeMiB", d.get("sizeMib", 0)))  # records written before the casing was unified: sizeMib
+        return cls(d["id"], list(d.get("refs") or []), path, size, int(d["contentBytes"]),
                    d.get("platform", ""), d.get("created", ""), d.get("source", ""), list(d.get("layers") or []),
                    list(d.get("blobs") or []), dict(d.get("config") or {}))
 

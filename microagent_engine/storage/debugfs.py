@@ -147,8 +147,8 @@ def _mkdirs(image: Path, guest_dir: str) -> None:
 def copy_in(image: Path, host_src: Path, guest_dst: str, mode: int | None = None) -> None:
     """Copy the regular host file ``host_src`` to ``guest_dst`` in ``image`` (parents created, overwrite ok).
 
-    The guest file gets ``mode`` (default: the host file's mode) and owner root. A full disk raises InvalidState and leaves
-    no partial file behind.
+    The guest file gets ``mode`` (default: the host file's mode) and owner root. A full disk raises InvalidState and
+    leaves no partial file behind.
     """
     guest = normalize_guest_path(guest_dst)
     if guest == "/":

@@ -81,4 +81,5 @@ def clone_sized(base: Path, dest: Path, size_mib: int) -> None:
 
 
 def used_tools() -> list[str]:
-    return [t for t in ("mkfs.ext4", "e2fsck", "resize2fs", "debugfs") if shutil.which(t) or Path(f"/sbin/{t}").exists()]
+    tools = ("mkfs.ext4", "e2fsck", "resize2fs", "debugfs")
+    return [t for t in tools if shutil.which(t) or Path(f"/sbin/{t}").exists()]

@@ -45,7 +45,8 @@ class Volume:
 
     @classmethod
     def from_json(cls, data: dict[str, Any], path: Path) -> "Volume":
-        return cls(name=data["name"], size_mib=int(data.get("sizeMiB", data.get("sizeMib"))), path=path, created_at=data["createdAt"],
+        size = int(data.get("sizeMiB", data.get("sizeMib", 0)))  # index entries from before the casing was unified
+        return cls(name=data["name"], size_mib=size, path=path, created_at=data["createdAt"],
                    attached=data.get("attached"), last_holder=data.get("lastHolder"))
 
 

@@ -215,7 +215,8 @@ class ClientHub:
         elif ftype in (FrameType.EXEC, FrameType.PING):
             if not sup.exec_allowed():
                 hint = "; resume it first" if sup.state.state == "paused" else ""
-                client.send(FrameType.ERROR, stream, f"workspace is {sup.state.state}, not ready for exec{hint}".encode())
+                why = f"workspace is {sup.state.state}, not ready for exec{hint}"
+                client.send(FrameType.ERROR, stream, why.encode())
                 return
             if stream in client.streams:
                 client.send(FrameType.ERROR, stream, f"stream {stream} is already in use".encode())
