@@ -11,6 +11,7 @@ kernel's provisioner (:mod:`.provisioner`).
 from __future__ import annotations
 
 import json
+import os
 import queue
 import secrets
 import threading
@@ -77,6 +78,10 @@ class GuestKernel:
         self.log: deque[str] = deque(maxlen=LOG_LINES)
         self._thread: threading.Thread | None = None
         self._pid_seen = threading.Event()
+        self._ready_seen = threading.Event()  # a warm (forked) kernel said its sockets are bound
+        #: guest steps of the last launch (``forked``, ``setup``, ``initialized``, ``ready``): name -> (guest
+        #: wall-clock time, host wall-clock time the line arrived); plus host ``launch``/``launched`` times
+        self.steps: dict[str, tuple[float, float]] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------------
     @property
@@ -87,6 +92,8 @@ class GuestKernel:
         """Write the connection file, start the kernel process, publish its ports (once per workspace start).
         Returns at once; :meth:`wait_ready` (or a client's kernel_info) tells when it answers."""
         guest_info = connection_info(self.key, GUEST_PORTS)
+        self.steps = {"launch": (0.0, time.time())}
+        self._ready_seen.clear()
         self.engine.exec(self.workspace, ["/bin/sh", "-c", f"umask 077; mkdir -p {GUEST_DIR}; cat > {CONNECTION_FILE}"],
                          stdin=json.dumps(guest_info).encode(), capture=True, timeout=60)
         self._pid_seen.clear()
@@ -97,12 +104,15 @@ class GuestKernel:
             for field_name, guest_port in GUEST_PORTS.items():
                 _ip, port = self.engine.publish(self.workspace, guest_port)
                 self.host_ports[field_name] = port
+        self.steps["launched"] = (0.0, time.time())
 
     def _run(self) -> None:
         script = (ZYGOTE_LAUNCHER + f"echo $$ > {PID_FILE}; echo microagent-kernel-pid $$ >&2; "
                   f"exec {self.python} -m ipykernel_launcher -f {CONNECTION_FILE}")
         # MPLBACKEND stays unset: ipykernel then installs its inline backend (figures as image/png display_data)
         env = {"PYTHONUNBUFFERED": "1", **self.env}
+        if os.environ.get("MICROAGENT_KERNEL_TRACE"):  # the warm kernel lists the modules its start-up imported
+            env["MICROAGENT_KERNEL_TRACE"] = "1"
         try:
             self.result = self.engine.exec(self.workspace, ["/bin/sh", "-c", script], env=env,
                                            on_stdout=self._log, on_stderr=self._log, capture=False)
@@ -119,6 +129,15 @@ class GuestKernel:
                 except ValueError:
                     pass
                 self._pid_seen.set()
+                continue
+            if line.startswith("microagent-kernel-step "):
+                parts = line.split()
+                try:
+                    self.steps[parts[1]] = (float(parts[2]), time.time())
+                except (IndexError, ValueError):
+                    pass
+                if parts[1:2] == ["ready"]:
+                    self._ready_seen.set()
                 continue
             self.log.append(line)
 
@@ -146,20 +165,27 @@ class GuestKernel:
         """Send kernel_info_request until the kernel answers (returns the reply content); raises
         :class:`KernelDied` when the process ends first, :class:`GuestError` after ``timeout``."""
         deadline = time.monotonic() + timeout
+        sent: set[str] = set()
         while time.monotonic() < deadline:
             if not self.alive:
                 raise self.died_error()
-            msg_id = client.kernel_info()
-            try:
-                end = time.monotonic() + 2.0
-                while time.monotonic() < end:
-                    reply = client.get_shell_msg(timeout=max(0.05, end - time.monotonic()))
-                    if reply["parent_header"].get("msg_id") == msg_id:
-                        # the kernel answers; wait until iopub delivers too (its SUB connects asynchronously)
-                        self._wait_iopub(client, deadline)
-                        return reply["content"]
-            except queue.Empty:  # no answer yet
-                continue
+            ready = self._ready_seen.is_set()
+            sent.add(client.kernel_info())
+            # a warm kernel says when its sockets are bound: ask again soon after that; a cold one is polled
+            end = time.monotonic() + (0.5 if ready else 2.0)
+            while time.monotonic() < end:
+                if not ready and self._ready_seen.is_set():
+                    break  # it just bound its sockets: ask now (an earlier request may have hit a closed port)
+                try:
+                    reply = client.get_shell_msg(timeout=0.05)
+                except queue.Empty:  # no answer yet
+                    continue
+                if reply["parent_header"].get("msg_id") in sent:
+                    # the kernel answers; wait until iopub delivers too (its SUB connects asynchronously)
+                    self.steps["shell"] = (0.0, time.time())
+                    self._wait_iopub(client, deadline)
+                    self.steps["iopub"] = (0.0, time.time())
+                    return reply["content"]
         raise GuestError(f"the Python kernel in workspace {self.workspace!r} did not answer within {timeout:.0f} s")
 
     @staticmethod
@@ -168,7 +194,7 @@ class GuestKernel:
             client.kernel_info()
             try:
                 while True:
-                    msg = client.get_iopub_msg(timeout=0.5)
+                    msg = client.get_iopub_msg(timeout=0.1)
                     if msg["msg_type"] == "status":
                         return
             except queue.Empty:

@@ -19,9 +19,13 @@ import os
 import select
 import signal
 import sys
+import time
 import traceback
 
 INLINE = "module://matplotlib_inline.backend_inline"
+
+
+_WARM_MODULES: set[str] = set()
 
 
 def warm_up() -> None:
@@ -38,11 +42,22 @@ def warm_up() -> None:
     import matplotlib  # noqa: F401
     import matplotlib.pyplot  # noqa: F401
     import matplotlib_inline.backend_inline  # noqa: F401
+    _WARM_MODULES.update(sys.modules)
+
+
+_MARK_FD = 2  # a private copy of the exec's stderr once ipykernel redirects fd 2 (see child)
+
+
+def mark(what: str) -> None:
+    """A timestamped step on the exec's stderr (the host's :class:`GuestKernel` keeps them in ``steps``)."""
+    os.write(_MARK_FD, f"microagent-kernel-step {what} {time.time():.4f}\n".encode())
 
 
 def child(launcher: int, req: str, conn: str) -> None:
     """In the forked child: become the launcher's kernel (never returns)."""
+    global _MARK_FD
     code = 1
+    forked = time.time()
     try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -73,15 +88,25 @@ def child(launcher: int, req: str, conn: str) -> None:
         with open(pid_file, "w") as fh:
             fh.write(f"{os.getpid()}\n")
         sys.stderr.write(f"microagent-kernel-pid {os.getpid()}\n")
+        sys.stderr.write(f"microagent-kernel-step forked {forked:.4f}\n")
         sys.stderr.flush()
-        sys.argv = ["ipykernel_launcher", "-f", conn]
+        _MARK_FD = os.dup(2)
+        os.set_inheritable(_MARK_FD, False)
+        mark("setup")
+        # history in memory: per session as in a cold kernel, without creating and locking a sqlite file on disk
+        sys.argv = ["ipykernel_launcher", "-f", conn, "--HistoryManager.hist_file=:memory:"]
         from ipykernel import kernelapp
         app = kernelapp.IPKernelApp.instance()
         app.initialize(sys.argv[1:])
+        mark("initialized")
+        if os.environ.get("MICROAGENT_KERNEL_TRACE"):
+            new = sorted(set(sys.modules) - _WARM_MODULES)
+            os.write(_MARK_FD, f"microagent-kernel-newmods {len(new)} {' '.join(new)}\n".encode())
         # the inline backend hooks into the shell when it is imported; it was imported before there was one
         inline = sys.modules.get("matplotlib_inline.backend_inline")
         if inline is not None:
             inline._enable_matplotlib_integration()
+        mark("ready")  # sockets bound: the host may send kernel_info now
         app.start()
         code = 0
     except SystemExit as exc:
