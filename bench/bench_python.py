@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from jupyter_client import KernelManager
 
 from microagent_engine import Engine
+from microagent_engine.config import STATE_DIR_ENV
 from microagent_jupyter import python_session as PS
 
 
@@ -92,20 +93,20 @@ class Trace:
         from microagent_jupyter import warm_python
 
         self.marks: list[tuple[str, float]] = []
-        orig_create, orig_start = warm_python.create_warm, engine.start
+        orig_create, orig_start = warm_python.create_warm, Engine.start
 
         def create_warm(*a, **kw):
             self.mark("create from snapshot: begin")
             orig_create(*a, **kw)
             self.mark("create from snapshot: done")
 
-        def start(*a, **kw):
-            out = orig_start(*a, **kw)
+        def start(eng, *a, **kw):
+            out = orig_start(eng, *a, **kw)
             self.mark("workspace started/resumed")
             return out
 
         warm_python.create_warm = create_warm
-        engine.start = start
+        Engine.start = start  # the magic's own engine (same state dir) does the start
 
     def mark(self, what: str, at: float | None = None) -> None:
         self.marks.append((what, time.time() if at is None else at))
@@ -168,6 +169,7 @@ def main() -> None:
     if args.trace:
         os.environ["MICROAGENT_KERNEL_TRACE"] = "1"
     engine = Engine(args.state_dir or tempfile.mkdtemp(prefix="ma-bench-py-", dir="/tmp"))
+    os.environ[STATE_DIR_ENV] = str(engine.state_dir)  # the magic in (c) makes its own engine: the same state dir
     print("preparing the built-in Python image (cached after the first build) ...", flush=True)
     warm = PS.get_session(engine, "bench-py-warm", {}, {})  # builds the image if needed; not timed
     warm.stop()

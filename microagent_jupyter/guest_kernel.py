@@ -1,8 +1,8 @@
 """An ipykernel running inside a workspace, reached from the host through published ports.
 
-The host makes the HMAC key and the connection file, writes the file into the running guest with an exec and
-stdin (``Engine.cp`` needs a stopped workspace), starts ``python3 -m ipykernel_launcher`` with an exec that a host
-thread holds for the kernel's life (so "is the kernel alive" costs nothing and its exit code is known), and
+The host makes the HMAC key and the connection file, and starts the kernel with one exec that writes that file
+from its stdin (``Engine.cp`` needs a stopped workspace) and then runs ``python3 -m ipykernel_launcher`` (or asks a
+warm snapshot's zygote for a forked kernel, which says when its sockets are bound); a host thread holds the exec for the kernel's life (so "is the kernel alive" costs nothing and its exit code is known), and
 publishes the kernel's five ZMQ ports with :meth:`Engine.publish` (carried by the guest agent, so the workspace
 can be ``--network isolated``). Used by ``%%microagent python`` (:mod:`.python_session`) and by the sandboxed
 kernel's provisioner (:mod:`.provisioner`).
@@ -28,6 +28,8 @@ GUEST_PORTS = {"shell_port": 50101, "iopub_port": 50102, "stdin_port": 50103, "c
 GUEST_DIR = "/tmp/.microagent-kernel"
 CONNECTION_FILE = f"{GUEST_DIR}/kernel.json"
 PID_FILE = f"{GUEST_DIR}/kernel.pid"
+#: the start of the kernel's exec: its stdin is the connection file (private, in a subshell: the umask stays)
+WRITE_CONNECTION_FILE = f"(umask 077; mkdir -p {GUEST_DIR} && cat > {CONNECTION_FILE}) || exit 1\n"
 #: where a warm snapshot's zygote (:mod:`.guest_zygote`) waits for requests (see :mod:`.warm_python`)
 ZYGOTE_DIR = "/tmp/.microagent-zygote"
 #: the held exec's script when the workspace has a live zygote: ask it for a kernel (forked from the warm process,
@@ -91,14 +93,13 @@ class GuestKernel:
     def launch(self) -> None:
         """Write the connection file, start the kernel process, publish its ports (once per workspace start).
         Returns at once; :meth:`wait_ready` (or a client's kernel_info) tells when it answers."""
-        guest_info = connection_info(self.key, GUEST_PORTS)
         self.steps = {"launch": (0.0, time.time())}
         self._ready_seen.clear()
-        self.engine.exec(self.workspace, ["/bin/sh", "-c", f"umask 077; mkdir -p {GUEST_DIR}; cat > {CONNECTION_FILE}"],
-                         stdin=json.dumps(guest_info).encode(), capture=True, timeout=60)
         self._pid_seen.clear()
         self.result = self.error = None
-        self._thread = threading.Thread(target=self._run, name=f"guest-kernel-{self.workspace}", daemon=True)
+        guest_info = connection_info(self.key, GUEST_PORTS)
+        self._thread = threading.Thread(target=self._run, args=(json.dumps(guest_info).encode(),),
+                                        name=f"guest-kernel-{self.workspace}", daemon=True)
         self._thread.start()
         if not self.host_ports:
             for field_name, guest_port in GUEST_PORTS.items():
@@ -106,15 +107,16 @@ class GuestKernel:
                 self.host_ports[field_name] = port
         self.steps["launched"] = (0.0, time.time())
 
-    def _run(self) -> None:
-        script = (ZYGOTE_LAUNCHER + f"echo $$ > {PID_FILE}; echo microagent-kernel-pid $$ >&2; "
+    def _run(self, connection: bytes) -> None:
+        # one exec does it all: the connection file comes on its stdin, then the kernel starts (warm or cold)
+        script = (WRITE_CONNECTION_FILE + ZYGOTE_LAUNCHER + f"echo $$ > {PID_FILE}; echo microagent-kernel-pid $$ >&2; "
                   f"exec {self.python} -m ipykernel_launcher -f {CONNECTION_FILE}")
         # MPLBACKEND stays unset: ipykernel then installs its inline backend (figures as image/png display_data)
         env = {"PYTHONUNBUFFERED": "1", **self.env}
         if os.environ.get("MICROAGENT_KERNEL_TRACE"):  # the warm kernel lists the modules its start-up imported
             env["MICROAGENT_KERNEL_TRACE"] = "1"
         try:
-            self.result = self.engine.exec(self.workspace, ["/bin/sh", "-c", script], env=env,
+            self.result = self.engine.exec(self.workspace, ["/bin/sh", "-c", script], env=env, stdin=connection,
                                            on_stdout=self._log, on_stderr=self._log, capture=False)
         except BaseException as exc:  # noqa: BLE001 (reported by alive()/wait_ready)
             self.error = exc
