@@ -43,6 +43,44 @@ def warm_up() -> None:
     import matplotlib.pyplot  # noqa: F401
     import matplotlib_inline.backend_inline  # noqa: F401
     _WARM_MODULES.update(sys.modules)
+    # the kernel's shell (the slowest part of a kernel's start-up) is made here, once: the forked kernel's
+    # IPythonKernel then takes this singleton and is wired to it (see child); nothing of it is per session
+    try:
+        from ipykernel.compiler import XCachingCompiler
+        from ipykernel.zmqshell import ZMQInteractiveShell
+        ZMQInteractiveShell.instance(config=kernel_config(), compiler_class=XCachingCompiler)
+    except Exception:  # noqa: BLE001 (the fork then makes its shell itself)
+        traceback.print_exc()
+        _drop_shell()
+
+
+def kernel_config():  # -> traitlets Config
+    """The kernel's configuration: history in memory (per session, as in a cold kernel, without creating and
+    locking a sqlite file on disk)."""
+    from traitlets.config import Config
+    cfg = Config()
+    cfg.HistoryManager.hist_file = ":memory:"
+    return cfg
+
+
+def _drop_shell() -> None:
+    from ipykernel.zmqshell import ZMQInteractiveShell
+    ZMQInteractiveShell.clear_instance()
+
+
+def warm_kernel_class():  # -> type
+    """IPythonKernel that adopts the zygote's pre-made shell (its ``instance()`` returns it, made without a
+    kernel): point the shell at this kernel, as a shell made by the kernel would be."""
+    from ipykernel.ipkernel import IPythonKernel
+
+    class WarmKernel(IPythonKernel):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.shell.parent = self
+            self.shell.kernel = self
+            self.shell.profile_dir = self.profile_dir or self.shell.profile_dir
+
+    return WarmKernel
 
 
 _MARK_FD = 2  # a private copy of the exec's stderr once ipykernel redirects fd 2 (see child)
@@ -95,13 +133,14 @@ def child(launcher: int, req: str, conn: str) -> None:
         mark("setup")
         sys.argv = ["ipykernel_launcher", "-f", conn]
         from ipykernel import kernelapp
-        from traitlets.config import Config
+        from ipykernel.zmqshell import ZMQInteractiveShell
         app = kernelapp.IPKernelApp.instance()
-        cfg = Config()
+        cfg = kernel_config()
         cfg.IPKernelApp.connection_file = conn
-        # history in memory: per session as in a cold kernel, without creating and locking a sqlite file on disk
-        cfg.HistoryManager.hist_file = ":memory:"
         app.update_config(cfg)
+        if ZMQInteractiveShell.initialized():
+            ZMQInteractiveShell.instance().init_environment()  # on this session's environment (PAGER, TERM...)
+            app.kernel_class = warm_kernel_class()
         # set above instead: parsing builds an argparse parser over every configurable class (~0.4 s under TCG)
         app.parse_command_line = lambda argv=None: None
         if os.environ.get("MICROAGENT_KERNEL_PROFILE"):
