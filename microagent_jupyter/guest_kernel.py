@@ -33,20 +33,17 @@ WRITE_CONNECTION_FILE = f"(umask 077; mkdir -p {GUEST_DIR} && cat > {CONNECTION_
 #: where a warm snapshot's zygote (:mod:`.guest_zygote`) waits for requests (see :mod:`.warm_python`)
 ZYGOTE_DIR = "/tmp/.microagent-zygote"
 #: the held exec's script when the workspace has a live zygote: ask it for a kernel (forked from the warm process,
-#: with this exec's environment and the host-made connection file), copy the kernel's output to the exec's, exit
-#: with its exit code. Without a zygote the kernel is started cold, as ``python3 -m ipykernel_launcher``.
+#: with this exec's environment, output pipes and the host-made connection file), exit with its exit code (which
+#: the zygote writes into the FIFO named in the request). Without a zygote the kernel is started cold, as ``python3 -m ipykernel_launcher``.
 ZYGOTE_LAUNCHER = f"""
 Z={ZYGOTE_DIR}
-if [ -p $Z/requests ] && [ -r $Z/pid ] && kill -0 "$(cat $Z/pid)" 2>/dev/null; then
-  d=$(mktemp -d {GUEST_DIR}/req.XXXXXX) && mkfifo $d/out $d/err $d/rc || exit 1
-  exec 3<>$d/rc
-  cat $d/out & o=$!
-  cat $d/err >&2 & e=$!
-  echo "$$ $d {CONNECTION_FILE}" > $Z/requests
+if [ -p $Z/requests ] && read zp < $Z/pid && kill -0 "$zp" 2>/dev/null; then
+  f={GUEST_DIR}/rc.$$
+  rm -f $f; mkfifo -m 600 $f || exit 1
+  exec 3<>$f
+  echo "$$ $f {CONNECTION_FILE}" > $Z/requests
   read rc <&3
-  ( sleep 2; kill $o $e ) >/dev/null 2>&1 &
-  wait $o $e 2>/dev/null
-  rm -rf $d
+  rm -f $f
   exit ${{rc:-1}}
 fi
 """

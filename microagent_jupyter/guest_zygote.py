@@ -6,13 +6,12 @@
 ``DIR/requests``, writes ``DIR/ready`` and waits. The workspace is snapshotted in that state, so every clone resumes
 with this process already warm.
 
-A request is one line ``LAUNCHER_PID REQUEST_DIR CONNECTION_FILE`` written by the launcher shell script
+A request is one line ``LAUNCHER_PID RC_FIFO CONNECTION_FILE`` written by the launcher shell script
 (:data:`microagent_jupyter.guest_kernel.ZYGOTE_LAUNCHER`) that the host's held exec runs. The zygote forks; the
-child takes the launcher's environment and working directory (``/proc/PID/environ``, ``/proc/PID/cwd``), writes its
-stdout/stderr into the FIFOs ``REQUEST_DIR/out`` and ``REQUEST_DIR/err`` (which the launcher copies to the exec's
-output), reseeds every random generator a clone would otherwise share, announces its pid and starts ipykernel with
+child takes the launcher's environment, working directory and output pipes (``/proc/PID/environ``,
+``/proc/PID/cwd``, ``/proc/PID/fd/1`` and ``2``: the exec's own stdout/stderr, no copying process), reseeds every random generator a clone would otherwise share, announces its pid and starts ipykernel with
 the host-made connection file (so each session has its own HMAC key and nothing secret is in the snapshot). When the
-child ends, the zygote writes its exit code into ``REQUEST_DIR/rc``, and the launcher exits with it.
+child ends, the zygote writes its exit code into ``RC_FIFO``, and the launcher exits with it.
 """
 
 import os
@@ -43,6 +42,8 @@ def warm_up() -> None:
     import matplotlib.pyplot  # noqa: F401
     import matplotlib_inline.backend_inline  # noqa: F401
     _WARM_MODULES.update(sys.modules)
+    from jupyter_client import localinterfaces
+    localinterfaces.localhost()  # runs `ip addr` once (a clone has the same interfaces)
     # the kernel's shell (the slowest part of a kernel's start-up) is made here, once: the forked kernel's
     # IPythonKernel then takes this singleton and is wired to it (see child); nothing of it is per session
     try:
@@ -91,7 +92,7 @@ def mark(what: str) -> None:
     os.write(_MARK_FD, f"microagent-kernel-step {what} {time.time():.4f}\n".encode())
 
 
-def child(launcher: int, req: str, conn: str) -> None:
+def child(launcher: int, conn: str) -> None:
     """In the forked child: become the launcher's kernel (never returns)."""
     global _MARK_FD
     code = 1
@@ -103,8 +104,8 @@ def child(launcher: int, req: str, conn: str) -> None:
         with open(f"/proc/{launcher}/environ", "rb") as fh:
             env = dict(kv.split(b"=", 1) for kv in fh.read().split(b"\0") if b"=" in kv)
         cwd = os.readlink(f"/proc/{launcher}/cwd")
-        out = os.open(f"{req}/out", os.O_WRONLY)
-        err = os.open(f"{req}/err", os.O_WRONLY)
+        out = os.open(f"/proc/{launcher}/fd/1", os.O_WRONLY)
+        err = os.open(f"/proc/{launcher}/fd/2", os.O_WRONLY)
         null = os.open("/dev/null", os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(out, 1)
@@ -218,7 +219,7 @@ def serve(d: str) -> None:
                     os.close(requests)
                     os.close(wake_r)
                     os.close(wake_w)
-                    child(int(parts[0]), parts[1], parts[2])
+                    child(int(parts[0]), parts[2])
                 children[pid] = parts[1]
         while children:  # reap
             try:
@@ -233,7 +234,7 @@ def serve(d: str) -> None:
             code = os.waitstatus_to_exitcode(status)
             code = 128 - code if code < 0 else code
             try:
-                fd = os.open(f"{req}/rc", os.O_WRONLY | os.O_NONBLOCK)
+                fd = os.open(req, os.O_WRONLY | os.O_NONBLOCK)
                 os.write(fd, f"{code}\n".encode())
                 os.close(fd)
             except OSError:  # the launcher is gone
