@@ -160,6 +160,18 @@ class GuestKernel:
                           + (f"; its last output:\n{tail}" if tail else "")
                           + "\nRestart it with %microagent session restart " + self.workspace)
 
+    def wait_bound(self, timeout: float = READY_TIMEOUT) -> None:
+        """Until the kernel process announced itself and, for a warm (forked) kernel, bound its sockets: a client
+        connected after that gets through at once (one connected earlier waits out ZMQ's reconnect interval).
+        Returns early when the process ends (:meth:`wait_ready` then reports it)."""
+        deadline = time.monotonic() + timeout
+        self._pid_seen.wait(timeout)
+        if "forked" not in self.steps:
+            return  # a cold kernel does not say when it is bound: wait_ready polls it
+        while not self._ready_seen.wait(0.05):
+            if not self.alive or time.monotonic() > deadline:
+                return
+
     def wait_ready(self, client: Any, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
         """Send kernel_info_request until the kernel answers (returns the reply content); raises
         :class:`KernelDied` when the process ends first, :class:`GuestError` after ``timeout``."""

@@ -126,8 +126,9 @@ def child(launcher: int, conn: str) -> None:
         pid_file = os.path.join(os.path.dirname(conn), "kernel.pid")
         with open(pid_file, "w") as fh:
             fh.write(f"{os.getpid()}\n")
-        sys.stderr.write(f"microagent-kernel-pid {os.getpid()}\n")
+        # "forked" first: when the host sees the pid it knows this kernel will also say "ready"
         sys.stderr.write(f"microagent-kernel-step forked {forked:.4f}\n")
+        sys.stderr.write(f"microagent-kernel-pid {os.getpid()}\n")
         sys.stderr.flush()
         _MARK_FD = os.dup(2)
         os.set_inheritable(_MARK_FD, False)
