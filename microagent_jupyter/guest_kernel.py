@@ -217,6 +217,7 @@ class GuestKernel:
         import zmq
         from jupyter_client.session import Session
 
+        self.wait_bound(timeout)  # a warm kernel: connect once its sockets are bound (no reconnect backoff)
         session = Session(key=str(info["key"]).encode(), signature_scheme="hmac-sha256", username="microagent")
         ctx = zmq.Context()
         shell, sub = ctx.socket(zmq.DEALER), ctx.socket(zmq.SUB)
@@ -242,7 +243,8 @@ class GuestKernel:
                     shell.send_multipart(session.serialize(msg), flags=zmq.NOBLOCK)
                 except zmq.Again:  # not connected yet
                     pass
-                end = time.monotonic() + (1.0 if shell_ok else 2.0)
+                # once a warm kernel is bound, a request lost on a connection made before is soon asked again
+                end = time.monotonic() + (1.0 if shell_ok else 0.3 if self._ready_seen.is_set() else 2.0)
                 while time.monotonic() < end and not (shell_ok and iopub_ok):
                     for sock, _ in poller.poll(200):
                         frames = sock.recv_multipart()
