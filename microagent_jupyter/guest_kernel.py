@@ -29,7 +29,10 @@ GUEST_DIR = "/tmp/.microagent-kernel"
 CONNECTION_FILE = f"{GUEST_DIR}/kernel.json"
 PID_FILE = f"{GUEST_DIR}/kernel.pid"
 #: the start of the kernel's exec: its stdin is the connection file (private, in a subshell: the umask stays)
-WRITE_CONNECTION_FILE = f"(umask 077; mkdir -p {GUEST_DIR} && cat > {CONNECTION_FILE}) || exit 1\n"
+#: (shell builtins only when the directory exists, as in a warm clone: every exec costs under TCG; the file is
+#: one JSON line without a newline, which ``read`` stores before it reports the end of input)
+WRITE_CONNECTION_FILE = (f"(umask 077; [ -d {GUEST_DIR} ] || mkdir -p {GUEST_DIR} || exit 1; "
+                         f"IFS= read -r c; [ -n \"$c\" ] && printf '%s\\n' \"$c\" > {CONNECTION_FILE}) || exit 1\n")
 #: where a warm snapshot's zygote (:mod:`.guest_zygote`) waits for requests (see :mod:`.warm_python`)
 ZYGOTE_DIR = "/tmp/.microagent-zygote"
 #: the held exec's script when the workspace has a live zygote: ask it for a kernel (forked from the warm process,
@@ -39,7 +42,7 @@ ZYGOTE_LAUNCHER = f"""
 Z={ZYGOTE_DIR}
 if [ -p $Z/requests ] && read zp < $Z/pid && kill -0 "$zp" 2>/dev/null; then
   f={GUEST_DIR}/rc.$$
-  rm -f $f; mkfifo -m 600 $f || exit 1
+  mkfifo -m 600 $f 2>/dev/null || {{ rm -f $f; mkfifo -m 600 $f; }} || exit 1
   exec 3<>$f
   echo "$$ $f {CONNECTION_FILE}" > $Z/requests
   read rc <&3
