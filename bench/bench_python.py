@@ -10,11 +10,13 @@
 
 Prints each figure and the ratios sandbox/local. The Python image is built first if it is not cached (not
 timed). Usage: python bench/bench_python.py [--sessions N] [--cells N] [--state-dir DIR]
+[--only-first [--warm-only] [--first N] [--trace]]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -26,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from jupyter_client import KernelManager
 
 from microagent_engine import Engine
+from microagent_engine.config import STATE_DIR_ENV
 from microagent_jupyter import python_session as PS
 
 
@@ -83,7 +86,45 @@ def bench_sandbox(engine: Engine, sessions: int, cells: int) -> tuple[list[float
 FIRST_CELL = "import pandas, matplotlib\n1+1"
 
 
-def first_result(engine: Engine, warm: bool, n: int) -> list[float]:
+class Trace:
+    """Wall-clock marks of one warm first result's steps (host side, plus the guest kernel's own marks)."""
+
+    def __init__(self, engine: Engine) -> None:
+        from microagent_jupyter import warm_python
+
+        self.marks: list[tuple[str, float]] = []
+        orig_create, orig_start = warm_python.create_warm, Engine.start
+
+        def create_warm(*a, **kw):
+            self.mark("create from snapshot: begin")
+            orig_create(*a, **kw)
+            self.mark("create from snapshot: done")
+
+        def start(eng, *a, **kw):
+            out = orig_start(eng, *a, **kw)
+            self.mark("workspace started/resumed")
+            return out
+
+        warm_python.create_warm = create_warm
+        Engine.start = start  # the magic's own engine (same state dir) does the start
+
+    def mark(self, what: str, at: float | None = None) -> None:
+        self.marks.append((what, time.time() if at is None else at))
+
+    def report(self, t0: float, kernel) -> str:
+        marks = list(self.marks)
+        for name, (guest, host) in kernel.steps.items():
+            marks.append((f"kernel {name}" + (f" (guest clock {(guest - t0) * 1000:+.0f} ms)" if guest else ""),
+                          host))
+        marks.sort(key=lambda m: m[1])
+        self.marks.clear()
+        for log_line in kernel.log:
+            if log_line.startswith("microagent-kernel-newmods"):
+                marks.append((log_line[:3000], time.time()))
+        return "\n".join(f"    {(at - t0) * 1000:8.0f} ms  {what}" for what, at in marks)
+
+
+def first_result(engine: Engine, warm: bool, n: int, trace: bool = False) -> list[float]:
     """Seconds from ``%%microagent python`` on a notebook without a session to the cell's displayed result."""
     from IPython.core.interactiveshell import InteractiveShell
     from IPython.utils.capture import capture_output
@@ -91,16 +132,22 @@ def first_result(engine: Engine, warm: bool, n: int) -> list[float]:
     shell = InteractiveShell.instance()
     shell.run_line_magic("load_ext", "microagent_jupyter")
     times = []
+    tracer = Trace(engine) if trace else None
     PS.WARM_ENABLED = warm
     try:
         for _ in range(n):
             PS._default_names.clear()  # a fresh notebook kernel: no session yet
+            wall0 = time.time()
             t0 = time.perf_counter()
             with capture_output() as cap:
                 shell.run_cell_magic("microagent", "python", FIRST_CELL)
             times.append(time.perf_counter() - t0)
             assert cap.outputs[-1].data["text/plain"] == "2", cap.outputs
             sess = next(iter(PS._sessions.values()))
+            if tracer is not None:
+                tracer.mark("first result displayed")
+                print(f"  {'warm' if warm else 'cold'} first result {times[-1] * 1000:.0f} ms:\n"
+                      + tracer.report(wall0, sess.kernel), flush=True)
             assert (sess.warm_from is not None) == warm, sess.cold_reason
             PS.stop_all()
     finally:
@@ -116,8 +163,13 @@ def main() -> None:
     ap.add_argument("--state-dir", help="reuse this state dir (and its cached Python image)")
     ap.add_argument("--first", type=int, default=3, help="fresh-notebook first results per mode (cold, warm)")
     ap.add_argument("--only-first", action="store_true", help="measure (c) only")
+    ap.add_argument("--warm-only", action="store_true", help="(c) for the warm start only (no cold runs)")
+    ap.add_argument("--trace", action="store_true", help="print each first result's steps with timestamps")
     args = ap.parse_args()
+    if args.trace:
+        os.environ["MICROAGENT_KERNEL_TRACE"] = "1"
     engine = Engine(args.state_dir or tempfile.mkdtemp(prefix="ma-bench-py-", dir="/tmp"))
+    os.environ[STATE_DIR_ENV] = str(engine.state_dir)  # the magic in (c) makes its own engine: the same state dir
     print("preparing the built-in Python image (cached after the first build) ...", flush=True)
     warm = PS.get_session(engine, "bench-py-warm", {}, {})  # builds the image if needed; not timed
     warm.stop()
@@ -129,11 +181,13 @@ def main() -> None:
     snap, why = warm_python.warm_snapshot(engine, {"image": PS.PYTHON_IMAGE, "network": "isolated"})
     if snap is None:
         sys.exit(f"no warm snapshot: {why}")
-    cold = first_result(engine, False, args.first)
-    warm_t = first_result(engine, True, args.first)
-    print(line("fresh notebook, first result: cold", cold))
+    cold = [] if args.warm_only else first_result(engine, False, args.first, args.trace)
+    warm_t = first_result(engine, True, args.first, args.trace)
+    if cold:
+        print(line("fresh notebook, first result: cold", cold))
     print(line("fresh notebook, first result: warm", warm_t))
-    print(f"ratio first result cold/warm: p50 {statistics.median(cold) / statistics.median(warm_t):.1f}x")
+    if cold:
+        print(f"ratio first result cold/warm: p50 {statistics.median(cold) / statistics.median(warm_t):.1f}x")
     if args.only_first:
         return
     l_start, l_rt = bench_local(args.sessions, args.cells)

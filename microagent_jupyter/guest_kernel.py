@@ -1,8 +1,9 @@
 """An ipykernel running inside a workspace, reached from the host through published ports.
 
-The host makes the HMAC key and the connection file, writes the file into the running guest with an exec and
-stdin (``Engine.cp`` needs a stopped workspace), starts ``python3 -m ipykernel_launcher`` with an exec that a host
-thread holds for the kernel's life (so "is the kernel alive" costs nothing and its exit code is known), and
+The host makes the HMAC key and the connection file, and starts the kernel with one exec that writes that file
+from its stdin (``Engine.cp`` needs a stopped workspace) and then runs ``python3 -m ipykernel_launcher`` (or asks a
+warm snapshot's zygote for a forked kernel, which says when its sockets are bound); a host thread holds the exec
+for the kernel's life (so "is the kernel alive" costs nothing and its exit code is known), and
 publishes the kernel's five ZMQ ports with :meth:`Engine.publish` (carried by the guest agent, so the workspace
 can be ``--network isolated``). Used by ``%%microagent python`` (:mod:`.python_session`) and by the sandboxed
 kernel's provisioner (:mod:`.provisioner`).
@@ -11,6 +12,7 @@ kernel's provisioner (:mod:`.provisioner`).
 from __future__ import annotations
 
 import json
+import os
 import queue
 import secrets
 import threading
@@ -27,23 +29,26 @@ GUEST_PORTS = {"shell_port": 50101, "iopub_port": 50102, "stdin_port": 50103, "c
 GUEST_DIR = "/tmp/.microagent-kernel"
 CONNECTION_FILE = f"{GUEST_DIR}/kernel.json"
 PID_FILE = f"{GUEST_DIR}/kernel.pid"
+#: the start of the kernel's exec: its stdin is the connection file (private, in a subshell: the umask stays)
+#: (shell builtins only when the directory exists, as in a warm clone: every exec costs under TCG; the file is
+#: one JSON line without a newline, which ``read`` stores before it reports the end of input)
+WRITE_CONNECTION_FILE = (f"(umask 077; [ -d {GUEST_DIR} ] || mkdir -p {GUEST_DIR} || exit 1; "
+                         f"IFS= read -r c; [ -n \"$c\" ] && printf '%s\\n' \"$c\" > {CONNECTION_FILE}) || exit 1\n")
 #: where a warm snapshot's zygote (:mod:`.guest_zygote`) waits for requests (see :mod:`.warm_python`)
 ZYGOTE_DIR = "/tmp/.microagent-zygote"
 #: the held exec's script when the workspace has a live zygote: ask it for a kernel (forked from the warm process,
-#: with this exec's environment and the host-made connection file), copy the kernel's output to the exec's, exit
-#: with its exit code. Without a zygote the kernel is started cold, as ``python3 -m ipykernel_launcher``.
+#: with this exec's environment, output pipes and the host-made connection file), exit with its exit code (which
+#: the zygote writes into the FIFO named in the request). Without a zygote the kernel is started cold, as
+#: ``python3 -m ipykernel_launcher``.
 ZYGOTE_LAUNCHER = f"""
 Z={ZYGOTE_DIR}
-if [ -p $Z/requests ] && [ -r $Z/pid ] && kill -0 "$(cat $Z/pid)" 2>/dev/null; then
-  d=$(mktemp -d {GUEST_DIR}/req.XXXXXX) && mkfifo $d/out $d/err $d/rc || exit 1
-  exec 3<>$d/rc
-  cat $d/out & o=$!
-  cat $d/err >&2 & e=$!
-  echo "$$ $d {CONNECTION_FILE}" > $Z/requests
+if [ -p $Z/requests ] && read zp < $Z/pid && kill -0 "$zp" 2>/dev/null; then
+  f={GUEST_DIR}/rc.$$
+  mkfifo -m 600 $f 2>/dev/null || {{ rm -f $f; mkfifo -m 600 $f; }} || exit 1
+  exec 3<>$f
+  echo "$$ $f {CONNECTION_FILE}" > $Z/requests
   read rc <&3
-  ( sleep 2; kill $o $e ) >/dev/null 2>&1 &
-  wait $o $e 2>/dev/null
-  rm -rf $d
+  rm -f $f
   exit ${{rc:-1}}
 fi
 """
@@ -77,6 +82,10 @@ class GuestKernel:
         self.log: deque[str] = deque(maxlen=LOG_LINES)
         self._thread: threading.Thread | None = None
         self._pid_seen = threading.Event()
+        self._ready_seen = threading.Event()  # a warm (forked) kernel said its sockets are bound
+        #: guest steps of the last launch (``forked``, ``setup``, ``initialized``, ``ready``): name -> (guest
+        #: wall-clock time, host wall-clock time the line arrived); plus host ``launch``/``launched`` times
+        self.steps: dict[str, tuple[float, float]] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------------
     @property
@@ -86,25 +95,30 @@ class GuestKernel:
     def launch(self) -> None:
         """Write the connection file, start the kernel process, publish its ports (once per workspace start).
         Returns at once; :meth:`wait_ready` (or a client's kernel_info) tells when it answers."""
-        guest_info = connection_info(self.key, GUEST_PORTS)
-        self.engine.exec(self.workspace, ["/bin/sh", "-c", f"umask 077; mkdir -p {GUEST_DIR}; cat > {CONNECTION_FILE}"],
-                         stdin=json.dumps(guest_info).encode(), capture=True, timeout=60)
+        self.steps = {"launch": (0.0, time.time())}
+        self._ready_seen.clear()
         self._pid_seen.clear()
         self.result = self.error = None
-        self._thread = threading.Thread(target=self._run, name=f"guest-kernel-{self.workspace}", daemon=True)
+        guest_info = connection_info(self.key, GUEST_PORTS)
+        self._thread = threading.Thread(target=self._run, args=(json.dumps(guest_info).encode(),),
+                                        name=f"guest-kernel-{self.workspace}", daemon=True)
         self._thread.start()
         if not self.host_ports:
             for field_name, guest_port in GUEST_PORTS.items():
                 _ip, port = self.engine.publish(self.workspace, guest_port)
                 self.host_ports[field_name] = port
+        self.steps["launched"] = (0.0, time.time())
 
-    def _run(self) -> None:
-        script = (ZYGOTE_LAUNCHER + f"echo $$ > {PID_FILE}; echo microagent-kernel-pid $$ >&2; "
+    def _run(self, connection: bytes) -> None:
+        # one exec does it all: the connection file comes on its stdin, then the kernel starts (warm or cold)
+        script = (WRITE_CONNECTION_FILE + ZYGOTE_LAUNCHER + f"echo $$ > {PID_FILE}; echo microagent-kernel-pid $$ >&2; "
                   f"exec {self.python} -m ipykernel_launcher -f {CONNECTION_FILE}")
         # MPLBACKEND stays unset: ipykernel then installs its inline backend (figures as image/png display_data)
         env = {"PYTHONUNBUFFERED": "1", **self.env}
+        if os.environ.get("MICROAGENT_KERNEL_TRACE"):  # the warm kernel lists the modules its start-up imported
+            env["MICROAGENT_KERNEL_TRACE"] = "1"
         try:
-            self.result = self.engine.exec(self.workspace, ["/bin/sh", "-c", script], env=env,
+            self.result = self.engine.exec(self.workspace, ["/bin/sh", "-c", script], env=env, stdin=connection,
                                            on_stdout=self._log, on_stderr=self._log, capture=False)
         except BaseException as exc:  # noqa: BLE001 (reported by alive()/wait_ready)
             self.error = exc
@@ -119,6 +133,15 @@ class GuestKernel:
                 except ValueError:
                     pass
                 self._pid_seen.set()
+                continue
+            if line.startswith("microagent-kernel-step "):
+                parts = line.split()
+                try:
+                    self.steps[parts[1]] = (float(parts[2]), time.time())
+                except (IndexError, ValueError):
+                    pass
+                if parts[1:2] == ["ready"]:
+                    self._ready_seen.set()
                 continue
             self.log.append(line)
 
@@ -142,24 +165,43 @@ class GuestKernel:
                           + (f"; its last output:\n{tail}" if tail else "")
                           + "\nRestart it with %microagent session restart " + self.workspace)
 
+    def wait_bound(self, timeout: float = READY_TIMEOUT) -> None:
+        """Until the kernel process announced itself and, for a warm (forked) kernel, bound its sockets: a client
+        connected after that gets through at once (one connected earlier waits out ZMQ's reconnect interval).
+        Returns early when the process ends (:meth:`wait_ready` then reports it)."""
+        deadline = time.monotonic() + timeout
+        self._pid_seen.wait(timeout)
+        if "forked" not in self.steps:
+            return  # a cold kernel does not say when it is bound: wait_ready polls it
+        while not self._ready_seen.wait(0.05):
+            if not self.alive or time.monotonic() > deadline:
+                return
+
     def wait_ready(self, client: Any, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
         """Send kernel_info_request until the kernel answers (returns the reply content); raises
         :class:`KernelDied` when the process ends first, :class:`GuestError` after ``timeout``."""
         deadline = time.monotonic() + timeout
+        sent: set[str] = set()
         while time.monotonic() < deadline:
             if not self.alive:
                 raise self.died_error()
-            msg_id = client.kernel_info()
-            try:
-                end = time.monotonic() + 2.0
-                while time.monotonic() < end:
-                    reply = client.get_shell_msg(timeout=max(0.05, end - time.monotonic()))
-                    if reply["parent_header"].get("msg_id") == msg_id:
-                        # the kernel answers; wait until iopub delivers too (its SUB connects asynchronously)
-                        self._wait_iopub(client, deadline)
-                        return reply["content"]
-            except queue.Empty:  # no answer yet
-                continue
+            ready = self._ready_seen.is_set()
+            sent.add(client.kernel_info())
+            # a warm kernel says when its sockets are bound: ask again soon after that; a cold one is polled
+            end = time.monotonic() + (0.5 if ready else 2.0)
+            while time.monotonic() < end:
+                if not ready and self._ready_seen.is_set():
+                    break  # it just bound its sockets: ask now (an earlier request may have hit a closed port)
+                try:
+                    reply = client.get_shell_msg(timeout=0.05)
+                except queue.Empty:  # no answer yet
+                    continue
+                if reply["parent_header"].get("msg_id") in sent:
+                    # the kernel answers; wait until iopub delivers too (its SUB connects asynchronously)
+                    self.steps["shell"] = (0.0, time.time())
+                    self._wait_iopub(client, deadline)
+                    self.steps["iopub"] = (0.0, time.time())
+                    return reply["content"]
         raise GuestError(f"the Python kernel in workspace {self.workspace!r} did not answer within {timeout:.0f} s")
 
     @staticmethod
@@ -168,7 +210,7 @@ class GuestKernel:
             client.kernel_info()
             try:
                 while True:
-                    msg = client.get_iopub_msg(timeout=0.5)
+                    msg = client.get_iopub_msg(timeout=0.1)
                     if msg["msg_type"] == "status":
                         return
             except queue.Empty:
@@ -180,6 +222,7 @@ class GuestKernel:
         import zmq
         from jupyter_client.session import Session
 
+        self.wait_bound(timeout)  # a warm kernel: connect once its sockets are bound (no reconnect backoff)
         session = Session(key=str(info["key"]).encode(), signature_scheme="hmac-sha256", username="microagent")
         ctx = zmq.Context()
         shell, sub = ctx.socket(zmq.DEALER), ctx.socket(zmq.SUB)
@@ -205,7 +248,8 @@ class GuestKernel:
                     shell.send_multipart(session.serialize(msg), flags=zmq.NOBLOCK)
                 except zmq.Again:  # not connected yet
                     pass
-                end = time.monotonic() + (1.0 if shell_ok else 2.0)
+                # once a warm kernel is bound, a request lost on a connection made before is soon asked again
+                end = time.monotonic() + (1.0 if shell_ok else 0.3 if self._ready_seen.is_set() else 2.0)
                 while time.monotonic() < end and not (shell_ok and iopub_ok):
                     for sock, _ in poller.poll(200):
                         frames = sock.recv_multipart()

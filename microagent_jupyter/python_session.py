@@ -71,6 +71,7 @@ class PythonSession:
         from jupyter_client.blocking.client import BlockingKernelClient
 
         self.kernel.launch()
+        self.kernel.wait_bound()
         client = BlockingKernelClient()
         client.load_connection_info(self.kernel.host_info)
         client.start_channels()
