@@ -16,7 +16,7 @@ from .client import DEFAULT_MAX_OUTPUT
 from .config import PROFILES, parse_env_pairs
 from .errors import InvalidArgument, MicroagentError
 from .protocol import FrameType
-from .sandbox.network import NetworkPolicy
+from .sandbox.network import NetworkPolicy, policy_of
 from .storage.volumes import DEFAULT_SIZE_MIB, render_created, render_deleted, render_list, render_status
 from .engine import Engine, WorkspaceInfo
 from .model import parse_attachment_flags, parse_mediation_flag, parse_output_flag, parse_publish_flag
@@ -42,7 +42,7 @@ def _status_text(info: WorkspaceInfo) -> str:
 
 def _list_text(infos: list[WorkspaceInfo]) -> str:
     rows = [[i.name, i.state.state, i.state.backend or "qemu", i.config.profile,
-             "isolated" if i.config.network == "none" else i.config.network, i.config.restart] for i in infos]
+             policy_of(i.config.network, i.config.network_policy).mode, i.config.restart] for i in infos]
     return _table(rows, ["NAME", "STATE", "BACKEND", "PROFILE", "NETWORK", "RESTART"])
 
 

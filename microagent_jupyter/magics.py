@@ -27,6 +27,7 @@ from microagent_engine.states import STARTABLE
 from . import display as D
 from ._engine import create_kwargs, env_pairs, get_engine, network_kwarg, storage_kwargs
 from .progress import CellProgress
+from .session_owner import remove_workspace
 
 LIFECYCLE = ("start", "pause", "resume", "halt", "stop", "kill")
 
@@ -563,8 +564,7 @@ class MicroagentMagics(Magics):
                                  on_stdout=out, on_stderr=err, capture=True)
         except BaseException:
             if args.delete:
-                _kill_quietly(engine, name)
-                _delete_quietly(engine, name)
+                remove_workspace(engine, name)
             raise
         if args.delete:
             try:

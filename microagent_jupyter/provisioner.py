@@ -27,7 +27,7 @@ from microagent_engine.model import parse_attachment_flags
 
 from .guest_kernel import GuestKernel, KernelDied
 from .relay import Relay
-from .session_owner import sweep
+from .session_owner import remove_workspace, sweep
 from .warm_python import start_session_workspace
 
 PROVISIONER_NAME = "microagent-provisioner"
@@ -172,14 +172,7 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         name, self.workspace = self.workspace, None
         if name is None:
             return
-        engine = self.engine
-        try:
-            info = engine.status(name)
-            if info.running or info.vm_alive:
-                engine.kill(name)
-            engine.delete(name)
-        except MicroagentError:
-            pass
+        remove_workspace(self.engine, name)
 
     async def get_provisioner_info(self) -> dict[str, Any]:
         info = await super().get_provisioner_info()

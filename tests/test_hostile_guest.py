@@ -59,9 +59,8 @@ def status(engine: Engine, name: str) -> dict[str, Any]:
     return engine.status(name).to_json()
 
 
-@pytest.fixture(scope="module")
-def hostile_ws(engine: Engine) -> Iterator[str]:
-    name = "hostile-shared"
+def _hostile_workspace(engine: Engine, name: str) -> Iterator[str]:
+    """A booted tiny workspace with the hostile program installed; killed and deleted afterwards."""
     engine.create(name, profile="tiny")
     engine.start(name)
     install_hostile(engine, name)
@@ -71,20 +70,17 @@ def hostile_ws(engine: Engine) -> Iterator[str]:
     except MicroagentError:
         pass
     engine.delete(name)
+
+
+@pytest.fixture(scope="module")
+def hostile_ws(engine: Engine) -> Iterator[str]:
+    yield from _hostile_workspace(engine, "hostile-shared")
 
 
 @pytest.fixture
 def fresh_ws(engine: Engine, request: pytest.FixtureRequest) -> Iterator[str]:
-    name = f"hostile-{request.node.name.split('[')[-1].rstrip(']')[:20]}".replace("_", "-")
-    engine.create(name, profile="tiny")
-    engine.start(name)
-    install_hostile(engine, name)
-    yield name
-    try:
-        engine.kill(name)
-    except MicroagentError:
-        pass
-    engine.delete(name)
+    yield from _hostile_workspace(engine, f"hostile-{request.node.name.split('[')[-1].rstrip(']')[:20]}"
+                                  .replace("_", "-"))
 
 
 def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:

@@ -106,8 +106,8 @@ def test_unprivileged_user_gets_namespaces_and_seccomp(state_dir: Path) -> None:
         resolve_kernel(state_dir)  # installed on first need (this test may run alone)
         shutil.copytree(state_dir / "kernels", home / "kernels", symlinks=True)
         # the engine's code, where nobody can read it (the checkout may live under a private home)
-        shutil.copytree(Path(__file__).resolve().parent.parent / "microagent_engine", home / "src" / "microagent_engine",
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        engine_src = Path(__file__).resolve().parent.parent / "microagent_engine"
+        shutil.copytree(engine_src, home / "src" / "microagent_engine", ignore=shutil.ignore_patterns("__pycache__"))
         subprocess.run(["chown", "-R", "nobody:", str(home)], check=True)
         home.chmod(0o700)
         py = _python_for("nobody")

@@ -48,14 +48,15 @@ class WorkspaceInfo:
 
     def to_json(self) -> dict[str, Any]:
         c, s = self.config, self.state
+        policy = policy_of(c.network, c.network_policy)
         out: dict[str, Any] = {
             "name": c.name, "state": s.state, "actions": self.actions, "live": self.running,
             "backend": s.backend or "qemu",
             "accel": s.accel or None, "accelReason": s.accel_reason or None, "image": c.image,
             "profile": c.profile, "resources": {"memoryMiB": c.memory_mib, "cpuCount": c.cpus, "sizeMiB": c.size_mib},
-            "network": "isolated" if c.network == "none" else c.network, "restart": c.restart,
-            "networkPolicy": policy_of(c.network, c.network_policy).to_json(),
-            "networkSummary": policy_of(c.network, c.network_policy).describe(),
+            "network": policy.mode, "restart": c.restart,
+            "networkPolicy": policy.to_json(),
+            "networkSummary": policy.describe(),
             "restartCount": s.restart_count, "hostname": c.hostname, "env": c.env,
             "rootfs": str(self.dir.rootfs), "serialLog": str(self.dir.serial_log),
             "createdAt": c.created_at, "startedAt": s.started_at, "stoppedAt": s.stopped_at,
