@@ -30,6 +30,8 @@ VALUE_MIME = "application/vnd.microagent.value+json"
 FORMATS = ("json", "npy", "pandas-table-json")
 MAX_VALUE_BYTES = 256 * 1024 * 1024  # one value either way
 _JSON_DEPTH = 100
+MAX_NPY_ELEMENTS = 2**31  # elements of one array (zero-size dtypes such as |V0 declare any count for free)
+_NPY_MAX_HEADER = 64 * 1024
 
 
 class ValueRefused(MicroagentError):
@@ -101,6 +103,7 @@ def decode(payload: Any) -> Any:
             import numpy as np
 
             raw = base64.b64decode(data, validate=True)
+            check_npy_size(raw, name)
             return np.load(io.BytesIO(raw), allow_pickle=False)
         import pandas as pd
 
@@ -112,6 +115,42 @@ def decode(payload: Any) -> Any:
     except (ValueError, TypeError, KeyError, binascii.Error, OSError, RecursionError) as exc:
         raise ValueRefused(f"the guest's {name!r} is not valid {fmt} ({type(exc).__name__}: "
                            f"{str(exc)[:200]}); refused") from None
+
+
+def check_npy_size(raw: bytes, name: str = "value") -> None:
+    """Refuse an ``.npy`` payload by its *declared* size before numpy allocates anything: the header's dtype and
+    shape must describe at most :data:`MAX_VALUE_BYTES` and :data:`MAX_NPY_ELEMENTS`, no object fields, and exactly
+    the bytes that follow the header (computed with Python integers: no overflow)."""
+    import numpy as np
+    from numpy.lib import format as npy
+
+    buf = io.BytesIO(raw)
+    try:
+        version = npy.read_magic(buf)
+        if version == (1, 0):
+            shape, fortran, dtype = npy.read_array_header_1_0(buf, max_header_size=_NPY_MAX_HEADER)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = npy.read_array_header_2_0(buf, max_header_size=_NPY_MAX_HEADER)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    except (ValueError, TypeError, SyntaxError, OverflowError) as exc:
+        raise ValueRefused(f"the guest's {name!r} is not valid npy (header: {str(exc)[:200]}); refused") from None
+    if dtype.hasobject:
+        raise ValueRefused(f"the guest's {name!r} is not valid npy (an array of Python objects, {dtype}, "
+                           f"would need pickle); refused")
+    count = 1
+    for n in shape:
+        if not isinstance(n, int) or n < 0:
+            raise ValueRefused(f"the guest's {name!r} is not valid npy (shape {shape!r}); refused")
+        count *= n
+    size = count * dtype.itemsize
+    if count > MAX_NPY_ELEMENTS or size > MAX_VALUE_BYTES:
+        raise ValueRefused(f"the guest's {name!r} declares {count} elements of {dtype.itemsize} bytes "
+                           f"(shape {tuple(shape)}, dtype {np.dtype(dtype).str}): more than the limit of "
+                           f"{MAX_NPY_ELEMENTS} elements / {MAX_VALUE_BYTES} bytes; refused")
+    if len(raw) - buf.tell() != size:
+        raise ValueRefused(f"the guest's {name!r} is not valid npy (it declares {size} bytes of data but carries "
+                           f"{len(raw) - buf.tell()}); refused")
 
 
 def check_names(names: list[str]) -> list[str]:

@@ -263,3 +263,42 @@ def test_killed_workspace_create_leftover_is_swept(engine: Engine) -> None:
         assert not dead.exists()
     finally:
         engine.delete("sweep-ws")
+
+
+# ---- --out values: an .npy payload is refused by its declared size before numpy allocates ---------------------
+def _npy(header: dict, payload: bytes = b"") -> str:
+    import base64
+    import io
+
+    from numpy.lib import format as npy
+
+    buf = io.BytesIO()
+    npy.write_array_header_1_0(buf, header)
+    return base64.b64encode(buf.getvalue() + payload).decode()
+
+
+@pytest.mark.parametrize(("header", "payload", "match"), [
+    ({"descr": "<f8", "fortran_order": False, "shape": (2**40,)}, b"", "limit"),           # 8 TiB declared
+    ({"descr": "|V0", "fortran_order": False, "shape": (10**18,)}, b"", "limit"),          # zero bytes, 10^18 items
+    ({"descr": "<i4", "fortran_order": False, "shape": (2**32, 2**32)}, b"", "limit"),     # overflows int64
+    ({"descr": "<i4", "fortran_order": False, "shape": (4,)}, b"\0" * 8, "declares 16 bytes"),  # short payload
+    ({"descr": "|O", "fortran_order": False, "shape": (1,)}, b"\0" * 8, "Python objects"),
+])
+def test_npy_refused_by_declared_size(header: dict, payload: bytes, match: str) -> None:
+    from microagent_jupyter.values import ValueRefused, decode
+
+    with pytest.raises(ValueRefused, match=match):
+        decode({"name": "x", "format": "npy", "data": _npy(header, payload)})
+
+
+def test_npy_within_bounds_still_decodes() -> None:
+    import numpy as np
+
+    from microagent_jupyter.values import decode, encode
+
+    arr = np.arange(12, dtype="float32").reshape(3, 4)
+    fmt, data = encode(arr)
+    assert (decode({"name": "a", "format": fmt, "data": data}) == arr).all()
+    empty = np.zeros((0, 5), dtype="V0")
+    fmt, data = encode(empty)
+    assert decode({"name": "e", "format": fmt, "data": data}).shape == (0, 5)
