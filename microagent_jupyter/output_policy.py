@@ -8,10 +8,16 @@ user's credentials. A sandboxed kernel's output is therefore hostile input. The 
   ``text/javascript``, widget views, plotly/vega/bokeh bundles, ``application/x-…``) is dropped and a visible note
   says which. Widget views can be allow-listed (``allow_widgets``) — their comms are still refused by the relay.
 * ``text/html`` is **sanitized** with nh3 (the Ammonia sanitizer): no ``<script>``/``<style>``/``<iframe>``/
-  ``<object>``/``<form>``, no event-handler or unknown attributes, URLs only ``http(s)``/``mailto``, fragment
-  links, and ``data:image/{png,jpeg,gif,webp}`` images. Sanitizing (rather than an ``<iframe sandbox srcdoc>``)
-  keeps a DataFrame's table inline, sized and styled like the rest of the notebook, and its text searchable;
-  what it loses (script-driven widgets such as plotly) could not run in the sandbox's model anyway.
+  ``<object>``/``<form>``/``<link>``/``<meta>``/``<base>``, no event-handler, ``class`` or unknown attributes.
+  **Nothing is fetched on render**: images only as ``data:image/{png,jpeg,gif,webp}``; a remote ``<img>`` becomes
+  visible text naming its URL; style values that could load anything (``url()``, ``image-set``…) are dropped.
+  **Links** only to absolute ``http(s)://host/…`` URLs off this machine (no ``http:/logout``, relative, ``//host``,
+  backslash or loopback forms, never ``server_origins``), ``mailto:`` and ``#fragments``; a kept link shows where
+  it goes (title, and the host beside its text). Each output sits in :data:`CONTAINER`, whose paint containment
+  clips the markup to its own output area (no fake toasts over Lab). Sanitizing (rather than an
+  ``<iframe sandbox srcdoc>`` through a MIME renderer of the labextension) works in every frontend, in saved
+  notebooks and nbconvert, and keeps a DataFrame's table inline, sized and searchable; what it loses
+  (script-driven widgets such as plotly) could not run in the sandbox's model anyway.
 * ``text/markdown`` is rendered to HTML on the host (mistune, as nbconvert does) and that HTML is sanitized
   like ``text/html`` and sent *as* ``text/html``: the frontend's Markdown renderer, which passes raw HTML and
   ``javascript:`` links through for trusted outputs, never sees guest Markdown.
@@ -20,8 +26,10 @@ user's credentials. A sandboxed kernel's output is therefore hostile input. The 
   ``#fragments`` or raster ``data:`` images, no ``url()`` other than ``url(#id)``.
 * raster images must be base64 and are bounded; ``text/plain``/``application/json`` are inert in every frontend;
   ``text/latex`` is passed unless it uses MathJax's link/HTML commands (``\\href``, ``\\class``, …).
-* **sizes**: one bundle at most ``max_output_bytes``, one cell at most ``max_cell_bytes`` (both counted on the
-  sanitized bundle); beyond that the bundle is replaced by a note.
+* **sizes**: one bundle at most ``max_output_bytes``, one cell at most ``max_cell_bytes`` for its text and rich
+  output together (counted on what is sent); beyond that a bundle is replaced by a note and text is cut with one
+  truncation note. HTML nested over :data:`MAX_HTML_DEPTH` and SVG over :data:`MAX_SVG_DEPTH` are dropped with a
+  note (every rule is iterative or depth-bounded); no input makes the policy raise.
 * **metadata** keeps only ``width``/``height``/``unconfined`` (numbers/bool) per image type, ``expanded`` for
   JSON and ``isolated: true`` (never ``false``); everything else is dropped.
 """
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import html
 import json
 import re
@@ -54,8 +63,8 @@ SAFE_TYPES = frozenset(RASTER_TYPES + TEXT_TYPES + SANITIZED_TYPES)
 
 # ---- HTML ------------------------------------------------------------------------------------------
 _HTML_TAGS = (set(nh3.ALLOWED_TAGS) - {"area", "map"}) | {"font"}
-_HTML_ATTRIBUTES: dict[str, set[str]] = {
-    "*": {"class", "id", "title", "lang", "dir", "align", "valign", "style"},
+_HTML_ATTRIBUTES: dict[str, set[str]] = {  # no "class": Lab's own CSS classes would style guest markup
+    "*": {"id", "title", "lang", "dir", "align", "valign", "style"},
     "a": {"href", "name"},
     "img": {"src", "alt", "width", "height"},
     "table": {"border", "cellpadding", "cellspacing", "summary", "width"},
@@ -66,7 +75,7 @@ _HTML_ATTRIBUTES: dict[str, set[str]] = {
     "font": {"color", "size"}, "time": {"datetime"}, "data": {"value"},
     "details": {"open"}, "del": {"datetime"}, "ins": {"datetime"}, "q": {"cite"}, "blockquote": {"cite"},
 }
-# style="" keeps only these properties (none of them takes a url())
+# style="" keeps only these properties (none of them takes a url(); values that try one are dropped whole)
 _STYLE_PROPERTIES = {
     "color", "background-color", "text-align", "vertical-align", "font-weight", "font-style", "font-size",
     "font-family", "text-decoration", "white-space", "border", "border-collapse", "border-spacing", "border-color",
@@ -75,29 +84,79 @@ _STYLE_PROPERTIES = {
     "margin-top", "margin-bottom", "width", "height", "max-width", "max-height", "min-width", "display",
     "text-overflow", "overflow", "line-height", "list-style-type",
 }
+_STYLE_BAD = re.compile(r"url\s*\(|image|\\|expression|@|src\s*\(|element\s*\(|fixed|sticky", re.IGNORECASE)
 _URL_ATTRIBUTES = {"href", "src", "cite"}
 _DATA_IMAGE = re.compile(r"data:image/(png|jpeg|gif|webp);base64,[A-Za-z0-9+/=\s]*\Z", re.IGNORECASE)
 _URL_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*):")
+_WEB_URL = re.compile(r"https?://[^/?#@\\\s]*@?[^/?#\\\s]+([/?#][^\\\s]*)?\Z", re.IGNORECASE)
+MAX_HTML_DEPTH = 256  # html5ever's cost grows with the square of the open-element depth
+_VOID_TAGS = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param",
+                        "source", "track", "wbr"})
+_TAG = re.compile(r"<(/?)([a-zA-Z][a-zA-Z0-9-]*)[^>]*?(/?)>")
+
+
+class UnsafeMarkup(ValueError):
+    """Markup that cannot be sanitized within the policy's bounds (too deep, unparsable)."""
+
+
+def web_url(value: str, server_origins: frozenset[str] = frozenset()) -> str | None:
+    """``value`` when it is an absolute ``http(s)://host/…`` URL to somewhere other than this machine's loopback
+    or one of ``server_origins`` (the Jupyter server's own), else None. Whitespace, control characters and
+    backslashes (which browsers fold into ``/``) refuse the URL rather than being repaired."""
+    from urllib.parse import urlsplit
+
+    v = value.strip()
+    if not _WEB_URL.match(v) or any(ord(c) < 0x21 or c == "\x7f" for c in v):
+        return None
+    try:
+        parts = urlsplit(v)
+        host = (parts.hostname or "").rstrip(".").lower()
+        port = parts.port
+    except ValueError:
+        return None
+    if not host or host == "localhost" or host.endswith(".localhost"):
+        return None
+    try:
+        import ipaddress
+
+        ip = ipaddress.ip_address(host.strip("[]"))
+        if ip.is_loopback or ip.is_unspecified or (ip.version == 6 and ip.ipv4_mapped is not None
+                                                   and (ip.ipv4_mapped.is_loopback or ip.ipv4_mapped.is_unspecified)):
+            return None
+    except ValueError:
+        if host.replace(".", "").isdigit() or host.startswith("0x"):  # 2130706433, 0x7f.1: numeric host forms
+            return None
+    origin = f"{parts.scheme.lower()}://{host}" + (f":{port}" if port else "")
+    if origin in server_origins or f"{parts.scheme.lower()}://{host}" in server_origins:
+        return None
+    return v
 
 
 def _safe_url(tag: str, value: str) -> bool:
-    v = "".join(value.split())  # browsers ignore whitespace/control chars inside a scheme
-    if v.startswith("#"):
+    v = value.strip()
+    if v.startswith("#") and tag == "a":
         return True
-    m = _URL_SCHEME.match(v)
+    m = _URL_SCHEME.match("".join(v.split()))
     if m is None:  # relative URL: would resolve against the Jupyter server's origin (its API): refused
         return False
     scheme = m.group(1).lower()
     if scheme == "data":
-        return tag == "img" and _DATA_IMAGE.match(value.strip()) is not None
-    return scheme in ("http", "https", "mailto") and (tag == "a" or scheme != "mailto")
+        return tag == "img" and _DATA_IMAGE.match(v) is not None
+    if scheme == "mailto":
+        return tag == "a" and v.lower().startswith("mailto:")
+    # img: an absolute web URL survives nh3 only to be turned into visible text by _rewrite (never fetched)
+    return tag in ("a", "img") and web_url(v) is not None
 
 
 def _attribute_filter(tag: str, attr: str, value: str) -> str | None:
     if attr in _URL_ATTRIBUTES and not _safe_url(tag, value):
         return None
+    if attr == "cite":
+        return None if _URL_SCHEME.match(value.strip()) is None else value
     if attr in ("id", "name"):  # never clobber the page's own ids (DOM clobbering)
         return "microagent-" + value if value else None
+    if attr == "style" and _STYLE_BAD.search(value):
+        return None
     return value
 
 
@@ -113,17 +172,68 @@ _CLEANER = nh3.Cleaner(
     link_rel="noopener noreferrer nofollow",
 )
 
+# nh3 serialises every attribute as name="value" with '"' escaped, so these match its output exactly
+_ATTR = re.compile(r'([a-zA-Z][a-zA-Z0-9_:-]*)="([^"]*)"')
+_IMG = re.compile(r'<img\b(?:[^>"]|"[^"]*")*>', re.IGNORECASE)
+_LINK = re.compile(r'<a\b((?:[^>"]|"[^"]*")*)>(.*?)</a>', re.IGNORECASE | re.DOTALL)
+#: every sanitized HTML output sits in this box: paint containment clips whatever the markup does (negative
+#: margins, oversized boxes) to the output area and makes it the containing block of anything positioned
+CONTAINER = '<div style="contain: paint; overflow: auto; position: relative; max-width: 100%">'
 
-def sanitize_html(source: str) -> str:
-    """Sanitized HTML fragment: only inert markup (see the module docstring for the rules)."""
-    return _CLEANER.clean(source)
+
+def _html_depth(source: str) -> int:
+    depth = peak = 0
+    for m in _TAG.finditer(source):
+        name = m.group(2).lower()
+        if name in _VOID_TAGS or m.group(3):
+            continue
+        depth = max(0, depth - 1) if m.group(1) else depth + 1
+        peak = max(peak, depth)
+    return peak
 
 
-def markdown_to_safe_html(source: str) -> str:
+def _rewrite_img(m: re.Match[str]) -> str:
+    attrs = dict(_ATTR.findall(m.group(0)))
+    src = html.unescape(attrs.get("src", ""))
+    if _DATA_IMAGE.match(src.strip()):
+        return m.group(0)
+    if not src:
+        return ""
+    return f'<span title="remote image, not loaded">[remote image not loaded: {html.escape(src)}]</span>'
+
+
+def _rewrite_link(server_origins: frozenset[str], m: re.Match[str]) -> str:
+    attrs = dict(_ATTR.findall(m.group(1)))
+    href = html.unescape(attrs.get("href", ""))
+    inner = m.group(2)
+    if not href.lower().startswith(("http://", "https://")):
+        return m.group(0)
+    if web_url(href, server_origins) is None:  # the Jupyter server's own origin: the text stays, the link goes
+        return inner
+    from urllib.parse import urlsplit
+
+    host = urlsplit(href).hostname or ""
+    kept = " ".join(f'{k}="{v}"' for k, v in attrs.items() if k != "title")
+    shown = "" if host and host in html.unescape(re.sub(r"<[^>]*>", "", inner)) else \
+        f' <span>({html.escape(host)})</span>'
+    return f'<a {kept} title="{html.escape(href)}">{inner}</a>{shown}'
+
+
+def sanitize_html(source: str, server_origins: frozenset[str] = frozenset()) -> str:
+    """Sanitized HTML fragment: only inert markup (see the module docstring for the rules), in the clipping
+    :data:`CONTAINER`. Raises :class:`UnsafeMarkup` for markup nested deeper than :data:`MAX_HTML_DEPTH`."""
+    if _html_depth(source) > MAX_HTML_DEPTH:
+        raise UnsafeMarkup(f"HTML nested deeper than {MAX_HTML_DEPTH} elements")
+    cleaned = _CLEANER.clean(source)
+    cleaned = _LINK.sub(functools.partial(_rewrite_link, server_origins), _IMG.sub(_rewrite_img, cleaned))
+    return f"{CONTAINER}{cleaned}</div>" if cleaned else ""
+
+
+def markdown_to_safe_html(source: str, server_origins: frozenset[str] = frozenset()) -> str:
     """Render Markdown on the host, then sanitize the HTML (guest Markdown never reaches a frontend renderer)."""
     import mistune
 
-    return sanitize_html(mistune.html(source))
+    return sanitize_html(mistune.html(source), server_origins)
 
 
 # ---- SVG -------------------------------------------------------------------------------------------
@@ -149,7 +259,9 @@ _SVG_ATTRIBUTES = {
     "vector-effect", "shape-rendering", "text-rendering", "image-rendering", "startOffset",
 }
 _CSS_URL = re.compile(r"url\s*\(\s*['\"]?\s*([^)'\"]*)", re.IGNORECASE)
-_CSS_BAD = re.compile(r"@import|expression\s*\(|javascript:|behavior\s*:|-moz-binding|\\", re.IGNORECASE)
+_CSS_BAD = re.compile(r"@import|@font-face|expression\s*\(|javascript:|behavior\s*:|-moz-binding|image-set|"
+                      r"image\s*\(|cross-fade|element\s*\(|src\s*\(|\\", re.IGNORECASE)
+MAX_SVG_DEPTH = 128
 
 
 class UnsafeSVG(ValueError):
@@ -222,6 +334,12 @@ def sanitize_svg(source: str) -> str:
         raise UnsafeSVG(f"SVG that does not parse ({exc})") from None
     if _local(root.tag)[1] != "svg":
         raise UnsafeSVG("SVG whose root element is not <svg>")
+    stack = [(root, 1)]  # iterative depth check: the rebuild and ElementTree's serialiser recurse
+    while stack:
+        el, depth = stack.pop()
+        if depth > MAX_SVG_DEPTH:
+            raise UnsafeSVG(f"SVG nested deeper than {MAX_SVG_DEPTH} elements")
+        stack.extend((child, depth + 1) for child in el)
     cleaned = _clean_svg_element(root)
     assert cleaned is not None
     cleaned.set("xmlns", SVG_NS)
@@ -231,7 +349,9 @@ def sanitize_svg(source: str) -> str:
 
 
 # ---- LaTeX -----------------------------------------------------------------------------------------
-_LATEX_BAD = re.compile(r"\\(href|url|class|cssId|style|unicode|require|html|data)\b", re.IGNORECASE)
+# MathJax commands that fetch, style (CSS can fetch) or inject markup
+_LATEX_BAD = re.compile(r"\\(href|url|class|cssId|style|unicode|require|html|data|bbox|mmlToken|includegraphics)"
+                        r"\b", re.IGNORECASE)
 
 
 # ---- policy ----------------------------------------------------------------------------------------
@@ -258,11 +378,14 @@ class OutputPolicy:
     max_cell_bytes: int = DEFAULT_MAX_CELL_BYTES
     allow_widgets: bool = False
     extra_types: frozenset[str] = frozenset()
+    server_origins: frozenset[str] = frozenset()
     cell_bytes: int = field(default=0, init=False)
+    cell_text_truncated: bool = field(default=False, init=False)
 
     def new_cell(self) -> None:
-        """Start a new cell's size budget."""
+        """Start a new cell's size budget (one budget, in bytes, for its text and rich outputs)."""
         self.cell_bytes = 0
+        self.cell_text_truncated = False
 
     # -- bundles --
     def filter_bundle(self, data: Any, metadata: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -278,8 +401,11 @@ class OutputPolicy:
             mime = str(mime)[:200]
             try:
                 kept = self._filter_one(mime, value)
-            except UnsafeSVG as exc:
-                notes.append(f"dropped image/svg+xml: {exc}")
+            except (UnsafeSVG, UnsafeMarkup) as exc:
+                notes.append(f"dropped {mime}: {exc}")
+                continue
+            except Exception as exc:  # noqa: BLE001 (no guest bundle may break the policy: drop it, say so)
+                notes.append(f"dropped {mime}: it could not be sanitized ({type(exc).__name__})")
                 continue
             if kept is None:
                 dropped.append(mime)
@@ -323,9 +449,9 @@ class OutputPolicy:
         if mime == "text/plain":
             return mime, _truncate(value, MAX_TEXT_CHARS)
         if mime == "text/html":
-            return mime, sanitize_html(value)
+            return mime, sanitize_html(value, self.server_origins)
         if mime == "text/markdown":
-            return "text/html", markdown_to_safe_html(value)
+            return "text/html", markdown_to_safe_html(value, self.server_origins)
         if mime == "image/svg+xml":
             return mime, sanitize_svg(value)
         if mime == "text/latex":
@@ -368,9 +494,34 @@ class OutputPolicy:
     def filter_content(self, msg_type: str, content: Any) -> dict[str, Any] | None:
         """The safe content of one iopub message, or None to drop the message. Handles display_data,
         execute_result, update_display_data, stream, error, clear_output, status, execute_input; comm
-        messages and anything else are dropped."""
+        messages and anything else are dropped. Never raises: a message that breaks a rule's code is dropped
+        (a display message becomes a note saying so)."""
         if not isinstance(content, dict):
             return None
+        try:
+            return self._filter_content(msg_type, content)
+        except Exception as exc:  # noqa: BLE001
+            if msg_type in ("display_data", "execute_result", "update_display_data"):
+                return {"data": {"text/plain": note(f"dropped an output that could not be sanitized "
+                                                    f"({type(exc).__name__})")}, "metadata": {}}
+            return None
+
+    def _text_budget(self, text: str) -> str | None:
+        """``text`` as far as this cell's byte budget allows: past it once a truncation note, then None."""
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if self.cell_bytes + size <= self.max_cell_bytes:
+            self.cell_bytes += size
+            return text
+        if self.cell_text_truncated:
+            return None
+        self.cell_text_truncated = True
+        room = max(0, self.max_cell_bytes - self.cell_bytes)
+        self.cell_bytes = self.max_cell_bytes
+        head = text.encode("utf-8", "surrogatepass")[:room].decode("utf-8", "ignore")
+        return head + "\n" + note(f"output truncated: this cell's output passed {self.max_cell_bytes} bytes; "
+                                   f"the rest of its text is dropped")
+
+    def _filter_content(self, msg_type: str, content: dict[str, Any]) -> dict[str, Any] | None:
         if msg_type in ("display_data", "execute_result", "update_display_data"):
             data, metadata = self.filter_bundle(content.get("data"), content.get("metadata"))
             new: dict[str, Any] = {"data": data, "metadata": metadata}
@@ -382,7 +533,8 @@ class OutputPolicy:
             return new
         if msg_type == "stream":
             name = content.get("name") if content.get("name") in ("stdout", "stderr") else "stdout"
-            return {"name": name, "text": _truncate(_text(content.get("text")), MAX_TEXT_CHARS)}
+            text = self._text_budget(_truncate(_text(content.get("text")), MAX_TEXT_CHARS))
+            return None if text is None else {"name": name, "text": text}
         if msg_type == "error":
             tb = content.get("traceback")
             tb = [_truncate(_text(line), 64 * KiB) for line in tb[:500]] if isinstance(tb, list) else []

