@@ -26,6 +26,7 @@ from microagent_engine.images.builtin import PYTHON_REF
 from microagent_engine.model import parse_attachment_flags
 
 from .guest_kernel import GuestKernel, KernelDied
+from .output_policy import OutputPolicy
 from .relay import Relay
 from .session_owner import remove_workspace, sweep
 from .warm_python import start_session_workspace
@@ -112,7 +113,8 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self._front = {**self.connection_info, "key": key.decode() if isinstance(key, bytes) else key}
             if self.relay is None or not self.relay.running:
                 kernel = self.kernel
-                self.relay = Relay(self._front, kernel.host_info, alive=lambda: kernel.alive)
+                self.relay = Relay(self._front, kernel.host_info, alive=lambda: kernel.alive,
+                                   policy=OutputPolicy(server_origins=server_origins()))
                 self.relay.start()
             self._wait_ready()
         except BaseException:
@@ -191,3 +193,24 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
 
 __all__ = ["PROVISIONER_NAME", "KernelDied", "MicroagentProvisioner"]
+
+
+def server_origins() -> frozenset[str]:
+    """The origins of the Jupyter server this provisioner runs in (links to them are never passed from a guest)."""
+    from urllib.parse import urlsplit
+
+    try:
+        from jupyter_server.serverapp import ServerApp
+
+        if not ServerApp.initialized():
+            return frozenset()
+        app = ServerApp.instance()
+        urls = [app.connection_url, *(getattr(app, "display_urls", "") or "").split("\n")]
+    except Exception:  # noqa: BLE001 (no server, or one without these attributes: loopback is refused anyway)
+        return frozenset()
+    out = set()
+    for url in urls:
+        parts = urlsplit(url.strip())
+        if parts.scheme in ("http", "https") and parts.hostname:
+            out.add(f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else ""))
+    return frozenset(out)
