@@ -78,6 +78,7 @@ class Relay:
         self.policy = policy or OutputPolicy()
         self.front_signer, self.guest_signer = Signer(frontend["key"]), Signer(guest["key"])
         self.dropped = 0
+        self.broken = 0  # messages whose rewriting raised (dropped; the relay goes on)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -158,14 +159,14 @@ class Relay:
                     elif ch == "iopub" and side == "front":  # subscriptions from the frontend: ignore
                         continue
                     elif side == "front":
-                        out = self._to_guest(frames)
+                        out = self._guarded(self._to_guest, frames)
                         if out is not None and g is not None:
                             try:  # never block the relay: while the guest is not connected, the request is lost
                                 g.send_multipart(out, flags=zmq.NOBLOCK)  # (clients retry kernel_info)
                             except zmq.Again:
                                 self.dropped += 1
                     else:
-                        out = self._to_front(ch, frames)
+                        out = self._guarded(self._to_front, ch, frames)
                         if out is not None:
                             try:
                                 f.send_multipart(out, flags=zmq.NOBLOCK)
@@ -179,6 +180,15 @@ class Relay:
             ctx.term()
 
     # ---- message rewriting ------------------------------------------------------------------------------
+    def _guarded(self, rewrite: Callable[..., list[bytes] | None], *args: Any) -> list[bytes] | None:
+        """One message through ``rewrite``; whatever it raises drops that message (counted), never the relay."""
+        try:
+            return rewrite(*args)
+        except Exception:  # noqa: BLE001 (a hostile message must not end the relay thread)
+            self.dropped += 1
+            self.broken += 1
+            return None
+
     def _to_guest(self, frames: list[bytes]) -> list[bytes] | None:
         parts = split(frames)
         if parts is None:

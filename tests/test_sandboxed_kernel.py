@@ -74,9 +74,9 @@ def relayed() -> Iterator[tuple[BlockingKernelClient, Relay, dict[str, Any]]]:
     km.shutdown_kernel(now=True)
 
 
-def _run(client: BlockingKernelClient, code: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _run(client: BlockingKernelClient, code: str, timeout: float = 120) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     outs: list[dict[str, Any]] = []
-    reply = client.execute_interactive(code, output_hook=outs.append, timeout=120)
+    reply = client.execute_interactive(code, output_hook=outs.append, timeout=timeout)
     return reply, outs
 
 
@@ -116,6 +116,19 @@ def test_relay_drops_guest_comms_and_forged_messages(relayed) -> None:
     assert reply["content"]["status"] == "ok"
     assert relay.dropped > forged_dropped
     pub.close(0)
+
+
+def test_relay_survives_a_message_that_breaks_its_rewriting(relayed) -> None:
+    """A guest iopub message whose content is 100,000 nested JSON lists (200 KB, correctly signed) made the relay
+    thread die on RecursionError: now that message is dropped and counted, and the next one passes."""
+    client, relay, _guest = relayed
+    _run(client, "k = get_ipython().kernel\n"
+                 "k.session.send(k.iopub_socket, 'stream', content=b'[' * 100000 + b']' * 100000, "
+                 "parent=k.get_parent('shell'))")
+    reply, outs = _run(client, "print('after')", timeout=20)
+    assert reply["content"]["status"] == "ok"
+    assert [m["content"]["text"] for m in outs if m["msg_type"] == "stream"] == ["after\n"]
+    assert relay.running and relay.broken >= 1
 
 
 # ---- the whole sandboxed kernel, in a VM ---------------------------------------------------------------------
