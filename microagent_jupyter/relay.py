@@ -21,7 +21,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
+import re
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +35,17 @@ from .output_policy import OutputPolicy
 DELIM = b"<IDS|MSG>"
 CHANNELS = ("shell", "control", "stdin", "iopub", "hb")
 MAX_GUEST_MESSAGE = 64 * 1024 * 1024
+MAX_REMEMBERED = 1024  # requests the relay remembers (their headers become the parents of the guest's answers)
+REPLY_OF = {f"{kind}_request": f"{kind}_reply" for kind in (
+    "execute", "inspect", "complete", "history", "is_complete", "kernel_info", "comm_info", "shutdown", "interrupt",
+    "usage")}
+# what is the host's to say about the kernel, whatever the guest claims (see Relay.filter, kernel_info_reply)
+LANGUAGE_INFO = {"name": "python", "mimetype": "text/x-python", "file_extension": ".py",
+                 "codemirror_mode": {"name": "ipython", "version": 3}, "pygments_lexer": "ipython3",
+                 "nbconvert_exporter": "python"}
+HELP_LINKS = [{"text": "Python Reference", "url": "https://docs.python.org/3/"},
+              {"text": "IPython Reference", "url": "https://ipython.readthedocs.io/en/stable/"}]
+_VERSION = re.compile(r"\d{1,4}(\.\d{1,6}){0,3}\Z")
 _REPLY_TYPES = {
     "shell": {"execute_reply", "inspect_reply", "complete_reply", "history_reply", "is_complete_reply",
               "kernel_info_reply", "comm_info_reply", "shutdown_reply", "interrupt_reply"},
@@ -79,6 +93,9 @@ class Relay:
         self.front_signer, self.guest_signer = Signer(frontend["key"]), Signer(guest["key"])
         self.dropped = 0
         self.broken = 0  # messages whose rewriting raised (dropped; the relay goes on)
+        self.unsolicited = 0  # guest replies to nothing the frontend asked (dropped)
+        self._requests: OrderedDict[str, bytes] = OrderedDict()  # msg_id -> the frontend's request header
+        self._pending: OrderedDict[str, tuple[str, str, bool]] = OrderedDict()  # -> (channel, reply type, stdin)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -107,6 +124,7 @@ class Relay:
         socks: dict[str, tuple[zmq.Socket, zmq.Socket | None]] = {}
         try:
             fip, gip = self.frontend["ip"], self.guest["ip"]
+            ident = b"microagent-relay-" + os.urandom(8).hex().encode()
             for ch in ("shell", "control", "stdin"):
                 f = ctx.socket(zmq.ROUTER)
                 f.linger = 0
@@ -114,6 +132,9 @@ class Relay:
                 g = ctx.socket(zmq.DEALER)
                 g.linger = 0
                 g.setsockopt(zmq.MAXMSGSIZE, MAX_GUEST_MESSAGE)
+                # one identity on shell and stdin, as a Jupyter client has: the kernel addresses an input_request
+                # to the identity its execute_request came from
+                g.setsockopt(zmq.IDENTITY, ident)
                 g.connect(f"tcp://{gip}:{self.guest[ch + '_port']}")
                 socks[ch] = (f, g)
             f = ctx.socket(zmq.XPUB)
@@ -159,7 +180,7 @@ class Relay:
                     elif ch == "iopub" and side == "front":  # subscriptions from the frontend: ignore
                         continue
                     elif side == "front":
-                        out = self._guarded(self._to_guest, frames)
+                        out = self._guarded(self._to_guest, ch, frames)
                         if out is not None and g is not None:
                             try:  # never block the relay: while the guest is not connected, the request is lost
                                 g.send_multipart(out, flags=zmq.NOBLOCK)  # (clients retry kernel_info)
@@ -189,7 +210,7 @@ class Relay:
             self.broken += 1
             return None
 
-    def _to_guest(self, frames: list[bytes]) -> list[bytes] | None:
+    def _to_guest(self, channel: str, frames: list[bytes]) -> list[bytes] | None:
         parts = split(frames)
         if parts is None:
             self.dropped += 1
@@ -198,7 +219,42 @@ class Relay:
         if not self.front_signer.verify(sig, body[:4]):
             self.dropped += 1
             return None
+        self._remember(channel, body[0], body[3])
         return [*idents, DELIM, self.guest_signer.sign(body[:4]), *body]
+
+    def _remember(self, channel: str, header_b: bytes, content_b: bytes) -> None:
+        """Note a request of the frontend: its reply may come back (once), and only it may be a reply's parent."""
+        header = json.loads(header_b)
+        msg_id, msg_type = header.get("msg_id"), header.get("msg_type")
+        if not isinstance(msg_id, str) or not isinstance(msg_type, str):
+            return
+        self._requests[msg_id] = header_b
+        while len(self._requests) > MAX_REMEMBERED:
+            self._requests.popitem(last=False)
+        reply = REPLY_OF.get(msg_type)
+        if reply is not None and channel in ("shell", "control"):
+            stdin = msg_type == "execute_request" and json.loads(content_b).get("allow_stdin") is True
+            self._pending[msg_id] = (channel, reply, stdin)
+            while len(self._pending) > MAX_REMEMBERED:
+                self._pending.popitem(last=False)
+
+    def _parent_for(self, channel: str, msg_type: str, parent: Any) -> bytes | None:
+        """The frontend's own request header to send as this guest message's parent, or None to drop the message:
+        a reply must answer an outstanding request of its kind on its channel (once); ``input_request`` needs a
+        running execute_request that allowed stdin; iopub keeps a known parent (else none)."""
+        msg_id = parent.get("msg_id") if isinstance(parent, dict) else None
+        known = self._requests.get(msg_id) if isinstance(msg_id, str) else None
+        if channel == "iopub":
+            return known if known is not None else b"{}"
+        pending = self._pending.get(msg_id) if isinstance(msg_id, str) else None
+        if known is None or pending is None:
+            return None
+        if channel == "stdin":
+            return known if msg_type == "input_request" and pending[2] else None
+        if pending[:2] != (channel, msg_type):
+            return None
+        del self._pending[msg_id]
+        return known
 
     def _to_front(self, channel: str, frames: list[bytes]) -> list[bytes] | None:
         parts = split(frames)
@@ -212,7 +268,8 @@ class Relay:
         try:
             header = json.loads(header_b)
             content = json.loads(content_b)
-            json.loads(parent_b), json.loads(meta_b)
+            parent = json.loads(parent_b)
+            json.loads(meta_b)
         except ValueError:
             self.dropped += 1
             return None
@@ -220,6 +277,12 @@ class Relay:
         if not isinstance(msg_type, str):
             self.dropped += 1
             return None
+        known_parent = self._parent_for(channel, msg_type, parent)
+        if known_parent is None:
+            self.dropped += 1
+            self.unsolicited += 1
+            return None
+        parent_b = known_parent
         new = self.filter(channel, msg_type, content)
         if new is None:
             self.dropped += 1
@@ -257,13 +320,26 @@ class Relay:
                                                        content.get("metadata"))
             return {"status": content.get("status"), "found": bool(content.get("found")), "data": data,
                     "metadata": metadata}
-        if msg_type == "kernel_info_reply":  # help_links become Help-menu entries in the page: http(s) only
-            links = [{"text": str(h.get("text", ""))[:100], "url": h["url"]} for h in content.get("help_links") or []
-                     if isinstance(h, dict) and isinstance(h.get("url"), str)
-                     and h["url"].lower().startswith(("https://", "http://"))]
-            return {**content, "help_links": links[:20]}
+        if msg_type == "kernel_info_reply":
+            return kernel_info(content)
         return content
 
 
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def kernel_info(content: dict[str, Any]) -> dict[str, Any]:
+    """The kernel_info_reply the frontend sees: the language, its editor mode, file extension and the Help menu are
+    the host's to say (a guest could name ``text/html``, ``../../.bashrc`` or a phishing link); from the guest only
+    version numbers that look like version numbers and a bounded plain-text banner; no debugger."""
+    def version(value: Any, default: str) -> str:
+        return value if isinstance(value, str) and _VERSION.match(value) else default
+
+    lang = content.get("language_info") if isinstance(content.get("language_info"), dict) else {}
+    banner = content.get("banner") if isinstance(content.get("banner"), str) else ""
+    banner = "".join(c for c in banner[:4096] if c.isprintable() or c in "\n\t")
+    return {"status": "ok", "protocol_version": version(content.get("protocol_version"), "5.3"),
+            "implementation": "ipython", "implementation_version": version(content.get("implementation_version"), ""),
+            "language_info": {**LANGUAGE_INFO, "version": version(lang.get("version"), "")},
+            "banner": banner, "help_links": HELP_LINKS, "debugger": False}

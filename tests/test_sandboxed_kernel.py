@@ -8,6 +8,7 @@ import hmac
 import json
 import socket
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,6 +130,58 @@ def test_relay_survives_a_message_that_breaks_its_rewriting(relayed) -> None:
     assert reply["content"]["status"] == "ok"
     assert [m["content"]["text"] for m in outs if m["msg_type"] == "stream"] == ["after\n"]
     assert relay.running and relay.broken >= 1
+
+
+def _wait_for(predicate, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_relay_forwards_only_replies_to_what_the_frontend_asked(relayed) -> None:
+    """Replies whose parent the frontend never sent, a second reply to one request and an input_request while
+    the frontend's execute_request did not allow stdin are dropped; kernel_info says what the host says."""
+    client, relay, _guest = relayed
+    before = relay.unsolicited
+    client.execute_interactive("k = get_ipython().kernel\n"
+                 "ident = k._parent_ident['shell']\n"
+                 "k.session.send(k.shell_stream, 'execute_reply', {'status': 'ok', 'execution_count': 99}, "
+                 "parent={'msg_id': 'never-sent', 'msg_type': 'execute_request'}, ident=ident)\n"
+                 "k.session.send(k.shell_stream, 'kernel_info_reply', {'status': 'ok'}, "
+                 "parent=k.get_parent('shell'), ident=ident)\n"
+                 "k.session.send(k.stdin_socket, 'input_request', {'prompt': 'sign in again, password:', "
+                 "'password': True}, parent=k.get_parent('shell'), ident=ident)", allow_stdin=False, timeout=120)
+    _wait_for(lambda: relay.unsolicited >= before + 3, "the relay to drop three unsolicited messages")
+    reply, _ = _run(client, "1")
+    assert reply["content"]["status"] == "ok"
+    assert not client.shell_channel.msg_ready() and not client.stdin_channel.msg_ready()
+
+    # what is ours to say: a guest claiming another language, a path as extension, a debugger and a help link
+    _run(client, "k = get_ipython().kernel\n"
+                 "k.language_info = {'name': 'javascript', 'mimetype': 'text/html', 'file_extension': '../../.bashrc',"
+                 " 'codemirror_mode': 'javascript', 'version': '<b>3</b>'}\n"
+                 "k.help_links = [{'text': 'Sign in', 'url': 'https://phish.example/login'}]")
+    info = client.kernel_info(reply=True, timeout=60)["content"]
+    assert info["language_info"]["name"] == "python" and info["language_info"]["file_extension"] == ".py"
+    assert info["language_info"]["mimetype"] == "text/x-python" and info["language_info"]["version"] == ""
+    assert info["debugger"] is False
+    assert all("phish" not in link["url"] for link in info["help_links"])
+
+
+def test_input_reaches_a_frontend_that_allows_stdin(relayed) -> None:
+    client, _relay, _guest = relayed
+    outs: list[dict[str, Any]] = []
+    prompts: list[str] = []
+
+    def answer(msg: dict[str, Any]) -> None:
+        prompts.append(msg["content"]["prompt"])
+        client.input("alice")
+
+    reply = client.execute_interactive("name = input('who? ')\nprint('hello', name)", allow_stdin=True,
+                                       stdin_hook=answer, output_hook=outs.append, timeout=120)
+    assert reply["content"]["status"] == "ok" and prompts == ["who? "]
+    assert "hello alice\n" in [m["content"].get("text") for m in outs if m["msg_type"] == "stream"]
 
 
 # ---- the whole sandboxed kernel, in a VM ---------------------------------------------------------------------
