@@ -222,9 +222,11 @@ class GuestKernel:
         import zmq
         from jupyter_client.session import Session
 
+        from .relay import bounded_context
+
         self.wait_bound(timeout)  # a warm kernel: connect once its sockets are bound (no reconnect backoff)
         session = Session(key=str(info["key"]).encode(), signature_scheme="hmac-sha256", username="microagent")
-        ctx = zmq.Context()
+        ctx = bounded_context()
         shell, sub = ctx.socket(zmq.DEALER), ctx.socket(zmq.SUB)
         for sock in (shell, sub):
             sock.linger = 0

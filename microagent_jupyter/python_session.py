@@ -33,6 +33,7 @@ from ._engine import create_kwargs, env_pairs, storage_kwargs
 from .guest_kernel import GuestKernel
 from .magics import MicroagentInterrupted
 from .output_policy import OutputPolicy
+from .relay import bounded_context
 from .session_owner import remove_workspace, sweep
 from .warm_python import start_session_workspace
 
@@ -68,12 +69,9 @@ class PythonSession:
     # ---- start / stop ----------------------------------------------------------------------------
     def start(self) -> None:
         """Launch the guest kernel, connect a client, install the value helpers; returns when it answers."""
-        from jupyter_client.blocking.client import BlockingKernelClient
-
         self.kernel.launch()
         self.kernel.wait_bound()
-        client = BlockingKernelClient()
-        client.load_connection_info(self.kernel.host_info)
+        client = bounded_client(self.kernel.host_info)
         client.start_channels()
         self.client = client
         try:
@@ -87,6 +85,7 @@ class PythonSession:
         if self.client is not None:
             try:
                 self.client.stop_channels()
+                self.client.context.destroy(linger=0)
             except Exception:  # noqa: BLE001 (closing anyway)
                 pass
             self.client = None
@@ -228,6 +227,16 @@ class PythonSession:
                 raise V.ValueRefused(f"the guest answered --out {name} with {sorted(data)[:5]} instead of a "
                                      f"value transfer; refused")
         raise V.ValueRefused(f"the guest sent nothing for --out {name}")
+
+
+def bounded_client(info: dict[str, Any]) -> Any:
+    """A blocking Jupyter client on the guest kernel's ``info`` whose sockets hold a bounded number of bytes
+    (:func:`.relay.bounded_context`): a guest that floods iopub between cells cannot grow this process."""
+    from jupyter_client.blocking.client import BlockingKernelClient
+
+    client = BlockingKernelClient(context=bounded_context())
+    client.load_connection_info(info)
+    return client
 
 
 # ---- registry of this process's sessions --------------------------------------------------------

@@ -30,11 +30,24 @@ from typing import Any
 
 import zmq
 
-from .output_policy import OutputPolicy
+from .output_policy import OutputPolicy, note
 
 DELIM = b"<IDS|MSG>"
 CHANNELS = ("shell", "control", "stdin", "iopub", "hb")
-MAX_GUEST_MESSAGE = 64 * 1024 * 1024
+MAX_GUEST_MESSAGE = 16 * 1024 * 1024  # above the output policy's 8 MiB per output; a larger one drops the connection
+RCVHWM, SNDHWM = 2, 8  # messages queued per socket: with MAX_GUEST_MESSAGE, what bounds a session's bytes in ZMQ
+
+
+def bounded_context() -> zmq.Context:
+    """A ZMQ context whose sockets bound what a guest can make the host hold: no message over
+    :data:`MAX_GUEST_MESSAGE`, at most :data:`RCVHWM` messages received but unread and :data:`SNDHWM` queued
+    towards a slow peer per socket, so a session's queues hold at most ~(sockets x HWM x 16 MiB) bytes, between
+    cells too, however many messages a guest sends (a full queue pushes back to the guest, whose publisher drops)."""
+    ctx = zmq.Context()
+    ctx.setsockopt(zmq.MAXMSGSIZE, MAX_GUEST_MESSAGE)
+    ctx.setsockopt(zmq.RCVHWM, RCVHWM)
+    ctx.setsockopt(zmq.SNDHWM, SNDHWM)
+    return ctx
 MAX_REMEMBERED = 1024  # requests the relay remembers (their headers become the parents of the guest's answers)
 REPLY_OF = {f"{kind}_request": f"{kind}_reply" for kind in (
     "execute", "inspect", "complete", "history", "is_complete", "kernel_info", "comm_info", "shutdown", "interrupt",
@@ -94,6 +107,8 @@ class Relay:
         self.dropped = 0
         self.broken = 0  # messages whose rewriting raised (dropped; the relay goes on)
         self.unsolicited = 0  # guest replies to nothing the frontend asked (dropped)
+        self.lost_to_slow_frontend = 0  # iopub messages a full queue refused since the last note
+        self.guest_messages = 0  # messages received from the guest
         self._requests: OrderedDict[str, bytes] = OrderedDict()  # msg_id -> the frontend's request header
         self._pending: OrderedDict[str, tuple[str, str, bool]] = OrderedDict()  # -> (channel, reply type, stdin)
         self._stop = threading.Event()
@@ -120,7 +135,7 @@ class Relay:
 
     # ---- socket setup -------------------------------------------------------------------------------
     def _main(self) -> None:
-        ctx = zmq.Context()
+        ctx = bounded_context()
         socks: dict[str, tuple[zmq.Socket, zmq.Socket | None]] = {}
         try:
             fip, gip = self.frontend["ip"], self.guest["ip"]
@@ -139,6 +154,7 @@ class Relay:
                 socks[ch] = (f, g)
             f = ctx.socket(zmq.XPUB)
             f.linger = 0
+            f.setsockopt(zmq.XPUB_NODROP, 1)  # a full queue says so (EAGAIN): the loss is counted and told
             f.bind(f"tcp://{fip}:{self.frontend['iopub_port']}")
             g = ctx.socket(zmq.SUB)
             g.linger = 0
@@ -173,6 +189,8 @@ class Relay:
                 for sock, _ in poller.poll(200):
                     ch, side = owner[sock]
                     frames = sock.recv_multipart()
+                    if side == "guest":
+                        self.guest_messages += 1
                     f, g = socks[ch]
                     if ch == "hb":
                         # a REP must answer before it can receive again: echo while the guest kernel is alive
@@ -189,16 +207,36 @@ class Relay:
                     else:
                         out = self._guarded(self._to_front, ch, frames)
                         if out is not None:
-                            try:
-                                f.send_multipart(out, flags=zmq.NOBLOCK)
-                            except zmq.Again:
-                                self.dropped += 1
+                            self._send_front(ch, f, out)
         finally:
             for f, g in socks.values():
                 f.close(0)
                 if g is not None:
                     g.close(0)
             ctx.term()
+
+    def _send_front(self, channel: str, sock: zmq.Socket, frames: list[bytes]) -> None:
+        """Send without blocking; what a full queue refuses is counted, and the frontend is told (once the queue
+        takes messages again) how many iopub messages it did not get."""
+        try:
+            if channel == "iopub" and self.lost_to_slow_frontend:
+                note = self._note(frames, f"{self.lost_to_slow_frontend} output message(s) were dropped: the "
+                                          f"frontend did not read them fast enough")
+                sock.send_multipart(note, flags=zmq.NOBLOCK)
+                self.lost_to_slow_frontend = 0
+            sock.send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped += 1
+            if channel == "iopub":
+                self.lost_to_slow_frontend += 1
+
+    def _note(self, like: list[bytes], text: str) -> list[bytes]:
+        """A stderr stream message from the relay itself, with the parent of the signed message ``like``."""
+        i = like.index(DELIM)
+        header = json.dumps({"msg_id": os.urandom(16).hex(), "msg_type": "stream", "username": "microagent",
+                             "session": "microagent-relay", "date": _now(), "version": "5.3"}).encode()
+        body = [header, like[i + 3], b"{}", json.dumps({"name": "stderr", "text": note(text) + "\n"}).encode()]
+        return [*like[:i], DELIM, self.front_signer.sign(body), *body]
 
     # ---- message rewriting ------------------------------------------------------------------------------
     def _guarded(self, rewrite: Callable[..., list[bytes] | None], *args: Any) -> list[bytes] | None:
@@ -343,3 +381,9 @@ def kernel_info(content: dict[str, Any]) -> dict[str, Any]:
             "implementation": "ipython", "implementation_version": version(content.get("implementation_version"), ""),
             "language_info": {**LANGUAGE_INFO, "version": version(lang.get("version"), "")},
             "banner": banner, "help_links": HELP_LINKS, "debugger": False}
+
+
+def _now() -> str:
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc).isoformat()

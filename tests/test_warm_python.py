@@ -33,6 +33,7 @@ def engine(state_dir: Path, python_image: Path) -> Iterator[Engine]:
 
 
 def value(sess: PS.PythonSession, code: str) -> Any:
+    InteractiveShell.instance()  # display() publishes through a shell (this test may run alone)
     with capture_output() as cap:
         sess.run_cell(code)
     return cap.outputs[-1].data["text/plain"]
@@ -107,8 +108,9 @@ def test_sessions_of_a_killed_notebook_kernel_are_swept(engine: Engine, state_di
 
 
 def test_broken_warm_snapshot_falls_back_to_cold(engine: Engine, state_dir: Path) -> None:
-    snaps = [m["name"] for m in engine.snapshots() if m["name"].startswith(warm_python.SNAPSHOT_PREFIX)]
-    assert snaps
+    built, why = warm_python.warm_snapshot(engine, {})  # the one a default session resumes (built if missing)
+    assert built is not None, why
+    snaps = [built]
     from microagent_engine.snapshots.workspace import snapshot_dir
     state = snapshot_dir(state_dir, snaps[0]) / "state"
     with open(state, "r+b") as fh:  # a torn stream: the restore fails
