@@ -168,8 +168,8 @@ class MediationBridge:
             await asyncio.sleep(PROBE_INTERVAL)
 
     async def on_port(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.failed_reason or (self.writer is not None and not self.writer.is_closing()):
-            writer.close()  # a failed port stays closed for this boot; one port connection at a time
+        if self.failed_reason:
+            writer.close()  # a failed port stays closed for this boot
             return
         self.writer = writer
         decoder = FrameDecoder()
@@ -186,8 +186,8 @@ class MediationBridge:
         except Exception as exc:  # a frame the bridge could not handle: fail closed, never half-open
             traceback.print_exc()
             self.fail(f"a mediation frame could not be handled ({type(exc).__name__})")
-        self._end_all()
-        if self.writer is writer:
+        if self.writer is writer:  # (a previous boot's port may end after the next boot's began)
+            self._end_all()
             self.writer = None
         writer.close()
 
