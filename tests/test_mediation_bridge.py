@@ -131,6 +131,17 @@ def test_streams_the_target_closes_first_are_released() -> None:
     run(test)
 
 
+def test_an_empty_mdata_is_not_a_half_close() -> None:
+    async def test(rig: Rig) -> None:
+        rig.send(FrameType.MOPEN, 3)
+        rig.send(FrameType.MDATA, 3, b"")  # documented as ignored: it must not end what the target reads
+        rig.send(FrameType.MDATA, 3, b"after")
+        assert await rig.frame() == (FrameType.MDATA, 3, b"after")
+        assert rig.target_closed == 0
+
+    run(test)
+
+
 GARBAGE = {
     "unknown type": encode_frame(0x7E, 5, b"\x00garbage"),
     "agent-channel type": encode_frame(FrameType.STDOUT, 1, b"INJECTED"),

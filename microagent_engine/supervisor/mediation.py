@@ -205,7 +205,7 @@ class MediationBridge:
             if stream in self.streams:
                 raise ProtocolError(f"MOPEN of stream {stream}, which is open")
             self._open(stream)
-        elif ftype == FrameType.MDATA and (st := self.streams.get(stream)) is not None:
+        elif ftype == FrameType.MDATA and payload and (st := self.streams.get(stream)) is not None:
             st.queued += len(payload)
             if st.queued > CONN_BUFFER:  # the target does not keep up: end this connection only
                 self._drop(stream)
@@ -216,7 +216,8 @@ class MediationBridge:
             self._drop(stream)
         elif ftype == FrameType.MEOF and (st := self.streams.get(stream)) is not None:
             st.queue.put_nowait(b"")  # half-close towards the target; its answer still flows back
-        # frames for a stream that is not open (crossing our MCLOSE), PONG and ERROR: nothing to do
+        # an empty MDATA (b"" in the queue would half-close the target), frames for a stream that is not open
+        # (crossing our MCLOSE), PONG and ERROR: nothing to do
 
     def _open(self, stream: int) -> None:
         if self.cut:
