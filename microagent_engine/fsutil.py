@@ -1,4 +1,5 @@
-"""Small filesystem helpers: private files and directories, atomic JSON files, advisory locks, leftover sweeps.
+"""Small filesystem helpers: private files and directories, atomic JSON files, advisory locks, build-once
+artifacts, leftover sweeps.
 
 Everything under the state dir is private to its owner whatever the umask: directories 0700, files 0600
 (guest disks, consoles and records may hold secrets). Every creation point goes through :func:`private_dir`,
@@ -12,10 +13,12 @@ import errno
 import fcntl
 import json
 import os
+import secrets
+import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator
 
 from .errors import Busy
 
@@ -114,19 +117,56 @@ def read_json(path: Path) -> Any:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path, *, blocking: bool = True, what: str = "") -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (a dedicated lock file, never the data file itself)."""
+def file_lock(path: Path, *, blocking: bool = True, what: str = "",
+              on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (a dedicated lock file, never the data file itself). When another
+    process holds it: Busy if not ``blocking``, else ``on_wait()`` (if given) is called once and we wait."""
     if not path.parent.is_dir():
         private_dir(path.parent)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE)
     try:
-        flags = fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB
         try:
-            fcntl.flock(fd, flags)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            if not blocking:
                 raise Busy(f"{what or path} is busy with another operation; try again when it finishes") from None
-            raise
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
+
+
+def waiting_note(what: str) -> str:
+    """What a process says while it waits for another one to finish building ``what``."""
+    return f"Waiting for another process to finish building {what}"
+
+
+def build_once(out: Path, build: Callable[[Path], None], what: str,
+               progress: Callable[[str], None] | None = None) -> Path:
+    """``out``, made by ``build(target)`` unless it exists. Concurrent first uses wait for one build: it runs under
+    the lock ``<out's dir>/locks/<out's name>.lock`` (the others wait, then reuse ``out``), writes ``target`` in a
+    private staging directory beside ``out`` (``build`` may use that directory for scratch) and is renamed to
+    ``out`` only when complete, so no one ever sees a half-built file. Staging left by a killed build is removed
+    under the lock; a failed build leaves nothing behind."""
+    if out.exists():
+        return out
+    say = progress or (lambda _msg: None)
+    private_dir(out.parent)
+    with file_lock(out.parent / "locks" / f"{out.name}.lock", what=what,
+                   on_wait=lambda: say(waiting_note(what))):
+        if out.exists():  # built by the process we waited for
+            return out
+        for stale in out.parent.glob(f".{out.name}.*.build"):  # we hold the lock: no live build owns these
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = private_dir(out.parent / f".{out.name}.{secrets.token_hex(4)}.build")
+        try:
+            target = staging / out.name
+            build(target)
+            os.replace(target, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return out

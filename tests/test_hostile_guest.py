@@ -1,13 +1,16 @@
 """A hostile guest cannot hurt the host: real VMs running the hostile program (tests/hostile).
 
 One booted tiny workspace is shared by the tests whose guest survives (flood, forged frames, spoofed HELLO,
-output caps); the ones that end the VM (oversized and garbage frames, fork bomb) boot their own.
+output caps); the ones that end the VM or a channel (oversized and garbage frames, garbage on the mediation
+port, fork bomb) boot their own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import socketserver
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +24,7 @@ from microagent_engine import Engine
 from microagent_engine.client import ExecResult
 from microagent_engine.errors import ExecTimeout, GuestError, MicroagentError
 from microagent_engine.logfiles import RotatingLog, rotated
+from microagent_engine.model import parse_mediation_flag
 from microagent_engine.protocol import FrameType, encode_exec, encode_frame
 from microagent_engine.textsafe import safe_text
 
@@ -251,3 +255,44 @@ def test_fork_bomb_makes_exec_not_ready_and_a_timed_exec_returns(engine: Engine,
         assert not pinged.is_alive() and "result" in pong, "execReady says yes but the agent does not answer"
     else:
         assert "not answered a ping" in st["execReady"]["error"]
+
+
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        while data := self.request.recv(65536):
+            self.request.sendall(b"echo:" + data)
+
+
+def test_garbage_on_the_mediation_port_fails_it_closed(engine: Engine, cli) -> None:
+    """The guest writes garbage on the mediation port: its open connection is closed, new ones are refused,
+    status says why and the serial log has one line; the agent channel (exec) is untouched."""
+    srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    name = "hostile-mediation"
+    engine.create(name, profile="tiny", mediation=parse_mediation_flag(f"2050=127.0.0.1:{srv.server_address[1]}"))
+    try:
+        engine.start(name)
+        install_hostile(engine, name)
+        wait_for(lambda: status(engine, name)["mediationReady"]["ready"], what="mediation to be ready")
+        r = engine.exec(name, [GUEST_PATH, "medgarbage", "2050"], timeout=300)
+        assert b"hostile: answer: echo:before" in r.stderr, r.stderr
+        assert r.exit_code == 0, r.stderr.decode(errors="replace")
+        assert b"first connection closed" in r.stderr and b"new connection refused" in r.stderr
+        med = status(engine, name)["mediationReady"]
+        assert med["ready"] is False and med["detail"] == "mediation channel closed"
+        assert med["error"].startswith("protocol violation: frame type 0x7e on stream 1"), med
+        serial = engine.status(name).dir.serial_log.read_text(errors="replace")
+        lines = [ln for ln in serial.splitlines() if "mediation channel failed" in ln]
+        assert len(lines) == 1 and len(lines[0]) < 500, lines
+        st = status(engine, name)
+        assert st["state"] == "running" and st["execReady"]["ready"]
+        assert engine.exec(name, ["echo", "still here"]).stdout == b"still here\n"
+        text = cli("status", name)
+        assert b"mediationReady: no" in text.stdout, text.stdout
+    finally:
+        with contextlib.suppress(MicroagentError):
+            engine.kill(name)
+        engine.delete(name)
+        srv.shutdown()
+        srv.server_close()

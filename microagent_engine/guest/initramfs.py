@@ -6,12 +6,12 @@ import hashlib
 import os
 import re
 import subprocess
-import tempfile
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 
 from ..errors import HostError
+from ..fsutil import build_once
 from ..hostinfo import is_static_elf, require_tool
 from ..protocol import C_HEADER_NAME, render_c_header
 from .kernel import Kernel
@@ -36,29 +36,25 @@ def compile_static(state_dir: Path, source: bytes, name: str, headers: Mapping[s
     """Compile C ``source`` (with ``headers`` written beside it) into a static binary, once per content hash.
 
     The binary is ``<state_dir>/cache/<name>-<hash>``, the hash covering the source and every header's name
-    and text; a failed build raises HostError with gcc's messages.
+    and text, built once (concurrent first uses wait for it); a failed build raises HostError with gcc's messages.
     """
     files = {f"{name}.c": source, **(headers or {})}
     h = hashlib.sha256()
     for fname in sorted(files):
         h.update(f"{fname}\0{len(files[fname])}\0".encode())
         h.update(files[fname])
-    out = cache_dir(state_dir) / f"{name}-{h.hexdigest()[:16]}"
-    if out.exists():
-        return out
-    gcc = require_tool("gcc")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{name}-") as tmp:
+
+    def build(target: Path) -> None:
+        gcc = require_tool("gcc")
         for fname, body in files.items():
-            (Path(tmp) / fname).write_bytes(body)
-        binary = Path(tmp) / name
-        proc = subprocess.run([gcc, "-static", "-O2", "-Wall", "-o", str(binary), str(Path(tmp) / f"{name}.c")],
+            (target.parent / fname).write_bytes(body)
+        proc = subprocess.run([gcc, "-static", "-O2", "-Wall", "-o", str(target), str(target.parent / f"{name}.c")],
                               check=False, capture_output=True, text=True)
         if proc.returncode != 0:
             raise HostError(f"compiling {name} failed (need a static libc: apt-get install -y gcc "
                             f"libc6-dev):\n{proc.stderr[-2000:]}")
-        os.replace(binary, out)
-    return out
+
+    return build_once(cache_dir(state_dir) / f"{name}-{h.hexdigest()[:16]}", build, f"the {name} binary")
 
 
 def build_agent(state_dir: Path) -> Path:
@@ -144,25 +140,22 @@ def build_initramfs(state_dir: Path, kernel: Kernel, modules: list[str]) -> Path
     # cheap cache key (this runs on every start): identities and stats, not contents
     h = hashlib.sha256(repr([str(agent), _stat_key(busybox), _stat_key(kernel.path), str(kernel.modules_dir),
                              sorted(modules)]).encode())
-    out = cache_dir(state_dir) / f"initramfs-{h.hexdigest()[:16]}.cpio"
-    if out.exists():
-        return out
-    mods = module_order(kernel, modules)
-    cpio = _Cpio()
-    for d in ("bin", "dev", "proc", "sys", "newroot", "modules"):
-        cpio.dir(d)
-    cpio.chardev("dev/console", 5, 1)
-    cpio.chardev("dev/null", 1, 3)
-    cpio.file("init", agent.read_bytes(), 0o755)
-    cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
-    cpio.symlink("bin/sh", "busybox")
-    names = []
-    for mod in mods:
-        cpio.file(f"modules/{mod.name}", mod.read_bytes())
-        names.append(f"modules/{mod.name}")
-    cpio.file("modules/order", ("\n".join(names) + "\n").encode())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_bytes(cpio.finish())
-    os.replace(tmp, out)
-    return out
+
+    def build(target: Path) -> None:
+        mods = module_order(kernel, modules)
+        cpio = _Cpio()
+        for d in ("bin", "dev", "proc", "sys", "newroot", "modules"):
+            cpio.dir(d)
+        cpio.chardev("dev/console", 5, 1)
+        cpio.chardev("dev/null", 1, 3)
+        cpio.file("init", agent.read_bytes(), 0o755)
+        cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
+        cpio.symlink("bin/sh", "busybox")
+        names = []
+        for mod in mods:
+            cpio.file(f"modules/{mod.name}", mod.read_bytes())
+            names.append(f"modules/{mod.name}")
+        cpio.file("modules/order", ("\n".join(names) + "\n").encode())
+        target.write_bytes(cpio.finish())
+
+    return build_once(cache_dir(state_dir) / f"initramfs-{h.hexdigest()[:16]}.cpio", build, "the guest initramfs")

@@ -13,7 +13,7 @@ from typing import Callable
 
 from ..config import KERNEL_ENV
 from ..errors import HostError, NotFound
-from ..fsutil import file_lock
+from ..fsutil import build_once, file_lock
 from ..hostinfo import require_tool
 
 DEFAULT_KERNEL_PACKAGE = "linux-image-cloud-amd64"
@@ -94,12 +94,7 @@ def _user_kernel(state_dir: Path, path: Path) -> Kernel:
     release = _release_of(data) or "unknown"
     if data[:4] != b"\x7fELF":
         cached = kernels_dir(state_dir) / "user" / f"{path.name}-{os.stat(path).st_mtime_ns}.vmlinux"
-        if not cached.exists():
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(".tmp")
-            tmp.write_bytes(extract_vmlinux(data))
-            os.replace(tmp, cached)
-        path = cached
+        path = build_once(cached, lambda target: target.write_bytes(extract_vmlinux(data)), f"kernel {path.name}")
     env_mods = os.environ.get("MICROAGENT_KERNEL_MODULES")
     mods = Path(env_mods) if env_mods else path.parent / "modules"
     return Kernel(path, release, mods if mods.is_dir() else None)

@@ -13,12 +13,12 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InvalidArgument
+from ..fsutil import build_once
 from ..guest.initramfs import busybox_path
 from ..storage.ext4 import make_ext4
 from .debian import Recipe, debian_image, parse_packages
@@ -96,7 +96,7 @@ def builtin_base(ref: str | None, state_dir: Path, packages: Iterable[str] = (),
     if extra:
         raise InvalidArgument(f"packages can only be added to the built-in Debian image ({PYTHON_REF}), not to "
                               f"{ref or BUILTIN_REF}; use --image {PYTHON_REF}, or install them in a setup step")
-    return BuiltinBase(BUILTIN_REF, builtin_image(state_dir))
+    return BuiltinBase(BUILTIN_REF, builtin_image(state_dir, progress))
 
 
 def builtin_python_image(state_dir: Path, packages: Iterable[str] = (), progress: Progress | None = None) -> Path:
@@ -104,18 +104,19 @@ def builtin_python_image(state_dir: Path, packages: Iterable[str] = (), progress
     return builtin_base(PYTHON_REF, state_dir, packages, progress).path
 
 
-def builtin_image(state_dir: Path) -> Path:
-    """Path of the cached base ext4 of the busybox built-in image, building it on first use."""
+def builtin_image(state_dir: Path, progress: Progress | None = None) -> Path:
+    """Path of the cached base ext4 of the busybox built-in image, built once on first use (concurrent first
+    uses wait for that one build)."""
     busybox = busybox_path()
     data = busybox.read_bytes()
     digest = hashlib.sha256(data + repr(sorted(_FILES.items())).encode()).hexdigest()[:16]
-    out = state_dir / "images" / f"builtin-{digest}.ext4"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    applets = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True, check=True).stdout.split()
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".builtin-") as tmp:
-        root = Path(tmp) / "root"
+
+    def build(target: Path) -> None:
+        if progress:
+            progress(f"Building image {BUILTIN_REF} from the host's busybox (first use)")
+        applets = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True,
+                                 check=True).stdout.split()
+        root = target.parent / "root"
         for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "root", "tmp", "dev", "proc", "sys", "run", "var/tmp",
                   "home"):
             (root / d).mkdir(parents=True, exist_ok=True)
@@ -131,5 +132,6 @@ def builtin_image(state_dir: Path) -> Path:
             os.symlink("/bin/busybox", link)
         for rel, text in _FILES.items():
             (root / rel).write_text(text)
-        make_ext4(out, BASE_SIZE_MIB, root, label="microagent")
-    return out
+        make_ext4(target, BASE_SIZE_MIB, root, label="microagent")
+
+    return build_once(state_dir / "images" / f"builtin-{digest}.ext4", build, f"image {BUILTIN_REF}", progress)

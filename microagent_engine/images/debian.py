@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import Busy, HostError, ImageError, InvalidArgument
-from ..fsutil import file_lock, private_dir, read_json, write_json_atomic
+from ..errors import HostError, ImageError, InvalidArgument
+from ..fsutil import file_lock, private_dir, read_json, waiting_note, write_json_atomic
 from ..hostinfo import require_tool
 from ..storage.ext4 import make_ext4
 from ..textsafe import safe_text
@@ -183,13 +183,9 @@ def debian_image(state_dir: Path, recipe: Recipe, extra_packages: Iterable[str] 
     cached = _load(out, meta)
     if cached:
         return cached
-    lock = images / "locks" / f"debian-{key}.lock"
-    try:
-        with file_lock(lock, blocking=False):
-            return _build_locked(images, key, recipe, extra, suite, say)
-    except Busy:
-        say(f"Waiting for another process to finish building image builtin:{recipe.name}")
-    with file_lock(lock, what=f"image builtin:{recipe.name}"):
+    what = f"image builtin:{recipe.name}"
+    with file_lock(images / "locks" / f"debian-{key}.lock", what=what,
+                   on_wait=lambda: say(waiting_note(what))):
         return _build_locked(images, key, recipe, extra, suite, say)
 
 

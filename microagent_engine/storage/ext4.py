@@ -35,7 +35,9 @@ def _grow(fh: "object", path: Path, size_mib: int) -> None:
 
 
 def make_ext4(path: Path, size_mib: int, source_dir: Path | None = None, label: str = "") -> None:
-    """Create ``path`` as a sparse ext4 of ``size_mib`` MiB (mode 0600), populated from ``source_dir``; atomic."""
+    """Create ``path`` as a sparse ext4 of ``size_mib`` MiB (mode 0600), populated from ``source_dir``; atomic.
+    Its temp name is fixed (``.NAME.tmp``), so one writer per ``path`` at a time: shared artifacts are built under
+    their lock (:func:`~microagent_engine.fsutil.build_once`, the volume registry's lock)."""
     mkfs = require_tool("mkfs.ext4")
     tmp = path.with_name(f".{path.name}.tmp")
     try:

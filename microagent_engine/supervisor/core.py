@@ -101,7 +101,8 @@ class Supervisor:
         self.restart_policy = launch.restart
         self.network_policy = policy_of(launch.network, launch.network_policy)
         self.net: NetworkSandbox | None = None  # this boot's network enforcement (None when isolated)
-        self.mediation = MediationBridge(launch.mediation, self.report_mediation) if launch.mediation else None
+        self.mediation = MediationBridge(launch.mediation, self.report_mediation, self.serial_note) \
+            if launch.mediation else None
         self.warm = WarmBoot(self)
         self.clone_boot = False  # this boot restores a template clone (its agent sent HELLO in the template)
         self.ports = PortRelay(self)  # published ports (-p, Engine.publish)

@@ -4,7 +4,7 @@
  * It is built like the guest agent (static, with the generated protocol.h beside it, by build_hostile in
  * tests/hostile/__init__.py), copied into a running workspace and run there as root by the agent. It talks on
  * the host channel of the agent: the virtio-serial port whose /sys/class/virtio-ports/vportNpM/name is
- * AGENT_PORT_NAME. The agent (PID 1) holds that port open and a port cannot be opened twice, so the program
+ * AGENT_PORT_NAME (or, for medgarbage, the mediation port MEDIATION_PORT_NAME). The agent (PID 1) holds that port open and a port cannot be opened twice, so the program
  * takes a duplicate of PID 1's descriptor with pidfd_open(1) + pidfd_getfd() (found by scanning the /proc/1/fd
  * symlinks for /dev/vportNpM). It only writes to that descriptor, never reads it (the agent keeps receiving
  * the host's frames).
@@ -22,6 +22,12 @@
  *   hello         a second HELLO whose values hold terminal escape sequences ("\x1b]0;pwned\x07\x1b[2J"), and
  *                 a second READY (the host measures the boot time when READY arrives, so a late READY
  *                 claims a different boot time; its payload also says bootSeconds=0.001)
+ *   medgarbage PORT
+ *                 on the mediation channel: first a guest connection to 127.0.0.1:PORT (the agent's mediation
+ *                 listener) that sends "before\n" and prints the answer; then, on the mediation port in one write,
+ *                 a frame of an unknown type (0x7e) and an MDATA header whose length is MAX_PAYLOAD + 1; then it
+ *                 waits (up to 60 s) for that first connection to be closed and checks that a new connection is
+ *                 closed at once. Exit 0 only if both hold ("first connection closed", "new connection refused")
  *   forkbomb      fork without end (refuses to run unless the agent port exists, i.e. only in a guest)
  *   flood         write to stdout without end (plain stdout, no channel tricks)
  *
@@ -37,6 +43,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -62,8 +71,8 @@ static void say(const char *fmt, ...)
     va_end(ap);
 }
 
-/* "vportNpM" of the virtio-serial port named AGENT_PORT_NAME into out; -1 if there is none */
-static int find_port(char *out, size_t outlen)
+/* "vportNpM" of the virtio-serial port named want into out; -1 if there is none */
+static int find_port(const char *want, char *out, size_t outlen)
 {
     DIR *d = opendir("/sys/class/virtio-ports");
     if (!d)
@@ -80,7 +89,7 @@ static int find_port(char *out, size_t outlen)
             continue;
         if (fgets(name, sizeof name, f)) {
             name[strcspn(name, "\n")] = '\0';
-            if (strcmp(name, AGENT_PORT_NAME) == 0) {
+            if (strcmp(name, want) == 0) {
                 snprintf(out, outlen, "%s", de->d_name);
                 found = 0;
             }
@@ -91,12 +100,12 @@ static int find_port(char *out, size_t outlen)
     return found;
 }
 
-/* a descriptor of ours for PID 1's open agent port; exits on failure */
-static int steal_channel(void)
+/* a descriptor of ours for PID 1's open port named port_name; exits on failure */
+static int steal_port(const char *port_name)
 {
     char port[256];
-    if (find_port(port, sizeof port) < 0) {
-        say("no virtio-serial port named %s (not in a microagent guest?)", AGENT_PORT_NAME);
+    if (find_port(port_name, port, sizeof port) < 0) {
+        say("no virtio-serial port named %s (not in a microagent guest?)", port_name);
         exit(1);
     }
     char want[300];
@@ -134,8 +143,13 @@ static int steal_channel(void)
         exit(1);
     }
     close(pidfd);
-    say("found port %s (%s) as PID 1's fd %d; duplicated as our fd %d", AGENT_PORT_NAME, want, target, fd);
+    say("found port %s (%s) as PID 1's fd %d; duplicated as our fd %d", port_name, want, target, fd);
     return fd;
+}
+
+static int steal_channel(void)
+{
+    return steal_port(AGENT_PORT_NAME);
 }
 
 /* one write(2) of buf; the descriptor is shared with the agent and non-blocking, so wait while it is full */
@@ -235,10 +249,96 @@ static void mode_hello(void)
     send_frame(fd, F_READY, 0, ready, sizeof ready - 1, "READY again (a different boot time)");
 }
 
+/* a TCP connection to 127.0.0.1:port in the guest; -1 (said why) on failure */
+static int connect_local(int port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+        say("connect 127.0.0.1:%d: %s", port, strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+/* read fd until EOF or an error, up to timeout_ms; 1 if it ended (closed), 0 if still open */
+static int ends_within(int fd, int timeout_ms)
+{
+    char buf[4096];
+    struct timespec start, now;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    for (;;) {
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        long left = timeout_ms - ((now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000);
+        if (left <= 0)
+            return 0;
+        struct pollfd pf = {.fd = fd, .events = POLLIN};
+        if (poll(&pf, 1, (int)left) <= 0)
+            continue;
+        ssize_t n = read(fd, buf, sizeof buf);
+        if (n <= 0 && !(n < 0 && errno == EINTR))
+            return 1;
+    }
+}
+
+static void mode_medgarbage(int port)
+{
+    int first = connect_local(port);
+    if (first < 0)
+        exit(1);
+    if (write(first, "before\n", 7) != 7) {
+        say("writing to the first connection: %s", strerror(errno));
+        exit(1);
+    }
+    char answer[256];
+    struct pollfd pf = {.fd = first, .events = POLLIN};
+    ssize_t n = poll(&pf, 1, 60000) > 0 ? read(first, answer, sizeof answer - 1) : -1;
+    if (n <= 0) {
+        say("no answer on the first connection");
+        exit(1);
+    }
+    answer[n] = '\0';
+    answer[strcspn(answer, "\n")] = '\0';
+    say("answer: %s", answer);
+    int fd = steal_port(MEDIATION_PORT_NAME);
+    unsigned char junk[32];
+    srand((unsigned)time(NULL) ^ (unsigned)getpid());
+    for (size_t i = 0; i < sizeof junk; i++)
+        junk[i] = (unsigned char)rand();
+    /* one write(2): once the host has closed the port, a second write would wait for it for ever */
+    static unsigned char buf[HEADER_SIZE + sizeof junk + HEADER_SIZE + 4096];
+    size_t len = put_header(buf, 0x7e, 1, sizeof junk);
+    memcpy(buf + len, junk, sizeof junk);
+    len += sizeof junk;
+    len += put_header(buf + len, F_MDATA, 1, MAX_PAYLOAD + 1);
+    memset(buf + len, 'A', sizeof buf - len);
+    write_once(fd, buf, sizeof buf, "on the mediation port: type 0x7e with 32 random bytes, then an MDATA header "
+               "with length MAX_PAYLOAD+1 and 4096 bytes");
+    close(fd);
+    if (!ends_within(first, 60000)) {
+        say("first connection still open 60 s after the garbage");
+        exit(1);
+    }
+    say("first connection closed");
+    int again = connect_local(port);
+    if (again >= 0) {
+        if (write(again, "after\n", 6) < 0 && errno != EPIPE && errno != ECONNRESET)
+            say("writing to the new connection: %s", strerror(errno));
+        if (!ends_within(again, 60000)) {
+            say("new connection still open after 60 s");
+            exit(1);
+        }
+    }
+    say("new connection refused");
+}
+
 static void mode_forkbomb(void)
 {
     char port[256];
-    if (find_port(port, sizeof port) < 0) {
+    if (find_port(AGENT_PORT_NAME, port, sizeof port) < 0) {
         say("refusing to fork-bomb: no %s port here, so this is not a microagent guest", AGENT_PORT_NAME);
         exit(1);
     }
@@ -278,12 +378,19 @@ int main(int argc, char **argv)
         mode_garbage();
     } else if (strcmp(mode, "hello") == 0 && argc == 2) {
         mode_hello();
+    } else if (strcmp(mode, "medgarbage") == 0 && argc == 3) {
+        int port = atoi(argv[2]);
+        if (port <= 0 || port > 65535) {
+            say("bad port %s", argv[2]);
+            return 2;
+        }
+        mode_medgarbage(port);
     } else if (strcmp(mode, "forkbomb") == 0 && argc == 2) {
         mode_forkbomb();
     } else if (strcmp(mode, "flood") == 0 && argc == 2) {
         mode_flood();
     } else {
-        fprintf(stderr, "usage: %s forge STREAM | oversize | garbage | hello | forkbomb | flood\n", argv[0]);
+        fprintf(stderr, "usage: %s forge STREAM | oversize | garbage | hello | medgarbage PORT | forkbomb | flood\n", argv[0]);
         return 2;
     }
     say("done");
