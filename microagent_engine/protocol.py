@@ -43,6 +43,10 @@ POWEROFF_WAIT_MS = 500
 MED_BUF_CAP = 4 << 20
 #: ...and closes that connection (``buffer overflow``) if its program makes no progress for this long
 MED_STALL_MS = 10_000
+#: a virtio-serial port that is closed or whose host side is not connected yet is retried this often
+PORT_RETRY_MS = 100
+#: at boot, how long the agent waits for its virtio-serial port and for the root device
+DEVICE_WAIT_MS = 10_000
 #: published ports: the agent refuses connections beyond this many (``too many connections``); the host bounds lower
 PUB_MAX_CONNS = 1024
 
@@ -344,7 +348,8 @@ C_HEADER_NAME = "protocol.h"
 
 #: module-level constants in protocol.h, under the same names (unsigned where the agent compares them with sizes)
 C_NUMBERS = ("PROTOCOL_VERSION", "HEADER_SIZE", "MAX_PAYLOAD", "PUBLISH_WINDOW", "OUT_CHUNK", "DRAIN_MS",
-             "DEFAULT_GRACE_MS", "HALT_WAIT_MS", "POWEROFF_WAIT_MS", "MED_BUF_CAP", "MED_STALL_MS", "PUB_MAX_CONNS")
+             "DEFAULT_GRACE_MS", "HALT_WAIT_MS", "POWEROFF_WAIT_MS", "MED_BUF_CAP", "MED_STALL_MS", "PUB_MAX_CONNS",
+             "PORT_RETRY_MS", "DEVICE_WAIT_MS")
 C_UNSIGNED = frozenset({"MAX_PAYLOAD", "PUBLISH_WINDOW", "MED_BUF_CAP"})
 C_STRINGS = ("AGENT_PORT_NAME", "MEDIATION_PORT_NAME", "MOUNT_SERIAL_PREFIX", "DEFAULT_ROOT_DEVICE", "MODULES_ORDER")
 #: the namespaces above, by the prefix of their C names; the entry tags become character constants

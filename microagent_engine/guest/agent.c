@@ -419,7 +419,7 @@ static int write_frame(int fd, int type, uint32_t stream, const void *data, size
 }
 
 /* the channel closed (EOF, an error, an oversized frame): its on_lost hook runs (for the agent channel in test
- * mode it exits the agent); in a VM the port is then reopened every 100 ms, in test mode never */
+ * mode it exits the agent); in a VM the port is then reopened every PORT_RETRY_MS, in test mode never */
 static void chan_lost(struct channel *c, const char *why)
 {
     if (c->fd < 0)
@@ -431,7 +431,7 @@ static void chan_lost(struct channel *c, const char *why)
         return;
     logmsg("%s closed (%s), reopening %s", c->label, why, c->path);
     c->reopen_logged = 0;
-    c->reopen_at = mono_ms() + 100;
+    c->reopen_at = mono_ms() + PORT_RETRY_MS;
 }
 
 static void chan_send(struct channel *c, int type, uint32_t stream, const void *data, size_t len)
@@ -543,7 +543,7 @@ static int chan_find_port(struct channel *c)
     return found;
 }
 
-/* open the port found by chan_find_port; if that fails or the host side is not connected yet, retry in 100 ms */
+/* open the port found by chan_find_port; if that fails or the host side is not connected yet, retry in PORT_RETRY_MS */
 static void chan_open_port(struct channel *c)
 {
     c->reopen_at = 0;
@@ -552,7 +552,7 @@ static void chan_open_port(struct channel *c)
         if (!c->reopen_logged)
             logmsg("cannot open %s: %s (retrying)", c->path, strerror(errno));
         c->reopen_logged = 1;
-        c->reopen_at = mono_ms() + 100;
+        c->reopen_at = mono_ms() + PORT_RETRY_MS;
         return;
     }
     struct pollfd pf = {.fd = fd, .events = POLLIN | POLLOUT};
@@ -562,7 +562,7 @@ static void chan_open_port(struct channel *c)
             logmsg("waiting for the host to connect to %s", c->path);
         c->reopen_logged = 1;
         close(fd);
-        c->reopen_at = mono_ms() + 100;
+        c->reopen_at = mono_ms() + PORT_RETRY_MS;
         return;
     }
     chan_attach(c, fd);
@@ -740,7 +740,7 @@ static void child_fail(int errfd, int err)
 {
     ssize_t w = write(errfd, &err, sizeof err);
     (void)w;
-    _exit(127);
+    _exit(EXIT_CODE_NOT_FOUND);
 }
 
 static void exit_failed_to_start(uint32_t stream, int err)
@@ -861,7 +861,7 @@ static int exec_pipes(int want_stdin, int inp[2], int outp[2], int errp[2], int 
 }
 
 /* vfork a child that becomes req's command with in_fd/out_fd/err_fd as 0/1/2 in its own session; if it cannot,
- * it writes its errno to ep_fd and exits 127. The parent's pid of it, or -1 (errno set) */
+ * it writes its errno to ep_fd and exits EXIT_CODE_NOT_FOUND. The parent's pid of it, or -1 (errno set) */
 static pid_t vfork_exec(const struct exec_req *req, int in_fd, int out_fd, int err_fd, int ep_fd)
 {
     char **saved_environ = environ;
@@ -1086,7 +1086,7 @@ static void spawn_shell(void)
         setsid();
         int fd = open("/dev/ttyS0", O_RDWR);
         if (fd < 0)
-            _exit(127);
+            _exit(EXIT_CODE_NOT_FOUND);
         ioctl(fd, TIOCSCTTY, 1);
         dup2(fd, 0);
         dup2(fd, 1);
@@ -1098,7 +1098,7 @@ static void spawn_shell(void)
         char *argv[] = {argv0, NULL};
         environ = env.v;
         execve(console.path, argv, env.v);
-        _exit(127);
+        _exit(EXIT_CODE_NOT_FOUND);
     }
     console.pid = pid;
     env_free(&env);
@@ -1953,7 +1953,7 @@ static void med_setup(const char *value)
     }
     med.port = (int)port;
     if (!agent.test_mode)
-        chan_open_port(&med_chan); /* if the host is not connected yet, retried every 100 ms */
+        chan_open_port(&med_chan); /* if the host is not connected yet, retried every PORT_RETRY_MS */
     snprintf(config.ready_mediation, sizeof config.ready_mediation, READY_OK);
     logmsg("mediation: listening on 127.0.0.1:%d", med.port);
 }
@@ -2412,10 +2412,10 @@ static void boot(void)
     }
     agent.root_ro = ro;
 
-    int64_t until = mono_ms() + 10000;
+    int64_t until = mono_ms() + DEVICE_WAIT_MS;
     while (chan_find_port(&chan) < 0) {
         if (mono_ms() >= until)
-            fatal_boot("virtio-serial port %s not found within 10 s", AGENT_PORT_NAME);
+            fatal_boot("virtio-serial port %s not found within %d s", AGENT_PORT_NAME, DEVICE_WAIT_MS / 1000);
         sleep_ms(10);
     }
 }
@@ -2428,10 +2428,10 @@ static void mount_root(void)
     int ro = agent.root_ro;
     load_modules(1);
     struct stat st;
-    int64_t until = mono_ms() + 10000;
+    int64_t until = mono_ms() + DEVICE_WAIT_MS;
     while (stat(root, &st) < 0 || !S_ISBLK(st.st_mode)) {
         if (mono_ms() >= until)
-            fatal_boot("root device %s did not appear within 10 s", root);
+            fatal_boot("root device %s did not appear within %d s", root, DEVICE_WAIT_MS / 1000);
         sleep_ms(10);
     }
 
