@@ -29,7 +29,7 @@ PROTOCOL_VERSION = 1
 #: bounds what either side buffers per connection
 PUBLISH_WINDOW = 256 << 10
 
-
+# the agent's limits and timings: protocol.h gives them to the agent, docs/protocol.md states them
 #: largest STDOUT/STDERR/MDATA/PDATA payload the agent sends (it reads its sockets and pipes in chunks this size)
 OUT_CHUNK = 64 << 10
 #: after an exec's main process exits, the agent drains its pipes for at most this long before sending EXIT
