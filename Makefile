@@ -9,7 +9,7 @@ APT_PACKAGES := qemu-system-x86 e2fsprogs busybox-static gcc libc6-dev cpio lz4 
   chromium slirp4netns nftables mmdebstrap python3-yaml
 STATE_DIR ?= $(HOME)/.microagent
 
-.PHONY: setup apt venv demo lab test bench clean labextension labextension-check panel-into-venv
+.PHONY: setup apt venv demo lab test bench clean labextension labextension-check panel-into-venv protocol-doc
 
 setup: apt venv
 
@@ -50,6 +50,10 @@ labextension: venv
 # webpack output is not byte-reproducible across checkout paths, so the build records its sources' hash
 labextension-check:
 	python3 scripts/panel_source_hash.py --check
+
+# docs/protocol.md is rendered from microagent_engine/protocol.py (tests/test_agent_protocol.py checks it)
+protocol-doc:
+	python3 scripts/protocol_doc.py
 
 demo: setup
 	$(VENV)/bin/microagent doctor || true

@@ -15,7 +15,7 @@ from pathlib import Path
 from .client import DEFAULT_MAX_OUTPUT
 from .config import PROFILES, parse_env_pairs
 from .errors import InvalidArgument, MicroagentError
-from .protocol import FrameType
+from .protocol import ExitKind, FrameType
 from .sandbox.network import NetworkPolicy, policy_of
 from .storage.volumes import DEFAULT_SIZE_MIB, render_created, render_deleted, render_list, render_status
 from .engine import Engine, WorkspaceInfo
@@ -150,9 +150,9 @@ def cmd_exec(engine: Engine, args: argparse.Namespace) -> int:
         on_stderr=_writer(sys.stderr.buffer) if streaming else None)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
-    elif result.status == "timed_out":
+    elif result.status == ExitKind.TIMED_OUT:
         print(f"microagent: command timed out after {args.timeout} s", file=sys.stderr)
-    elif result.status == "failed_to_start":
+    elif result.status == ExitKind.FAILED_TO_START:
         print(f"microagent: {args.command[0]}: {result.message}", file=sys.stderr)
     return result.exit_code
 

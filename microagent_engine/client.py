@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
 from .errors import ExecTimeout, GuestError, InvalidArgument
-from .protocol import ExitStatus, Frame, FrameDecoder, FrameType, encode_exec, encode_frame
+from .protocol import ExitKind, ExitStatus, Frame, FrameDecoder, FrameType, encode_exec, encode_frame
 
 OutputCallback = Callable[[bytes], None]
 
@@ -64,7 +64,7 @@ class ExecResult:
 
     @property
     def ok(self) -> bool:
-        return self.status == "exited" and self.code == 0
+        return self.status == ExitKind.EXITED and self.code == 0
 
     def to_json(self) -> dict[str, Any]:
         return {"status": self.status, "exitCode": self.exit_code, "code": self.code,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidArgument
+from .protocol import NetworkMode
 
 STATE_DIR_ENV = "MICROAGENT_STATE_DIR"
 KERNEL_ENV = "MICROAGENT_KERNEL"
@@ -19,7 +20,7 @@ QEMU_ENV = "MICROAGENT_QEMU"
 MAX_NAME_LEN = 63
 RESTART_POLICIES = ("never", "on-failure", "always")
 #: user-facing network mode -> the value recorded and sent to the guest agent
-NETWORK_MODES = {"user": "user", "isolated": "none", "none": "none"}
+NETWORK_MODES = {"user": NetworkMode.USER, "isolated": NetworkMode.NONE, "none": NetworkMode.NONE}
 NETWORK_CHOICES = ("user", "isolated")
 ACCEL_CHOICES = ("auto", "kvm", "tcg")
 #: how long a boot may take before the workspace is marked failed, by accelerator (TCG emulates every instruction)

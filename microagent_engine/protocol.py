@@ -1,8 +1,11 @@
 """Wire protocol between the host and the guest agent (and between clients and the supervisor).
 
 Every message is a frame: a 9-byte header ``type:u8 stream:u32be length:u32be`` followed by ``length``
-payload bytes. Stream 0 carries VM-wide messages; each exec uses its own non-zero stream id. The full
-description, with the payload of each type, is in ``docs/protocol.md``.
+payload bytes. Stream 0 carries VM-wide messages; each exec uses its own non-zero stream id.
+
+This module is the protocol's only definition: every constant the guest agent (C) shares with Python is here,
+``render_c_header()`` writes them into the agent's ``protocol.h`` and ``protocol_doc.render_protocol_doc()`` writes
+``docs/protocol.md`` (the full description, with the payload of each type) from them.
 """
 
 from __future__ import annotations
@@ -25,6 +28,27 @@ PROTOCOL_VERSION = 1
 #: published ports: bytes one side may send on a port stream before the other side acknowledges them (PACK);
 #: bounds what either side buffers per connection
 PUBLISH_WINDOW = 256 << 10
+
+# the agent's limits and timings: protocol.h gives them to the agent, docs/protocol.md states them
+#: largest STDOUT/STDERR/MDATA/PDATA payload the agent sends (it reads its sockets and pipes in chunks this size)
+OUT_CHUNK = 64 << 10
+#: after an exec's main process exits, the agent drains its pipes for at most this long before sending EXIT
+DRAIN_MS = 200
+#: TERM -> KILL grace of a timed-out exec when EXEC has no grace entry
+DEFAULT_GRACE_MS = 2000
+#: HALT: how long the agent waits after TERM before KILL, graceful (``halt``) and prompt (``poweroff``)
+HALT_WAIT_MS = 3000
+POWEROFF_WAIT_MS = 500
+#: mediation: while a guest connection has this much queued from the host, the agent stops reading the channel...
+MED_BUF_CAP = 4 << 20
+#: ...and closes that connection (``buffer overflow``) if its program makes no progress for this long
+MED_STALL_MS = 10_000
+#: a virtio-serial port that is closed or whose host side is not connected yet is retried this often
+PORT_RETRY_MS = 100
+#: at boot, how long the agent waits for its virtio-serial port and for the root device
+DEVICE_WAIT_MS = 10_000
+#: published ports: the agent refuses connections beyond this many (``too many connections``); the host bounds lower
+PUB_MAX_CONNS = 1024
 
 
 class FrameType(enum.IntEnum):
@@ -93,6 +117,127 @@ class FrameDecoder:
             yield Frame(ftype, stream, payload)
 
 
+# ---- the words frames carry ----------------------------------------------------------------------
+# Each class is a namespace of string constants (plain ``str`` values, so they compare with what a frame carries);
+# render_c_header() gives each one a C name: ``<prefix>_<NAME>``.
+
+
+class ConfigTag:
+    """Entry tags of a CONFIG payload."""
+
+    HOSTNAME = "h"
+    NETWORK = "n"  # a NetworkMode
+    SHELL = "s"  # console shell path
+    CLOCK = "t"  # "<sec>.<nsec>" since the epoch
+    SEED = "r"  # hex bytes mixed into the guest's RNG
+    ENV = "e"  # KEY=VALUE, repeatable: default env of every exec
+    MOUNT = "m"  # <device>\t<mountpoint>\t<fstype>\t<MountMode>, repeatable
+    MEDIATION_PORT = "p"  # decimal port the agent listens on in the guest
+
+
+class ExecTag:
+    """Entry tags of an EXEC payload."""
+
+    ARG = "a"  # repeatable, argv in order
+    ENV = "e"  # KEY=VALUE, repeatable
+    CWD = "c"
+    TIMEOUT_MS = "t"
+    GRACE_MS = "g"
+    STDIN = "i"  # "1": stdin is a pipe fed by STDIN frames
+
+
+class ExitKind:
+    """First word of an EXIT payload."""
+
+    EXITED = "exited"
+    SIGNALED = "signaled"
+    TIMED_OUT = "timed_out"
+    FAILED_TO_START = "failed_to_start"
+
+
+class ExitCode:
+    """Codes an EXIT payload carries when the command did not simply exit."""
+
+    TIMED_OUT = 124  # with timed_out
+    CANNOT_RUN = 126  # with failed_to_start: found but not runnable, or a malformed EXEC
+    NOT_FOUND = 127  # with failed_to_start: ENOENT
+
+
+class HaltMode:
+    """Payload of a HALT frame."""
+
+    HALT = "halt"  # TERM everything, wait HALT_WAIT_MS, KILL, sync, unmount, power off
+    POWEROFF = "poweroff"  # TERM, wait POWEROFF_WAIT_MS, KILL, sync, power off
+
+
+class NetworkMode:
+    """Value of CONFIG's network entry."""
+
+    USER = "user"  # eth0 with QEMU's user-mode addresses
+    NONE = "none"  # loopback only
+
+
+class MountMode:
+    """Last field of a CONFIG mount entry."""
+
+    RO = "ro"
+    RW = "rw"
+
+
+#: a CONFIG mount's device ``serial:<id>`` is the virtio disk whose serial is ``<id>``
+MOUNT_SERIAL_PREFIX = "serial:"
+
+
+class InfoKey:
+    """Keys of the ``key=value`` lines of HELLO (version, kernel) and READY (all)."""
+
+    VERSION = "version"
+    KERNEL = "kernel"
+    SHELL = "shell"
+    NET = "net"
+    MOUNTS = "mounts"
+    MEDIATION = "mediation"
+
+
+class ReadyValue:
+    """Values of READY's shell/net/mounts/mediation lines; ``ERROR`` is a prefix followed by why."""
+
+    OK = "ok"
+    NONE = "none"
+    MISSING = "missing"
+    ERROR = "error: "
+
+
+class CloseReason:
+    """Reasons the agent puts in an MCLOSE or PCLOSE of its own."""
+
+    CUT = "cut"  # MCLOSE: the host sent MCUT
+    BUFFER_OVERFLOW = "buffer overflow"  # MCLOSE: the guest program stalled with MED_BUF_CAP queued
+    TOO_MANY = "too many connections"  # PCLOSE: PUB_MAX_CONNS reached
+
+
+class BootArg:
+    """Kernel command line arguments the agent reads as PID 1."""
+
+    ROOT = "microagent.root="  # the root device (path, or a name under /dev)
+    READ_ONLY = "microagent.ro="  # 1: mount the root read-only
+
+
+#: root device when the command line names none
+DEFAULT_ROOT_DEVICE = "/dev/vda"
+#: file in the initramfs listing the kernel modules to load, one path (relative to /) a line, in order
+MODULES_ORDER = "modules/order"
+
+
+def members(namespace: type) -> dict[str, str | int]:
+    """The constants of one of the classes above, by name, in definition order."""
+    return {name: value for name, value in vars(namespace).items() if name.isupper()}
+
+
+#: the status words an EXIT frame may carry
+EXIT_STATUSES = tuple(members(ExitKind).values())
+
+
 # ---- tagged entries: "<tag><value>\0" repeated -------------------------------------------------
 
 
@@ -120,16 +265,16 @@ def encode_config(
     extra mounts (each ``[device, mountpoint, fstype, "ro"|"rw"]``), the guest's mediation port (or None), the
     host's clock (seconds since the epoch, set in the guest) and host randomness (mixed into the guest's RNG,
     which is reseeded): a VM restored from a template resumes with the template's clock and RNG state."""
-    entries = [("h", hostname), ("n", network), ("s", shell)]
+    entries = [(ConfigTag.HOSTNAME, hostname), (ConfigTag.NETWORK, network), (ConfigTag.SHELL, shell)]
     if clock is not None:
         ns = int(clock * 1e9)
-        entries.append(("t", f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"))
+        entries.append((ConfigTag.CLOCK, f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"))
     if seed:
-        entries.append(("r", seed.hex()))
-    entries += [("e", f"{key}={value}") for key, value in env.items()]
-    entries += [("m", "\t".join(mount)) for mount in mounts]
+        entries.append((ConfigTag.SEED, seed.hex()))
+    entries += [(ConfigTag.ENV, f"{key}={value}") for key, value in env.items()]
+    entries += [(ConfigTag.MOUNT, "\t".join(mount)) for mount in mounts]
     if mediation_port is not None:
-        entries.append(("p", str(mediation_port)))
+        entries.append((ConfigTag.MEDIATION_PORT, str(mediation_port)))
     return encode_entries(entries)
 
 
@@ -144,17 +289,17 @@ def encode_exec(
     """Payload of an EXEC frame."""
     if not argv:
         raise ValueError("argv must not be empty")
-    entries = [("a", a) for a in argv]
+    entries = [(ExecTag.ARG, a) for a in argv]
     for key, value in (env or {}).items():
-        entries.append(("e", f"{key}={value}"))
+        entries.append((ExecTag.ENV, f"{key}={value}"))
     if cwd:
-        entries.append(("c", cwd))
+        entries.append((ExecTag.CWD, cwd))
     if timeout:
-        entries.append(("t", str(max(1, int(timeout * 1000)))))
+        entries.append((ExecTag.TIMEOUT_MS, str(max(1, int(timeout * 1000)))))
     if grace is not None:
-        entries.append(("g", str(int(grace * 1000))))
+        entries.append((ExecTag.GRACE_MS, str(int(grace * 1000))))
     if stdin:
-        entries.append(("i", "1"))
+        entries.append((ExecTag.STDIN, "1"))
     return encode_entries(entries)
 
 
@@ -166,10 +311,6 @@ def decode_kv(payload: bytes) -> dict[str, str]:
         if sep:
             out[key.strip()] = value.strip()
     return out
-
-
-#: the ``status`` values an EXIT frame may carry
-EXIT_STATUSES = ("exited", "signaled", "timed_out", "failed_to_start")
 
 
 @dataclass(frozen=True)
@@ -190,13 +331,13 @@ class ExitStatus:
     @property
     def exit_code(self) -> int:
         """Shell-style exit code for the CLI: code, 128+signal, 124 on timeout, 127/126 if it never ran."""
-        if self.status == "exited":
+        if self.status == ExitKind.EXITED:
             return self.code
-        if self.status == "signaled":
+        if self.status == ExitKind.SIGNALED:
             return 128 + self.code
-        if self.status == "timed_out":
-            return 124
-        return self.code if self.code in (126, 127) else 127
+        if self.status == ExitKind.TIMED_OUT:
+            return ExitCode.TIMED_OUT
+        return self.code if self.code in (ExitCode.CANNOT_RUN, ExitCode.NOT_FOUND) else ExitCode.NOT_FOUND
 
 
 # ---- the same facts for the C side ------------------------------------------------------------------
@@ -205,24 +346,59 @@ class ExitStatus:
 C_HEADER_NAME = "protocol.h"
 
 
-def render_c_header() -> str:
-    """C header with this module's constants and frame types, included by the guest agent (and test programs).
+#: module-level constants in protocol.h, under the same names (unsigned where the agent compares them with sizes)
+C_NUMBERS = ("PROTOCOL_VERSION", "HEADER_SIZE", "MAX_PAYLOAD", "PUBLISH_WINDOW", "OUT_CHUNK", "DRAIN_MS",
+             "DEFAULT_GRACE_MS", "HALT_WAIT_MS", "POWEROFF_WAIT_MS", "MED_BUF_CAP", "MED_STALL_MS", "PUB_MAX_CONNS",
+             "PORT_RETRY_MS", "DEVICE_WAIT_MS")
+C_UNSIGNED = frozenset({"MAX_PAYLOAD", "PUBLISH_WINDOW", "MED_BUF_CAP"})
+C_STRINGS = ("AGENT_PORT_NAME", "MEDIATION_PORT_NAME", "MOUNT_SERIAL_PREFIX", "DEFAULT_ROOT_DEVICE", "MODULES_ORDER")
+#: the namespaces above, by the prefix of their C names; the entry tags become character constants
+C_NAMESPACES: tuple[tuple[str, type], ...] = (
+    ("CFG", ConfigTag), ("EXEC", ExecTag), ("EXIT", ExitKind), ("EXIT_CODE", ExitCode), ("HALT", HaltMode),
+    ("NET", NetworkMode), ("MOUNT", MountMode), ("KEY", InfoKey), ("READY", ReadyValue), ("REASON", CloseReason),
+    ("BOOT_ARG", BootArg),
+)
+C_CHAR_NAMESPACES = frozenset({ConfigTag, ExecTag})
 
-    Frame types are ``F_<NAME>``; the other names are the same as here.
+
+def _c_string(value: str) -> str:
+    if not value.isascii() or not value.isprintable() or '"' in value or "\\" in value:
+        raise ValueError(f"protocol string {value!r} needs escaping in C")
+    return f'"{value}"'
+
+
+def c_constants() -> dict[str, str]:
+    """Every name protocol.h defines, with its C value: the constants, the namespaces (``<prefix>_<NAME>``) and the
+    frame types (``F_<NAME>``)."""
+    glob = globals()
+    out = {name: f"{glob[name]}u" if name in C_UNSIGNED else str(glob[name]) for name in C_NUMBERS}
+    out |= {name: _c_string(glob[name]) for name in C_STRINGS}
+    for prefix, namespace in C_NAMESPACES:
+        for name, value in members(namespace).items():
+            if isinstance(value, int):
+                out[f"{prefix}_{name}"] = str(value)
+            elif namespace in C_CHAR_NAMESPACES:
+                if len(value) != 1 or not value.isalpha():
+                    raise ValueError(f"entry tag {value!r} must be one letter")
+                out[f"{prefix}_{name}"] = f"'{value}'"
+            else:
+                out[f"{prefix}_{name}"] = _c_string(value)
+    out |= {f"F_{ft.name}": f"0x{ft.value:02X}" for ft in FrameType}
+    return out
+
+
+def render_c_header() -> str:
+    """C header with this module's constants, words and frame types, included by the guest agent (and test programs).
+
+    Frame types are ``F_<NAME>``; the namespaces' members ``<prefix>_<NAME>`` (see C_NAMESPACES); the other names are
+    the same as here.
     """
     lines = [
         "/* Generated from microagent_engine/protocol.py by render_c_header(): do not edit, change protocol.py. */",
         "#ifndef MICROAGENT_PROTOCOL_H",
         "#define MICROAGENT_PROTOCOL_H",
         "",
-        f"#define PROTOCOL_VERSION {PROTOCOL_VERSION}",
-        f"#define HEADER_SIZE {HEADER_SIZE}",
-        f"#define MAX_PAYLOAD {MAX_PAYLOAD}u",
-        f'#define AGENT_PORT_NAME "{AGENT_PORT_NAME}"',
-        f'#define MEDIATION_PORT_NAME "{MEDIATION_PORT_NAME}"',
-        f"#define PUBLISH_WINDOW {PUBLISH_WINDOW}u",
-        "",
     ]
-    lines += [f"#define F_{ft.name} 0x{ft.value:02X}" for ft in FrameType]
+    lines += [f"#define {name} {value}" for name, value in c_constants().items()]
     lines += ["", "#endif", ""]
     return "\n".join(lines)

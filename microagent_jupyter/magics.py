@@ -22,6 +22,7 @@ from IPython.utils.text import dedent
 from microagent_engine import Engine, ExecResult
 from microagent_engine.errors import InvalidState, MicroagentError, NotFound
 from microagent_engine.images.builtin import BUILTIN_NAMES as BUILTIN_IMAGES
+from microagent_engine.protocol import ExitKind
 from microagent_engine.states import STARTABLE
 
 from . import display as D
@@ -51,11 +52,11 @@ class MicroagentCellError(subprocess.CalledProcessError):
         cmd = " ".join(self.cmd)
         where = f"in workspace {self.workspace!r}"
         status = self.result.status
-        if status == "timed_out":
+        if status == ExitKind.TIMED_OUT:
             return f"{cmd!r} {where} timed out (exit code {self.returncode})"
-        if status == "signaled":
+        if status == ExitKind.SIGNALED:
             return f"{cmd!r} {where} was killed by signal {self.result.code} (exit code {self.returncode})"
-        if status == "failed_to_start":
+        if status == ExitKind.FAILED_TO_START:
             return f"{cmd!r} {where} could not start: {self.result.message} (exit code {self.returncode})"
         return f"{cmd!r} {where} exited with code {self.returncode}"
 

@@ -14,6 +14,7 @@ import select
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -26,10 +27,13 @@ from microagent_engine.guest.initramfs import AGENT_SOURCE, agent_source, compil
 from microagent_engine.protocol import (
     AGENT_PORT_NAME,
     C_HEADER_NAME,
+    C_NAMESPACES,
+    ConfigTag,
     HEADER_SIZE,
     MAX_PAYLOAD,
     MEDIATION_PORT_NAME,
     PROTOCOL_VERSION,
+    ExecTag,
     ExitStatus,
     Frame,
     FrameDecoder,
@@ -39,10 +43,14 @@ from microagent_engine.protocol import (
     encode_entries,
     encode_exec,
     encode_frame,
+    c_constants,
+    members,
     render_c_header,
 )
+from microagent_engine.protocol_doc import DOC_PATH, render_protocol_doc
 
-GUEST_DIR = Path(__file__).resolve().parent.parent / "microagent_engine" / "guest"
+REPO = Path(__file__).resolve().parent.parent
+GUEST_DIR = REPO / "microagent_engine" / "guest"
 HOSTILE_SRC = Path(__file__).resolve().parent / "hostile" / "hostile.c"
 DEFAULT_CONFIG = [("e", "FOO=bar"), ("e", "BAR=from-config"), ("n", "none")]
 
@@ -94,20 +102,121 @@ def test_c_header_defines_every_frame_type_and_constant():
     assert defines["PROTOCOL_VERSION"] == str(PROTOCOL_VERSION)
     assert defines["AGENT_PORT_NAME"] == f'"{AGENT_PORT_NAME}"'
     assert defines["MEDIATION_PORT_NAME"] == f'"{MEDIATION_PORT_NAME}"'
+    # the words frames carry: entry tags as characters, statuses/modes/keys/values/reasons as strings
+    for prefix, namespace in C_NAMESPACES:
+        for name, value in members(namespace).items():
+            c_value = defines[f"{prefix}_{name}"]
+            if isinstance(value, int):
+                assert c_value == str(value), (prefix, name)
+            elif namespace in (ConfigTag, ExecTag):
+                assert c_value == f"'{value}'", (prefix, name)
+            else:
+                assert c_value == f'"{value}"', (prefix, name)
+    # each name once (the include guard is the one #define without a value)
+    assert len(re.findall(r"^#define ", header, re.MULTILINE)) == len(defines) + 1 == len(c_constants()) + 1
     assert protocol_headers() == {C_HEADER_NAME: header.encode()}
+
+
+_C_TOKENS = re.compile(r'"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'|/\*.*?\*/|//[^\n]*', re.DOTALL)
+_C_STRING = re.compile(r'"((?:\\.|[^"\\\n])*)"')
+
+
+def _hand_written_protocol(text: str) -> list[str]:
+    """Where C source ``text`` spells a constant protocol.h defines instead of using its name: a #define of one of
+    its names, a string literal holding a status/mode/key/value/reason/path of the protocol, an entry tag as a
+    character in a comparison, or an EXIT code as a number. Comments are skipped; messages for humans (a word of
+    the protocol followed by other words, like "mediation cut") are not copies."""
+    code = _C_TOKENS.sub(lambda m: " " if m.group().startswith("/") else m.group(), text)
+    consts = c_constants()
+    found = [f"#define {name}" for name in re.findall(r"^\s*#\s*define\s+(\w+)", code, re.MULTILINE)
+             if name in consts]
+    found += [f"enum member {name}" for name in re.findall(r"\b(F_[A-Z]+)\s*=", code)]
+    words = {name: value[1:-1] for name, value in consts.items() if value.startswith('"')}
+    for m in _C_STRING.finditer(code):
+        literal = m.group(1)
+        for name, word in words.items():
+            if name.startswith("KEY_"):  # a key is copied as "key=..."
+                copied = re.search(rf"(?<![\w-]){word}=", literal)
+            elif name.startswith("EXIT_"):  # a status as "status <code>..."
+                copied = literal == word or literal.startswith(word + " ")
+            elif any(c in word for c in "/.:"):  # names, paths, prefixes: anywhere
+                copied = word.strip() in literal
+            else:
+                copied = literal == word
+            if copied:
+                found.append(f"{name} as {m.group()}")
+    tags = {value[1] for value in consts.values() if value.startswith("'")}
+    found += [f"tag {m.group()}" for m in re.finditer(r"(?:\bcase\s+|[=!]=\s*)'(\w)'", code) if m.group(1) in tags]
+    codes = {value for name, value in consts.items() if name.startswith("EXIT_CODE_")}
+    found += [f"EXIT code {n}" for n in re.findall(r"\b\d+\b", _C_STRING.sub('""', code)) if n in codes]
+    return found
 
 
 @pytest.mark.parametrize("source", [GUEST_DIR / AGENT_SOURCE, HOSTILE_SRC], ids=["agent", "hostile"])
 def test_c_sources_take_the_protocol_from_the_header(source):
-    """No C program keeps its own copy of a frame number or constant: everything comes from protocol.h."""
+    """No C program keeps its own copy of a frame number, constant, entry tag, EXIT status or code, HALT mode, READY
+    key or value, close reason or boot argument: everything the host also knows comes from protocol.h."""
     text = source.read_text()
     assert f'#include "{C_HEADER_NAME}"' in text
-    # a frame type or protocol constant defined (by #define or as an enum member) in the C file itself
-    own = re.findall(r"^\s*#define\s+(F_\w+|HDR_SIZE|HEADER_SIZE|MAX_PAYLOAD|PROTOCOL_VERSION|\w*PORT_NAME)\b", text,
-                     re.MULTILINE)
-    own += re.findall(r"\b(F_[A-Z]+)\s*=", text)
-    assert not own, f"{source.name} defines protocol names itself: {own}"
+    copies = _hand_written_protocol(text)
+    assert not copies, f"{source.name} spells the protocol itself (use protocol.h's names): {copies}"
     assert "org.microagent." not in text, f"{source.name} spells a port name instead of using the header's"
+
+
+def test_hand_written_protocol_is_found():
+    """The check above recognises each kind of copy (these lines are from the agent before the protocol moved)."""
+    copies = {
+        '#define OUT_CHUNK 65536': "#define OUT_CHUNK",
+        'snprintf(buf, sizeof buf, "timed_out 124");': 'EXIT_TIMED_OUT as "timed_out 124"',
+        'snprintf(buf, sizeof buf, "exited %d", code);': 'EXIT_EXITED as "exited %d"',
+        'x = "failed_to_start 126 malformed EXEC request";': "EXIT_FAILED_TO_START",
+        'if (strcmp(mode, "poweroff") == 0)': 'HALT_POWEROFF as "poweroff"',
+        'snprintf(b, n, "version=%d\\nkernel=%s\\n", 1, r);': "KEY_VERSION",
+        'snprintf(out, n, "error: eth0: %s", e);': "READY_ERROR",
+        'snprintf(out, n, "ok");': 'READY_OK as "ok"',
+        'if (strcmp(net, "user") == 0)': 'NET_USER as "user"',
+        'if (strcmp(f[3], "ro") == 0)': 'MOUNT_RO as "ro"',
+        'if (strncmp(f[0], "serial:", 7) == 0)': "MOUNT_SERIAL_PREFIX",
+        'med_close_all(1, "cut");': 'REASON_CUT as "cut"',
+        'fopen("/modules/order", "re");': "MODULES_ORDER",
+        'if (strncmp(tok, "microagent.root=", 16) == 0)': "BOOT_ARG_ROOT",
+        "switch (e[0]) { case 'a': break; }": "tag case 'a'",
+        "if (ent[0] == 'm') n++;": "tag == 'm'",
+        "_exit(127);": "EXIT code 127",
+        "enum { F_EXEC = 16 };": "enum member F_EXEC",
+    }
+    for line, expected in copies.items():
+        found = _hand_written_protocol(line)
+        assert any(f.startswith(expected) for f in found), (line, found)
+    human = ('logmsg("mediation cut"); logmsg("mounts: %s", e); /* "halt" */ x = c >= \'a\' && c <= \'f\'; '
+             'snprintf(b, n, "%s", READY_ERROR); snprintf(b, n, EXIT_EXITED " %d", 0);')
+    assert _hand_written_protocol(human) == []
+
+
+def test_protocol_doc_is_rendered_from_protocol_py():
+    """docs/protocol.md is what protocol.py renders: change protocol.py (or the prose in protocol_doc.py), then run
+    python scripts/protocol_doc.py."""
+    committed = (REPO / DOC_PATH).read_text()
+    assert committed == render_protocol_doc(), "docs/protocol.md is stale: run python scripts/protocol_doc.py"
+    for ft in FrameType:
+        assert ft.name in committed, ft
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "protocol_doc.py"), "--check"], check=False,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_protocol_doc_check_fails_on_a_stale_doc(tmp_path):
+    """The script's --check fails, naming the fix, when the committed page differs (here: a copy with one edit)."""
+    root = tmp_path / "repo"
+    (root / "scripts").mkdir(parents=True)
+    (root / "docs").mkdir()
+    shutil.copy(REPO / "scripts" / "protocol_doc.py", root / "scripts")
+    shutil.copytree(REPO / "microagent_engine", root / "microagent_engine",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (root / DOC_PATH).write_text(render_protocol_doc().replace("timed_out", "timed-out", 1))
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "protocol_doc.py"), "--check"], check=False,
+                          capture_output=True, text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 1 and "run python scripts/protocol_doc.py" in proc.stderr, proc.stderr
 
 
 def test_build_cache_key_covers_the_header(tmp_path):

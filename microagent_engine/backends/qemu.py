@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..config import QEMU_ENV
 from ..hostinfo import AccelChoice, require_tool, tsc_khz
-from ..protocol import AGENT_PORT_NAME, MEDIATION_PORT_NAME
+from ..protocol import AGENT_PORT_NAME, MEDIATION_PORT_NAME, NetworkMode
 from .base import Backend, FdCommand, VMSpec
 
 #: QEMU's own seccomp filter (measured here: Seccomp 2). It must not be combined with -runas: privileges are
@@ -97,7 +97,7 @@ class QemuBackend(Backend):
         if spec.mediation_socket is not None:
             cmd += ["-chardev", f"socket,id=mediation,path={spec.mediation_socket}",
                     "-device", f"virtserialport,bus=vser0.0,chardev=mediation,name={MEDIATION_PORT_NAME}"]
-        if spec.network == "user":
+        if spec.network == NetworkMode.USER:
             cmd += ["-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"]
         return cmd
 

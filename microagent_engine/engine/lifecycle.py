@@ -22,6 +22,7 @@ from ..fsutil import file_lock, open_private, write_json_atomic
 from ..guest.initramfs import build_initramfs
 from ..hostinfo import choose_accel
 from ..model import PUBLISH_DEFAULT_HOST_IP, LaunchSpec, Publish
+from ..protocol import DEFAULT_ROOT_DEVICE, MOUNT_SERIAL_PREFIX, BootArg, MountMode
 from ..records import WorkspaceDir, now_iso, process_matches
 from ..snapshots import workspace as snapshots
 from ..snapshots.live import RESTORE_KEY
@@ -64,7 +65,7 @@ class Lifecycle:
         accel = choose_accel(None if cfg.accel == "auto" else cfg.accel)
         kernel = ctx.resolve_kernel(cfg.kernel)
         initramfs = build_initramfs(ctx.state_dir, kernel, ctx.backend.guest_modules())
-        cmdline = " ".join(ctx.backend.kernel_args(accel) + ["microagent.root=/dev/vda"])
+        cmdline = " ".join(ctx.backend.kernel_args(accel) + [BootArg.ROOT + DEFAULT_ROOT_DEVICE])
         disks, mounts = self._attach_disks(info)
         spec = VMSpec(kernel=kernel.path, initramfs=initramfs, cmdline=cmdline, memory_mib=cfg.memory_mib,
                       cpus=cfg.cpus, disks=[DiskSpec(ws.rootfs), *disks], agent_socket=ws.agent_socket,
@@ -130,7 +131,8 @@ class Lifecycle:
                     path = build_bundle(Path(att.source), out_dir / f"{att.name}.ext4", out_dir)
                 serial = f"ma{i}"
                 disks.append(DiskSpec(path, att.read_only, serial))
-                mounts.append([f"serial:{serial}", att.mountpoint, "ext4", att.mode])
+                mounts.append([MOUNT_SERIAL_PREFIX + serial, att.mountpoint, "ext4",
+                               MountMode.RO if att.read_only else MountMode.RW])
         except BaseException:
             self.ctx.volumes.release(name)
             raise

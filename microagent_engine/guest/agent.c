@@ -59,18 +59,18 @@
 
 /* ---- protocol constants ------------------------------------------------------------------------ */
 
-/* HEADER_SIZE, MAX_PAYLOAD, the port names, PROTOCOL_VERSION and every frame type F_<NAME>: generated from
- * microagent_engine/protocol.py (render_c_header) and written beside this file by the build */
+/* Every constant, entry tag, status, mode, key and reason this agent shares with the host, and every frame type
+ * F_<NAME>: generated from microagent_engine/protocol.py (render_c_header) and written beside this file by the
+ * build. Never spell one of them here: tests/test_agent_protocol.py fails on a hand-written copy. */
 #include "protocol.h"
 
-#define OUT_CHUNK 65536
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-#define DRAIN_MS 200
-#define DEFAULT_GRACE_MS 2000
 #define STDIN_BACKPRESSURE (8u << 20) /* stop reading the channel while this much stdin is queued */
-#define MED_BUF_CAP (4u << 20)        /* stop reading the mediation channel while a connection queues this much */
-#define MED_STALL_MS 10000            /* ...and close it if its guest program reads nothing for this long */
 #define MED_ACCEPT_BATCH 64
+#define STR_(x) #x
+#define STR(x) STR_(x)
+/* the EXIT of an EXEC whose payload is malformed */
+#define MALFORMED_EXEC_EXIT EXIT_FAILED_TO_START " " STR(EXIT_CODE_CANNOT_RUN) " malformed EXEC request"
 
 /* ---- state --------------------------------------------------------------------------------------- */
 
@@ -160,7 +160,8 @@ static struct {
     char ready_net[512];
     char ready_mounts[2048];
     char ready_mediation[512];
-} config = {.ready_shell = "missing", .ready_net = "none", .ready_mounts = "ok", .ready_mediation = "none"};
+} config = {.ready_shell = READY_MISSING, .ready_net = READY_NONE, .ready_mounts = READY_OK,
+          .ready_mediation = READY_NONE};
 
 /* the console shell on /dev/ttyS0, respawned when it exits */
 static struct {
@@ -418,7 +419,7 @@ static int write_frame(int fd, int type, uint32_t stream, const void *data, size
 }
 
 /* the channel closed (EOF, an error, an oversized frame): its on_lost hook runs (for the agent channel in test
- * mode it exits the agent); in a VM the port is then reopened every 100 ms, in test mode never */
+ * mode it exits the agent); in a VM the port is then reopened every PORT_RETRY_MS, in test mode never */
 static void chan_lost(struct channel *c, const char *why)
 {
     if (c->fd < 0)
@@ -430,7 +431,7 @@ static void chan_lost(struct channel *c, const char *why)
         return;
     logmsg("%s closed (%s), reopening %s", c->label, why, c->path);
     c->reopen_logged = 0;
-    c->reopen_at = mono_ms() + 100;
+    c->reopen_at = mono_ms() + PORT_RETRY_MS;
 }
 
 static void chan_send(struct channel *c, int type, uint32_t stream, const void *data, size_t len)
@@ -542,7 +543,7 @@ static int chan_find_port(struct channel *c)
     return found;
 }
 
-/* open the port found by chan_find_port; if that fails or the host side is not connected yet, retry in 100 ms */
+/* open the port found by chan_find_port; if that fails or the host side is not connected yet, retry in PORT_RETRY_MS */
 static void chan_open_port(struct channel *c)
 {
     c->reopen_at = 0;
@@ -551,7 +552,7 @@ static void chan_open_port(struct channel *c)
         if (!c->reopen_logged)
             logmsg("cannot open %s: %s (retrying)", c->path, strerror(errno));
         c->reopen_logged = 1;
-        c->reopen_at = mono_ms() + 100;
+        c->reopen_at = mono_ms() + PORT_RETRY_MS;
         return;
     }
     struct pollfd pf = {.fd = fd, .events = POLLIN | POLLOUT};
@@ -561,7 +562,7 @@ static void chan_open_port(struct channel *c)
             logmsg("waiting for the host to connect to %s", c->path);
         c->reopen_logged = 1;
         close(fd);
-        c->reopen_at = mono_ms() + 100;
+        c->reopen_at = mono_ms() + PORT_RETRY_MS;
         return;
     }
     chan_attach(c, fd);
@@ -611,7 +612,7 @@ static void send_hello(void)
     char buf[512];
     if (uname(&u) < 0)
         snprintf(u.release, sizeof u.release, "unknown");
-    snprintf(buf, sizeof buf, "version=%d\nkernel=%s\n", PROTOCOL_VERSION, u.release);
+    snprintf(buf, sizeof buf, KEY_VERSION "=%d\n" KEY_KERNEL "=%s\n", PROTOCOL_VERSION, u.release);
     chan_send_str(&chan, F_HELLO, 0, buf);
 }
 
@@ -645,11 +646,11 @@ static void finish_session(struct session *s)
     xclose(&s->out_fd);
     xclose(&s->err_fd);
     if (s->timed_out)
-        snprintf(buf, sizeof buf, "timed_out 124");
+        snprintf(buf, sizeof buf, EXIT_TIMED_OUT " %d", EXIT_CODE_TIMED_OUT);
     else if (WIFSIGNALED(s->wstatus))
-        snprintf(buf, sizeof buf, "signaled %d", WTERMSIG(s->wstatus));
+        snprintf(buf, sizeof buf, EXIT_SIGNALED " %d", WTERMSIG(s->wstatus));
     else
-        snprintf(buf, sizeof buf, "exited %d", WEXITSTATUS(s->wstatus));
+        snprintf(buf, sizeof buf, EXIT_EXITED " %d", WEXITSTATUS(s->wstatus));
     chan_send_str(&chan, F_EXIT, s->stream, buf);
     for (struct session **pp = &execs.list; *pp; pp = &(*pp)->next) {
         if (*pp == s) {
@@ -739,13 +740,14 @@ static void child_fail(int errfd, int err)
 {
     ssize_t w = write(errfd, &err, sizeof err);
     (void)w;
-    _exit(127);
+    _exit(EXIT_CODE_NOT_FOUND);
 }
 
 static void exit_failed_to_start(uint32_t stream, int err)
 {
     char buf[256];
-    snprintf(buf, sizeof buf, "failed_to_start %d %s", err == ENOENT ? 127 : 126, strerror(err));
+    snprintf(buf, sizeof buf, EXIT_FAILED_TO_START " %d %s", err == ENOENT ? EXIT_CODE_NOT_FOUND : EXIT_CODE_CANNOT_RUN,
+             strerror(err));
     chan_send_str(&chan, F_EXIT, stream, buf);
 }
 
@@ -780,20 +782,20 @@ static int parse_exec(uint32_t stream, const unsigned char *payload, size_t len,
 {
     if (len == 0 || payload[len - 1] != '\0') {
         chan_send_error(&chan, stream, "malformed EXEC: entries are not NUL-terminated");
-        chan_send_str(&chan, F_EXIT, stream, "failed_to_start 126 malformed EXEC request");
+        chan_send_str(&chan, F_EXIT, stream, MALFORMED_EXEC_EXIT);
         return -1;
     }
     size_t argc = 0;
     for (size_t off = 0; off < len;) {
         const char *ent = (const char *)payload + off;
         size_t el = strlen(ent);
-        if (el > 0 && ent[0] == 'a')
+        if (el > 0 && ent[0] == EXEC_ARG)
             argc++;
         off += el + 1;
     }
     if (argc == 0) {
         chan_send_error(&chan, stream, "malformed EXEC: no argv");
-        chan_send_str(&chan, F_EXIT, stream, "failed_to_start 126 malformed EXEC request");
+        chan_send_str(&chan, F_EXIT, stream, MALFORMED_EXEC_EXIT);
         return -1;
     }
 
@@ -810,23 +812,23 @@ static int parse_exec(uint32_t stream, const unsigned char *payload, size_t len,
             continue;
         const char *val = ent + 1;
         switch (ent[0]) {
-        case 'a':
+        case EXEC_ARG:
             req->argv[ai++] = (char *)val;
             break;
-        case 'e':
+        case EXEC_ENV:
             env_set(&req->env, val);
             break;
-        case 'c':
+        case EXEC_CWD:
             if (*val)
                 req->cwd = val;
             break;
-        case 't':
+        case EXEC_TIMEOUT_MS:
             req->timeout_ms = parse_ms(val, 0);
             break;
-        case 'g':
+        case EXEC_GRACE_MS:
             req->grace_ms = parse_ms(val, DEFAULT_GRACE_MS);
             break;
-        case 'i':
+        case EXEC_STDIN:
             req->want_stdin = strcmp(val, "1") == 0;
             break;
         default:
@@ -859,7 +861,7 @@ static int exec_pipes(int want_stdin, int inp[2], int outp[2], int errp[2], int 
 }
 
 /* vfork a child that becomes req's command with in_fd/out_fd/err_fd as 0/1/2 in its own session; if it cannot,
- * it writes its errno to ep_fd and exits 127. The parent's pid of it, or -1 (errno set) */
+ * it writes its errno to ep_fd and exits EXIT_CODE_NOT_FOUND. The parent's pid of it, or -1 (errno set) */
 static pid_t vfork_exec(const struct exec_req *req, int in_fd, int out_fd, int err_fd, int ep_fd)
 {
     char **saved_environ = environ;
@@ -1084,7 +1086,7 @@ static void spawn_shell(void)
         setsid();
         int fd = open("/dev/ttyS0", O_RDWR);
         if (fd < 0)
-            _exit(127);
+            _exit(EXIT_CODE_NOT_FOUND);
         ioctl(fd, TIOCSCTTY, 1);
         dup2(fd, 0);
         dup2(fd, 1);
@@ -1096,7 +1098,7 @@ static void spawn_shell(void)
         char *argv[] = {argv0, NULL};
         environ = env.v;
         execve(console.path, argv, env.v);
-        _exit(127);
+        _exit(EXIT_CODE_NOT_FOUND);
     }
     console.pid = pid;
     env_free(&env);
@@ -1137,7 +1139,7 @@ static void configure_user_net(char *out, size_t outlen)
 {
     int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
     if (sock < 0) {
-        snprintf(out, outlen, "error: socket: %s", strerror(errno));
+        snprintf(out, outlen, READY_ERROR "socket: %s", strerror(errno));
         return;
     }
     struct ifreq ifr;
@@ -1147,7 +1149,7 @@ static void configure_user_net(char *out, size_t outlen)
     int64_t until = mono_ms() + 1000;
     while (ioctl(sock, SIOCGIFFLAGS, &ifr) < 0) {
         if (errno != ENODEV || mono_ms() >= until) {
-            snprintf(out, outlen, "error: eth0: %s", strerror(errno));
+            snprintf(out, outlen, READY_ERROR "eth0: %s", strerror(errno));
             close(sock);
             return;
         }
@@ -1155,18 +1157,18 @@ static void configure_user_net(char *out, size_t outlen)
     }
     set_sin(&ifr.ifr_addr, "10.0.2.15");
     if (ioctl(sock, SIOCSIFADDR, &ifr) < 0) {
-        snprintf(out, outlen, "error: eth0 address: %s", strerror(errno));
+        snprintf(out, outlen, READY_ERROR "eth0 address: %s", strerror(errno));
         close(sock);
         return;
     }
     set_sin(&ifr.ifr_netmask, "255.255.255.0");
     if (ioctl(sock, SIOCSIFNETMASK, &ifr) < 0) {
-        snprintf(out, outlen, "error: eth0 netmask: %s", strerror(errno));
+        snprintf(out, outlen, READY_ERROR "eth0 netmask: %s", strerror(errno));
         close(sock);
         return;
     }
     if (iface_up(sock, "eth0") < 0) {
-        snprintf(out, outlen, "error: eth0 up: %s", strerror(errno));
+        snprintf(out, outlen, READY_ERROR "eth0 up: %s", strerror(errno));
         close(sock);
         return;
     }
@@ -1179,12 +1181,12 @@ static void configure_user_net(char *out, size_t outlen)
     char dev[] = "eth0";
     rt.rt_dev = dev;
     if (ioctl(sock, SIOCADDRT, &rt) < 0 && errno != EEXIST) {
-        snprintf(out, outlen, "error: default route: %s", strerror(errno));
+        snprintf(out, outlen, READY_ERROR "default route: %s", strerror(errno));
         close(sock);
         return;
     }
     close(sock);
-    snprintf(out, outlen, "ok");
+    snprintf(out, outlen, READY_OK);
 }
 
 static void append_err(char *out, size_t outlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
@@ -1192,7 +1194,7 @@ static void append_err(char *out, size_t outlen, const char *fmt, ...)
 {
     size_t used = strlen(out);
     if (used == 0) {
-        snprintf(out, outlen, "error: ");
+        snprintf(out, outlen, "%s", READY_ERROR);
         used = strlen(out);
     } else if (used + 2 < outlen) {
         strcat(out, "; ");
@@ -1259,16 +1261,16 @@ static void do_mount_entry(const char *spec, char *errs, size_t errlen)
         return;
     }
     unsigned long flags = 0;
-    if (strcmp(f[3], "ro") == 0)
+    if (strcmp(f[3], MOUNT_RO) == 0)
         flags |= MS_RDONLY;
-    else if (strcmp(f[3], "rw") != 0) {
+    else if (strcmp(f[3], MOUNT_RW) != 0) {
         append_err(errs, errlen, "%s: bad mode %s", f[1], f[3]);
         return;
     }
     char dev[PATH_MAX];
-    if (strncmp(f[0], "serial:", 7) == 0) {
-        if (disk_by_serial(f[0] + 7, dev, sizeof dev) < 0) {
-            append_err(errs, errlen, "%s: no disk with serial %s", f[1], f[0] + 7);
+    if (strncmp(f[0], MOUNT_SERIAL_PREFIX, strlen(MOUNT_SERIAL_PREFIX)) == 0) {
+        if (disk_by_serial(f[0] + strlen(MOUNT_SERIAL_PREFIX), dev, sizeof dev) < 0) {
+            append_err(errs, errlen, "%s: no disk with serial %s", f[1], f[0] + strlen(MOUNT_SERIAL_PREFIX));
             return;
         }
         f[0] = dev;
@@ -1291,7 +1293,9 @@ static void send_ready(void)
     if (uname(&u) < 0)
         snprintf(u.release, sizeof u.release, "unknown");
     /* the kernel again: a clone restored from a template said HELLO before this host was listening */
-    snprintf(buf, sizeof buf, "shell=%s\nnet=%s\nmounts=%s\nmediation=%s\nkernel=%s\nversion=%d\n",
+    snprintf(buf, sizeof buf,
+             KEY_SHELL "=%s\n" KEY_NET "=%s\n" KEY_MOUNTS "=%s\n" KEY_MEDIATION "=%s\n" KEY_KERNEL "=%s\n" KEY_VERSION
+             "=%d\n",
              config.ready_shell, config.ready_net, config.ready_mounts, config.ready_mediation, u.release,
              PROTOCOL_VERSION);
     chan_send_str(&chan, F_READY, 0, buf);
@@ -1360,28 +1364,28 @@ static void handle_config(uint32_t stream, const unsigned char *payload, size_t 
             continue;
         const char *val = ent + 1;
         switch (ent[0]) {
-        case 'h':
+        case CFG_HOSTNAME:
             hostname = val;
             break;
-        case 'e':
+        case CFG_ENV:
             env_set(&config.env, val);
             break;
-        case 'n':
+        case CFG_NETWORK:
             net = val;
             break;
-        case 's':
+        case CFG_SHELL:
             shell = val;
             break;
-        case 'm':
+        case CFG_MOUNT:
             nmounts++;
             break;
-        case 'p':
+        case CFG_MEDIATION_PORT:
             med_value = val;
             break;
-        case 't':
+        case CFG_CLOCK:
             clock = val;
             break;
-        case 'r':
+        case CFG_SEED:
             seed = val;
             break;
         default:
@@ -1415,47 +1419,47 @@ static void handle_config(uint32_t stream, const unsigned char *payload, size_t 
     /* network */
     if (!agent.test_mode)
         configure_lo();
-    if (!net || strcmp(net, "none") == 0)
-        snprintf(config.ready_net, sizeof config.ready_net, "none");
-    else if (strcmp(net, "user") == 0) {
+    if (!net || strcmp(net, NET_NONE) == 0)
+        snprintf(config.ready_net, sizeof config.ready_net, READY_NONE);
+    else if (strcmp(net, NET_USER) == 0) {
         if (agent.test_mode)
-            snprintf(config.ready_net, sizeof config.ready_net, "error: not supported in test mode");
+            snprintf(config.ready_net, sizeof config.ready_net, READY_ERROR "not supported in test mode");
         else
             configure_user_net(config.ready_net, sizeof config.ready_net);
     } else
-        snprintf(config.ready_net, sizeof config.ready_net, "error: unknown network mode %.100s", net);
-    if (strcmp(config.ready_net, "ok") != 0 && strcmp(config.ready_net, "none") != 0)
+        snprintf(config.ready_net, sizeof config.ready_net, READY_ERROR "unknown network mode %.100s", net);
+    if (strcmp(config.ready_net, READY_OK) != 0 && strcmp(config.ready_net, READY_NONE) != 0)
         logmsg("network: %s", config.ready_net);
 
     /* mounts */
     if (nmounts > 0 && agent.test_mode) {
-        snprintf(config.ready_mounts, sizeof config.ready_mounts, "error: not supported in test mode");
+        snprintf(config.ready_mounts, sizeof config.ready_mounts, READY_ERROR "not supported in test mode");
     } else {
         char errs[sizeof config.ready_mounts] = "";
         for (size_t off = 0; off < len;) {
             const char *ent = (const char *)payload + off;
             size_t el = strlen(ent);
             off += el + 1;
-            if (el > 0 && ent[0] == 'm')
+            if (el > 0 && ent[0] == CFG_MOUNT)
                 do_mount_entry(ent + 1, errs, sizeof errs);
         }
         if (errs[0]) {
             snprintf(config.ready_mounts, sizeof config.ready_mounts, "%s", errs);
             logmsg("mounts: %s", errs);
         } else
-            snprintf(config.ready_mounts, sizeof config.ready_mounts, "ok");
+            snprintf(config.ready_mounts, sizeof config.ready_mounts, READY_OK);
     }
 
     /* mediation listener and channel (after the network: lo is up) */
     med_setup(med_value);
 
     /* console shell */
-    snprintf(config.ready_shell, sizeof config.ready_shell, "missing");
+    snprintf(config.ready_shell, sizeof config.ready_shell, READY_MISSING);
     if (shell && *shell && !agent.test_mode && access(shell, X_OK) == 0 && access("/dev/ttyS0", F_OK) == 0) {
         free(console.path);
         console.path = xstrdup(shell);
         spawn_shell();
-        snprintf(config.ready_shell, sizeof config.ready_shell, "ok");
+        snprintf(config.ready_shell, sizeof config.ready_shell, READY_OK);
     }
 
     send_ready();
@@ -1568,9 +1572,9 @@ static void do_halt(uint32_t stream, const unsigned char *data, size_t len)
     memcpy(mode, data, len);
     mode[len] = '\0';
     int graceful;
-    if (strcmp(mode, "halt") == 0)
+    if (strcmp(mode, HALT_HALT) == 0)
         graceful = 1;
-    else if (strcmp(mode, "poweroff") == 0)
+    else if (strcmp(mode, HALT_POWEROFF) == 0)
         graceful = 0;
     else {
         chan_send_error(&chan, 0, "unknown HALT mode: %s", mode);
@@ -1578,7 +1582,7 @@ static void do_halt(uint32_t stream, const unsigned char *data, size_t len)
     }
     chan_send_str(&chan, F_HALTING, 0, "");
     agent.halting = 1;
-    int64_t wait_ms = graceful ? 3000 : 500;
+    int64_t wait_ms = graceful ? HALT_WAIT_MS : POWEROFF_WAIT_MS;
     logmsg("%s requested", mode);
 
     if (agent.test_mode) {
@@ -1859,7 +1863,7 @@ static void med_dispatch(int type, uint32_t stream, const unsigned char *p, size
             if (!med.cut)
                 logmsg("mediation cut");
             med.cut = 1;
-            med_close_all(1, "cut");
+            med_close_all(1, REASON_CUT);
         } else {
             if (med.cut)
                 logmsg("mediation resumed");
@@ -1906,14 +1910,14 @@ static int med_listen(int port, char *err, size_t errlen)
 static void med_setup(const char *value)
 {
     if (!value) {
-        snprintf(config.ready_mediation, sizeof config.ready_mediation, "none");
+        snprintf(config.ready_mediation, sizeof config.ready_mediation, READY_NONE);
         return;
     }
     char *end;
     errno = 0;
     long port = strtol(value, &end, 10);
     if (errno || end == value || *end || port < 1 || port > 65535 || !isdigit((unsigned char)value[0])) {
-        snprintf(config.ready_mediation, sizeof config.ready_mediation, "error: bad port %.100s", value);
+        snprintf(config.ready_mediation, sizeof config.ready_mediation, READY_ERROR "bad port %.100s", value);
         logmsg("mediation: %s", config.ready_mediation);
         return;
     }
@@ -1921,11 +1925,11 @@ static void med_setup(const char *value)
     if (agent.test_mode) {
         if (!agent.med_connect_path) {
             snprintf(config.ready_mediation, sizeof config.ready_mediation,
-                     "error: no mediation port (no --mediation-connect)");
+                     READY_ERROR "no mediation port (no --mediation-connect)");
             return;
         }
         if (chan_connect_unix(&med_chan, agent.med_connect_path, err, sizeof err) < 0) {
-            snprintf(config.ready_mediation, sizeof config.ready_mediation, "error: %s", err);
+            snprintf(config.ready_mediation, sizeof config.ready_mediation, READY_ERROR "%s", err);
             logmsg("mediation: %s", config.ready_mediation);
             return;
         }
@@ -1934,7 +1938,7 @@ static void med_setup(const char *value)
         int64_t until = mono_ms() + 1000;
         while (chan_find_port(&med_chan) < 0) {
             if (mono_ms() >= until) {
-                snprintf(config.ready_mediation, sizeof config.ready_mediation, "error: no mediation port");
+                snprintf(config.ready_mediation, sizeof config.ready_mediation, READY_ERROR "no mediation port");
                 logmsg("mediation: virtio-serial port %s not found", MEDIATION_PORT_NAME);
                 return;
             }
@@ -1942,15 +1946,15 @@ static void med_setup(const char *value)
         }
     }
     if (med_listen((int)port, err, sizeof err) < 0) {
-        snprintf(config.ready_mediation, sizeof config.ready_mediation, "error: %s", err);
+        snprintf(config.ready_mediation, sizeof config.ready_mediation, READY_ERROR "%s", err);
         logmsg("mediation: %s", config.ready_mediation);
         xclose(&med_chan.fd);
         return;
     }
     med.port = (int)port;
     if (!agent.test_mode)
-        chan_open_port(&med_chan); /* if the host is not connected yet, retried every 100 ms */
-    snprintf(config.ready_mediation, sizeof config.ready_mediation, "ok");
+        chan_open_port(&med_chan); /* if the host is not connected yet, retried every PORT_RETRY_MS */
+    snprintf(config.ready_mediation, sizeof config.ready_mediation, READY_OK);
     logmsg("mediation: listening on 127.0.0.1:%d", med.port);
 }
 
@@ -1960,7 +1964,7 @@ static void med_timers(int64_t now)
     chan_timers(&med_chan, now);
     for (struct mconn *c = med.conns; c; c = c->next) {
         if (!c->dead && c->over_since && now - c->over_since >= MED_STALL_MS)
-            mconn_close(c, !c->closing, "buffer overflow");
+            mconn_close(c, !c->closing, REASON_BUFFER_OVERFLOW);
     }
 }
 
@@ -1983,7 +1987,6 @@ static int64_t med_next_deadline(void)
  * guest; bytes flow as PDATA both ways, each way within a window of PUBLISH_WINDOW unacknowledged bytes (PACK
  * returns credit), PEOF is a half-close, PCLOSE ends the stream (answered with PCLOSE unless we sent one). */
 
-#define PUB_MAX_CONNS 1024                /* the host bounds this lower; a guard only */
 #define PUB_ACK_MIN (PUBLISH_WINDOW / 4u) /* acknowledge written bytes at least this often */
 
 struct pconn {
@@ -2146,7 +2149,7 @@ static void pub_open(uint32_t stream, const unsigned char *p, size_t len)
         return;
     }
     if (ports.n >= PUB_MAX_CONNS) {
-        chan_send_str(&chan, F_PCLOSE, stream, "too many connections");
+        chan_send_str(&chan, F_PCLOSE, stream, REASON_TOO_MANY);
         return;
     }
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -2311,7 +2314,7 @@ static int late_module(const char *path)
 
 static void load_modules(int late)
 {
-    FILE *f = fopen("/modules/order", "re");
+    FILE *f = fopen("/" MODULES_ORDER, "re");
     if (!f)
         return;
     char line[PATH_MAX];
@@ -2380,7 +2383,7 @@ static void boot(void)
     load_modules(0);
 
     char *root = agent.root_dev;
-    snprintf(root, sizeof agent.root_dev, "/dev/vda");
+    snprintf(root, sizeof agent.root_dev, "%s", DEFAULT_ROOT_DEVICE);
     int ro = 0;
     {
         char cmdline[4096];
@@ -2393,24 +2396,26 @@ static void boot(void)
         cmdline[n] = '\0';
         char *save = NULL;
         for (char *tok = strtok_r(cmdline, " \t\n", &save); tok; tok = strtok_r(NULL, " \t\n", &save)) {
-            if (strncmp(tok, "microagent.root=", 16) == 0 && tok[16]) {
-                if (tok[16] == '/')
-                    snprintf(root, sizeof agent.root_dev, "%s", tok + 16);
+            const size_t root_len = strlen(BOOT_ARG_ROOT), ro_len = strlen(BOOT_ARG_READ_ONLY);
+            if (strncmp(tok, BOOT_ARG_ROOT, root_len) == 0 && tok[root_len]) {
+                const char *dev = tok + root_len;
+                if (dev[0] == '/')
+                    snprintf(root, sizeof agent.root_dev, "%s", dev);
                 else
-                    snprintf(root, sizeof agent.root_dev, "/dev/%s", tok + 16);
-            } else if (strcmp(tok, "microagent.ro=1") == 0) {
+                    snprintf(root, sizeof agent.root_dev, "/dev/%s", dev);
+            } else if (strncmp(tok, BOOT_ARG_READ_ONLY, ro_len) == 0 && strcmp(tok + ro_len, "1") == 0) {
                 ro = 1;
-            } else if (strcmp(tok, "microagent.ro=0") == 0) {
+            } else if (strncmp(tok, BOOT_ARG_READ_ONLY, ro_len) == 0 && strcmp(tok + ro_len, "0") == 0) {
                 ro = 0;
             }
         }
     }
     agent.root_ro = ro;
 
-    int64_t until = mono_ms() + 10000;
+    int64_t until = mono_ms() + DEVICE_WAIT_MS;
     while (chan_find_port(&chan) < 0) {
         if (mono_ms() >= until)
-            fatal_boot("virtio-serial port %s not found within 10 s", AGENT_PORT_NAME);
+            fatal_boot("virtio-serial port %s not found within %d s", AGENT_PORT_NAME, DEVICE_WAIT_MS / 1000);
         sleep_ms(10);
     }
 }
@@ -2423,10 +2428,10 @@ static void mount_root(void)
     int ro = agent.root_ro;
     load_modules(1);
     struct stat st;
-    int64_t until = mono_ms() + 10000;
+    int64_t until = mono_ms() + DEVICE_WAIT_MS;
     while (stat(root, &st) < 0 || !S_ISBLK(st.st_mode)) {
         if (mono_ms() >= until)
-            fatal_boot("root device %s did not appear within 10 s", root);
+            fatal_boot("root device %s did not appear within %d s", root, DEVICE_WAIT_MS / 1000);
         sleep_ms(10);
     }
 

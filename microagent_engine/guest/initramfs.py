@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import HostError
 from ..fsutil import build_once
 from ..hostinfo import is_static_elf, require_tool
-from ..protocol import C_HEADER_NAME, render_c_header
+from ..protocol import C_HEADER_NAME, MODULES_ORDER, render_c_header
 from .kernel import Kernel
 
 AGENT_SOURCE = "agent.c"
@@ -155,7 +155,7 @@ def build_initramfs(state_dir: Path, kernel: Kernel, modules: list[str]) -> Path
         for mod in mods:
             cpio.file(f"modules/{mod.name}", mod.read_bytes())
             names.append(f"modules/{mod.name}")
-        cpio.file("modules/order", ("\n".join(names) + "\n").encode())
+        cpio.file(MODULES_ORDER, ("\n".join(names) + "\n").encode())
         target.write_bytes(cpio.finish())
 
     return build_once(cache_dir(state_dir) / f"initramfs-{h.hexdigest()[:16]}.cpio", build, "the guest initramfs")

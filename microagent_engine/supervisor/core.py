@@ -29,7 +29,8 @@ from ..errors import HostError, MicroagentError, ProtocolError
 from ..fsutil import open_private
 from ..logfiles import RotatingLog, tail_bytes
 from ..model import LaunchSpec
-from ..protocol import EXIT_STATUSES, ExitStatus, FrameDecoder, FrameType, decode_kv, encode_config, encode_frame
+from ..protocol import (EXIT_STATUSES, ExitStatus, FrameDecoder, FrameType, HaltMode, InfoKey, NetworkMode, ReadyValue,
+                        decode_kv, encode_config, encode_frame)
 from ..records import WorkspaceDir, now_iso, process_start_time, signal as readiness
 from ..sandbox import ConfinedVM, spawn_vm
 from ..sandbox.network import NetworkSandbox, policy_of
@@ -576,8 +577,8 @@ class Supervisor:
         if ftype == FrameType.HELLO and not self.hello_seen:
             self.hello_seen = True
             info = decode_kv(payload)
-            version = safe_text(info.get("version", "?"), 40)
-            kernel = safe_text(info.get("kernel", "?"), 120)
+            version = safe_text(info.get(InfoKey.VERSION, "?"), 40)
+            kernel = safe_text(info.get(InfoKey.KERNEL, "?"), 120)
             self.set_signal("guestReady", True, f"agent v{version} on kernel {kernel}")
             self.state.kernel_release = kernel
             self.save()
@@ -636,24 +637,28 @@ class Supervisor:
 
     async def on_ready(self, info: dict[str, str]) -> None:
         shell = self.launch.shell
-        if "kernel" in info:  # READY repeats it: a template clone's HELLO went to the template's host
-            kernel = safe_text(info["kernel"], 120)
+        if InfoKey.KERNEL in info:  # READY repeats it: a template clone's HELLO went to the template's host
+            kernel = safe_text(info[InfoKey.KERNEL], 120)
             self.state.kernel_release = kernel
-            self.set_signal("guestReady", True, f"agent v{safe_text(info.get('version', '?'), 40)} on kernel {kernel}")
-        if info.get("shell") == "ok":
+            version = safe_text(info.get(InfoKey.VERSION, "?"), 40)
+            self.set_signal("guestReady", True, f"agent v{version} on kernel {kernel}")
+        if info.get(InfoKey.SHELL) == ReadyValue.OK:
             self.set_signal("shellReady", True, f"{shell} on the serial console")
         else:
             self.set_signal("shellReady", False, error=f"shell {shell} not found in the guest")
         if self.mediation:
-            med = safe_text(info.get("mediation", "none"), 200)
-            self.mediation.guest_ready(med == "ok", "" if med == "ok" else f"guest side: {med}")
+            med = safe_text(info.get(InfoKey.MEDIATION, ReadyValue.NONE), 200)
+            ok = med == ReadyValue.OK
+            self.mediation.guest_ready(ok, "" if ok else f"guest side: {med}")
         else:
             self.set_signal("mediationReady", False, "no mediation channel configured")
-        errors = [safe_text(f"{k}: {v}", 300) for k, v in info.items() if v.startswith("error") and k != "mediation"]
-        if info.get("mounts", "").startswith("error"):
-            self.save(state="failed", error="attaching disks failed in the guest: " + safe_text(info["mounts"], 500))
+        errors = [safe_text(f"{k}: {v}", 300) for k, v in info.items()
+                  if v.startswith(ReadyValue.ERROR) and k != InfoKey.MEDIATION]
+        if info.get(InfoKey.MOUNTS, "").startswith(ReadyValue.ERROR):
+            self.save(state="failed",
+                      error="attaching disks failed in the guest: " + safe_text(info[InfoKey.MOUNTS], 500))
             self.intent = "setup-failed"
-            self.to_agent(FrameType.HALT, 0, b"halt")
+            self.to_agent(FrameType.HALT, 0, HaltMode.HALT.encode())
             return
         if self.launch.setup and not self.state.setup_done:
             self.setting_up = True
@@ -683,7 +688,7 @@ class Supervisor:
                                           f"quarantined"}
         if self.net is not None:
             self.net.sever()
-        if self.launch.network == "user" and not await self.qmp("set_link", {"name": "net0", "up": False}):
+        if self.launch.network == NetworkMode.USER and not await self.qmp("set_link", {"name": "net0", "up": False}):
             return {"ok": False, "error": "could not take the network link down through QMP"}
         if self.mediation:
             self.mediation.sever("workspace quarantined")
@@ -727,10 +732,10 @@ class Supervisor:
             await self.exited.wait()
             return {"ok": True, "state": self.state.state}
         if how == "halt":
-            sent = self.to_agent(FrameType.HALT, 0, b"halt")
+            sent = self.to_agent(FrameType.HALT, 0, HaltMode.HALT.encode())
             limit = timeout or HALT_TIMEOUT
         else:
-            sent = self.to_agent(FrameType.HALT, 0, b"poweroff")
+            sent = self.to_agent(FrameType.HALT, 0, HaltMode.POWEROFF.encode())
             limit = timeout or STOP_TIMEOUT
         if not sent:
             await self.qmp("system_powerdown")

@@ -7,7 +7,7 @@ import asyncio
 from typing import TYPE_CHECKING, Callable
 
 from ..fsutil import open_private
-from ..protocol import ExitStatus, FrameType, encode_exec
+from ..protocol import ExitCode, ExitKind, ExitStatus, FrameType, HaltMode, encode_exec
 
 if TYPE_CHECKING:
     from .core import Supervisor
@@ -48,7 +48,7 @@ class GuestTasks:
     def fail_all(self, message: str) -> None:
         for job in self.jobs.values():
             if not job.done.done():
-                job.done.set_result(ExitStatus("failed_to_start", 127, message))
+                job.done.set_result(ExitStatus(ExitKind.FAILED_TO_START, ExitCode.NOT_FOUND, message))
         self.jobs.clear()
 
     def start(self, argv: list[str], on_output: Callable[[bytes], None],
@@ -72,12 +72,12 @@ class GuestTasks:
                 out(f"--- microagent: setup {i}/{len(commands)}: {command}\n".encode())
                 st = await self.start(["/bin/sh", "-c", command], out, SETUP_TIMEOUT).done
                 out(f"--- microagent: setup {i} ended: {st.status} {st.code}\n".encode())
-                if st.status != "exited" or st.code != 0:
+                if st.status != ExitKind.EXITED or st.code != 0:
                     error = (f"setup command {i} ({command!r}) failed ({st.status} {st.code}); its output is "
                              f"in {log_path} and the serial log. Fix it, then delete and recreate the workspace")
                     sup.save(state="failed", error=error)
                     sup.intent = "setup-failed"
-                    sup.to_agent(FrameType.HALT, 0, b"halt")
+                    sup.to_agent(FrameType.HALT, 0, HaltMode.HALT.encode())
                     return False
         sup.save(setup_done=True)
         return True
@@ -92,7 +92,7 @@ class GuestTasks:
         sup.serial_note(f"entrypoint ended: {st.status} {st.code}")
         if sup.wants_restart(st) and sup.state.state == "running":
             sup.intent = "restart"
-            sup.to_agent(FrameType.HALT, 0, b"poweroff")
+            sup.to_agent(FrameType.HALT, 0, HaltMode.POWEROFF.encode())
             try:
                 await asyncio.wait_for(sup.vm_exited.wait(), STOP_TIMEOUT)
             except asyncio.TimeoutError:

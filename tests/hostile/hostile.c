@@ -206,8 +206,9 @@ static void mode_forge(uint32_t stream)
     snprintf(what, sizeof what, "STDOUT \"INJECTED\" on stream %u", stream);
     for (int i = 0; i < 3; i++)
         send_frame(fd, F_STDOUT, stream, "INJECTED", 8, what);
-    snprintf(what, sizeof what, "EXIT \"exited 0\" on stream %u", stream);
-    send_frame(fd, F_EXIT, stream, "exited 0", 8, what);
+    static const char exited[] = EXIT_EXITED " 0";
+    snprintf(what, sizeof what, "EXIT \"%s\" on stream %u", exited, stream);
+    send_frame(fd, F_EXIT, stream, exited, sizeof exited - 1, what);
 }
 
 static void mode_oversize(void)
@@ -243,9 +244,10 @@ static void mode_garbage(void)
 static void mode_hello(void)
 {
     int fd = steal_channel();
-    static const char hello[] = "version=1\x1b]0;pwned\x07\x1b[2J\nkernel=\x1b]0;pwned\x07\x1b[2J\n";
+    static const char hello[] = KEY_VERSION "=1\x1b]0;pwned\x07\x1b[2J\n" KEY_KERNEL "=\x1b]0;pwned\x07\x1b[2J\n";
     send_frame(fd, F_HELLO, 0, hello, sizeof hello - 1, "HELLO with terminal escape sequences");
-    static const char ready[] = "shell=ok\nnet=ok\nmounts=ok\nmediation=none\nbootSeconds=0.001\n";
+    static const char ready[] = KEY_SHELL "=" READY_OK "\n" KEY_NET "=" READY_OK "\n" KEY_MOUNTS "=" READY_OK "\n"
+        KEY_MEDIATION "=" READY_NONE "\nbootSeconds=0.001\n";
     send_frame(fd, F_READY, 0, ready, sizeof ready - 1, "READY again (a different boot time)");
 }
 
