@@ -419,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--shell", help="console shell (default /bin/sh)")
         p.add_argument("-p", "--publish", action="append", metavar="[HOST_IP:]HOST_PORT:GUEST_PORT",
                        help="forward a host TCP port to the guest's 127.0.0.1:GUEST_PORT over the agent channel "
-                       "(works with --network isolated; HOST_IP default 127.0.0.1; HOST_PORT 0 = any free port)")
+                       "(works with --network isolated; HOST_IP default 127.0.0.1; HOST_PORT 0 = any free port). A port on "
+                       "127.0.0.1 is open to every local user of this host, not only you")
         p.add_argument("--mediation", metavar="PORT=HOST:PORT",
                        help="bridge guest 127.0.0.1:PORT to a host TCP service (required, fail-closed)")
 

@@ -46,8 +46,11 @@ def status_fields(info: "WorkspaceInfo") -> list[tuple[str, str]]:
         fields.append(("Output", f"{out.name} = {out.path}"))
     for port in info.published():
         state = "listening" if port["listening"] else (port.get("error") or "not listening")
-        host = f"[{port['hostIp']}]" if ":" in port["hostIp"] else port["hostIp"]
-        fields.append(("Publish", f"{host}:{port['hostPort']} -> guest 127.0.0.1:{port['guestPort']} ({state}"
+        if port.get("hostPath"):
+            host = f"unix:{port['hostPath']}"
+        else:
+            host = (f"[{port['hostIp']}]" if ":" in port["hostIp"] else port["hostIp"]) + f":{port['hostPort']}"
+        fields.append(("Publish", f"{host} -> guest 127.0.0.1:{port['guestPort']} ({state}"
                                   + (", dynamic)" if port.get("dynamic") else ")")))
     if s.started_at:
         boot = f" (boot {s.boot_seconds} s{', ' + s.boot_mode if s.boot_mode else ''})" if s.boot_seconds else ""

@@ -60,22 +60,25 @@ class KernelDied(GuestError):
     """The guest kernel process ended (crash, OOM, killed)."""
 
 
-def connection_info(key: str, ports: dict[str, int], ip: str = "127.0.0.1") -> dict[str, Any]:
-    """A Jupyter connection-file dict."""
-    return {**ports, "ip": ip, "key": key, "transport": "tcp", "signature_scheme": "hmac-sha256",
+def connection_info(key: str, ports: dict[str, int], ip: str = "127.0.0.1", transport: str = "tcp"
+                    ) -> dict[str, Any]:
+    """A Jupyter connection-file dict (``transport`` ipc: each channel is the unix socket ``IP-PORT``)."""
+    return {**ports, "ip": ip, "key": key, "transport": transport, "signature_scheme": "hmac-sha256",
             "kernel_name": "python3"}
 
 
 class GuestKernel:
     """One ipykernel process in a running workspace and the published host ports that reach it.
 
-    ``host_info`` is the connection info a host-side client uses (ports on 127.0.0.1, the host-made key)."""
+    ``host_info`` is the connection info a host-side client uses: ``ipc`` endpoints, unix sockets in the
+    workspace's private run directory that only this user can open (:meth:`Engine.publish_socket`), and the
+    host-made key."""
 
     def __init__(self, engine: Engine, workspace: str, *, python: str = "python3",
                  env: dict[str, str] | None = None) -> None:
         self.engine, self.workspace, self.python, self.env = engine, workspace, python, dict(env or {})
         self.key = secrets.token_hex(32)
-        self.host_ports: dict[str, int] = {}
+        self.host_base: str | None = None  # the published sockets are HOST_BASE-GUEST_PORT
         self.pid: int | None = None
         self.result: ExecResult | None = None
         self.error: BaseException | None = None
@@ -90,7 +93,7 @@ class GuestKernel:
     # ---- lifecycle -------------------------------------------------------------------------------
     @property
     def host_info(self) -> dict[str, Any]:
-        return connection_info(self.key, self.host_ports)
+        return connection_info(self.key, GUEST_PORTS, self.host_base or "", "ipc")
 
     def launch(self) -> None:
         """Write the connection file, start the kernel process, publish its ports (once per workspace start).
@@ -103,10 +106,11 @@ class GuestKernel:
         self._thread = threading.Thread(target=self._run, args=(json.dumps(guest_info).encode(),),
                                         name=f"guest-kernel-{self.workspace}", daemon=True)
         self._thread.start()
-        if not self.host_ports:
-            for field_name, guest_port in GUEST_PORTS.items():
-                _ip, port = self.engine.publish(self.workspace, guest_port)
-                self.host_ports[field_name] = port
+        if self.host_base is None:
+            bases = {self.engine.publish_socket(self.workspace, port)[:-len(f"-{port}")]
+                     for port in GUEST_PORTS.values()}
+            assert len(bases) == 1, bases  # the supervisor names them <run dir>/ports/p-GUEST_PORT
+            self.host_base = bases.pop()
         self.steps["launched"] = (0.0, time.time())
 
     def _run(self, connection: bytes) -> None:
@@ -222,7 +226,7 @@ class GuestKernel:
         import zmq
         from jupyter_client.session import Session
 
-        from .relay import bounded_context
+        from .relay import bounded_context, endpoint
 
         self.wait_bound(timeout)  # a warm kernel: connect once its sockets are bound (no reconnect backoff)
         session = Session(key=str(info["key"]).encode(), signature_scheme="hmac-sha256", username="microagent")
@@ -231,8 +235,8 @@ class GuestKernel:
         for sock in (shell, sub):
             sock.linger = 0
         sub.setsockopt(zmq.SUBSCRIBE, b"")
-        shell.connect(f"tcp://{info['ip']}:{info['shell_port']}")
-        sub.connect(f"tcp://{info['ip']}:{info['iopub_port']}")
+        shell.connect(endpoint(info, "shell"))
+        sub.connect(endpoint(info, "iopub"))
         poller = zmq.Poller()
         poller.register(shell, zmq.POLLIN)
         poller.register(sub, zmq.POLLIN)
@@ -298,9 +302,10 @@ class GuestKernel:
 
     def unpublish(self) -> None:
         """Close the published host ports (quietly, e.g. when the workspace is already gone)."""
-        for port in self.host_ports.values():
-            try:
-                self.engine.unpublish(self.workspace, port)
-            except MicroagentError:
-                pass
-        self.host_ports = {}
+        if self.host_base is not None:
+            for port in GUEST_PORTS.values():
+                try:
+                    self.engine.unpublish_socket(self.workspace, f"{self.host_base}-{port}")
+                except MicroagentError:
+                    pass
+        self.host_base = None

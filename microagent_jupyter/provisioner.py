@@ -15,6 +15,7 @@ import asyncio
 import os
 import secrets
 import signal
+from pathlib import Path
 from typing import Any
 
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
@@ -22,6 +23,7 @@ from traitlets import Bool, Dict, Integer, List, Unicode
 
 from microagent_engine import Engine
 from microagent_engine.errors import MicroagentError
+from microagent_engine.fsutil import private_dir
 from microagent_engine.images.builtin import PYTHON_REF
 from microagent_engine.model import parse_attachment_flags
 
@@ -68,11 +70,20 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         km = self.parent
         if km is not None:
-            km.ip = "127.0.0.1"
-            km.transport = "tcp"
-            km.write_connection_file()  # the frontend's ports and key: the relay binds these
+            # the frontend's channels: unix sockets in a private (0700) directory, which only this user can open
+            # (a port on 127.0.0.1 would let any local user subscribe to the notebook's outputs)
+            km.transport = "ipc"
+            km.ip = str(self._ipc_dir() / f"k-{(self.kernel_id or secrets.token_hex(8))[:12]}")
+            km.write_connection_file()  # the frontend's endpoints and key: the relay binds these
         kwargs.pop("env", None)
         return await super().pre_launch(cmd=kwargs.pop("cmd", []), **kwargs)
+
+    def _ipc_dir(self) -> Path:
+        """A private directory for the relay's sockets, short enough for a unix socket path."""
+        path = Path(self.engine.state_dir) / "run" / "kernels"
+        if len(str(path)) > 70:
+            path = Path("/tmp") / f"microagent-{os.getuid()}" / "kernels"
+        return private_dir(path)
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> dict[str, Any]:
         await asyncio.to_thread(self._launch)
@@ -111,7 +122,10 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self.connection_info = {k: v for k, v in frontend.items() if k != "kernel_name"}  # key: bytes, as km's
             key = self.connection_info.get("key", b"")
             self._front = {**self.connection_info, "key": key.decode() if isinstance(key, bytes) else key}
-            if self.relay is None or not self.relay.running:
+            if self.relay is not None:  # a restart: jupyter_client removed its ipc files, so bind them afresh
+                self.relay.stop()
+                self.relay = None
+            if self.relay is None:
                 kernel = self.kernel
                 self.relay = Relay(self._front, kernel.host_info, alive=lambda: kernel.alive,
                                    policy=OutputPolicy(server_origins=server_origins()))

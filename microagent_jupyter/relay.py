@@ -67,6 +67,14 @@ _REPLY_TYPES = {
 }
 
 
+def endpoint(info: dict[str, Any], channel: str) -> str:
+    """The ZMQ endpoint of ``channel`` (shell, iopub, …) in connection info ``info``, as jupyter_client forms it."""
+    port = info[channel + "_port"]
+    if info.get("transport") == "ipc":
+        return f"ipc://{info['ip']}-{port}"
+    return f"tcp://{info['ip']}:{port}"
+
+
 class Signer:
     """HMAC-SHA256 signing as Jupyter's wire protocol defines it (over header, parent, metadata, content)."""
 
@@ -138,33 +146,32 @@ class Relay:
         ctx = bounded_context()
         socks: dict[str, tuple[zmq.Socket, zmq.Socket | None]] = {}
         try:
-            fip, gip = self.frontend["ip"], self.guest["ip"]
             ident = b"microagent-relay-" + os.urandom(8).hex().encode()
             for ch in ("shell", "control", "stdin"):
                 f = ctx.socket(zmq.ROUTER)
                 f.linger = 0
-                f.bind(f"tcp://{fip}:{self.frontend[ch + '_port']}")
+                f.bind(endpoint(self.frontend, ch))
                 g = ctx.socket(zmq.DEALER)
                 g.linger = 0
                 g.setsockopt(zmq.MAXMSGSIZE, MAX_GUEST_MESSAGE)
                 # one identity on shell and stdin, as a Jupyter client has: the kernel addresses an input_request
                 # to the identity its execute_request came from
                 g.setsockopt(zmq.IDENTITY, ident)
-                g.connect(f"tcp://{gip}:{self.guest[ch + '_port']}")
+                g.connect(endpoint(self.guest, ch))
                 socks[ch] = (f, g)
             f = ctx.socket(zmq.XPUB)
             f.linger = 0
             f.setsockopt(zmq.XPUB_NODROP, 1)  # a full queue says so (EAGAIN): the loss is counted and told
-            f.bind(f"tcp://{fip}:{self.frontend['iopub_port']}")
+            f.bind(endpoint(self.frontend, "iopub"))
             g = ctx.socket(zmq.SUB)
             g.linger = 0
             g.setsockopt(zmq.MAXMSGSIZE, MAX_GUEST_MESSAGE)
             g.setsockopt(zmq.SUBSCRIBE, b"")
-            g.connect(f"tcp://{gip}:{self.guest['iopub_port']}")
+            g.connect(endpoint(self.guest, "iopub"))
             socks["iopub"] = (f, g)
             hb = ctx.socket(zmq.REP)
             hb.linger = 0
-            hb.bind(f"tcp://{fip}:{self.frontend['hb_port']}")
+            hb.bind(endpoint(self.frontend, "hb"))
             socks["hb"] = (hb, None)
         except BaseException as exc:  # noqa: BLE001 (re-raised in start())
             self._error = exc

@@ -29,3 +29,34 @@ def run_names(engine: Any, prefixes: tuple[str, ...] = ("run-", "nb-", "mg-")) -
     """Running workspaces this module's tests could have started: one-shot ``run-*`` and the notebooks'/magics'
     named ones (other modules' workspaces, like the session's ``shared``, are ignored)."""
     return sorted(n for n in running(engine) if n.startswith(prefixes))
+
+
+def connect_as_other_user(path: str, uid: int = 65534) -> str:
+    """Try to open the unix socket ``path`` as another local user (``nobody``); the error it got, or "connected".
+    Runs the system Python (readable by every user) with setpriv, so no file of this checkout is needed."""
+    import subprocess
+
+    code = ("import socket, sys\ns = socket.socket(socket.AF_UNIX)\ntry:\n    s.connect(sys.argv[1])\n"
+            "    print('connected')\nexcept OSError as e:\n    print(type(e).__name__)\n")
+    out = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "/usr/bin/python3", "-c",
+                          code, path], capture_output=True, text=True, timeout=60, cwd="/")
+    return (out.stdout.strip() or out.stderr.strip()).splitlines()[-1]
+
+
+def tcp_listeners(pid: int) -> list[str]:
+    """The TCP (v4 and v6) sockets in LISTEN state that process ``pid`` holds, as ``addr:port`` hex strings."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                found.append(cols[1])
+    return found

@@ -198,3 +198,24 @@ def test_notebook_kernel_session_outputs_inert_and_removed_at_shutdown(state_dir
         kc.stop_channels()
         km.shutdown_kernel(now=False)  # a polite shutdown, as the notebook's "Shut Down Kernel" does
     assert not [i.name for i in engine.list() if i.name in names], "the notebook's session workspace is left"
+
+
+def test_session_channels_reachable_only_by_their_owner(ip: InteractiveShell, engine) -> None:
+    """The guest kernel's channels reach the host as unix sockets in the workspace's private run directory: no
+    TCP port of the supervisor listens, and another local user cannot connect (it could subscribe to iopub)."""
+    from jupyter_conftest_helpers import connect_as_other_user, tcp_listeners
+
+    from microagent_jupyter.guest_kernel import GUEST_PORTS
+
+    py(ip, "1")
+    sess = PS._sessions[PS._key(engine, NAME)]
+    info = sess.kernel.host_info
+    assert info["transport"] == "ipc"
+    supervisor = engine.status(NAME).to_json()["supervisorPid"]
+    assert tcp_listeners(supervisor) == []
+    for port in GUEST_PORTS.values():
+        path = f"{info['ip']}-{port}"
+        assert oct(os.stat(path).st_mode & 0o777) == "0o600" and oct(os.stat(os.path.dirname(path)).st_mode
+                                                                     & 0o777) == "0o700"
+        assert connect_as_other_user(path) == "PermissionError", path
+    assert bundles(py(ip, "21 * 2"))[0]["text/plain"] == "42"  # the owner's session still works

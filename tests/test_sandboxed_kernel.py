@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import socket
 import sys
 import time
@@ -227,6 +228,16 @@ def test_nbclient_runs_a_notebook_in_the_sandboxed_kernel(state_dir: Path, engin
     assert not [i.name for i in engine.ps() if i.name.startswith("nbk-")]
 
 
+def _assert_owner_only(info: dict[str, Any]) -> None:
+    """The frontend's channels to the relay are unix sockets that another local user cannot open."""
+    from jupyter_conftest_helpers import connect_as_other_user
+
+    assert info["transport"] == "ipc", info
+    for name in PORTS:
+        path = f"{info['ip']}-{info[name]}"
+        assert os.path.exists(path) and connect_as_other_user(path) == "PermissionError", path
+
+
 @pytest.mark.vm
 def test_sandboxed_kernel_interrupt_restart_shutdown(state_dir: Path, engine, python_image: Path, tmp_path: Path,
                                                      monkeypatch) -> None:
@@ -245,6 +256,7 @@ def test_sandboxed_kernel_interrupt_restart_shutdown(state_dir: Path, engine, py
         kc.wait_for_ready(timeout=300)
         workspaces = [i.name for i in engine.ps() if i.name.startswith("nbk-")]
         assert len(workspaces) == 1
+        _assert_owner_only(km.get_connection_info())
         reply, _ = _run(kc, "x = 41")
         assert reply["content"]["status"] == "ok"
         sleeping = threading.Event()
@@ -268,6 +280,7 @@ def test_sandboxed_kernel_interrupt_restart_shutdown(state_dir: Path, engine, py
         km.restart_kernel()
         kc.wait_for_ready(timeout=300)
         assert [i.name for i in engine.ps() if i.name.startswith("nbk-")] == workspaces  # same VM, new kernel
+        _assert_owner_only(km.get_connection_info())  # the relay bound its sockets afresh
         reply, _ = _run(kc, "x")
         assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "NameError"
     finally:

@@ -63,7 +63,7 @@ def test_two_warm_sessions_have_own_keys_state_and_randomness(engine: Engine) ->
     b = PS.get_session(engine, "warm-b", {}, {})
     try:
         assert a.warm_from and a.warm_from == b.warm_from, (a.cold_reason, b.cold_reason)
-        assert a.kernel.key != b.kernel.key and a.kernel.host_ports != b.kernel.host_ports
+        assert a.kernel.key != b.kernel.key and a.kernel.host_base != b.kernel.host_base
         a.run_cell("x = 1")
         assert value(a, "'x' in globals()") == "True"
         assert value(b, "'x' in globals()") == "False"

@@ -194,6 +194,16 @@ class Engine:
         (the message names it)."""
         return self._lifecycle.publish(name, guest_port, host_port, host_ip)
 
+    def publish_socket(self, name: str, guest_port: int) -> str:
+        """Like :meth:`publish`, on a unix socket instead of a TCP port: ``<run dir>/ports/p-GUEST_PORT`` in the
+        workspace's private (0700) run directory, mode 0600, so only this user can connect (a TCP port on
+        127.0.0.1 is open to every local user). ZMQ reaches it as ``ipc://PATH``. Returns the path."""
+        return self._lifecycle.publish_socket(name, guest_port)
+
+    def unpublish_socket(self, name: str, path: str) -> None:
+        """Stop forwarding the unix socket ``path`` made by :meth:`publish_socket`."""
+        self._lifecycle.unpublish_socket(name, path)
+
     def unpublish(self, name: str, host_port: int, host_ip: str = PUBLISH_DEFAULT_HOST_IP) -> None:
         """Stop forwarding ``host_ip:host_port`` (published by :meth:`publish` or ``-p``); its listener closes
         and its open connections are closed. GuestError if nothing is published there."""

@@ -198,6 +198,15 @@ class Lifecycle:
         reply = self._publish_control(name, "publish", item.to_json())
         return str(reply["hostIp"]), int(reply["hostPort"])
 
+    def publish_socket(self, name: str, guest_port: int) -> str:
+        """Forward a unix socket only this user can open to the guest's ``127.0.0.1:guest_port``; its path."""
+        item = Publish(0, guest_port)  # validates
+        return str(self._publish_control(name, "publish", {"socket": True, "guestPort": item.guest_port})["hostPath"])
+
+    def unpublish_socket(self, name: str, path: str) -> None:
+        """Stop forwarding the unix socket ``path`` (its open connections are closed)."""
+        self._publish_control(name, "unpublish", {"hostPath": str(path)})
+
     def unpublish(self, name: str, host_port: int, host_ip: str = PUBLISH_DEFAULT_HOST_IP) -> None:
         """Stop forwarding ``host_ip:host_port`` (its open connections are closed)."""
         item = Publish(host_port, 1, host_ip)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
 import socket
 import sys
 from collections import deque
@@ -81,14 +82,18 @@ def check_publish_free(items: Iterable[Publish]) -> None:
 class Listener:
     """One published host address."""
 
-    item: Publish  # with the bound port (not 0)
+    item: Publish  # with the bound port (not 0); host_port 0 for a unix socket
     dynamic: bool  # published at run time (Engine.publish), not from the workspace's config
     server: asyncio.AbstractServer | None = None
     conns: set["PortConn"] = field(default_factory=set)
+    path: str | None = None  # a unix socket (0600 in the workspace's 0700 run dir) instead of a TCP port
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.item.to_json(), "listening": self.server is not None, "error": None,
-                "dynamic": self.dynamic}
+        where = {"hostPath": self.path, "guestPort": self.item.guest_port} if self.path else self.item.to_json()
+        return {**where, "listening": self.server is not None, "error": None, "dynamic": self.dynamic}
+
+    def __str__(self) -> str:
+        return f"{self.path}->{self.item.guest_port}" if self.path else str(self.item)
 
 
 class PortConn:
@@ -247,15 +252,47 @@ class PortRelay:
         self.record()
         return listener
 
-    async def unbind(self, host_ip: str, host_port: int) -> bool:
-        """Stop listening on ``host_ip:host_port`` and close its connections; False if nothing listens there."""
+    async def bind_socket(self, guest_port: int) -> Listener:
+        """Listen on a unix socket ``<run dir>/ports/p-GUEST_PORT`` (the directory 0700, the socket 0600): only
+        this user reaches it, unlike a TCP port on 127.0.0.1, which every local user can connect to. ZMQ names it
+        ``ipc://<run dir>/ports/p-GUEST_PORT``."""
+        item = Publish(0, guest_port)
+        ports = self.sup.ws.run_dir / "ports"
+        ports.mkdir(mode=0o700, exist_ok=True)
+        ports.chmod(0o700)
+        path = str(ports / f"p-{item.guest_port}")
+        if any(lst.path == path for lst in self.listeners):
+            raise PortUnavailable(f"guest port {item.guest_port} is already published on {path}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # left by a supervisor that was killed
+        listener = Listener(item, dynamic=True, path=path)
+        old = os.umask(0o177)
+        try:
+            server = await asyncio.start_unix_server(lambda r, w: self.on_client(listener, r, w), path=path,
+                                                     backlog=128)
+        except OSError as exc:
+            raise PortUnavailable(f"cannot listen on {path}: {exc.strerror}") from None
+        finally:
+            os.umask(old)
+        listener.server = server
+        self.listeners.append(listener)
+        self.record()
+        return listener
+
+    async def unbind(self, host_ip: str, host_port: int, path: str | None = None) -> bool:
+        """Stop listening on ``host_ip:host_port`` (or the unix socket ``path``) and close its connections;
+        False if nothing listens there."""
         for listener in self.listeners:
-            if listener.item.host_ip == host_ip and listener.item.host_port == host_port:
+            if (listener.path == path) if path else (listener.path is None and listener.item.host_ip == host_ip
+                                                       and listener.item.host_port == host_port):
                 self.listeners.remove(listener)
                 if listener.server is not None:
                     listener.server.close()
                 for conn in list(listener.conns):
                     conn.abort("unpublished")
+                if listener.path:
+                    with contextlib.suppress(OSError):
+                        os.unlink(listener.path)
                 self.record()
                 return True
         return False
@@ -263,11 +300,19 @@ class PortRelay:
     async def close(self) -> None:
         """The supervisor is ending: every listener and connection goes."""
         for listener in list(self.listeners):
-            await self.unbind(listener.item.host_ip, listener.item.host_port)
+            await self.unbind(listener.item.host_ip, listener.item.host_port, listener.path)
 
     async def control(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
-        """The control ops ``publish`` ({hostIp, hostPort, guestPort}) and ``unpublish`` ({hostIp, hostPort})."""
+        """The control ops ``publish`` ({hostIp, hostPort, guestPort} or {socket: true, guestPort}) and
+        ``unpublish`` ({hostIp, hostPort} or {hostPath})."""
         try:
+            if op == "publish" and request.get("socket") is True:
+                listener = await self.bind_socket(request.get("guestPort"))  # type: ignore[arg-type]
+                return {"ok": True, **listener.to_json()}
+            if op == "unpublish" and isinstance(request.get("hostPath"), str):
+                if await self.unbind("", 0, request["hostPath"]):
+                    return {"ok": True}
+                return {"ok": False, "error": f"nothing is published on {request['hostPath']}"}
             if op == "publish":
                 item = Publish.from_json({k: request.get(k) for k in ("hostIp", "hostPort", "guestPort")})
                 listener = await self.bind(item, dynamic=True)
@@ -298,7 +343,7 @@ class PortRelay:
         full = self.open_sockets >= MAX_CONNECTIONS or len(self.conns) >= 2 * MAX_CONNECTIONS
         if full or sup.state.state != "running" or not sup.exec_allowed():
             why = "too many connections" if full else f"workspace {sup.state.state}"
-            print(f"supervisor: refused a connection to {listener.item}: {why}", file=sys.stderr)
+            print(f"supervisor: refused a connection to {listener}: {why}", file=sys.stderr)
             writer.transport.abort()
             return
         writer.transport.set_write_buffer_limits(high=HOST_WRITE_BUFFER)
