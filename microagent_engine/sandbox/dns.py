@@ -2,8 +2,8 @@
 
 The guest never reaches a resolver itself: the namespace's rules refuse every private, special-purpose and host
 range, resolvers included. Its DNS server is QEMU slirp's 10.0.2.3, which libslirp sends to the address of the first
-``nameserver`` in QEMU's ``/etc/resolv.conf``, or to the loopback when there is none: the jail's root has none, so
-each query lands on 127.0.0.1:53 of the VM's own network namespace. There sit a UDP and a TCP socket of the
+``nameserver`` in QEMU's ``/etc/resolv.conf`` (with none it refuses the query): the jail gives QEMU one that names
+127.0.0.1 (:data:`JAIL_RESOLV_CONF`), so each query lands on 127.0.0.1:53 of the VM's own network namespace. There sit a UDP and a TCP socket of the
 supervisor (created inside the namespace, served here, in the host's namespace): :class:`DnsForwarder`.
 
 It answers only well-formed standard queries (one question, class IN, a common type, a host name of valid labels,
@@ -34,6 +34,9 @@ from ..textsafe import safe_text
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 GUEST_DNS = "10.0.2.3"  # QEMU slirp's DNS address, as the guest sees it
+#: QEMU's /etc/resolv.conf in its jail: libslirp sends the guest's 10.0.2.3 to its first nameserver (with none it
+#: refuses: "network unreachable"), here the namespace's loopback, where the forwarder listens
+JAIL_RESOLV_CONF = "nameserver 127.0.0.1\n"
 PORT = 53
 MAX_QUERY = 512  # bytes: a query never needs more (RFC 1035 UDP limit)
 MAX_UDP_ANSWER = 512  # bytes to the guest over UDP; larger answers go with TC set (the guest retries over TCP)
@@ -266,6 +269,20 @@ async def ask_upstream(upstreams: Iterable[Address], name: str, qtype: int, ques
     raise error
 
 
+def addresses_in(answer: Filtered, qtype: int) -> list[Address]:
+    """The addresses of ``answer``'s answer-section records of ``qtype`` (A or AAAA)."""
+    out: list[Address] = []
+    pos, body = 0, answer.body
+    for _ in range(answer.counts[0]):
+        _owner, pos = _read_name(body, pos)
+        rtype, _class, _ttl, rdlen = struct.unpack_from("!2HIH", body, pos)
+        pos += 10
+        if rtype == qtype:
+            out.append(ipaddress.ip_address(body[pos:pos + rdlen]))
+        pos += rdlen
+    return out
+
+
 async def resolve(upstreams: Iterable[Address], name: str, refused: Callable[[Address], bool]) -> list[Address]:
     """``name``'s A and AAAA addresses from ``upstreams``, refused ones removed ([] when it does not resolve)."""
     out: list[Address] = []
@@ -273,15 +290,7 @@ async def resolve(upstreams: Iterable[Address], name: str, refused: Callable[[Ad
     for qtype in (A, AAAA):
         question = _name_wire(name) + struct.pack("!2H", qtype, CLASS_IN)
         with contextlib.suppress(OSError, TimeoutError, Malformed):
-            answer = await ask_upstream(servers, name, qtype, question, refused)
-            pos, body = 0, answer.body
-            for _ in range(answer.counts[0]):
-                _owner, pos = _read_name(body, pos)
-                rtype, _c, _t, rdlen = struct.unpack_from("!2HIH", body, pos)
-                pos += 10
-                if rtype == qtype:
-                    out.append(ipaddress.ip_address(body[pos:pos + rdlen]))
-                pos += rdlen
+            out += addresses_in(await ask_upstream(servers, name, qtype, question, refused), qtype)
     return out
 
 

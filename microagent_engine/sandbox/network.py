@@ -439,21 +439,21 @@ def _create_namespaces(userns: bool, host_ports: tuple[int, ...],
                 Path("/proc/self/uid_map").write_text(f"0 {uid} 1")
                 Path("/proc/self/gid_map").write_text(f"0 {gid} 1")
             _loopback_up()
-            child_fds = []
+            keep: list[socket.socket] = []  # referenced until sent: a collected socket object closes its fd
             if with_dns:
                 for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
                     dsock = socket.socket(socket.AF_INET, kind)
                     dsock.bind(("127.0.0.1", dns.PORT))  # root of this namespace's user namespace may bind 53
                     if kind == socket.SOCK_STREAM:
                         dsock.listen(dns.MAX_TCP_CLIENTS)
-                    child_fds.append(dsock.fileno())
+                    keep.append(dsock)
             for port in host_ports:
                 lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 lsock.bind(("127.0.0.1", port))
                 lsock.listen(64)
-                child_fds.append(lsock.fileno())
-            socket.send_fds(theirs, [b"ok"], child_fds)
+                keep.append(lsock)
+            socket.send_fds(theirs, [b"ok"], [k.fileno() for k in keep])
             theirs.recv(1)  # the parent has opened our namespace files (or died: EOF)
         except BaseException as exc:  # noqa: BLE001 -- report and exit; never return into the parent's code
             with contextlib.suppress(BaseException):
