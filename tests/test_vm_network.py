@@ -11,6 +11,7 @@ resolver" (named to the engine by $MICROAGENT_RESOLV_CONF) and records every que
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import ipaddress
 import json
@@ -500,6 +501,48 @@ def test_policy_validation() -> None:
     assert p.to_json() == {"mode": "user", "allow": ["0.0.0.0/0"], "hostPorts": [8888]}
     assert NetworkPolicy.from_json(p.to_json()) == p
     assert NetworkPolicy.parse("none").mode == "isolated"
+
+
+def test_dns_messages_are_checked_and_bounded() -> None:
+    """No VM: the parser's rules, a compression loop from upstream, and a flood against a resolver that never
+    answers (real sockets on 127.0.0.1): queries in flight stay bounded, the rest is dropped and counted."""
+    assert dns.parse_query(_query(1, "Pypi.ORG.")).name == "pypi.org"
+    for bad in (b"", b"\0" * 11, _query(1, "x" * 64 + ".example"), _query(1, "a.example") + b"\0",
+                _query(1, "a.example", 255), _query(1, "a.example")[:-1]):
+        with pytest.raises(dns.Malformed):
+            dns.parse_query(bad)
+    q = _query(9, "loop.example")
+    loop = struct.pack("!6H", 9, 0x8180, 1, 1, 0, 0) + q[12:] + b"\xc0\x1e\xc0\x1e" + b"\0" * 10
+    with pytest.raises(dns.Malformed):
+        dns.filter_answer(loop, 9, q[12:], lambda a: False)
+
+    async def flood() -> dict[str, int]:
+        silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        silent.bind(("127.0.0.1", 0))  # a resolver that never answers: every forwarded query stays in flight
+        fwd = dns.DnsForwarder([ipaddress.ip_address("127.0.0.1")], None, lambda a: False, lambda line: None,
+                               upstream_port=silent.getsockname()[1])
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("127.0.0.1", 0))
+        tcp = socket.socket()
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen()
+        await fwd.start(udp, tcp)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as guest:
+            for i in range(300):
+                guest.sendto(_query(i, f"n{i}.example"), udp.getsockname())
+                for _ in range(100000):  # until the forwarder has decided on it (a bound against hangs only)
+                    if fwd.counters["forwarded"] + fwd.counters["dropped"] > i:
+                        break
+                    await asyncio.sleep(0)
+        counters = dict(fwd.counters)
+        await fwd.close()
+        silent.close()
+        tcp.close()
+        return counters
+
+    counters = asyncio.run(flood())
+    assert counters["forwarded"] == dns.MAX_INFLIGHT
+    assert counters["dropped"] == 300 - dns.MAX_INFLIGHT  # by the rate bound or the in-flight bound
 
 
 def test_cli_and_spec_surfaces(cli, tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ PORT = 53
 MAX_QUERY = 512  # bytes: a query never needs more (RFC 1035 UDP limit)
 MAX_UDP_ANSWER = 512  # bytes to the guest over UDP; larger answers go with TC set (the guest retries over TCP)
 MAX_UPSTREAM = 4096  # bytes accepted from an upstream resolver
+MAX_UDP_BACKLOG = 64 * 1024  # bytes of answers waiting to be sent to the guest before answers are dropped
 MAX_INFLIGHT = 32  # forwarded queries waiting for an upstream answer
 MAX_TCP_CLIENTS = 8
 MAX_TCP_QUERIES = 64  # per connection
@@ -75,6 +76,7 @@ class Query:
 
 def _name_wire(name: str) -> bytes:
     out = b""
+    name = name.rstrip(".")
     for label in name.split(".") if name else []:
         out += bytes([len(label)]) + label.encode("ascii")
     return out + b"\0"
@@ -241,7 +243,7 @@ def build_query(qid: int, name: str, qtype: int, edns: bool = True) -> bytes:
 
 
 async def ask_upstream(upstreams: Iterable[Address], name: str, qtype: int, question: bytes,
-                       refused: Callable[[Address], bool]) -> Filtered:
+                       refused: Callable[[Address], bool], port: int = PORT) -> Filtered:
     """Ask each upstream in turn (UDP, fresh socket and ID, :data:`UPSTREAM_TIMEOUT` each) until one answers
     well; Malformed/TimeoutError/OSError from the last when none does."""
     loop = asyncio.get_running_loop()
@@ -252,7 +254,7 @@ async def ask_upstream(upstreams: Iterable[Address], name: str, qtype: int, ques
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
-            await loop.sock_connect(sock, (str(server), PORT))
+            await loop.sock_connect(sock, (str(server), port))
             await loop.sock_sendall(sock, build_query(qid, name, qtype))
             deadline = time.monotonic() + UPSTREAM_TIMEOUT
             while True:  # a connected UDP socket only hears from the server; skip stray datagrams
@@ -306,6 +308,7 @@ class DnsForwarder:
     allow_names: frozenset[str] | None
     refused: Callable[[Address], bool]
     log: Callable[[str], None]
+    upstream_port: int = PORT
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("queries", "forwarded", "answered", "refusedNames", "malformed", "dropped", "strippedRecords",
          "upstreamFailures", "truncated"), 0))
@@ -374,7 +377,8 @@ class DnsForwarder:
         self._inflight += 1
         self.counters["forwarded"] += 1
         try:
-            got = await ask_upstream(self.upstreams, query.name, query.qtype, query.question, self.refused)
+            got = await ask_upstream(self.upstreams, query.name, query.qtype, query.question, self.refused,
+                                     self.upstream_port)
         except (OSError, TimeoutError, Malformed):
             self.counters["upstreamFailures"] += 1
             return reply(query, SERVFAIL)
@@ -436,6 +440,9 @@ class _Udp(asyncio.DatagramProtocol):
     async def _answer(self, query: Query, addr: Any) -> None:
         out = await self.fwd.answer(query)
         if out is None or self.transport is None:
+            return
+        if self.transport.get_write_buffer_size() > MAX_UDP_BACKLOG:  # slirp is not reading: never pile up
+            self.fwd.counters["dropped"] += 1
             return
         if len(out) > MAX_UDP_ANSWER:
             self.fwd.counters["truncated"] += 1

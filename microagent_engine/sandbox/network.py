@@ -349,12 +349,15 @@ async def resolve_allow(entries: Iterable[AllowEntry], upstreams: list[Any],
     guest; plus notes on entries that resolved to nothing usable (they then open nothing: fail closed)."""
     rules: list[tuple[IPNetwork, int | None]] = []
     notes: list[str] = []
+    entries = list(entries)
+    names = sorted({e.target for e in entries if e.network is None})
+    found = dict(zip(names, await asyncio.gather(*(dns.resolve(upstreams, n, refused) for n in names))))
     for entry in entries:
         net = entry.network
         if net is not None:
             rules.append((net, entry.port))
             continue
-        usable = await dns.resolve(upstreams, entry.target, refused)
+        usable = found[entry.target]
         if not usable:
             notes.append(f"allow entry {entry} did not resolve to a reachable address; it opens nothing")
         rules += [(ipaddress.ip_network(a), entry.port) for a in sorted(set(usable), key=str)]
@@ -740,5 +743,10 @@ def network_capabilities() -> dict[str, Any]:
     for fd in fds.values():
         os.close(fd)
     how = "user + network namespace (unprivileged)" if userns else "network namespace (root)"
+    upstreams = host_resolvers()
+    source = os.environ.get(RESOLV_CONF_ENV) or "/etc/resolv.conf"
+    dns_line = (f"guest DNS answered by the engine's forwarder, asking {', '.join(map(str, upstreams))} (from "
+                f"{source})" if upstreams else f"guest DNS answers SERVFAIL: no nameserver in {source}")
     return {"name": "network policy", "ok": True,
-            "detail": f"enforced: {how}, nftables inside it, slirp4netns uplink without host loopback"}
+            "detail": f"enforced: {how}, nftables inside it, slirp4netns uplink without host loopback; {dns_line}",
+            "dnsServers": [str(u) for u in upstreams]}
