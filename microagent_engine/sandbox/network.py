@@ -129,7 +129,7 @@ class AllowEntry:
     def parse(cls, text: Any) -> AllowEntry:
         """``CIDR``, ``ADDRESS``, ``HOST`` with optional ``:PORT``; IPv6 with a port as ``[CIDR]:PORT``."""
         if not isinstance(text, str) or not text.strip():
-            raise InvalidArgument(f"allow entry {text!r}: expected CIDR|HOST[:PORT], e.g. 203.0.113.0/24:443 or "
+            raise InvalidArgument(f"allow entry {text!r}: expected CIDR|HOST[:PORT], e.g. 151.101.0.0/16:443 or "
                                   f"pypi.org:443")
         raw = text.strip()
         target, port = raw, None
