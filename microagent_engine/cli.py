@@ -397,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--network", choices=["user", "isolated"], help="user (NAT to the public internet only, "
                        "default) or isolated (no NIC)")
         p.add_argument("--allow", action="append", metavar="CIDR|HOST[:PORT]", help="narrow egress to these "
-                       "destinations (repeatable; host names resolved at start)")
+                       "destinations (repeatable; host names resolved at start, and the guest's DNS then answers "
+                       "only those names)")
         p.add_argument("--allow-host-port", action="append", type=int, metavar="PORT", help="let the guest reach "
                        "this host's 127.0.0.1:PORT at 10.0.2.2:PORT (repeatable)")
         p.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="accelerator (default auto; "

@@ -16,6 +16,8 @@ STATE_DIR_ENV = "MICROAGENT_STATE_DIR"
 KERNEL_ENV = "MICROAGENT_KERNEL"
 ACCEL_ENV = "MICROAGENT_ACCEL"
 QEMU_ENV = "MICROAGENT_QEMU"
+#: the resolv.conf whose nameservers answer the guests' DNS (through the engine's forwarder); default /etc/resolv.conf
+RESOLV_CONF_ENV = "MICROAGENT_RESOLV_CONF"
 
 MAX_NAME_LEN = 63
 RESTART_POLICIES = ("never", "on-failure", "always")

@@ -32,7 +32,7 @@ from ..backends.base import FdCommand
 from ..errors import HostError
 from ..guest.initramfs import compile_static
 from ..records import WorkspaceDir
-from . import cgroups
+from . import cgroups, dns
 
 if TYPE_CHECKING:
     from ..model import LaunchSpec
@@ -145,6 +145,11 @@ def plan(ws: WorkspaceDir, network: str, accel: str, cmd: FdCommand, supervisor_
                 binds.append((d, d))
         if os.path.exists("/etc/ld.so.cache"):
             binds.append(("/etc/ld.so.cache", "/etc/ld.so.cache"))
+        if network != "none":  # the guest's DNS: libslirp asks the nameserver named here (see sandbox/dns.py)
+            resolv = ws.run_dir / "resolv.conf"
+            resolv.write_text(dns.JAIL_RESOLV_CONF)
+            resolv.chmod(0o644)  # read by the VM's uid; it holds no secret
+            binds.append((str(resolv), "/etc/resolv.conf"))
         for src, dst in cmd.binds_ro:
             if root and not os.stat(src).st_mode & stat.S_IROTH:
                 raise JailError(f"{src} is not world-readable, so the VM's unprivileged uid cannot read it; "

@@ -9,10 +9,12 @@ services and private networks. Here QEMU runs inside a network namespace of its 
   guest reaches exactly ``10.0.2.2:PORT`` for each opted-in port and nothing else on the host's loopback.
 - The namespace's only uplink is ``slirp4netns --disable-host-loopback`` (a user-mode TCP/IP stack in the host's
   namespace: no bridge, no veth, no host firewall change, works unprivileged through a user namespace).
-- nftables rules *inside the namespace* (the host's own ruleset is never touched) reject the host's own
-  addresses, loopback, private (RFC 1918, CGNAT, ULA), link-local/metadata, multicast/broadcast and reserved
-  destinations, allow DNS to the host's (non-loopback) resolvers, then either accept the rest (public internet)
-  or only the allow-list. An allow-list narrows; it never opens a blocked range.
+- nftables rules *inside the namespace* (the host's own ruleset is never touched) reject every special-purpose
+  range of IANA's registries that is not globally reachable (loopback, private, CGNAT, ULA, link-local/metadata,
+  documentation, benchmarking, reserved, multicast, ...), every subnet of the host's interfaces, its gateways and
+  its own addresses, then either accept the rest (public internet) or only the allow-list. An allow-list narrows;
+  it never opens a blocked range. Resolvers are no exception: the guest's DNS is answered by the supervisor's
+  forwarder (``dns.py``) on the namespace's 127.0.0.1:53, which QEMU's slirp sends the guest's 10.0.2.3 to.
 
 One process per workspace beyond QEMU: slirp4netns, which exits when the supervisor closes its exit pipe (or dies).
 The namespace is held by file descriptors in the supervisor, not by a bind mount or a holder process, so nothing
@@ -41,9 +43,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import NETWORK_CHOICES, NETWORK_MODES
+from ..config import NETWORK_CHOICES, NETWORK_MODES, RESOLV_CONF_ENV
 from ..errors import HostError, InvalidArgument
 from ..hostinfo import require_tool
+from . import dns
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -56,21 +59,37 @@ MAX_ALLOW = 256
 MAX_RELAYS_PER_PORT = 64
 READY_TIMEOUT = 10.0
 
+# Every special-purpose range that is not globally reachable, from IANA's two registries (source:
+# https://www.iana.org/assignments/iana-ipv4-special-registry/ and .../iana-ipv6-special-registry/, as of 2024-12),
+# plus multicast and the deprecated or IPv4-embedding ranges. A few registry entries inside a refused block are
+# globally reachable (192.0.0.9/32, 192.0.0.10/32, 2001:1::1/128, 2001:3::/32, 2001:4:112::/48, 2001:20::/28,
+# 2001:30::/28): the whole block is refused anyway (a workspace has no use for anycast PCP/TURN, AMT or ORCHID).
 BLOCKED_V4 = (
-    "0.0.0.0/8",  # "this network"
-    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",  # RFC 1918
-    "100.64.0.0/10",  # carrier-grade NAT
-    "127.0.0.0/8",  # loopback
-    "169.254.0.0/16",  # link-local, cloud metadata (169.254.169.254)
-    "224.0.0.0/4",  # multicast
-    "240.0.0.0/4",  # reserved, and broadcast 255.255.255.255
+    "0.0.0.0/8",  # "this network" (RFC 791)
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",  # private use (RFC 1918)
+    "100.64.0.0/10",  # shared address space, carrier-grade NAT (RFC 6598)
+    "127.0.0.0/8",  # loopback (RFC 1122)
+    "169.254.0.0/16",  # link-local, cloud metadata 169.254.169.254 (RFC 3927)
+    "192.0.0.0/24",  # IETF protocol assignments, incl. DS-Lite 192.0.0.0/29 (RFC 6890, 7335)
+    "192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24",  # documentation TEST-NET-1/2/3 (RFC 5737)
+    "192.88.99.0/24",  # deprecated 6to4 relay anycast (RFC 7526)
+    "198.18.0.0/15",  # benchmarking (RFC 2544)
+    "224.0.0.0/4",  # multicast (RFC 5771)
+    "240.0.0.0/4",  # reserved (RFC 1112), and limited broadcast 255.255.255.255/32 (RFC 919)
 )
 BLOCKED_V6 = (
-    "::/128", "::1/128",  # unspecified, loopback
-    "::ffff:0:0/96",  # IPv4-mapped
-    "fc00::/7",  # unique local
-    "fe80::/10", "fec0::/10",  # link-local, site-local
-    "ff00::/8",  # multicast
+    "::/128", "::1/128",  # unspecified, loopback (RFC 4291)
+    "::/96",  # deprecated IPv4-compatible addresses (RFC 4291): they embed IPv4
+    "::ffff:0:0/96",  # IPv4-mapped (RFC 4291)
+    "64:ff9b::/96", "64:ff9b:1::/48",  # IPv4/IPv6 translation (RFC 6052, 8215): a NAT64 would reach IPv4 behind
+    "100::/64",  # discard-only (RFC 6666)
+    "2001::/23",  # IETF protocol assignments, incl. Teredo 2001::/32 (RFC 2928, 4380)
+    "2001:db8::/32", "3fff::/20",  # documentation (RFC 3849, 9637)
+    "2002::/16",  # 6to4 (RFC 3056): embeds IPv4
+    "5f00::/16",  # segment routing SIDs (RFC 9602)
+    "fc00::/7",  # unique local (RFC 4193)
+    "fe80::/10", "fec0::/10",  # link-local (RFC 4291), deprecated site-local (RFC 3879)
+    "ff00::/8",  # multicast (RFC 4291)
 )
 _BLOCKED = tuple(ipaddress.ip_network(n) for n in BLOCKED_V4 + BLOCKED_V6)
 _HOSTNAME = re.compile(r"(?=.{1,253}\Z)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\.?",
@@ -110,7 +129,7 @@ class AllowEntry:
     def parse(cls, text: Any) -> AllowEntry:
         """``CIDR``, ``ADDRESS``, ``HOST`` with optional ``:PORT``; IPv6 with a port as ``[CIDR]:PORT``."""
         if not isinstance(text, str) or not text.strip():
-            raise InvalidArgument(f"allow entry {text!r}: expected CIDR|HOST[:PORT], e.g. 203.0.113.0/24:443 or "
+            raise InvalidArgument(f"allow entry {text!r}: expected CIDR|HOST[:PORT], e.g. 151.101.0.0/16:443 or "
                                   f"pypi.org:443")
         raw = text.strip()
         target, port = raw, None
@@ -168,6 +187,9 @@ class NetworkPolicy:
             raise InvalidArgument(f"{len(self.host_ports)} host ports requested; at most {MAX_HOST_PORTS}")
         if len(set(self.host_ports)) != len(self.host_ports):
             raise InvalidArgument(f"host ports {list(self.host_ports)} repeat a port; give each once")
+        if dns.PORT in self.host_ports:
+            raise InvalidArgument(f"host port {dns.PORT} cannot be opted in: it is the guest's DNS, answered by the "
+                                  f"engine at {dns.GUEST_DNS}")
 
     @property
     def backend_mode(self) -> str:
@@ -261,42 +283,84 @@ def host_addresses() -> list[IPNetwork]:
     return sorted(found, key=lambda n: (n.version, n))
 
 
-def host_resolvers(path: Path = Path("/etc/resolv.conf")) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    """The host's DNS servers that QEMU's slirp forwards the guest's 10.0.2.3 to (loopback ones are unusable
-    from the namespace and left out)."""
-    out = []
+def _proc_lines(path: str) -> list[list[str]]:
     with contextlib.suppress(OSError):
-        for line in path.read_text().splitlines():
-            parts = line.split()
-            if len(parts) >= 2 and parts[0] == "nameserver":
-                with contextlib.suppress(ValueError):
-                    addr = ipaddress.ip_address(parts[1].split("%")[0])
-                    if not addr.is_loopback and not addr.is_unspecified:
-                        out.append(addr)
-    return out
+        return [line.split() for line in Path(path).read_text().splitlines()]
+    return []
 
 
-def resolve_allow(entries: Iterable[AllowEntry]) -> tuple[list[tuple[IPNetwork, int | None]], list[str]]:
-    """Allow entries as (network, port) pairs, host names resolved now; plus notes on entries that resolved to
-    nothing usable (they then open nothing: fail closed)."""
+def host_networks() -> list[IPNetwork]:
+    """Every subnet of this host's interfaces (connected routes and address prefixes, IPv4 and IPv6) and every
+    gateway of its routes, read from the host's namespace (/proc/net/route, ipv6_route, if_inet6). Routes through
+    a gateway and very short prefixes (VPN-style 0/1 + 128/1 splits) are not "the host's LAN" and are left out."""
+    found: set[IPNetwork] = set()
+    for row in _proc_lines("/proc/net/route")[1:]:
+        if len(row) < 8:
+            continue
+        with contextlib.suppress(ValueError):
+            dest, gateway, mask = (ipaddress.IPv4Address(int(x, 16).to_bytes(4, "little")) for x in
+                                   (row[1], row[2], row[7]))
+            if int(gateway):
+                found.add(ipaddress.ip_network(gateway))
+            else:
+                net = ipaddress.IPv4Network(f"{dest}/{mask}", strict=False)
+                if net.prefixlen >= 8:
+                    found.add(net)
+    for row in _proc_lines("/proc/net/ipv6_route"):
+        if len(row) < 5:
+            continue
+        with contextlib.suppress(ValueError):
+            dest, plen, hop = ipaddress.IPv6Address(bytes.fromhex(row[0])), int(row[1], 16), \
+                ipaddress.IPv6Address(bytes.fromhex(row[4]))
+            if int(hop):
+                found.add(ipaddress.ip_network(hop))
+            elif plen >= 16:
+                found.add(ipaddress.IPv6Network(f"{dest}/{plen}", strict=False))
+    for row in _proc_lines("/proc/net/if_inet6"):
+        with contextlib.suppress(ValueError, IndexError):
+            found.add(ipaddress.IPv6Network(f"{ipaddress.IPv6Address(bytes.fromhex(row[0]))}/{int(row[2], 16)}",
+                                            strict=False))
+    found.update(host_addresses())
+    return sorted(found, key=lambda n: (n.version, n))
+
+
+def host_resolvers() -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The resolvers the guest's DNS is forwarded to: the ``nameserver`` lines of $MICROAGENT_RESOLV_CONF or
+    /etc/resolv.conf (loopback ones too: the forwarder asks them from the host's namespace)."""
+    return dns.resolv_conf_servers(os.environ.get(RESOLV_CONF_ENV) or "/etc/resolv.conf")
+
+
+class Refused:
+    """The destinations no workspace reaches: :data:`BLOCKED_V4`/:data:`BLOCKED_V6` and the host's own networks
+    (:func:`host_networks`), collapsed; callable on an address (the DNS forwarder strips answers with it)."""
+
+    def __init__(self, host_nets: Iterable[IPNetwork]) -> None:
+        nets = list(_BLOCKED) + list(host_nets)
+        self.v4 = list(ipaddress.collapse_addresses(n for n in nets if n.version == 4))
+        self.v6 = list(ipaddress.collapse_addresses(n for n in nets if n.version == 6))
+
+    def __call__(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        return any(addr in n for n in (self.v4 if addr.version == 4 else self.v6))
+
+
+async def resolve_allow(entries: Iterable[AllowEntry], upstreams: list[Any],
+                        refused: Refused) -> tuple[list[tuple[IPNetwork, int | None]], list[str]]:
+    """Allow entries as (network, port) pairs, host names resolved now through the same resolvers that answer the
+    guest; plus notes on entries that resolved to nothing usable (they then open nothing: fail closed)."""
     rules: list[tuple[IPNetwork, int | None]] = []
     notes: list[str] = []
+    entries = list(entries)
+    names = sorted({e.target for e in entries if e.network is None})
+    found = dict(zip(names, await asyncio.gather(*(dns.resolve(upstreams, n, refused) for n in names))))
     for entry in entries:
         net = entry.network
         if net is not None:
             rules.append((net, entry.port))
             continue
-        try:
-            infos = socket.getaddrinfo(entry.target, None, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            notes.append(f"allow entry {entry} did not resolve ({exc}); it opens nothing")
-            continue
-        addrs = sorted({ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos}, key=str)
-        usable = [a for a in addrs if not any(a in b for b in _BLOCKED)]
+        usable = found[entry.target]
         if not usable:
-            notes.append(f"allow entry {entry} resolved only to blocked addresses "
-                         f"({', '.join(map(str, addrs))}); it opens nothing")
-        rules += [(ipaddress.ip_network(a), entry.port) for a in usable]
+            notes.append(f"allow entry {entry} did not resolve to a reachable address; it opens nothing")
+        rules += [(ipaddress.ip_network(a), entry.port) for a in sorted(set(usable), key=str)]
     return rules, notes
 
 
@@ -304,25 +368,18 @@ def _elements(nets: Iterable[Any]) -> str:
     return "{ " + ", ".join(str(n) for n in nets) + " }"
 
 
-def render_ruleset(policy: NetworkPolicy, allow: list[tuple[IPNetwork, int | None]], host_addrs: list[IPNetwork],
-                   resolvers: list[Any]) -> str:
-    """The nftables ruleset loaded inside the workspace's namespace (never the host's)."""
-    blocked: dict[int, list[Any]] = {4: [], 6: []}
-    for net in list(_BLOCKED) + list(host_addrs):
-        blocked[net.version].append(net)
-    v4 = list(ipaddress.collapse_addresses(blocked[4]))
-    v6 = list(ipaddress.collapse_addresses(blocked[6]))
+def render_ruleset(policy: NetworkPolicy, allow: list[tuple[IPNetwork, int | None]], refused: Refused) -> str:
+    """The nftables ruleset loaded inside the workspace's namespace (never the host's). On its loopback only the
+    DNS forwarder and the opted-in host ports; then the refused ranges; then the public internet or the list."""
+    v4, v6 = refused.v4, refused.v6
     reject = ["meta l4proto tcp reject with tcp reset", "reject with icmpx type admin-prohibited"]
     out = [
         "ct state established,related accept",
+        f"oifname \"lo\" ip daddr 127.0.0.1 meta l4proto {{ tcp, udp }} th dport {dns.PORT} accept",
         *([f"oifname \"lo\" ip daddr 127.0.0.1 tcp dport {_elements(policy.host_ports)} accept"]
           if policy.host_ports else []),
         *[f"oifname \"lo\" {r}" for r in reject],
     ]
-    for family, version in (("ip", 4), ("ip6", 6)):
-        dns = [r for r in resolvers if r.version == version]
-        if dns:
-            out.append(f"{family} daddr {_elements(dns)} meta l4proto {{ tcp, udp }} th dport 53 accept")
     out += [f"ip daddr {_elements(v4)} {r}" for r in reject]
     out += [f"ip6 daddr {_elements(v6)} {r}" for r in reject]
     if not policy.allow:
@@ -363,9 +420,11 @@ def _loopback_up() -> None:
         fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | _IFF_UP))
 
 
-def _create_namespaces(userns: bool, host_ports: tuple[int, ...]) -> tuple[dict[str, int], list[socket.socket]]:
+def _create_namespaces(userns: bool, host_ports: tuple[int, ...],
+                       with_dns: bool = False) -> tuple[dict[str, int], list[socket.socket]]:
     """A new network namespace (inside a new user namespace when not root), held by O_CLOEXEC fds of this
-    process, with loopback up and a listening socket on 127.0.0.1:PORT for each host port.
+    process, with loopback up and a listening socket on 127.0.0.1:PORT for each host port; ``with_dns`` puts a
+    UDP and a listening TCP socket on 127.0.0.1:53 first (the guest's DNS, see dns.py).
 
     A short-lived forked child unshares, creates the listeners and passes them back over SCM_RIGHTS; this process
     opens the child's namespace files before letting it exit, so no process or mount keeps the namespace."""
@@ -383,14 +442,21 @@ def _create_namespaces(userns: bool, host_ports: tuple[int, ...]) -> tuple[dict[
                 Path("/proc/self/uid_map").write_text(f"0 {uid} 1")
                 Path("/proc/self/gid_map").write_text(f"0 {gid} 1")
             _loopback_up()
-            child_fds = []
+            keep: list[socket.socket] = []  # referenced until sent: a collected socket object closes its fd
+            if with_dns:
+                for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+                    dsock = socket.socket(socket.AF_INET, kind)
+                    dsock.bind(("127.0.0.1", dns.PORT))  # root of this namespace's user namespace may bind 53
+                    if kind == socket.SOCK_STREAM:
+                        dsock.listen(dns.MAX_TCP_CLIENTS)
+                    keep.append(dsock)
             for port in host_ports:
                 lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 lsock.bind(("127.0.0.1", port))
                 lsock.listen(64)
-                child_fds.append(lsock.fileno())
-            socket.send_fds(theirs, [b"ok"], child_fds)
+                keep.append(lsock)
+            socket.send_fds(theirs, [b"ok"], [k.fileno() for k in keep])
             theirs.recv(1)  # the parent has opened our namespace files (or died: EOF)
         except BaseException as exc:  # noqa: BLE001 -- report and exit; never return into the parent's code
             with contextlib.suppress(BaseException):
@@ -400,7 +466,7 @@ def _create_namespaces(userns: bool, host_ports: tuple[int, ...]) -> tuple[dict[
     theirs.close()
     fds: dict[str, int] = {}
     try:
-        msg, got, _flags, _addr = socket.recv_fds(ours, 4096, max(1, len(host_ports)))
+        msg, got, _flags, _addr = socket.recv_fds(ours, 4096, max(1, len(host_ports) + 2 * with_dns))
         if msg != b"ok":
             for fd in got:
                 os.close(fd)
@@ -451,6 +517,8 @@ class NetworkSandbox:
         self.exit_w = -1
         self.notes: list[str] = []
         self.severed = False
+        self.dns: dns.DnsForwarder | None = None
+        self.dns_socks: list[socket.socket] = []
 
     @classmethod
     async def open(cls, policy: NetworkPolicy, run_dir: Path) -> NetworkSandbox | None:
@@ -460,28 +528,56 @@ class NetworkSandbox:
             return None
         box = cls(policy, run_dir)
         try:
-            box.start()
+            upstreams, refused = host_resolvers(), Refused(host_networks())
+            allow, notes = await resolve_allow(policy.allow, upstreams, refused)
+            box.start(allow, notes, upstreams, refused)
             await box.serve_host_ports()
+            await box.serve_dns(upstreams, refused)
         except BaseException:
             await box.close()
             raise
         return box
 
     # setup
-    def start(self) -> None:
+    def start(self, allow: list[tuple[IPNetwork, int | None]], notes: list[str], upstreams: list[Any],
+              refused: Refused) -> None:
         slirp = require_tool("slirp4netns")
         nft = require_tool("nft")
-        allow, notes = resolve_allow(self.policy.allow)
-        host_addrs, resolvers = host_addresses(), host_resolvers()
         self.notes = notes
-        self.ns, self.listeners = _create_namespaces(os.geteuid() != 0, self.policy.host_ports)
-        ruleset = render_ruleset(self.policy, allow, host_addrs, resolvers)
+        self.ns, socks = _create_namespaces(os.geteuid() != 0, self.policy.host_ports, with_dns=True)
+        self.dns_socks, self.listeners = socks[:2], socks[2:]
+        ruleset = render_ruleset(self.policy, allow, refused)
         self._nft(nft, ruleset)
         self._start_slirp(slirp)
+        names = self.allow_names()
         (self.run_dir / "network.json").write_text(json.dumps({
             "policy": self.policy.to_json(), "allowResolved": [f"{n}{f':{p}' if p else ''}" for n, p in allow],
-            "dnsServers": [str(r) for r in resolvers], "hostAddresses": [str(a) for a in host_addrs],
+            "dns": {"guestServer": dns.GUEST_DNS, "answeredBy": "the supervisor's forwarder (never the guest "
+                    "directly)", "names": "all" if names is None else sorted(names)},
+            "dnsServers": [str(r) for r in upstreams], "refused": [str(n) for n in refused.v4 + refused.v6],
             "notes": notes, "uplinkPid": self.slirp.pid if self.slirp else None, "ruleset": ruleset}, indent=1))
+
+    def allow_names(self) -> frozenset[str] | None:
+        """The names the guest's DNS answers: None (all) without an allow-list, else its host-name entries."""
+        if not self.policy.allow:
+            return None
+        return frozenset(e.target for e in self.policy.allow if e.network is None)
+
+    async def serve_dns(self, upstreams: list[Any], refused: Refused) -> None:
+        """Answer the guest's DNS on the namespace's 127.0.0.1:53 (see dns.py); refused names go to network.log."""
+        log_path = self.run_dir / "network.log"
+
+        def log(line: str) -> None:
+            with contextlib.suppress(OSError), open(log_path, "a", encoding="utf-8") as fh:
+                fh.write(line + "\n")
+
+        self.dns = dns.DnsForwarder(upstreams, self.allow_names(), refused, log)
+        udp, tcp = self.dns_socks
+        await self.dns.start(udp, tcp)
+
+    def dns_counters(self) -> dict[str, int]:
+        """The DNS forwarder's counters (queries, forwarded, refusedNames, malformed, dropped, ...)."""
+        return dict(self.dns.counters) if self.dns else {}
 
     def _nft(self, nft: str, ruleset: str) -> None:
         proc = subprocess.run([nft, "-f", "-"], input=ruleset.encode(), capture_output=True, check=False,
@@ -588,6 +684,8 @@ class NetworkSandbox:
             server.close()
         for task in list(self.relays):
             task.cancel()
+        if self.dns is not None:
+            self.dns.stop()
 
     def _stop_slirp(self) -> None:
         if self.exit_w >= 0:
@@ -613,11 +711,13 @@ class NetworkSandbox:
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
-        for lsock in self.listeners:
+        if self.dns is not None:
+            await self.dns.close()
+        for lsock in self.listeners + self.dns_socks:
             lsock.close()
         for fd in self.ns.values():
             os.close(fd)
-        self.servers, self.listeners, self.ns = [], [], {}
+        self.servers, self.listeners, self.ns, self.dns_socks = [], [], {}, []
 
 
 # ---- what the host can do ----------------------------------------------------------------------------------
@@ -643,5 +743,10 @@ def network_capabilities() -> dict[str, Any]:
     for fd in fds.values():
         os.close(fd)
     how = "user + network namespace (unprivileged)" if userns else "network namespace (root)"
+    upstreams = host_resolvers()
+    source = os.environ.get(RESOLV_CONF_ENV) or "/etc/resolv.conf"
+    dns_line = (f"guest DNS answered by the engine's forwarder, asking {', '.join(map(str, upstreams))} (from "
+                f"{source})" if upstreams else f"guest DNS answers SERVFAIL: no nameserver in {source}")
     return {"name": "network policy", "ok": True,
-            "detail": f"enforced: {how}, nftables inside it, slirp4netns uplink without host loopback"}
+            "detail": f"enforced: {how}, nftables inside it, slirp4netns uplink without host loopback; {dns_line}",
+            "dnsServers": [str(u) for u in upstreams]}
