@@ -47,12 +47,11 @@ class Imaging:
             layout = committed / hashlib.sha256(key.encode()).hexdigest()[:16]
             with tempfile.TemporaryDirectory(dir=committed, prefix=".commit-") as tmp:
                 ctx.progress(f"Reading the rootfs of {name}")
-                layer = Path(tmp) / "layer.tar"
-                rootfs_to_tar(info.dir.rootfs, layer, Path(tmp) / "work")
                 config = {"Env": [f"{k}={v}" for k, v in info.config.env.items()],
                           "WorkingDir": info.config.workdir, "Cmd": [info.config.shell]}
                 staged = Path(tmp) / "layout"
-                write_layout(staged, layer, config, "latest")
+                write_layout(staged, lambda out: rootfs_to_tar(info.dir.rootfs, out, Path(tmp) / "work"), config,
+                             "latest")
                 if layout.exists():
                     shutil.rmtree(layout)
                 os.rename(staged, layout)
