@@ -118,7 +118,7 @@ def rootfs_to_tar(image: Path, out: BinaryIO, work: Path) -> None:
     dumps = set()
     for e in entries:
         st = stats[f"stat <{e.inode}>"]
-        if stat.S_ISREG(e.mode) and _holey(st):
+        if stat.S_ISREG(e.mode) and _holey(st) and not (data_dir / str(e.inode)).exists():
             size = re.search(r"\bSize:\s+(\d+)", st)
             with open(data_dir / str(e.inode), "wb") as fh:
                 dump_sparse(image, f"<{e.inode}>", fh.fileno(), int(size.group(1)) if size else 0)

@@ -237,9 +237,11 @@ def dump_sparse(image: Path, spec: str, fd: int, size: int) -> int:
                                     env={**os.environ, "DEBUGFS_PAGER": "__none__", "PAGER": "__none__"})
         finally:
             os.close(w)
-        with os.fdopen(r, "rb", buffering=0) as src:
-            got, written = copy_sparse(src.read, fd, size)
-        proc.wait()
+        try:
+            with os.fdopen(r, "rb", buffering=0) as src:
+                got, written = copy_sparse(src.read, fd, size)
+        finally:
+            proc.wait()  # the pipe is closed by now, so a debugfs still writing ends (EPIPE)
         errf.seek(0)
         err = [ln.strip() for ln in errf.read(4096).decode(errors="replace").splitlines()
                if ln.strip() and not _BANNER.match(ln.strip())]
@@ -274,6 +276,9 @@ def copy_out(image: Path, guest_src: str, host_dst: Path, max_size: int = DEFAUL
             try:
                 written = dump_sparse(image, _q(guest), fd, node.size)
                 os.fchmod(fd, node.mode & 0o777)
+            except OSError as exc:
+                raise HostError(f"writing {host_dst} failed: {exc.strerror}; nothing was left behind (free host disk "
+                                f"space or choose another destination)") from None
             finally:
                 os.close(fd)
             os.replace(tmp, host_dst)
