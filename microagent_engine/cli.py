@@ -13,7 +13,7 @@ from . import __version__
 from pathlib import Path
 
 from .client import DEFAULT_MAX_OUTPUT
-from .config import MAX_SIZE_HELP, PROFILES, parse_env_pairs
+from .config import COMMIT_MAX_SIZE_HELP, MAX_SIZE_HELP, PROFILES, parse_env_pairs
 from .errors import InvalidArgument, MicroagentError
 from .protocol import ExitKind, FrameType
 from .sandbox.network import NetworkPolicy, policy_of
@@ -344,7 +344,7 @@ def cmd_pull(engine: Engine, args: argparse.Namespace) -> int:
 
 
 def cmd_commit(engine: Engine, args: argparse.Namespace) -> int:
-    img = engine.commit(args.name, args.ref)
+    img = engine.commit(args.name, args.ref, args.max_size)
     _emit(args, img.to_json(), f"Committed {args.name} as {args.ref} ({img.id})")
     return 0
 
@@ -520,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("commit", cmd_commit, "write a stopped workspace's rootfs as an OCI image: commit WS REF")
     p.add_argument("name")
     p.add_argument("ref")
+    p.add_argument("--max-size", metavar="SIZE", help=COMMIT_MAX_SIZE_HELP)
     add("profiles", cmd_profiles, "resource profiles")
     add("doctor", cmd_doctor, "what this host can do (KVM or TCG, qemu, kernel, e2fsprogs)")
     return parser

@@ -35,8 +35,10 @@ MAX_DISK_MIB = 16 * 1024 * 1024 - 1
 DEFAULT_MAX_COPY = 8 << 30
 #: the largest output ``output get`` without a destination holds in memory (to print or show it)
 MAX_INLINE_OUTPUT = 64 << 20
-MAX_SIZE_HELP = ("refuse a guest file larger than SIZE (bytes, or with K/M/G/T, e.g. 20G; default 8G); holes are kept, "
-                 "so the host disk used is at most the file's data")
+_SIZE_SYNTAX = f"bytes, or with K/M/G/T, e.g. 20G; default {DEFAULT_MAX_COPY >> 30}G"
+MAX_SIZE_HELP = (f"refuse a guest file larger than SIZE ({_SIZE_SYNTAX}); holes are kept, so the host disk used is at "
+                 f"most the file's data")
+COMMIT_MAX_SIZE_HELP = f"refuse when the rootfs's files add up to more than SIZE ({_SIZE_SYNTAX})"
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 RESOURCE_NAMES = {"memory_mib": "memoryMiB", "cpus": "cpuCount", "size_mib": "sizeMiB"}
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")

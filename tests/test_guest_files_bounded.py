@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -149,6 +150,15 @@ def test_copy_over_the_cap_is_refused_and_leaves_nothing(state_dir: Path, sparse
 
 
 def test_commit_streams_its_layer(state_dir: Path, sparse_ws: str, tmp_path: Path) -> None:
+    committed = state_dir / "committed"
+    layouts = sorted(committed.iterdir()) if committed.exists() else []
+    proc, _ = measured(state_dir, "commit", sparse_ws, "local/sparse:v1", "--max-size", "2G", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert re.search(r"the files of this rootfs add up to 3\.0 GiB \(\d+ bytes; largest /big, 3\.0 GiB\), over the "
+                     r"commit cap of 2\.0 GiB; nothing was committed\. Raise the cap with --max-size \(e\.g\. "
+                     r"--max-size 4G\)", proc.stderr), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(committed.iterdir()) == layouts  # no layout, no temp dir
     before = allocated(state_dir)
     proc, rss, peak = measured_with_disk(state_dir, "commit", sparse_ws, "local/sparse:v1", cwd=tmp_path,
                                          watch=state_dir)

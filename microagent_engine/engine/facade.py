@@ -331,7 +331,7 @@ class Engine:
         """Copy one regular file between the host and a workspace that is not running.
 
         Workspace side: ``WS:/path`` (its rootfs) or ``WS:DISK:/path`` (an attached volume or disk). A copy out
-        keeps holes and is refused above ``max_size`` (bytes or ``20G``; default ``DEFAULT_MAX_COPY``, 8 GiB)."""
+        keeps holes and is refused above ``max_size`` (bytes or ``20G``; default ``config.DEFAULT_MAX_COPY``)."""
         return self._transfer.cp(src, dst, max_size)
 
     def outputs(self, name: str) -> builtins.list[dict[str, Any]]:
@@ -340,8 +340,9 @@ class Engine:
 
     def output_get(self, name: str, output: str, dest: str | os.PathLike[str] | None = None,
                    max_size: int | str | None = None) -> bytes | Path:
-        """An output's bytes (``dest`` None, up to 64 MiB) or a copy at ``dest`` (holes kept, refused above
-        ``max_size``: bytes or ``20G``, default 8 GiB); the workspace must not be running."""
+        """An output's bytes (``dest`` None, up to ``config.MAX_INLINE_OUTPUT``) or a copy at ``dest`` (holes kept,
+        refused above ``max_size``: bytes or ``20G``, default ``config.DEFAULT_MAX_COPY``); the workspace must not
+        be running."""
         return self._transfer.output_get(name, output, dest, max_size)
 
     # ---- images --------------------------------------------------------------------------------
@@ -349,10 +350,11 @@ class Engine:
         """Fetch ``ref`` (re-resolving its tag) and build its rootfs image."""
         return self._imaging.pull(ref)
 
-    def commit(self, name: str, ref: str) -> "ImageInfo":
+    def commit(self, name: str, ref: str, max_size: int | str | None = None) -> "ImageInfo":
         """Write a stopped workspace's rootfs as an OCI image (under ``<state-dir>/committed/``) that
-        ``create --image REF`` boots. The filesystem is checked first (``e2fsck -fn``)."""
-        return self._imaging.commit(name, ref)
+        ``create --image REF`` boots. The filesystem is checked first (``e2fsck -fn``). Refused when its files add
+        up to more than ``max_size`` (bytes or ``20G``; default ``config.DEFAULT_MAX_COPY``)."""
+        return self._imaging.commit(name, ref, max_size)
 
     def prune_images(self) -> builtins.list["ImageInfo"]:
         """Remove cached images (and their blobs) that no workspace was created from."""

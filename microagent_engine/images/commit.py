@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-from ..errors import HostError
+from ..config import DEFAULT_MAX_COPY, human_size
+from ..errors import HostError, InvalidArgument
 from ..hostinfo import require_tool
 from ..storage.debugfs import dump_sparse
 
@@ -107,21 +108,41 @@ def _holey(st: str) -> bool:
     return int(blocks.group(1)) * 512 < int(size.group(1))
 
 
-def rootfs_to_tar(image: Path, out: BinaryIO, work: Path) -> None:
-    """Stream the tree of ext4 ``image`` as an uncompressed tar into ``out`` (written once, front to back)."""
+def _size(st: str) -> int:
+    m = re.search(r"\bSize:\s+(\d+)", st)
+    return int(m.group(1)) if m else 0
+
+
+def _refuse_over_cap(entries: list[_Entry], stats: dict[str, str], max_size: int) -> None:
+    """InvalidArgument, before anything is read, when the files' sizes (hardlinks once) add up to over ``max_size``:
+    the layer holds each file whole (holes as zeros), so its tar, its gzip time and the image built from it grow
+    with this sum."""
+    sizes = {e.inode: (_size(stats[f"stat <{e.inode}>"]), e.path) for e in entries if stat.S_ISREG(e.mode)}
+    total = sum(size for size, _ in sizes.values())
+    if total > max_size:
+        big, path = max(sizes.values())
+        raise InvalidArgument(f"the files of this rootfs add up to {human_size(total)} ({total} bytes; largest "
+                              f"{path}, {human_size(big)}), over the commit cap of {human_size(max_size)}; nothing "
+                              f"was committed. Raise the cap with --max-size (e.g. --max-size "
+                              f"{-(-total // (1 << 30))}G), or remove the file before committing")
+
+
+def rootfs_to_tar(image: Path, out: BinaryIO, work: Path, max_size: int = DEFAULT_MAX_COPY) -> None:
+    """Stream the tree of ext4 ``image`` as an uncompressed tar into ``out`` (written once, front to back); refused
+    (before reading any file) when its files add up to more than ``max_size`` bytes."""
     work.mkdir(parents=True, exist_ok=True)
     entries = walk(image, work)
     inodes = sorted({e.inode for e in entries})
     stats = _script(image, [f"stat <{i}>" for i in inodes], work)
+    _refuse_over_cap(entries, stats, max_size)
     data_dir = work / "data"
     data_dir.mkdir(exist_ok=True)
     dumps = set()
     for e in entries:
         st = stats[f"stat <{e.inode}>"]
         if stat.S_ISREG(e.mode) and _holey(st) and not (data_dir / str(e.inode)).exists():
-            size = re.search(r"\bSize:\s+(\d+)", st)
             with open(data_dir / str(e.inode), "wb") as fh:
-                dump_sparse(image, f"<{e.inode}>", fh.fileno(), int(size.group(1)) if size else 0)
+                dump_sparse(image, f"<{e.inode}>", fh.fileno(), _size(st))
         elif stat.S_ISREG(e.mode) or stat.S_ISLNK(e.mode):
             dumps.add(f"dump <{e.inode}> {data_dir / str(e.inode)}")
     if dumps:
