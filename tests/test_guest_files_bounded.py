@@ -130,7 +130,7 @@ def test_output_get_keeps_holes_in_bounded_memory(state_dir: Path, sparse_ws: st
     proc, rss = measured(state_dir, "output", "get", sparse_ws, "big", cwd=tmp_path)
     assert proc.returncode == 2 and not proc.stdout
     assert "3.0 GiB (3221225472 bytes), over the copy cap of 64.0 MiB" in proc.stderr, proc.stderr
-    assert "give a host destination" in proc.stderr and "Traceback" not in proc.stderr
+    assert "give a host destination (DEST)" in proc.stderr and "Traceback" not in proc.stderr
     assert rss < RSS_BOUND, f"output get (stdout) peaked at {rss >> 20} MiB RSS"
 
 

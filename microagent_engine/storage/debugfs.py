@@ -295,7 +295,7 @@ def read_file(image: Path, guest_path: str, max_size: int = MAX_INLINE_OUTPUT) -
     with image_lock(image):
         node = _regular(image, guest)
         _refuse_size(guest, node.size, max_size, "It is too large to hold in memory: give a host destination "
-                     "to copy it to a file instead (e.g. output get WS NAME DEST)")
+                     "(DEST) to copy it to a file instead")
         out, err = _debugfs(image, f"cat {_q(guest)}", binary=True)
     if err or len(out) != node.size:
         raise HostError(f"reading {guest} from {image} failed: {' '.join(err) or 'size mismatch'}")
