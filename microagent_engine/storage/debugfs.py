@@ -238,7 +238,7 @@ def dump_sparse(image: Path, spec: str, fd: int, size: int) -> int:
         finally:
             os.close(w)
         try:
-            with os.fdopen(r, "rb", buffering=0) as src:
+            with os.fdopen(r, "rb") as src:  # buffered: read(n) waits for n bytes, so blocks stay aligned
                 got, written = copy_sparse(src.read, fd, size)
         finally:
             proc.wait()  # the pipe is closed by now, so a debugfs still writing ends (EPIPE)
