@@ -167,3 +167,28 @@ def test_commit_streams_its_layer(state_dir: Path, sparse_ws: str, tmp_path: Pat
     print(f"commit: peak RSS {rss >> 20} MiB, state dir grew {grown} bytes (peak seen {peak})")
     assert rss < RSS_BOUND, f"commit peaked at {rss >> 20} MiB RSS"
     assert max(grown, peak) < DISK_BOUND, f"commit used {max(grown, peak)} bytes of host disk for 4 KiB of data"
+
+
+def test_commit_tar_of_holey_and_hardlinked_files(tmp_path: Path) -> None:
+    """The streamed layer tar holds a holey file's exact bytes once, its second name as a hardlink."""
+    import tarfile
+
+    from microagent_engine.images.commit import rootfs_to_tar
+    from microagent_engine.storage.ext4 import make_ext4
+
+    image = tmp_path / "root.ext4"
+    make_ext4(image, 32)
+    src = tmp_path / "holey"
+    with open(src, "wb") as fh:
+        fh.seek(5 << 20)
+        fh.write(MARK)
+    _debugfs_w(image, f"write {src} holey", "ln holey again", "sif holey links_count 2", "write /dev/null fa",
+               "fallocate /fa 0 255", "sif /fa size 1048576")
+    with open(tmp_path / "layer.tar", "wb") as out:
+        rootfs_to_tar(image, out, tmp_path / "work")
+    with tarfile.open(tmp_path / "layer.tar") as tf:
+        members = {m.name: m for m in tf.getmembers()}
+        assert {members["holey"].type, members["again"].type} == {tarfile.REGTYPE, tarfile.LNKTYPE}
+        reg = members["holey"] if members["holey"].isreg() else members["again"]
+        assert tf.extractfile(reg).read() == src.read_bytes()  # type: ignore[union-attr]
+        assert tf.extractfile("fa").read() == bytes(1 << 20)  # type: ignore[union-attr]

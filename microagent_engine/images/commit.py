@@ -140,9 +140,10 @@ def rootfs_to_tar(image: Path, out: BinaryIO, work: Path, max_size: int = DEFAUL
     dumps = set()
     for e in entries:
         st = stats[f"stat <{e.inode}>"]
-        if stat.S_ISREG(e.mode) and _holey(st) and not (data_dir / str(e.inode)).exists():
-            with open(data_dir / str(e.inode), "wb") as fh:
-                dump_sparse(image, f"<{e.inode}>", fh.fileno(), _size(st))
+        if stat.S_ISREG(e.mode) and _holey(st):
+            if not (data_dir / str(e.inode)).exists():  # a hardlink's second name: dumped already
+                with open(data_dir / str(e.inode), "wb") as fh:
+                    dump_sparse(image, f"<{e.inode}>", fh.fileno(), _size(st))
         elif stat.S_ISREG(e.mode) or stat.S_ISLNK(e.mode):
             dumps.add(f"dump <{e.inode}> {data_dir / str(e.inode)}")
     if dumps:
