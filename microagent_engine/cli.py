@@ -13,7 +13,7 @@ from . import __version__
 from pathlib import Path
 
 from .client import DEFAULT_MAX_OUTPUT
-from .config import PROFILES, parse_env_pairs
+from .config import COMMIT_MAX_SIZE_HELP, MAX_SIZE_HELP, PROFILES, parse_env_pairs
 from .errors import InvalidArgument, MicroagentError
 from .protocol import ExitKind, FrameType
 from .sandbox.network import NetworkPolicy, policy_of
@@ -279,7 +279,7 @@ def cmd_connect(engine: Engine, args: argparse.Namespace) -> int:
 
 
 def cmd_cp(engine: Engine, args: argparse.Namespace) -> int:
-    where = engine.cp(args.src, args.dst)
+    where = engine.cp(args.src, args.dst, args.max_size)
     _emit(args, {"src": args.src, "dst": str(where)}, f"Copied {args.src} -> {where}")
     return 0
 
@@ -289,9 +289,10 @@ def cmd_output(engine: Engine, args: argparse.Namespace) -> int:
         if not args.output:
             raise InvalidArgument("output get needs the output's name: microagent output get WS NAME [DEST]")
         if args.dest is None and not args.json:
-            sys.stdout.buffer.write(engine.output_get(args.name, args.output))  # type: ignore[arg-type]
+            sys.stdout.buffer.write(engine.output_get(args.name, args.output,  # type: ignore[arg-type]
+                                                      max_size=args.max_size))
             return 0
-        where = engine.output_get(args.name, args.output, args.dest or ".")
+        where = engine.output_get(args.name, args.output, args.dest or ".", args.max_size)
         _emit(args, {"name": args.output, "path": str(where)}, f"Wrote {where}")
         return 0
     outs = engine.outputs(args.name)
@@ -343,7 +344,7 @@ def cmd_pull(engine: Engine, args: argparse.Namespace) -> int:
 
 
 def cmd_commit(engine: Engine, args: argparse.Namespace) -> int:
-    img = engine.commit(args.name, args.ref)
+    img = engine.commit(args.name, args.ref, args.max_size)
     _emit(args, img.to_json(), f"Committed {args.name} as {args.ref} ({img.id})")
     return 0
 
@@ -493,12 +494,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("cp", cmd_cp, "copy a file between the host and a stopped workspace (WS:/path or WS:DISK:/path)")
     p.add_argument("src")
     p.add_argument("dst")
+    p.add_argument("--max-size", metavar="SIZE", help=MAX_SIZE_HELP)
     p = add("output", cmd_output, "declared outputs of a workspace: output list WS | output get WS NAME [DEST]",
             aliases=["artifacts"])
     p.add_argument("output_cmd", choices=["list", "get"])
     p.add_argument("name")
     p.add_argument("output", nargs="?")
     p.add_argument("dest", nargs="?")
+    p.add_argument("--max-size", metavar="SIZE", help=MAX_SIZE_HELP)
     p = add("volume", cmd_volume, "named volumes: create | list | status | delete")
     vsub = p.add_subparsers(dest="volume_cmd", metavar="SUBCOMMAND")
     vp = vsub.add_parser("create", parents=[common], help="create a named volume")
@@ -519,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("commit", cmd_commit, "write a stopped workspace's rootfs as an OCI image: commit WS REF")
     p.add_argument("name")
     p.add_argument("ref")
+    p.add_argument("--max-size", metavar="SIZE", help=COMMIT_MAX_SIZE_HELP)
     add("profiles", cmd_profiles, "resource profiles")
     add("doctor", cmd_doctor, "what this host can do (KVM or TCG, qemu, kernel, e2fsprogs)")
     return parser

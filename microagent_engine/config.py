@@ -32,6 +32,16 @@ BOOT_TIMEOUTS = {"kvm": 30.0, "tcg": 90.0}
 #: block. Images are sparse, so free space is not required up front (a guest filling its disk gets ENOSPC).
 MAX_DISK_MIB = 16 * 1024 * 1024 - 1
 #: resource keyword -> the name users see for it (spec/REST/JSON casing)
+#: the largest file ``cp`` / ``output get`` copy out of a guest disk unless raised with ``--max-size``: its logical
+#: size (holes are kept, so it also bounds the host disk the copy uses, and the time spent reading the holes)
+DEFAULT_MAX_COPY = 8 << 30
+#: the largest output ``output get`` without a destination holds in memory (to print or show it)
+MAX_INLINE_OUTPUT = 64 << 20
+_SIZE_SYNTAX = f"bytes, or with K/M/G/T, e.g. 20G; default {DEFAULT_MAX_COPY >> 30}G"
+MAX_SIZE_HELP = (f"refuse a guest file larger than SIZE ({_SIZE_SYNTAX}); holes are kept, so the host disk used is at "
+                 f"most the file's data")
+COMMIT_MAX_SIZE_HELP = f"refuse when the rootfs's files add up to more than SIZE ({_SIZE_SYNTAX})"
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 RESOURCE_NAMES = {"memory_mib": "memoryMiB", "cpus": "cpuCount", "size_mib": "sizeMiB"}
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -174,3 +184,25 @@ def get_profile(name: str | None) -> Profile:
         return PROFILES[key]
     except KeyError:
         raise InvalidArgument(f"unknown profile {key!r}; choose one of: {', '.join(PROFILES)}") from None
+
+
+def parse_size(value: str | int, what: str = "--max-size") -> int:
+    """Bytes from ``1048576``, ``512M``, ``8G``, ``2T`` (binary units; ``KiB``/``MiB``/``GiB``/``TiB`` also read)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", str(value), re.I)
+        if not m:
+            raise InvalidArgument(f"{what} {value!r} is not a size; give bytes or a number with K, M, G or T, e.g. 20G")
+        n = int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+    if n <= 0:
+        raise InvalidArgument(f"{what} must be positive, e.g. 20G")
+    return n
+
+
+def human_size(n: int) -> str:
+    """``3221225472`` -> ``3.0 GiB`` (for messages)."""
+    for unit, factor in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= factor:
+            return f"{n / factor:.1f} {unit}"
+    return f"{n} bytes"

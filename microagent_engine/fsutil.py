@@ -170,3 +170,34 @@ def build_once(out: Path, build: Callable[[Path], None], what: str,
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+SPARSE_BLOCK = 4096
+_SPARSE_CHUNK = 1 << 20
+_ZERO_BLOCK = bytes(SPARSE_BLOCK)
+
+
+def copy_sparse(read: Callable[[int], bytes], fd: int, limit: int) -> tuple[int, int]:
+    """Copy what ``read`` yields into ``fd`` from offset 0 in bounded memory (1 MiB at a time), seeking over
+    all-zero 4 KiB blocks so they stay holes; the caller truncates ``fd`` to the final size.
+
+    Reads at most ``limit + 1`` bytes (one more tells the caller the source was longer than ``limit``).
+    Returns (bytes read, bytes written to ``fd``).
+    """
+    pos = written = 0
+    while pos <= limit:
+        chunk = read(min(_SPARSE_CHUNK, limit + 1 - pos))
+        if not chunk:
+            break
+        start = None  # first block of the current run of data
+        for off in range(0, len(chunk), SPARSE_BLOCK):
+            zero = chunk[off:off + SPARSE_BLOCK] == _ZERO_BLOCK[:min(SPARSE_BLOCK, len(chunk) - off)]
+            if not zero and start is None:
+                start = off
+            elif zero and start is not None:
+                written += os.pwrite(fd, chunk[start:off], pos + start)
+                start = None
+        if start is not None:
+            written += os.pwrite(fd, chunk[start:], pos + start)
+        pos += len(chunk)
+    return pos, written

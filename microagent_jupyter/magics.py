@@ -136,6 +136,23 @@ def split_line(line: str) -> list[str]:
         raise UsageError(f"cannot split the line into words: {exc}; close the quote or escape it") from None
 
 
+def _max_size_option(words: list[str]) -> tuple[list[str], str | None]:
+    """``words`` without ``--max-size SIZE`` / ``--max-size=SIZE``, and SIZE (None when not given)."""
+    rest: list[str] = []
+    size = None
+    it = iter(words)
+    for word in it:
+        if word == "--max-size":
+            size = next(it, None)
+            if size is None:
+                raise UsageError("--max-size needs a size, e.g. --max-size 20G")
+        elif word.startswith("--max-size="):
+            size = word.split("=", 1)[1]
+        else:
+            rest.append(word)
+    return rest, size
+
+
 def _parse(magic: Any, argv: list[str]) -> argparse.Namespace:
     """Parse already-split words with a magic_arguments parser (its errors are UsageErrors)."""
     return magic.parser.parse_args(argv)
@@ -356,11 +373,11 @@ class MicroagentMagics(Magics):
             engine.delete(name)
             return D.Message(f"Deleted workspace {name}", {"name": name, "deleted": True})
         if sub == "cp":
-            parts = rest
+            parts, max_size = _max_size_option(rest)
             if len(parts) != 2:
-                raise UsageError("usage: %microagent cp SRC DST   (one side is WORKSPACE:/path or "
+                raise UsageError("usage: %microagent cp [--max-size SIZE] SRC DST   (one side is WORKSPACE:/path or "
                                  "WORKSPACE:DISK:/path)")
-            result = engine.cp(parts[0], parts[1])
+            result = engine.cp(parts[0], parts[1], max_size)
             return D.Message(f"Copied {parts[0]} → {parts[1]}", {"copied": str(result)} if result is not None else None)
         if sub == "outputs":
             name = self._one_name(sub, rest)
@@ -368,10 +385,10 @@ class MicroagentMagics(Magics):
             return D.Table(["NAME", "PATH", "EXISTS"], [[o["name"], o["path"], o.get("exists")] for o in rows],
                            data=rows, empty="(no declared outputs)")
         if sub == "output":
-            parts = rest
+            parts, max_size = _max_size_option(rest)
             if len(parts) not in (2, 3):
-                raise UsageError("usage: %microagent output NAME OUTPUT [HOST_DEST]")
-            got = engine.output_get(*parts)
+                raise UsageError("usage: %microagent output [--max-size SIZE] NAME OUTPUT [HOST_DEST]")
+            got = engine.output_get(parts[0], parts[1], parts[2] if len(parts) == 3 else None, max_size)
             if isinstance(got, bytes):
                 return D.output_bytes(got, _output_basename(engine, parts[0], parts[1]))
             return D.Message(f"Output {parts[1]} of {parts[0]} copied to {got}", {"path": str(got)})

@@ -19,7 +19,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from jupyter_client import KernelManager
 
 from microagent_engine import Engine
-from microagent_engine.errors import InvalidState, MicroagentError, NotFound
+from microagent_engine.errors import InvalidArgument, InvalidState, MicroagentError, NotFound
 from microagent_jupyter.magics import MicroagentCellError
 from microagent_jupyter.widgets import SerialLogWidget, WorkspaceStatusWidget
 
@@ -494,6 +494,14 @@ def test_cp_both_ways_and_output_without_dest(ip, engine: Engine, tmp_path: Path
         monkeypatch.chdir(tmp_path)
         written = ip.run_line_magic("microagent", "output mg-files blob")
         assert "written to" in repr(written) and (tmp_path / "b.bin").read_bytes() == b"\x00\x01\xfe\xff"
+        for line in (f"cp --max-size 4 mg-files:/out/notes.txt {tmp_path}/capped.txt",
+                     f"output --max-size=4 mg-files notes {tmp_path}/capped.txt"):  # a copy over the cap: refused
+            result = ip.run_cell(f"%microagent {line}")
+            assert isinstance(result.error_in_exec, InvalidArgument), result.error_in_exec
+            assert "over the copy cap of 4 bytes; nothing was copied" in str(result.error_in_exec)
+            assert not (tmp_path / "capped.txt").exists()
+        back = ip.run_line_magic("microagent", f"cp --max-size 12 mg-files:/out/notes.txt {tmp_path}/capped.txt")
+        assert (tmp_path / "capped.txt").read_bytes() == b"hello notes\n"
     finally:
         engine.delete("mg-files")
 

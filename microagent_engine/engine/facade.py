@@ -337,29 +337,34 @@ class Engine:
             pass
 
     # ---- data ----------------------------------------------------------------------------------
-    def cp(self, src: str, dst: str) -> Path | str:
+    def cp(self, src: str, dst: str, max_size: int | str | None = None) -> Path | str:
         """Copy one regular file between the host and a workspace that is not running.
 
-        Workspace side: ``WS:/path`` (its rootfs) or ``WS:DISK:/path`` (an attached volume or disk)."""
-        return self._transfer.cp(src, dst)
+        Workspace side: ``WS:/path`` (its rootfs) or ``WS:DISK:/path`` (an attached volume or disk). A copy out
+        keeps holes and is refused above ``max_size`` (bytes or ``20G``; default ``config.DEFAULT_MAX_COPY``)."""
+        return self._transfer.cp(src, dst, max_size)
 
     def outputs(self, name: str) -> builtins.list[dict[str, Any]]:
         """The declared outputs of a workspace, and whether each exists now (read without booting)."""
         return self._transfer.outputs(name)
 
-    def output_get(self, name: str, output: str, dest: str | os.PathLike[str] | None = None) -> bytes | Path:
-        """An output's bytes (``dest`` None) or a copy at ``dest``; the workspace must not be running."""
-        return self._transfer.output_get(name, output, dest)
+    def output_get(self, name: str, output: str, dest: str | os.PathLike[str] | None = None,
+                   max_size: int | str | None = None) -> bytes | Path:
+        """An output's bytes (``dest`` None, up to ``config.MAX_INLINE_OUTPUT``) or a copy at ``dest`` (holes kept,
+        refused above ``max_size``: bytes or ``20G``, default ``config.DEFAULT_MAX_COPY``); the workspace must not
+        be running."""
+        return self._transfer.output_get(name, output, dest, max_size)
 
     # ---- images --------------------------------------------------------------------------------
     def pull(self, ref: str) -> "ImageInfo":
         """Fetch ``ref`` (re-resolving its tag) and build its rootfs image."""
         return self._imaging.pull(ref)
 
-    def commit(self, name: str, ref: str) -> "ImageInfo":
+    def commit(self, name: str, ref: str, max_size: int | str | None = None) -> "ImageInfo":
         """Write a stopped workspace's rootfs as an OCI image (under ``<state-dir>/committed/``) that
-        ``create --image REF`` boots. The filesystem is checked first (``e2fsck -fn``)."""
-        return self._imaging.commit(name, ref)
+        ``create --image REF`` boots. The filesystem is checked first (``e2fsck -fn``). Refused when its files add
+        up to more than ``max_size`` (bytes or ``20G``; default ``config.DEFAULT_MAX_COPY``)."""
+        return self._imaging.commit(name, ref, max_size)
 
     def prune_images(self) -> builtins.list["ImageInfo"]:
         """Remove cached images (and their blobs) that no workspace was created from."""

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..config import DEFAULT_MAX_COPY, parse_size
 from ..errors import HostError, InvalidState
 from ..fsutil import file_lock
 from .context import EngineContext
@@ -26,7 +27,7 @@ class Imaging:
     def pull(self, ref: str) -> "ImageInfo":
         return self.ctx.images.ensure(ref, refresh=True)
 
-    def commit(self, name: str, ref: str) -> "ImageInfo":
+    def commit(self, name: str, ref: str, max_size: int | str | None = None) -> "ImageInfo":
         from ..images import reference
         from ..images.commit import rootfs_to_tar, write_layout
         from ..storage.ext4 import fsck
@@ -47,12 +48,12 @@ class Imaging:
             layout = committed / hashlib.sha256(key.encode()).hexdigest()[:16]
             with tempfile.TemporaryDirectory(dir=committed, prefix=".commit-") as tmp:
                 ctx.progress(f"Reading the rootfs of {name}")
-                layer = Path(tmp) / "layer.tar"
-                rootfs_to_tar(info.dir.rootfs, layer, Path(tmp) / "work")
                 config = {"Env": [f"{k}={v}" for k, v in info.config.env.items()],
                           "WorkingDir": info.config.workdir, "Cmd": [info.config.shell]}
                 staged = Path(tmp) / "layout"
-                write_layout(staged, layer, config, "latest")
+                cap = DEFAULT_MAX_COPY if max_size is None else parse_size(max_size)
+                write_layout(staged, lambda out: rootfs_to_tar(info.dir.rootfs, out, Path(tmp) / "work", cap),
+                             config, "latest")
                 if layout.exists():
                     shutil.rmtree(layout)
                 os.rename(staged, layout)

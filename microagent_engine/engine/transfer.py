@@ -10,7 +10,7 @@ import posixpath
 from pathlib import Path
 from typing import Any
 
-from ..config import validate_name
+from ..config import DEFAULT_MAX_COPY, MAX_INLINE_OUTPUT, parse_size, validate_name
 from ..errors import InvalidArgument, NotFound
 from ..fsutil import file_lock
 from ..model import Attachment
@@ -29,6 +29,10 @@ def parse_ws_path(value: str) -> tuple[str, str | None, str] | None:
     if sep2 and not disk.startswith("/"):
         return head, disk, debugfs.normalize_guest_path(path)
     return head, None, debugfs.normalize_guest_path(rest)
+
+
+def _copy_cap(max_size: int | str | None) -> int:
+    return DEFAULT_MAX_COPY if max_size is None else parse_size(max_size)
 
 
 class Transfer:
@@ -50,7 +54,7 @@ class Transfer:
         names = ", ".join(["rootfs", *[a.name for a in info.config.attachments]])
         raise NotFound(f"workspace {info.name!r} has no disk named {disk!r} (it has: {names})")
 
-    def cp(self, src: str, dst: str) -> Path | str:
+    def cp(self, src: str, dst: str, max_size: int | str | None = None) -> Path | str:
         src_ws, dst_ws = parse_ws_path(src), parse_ws_path(dst)
         if bool(src_ws) == bool(dst_ws):
             raise InvalidArgument("cp copies between the host and a workspace: one side must be WS:/path "
@@ -69,7 +73,7 @@ class Transfer:
         info = self.ctx.store.stopped(name, "cp")
         with file_lock(info.dir.ops_lock, blocking=False, what=f"workspace {name!r}"):
             target = Path(dst).expanduser()
-            debugfs.copy_out(self._disk_image(info, disk), guest, target)
+            debugfs.copy_out(self._disk_image(info, disk), guest, target, _copy_cap(max_size))
         return target / posixpath.basename(guest) if target.is_dir() else target
 
     def _output_location(self, info: WorkspaceInfo, output: str) -> tuple[Path, str]:
@@ -99,11 +103,12 @@ class Transfer:
             out.append({**decl.to_json(), "exists": debugfs.exists(image, rel)})
         return out
 
-    def output_get(self, name: str, output: str, dest: str | os.PathLike[str] | None = None) -> bytes | Path:
+    def output_get(self, name: str, output: str, dest: str | os.PathLike[str] | None = None,
+                   max_size: int | str | None = None) -> bytes | Path:
         info = self.ctx.store.stopped(name, "output get")
         image, rel = self._output_location(info, output)
         if dest is None:
-            return debugfs.read_file(image, rel)
+            return debugfs.read_file(image, rel, min(_copy_cap(max_size), MAX_INLINE_OUTPUT))
         target = Path(dest).expanduser()
-        debugfs.copy_out(image, rel, target)
+        debugfs.copy_out(image, rel, target, _copy_cap(max_size))
         return target / posixpath.basename(rel) if target.is_dir() else target

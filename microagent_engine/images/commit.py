@@ -3,10 +3,15 @@
 The tree is walked with batched ``debugfs -f`` scripts (``ls -p`` per directory level, ``stat`` and ``dump`` per
 inode), so owners, modes (setuid included), mtimes, symlinks, hardlinks and device nodes survive without mounting
 the image. Extended attributes are not carried over.
+
+Memory and disk stay bounded whatever the guest's files: a file with holes or unwritten extents is extracted with
+its holes kept (:func:`~microagent_engine.storage.debugfs.dump_sparse`), and the tar is streamed through gzip into
+the blob file while both digests are computed; no layer is ever held in memory or written uncompressed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -20,10 +25,12 @@ import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
-from ..errors import HostError
+from ..config import DEFAULT_MAX_COPY, human_size
+from ..errors import HostError, InvalidArgument
 from ..hostinfo import require_tool
+from ..storage.debugfs import dump_sparse
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -92,20 +99,57 @@ def walk(image: Path, work: Path) -> list[_Entry]:
     return entries
 
 
-def rootfs_to_tar(image: Path, out: Path, work: Path) -> None:
-    """Write the tree of ext4 ``image`` as an uncompressed tar at ``out``."""
+def _holey(st: str) -> bool:
+    """Whether ``stat`` output shows a file that a plain ``dump`` would blow up: holes or unwritten extents."""
+    size = re.search(r"\bSize:\s+(\d+)", st)
+    blocks = re.search(r"Blockcount:\s+(\d+)", st)
+    if "[u]" in st or not size or not blocks:
+        return True
+    return int(blocks.group(1)) * 512 < int(size.group(1))
+
+
+def _size(st: str) -> int:
+    m = re.search(r"\bSize:\s+(\d+)", st)
+    return int(m.group(1)) if m else 0
+
+
+def _refuse_over_cap(entries: list[_Entry], stats: dict[str, str], max_size: int) -> None:
+    """InvalidArgument, before anything is read, when the files' sizes (hardlinks once) add up to over ``max_size``:
+    the layer holds each file whole (holes as zeros), so its tar, its gzip time and the image built from it grow
+    with this sum."""
+    sizes = {e.inode: (_size(stats[f"stat <{e.inode}>"]), e.path) for e in entries if stat.S_ISREG(e.mode)}
+    total = sum(size for size, _ in sizes.values())
+    if total > max_size:
+        big, path = max(sizes.values())
+        raise InvalidArgument(f"the files of this rootfs add up to {human_size(total)} ({total} bytes; largest "
+                              f"{path}, {human_size(big)}), over the commit cap of {human_size(max_size)}; nothing "
+                              f"was committed. Raise the cap with --max-size (e.g. --max-size "
+                              f"{-(-total // (1 << 30))}G), or remove the file before committing")
+
+
+def rootfs_to_tar(image: Path, out: BinaryIO, work: Path, max_size: int = DEFAULT_MAX_COPY) -> None:
+    """Stream the tree of ext4 ``image`` as an uncompressed tar into ``out`` (written once, front to back); refused
+    (before reading any file) when its files add up to more than ``max_size`` bytes."""
     work.mkdir(parents=True, exist_ok=True)
     entries = walk(image, work)
     inodes = sorted({e.inode for e in entries})
     stats = _script(image, [f"stat <{i}>" for i in inodes], work)
+    _refuse_over_cap(entries, stats, max_size)
     data_dir = work / "data"
     data_dir.mkdir(exist_ok=True)
-    dumps = [f"dump <{e.inode}> {data_dir / str(e.inode)}" for e in entries
-             if stat.S_ISREG(e.mode) or stat.S_ISLNK(e.mode)]
+    dumps = set()
+    for e in entries:
+        st = stats[f"stat <{e.inode}>"]
+        if stat.S_ISREG(e.mode) and _holey(st):
+            if not (data_dir / str(e.inode)).exists():  # a hardlink's second name: dumped already
+                with open(data_dir / str(e.inode), "wb") as fh:
+                    dump_sparse(image, f"<{e.inode}>", fh.fileno(), _size(st))
+        elif stat.S_ISREG(e.mode) or stat.S_ISLNK(e.mode):
+            dumps.add(f"dump <{e.inode}> {data_dir / str(e.inode)}")
     if dumps:
-        _script(image, sorted(set(dumps)), work)
+        _script(image, sorted(dumps), work)
     seen: dict[int, str] = {}
-    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tf:
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tf:
         for e in entries:
             st = stats[f"stat <{e.inode}>"]
             m = re.search(r"^\s*mtime: 0x([0-9a-f]+)", st, re.M)
@@ -139,6 +183,40 @@ def rootfs_to_tar(image: Path, out: Path, work: Path) -> None:
     shutil.rmtree(data_dir, ignore_errors=True)
 
 
+class _Digesting(io.RawIOBase):
+    """A write-only stream that hashes and counts what passes through to ``sink``."""
+
+    def __init__(self, sink: BinaryIO) -> None:
+        self.sink, self.sha, self.size = sink, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        self.sink.write(data)
+        return len(data)
+
+
+def _layer_blob(blobs: Path, write_tar: Callable[[BinaryIO], None]) -> tuple[dict[str, Any], str]:
+    """Stream the tar ``write_tar`` writes through gzip into a blob; returns (descriptor, diff_id)."""
+    tmp = blobs / ".layer.tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            packed = _Digesting(fh)  # type: ignore[arg-type]
+            with gzip.GzipFile(fileobj=packed, mode="wb", compresslevel=3, mtime=0) as gz:  # type: ignore[arg-type]
+                raw = _Digesting(gz)  # type: ignore[arg-type]
+                write_tar(raw)  # type: ignore[arg-type]
+        digest = packed.sha.hexdigest()
+        os.replace(tmp, blobs / digest)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return {"mediaType": OCI_LAYER, "digest": f"sha256:{digest}", "size": packed.size}, \
+        f"sha256:{raw.sha.hexdigest()}"
+
+
 def _blob(blobs: Path, data: bytes) -> dict[str, Any]:
     digest = hashlib.sha256(data).hexdigest()
     path = blobs / digest
@@ -149,14 +227,13 @@ def _blob(blobs: Path, data: bytes) -> dict[str, Any]:
     return {"digest": f"sha256:{digest}", "size": len(data)}
 
 
-def write_layout(layout: Path, layer_tar: Path, config: dict[str, Any], tag: str) -> str:
-    """An OCI image layout with one gzip layer; returns the manifest digest."""
+def write_layout(layout: Path, write_tar: Callable[[BinaryIO], None], config: dict[str, Any], tag: str) -> str:
+    """An OCI image layout with one gzip layer, the tar ``write_tar`` streams; returns the manifest digest."""
     blobs = layout / "blobs" / "sha256"
     blobs.mkdir(parents=True, exist_ok=True)
-    raw = layer_tar.read_bytes()
-    layer = {"mediaType": OCI_LAYER, **_blob(blobs, gzip.compress(raw, compresslevel=3, mtime=0))}
+    layer, diff_id = _layer_blob(blobs, write_tar)
     cfg = {"architecture": "amd64", "os": "linux", "config": config,
-           "rootfs": {"type": "layers", "diff_ids": [f"sha256:{hashlib.sha256(raw).hexdigest()}"]},
+           "rootfs": {"type": "layers", "diff_ids": [diff_id]},
            "history": [{"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         "created_by": "microagent commit"}]}
     cfg_desc = {"mediaType": OCI_CONFIG, **_blob(blobs, json.dumps(cfg, sort_keys=True).encode())}

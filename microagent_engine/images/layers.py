@@ -29,6 +29,7 @@ from typing import BinaryIO, Iterator
 from ..errors import HostError
 from ..hostinfo import require_tool
 from ..errors import ImageError
+from ..fsutil import copy_sparse
 
 _XATTR = "SCHILY.xattr."
 _MAX_LINKS = 40
@@ -289,8 +290,9 @@ class LayerApplier:
             src = tf.extractfile(m)
             assert src is not None
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)
+            with os.fdopen(fd, "wb") as out:  # zero blocks stay holes (mkfs.ext4 -d keeps them as holes too)
+                copy_sparse(src.read, out.fileno(), m.size)
+                out.truncate(m.size)
             self._meta(rel, path, m, stat.S_IFREG)
         elif m.issym():
             os.symlink(m.linkname, path)

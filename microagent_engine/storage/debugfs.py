@@ -1,5 +1,8 @@
 """Single files in and out of an ext4 image with debugfs, without mounting it (``cp``, ``--output``).
 
+Files come out through a pipe in bounded memory with zero blocks kept as holes (:func:`dump_sparse`), and a file
+over the caller's size cap is refused before anything is written.
+
 debugfs always exits 0, so every call reads its stderr. ``write`` will not overwrite (we ``rm`` first),
 has no ``mkdir -p`` (we create each level), and on a full disk leaves a short, holey file that e2fsck
 calls clean: we check free space first and remove any partial file on failure. Nothing stops two
@@ -18,8 +21,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import DEFAULT_MAX_COPY, MAX_INLINE_OUTPUT, human_size
 from ..errors import HostError, InvalidArgument, InvalidState, NotFound
-from ..fsutil import file_lock
+from ..fsutil import copy_sparse, file_lock
 from ..hostinfo import require_tool
 
 _MIB = 1024 * 1024
@@ -212,10 +216,49 @@ def _regular(image: Path, guest: str) -> GuestInode:
     return node
 
 
-def copy_out(image: Path, guest_src: str, host_dst: Path) -> None:
-    """Copy the regular guest file ``guest_src`` to ``host_dst`` (atomic: temp file then rename).
+def _refuse_size(guest: str, size: int, cap: int, raise_with: str) -> None:
+    if size > cap:
+        raise InvalidArgument(f"{guest} is {human_size(size)} ({size} bytes), over the copy cap of {human_size(cap)}; "
+                              f"nothing was copied. {raise_with}")
 
-    The host file gets the guest file's permission bits without setuid/setgid/sticky, owned by the caller.
+
+def dump_sparse(image: Path, spec: str, fd: int, size: int) -> int:
+    """Stream the guest file ``spec`` (a quoted path or ``<inode>``) of ``image`` into ``fd``, in bounded memory,
+    keeping zero blocks (holes, unwritten extents, written zeros) as holes; ``fd`` ends up ``size`` bytes long.
+
+    Returns the bytes written to ``fd``. HostError unless debugfs gave exactly ``size`` bytes. The caller holds
+    :func:`image_lock` and has checked ``size`` against its cap.
+    """
+    r, w = os.pipe()
+    with tempfile.TemporaryFile() as errf:
+        try:
+            proc = subprocess.Popen([require_tool("debugfs"), "-R", f"dump {spec} /dev/fd/{w}", str(image)],
+                                    stdin=subprocess.DEVNULL, stdout=errf, stderr=errf, pass_fds=(w,),
+                                    env={**os.environ, "DEBUGFS_PAGER": "__none__", "PAGER": "__none__"})
+        finally:
+            os.close(w)
+        try:
+            with os.fdopen(r, "rb") as src:  # buffered: read(n) waits for n bytes, so blocks stay aligned
+                got, written = copy_sparse(src.read, fd, size)
+        finally:
+            proc.wait()  # the pipe is closed by now, so a debugfs still writing ends (EPIPE)
+        errf.seek(0)
+        err = [ln.strip() for ln in errf.read(4096).decode(errors="replace").splitlines()
+               if ln.strip() and not _BANNER.match(ln.strip())]
+    if proc.returncode != 0 or err or got != size:
+        why = " ".join(err)[:400] or f"exit {proc.returncode}, {got} bytes of {size}"
+        raise HostError(f"copying {spec} out of {image} failed: {why}")
+    os.ftruncate(fd, size)
+    return written
+
+
+def copy_out(image: Path, guest_src: str, host_dst: Path, max_size: int = DEFAULT_MAX_COPY) -> int:
+    """Copy the regular guest file ``guest_src`` to ``host_dst`` (atomic: temp file then rename); returns the bytes
+    written to the host disk.
+
+    Holes stay holes and memory stays bounded whatever the file's size. A file larger than ``max_size`` (its logical
+    size, which also bounds the host disk used) is refused before anything is written. The host file gets the guest
+    file's permission bits without setuid/setgid/sticky, owned by the caller.
     """
     guest = normalize_guest_path(guest_src)
     _check_image(image)
@@ -226,26 +269,33 @@ def copy_out(image: Path, guest_src: str, host_dst: Path) -> None:
         raise NotFound(f"host directory {host_dst.parent} does not exist; create it first")
     with image_lock(image):
         node = _regular(image, guest)
+        _refuse_size(guest, node.size, max_size, "Raise the cap with --max-size (e.g. --max-size "
+                     f"{-(-node.size // (1 << 30))}G), or max_size= in Python")
         fd, tmp = tempfile.mkstemp(prefix=".microagent-cp-", dir=host_dst.parent)
-        os.close(fd)
         try:
-            os.unlink(tmp)  # dump creates the file itself
-            _, err = _debugfs(image, f"dump {_q(guest)} {Path(tmp).name}", cwd=host_dst.parent)
-            if err or not os.path.exists(tmp) or os.path.getsize(tmp) != node.size:
-                raise HostError(f"copying {guest} out of {image} failed: {' '.join(err) or 'size mismatch'}")
-            os.chmod(tmp, node.mode & 0o777)
+            try:
+                written = dump_sparse(image, _q(guest), fd, node.size)
+                os.fchmod(fd, node.mode & 0o777)
+            except OSError as exc:
+                raise HostError(f"writing {host_dst} failed: {exc.strerror}; nothing was left behind (free host disk "
+                                f"space or choose another destination)") from None
+            finally:
+                os.close(fd)
             os.replace(tmp, host_dst)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+    return written
 
 
-def read_file(image: Path, guest_path: str) -> bytes:
-    """The bytes of the regular guest file ``guest_path`` in ``image``."""
+def read_file(image: Path, guest_path: str, max_size: int = MAX_INLINE_OUTPUT) -> bytes:
+    """The bytes of the regular guest file ``guest_path`` in ``image``; refused above ``max_size`` bytes."""
     guest = normalize_guest_path(guest_path)
     _check_image(image)
     with image_lock(image):
         node = _regular(image, guest)
+        _refuse_size(guest, node.size, max_size, "It is too large to hold in memory: give a host destination "
+                     "(DEST) to copy it to a file instead")
         out, err = _debugfs(image, f"cat {_q(guest)}", binary=True)
     if err or len(out) != node.size:
         raise HostError(f"reading {guest} from {image} failed: {' '.join(err) or 'size mismatch'}")
