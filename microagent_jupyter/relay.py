@@ -1,19 +1,24 @@
 """A host-side ZMQ relay between a Jupyter frontend and a sandboxed kernel: the frontend never talks to the
 guest's sockets.
 
-The relay binds the frontend's five ports on 127.0.0.1 (it *is* the kernel, for the frontend) and connects to
+The relay binds the frontend's five endpoints (it *is* the kernel, for the frontend) and connects to
 the guest kernel's published ports. Every message is checked and re-signed in both directions:
 
 * frontend → guest (shell, control, stdin): the frontend's HMAC is verified with the frontend's key; the frames
   are re-signed with the guest's key (the guest never learns the frontend's key).
 * guest → frontend: the guest's HMAC is verified with the guest key (bad or missing signatures are dropped);
-  iopub content passes :meth:`OutputPolicy.filter_content` (display_data/execute_result/update_display_data
-  sanitized, ``comm_*`` and unknown types dropped); shell replies are bounded and their MIME bundles filtered
-  (``inspect_reply`` data, ``execute_reply`` pager payloads; other payloads such as ``set_next_input`` dropped);
-  guest ``comm_*`` messages on any channel are dropped; then the frames are signed with the frontend's key.
+  every message type on every channel has a schema with bounds and is rebuilt from its checked fields only
+  (iopub: :meth:`OutputPolicy.filter_content`; replies: :data:`REPLY_SCHEMAS`; headers: the protocol's keys as
+  bounded strings); ``comm_*`` and unknown types are dropped; then the frames are signed with the frontend's key.
+* replies go to the frontend only for requests it sent (once, of the matching kind, on their channel), with the
+  frontend's own request header as parent; ``input_request`` only while an execute_request allowed stdin; what is
+  the host's to say in kernel_info (language, editor mode, extension, help links, debugger) the host says.
+* no message ends the relay: one that breaks a rule's code is dropped and counted (:attr:`Relay.broken`).
+* bytes are bounded (:func:`bounded_context`): no message over :data:`MAX_GUEST_MESSAGE`, a few per socket
+  queue; iopub messages a non-reading frontend refuses are dropped, counted and then reported to it in a note.
 * heartbeat: answered by the relay while the guest kernel is alive (``alive`` callable).
-
-Guest-side sockets have ZMQ_MAXMSGSIZE set, so a guest cannot make the host buffer an unbounded message.
+* endpoints may be ``tcp`` or ``ipc`` (:func:`endpoint`); the provisioner uses ipc sockets in private directories
+  on both sides, so no other local user can reach a session's channels.
 """
 
 from __future__ import annotations
@@ -333,6 +338,7 @@ class Relay:
             self.dropped += 1
             return None
         content_b = json.dumps(new).encode()
+        header_b = json.dumps(_header(header, msg_type)).encode()
         body = [header_b, parent_b, b"{}", content_b]
         if channel == "iopub" and idents:
             idents = [idents[0][:200]]
@@ -348,30 +354,95 @@ class Relay:
             return self.policy.filter_content(msg_type, content)
         if msg_type not in _REPLY_TYPES.get(channel, ()):
             return None
-        if msg_type == "input_request":
-            return {"prompt": str(content.get("prompt", ""))[:4096], "password": bool(content.get("password"))}
         if msg_type == "execute_reply":
             self.policy.new_cell()
-            payloads = []
-            for p in content.get("payload") or []:
-                if isinstance(p, dict) and p.get("source") == "page":
-                    data, _ = self.policy.filter_bundle(p.get("data"), None)
-                    payloads.append({"source": "page", "data": data, "start": _int(p.get("start"))})
-            return {**{k: v for k, v in content.items() if k in ("status", "execution_count", "ename",
-                                                                  "evalue", "traceback", "user_expressions")},
-                    "payload": payloads, "user_expressions": {}}
-        if msg_type == "inspect_reply":
-            data, metadata = self.policy.filter_bundle(content.get("data") or {"text/plain": ""},
-                                                       content.get("metadata"))
-            return {"status": content.get("status"), "found": bool(content.get("found")), "data": data,
-                    "metadata": metadata}
-        if msg_type == "kernel_info_reply":
-            return kernel_info(content)
-        return content
+        rule = REPLY_SCHEMAS.get(msg_type)
+        return None if rule is None else rule(self, content)
 
 
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _header(header: dict[str, Any], msg_type: str) -> dict[str, Any]:
+    """The guest's header with only the protocol's keys, each a bounded string."""
+    out = {k: _str(header.get(k), 128) for k in ("msg_id", "username", "session", "date", "version")}
+    return {**out, "msg_type": msg_type[:64]}
+
+
+def _str(value: Any, limit: int) -> str:
+    return value[:limit] if isinstance(value, str) else ""
+
+
+def _status(content: dict[str, Any], allowed: tuple[str, ...] = ("ok", "error", "aborted")) -> str:
+    status = content.get("status")
+    return status if status in allowed else "error"
+
+
+def _strings(value: Any, count: int, each: int) -> list[str]:
+    return [v[:each] for v in value[:count] if isinstance(v, str)] if isinstance(value, list) else []
+
+
+def _execute_reply(relay: Relay, c: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"status": _status(c), "execution_count": _int(c.get("execution_count")),
+                           "user_expressions": {}, "payload": []}
+    if out["status"] == "error":  # ename/evalue/traceback bounded as the iopub error message is
+        out.update(relay.policy.filter_content("error", c) or {})
+    for p in c.get("payload")[:10] if isinstance(c.get("payload"), list) else []:
+        if isinstance(p, dict) and p.get("source") == "page":  # the pager: its bundle passes the output policy
+            data, _ = relay.policy.filter_bundle(p.get("data"), None)
+            out["payload"].append({"source": "page", "data": data, "start": _int(p.get("start"))})
+    return out
+
+
+def _inspect_reply(relay: Relay, c: dict[str, Any]) -> dict[str, Any]:
+    data, metadata = relay.policy.filter_bundle(c.get("data") or {"text/plain": ""}, c.get("metadata"))
+    return {"status": _status(c), "found": c.get("found") is True, "data": data, "metadata": metadata}
+
+
+def _complete_reply(_relay: Relay, c: dict[str, Any]) -> dict[str, Any]:
+    return {"status": _status(c), "matches": _strings(c.get("matches"), 2000, 1000),
+            "cursor_start": _int(c.get("cursor_start")), "cursor_end": _int(c.get("cursor_end")), "metadata": {}}
+
+
+def _history_reply(_relay: Relay, c: dict[str, Any]) -> dict[str, Any]:
+    entries = []
+    for e in c.get("history")[:1000] if isinstance(c.get("history"), list) else []:
+        if isinstance(e, list) and len(e) == 3 and isinstance(e[2], str):  # (session, line, input); no outputs
+            entries.append([_int(e[0]), _int(e[1]), e[2][:64 * 1024]])
+    return {"status": _status(c), "history": entries}
+
+
+def _is_complete_reply(_relay: Relay, c: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"status": _status(c, ("complete", "incomplete", "invalid", "unknown"))}
+    indent = c.get("indent")
+    if out["status"] == "incomplete":
+        out["indent"] = indent[:80] if isinstance(indent, str) and not indent.strip(" \t") else ""
+    return out
+
+
+def _usage_reply(_relay: Relay, c: dict[str, Any]) -> dict[str, Any]:
+    def numbers(d: Any) -> dict[str, float]:
+        return {str(k)[:40]: v for k, v in list(d.items())[:20] if isinstance(v, (int, float))
+                and not isinstance(v, bool)} if isinstance(d, dict) else {}
+
+    return {**numbers(c), "host_virtual_memory": numbers(c.get("host_virtual_memory"))}
+
+
+#: every reply type the frontend may see from a guest, each rebuilt from its checked, bounded fields only
+REPLY_SCHEMAS: dict[str, Callable[[Relay, dict[str, Any]], dict[str, Any]]] = {
+    "execute_reply": _execute_reply,
+    "inspect_reply": _inspect_reply,
+    "complete_reply": _complete_reply,
+    "history_reply": _history_reply,
+    "is_complete_reply": _is_complete_reply,
+    "kernel_info_reply": lambda _r, c: kernel_info(c),
+    "comm_info_reply": lambda _r, c: {"status": _status(c), "comms": {}},  # guest comms never reach the page
+    "shutdown_reply": lambda _r, c: {"status": _status(c), "restart": c.get("restart") is True},
+    "interrupt_reply": lambda _r, c: {"status": _status(c)},
+    "usage_reply": _usage_reply,
+    "input_request": lambda _r, c: {"prompt": _str(c.get("prompt"), 4096), "password": c.get("password") is True},
+}
 
 
 def kernel_info(content: dict[str, Any]) -> dict[str, Any]:

@@ -170,6 +170,32 @@ def test_relay_forwards_only_replies_to_what_the_frontend_asked(relayed) -> None
     assert all("phish" not in link["url"] for link in info["help_links"])
 
 
+def test_relay_bounds_every_reply(relayed) -> None:
+    """complete/history/is_complete/kernel_info replies pass only as their schema allows: lists and strings
+    bounded, unknown keys and guest metadata dropped, indent only whitespace; headers rebuilt from known keys."""
+    client, _relay, _guest = relayed
+    _run(client, "k = get_ipython().kernel\n"
+                 "k.do_complete = lambda code, pos: {'status': 'ok', 'matches': ['m' * 3000] * 3000, "
+                 "'cursor_start': 0, 'cursor_end': 'x', 'metadata': {'_jupyter_types_experimental': ['<b>']}, "
+                 "'extra': 'y' * 1000}\n"
+                 "k.do_history = lambda *a, **kw: {'status': 'ok', 'history': [[0, 1, 'x' * 70000]] * 150 + "
+                 "[{'not': 'an entry'}] + [[0, 2, 'y']] * 3000}\n"
+                 "k.do_is_complete = lambda code: {'status': 'incomplete', 'indent': '<img src=x>'}")
+    comp = client.complete("x", reply=True, timeout=60)
+    assert len(comp["content"]["matches"]) == 2000 and all(len(m) == 1000 for m in comp["content"]["matches"])
+    assert comp["content"]["metadata"] == {} and "extra" not in comp["content"]
+    assert comp["content"]["cursor_end"] == 0
+    assert set(comp["header"]) <= {"msg_id", "msg_type", "username", "session", "date", "version"}
+    hist = client.history(reply=True, timeout=60)["content"]["history"]
+    assert len(hist) == 999 and [len(h[2]) for h in hist[:150]] == [64 * 1024] * 150  # (under 16 MiB a message:
+    assert hist[150] == [0, 2, "y"]  # a larger reply drops the guest's connection and never arrives); of the
+    # first 1,000 entries, the one that is not (session, line, input) was dropped
+    msg_id = client.is_complete("x")
+    reply = client.get_shell_msg(timeout=60)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    assert reply["content"] == {"status": "incomplete", "indent": ""}
+
+
 def test_input_reaches_a_frontend_that_allows_stdin(relayed) -> None:
     client, _relay, _guest = relayed
     outs: list[dict[str, Any]] = []
