@@ -52,7 +52,7 @@ def _snapshots() -> list[str]:
 def _images() -> list[str]:
     refs: list[str] = list(BUILTIN_NAMES)
     try:
-        for img in get_engine().images.list():
+        for img in get_engine().list_images():
             refs += [r for r in img.refs if r not in refs]
     except (MicroagentError, OSError):
         pass

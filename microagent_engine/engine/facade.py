@@ -354,6 +354,10 @@ class Engine:
         ``create --image REF`` boots. The filesystem is checked first (``e2fsck -fn``)."""
         return self._imaging.commit(name, ref)
 
+    def list_images(self) -> builtins.list["ImageInfo"]:
+        """The cached images: pulled and committed OCI images, and the built-in Debian ones (``builtin:python``)."""
+        return self._imaging.list()
+
     def prune_images(self) -> builtins.list["ImageInfo"]:
         """Remove cached images (and their blobs) that no workspace was created from."""
         return self._imaging.prune()
