@@ -97,12 +97,15 @@ def completions(line: str) -> list[str] | None:
     if args and _takes_value(parser, args[-1]):
         values = _values_for(args[-1], sub)
         return None if values is None else _matching(values, current)
+    options = sorted({*(parser._option_string_actions if parser is not None else ()), "-h", "--help"})
+    long_options = [o for o in options if o.startswith("--")]
     if current.startswith("-"):
-        options = sorted({*(parser._option_string_actions if parser is not None else ()), "-h", "--help"})
-        return _matching([o for o in options if o.startswith("--") or len(current) <= 2], current)
+        return _matching(long_options if len(current) > 2 else options, current)
     positionals = [a for i, a in enumerate(args)
                    if not a.startswith("-") and not (i and _takes_value(parser, args[i - 1]))]
     found = _POSITIONALS[entry.completes](positionals, parser) if entry is not None else []
+    if found == [] and not current:  # no word to offer here: its options (else IPython offers Python names)
+        return long_options if entry is not None else []
     return None if found is None else _matching(found, current)
 
 
