@@ -323,7 +323,7 @@ def cmd_volume(engine: Engine, args: argparse.Namespace) -> int:
 def cmd_images(engine: Engine, args: argparse.Namespace) -> int:
     sub = args.images_cmd or "list"
     if sub == "list":
-        imgs = engine.images.list()
+        imgs = engine.list_images()
         rows = [[", ".join(i.refs) or "-", i.id[:19], str(i.size_mib), i.platform] for i in imgs]
         _emit(args, [i.to_json() for i in imgs], _table(rows, ["REFERENCE", "ID", "SIZE-MIB", "PLATFORM"]))
     elif sub in ("rm", "remove"):

@@ -4,12 +4,14 @@ A guest writes its console as fast as it likes (~0.4 MB/s measured), so ``serial
 :data:`SERIAL_LOG_MAX` bytes: when it would grow past that, it is renamed to ``serial.log.1`` (replacing the
 previous one) and a new file begins. At most twice the cap is on disk per workspace. Readers never load a
 whole log: :func:`tail_bytes` and :func:`tail_lines` seek to the end and read backwards a bounded amount.
+:func:`follow` is the one reader that keeps up with a log as it grows, across rotations.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import IO, Callable, Iterator
 
 #: the serial log rotates to ``<name>.1`` when it would pass this size
 SERIAL_LOG_MAX = 8 << 20
@@ -91,3 +93,43 @@ def tail_lines(path: Path, lines: int, max_bytes: int = TAIL_MAX_BYTES) -> list[
             data = fh.read(step) + data
     text = data.decode(errors="replace").replace("\r\n", "\n")
     return text.splitlines()[-lines:]
+
+
+def _replaced(fh: IO[bytes], path: Path) -> bool:
+    """Is ``path`` now a different file from the open ``fh`` (the log rotated under a follower)?"""
+    try:
+        return os.stat(path).st_ino != os.fstat(fh.fileno()).st_ino
+    except OSError:
+        return False
+
+
+def follow(path: Path, keep_going: Callable[[], bool], wait: Callable[[float], object], poll: float = 0.1,
+           chunk_bytes: int = 65536) -> Iterator[bytes]:
+    """Yield ``path``'s bytes from its start, then new ones as they are written while ``keep_going()`` (asked
+    whenever the reader has caught up; ``wait(poll)`` between checks). A rotation reopens the new file once the
+    old one is read to its end; a file that does not exist yet is waited for. When ``keep_going()`` turns false
+    what is left is read and the generator ends."""
+    fh: IO[bytes] | None = None
+    try:
+        while True:
+            if fh is None:
+                try:
+                    fh = open(path, "rb")
+                except FileNotFoundError:
+                    pass
+            chunk = fh.read(chunk_bytes) if fh else b""
+            if chunk:
+                yield chunk
+                continue
+            if fh and _replaced(fh, path):  # the writer began a new file: continue there
+                fh.close()
+                fh = None
+                continue
+            if not keep_going():
+                while fh and (rest := fh.read(chunk_bytes)):
+                    yield rest
+                return
+            wait(poll)
+    finally:
+        if fh:
+            fh.close()

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import threading
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 from microagent_engine import Engine
 from microagent_engine.config import parse_env_pairs as env_pairs  # noqa: F401 (re-exported)
 from microagent_engine.errors import MicroagentError
+from microagent_engine.logfiles import follow as follow_log
 from microagent_engine.model import parse_attachment_flags, parse_output_flag
 from microagent_engine.sandbox.network import NetworkPolicy
 
@@ -45,28 +45,19 @@ def tail_serial_log(engine: Engine, name: str, stop: threading.Event, poll: floa
     and restarts (the log file is the same), as a widget left open should, until ``stop`` is set or the
     workspace is deleted.
     """
-    path = Path(engine.status(name).to_json()["serialLog"])
-    fh = None
-    last_check = 0.0
-    try:
-        while not stop.is_set():
-            if fh is None and path.exists():
-                fh = open(path, "rb")
-            chunk = fh.read(65536) if fh else b""
-            if chunk:
-                yield chunk
-                continue
-            if not follow:
-                return
-            now = time.monotonic()
-            if now - last_check > 2.0:  # the workspace was deleted: nothing more will come
-                last_check = now
-                try:
-                    engine.status(name)
-                except MicroagentError:
-                    return
-            stop.wait(poll)
-    finally:
-        if fh:
-            fh.close()
+    path = engine.status(name).dir.serial_log
+    last_check = [0.0]
+
+    def keep_going() -> bool:
+        if not follow or stop.is_set():
+            return False
+        if time.monotonic() - last_check[0] > 2.0:  # the workspace was deleted: nothing more will come
+            last_check[0] = time.monotonic()
+            try:
+                engine.status(name)
+            except MicroagentError:
+                return False
+        return True
+
+    return follow_log(path, keep_going, stop.wait, poll)
 

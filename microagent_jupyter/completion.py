@@ -3,31 +3,29 @@ profile names (an IPython v2 matcher)."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from IPython.core.completer import CompletionContext, SimpleCompletion, SimpleMatcherResult, context_matcher
+from IPython.core.error import UsageError
 
 from microagent_engine.config import PROFILES
 from microagent_engine.errors import MicroagentError
 from microagent_engine.images.builtin import BUILTIN_NAMES
 
+from . import magic_table
 from ._engine import get_engine
-
-SUBCOMMANDS = ("run", "exec", "ps", "list", "status", "logs", "create", "start", "halt", "stop", "kill", "delete",
-               "cp", "outputs", "output", "volume", "prune", "help")
-WORKSPACE_SUBCOMMANDS = ("exec", "status", "logs", "start", "halt", "stop", "kill", "delete", "rm", "outputs",
-                         "output")
-VOLUME_ACTIONS = ("create", "list", "status", "delete")
+from .magic_table import Subcommand
 
 
-def _parser_of(sub: str) -> Any:
-    from .magics import MicroagentMagics
+def _parser_of(entry: Subcommand | None) -> Any:
+    return entry.parser() if entry is not None and entry.parser is not None else None
 
-    magic = {"run": MicroagentMagics._run_args, "exec": MicroagentMagics._exec_args,
-             "create": MicroagentMagics._create_args, "status": MicroagentMagics._status_args,
-             "logs": MicroagentMagics._logs_args, "volume": MicroagentMagics._volume_args,
-             "volumes": MicroagentMagics._volume_args}.get(sub)
-    return getattr(magic, "parser", None)
+
+def _choices(parser: Any) -> list[str]:
+    """The choices of the parser's first positional (volume and session actions)."""
+    for action in parser._positionals._group_actions if parser is not None else ():
+        return list(action.choices or ())
+    return []
 
 
 def _workspaces() -> list[str]:
@@ -44,10 +42,17 @@ def _volumes() -> list[str]:
         return []
 
 
+def _snapshots() -> list[str]:
+    try:
+        return [m["name"] for m in get_engine().snapshots()]
+    except (MicroagentError, OSError):
+        return []
+
+
 def _images() -> list[str]:
     refs: list[str] = list(BUILTIN_NAMES)
     try:
-        for img in get_engine().images.list():
+        for img in get_engine().list_images():
             refs += [r for r in img.refs if r not in refs]
     except (MicroagentError, OSError):
         pass
@@ -85,31 +90,67 @@ def completions(line: str) -> list[str] | None:
     if words[:1] == ["--state-dir"] or (words and words[0].startswith("--state-dir=")):
         words = words[2:] if words[0] == "--state-dir" else words[1:]
     if not words:
-        return _matching(SUBCOMMANDS, current)
+        return _matching(magic_table.names(), current)
     sub, args = words[0], words[1:]
-    parser = _parser_of(sub)
+    entry = _lookup(sub)
+    parser = _parser_of(entry)
     if args and _takes_value(parser, args[-1]):
         values = _values_for(args[-1], sub)
         return None if values is None else _matching(values, current)
+    options = sorted({*(parser._option_string_actions if parser is not None else ()), "-h", "--help"})
+    long_options = [o for o in options if o.startswith("--")]
     if current.startswith("-"):
-        options = sorted(parser._option_string_actions) if parser is not None else []
-        return _matching([o for o in options if o.startswith("--") or len(current) <= 2], current)
+        return _matching(long_options if len(current) > 2 else options, current)
     positionals = [a for i, a in enumerate(args)
                    if not a.startswith("-") and not (i and _takes_value(parser, args[i - 1]))]
-    if sub in WORKSPACE_SUBCOMMANDS and not positionals:
-        return _matching(_workspaces(), current)
-    if sub == "run" and not positionals:
-        return _matching(_images(), current)
-    if sub in ("volume", "volumes"):
-        if not positionals:
-            return _matching(VOLUME_ACTIONS, current)
-        if len(positionals) == 1 and positionals[0] in ("status", "delete", "rm"):
-            return _matching(_volumes(), current)
-    if sub == "cp" and len(positionals) < 2:
-        return _matching([f"{w}:" for w in _workspaces()], current) or None
-    if sub in ("cp", "output"):
+    found = _POSITIONALS[entry.completes](positionals, parser) if entry is not None else []
+    if found == [] and not current:  # no word to offer here: its options (else IPython offers Python names)
+        return long_options if entry is not None else []
+    return None if found is None else _matching(found, current)
+
+
+def _lookup(sub: str) -> Subcommand | None:
+    try:
+        return magic_table.lookup(sub)
+    except UsageError:
         return None
-    return []
+
+
+def _first(values: Callable[[], list[str]]) -> Callable[[list[str], Any], list[str]]:
+    return lambda positionals, parser: [] if positionals else values()
+
+
+def _cp(positionals: list[str], parser: Any) -> list[str] | None:
+    """``WORKSPACE:`` for either side of a copy; host paths when no workspace matches and after both sides."""
+    return ([f"{w}:" for w in _workspaces()] or None) if len(positionals) < 2 else None
+
+
+def _output(positionals: list[str], parser: Any) -> list[str] | None:
+    return _workspaces() if not positionals else None  # OUTPUT names need the record; HOST_DEST is a path
+
+
+def _volume(positionals: list[str], parser: Any) -> list[str]:
+    if not positionals:
+        return [c for c in _choices(parser) if c not in ("ls", "rm")]
+    return _volumes() if len(positionals) == 1 and positionals[0] in ("status", "delete", "rm") else []
+
+
+def _session(positionals: list[str], parser: Any) -> list[str]:
+    if not positionals:
+        return _choices(parser)
+    return _workspaces() if len(positionals) == 1 and positionals[0] != "list" else []
+
+
+def _snapshot(positionals: list[str], parser: Any) -> list[str]:
+    if not positionals:
+        return ["list", "rm", *_workspaces()]
+    return _snapshots() if positionals == ["rm"] else []
+
+
+#: What each table entry's ``completes`` offers for its positional words (None: host paths).
+_POSITIONALS: dict[str, Callable[[list[str], Any], list[str] | None]] = {
+    "none": lambda positionals, parser: [], "workspace": _first(_workspaces), "image": _first(_images),
+    "cp": _cp, "output": _output, "volume": _volume, "session": _session, "snapshot": _snapshot}
 
 
 def _matching(candidates: Iterable[str], prefix: str) -> list[str]:

@@ -133,13 +133,6 @@ def workspace_record(info: WorkspaceInfo) -> Record:
     return Record(f"Workspace {info.name}", fields, data=info.to_json())
 
 
-def exec_record(result: Any, name: str) -> Record:
-    j = result.to_json()
-    return Record(f"exec in {name}", [("status", j["status"]), ("exit code", j["exitCode"]),
-                                      ("stdout", j["stdout"]), ("stderr", j["stderr"]),
-                                      ("duration", f"{j['durationSeconds']:.3f} s")], data=j)
-
-
 def volumes_table(vols: list[Any]) -> Table:
     data = [v.to_json() if hasattr(v, "to_json") else dict(v) for v in vols]
     keys: list[str] = []

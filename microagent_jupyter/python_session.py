@@ -31,7 +31,7 @@ from microagent_engine.states import STARTABLE
 from . import values as V
 from ._engine import create_kwargs, env_pairs, storage_kwargs
 from .guest_kernel import GuestKernel
-from .magics import MicroagentInterrupted
+from .magic_errors import MicroagentInterrupted
 from .output_policy import OutputPolicy
 from .relay import bounded_context
 from .session_owner import remove_workspace, sweep

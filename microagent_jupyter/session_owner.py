@@ -16,17 +16,9 @@ from pathlib import Path
 from microagent_engine import Engine
 from microagent_engine.errors import MicroagentError
 from microagent_engine.fsutil import read_json, write_json_atomic
+from microagent_engine.records import process_matches, process_start_time
 
 OWNER_FILE = "session-owner.json"
-
-
-def process_start(pid: int) -> int | None:
-    """The start time (clock ticks after boot) of process ``pid``; None when there is no such process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])  # fields after "comm)": state is 3rd overall, starttime 22nd
 
 
 def _owner_path(engine: Engine, name: str) -> Path:
@@ -36,16 +28,13 @@ def _owner_path(engine: Engine, name: str) -> Path:
 def record_owner(engine: Engine, name: str, pid: int | None = None) -> None:
     """Record this process (or ``pid``) as the owner of workspace ``name``."""
     pid = pid or os.getpid()
-    write_json_atomic(_owner_path(engine, name), {"pid": pid, "start": process_start(pid)})
+    write_json_atomic(_owner_path(engine, name), {"pid": pid, "start": process_start_time(pid)})
 
 
 def owner_alive(record: dict[str, object]) -> bool:
-    """True while the recorded owner process still runs."""
-    pid = record.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    start = process_start(pid)
-    return start is not None and start == record.get("start")
+    """True while the recorded owner process still runs (a zombie, exited but not yet reaped, does not)."""
+    pid, start = record.get("pid"), record.get("start")
+    return isinstance(pid, int) and pid > 0 and isinstance(start, int) and process_matches(pid, start)
 
 
 def remove_workspace(engine: Engine, name: str) -> None:

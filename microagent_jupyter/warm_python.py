@@ -10,9 +10,9 @@ Python's and numpy's generators.
 The key covers everything that makes a snapshot fit a session: the image's identity (its base file, or its id),
 the added packages, the session's network, profile, memory and cpus, and the zygote and launcher code. The machine
 shape (kernel, initramfs, QEMU, devices) is checked by the engine when the clone starts: a mismatch there discards
-the snapshot and the session boots cold. Built on first need under a lock (with progress), kept in the engine's
-snapshot list; a failed build is remembered (``<state-dir>/pywarm/<key>.failed``) so later sessions go cold at once
-with the reason, until the inputs change or the file is removed.
+the snapshot and the session boots cold. Built on first need under a lock (with progress), kept as an internal
+snapshot (not in the user's snapshot list); a failed build is remembered (``<state-dir>/pywarm/<key>.failed``) so
+later sessions go cold at once with the reason, until the inputs change or the file is removed.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def warm_snapshot(engine: Engine, create: dict[str, Any], progress: Progress | N
 
 
 def _exists(engine: Engine, name: str) -> bool:
-    return any(m.get("name") == name for m in engine.snapshots())
+    return any(m.get("name") == name for m in engine.snapshots(internal=True))
 
 
 def build(engine: Engine, name: str, create: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
@@ -149,7 +149,7 @@ def build(engine: Engine, name: str, create: dict[str, Any], progress: Progress 
             err = (res.stderr or b"").decode(errors="replace").strip()[-800:]
             raise MicroagentError(f"the warm Python process did not start (exit {res.exit_code}): {err}")
         say(f"Building the warm Python snapshot {name}: saving it")
-        meta = engine.snapshot(ws, name)
+        meta = engine.snapshot(ws, name, internal=True)
     finally:
         remove_workspace(engine, ws)
     say(f"Warm Python snapshot {name} ready in {time.monotonic() - t0:.1f} s")

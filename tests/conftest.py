@@ -72,10 +72,11 @@ def shared_ws(engine: Engine) -> Iterator[str]:
     engine.delete(name)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def python_image(state_dir: Path) -> Path:
     """The built-in ``builtin:python`` image in the session's state dir. Its build (minutes) is cached across
-    sessions in $MICROAGENT_TEST_IMAGE_CACHE (default /var/tmp/microagent-test-images-UID), keyed by package set."""
+    sessions in $MICROAGENT_TEST_IMAGE_CACHE (default /var/tmp/microagent-test-images-UID), keyed by package set.
+    Linked in again per module: ``images prune`` (test_vm_images) removes it from the state dir when unused."""
     from python_image_cache import python_image_into
 
     return python_image_into(state_dir)

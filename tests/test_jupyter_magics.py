@@ -408,6 +408,39 @@ def test_completion_of_subcommands_options_and_names(ip, shared_ws, engine: Engi
     assert "builtin" in _complete(ip, "%%microagent run --image bu")
 
 
+def test_completion_offers_every_subcommand_of_the_table_and_nothing_else(ip):
+    from microagent_jupyter.magic_table import COMMANDS
+
+    offered = _complete(ip, "%microagent ")
+    assert offered == [c.name for c in COMMANDS]  # the table's order; no `%%`, `-`, `image` or other stray words
+    assert {"python", "session", "pause", "snapshot"} <= set(offered)
+    assert _complete(ip, "%%microagent ") == offered
+    for entry in COMMANDS:  # every entry completes from its own prefix, and its options from its parser
+        assert entry.name in _complete(ip, f"%microagent {entry.name[:2]}")
+        parser = entry.parser() if entry.parser is not None else None
+        options = {o for o in (parser._option_string_actions if parser else ()) if o.startswith("--")}
+        assert set(_complete(ip, f"%microagent {entry.name} --")) == options | {"--help"}
+    assert _complete(ip, "%microagent session ") == ["restart", "stop", "list"]
+    assert _complete(ip, "%microagent ps ") == ["--help"]  # nothing positional: options, never Python names
+    assert "--in" in _complete(ip, "%%microagent python ")
+    assert _complete(ip, "%microagent snapshot l") == ["list"]
+
+
+def test_unknown_subcommand_lists_the_subcommands(ip):
+    from microagent_jupyter.magic_table import COMMANDS
+
+    with pytest.raises(UsageError) as err:
+        ip.run_line_magic("microagent", "frobnicate")
+    message = str(err.value)
+    assert "'frobnicate'" in message and "%microagent help" in message
+    assert all(c.name in message for c in COMMANDS)
+    with pytest.raises(UsageError, match="unknown subcommand 'frob'"):
+        ip.run_line_magic("microagent", "frob --help")
+    help_text = repr(ip.run_line_magic("microagent", "help"))
+    assert all(f"microagent {c.name}" in help_text for c in COMMANDS)
+    assert "usage: %microagent pause NAME" in repr(ip.run_line_magic("microagent", "pause --help"))
+
+
 def test_help_reads_well_and_works_from_an_empty_cell(ip):
     text = repr(ip.run_line_magic("microagent", "exec --help"))
     assert text.startswith("usage: %microagent exec") and "::" not in text

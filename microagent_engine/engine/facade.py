@@ -147,15 +147,16 @@ class Engine:
         """Continue a paused workspace (state ``running``)."""
         return self._lifecycle.pause(name, resume=True)
 
-    def snapshot(self, name: str, snapshot: str) -> dict[str, Any]:
+    def snapshot(self, name: str, snapshot: str, *, internal: bool = False) -> dict[str, Any]:
         """Save the running (or paused) workspace as ``snapshot``: memory, device state and a copy of its root disk,
         the VM stopped for a moment (``stoppedSeconds``); it runs on. ``create(NEW, from_snapshot=snapshot)`` makes
-        a workspace that resumes it. Returns the snapshot's meta (name, workspace, sizes, times)."""
-        return self._lifecycle.snapshot(name, snapshot)
+        a workspace that resumes it. Returns the snapshot's meta (name, workspace, sizes, times). An ``internal``
+        snapshot (a frontend's own, such as the warm Python one) is left out of :meth:`snapshots`."""
+        return self._lifecycle.snapshot(name, snapshot, internal)
 
-    def snapshots(self) -> builtins.list[dict[str, Any]]:
-        """Every workspace snapshot's meta, by name."""
-        return snapshot_store.list_all(self.state_dir)
+    def snapshots(self, *, internal: bool = False) -> builtins.list[dict[str, Any]]:
+        """Every workspace snapshot's meta, by name (internal ones too with ``internal``)."""
+        return snapshot_store.list_all(self.state_dir, internal)
 
     def remove_snapshot(self, snapshot: str) -> None:
         """Delete a snapshot (workspaces created from it keep their own disks)."""
@@ -312,7 +313,9 @@ class Engine:
         return info, result
 
     def prune(self) -> builtins.list[str]:
-        """Delete the stopped one-shot workspaces (those ``run`` made under a generated name); their names."""
+        """Delete the stopped one-shot workspaces (those ``run`` made under a generated name); their names. Also
+        sweeps what a killed snapshot left behind (listing never deletes anything)."""
+        snapshot_store.sweep_unfinished(self.state_dir)
         return self._provision.prune()
 
     def _delete_quietly(self, name: str) -> None:
@@ -365,6 +368,10 @@ class Engine:
         ``create --image REF`` boots. The filesystem is checked first (``e2fsck -fn``). Refused when its files add
         up to more than ``max_size`` (bytes or ``20G``; default ``config.DEFAULT_MAX_COPY``)."""
         return self._imaging.commit(name, ref, max_size)
+
+    def list_images(self) -> builtins.list["ImageInfo"]:
+        """The cached images: pulled and committed OCI images, and the built-in Debian ones (``builtin:python``)."""
+        return self._imaging.list()
 
     def prune_images(self) -> builtins.list["ImageInfo"]:
         """Remove cached images (and their blobs) that no workspace was created from."""

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 
 class Imaging:
-    """``pull``, ``commit`` and ``prune_images``."""
+    """``pull``, ``commit``, ``list_images`` and ``prune_images``."""
 
     def __init__(self, ctx: EngineContext) -> None:
         self.ctx = ctx
@@ -60,6 +60,25 @@ class Imaging:
         img = ctx.images.ensure(f"oci:{layout}:latest")
         return ctx.images.tag(key, img.id)
 
+    def list(self) -> list["ImageInfo"]:
+        """The cached OCI images, then the built-in Debian ones."""
+        from ..images import builtin_cache
+
+        return self.ctx.images.list() + builtin_cache.list_cached(self.ctx.images.dir)
+
     def prune(self) -> list["ImageInfo"]:
-        in_use = {i.config.image_id or i.config.image for i in self.ctx.store.list()}
-        return self.ctx.images.prune(in_use)
+        """Remove the cached images no workspace was created from: OCI images, then built-in Debian ones (all of
+        those are kept while a workspace made before their ids were recorded uses one)."""
+        from ..images import builtin_cache
+        from ..images.builtin import PYTHON_REF
+
+        configs = [i.config for i in self.ctx.store.list()]
+        in_use = {c.image_id or c.image for c in configs}
+        removed = self.ctx.images.prune(in_use)
+        if any(c.image == PYTHON_REF and not c.image_id for c in configs):
+            return removed
+        for info in builtin_cache.list_cached(self.ctx.images.dir):
+            if info.id not in in_use:
+                builtin_cache.remove(info)
+                removed.append(info)
+        return removed

@@ -180,14 +180,14 @@ class Lifecycle:
             raise GuestError(reply.get("error", f"{op} failed"))
         return self.ctx.store.status(name)
 
-    def snapshot(self, name: str, snapshot: str) -> dict[str, Any]:
+    def snapshot(self, name: str, snapshot: str, internal: bool = False) -> dict[str, Any]:
         """Save a running (or paused) workspace as ``snapshot``: memory, device state and a copy of its root
         disk, the VM stopped briefly; it keeps running. The snapshot's meta."""
         info = self.ctx.store.status(name)
         if "snapshot" not in info.actions or not info.dir.supervisor_alive():
             raise InvalidState(f"workspace {name!r} is {info.state.state}; only a running or paused workspace can be "
                                f"snapshotted (microagent start {name})")
-        return snapshots.take(self.ctx.state_dir, info.dir, snapshot)
+        return snapshots.take(self.ctx.state_dir, info.dir, snapshot, internal)
 
     # ---- published ports (while running) ------------------------------------------------------
     def publish(self, name: str, guest_port: int, host_port: int = 0,

@@ -25,6 +25,7 @@ from ..errors import AlreadyExists, InvalidArgument, InvalidState, MicroagentErr
 from ..fsutil import file_lock, private_dir
 from ..hostinfo import choose_accel
 from ..images.builtin import PYTHON_REF, accepts_packages, builtin_base, canonical, is_builtin
+from ..images import builtin_cache
 from ..images.debian import parse_packages
 from ..model import Attachment, FileCopy, Mediation, Output, Publish, validate_attachments, validate_outputs, \
     validate_publish
@@ -141,7 +142,7 @@ class Provisioner:
         ctx.resolve_kernel(cfg.kernel)  # installs the default kernel on first need, as the seeds' create does
         if is_builtin(image):
             built = builtin_base(image, ctx.state_dir, extra_packages, ctx.progress)
-            base = built.path
+            base, cfg.image_id = built.path, builtin_cache.image_id(built.path)
             cfg.env = {**built.env, **cfg.env}
             cfg.size_mib = max(cfg.size_mib, built.size_mib)
         else:

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 import threading
 import time
 from typing import IO, Iterator
 
 from ..client import DEFAULT_MAX_OUTPUT, ExecResult, OutputCallback, SupervisorConnection
+from .. import logfiles
 from ..errors import GuestError, InvalidArgument, InvalidState
 from ..protocol import FrameType
 from .context import EngineContext
 from .store import WorkspaceInfo
-
-
-def _rotated(fh: IO[bytes], path: os.PathLike[str]) -> bool:
-    """Is ``path`` now a different file from the open ``fh`` (the log rotated under a follower)?"""
-    try:
-        return os.stat(path).st_ino != os.fstat(fh.fileno()).st_ino
-    except OSError:
-        return False
 
 
 class Sessions:
@@ -63,38 +55,15 @@ class Sessions:
 
     def logs(self, name: str, *, follow: bool = False, poll: float = 0.1,
              stop: threading.Event | None = None) -> Iterator[bytes]:
+        """The serial log; with ``follow``, new bytes while the workspace runs and ``stop`` is not set."""
         store = self.ctx.store
         ws = store.existing(name)
-        try:
-            fh = open(ws.serial_log, "rb")
-        except FileNotFoundError:
-            if not follow:
-                return
-            fh = None
-        try:
-            while True:
-                if fh is None and ws.serial_log.exists():
-                    fh = open(ws.serial_log, "rb")
-                chunk = fh.read(65536) if fh else b""
-                if chunk:
-                    yield chunk
-                    continue
-                if fh and follow and _rotated(fh, ws.serial_log):  # the supervisor began a new serial.log
-                    fh.close()
-                    fh = open(ws.serial_log, "rb")
-                    continue
-                if not follow or (stop is not None and stop.is_set()) or \
-                        not (ws.supervisor_alive() or store.info(ws).running):
-                    if fh and (rest := fh.read()):
-                        yield rest
-                    return
-                if stop is not None:
-                    stop.wait(poll)
-                else:
-                    time.sleep(poll)
-        finally:
-            if fh:
-                fh.close()
+
+        def keep_going() -> bool:
+            return follow and not (stop is not None and stop.is_set()) and \
+                (ws.supervisor_alive() or store.info(ws).running)
+
+        return logfiles.follow(ws.serial_log, keep_going, stop.wait if stop is not None else time.sleep, poll)
 
     def console(self, name: str) -> SupervisorConnection:
         conn = self.connection(name)

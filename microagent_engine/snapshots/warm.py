@@ -16,7 +16,7 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..backends.qemu import RO_OPEN_NAME, QemuBackend
 from ..fsutil import file_lock
@@ -199,8 +199,4 @@ class WarmBoot:
         return ""
 
 
-def describe(plan: BootPlan) -> dict[str, Any]:
-    return {"mode": plan.mode, "reason": plan.reason, "template": plan.template.key if plan.template else None}
-
-
-__all__ = ["COLD_KEY", "BootPlan", "WarmBoot", "describe", "memory_of"]
+__all__ = ["COLD_KEY", "BootPlan", "WarmBoot", "memory_of"]

@@ -13,6 +13,7 @@ resumes the snapshot (processes running), later starts boot its disk as any work
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -44,8 +45,9 @@ def snapshot_dir(state_dir: Path, name: str) -> Path:
     return snapshots_root(state_dir) / validate_name(name)
 
 
-def take(state_dir: Path, ws: WorkspaceDir, name: str) -> dict[str, Any]:
-    """Snapshot the running (or paused) workspace ``ws`` as ``name``; the snapshot's meta.json."""
+def take(state_dir: Path, ws: WorkspaceDir, name: str, internal: bool = False) -> dict[str, Any]:
+    """Snapshot the running (or paused) workspace ``ws`` as ``name``; the snapshot's meta.json. An ``internal``
+    one (made by a frontend for its own use, such as the warm Python snapshot) is left out of the user's list."""
     final = snapshot_dir(state_dir, name)
     cfg = ws.load_config()
     if cfg.attachments:
@@ -68,7 +70,8 @@ def take(state_dir: Path, ws: WorkspaceDir, name: str) -> dict[str, Any]:
         meta = {"name": name, "workspace": cfg.name, "createdAt": now_iso(), "memoryMiB": reply["memoryMiB"],
                 "memory": reply["memory"], "shape": reply["shape"], "setupDone": reply["setupDone"],
                 "stoppedSeconds": reply["stoppedSeconds"], "seconds": round(time.monotonic() - t0, 3),
-                "stateBytes": reply["stateBytes"], "diskBytes": (staging / ROOTFS_FILE).stat().st_size}
+                "stateBytes": reply["stateBytes"], "diskBytes": (staging / ROOTFS_FILE).stat().st_size,
+                "internal": internal}
         write_json_atomic(staging / META_FILE, meta)
         try:
             os.rename(staging, final)
@@ -90,22 +93,35 @@ def load(state_dir: Path, name: str) -> dict[str, Any]:
     return read_json(meta)
 
 
-def list_all(state_dir: Path) -> list[dict[str, Any]]:
-    """meta.json of every finished snapshot, by name (unfinished ones older than an hour are swept)."""
+def list_all(state_dir: Path, internal: bool = False) -> list[dict[str, Any]]:
+    """meta.json of every finished snapshot, by name; internal ones only with ``internal``. Reads only."""
     root = snapshots_root(state_dir)
     if not root.is_dir():
         return []
     out = []
     for d in sorted(root.iterdir()):
-        if d.name.startswith("."):
-            if time.time() - d.stat().st_mtime > 3600:
-                shutil.rmtree(d, ignore_errors=True)
+        if d.name.startswith("."):  # being taken or removed
             continue
         try:
-            out.append(read_json(d / META_FILE))
+            meta = read_json(d / META_FILE)
         except (OSError, ValueError):
             continue
+        if internal or not meta.get("internal"):
+            out.append(meta)
     return out
+
+
+def sweep_unfinished(state_dir: Path, older_than: float = 3600.0) -> list[str]:
+    """Delete what a killed ``take`` or ``remove`` left (their staging directories, older than ``older_than``
+    seconds: a younger one may still be in use); their names."""
+    root = snapshots_root(state_dir)
+    gone = []
+    for d in sorted(root.glob(".*")) if root.is_dir() else []:
+        with contextlib.suppress(OSError):
+            if time.time() - d.stat().st_mtime > older_than:
+                shutil.rmtree(d, ignore_errors=True)
+                gone.append(d.name)
+    return gone
 
 
 def remove(state_dir: Path, name: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -81,7 +80,3 @@ def clone_sized(base: Path, dest: Path, size_mib: int) -> None:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
 
-
-def used_tools() -> list[str]:
-    tools = ("mkfs.ext4", "e2fsck", "resize2fs", "debugfs")
-    return [t for t in tools if shutil.which(t) or Path(f"/sbin/{t}").exists()]

@@ -83,7 +83,6 @@ class Supervisor:
         self.serial_writer: asyncio.StreamWriter | None = None
         self.hub = ClientHub(self)
         self.tasks = GuestTasks(self)
-        self.next_stream = 1
         self.intent: str | None = None  # halt | stop | kill | restart | setup-failed
         self.exited = asyncio.Event()  # the supervisor is done (final state recorded)
         self.vm_exited = asyncio.Event()  # the current VM process has exited
@@ -105,7 +104,6 @@ class Supervisor:
         self.mediation = MediationBridge(launch.mediation, self.report_mediation, self.serial_note) \
             if launch.mediation else None
         self.warm = WarmBoot(self)
-        self.clone_boot = False  # this boot restores a template clone (its agent sent HELLO in the template)
         self.ports = PortRelay(self)  # published ports (-p, Engine.publish)
         self.snapshotting = False  # a workspace snapshot is being saved (the VM is stopped meanwhile)
         #: the first boot restores this workspace snapshot (create --from-snapshot); restarts boot normally
@@ -279,12 +277,10 @@ class Supervisor:
             restore, self.pending_restore = self.pending_restore, None
             return await self.start_restored(restore, vm_log)
         plan = await self.warm.plan()
-        self.clone_boot = plan.mode == "warm"
         vm = await self.spawn(plan.argv, vm_log)
         if plan.mode == "warm":
             error = await self.warm.restore(vm)
             if error:
-                self.clone_boot = False
                 vm.kill()
                 await vm.wait()
                 key = plan.template.key if plan.template else "?"
@@ -309,7 +305,7 @@ class Supervisor:
             await vm.wait()
             raise HostError(f"restoring snapshot {name!r} failed: {error}; 'microagent start --cold' boots its disk "
                             f"without its processes")
-        self.restored = self.clone_boot = True
+        self.restored = True
         await self.configure_clone(f"agent resumed from snapshot {name}")
         self.serial_note(f"boot mode snapshot (resumed {name})")
         self.state.boot_mode, self.state.cold_reason = "snapshot", ""
