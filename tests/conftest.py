@@ -43,8 +43,13 @@ def state_dir(host_tools: None) -> Iterator[Path]:
     # short path: unix socket paths are limited to 108 bytes
     path = Path(tempfile.mkdtemp(prefix="ma-test-", dir="/tmp"))
     yield path
+    remove_state_dir(path)
+
+
+def remove_state_dir(path: Path) -> None:
+    """Kill every VM of the state dir ``path`` (never leave one behind), then remove it."""
     engine = Engine(path)
-    for info in engine.list():  # never leave a VM behind
+    for info in engine.list():
         try:
             if info.dir.supervisor_alive() or info.running:
                 engine.kill(info.name)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -16,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from microagent_engine import Engine
-from microagent_engine.errors import MicroagentError
+from conftest import remove_state_dir
 from microagent_engine.hostinfo import require_tool
 from microagent_engine.storage.ext4 import fsck
 
@@ -51,14 +49,7 @@ print(json.dumps(out), flush=True)
 def fresh_state() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="ma-c-", dir="/tmp"))  # short: unix socket paths are limited
     yield path
-    engine = Engine(path)
-    for info in engine.list():  # never leave a VM behind
-        try:
-            if info.dir.supervisor_alive() or info.running:
-                engine.kill(info.name)
-        except MicroagentError:
-            pass
-    shutil.rmtree(path, ignore_errors=True)
+    remove_state_dir(path)
 
 
 def counting_tools(bin_dir: Path, log: Path) -> dict[str, str]:
