@@ -125,7 +125,9 @@ class PythonSession:
         if not self.kernel.alive:
             raise self.kernel.died_error()
         client = self.client
-        msg_id = client.execute(code, store_history=store_history, allow_stdin=False)
+        # stop_on_error=False: each cell is the user's own request; with True, ipykernel aborts (does not run) the
+        # requests that reach it just after an error, e.g. the next cell right after an interrupted one
+        msg_id = client.execute(code, store_history=store_history, allow_stdin=False, stop_on_error=False)
         interrupted_at: float | None = None
         reply: dict[str, Any] | None = None
         idle = False
@@ -200,6 +202,9 @@ class PythonSession:
 
         with self.lock:
             reply = self._execute(code, show, timeout=timeout)
+        if reply.get("status") == "aborted":
+            raise MicroagentError(f"the sandboxed session {self.name!r} did not run this cell (the kernel aborted "
+                                  f"it); run the cell again")
         if reply.get("status") == "error" and not error:
             # the guest's iopub error can trail its idle status (ipykernel publishes it from another path):
             # the execute_reply carries the same traceback, so show that one
