@@ -50,8 +50,7 @@ def bounded_context() -> zmq.Context:
     cells too, however many messages a guest sends (a full queue pushes back to the guest, whose publisher drops)."""
     ctx = zmq.Context()
     ctx.setsockopt(zmq.MAXMSGSIZE, MAX_GUEST_MESSAGE)
-    ctx.setsockopt(zmq.RCVHWM, RCVHWM)
-    ctx.setsockopt(zmq.SNDHWM, SNDHWM)
+    ctx.setsockopt(zmq.RCVHWM, RCVHWM)  # (SNDHWM stays ZMQ's: a full send queue would block a client's request)
     return ctx
 MAX_REMEMBERED = 1024  # requests the relay remembers (their headers become the parents of the guest's answers)
 REPLY_OF = {f"{kind}_request": f"{kind}_reply" for kind in (
@@ -155,6 +154,7 @@ class Relay:
             for ch in ("shell", "control", "stdin"):
                 f = ctx.socket(zmq.ROUTER)
                 f.linger = 0
+                f.setsockopt(zmq.SNDHWM, SNDHWM)  # guest replies queued towards a slow frontend
                 f.bind(endpoint(self.frontend, ch))
                 g = ctx.socket(zmq.DEALER)
                 g.linger = 0
@@ -166,6 +166,7 @@ class Relay:
                 socks[ch] = (f, g)
             f = ctx.socket(zmq.XPUB)
             f.linger = 0
+            f.setsockopt(zmq.SNDHWM, SNDHWM)  # guest outputs queued towards a slow frontend
             f.setsockopt(zmq.XPUB_NODROP, 1)  # a full queue says so (EAGAIN): the loss is counted and told
             f.bind(endpoint(self.frontend, "iopub"))
             g = ctx.socket(zmq.SUB)
