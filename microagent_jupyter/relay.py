@@ -45,9 +45,9 @@ RCVHWM, SNDHWM = 2, 8  # messages queued per socket: with MAX_GUEST_MESSAGE, wha
 
 def bounded_context() -> zmq.Context:
     """A ZMQ context whose sockets bound what a guest can make the host hold: no message over
-    :data:`MAX_GUEST_MESSAGE`, at most :data:`RCVHWM` messages received but unread and :data:`SNDHWM` queued
-    towards a slow peer per socket, so a session's queues hold at most ~(sockets x HWM x 16 MiB) bytes, between
-    cells too, however many messages a guest sends (a full queue pushes back to the guest, whose publisher drops)."""
+    :data:`MAX_GUEST_MESSAGE` and at most :data:`RCVHWM` messages received but unread per socket, between cells
+    too, however many a guest sends (a full queue pushes back to the guest, whose publisher drops). The relay
+    also caps what it queues towards a slow frontend at :data:`SNDHWM` messages per socket."""
     ctx = zmq.Context()
     ctx.setsockopt(zmq.MAXMSGSIZE, MAX_GUEST_MESSAGE)
     ctx.setsockopt(zmq.RCVHWM, RCVHWM)  # (SNDHWM stays ZMQ's: a full send queue would block a client's request)
