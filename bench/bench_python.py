@@ -71,7 +71,7 @@ def bench_sandbox(engine: Engine, sessions: int, cells: int) -> tuple[list[float
     for i in range(sessions):
         name = f"bench-py-{i}"
         t0 = time.perf_counter()
-        sess = PS.get_session(engine, name, {}, {})
+        sess = PS.get_session(engine, name)
         starts.append(time.perf_counter() - t0)
         try:
             roundtrip(sess.client)  # warm-up (TCG translates the code path once)
@@ -171,14 +171,14 @@ def main() -> None:
     engine = Engine(args.state_dir or tempfile.mkdtemp(prefix="ma-bench-py-", dir="/tmp"))
     os.environ[STATE_DIR_ENV] = str(engine.state_dir)  # the magic in (c) makes its own engine: the same state dir
     print("preparing the built-in Python image (cached after the first build) ...", flush=True)
-    warm = PS.get_session(engine, "bench-py-warm", {}, {})  # builds the image if needed; not timed
+    warm = PS.get_session(engine, "bench-py-warm")  # builds the image if needed; not timed
     warm.stop()
     PS._sessions.clear()
     PS._remove_workspace(engine, "bench-py-warm")
 
     from microagent_jupyter import warm_python
     print("preparing the warm Python snapshot (built once per image and shape) ...", flush=True)
-    snap, why = warm_python.warm_snapshot(engine, {"image": PS.PYTHON_IMAGE, "network": "isolated"})
+    snap, why = warm_python.warm_snapshot(engine, warm_python.session_spec())
     if snap is None:
         sys.exit(f"no warm snapshot: {why}")
     cold = [] if args.warm_only else first_result(engine, False, args.first, args.trace)

@@ -20,9 +20,10 @@ from .errors import (  # noqa: E402
     MicroagentError,
     NotFound,
 )
-from .engine import Engine, WorkspaceInfo  # noqa: E402
+from .engine import Engine, RunOptions, WorkspaceInfo  # noqa: E402
+from .workspace_spec import WorkspaceSpec  # noqa: E402
 
 __all__ = [
-    "Engine", "WorkspaceInfo", "ExecResult", "MicroagentError", "InvalidArgument", "NotFound", "AlreadyExists",
+    "Engine", "WorkspaceSpec", "RunOptions", "WorkspaceInfo", "ExecResult", "MicroagentError", "InvalidArgument", "NotFound", "AlreadyExists",
     "InvalidState", "Busy", "HostError", "GuestError", "ExecTimeout", "__version__",
 ]

@@ -10,16 +10,15 @@ import threading
 from typing import Any, Callable, Sequence
 
 from . import __version__
-from pathlib import Path
 
 from .client import DEFAULT_MAX_OUTPUT
 from .config import COMMIT_MAX_SIZE_HELP, MAX_SIZE_HELP, PROFILES, parse_env_pairs
 from .errors import InvalidArgument, MicroagentError
 from .protocol import ExitKind, FrameType
-from .sandbox.network import NetworkPolicy, policy_of
+from .sandbox.network import policy_of
 from .storage.volumes import DEFAULT_SIZE_MIB, render_created, render_deleted, render_list, render_status
-from .engine import Engine, WorkspaceInfo
-from .model import parse_attachment_flags, parse_mediation_flag, parse_output_flag, parse_publish_flag
+from .engine import Engine, RunOptions, WorkspaceInfo
+from .spec_args import add_workspace_arguments, spec_from_args, workspace_name
 from .render import fields_text, status_fields, summary_fields, text_table
 
 Handler = Callable[[Engine, argparse.Namespace], int]
@@ -49,55 +48,16 @@ def _list_text(infos: list[WorkspaceInfo]) -> str:
 # ---- handlers ------------------------------------------------------------------------------------
 
 
-def _create_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """create/run flags the user gave (None = not given, so a spec's value stays), merged over the spec."""
-    given = dict(image=args.image, profile=args.profile, memory_mib=args.memory, cpus=args.cpus,
-                 size_mib=args.size_mib, hostname=args.hostname, accel=args.accel,
-                 network=NetworkPolicy.from_flags(args.network, args.allow, args.allow_host_port),
-                 kernel=args.kernel, env=parse_env_pairs(args.env) or None, restart=args.restart, shell=args.shell,
-                 setup=args.setup, entrypoint=args.entrypoint,
-                 mediation=parse_mediation_flag(args.mediation) if args.mediation else None,
-                 attachments=parse_attachment_flags(args.volume or [], args.disk or [], args.bundle or []) or None,
-                 outputs=[parse_output_flag(o) for o in args.output or []] or None,
-                 publish=[parse_publish_flag(p) for p in args.publish or []] or None,
-                 packages=[args.packages] if args.packages else None)
-    from .spec import find_default_spec, load_spec, merge  # imports yaml: only when creating
-
-    spec_path = Path(args.file) if args.file else find_default_spec(Path.cwd())
-    if spec_path is None:
-        return {k: v for k, v in given.items() if v is not None}
-    spec = load_spec(spec_path, allow_host_files=getattr(args, "allow_host_files", False))
-    return merge(spec.to_create_kwargs(), given)
+def _name(args: argparse.Namespace, spec_name: str | None = None) -> str | None:
+    return workspace_name(getattr(args, "name", None), args.name_opt, spec_name)
 
 
 def cmd_create(engine: Engine, args: argparse.Namespace) -> int:
-    if args.name and args.name_opt and args.name != args.name_opt:
-        raise InvalidArgument(f"two names given ({args.name!r} and --name {args.name_opt!r}); give one")
-    if args.from_snapshot:  # the snapshot's workspace as it was: no spec file, only name, hostname and env
-        info = engine.create(args.name or args.name_opt, **_snapshot_create_kwargs(args))
-        _emit(args, info.to_json(), _describe(info) + f"\n(start it to resume snapshot {args.from_snapshot})")
-        return 0
-    kwargs = _create_kwargs(args)
-    name = args.name or args.name_opt or kwargs.pop("name", None)
-    kwargs.pop("name", None)
-    info = engine.create(name, cold=args.cold, **kwargs)
-    _emit(args, info.to_json(), _describe(info))
+    spec, spec_name = spec_from_args(args)
+    info = engine.create(_name(args, spec_name), spec)
+    tail = f"\n(start it to resume snapshot {args.from_snapshot})" if args.from_snapshot else ""
+    _emit(args, info.to_json(), _describe(info) + tail)
     return 0
-
-
-def _snapshot_create_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    others = [f for f, v in (("--image", args.image), ("--profile", args.profile), ("--memory", args.memory),
-                             ("--cpus", args.cpus), ("--size-mib", args.size_mib), ("--file", args.file),
-                             ("--network", args.network), ("--volume", args.volume), ("--disk", args.disk),
-                             ("--bundle", args.bundle), ("--setup", args.setup), ("--entrypoint", args.entrypoint),
-                             ("--publish", args.publish), ("--mediation", args.mediation),
-                             ("--cold", args.cold or None),
-                             ("--kernel", args.kernel), ("--accel", args.accel), ("--shell", args.shell))
-              if v is not None]
-    if others:
-        raise InvalidArgument(f"--from-snapshot takes the workspace as it was snapshotted; only a name, --hostname "
-                              f"and -e/--env may be given with it (not {', '.join(others)})")
-    return dict(from_snapshot=args.from_snapshot, hostname=args.hostname, env=parse_env_pairs(args.env) or None)
 
 
 def cmd_snapshot(engine: Engine, args: argparse.Namespace) -> int:
@@ -167,14 +127,12 @@ def cmd_run(engine: Engine, args: argparse.Namespace) -> int:
             raise InvalidArgument("give the command either with --exec or as arguments, not both")
         command = ["/bin/sh", "-c", args.exec_line]
     streaming = not args.json
-    kwargs = _create_kwargs(args)
-    name = args.name_opt or kwargs.pop("name", None)
-    kwargs.pop("name", None)
-    info, result = engine.run(
-        command, name=name, delete=args.delete, cwd=args.cwd,
-        timeout=args.timeout, stdin=_stdin_source(args), capture=args.json, max_output=args.max_output,
-        on_stdout=_writer(sys.stdout.buffer) if streaming else None,
-        on_stderr=_writer(sys.stderr.buffer) if streaming else None, cold=args.cold, **kwargs)
+    spec, spec_name = spec_from_args(args)
+    options = RunOptions(name=_name(args, spec_name), delete=args.delete, cwd=args.cwd, timeout=args.timeout,
+                         stdin=_stdin_source(args), capture=args.json, max_output=args.max_output,
+                         on_stdout=_writer(sys.stdout.buffer) if streaming else None,
+                         on_stderr=_writer(sys.stderr.buffer) if streaming else None)
+    info, result = engine.run(command, spec, options)
     if args.json:
         print(json.dumps({"workspace": info.name, "deleted": args.delete, **result.to_json()}, indent=2))
     return result.exit_code
@@ -384,47 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     def create_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--image", help="image reference (default: the built-in busybox image; builtin:python "
-                       "for Python with numpy, pandas, matplotlib, ipykernel)")
-        p.add_argument("--packages", metavar="'PKG ...'", help="Debian packages to add to --image builtin:python "
-                       "(space- or comma-separated)")
         p.add_argument("--name", dest="name_opt", help="workspace name")
-        p.add_argument("--profile", choices=list(PROFILES), help="resource profile (default small)")
-        p.add_argument("--memory", type=int, metavar="MIB", help="memory in MiB (overrides the profile)")
-        p.add_argument("--cpus", type=int, help="vCPUs (overrides the profile)")
-        p.add_argument("--size-mib", type=int, help="rootfs size in MiB (overrides the profile)")
-        p.add_argument("-e", "--env", action="append", metavar="KEY=VALUE", help="guest environment variable")
-        p.add_argument("--hostname", help="guest hostname (default: the name as a hostname)")
-        p.add_argument("--network", choices=["user", "isolated"], help="user (NAT to the public internet only, "
-                       "default) or isolated (no NIC)")
-        p.add_argument("--allow", action="append", metavar="CIDR|HOST[:PORT]", help="narrow egress to these "
-                       "destinations (repeatable; host names resolved at start, and the guest's DNS then answers "
-                       "only those names)")
-        p.add_argument("--allow-host-port", action="append", type=int, metavar="PORT", help="let the guest reach "
-                       "this host's 127.0.0.1:PORT at 10.0.2.2:PORT (repeatable)")
-        p.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="accelerator (default auto; "
-                       "$MICROAGENT_ACCEL)")
-        p.add_argument("--kernel", help="guest kernel (vmlinux or bzImage; default: Debian's cloud kernel, "
-                       "$MICROAGENT_KERNEL)")
-        p.add_argument("-v", "--volume", action="append", metavar="SRC:DST[:ro|rw]",
-                       help="named volume, .tar/.tar.gz/.tgz bundle or .ext4/.img disk (host directories are "
-                       "rejected)")
-        p.add_argument("--disk", action="append", metavar="NAME=/path.ext4:/mount[:ro|rw]")
-        p.add_argument("--bundle", action="append", metavar="NAME=/path.tar:/mount[:ro|rw]")
-        p.add_argument("--output", action="append", metavar="NAME=/guest/path", help="declared output artifact")
-        p.add_argument("-f", "--file", help="workspace spec (default: ./microagent.yaml or ./microagent.yml)")
-        p.add_argument("--allow-host-files", action="store_true", help="let the spec copy or attach host files "
-                       "outside its own directory (only for a spec you trust)")
-        p.add_argument("--setup", action="append", metavar="CMD", help="shell command run once before first start")
-        p.add_argument("--entrypoint", metavar="CMD", help="command run when the workspace starts")
-        p.add_argument("--restart", choices=["never", "on-failure", "always"], help="restart policy")
-        p.add_argument("--shell", help="console shell (default /bin/sh)")
-        p.add_argument("-p", "--publish", action="append", metavar="[HOST_IP:]HOST_PORT:GUEST_PORT",
-                       help="forward a host TCP port to the guest's 127.0.0.1:GUEST_PORT over the agent channel "
-                       "(works with --network isolated; HOST_IP default 127.0.0.1; HOST_PORT 0 = any free port). A port on "
-                       "127.0.0.1 is open to every local user of this host, not only you")
-        p.add_argument("--mediation", metavar="PORT=HOST:PORT",
-                       help="bridge guest 127.0.0.1:PORT to a host TCP service (required, fail-closed)")
+        add_workspace_arguments(p)
 
     def exec_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("--cwd", help="working directory in the guest")
@@ -439,8 +358,6 @@ def build_parser() -> argparse.ArgumentParser:
     create_flags(p)
     p.add_argument("--from-snapshot", metavar="SNAPSHOT", help="a clone of a workspace snapshot (own copy of its "
                    "disk); its first start resumes the snapshot with its processes running")
-    p.add_argument("--cold", action="store_true", help="every start boots cold, not from the machine shape's "
-                   "template")
 
     p = add("start", cmd_start, "boot a workspace")
     p.add_argument("name")
@@ -459,7 +376,6 @@ def build_parser() -> argparse.ArgumentParser:
     exec_flags(p)
     p.add_argument("--exec", dest="exec_line", metavar="LINE", help="command line run with /bin/sh -c")
     p.add_argument("--delete", action="store_true", help="delete the workspace afterwards")
-    p.add_argument("--cold", action="store_true", help="boot cold, not from the machine shape's template")
     p.set_defaults(command=[])
 
     add("list", cmd_list, "saved workspaces", aliases=["ls"])

@@ -24,6 +24,8 @@ RESTART_POLICIES = ("never", "on-failure", "always")
 #: user-facing network mode -> the value recorded and sent to the guest agent
 NETWORK_MODES = {"user": NetworkMode.USER, "isolated": NetworkMode.NONE, "none": NetworkMode.NONE}
 NETWORK_CHOICES = ("user", "isolated")
+#: ``--accel``: pick KVM where it works (else TCG), or force one
+ACCEL_CHOICES = ("auto", "kvm", "tcg")
 #: how long a boot may take before the workspace is marked failed, by accelerator (TCG emulates every instruction)
 BOOT_TIMEOUTS = {"kvm": 30.0, "tcg": 90.0}
 #: the largest disk image (rootfs or volume) in MiB: ext4 with 4 KiB blocks, the format of both the host file

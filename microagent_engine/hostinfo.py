@@ -9,7 +9,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ACCEL_ENV
+from .config import ACCEL_CHOICES, ACCEL_ENV
 from .errors import HostError, InvalidArgument
 
 #: tool -> the Debian install step that provides it
@@ -98,7 +98,7 @@ def kvm_usable() -> tuple[bool, str]:
 def choose_accel(preference: str | None = None) -> AccelChoice:
     """Pick KVM where it works, else TCG; ``preference`` (or $MICROAGENT_ACCEL) may force one."""
     pref = (preference or os.environ.get(ACCEL_ENV) or "auto").lower()
-    if pref not in ("auto", "kvm", "tcg"):
+    if pref not in ACCEL_CHOICES:
         raise InvalidArgument(f"unknown accelerator {pref!r}; use auto, kvm or tcg")
     ok, why = kvm_usable()
     if pref == "tcg":

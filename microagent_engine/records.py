@@ -51,6 +51,7 @@ class WorkspaceConfig:
     one_shot: bool = False  # made by run under a generated name (prune removes it once stopped)
     cold: bool = False  # every start boots cold (create --cold), never from a template
     from_snapshot: str | None = None  # the workspace snapshot it was created from (create --from-snapshot)
+    spec: dict[str, Any] = field(default_factory=dict)  # the request as given: WorkspaceSpec.to_json()
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -1,4 +1,4 @@
-"""The workspace spec: ``microagent.yaml`` parsed strictly into keyword arguments for ``Engine.create``.
+"""The workspace spec file: ``microagent.yaml`` parsed strictly into a :class:`~.workspace_spec.WorkspaceSpec`.
 
 Every error names the file, line and field (``microagent.yaml:14: files[0].mode: ...``). Lines come from
 PyYAML's composed node tree, which is converted to Python values by a small walker that records where each
@@ -40,6 +40,7 @@ from .model import Attachment, FileCopy, Mediation, Output, Publish, parse_host_
     validate_publish
 from .sandbox.network import NetworkPolicy
 from .storage.attachments import check_bundle_file, check_ext4_file
+from .workspace_spec import WorkspaceSpec
 
 SPEC_NAMES = ("microagent.yaml", "microagent.yml")
 DISK_MODES = ("ro", "rw")
@@ -102,8 +103,8 @@ class MediationSpec:
 
 
 @dataclass
-class WorkspaceSpec:
-    """A parsed spec. A field is None when the spec did not set it (the engine's default then applies)."""
+class SpecFile:
+    """A parsed spec file. A field is None when the spec did not set it (the engine's default then applies)."""
 
     source: Path
     name: str | None = None
@@ -123,7 +124,7 @@ class WorkspaceSpec:
     disks: list[DiskEntry] | None = None
     bundles: list[DiskEntry] | None = None
     outputs: list[OutputEntry] | None = None
-    network: dict[str, Any] | None = None  # sandbox.network.NetworkPolicy.to_json()
+    network: NetworkPolicy | None = None
     publish: list[Publish] | None = None  # "[HOST_IP:]HOST_PORT:GUEST_PORT" or {hostIp?, hostPort, guestPort}
     packages: list[str] | None = None  # Debian packages added to the built-in Debian image
 
@@ -131,54 +132,20 @@ class WorkspaceSpec:
         """The hostname the guest gets: the spec's, else ``name`` sanitised by ``config.hostname_for``."""
         return self.hostname or hostname_for(name)
 
-    def to_create_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``Engine.create``; keys the spec did not set are omitted."""
-        out: dict[str, Any] = {}
-        for key in ("name", "image", "profile", "memory_mib", "cpus", "size_mib", "hostname", "restart", "shell",
-                    "entrypoint"):
-            value = getattr(self, key)
-            if value is not None:
-                out[key] = value
-        if self.env is not None:
-            out["env"] = dict(self.env)
-        if self.setup is not None:
-            out["setup"] = list(self.setup)
-        if self.files is not None:
-            out["files"] = [FileCopy(f.src, f.dst, f.mode) for f in self.files]
-        if self.mediation is not None:
-            out["mediation"] = self.mediation.to_model()
-        if self.network is not None:
-            out["network"] = dict(self.network)
-        if self.disks is not None or self.bundles is not None:
-            out["attachments"] = [e.to_model(kind) for kind, entries in (("disk", self.disks), ("bundle", self.bundles))
-                                  for e in entries or []]
-        if self.outputs is not None:
-            out["outputs"] = [Output(o.name, o.path) for o in self.outputs]
-        if self.publish is not None:
-            out["publish"] = list(self.publish)
-        if self.packages is not None:
-            out["packages"] = list(self.packages)
-        return out
-
-
-def merge(spec_kwargs: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """``spec_kwargs`` overridden by every ``overrides`` value that is not None. Two dicts (``env``) merge
-    key by key, the override's keys winning; attachments and outputs add to the spec's, an override with the
-    same name (or, for attachments, the same mountpoint) replacing the spec's entry; any other value (other lists
-    included) replaces the spec's."""
-    out = dict(spec_kwargs)
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = {**out[key], **value}
-        elif key in ("attachments", "outputs") and out.get(key):
-            def same(a: Any, b: Any) -> bool:
-                return a.name == b.name or getattr(a, "mountpoint", None) == getattr(b, "mountpoint", 0)
-            out[key] = [old for old in out[key] if not any(same(old, new) for new in value)] + list(value)
-        else:
-            out[key] = value
-    return out
+    def workspace_spec(self) -> WorkspaceSpec:
+        """The request this file makes (fields it did not set stay None)."""
+        attachments = [e.to_model(kind) for kind, entries in (("disk", self.disks), ("bundle", self.bundles))
+                       for e in entries or []]
+        return WorkspaceSpec(
+            image=self.image, profile=self.profile, memory_mib=self.memory_mib, cpus=self.cpus,
+            size_mib=self.size_mib, hostname=self.hostname, restart=self.restart, shell=self.shell,
+            entrypoint=self.entrypoint, env=self.env, setup=self.setup,
+            files=None if self.files is None else [FileCopy(f.src, f.dst, f.mode) for f in self.files],
+            mediation=self.mediation.to_model() if self.mediation is not None else None,
+            network=self.network,
+            attachments=attachments if self.disks is not None or self.bundles is not None else None,
+            outputs=None if self.outputs is None else [Output(o.name, o.path) for o in self.outputs],
+            publish=self.publish, packages=self.packages)
 
 
 def find_default_spec(cwd: Path) -> Path | None:
@@ -190,7 +157,7 @@ def find_default_spec(cwd: Path) -> Path | None:
     return found[0] if found else None
 
 
-def load_spec(path: Path, *, allow_host_files: bool = False) -> WorkspaceSpec:
+def load_spec(path: Path, *, allow_host_files: bool = False) -> SpecFile:
     """Read and validate the spec at ``path``. Host paths in it must lie in its directory unless
     ``allow_host_files`` (the CLI's ``--allow-host-files``)."""
     path = Path(path)
@@ -221,7 +188,7 @@ def load_spec(path: Path, *, allow_host_files: bool = False) -> WorkspaceSpec:
     return parse_spec(text, path, allow_host_files=allow_host_files)
 
 
-def parse_spec(text: str, source: Path, *, allow_host_files: bool = False) -> WorkspaceSpec:
+def parse_spec(text: str, source: Path, *, allow_host_files: bool = False) -> SpecFile:
     """Validate spec ``text``; ``source`` names it in errors and anchors relative host paths."""
     source = Path(source)
     if len(text) > MAX_SPEC_BYTES:
@@ -515,9 +482,9 @@ class _Validator:
 
     # fields
 
-    def spec(self, top: dict) -> WorkspaceSpec:
+    def spec(self, top: dict) -> SpecFile:
         self.mapping(top, "", _TOP_FIELDS)
-        spec = WorkspaceSpec(source=self.doc.source)
+        spec = SpecFile(source=self.doc.source)
         if "name" in top:
             spec.name = self.named(top["name"], "name", "workspace")
         if "image" in top:
@@ -552,7 +519,7 @@ class _Validator:
             spec.mediation = self.mediation(top["mediation"])
         if "network" in top:
             try:
-                spec.network = NetworkPolicy.parse(top["network"]).to_json()
+                spec.network = NetworkPolicy.parse(top["network"])
             except InvalidArgument as exc:
                 raise self.err("network", str(exc)) from None
         seen_names: dict[str, str] = {}

@@ -5,36 +5,17 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any, Iterator
+from typing import Iterator
 
 from microagent_engine import Engine
 from microagent_engine.config import parse_env_pairs as env_pairs  # noqa: F401 (re-exported)
 from microagent_engine.errors import MicroagentError
 from microagent_engine.logfiles import follow as follow_log
-from microagent_engine.model import parse_attachment_flags, parse_output_flag
-from microagent_engine.sandbox.network import NetworkPolicy
+
 
 def get_engine(state_dir: str | os.PathLike[str] | None = None) -> Engine:
     """An engine on ``state_dir`` (default: ``$MICROAGENT_STATE_DIR``, else ``~/.microagent``)."""
     return Engine(state_dir or os.environ.get("MICROAGENT_STATE_DIR") or None)
-
-
-def create_kwargs(**kwargs: Any) -> dict[str, Any]:
-    """The create() arguments the user actually gave (unset values and empty lists dropped)."""
-    return {k: v for k, v in kwargs.items() if v is not None and v != []}
-
-
-def network_kwarg(args: Any) -> Any:
-    """The network policy of ``--network``/``--allow``/``--allow-host-port`` (None: the default policy)."""
-    return NetworkPolicy.from_flags(args.network, args.allow, args.allow_host_port)
-
-
-def storage_kwargs(args: Any) -> dict[str, Any]:
-    """``attachments`` and ``outputs`` from the ``-v``/``--disk``/``--bundle``/``--output`` strings of a magic's
-    parsed arguments, through the engine's one parser of that grammar (unset when none were given)."""
-    attachments = parse_attachment_flags(args.volume or [], args.disk or [], args.bundle or [])
-    outputs = [parse_output_flag(o) for o in args.output or []]
-    return {"attachments": attachments or None, "outputs": outputs or None}
 
 
 def tail_serial_log(engine: Engine, name: str, stop: threading.Event, poll: float = 0.2,

@@ -6,30 +6,10 @@ import argparse
 
 from IPython.core.magic_arguments import argument, magic_arguments
 
+from microagent_engine.spec_args import add_workspace_arguments
+
 
 @magic_arguments()
-@argument("-v", "--volume", action="append", default=[], metavar="SRC:DST[:ro|rw]",
-          help="attach a named volume (NAME:/path), a tar bundle (x.tar:/path) or an ext4 disk "
-               "(x.ext4:/path)")
-@argument("--bundle", action="append", default=[], metavar="NAME=/path.tar:/mount[:ro]",
-          help="build a one-shot ext4 disk from a tar archive")
-@argument("--disk", action="append", default=[], metavar="NAME=/path.ext4:/mount[:rw]",
-          help="attach an existing ext4 image")
-@argument("--output", action="append", default=[], metavar="NAME=/guest/path", help="declare a result file")
-@argument("--image", help="image reference (default: the built-in busybox image; builtin:python for Python "
-                          "with numpy, pandas, matplotlib); or give IMAGE first")
-@argument("--packages", metavar="'PKG ...'", help="Debian packages to add to builtin:python")
-@argument("--profile", help="resource profile: tiny, small (default), medium, large")
-@argument("--memory", type=int, metavar="MIB", help="memory in MiB (overrides the profile)")
-@argument("--cpus", type=int, help="vCPUs (overrides the profile)")
-@argument("--size-mib", type=int, metavar="MIB", help="rootfs size in MiB (overrides the profile)")
-@argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE", help="guest environment variable")
-@argument("--network", choices=["user", "isolated"], help="user (NAT to the public internet only, default) or "
-          "isolated (no NIC)")
-@argument("--allow", action="append", default=[], metavar="CIDR|HOST[:PORT]",
-          help="narrow egress to these destinations (repeatable)")
-@argument("--allow-host-port", action="append", default=[], type=int, metavar="PORT",
-          help="let the guest reach this port of the host's 127.0.0.1 at 10.0.2.2:PORT (repeatable)")
 @argument("--name", help="run in this persistent workspace: exec if running, start if stopped, else create "
                          "it (and keep it running)")
 @argument("--keep", action="store_true", help="keep the one-shot workspace (halted) after the cell; "
@@ -74,29 +54,16 @@ def exec_args(line: str) -> None:
 @magic_arguments()
 @argument("name", nargs="?")
 @argument("--name", dest="name_opt", metavar="NAME", help="workspace name (same as the positional NAME)")
-@argument("--image")
-@argument("--packages", metavar="'PKG ...'")
-@argument("--profile")
-@argument("--memory", type=int, metavar="MIB")
-@argument("--cpus", type=int)
-@argument("--size-mib", type=int, metavar="MIB")
-@argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE")
-@argument("--network", choices=["user", "isolated"])
-@argument("--allow", action="append", default=[], metavar="CIDR|HOST[:PORT]")
-@argument("--allow-host-port", action="append", default=[], type=int, metavar="PORT")
-@argument("--hostname")
-@argument("-v", "--volume", action="append", default=[])
-@argument("--bundle", action="append", default=[])
-@argument("--disk", action="append", default=[])
-@argument("--output", action="append", default=[])
-@argument("-f", "--file", metavar="SPEC", help="create from a workspace spec (microagent.yaml); flags "
-                                              "override its fields. Default: ./microagent.yaml if present")
-@argument("--allow-host-files", action="store_true", help="let the spec use host files outside its directory")
 @argument("--start", action="store_true", help="boot it right away")
 @argument("--from-snapshot", metavar="SNAPSHOT", help="a clone of a workspace snapshot; its first start "
                                                       "resumes it with its processes running")
 def create_args(line: str) -> None:
     """%microagent create [NAME] [options]"""
+
+
+#: the workspace flags are the CLI's (one argparse group); a notebook's one-shot keeps the CLI's default network
+add_workspace_arguments(run_args.parser, network_default="user")
+add_workspace_arguments(create_args.parser, network_default="user")
 
 @magic_arguments()
 @argument("name")

@@ -10,9 +10,9 @@ from IPython.core.error import UsageError
 
 from microagent_engine import Engine
 from microagent_engine.errors import NotFound
+from microagent_engine.spec_args import spec_from_args, workspace_name
 
 from . import display as D
-from ._engine import create_kwargs, env_pairs, network_kwarg, storage_kwargs
 from .magic_args import create_args, logs_args, status_args, volume_args
 from .magic_call import Call
 from .progress import CellProgress
@@ -55,38 +55,14 @@ def logs(call: Call) -> Any:
 
 def create(call: Call) -> Any:
     engine, args = call.engine, create_args.parser.parse_args(call.argv)
-    if args.name and args.name_opt and args.name != args.name_opt:
-        raise UsageError(f"two names given ({args.name!r} and --name {args.name_opt!r}); give one")
-    args.name = args.name or args.name_opt
-    if args.from_snapshot:
-        info = engine.create(args.name, from_snapshot=args.from_snapshot, hostname=args.hostname,
-                             env=env_pairs(args.env) or None)
-        return D.workspace_record(engine.start(info.name) if args.start else info)
-    overrides = dict(image=args.image, profile=args.profile, memory_mib=args.memory, cpus=args.cpus,
-                     size_mib=args.size_mib, hostname=args.hostname, network=network_kwarg(args),
-                     **storage_kwargs(args), env=env_pairs(args.env) or None, name=args.name,
-                     packages=[args.packages] if args.packages else None)
-    spec_kwargs = _spec_kwargs(args.file, args.allow_host_files)
-    if spec_kwargs is not None:
-        from microagent_engine.spec import merge
-
-        overrides = merge(spec_kwargs, overrides)
-    name, env = overrides.pop("name", None), overrides.pop("env", None)
-    info = engine.create(name, env=env, **create_kwargs(**overrides))
+    name = workspace_name(args.name, args.name_opt)
+    if args.file and not args.from_snapshot and not Path(args.file).expanduser().is_file():
+        raise NotFound(f"no spec file at {args.file}")
+    spec, spec_name = spec_from_args(args)
+    info = engine.create(name or spec_name, spec)
     if args.start:
         info = engine.start(info.name)
     return D.workspace_record(info)
-
-
-def _spec_kwargs(path: str | None, allow_host_files: bool = False) -> dict[str, Any] | None:
-    from microagent_engine import spec
-
-    found = Path(path).expanduser() if path else spec.find_default_spec(Path.cwd())
-    if found is None:
-        return None
-    if not found.is_file():
-        raise NotFound(f"no spec file at {found}")
-    return spec.load_spec(found, allow_host_files=allow_host_files).to_create_kwargs()
 
 
 def lifecycle(call: Call) -> Any:

@@ -4,19 +4,22 @@ into the cell."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import codecs
 import re
 import sys
-from typing import Any, Callable
+from typing import Callable
 
 from IPython.core.error import UsageError
 
-from microagent_engine import Engine, ExecResult
+from microagent_engine import Engine, ExecResult, RunOptions, WorkspaceSpec
 from microagent_engine.errors import InvalidState, MicroagentError, NotFound
 from microagent_engine.images.builtin import BUILTIN_NAMES as BUILTIN_IMAGES
 from microagent_engine.states import STARTABLE
 
-from ._engine import create_kwargs, env_pairs, network_kwarg, storage_kwargs
+from microagent_engine.spec_args import spec_from_args
+
+from ._engine import env_pairs
 from .magic_args import exec_args, run_args
 from .magic_call import Call
 from .magic_errors import MicroagentCellError, MicroagentInterrupted
@@ -115,21 +118,20 @@ def run(call: Call) -> None:
     image, command = _split_image_command(args.command, args.image)
     argv = command or ["/bin/sh"]
     stdin = cell.encode() if cell is not None else None
-    env = unbuffered_python(argv, env_pairs(args.env))
-    ckw = create_kwargs(image=image, profile=args.profile, memory_mib=args.memory, cpus=args.cpus,
-                        size_mib=args.size_mib, network=network_kwarg(args), **storage_kwargs(args),
-                        packages=[args.packages] if args.packages else None)
+    args.image = image
+    spec, _ = spec_from_args(args, find_spec=False)
     progress = CellProgress(call.in_kernel)
     engine.progress = progress
     out, err = _stream(args, progress.done)
     result: ExecResult | None = None
     try:
         if args.name:
-            result = _run_named(engine, args, argv, stdin, env, ckw, out, err, progress)
+            result = _run_named(engine, args, argv, stdin, spec, out, err, progress)
             workspace = args.name
         else:
-            info, result = engine.run(argv, delete=not args.keep, env=env, cwd=args.cwd, timeout=args.timeout,
-                                      stdin=stdin, on_stdout=out, on_stderr=err, capture=True, **ckw)
+            spec = dataclasses.replace(spec, env=unbuffered_python(argv, dict(spec.env or {})))
+            info, result = engine.run(argv, spec, RunOptions(delete=not args.keep, cwd=args.cwd, timeout=args.timeout,
+                                                             stdin=stdin, on_stdout=out, on_stderr=err))
             workspace = info.name
     except KeyboardInterrupt:
         out.finish(), err.finish()
@@ -144,17 +146,16 @@ def run(call: Call) -> None:
 
 
 def _run_named(engine: Engine, args: argparse.Namespace, argv: list[str], stdin: bytes | None,
-               env: dict[str, str], ckw: dict[str, Any], out: _Sink, err: _Sink,
-               progress: CellProgress) -> ExecResult:
+               spec: WorkspaceSpec, out: _Sink, err: _Sink, progress: CellProgress) -> ExecResult:
     name = args.name
+    env = unbuffered_python(argv, dict(spec.env or {}))
     try:
         state = engine.status(name).state.state
         created = False
     except NotFound:
-        user_env = env_pairs(args.env)
-        engine.create(name, env=user_env, **ckw)  # the workspace keeps the user's env; exec adds the rest
+        engine.create(name, spec)  # the workspace keeps the user's env; exec adds the rest
         state, created = "prepared", True
-        env = {k: v for k, v in env.items() if k not in user_env}
+        env = {k: v for k, v in env.items() if k not in (spec.env or {})}
     try:
         if state in STARTABLE:
             progress(f"Booting {name}")

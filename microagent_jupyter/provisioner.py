@@ -1,8 +1,9 @@
 """A jupyter_client kernel provisioner whose kernel runs in a microVM: "Python 3 (microagent sandbox)".
 
-``launch_kernel`` creates and boots a one-off workspace (image/profile/volumes/network from the kernelspec's
-``metadata.kernel_provisioner.config``), starts a :class:`~.guest_kernel.GuestKernel` in it (ports published over
-the agent channel; network ``isolated`` unless configured) and a :class:`~.relay.Relay` that binds the
+``launch_kernel`` creates and boots a one-off workspace (a :class:`~microagent_engine.WorkspaceSpec` in its JSON
+form from the kernelspec's ``metadata.kernel_provisioner.config.workspace_spec``), starts a
+:class:`~.guest_kernel.GuestKernel` in it (ports published over the agent channel; network ``isolated`` unless
+configured) and a :class:`~.relay.Relay` that binds the
 frontend's ports on 127.0.0.1: the frontend only ever talks to the relay, which verifies the guest's signatures,
 applies the output policy, drops guest comms and re-signs with the frontend's key. Interrupt sends SIGINT to the
 guest kernel; restart keeps the VM and starts a new kernel in it; shutdown (``cleanup``) kills and deletes the
@@ -12,6 +13,7 @@ workspace.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import secrets
 import signal
@@ -19,19 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
-from traitlets import Bool, Dict, Integer, List, Unicode
+from traitlets import Bool, Dict, Unicode
 
 from microagent_engine import Engine
 from microagent_engine.errors import MicroagentError
 from microagent_engine.fsutil import private_dir
-from microagent_engine.images.builtin import PYTHON_REF
-from microagent_engine.model import parse_attachment_flags
+from microagent_engine.workspace_spec import WorkspaceSpec
 
 from .guest_kernel import GuestKernel, KernelDied
 from .output_policy import OutputPolicy
 from .relay import Relay
 from .session_owner import remove_workspace, sweep
-from .warm_python import start_session_workspace
+from .warm_python import session_spec, start_session_workspace
 
 PROVISIONER_NAME = "microagent-provisioner"
 
@@ -39,13 +40,9 @@ PROVISIONER_NAME = "microagent-provisioner"
 class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     """Runs the kernel of a notebook inside a microagent workspace (see the module docstring)."""
 
-    image = Unicode(PYTHON_REF, config=True, help="image of the kernel's workspace")
-    profile = Unicode("", config=True, help="resource profile (tiny, small, medium, large); default: the engine's")
-    memory = Integer(0, config=True, help="memory in MiB (0: the profile's)")
-    cpus = Integer(0, config=True, help="vCPUs (0: the profile's)")
-    network = Unicode("isolated", config=True, help="isolated (default) or user")
-    volumes = List(Unicode(), config=True, help="attachments as -v takes them: NAME:/path[:ro|rw]")
-    env = Dict(config=True, help="guest environment variables")
+    workspace_spec = Dict(config=True, help="the kernel's workspace in the JSON form of microagent_engine."
+                          "WorkspaceSpec (REST's: image, profile, memoryMiB, cpus, network, attachments, env, ...); "
+                          "default: the built-in Python image with no network")
     warm = Bool(True, config=True, help="start from the warm Python snapshot (imports done) when one fits")
     state_dir = Unicode("", config=True, help="microagent state dir (default: $MICROAGENT_STATE_DIR or ~/.microagent)")
 
@@ -94,21 +91,13 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         engine = self.engine
         if self.workspace is None:
             self.workspace = f"nbk-{(self.kernel_id or secrets.token_hex(4))[:8]}-{secrets.token_hex(2)}"
-            attachments = parse_attachment_flags(list(self.volumes), [], []) or None
-            kwargs: dict[str, Any] = {"image": self.image, "network": self.network or "isolated",
-                                      "attachments": attachments}
-            if self.profile:
-                kwargs["profile"] = self.profile
-            if self.memory:
-                kwargs["memory_mib"] = self.memory
-            if self.cpus:
-                kwargs["cpus"] = self.cpus
-            env = {str(k): str(v) for k, v in self.env.items()}
             try:
                 sweep(engine)  # VMs of kernels whose server was killed hard
-                create = {k: v for k, v in kwargs.items() if v is not None}
-                self.warm_from, self.cold_reason = start_session_workspace(engine, self.workspace, create, env,
-                                                                           owned=True, warm=self.warm)
+                spec = session_spec(WorkspaceSpec.from_json(dict(self.workspace_spec), what="the kernel's workspace"))
+                env = dict(spec.env or {})
+                self.warm_from, self.cold_reason = start_session_workspace(
+                    engine, self.workspace, dataclasses.replace(spec, env=None), env, owned=True,
+                    warm=self.warm)
                 if self.cold_reason:
                     self.log.info("microagent kernel %s boots cold: %s", self.workspace, self.cold_reason)
             except BaseException:

@@ -12,6 +12,7 @@ interrupt sends SIGINT to the guest kernel and keeps the session. ``--in``/``--o
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import os
 import queue
 import secrets
@@ -25,11 +26,11 @@ from IPython.core.magic_arguments import argument, magic_arguments
 
 from microagent_engine import Engine
 from microagent_engine.errors import InvalidState, MicroagentError, NotFound
-from microagent_engine.images.builtin import PYTHON_REF as PYTHON_IMAGE
+from microagent_engine.spec_args import add_workspace_arguments, flags_spec
+from microagent_engine.workspace_spec import WorkspaceSpec
 from microagent_engine.states import STARTABLE
 
 from . import values as V
-from ._engine import create_kwargs, env_pairs, storage_kwargs
 from .guest_kernel import GuestKernel
 from .magic_errors import MicroagentInterrupted
 from .output_policy import OutputPolicy
@@ -275,9 +276,10 @@ def stop_all() -> None:
             pass
 
 
-def get_session(engine: Engine, name: str | None, create: dict[str, Any], env: dict[str, str],
-                progress: Any = None) -> PythonSession:
-    """The running session ``name`` (default: this kernel's own), created/booted/started as needed."""
+def get_session(engine: Engine, name: str | None, spec: WorkspaceSpec | None = None,
+                env: dict[str, str] | None = None, progress: Any = None) -> PythonSession:
+    """The running session ``name`` (default: this kernel's own), created/booted/started as needed: a new workspace
+    is ``spec`` over the sessions' defaults, with ``env`` in its guest."""
     owned = name is None
     name = name or default_session_name(engine)
     sess = _sessions.get(_key(engine, name))
@@ -296,7 +298,7 @@ def get_session(engine: Engine, name: str | None, create: dict[str, Any], env: d
         except NotFound:
             created = True
             warm_from, cold_reason = start_session_workspace(
-                engine, name, {"image": PYTHON_IMAGE, "network": "isolated", **create}, env, owned=owned,
+                engine, name, spec or WorkspaceSpec(), env, owned=owned,
                 progress=progress, warm=WARM_ENABLED)
             state = "running"
         if state in STARTABLE:
@@ -325,13 +327,6 @@ def get_session(engine: Engine, name: str | None, create: dict[str, Any], env: d
 @magic_arguments()
 @argument("--name", help="run in this persistent workspace's session (created with the Python image if missing, "
                          "left running); default: this notebook kernel's own session, removed when it exits")
-@argument("--image", help=f"image for a new session workspace (default: the built-in {PYTHON_IMAGE!r} image)")
-@argument("--profile", help="resource profile for a new session workspace: tiny, small (default), medium, large")
-@argument("--memory", type=int, metavar="MIB")
-@argument("--cpus", type=int)
-@argument("--network", choices=["user", "isolated"], help="network of a new session workspace (default isolated)")
-@argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE")
-@argument("-v", "--volume", action="append", default=[], metavar="SRC:DST[:ro|rw]")
 @argument("--in", dest="inputs", nargs="+", default=[], metavar="NAME",
           help="send these host variables into the session first (plain data, numpy arrays, DataFrames)")
 @argument("--out", dest="outputs", nargs="+", default=[], metavar="NAME",
@@ -346,6 +341,10 @@ def python_args(line: str) -> None:
     SVG and Markdown sanitized, JavaScript dropped). An exception shows the guest's traceback and raises
     GuestPythonError. Interrupt stops the running cell and keeps the session.
     """
+
+
+add_workspace_arguments(python_args.parser, only=("image", "resources", "env", "network", "storage"),
+                        network_default="isolated")
 
 
 @magic_arguments()
@@ -367,12 +366,11 @@ def python_magic(shell: Any, engine: Engine, argv: list[str], cell: str | None, 
         raise UsageError(f"--in names host variables that do not exist: {', '.join(missing)}")
     for n in args.inputs:  # refuse before any VM boots
         V.encode(shell.user_ns[n])
-    create = create_kwargs(image=args.image, profile=args.profile, memory_mib=args.memory, cpus=args.cpus,
-                           network=args.network, attachments=storage_kwargs(_Storage(args.volume))["attachments"])
+    spec = flags_spec(args)  # a new session workspace: these flags over the sessions' defaults
     if progress is not None:
         engine.progress = progress  # image build, boot: shown in the cell as `run` shows them
     try:
-        sess = get_session(engine, args.name, create, env_pairs(args.env), progress)
+        sess = get_session(engine, args.name, dataclasses.replace(spec, env=None), dict(spec.env or {}), progress)
     finally:
         if progress is not None:
             progress.done()
@@ -382,11 +380,6 @@ def python_magic(shell: Any, engine: Engine, argv: list[str], cell: str | None, 
         sess.run_cell(cell, raise_error=not args.no_raise_error, timeout=args.timeout)
     for n in args.outputs:
         shell.user_ns[n] = sess.get(n)
-
-
-class _Storage:
-    def __init__(self, volume: list[str]) -> None:
-        self.volume, self.disk, self.bundle, self.output = volume, [], [], []
 
 
 def session_magic(engine: Engine, argv: list[str]) -> str:

@@ -30,6 +30,7 @@ from microagent_engine.config import hostname_for
 from microagent_engine.errors import Busy, MicroagentError, NotFound
 from microagent_engine.fsutil import file_lock, private_dir, read_json, write_json_atomic
 from microagent_engine.images.builtin import PYTHON_REF, builtin_base, is_builtin
+from microagent_engine.workspace_spec import WorkspaceSpec
 
 from . import guest_kernel
 from .guest_kernel import GUEST_DIR, ZYGOTE_DIR, ZYGOTE_LAUNCHER
@@ -42,6 +43,7 @@ ZYGOTE_FILE = f"{ZYGOTE_DIR}/zygote.py"
 ZYGOTE_READY_TIMEOUT = 600.0  # the imports take tens of seconds under TCG on a busy host
 #: what may differ between a snapshot's build and the session that uses it (``env`` reaches the resumed guest)
 _KEY_FIELDS = ("image", "packages", "profile", "memory_mib", "cpus", "network")
+SESSION_DEFAULTS = WorkspaceSpec(image=PYTHON_REF, network="isolated")
 
 Progress = Callable[[str], None]
 
@@ -52,31 +54,41 @@ def _code_version() -> str:
     return hashlib.sha256(src).hexdigest()[:16]
 
 
-def ineligible(create: dict[str, Any]) -> str:
-    """Why a session created with ``create`` cannot start from a warm snapshot ("" when it can)."""
-    if create.get("attachments"):
+def session_spec(spec: WorkspaceSpec | None = None) -> WorkspaceSpec:
+    """A Python session's workspace: ``spec`` over the sessions' defaults (the Python image, no network)."""
+    return SESSION_DEFAULTS.merged(spec)
+
+
+def ineligible(spec: WorkspaceSpec) -> str:
+    """Why a session created with ``spec`` cannot start from a warm snapshot ("" when it can)."""
+    if spec.attachments:
         return "volumes are attached (a snapshot covers the root disk only)"
-    other = sorted(k for k in create if k not in _KEY_FIELDS and k != "env")
+    other = sorted(k for k in spec.given() if k not in _KEY_FIELDS and k != "env")
     if other:
         return f"the session sets {', '.join(other)}"
     return ""
 
 
-def image_identity(engine: Engine, create: dict[str, Any]) -> Any:
+def image_identity(engine: Engine, spec: WorkspaceSpec) -> Any:
     """What identifies the session's image content (a built-in image's base file, or a pulled image's id)."""
-    ref = create.get("image") or PYTHON_REF
+    ref = spec.image or PYTHON_REF
     if is_builtin(ref):
-        base = builtin_base(ref, engine.state_dir, create.get("packages") or (), engine.progress)
+        base = builtin_base(ref, engine.state_dir, spec.packages or (), engine.progress)
         st = base.path.stat()
         return [base.ref, base.path.name, st.st_size, st.st_mtime_ns]
     return [ref, engine.images.ensure(str(ref)).id]
 
 
-def snapshot_key(engine: Engine, create: dict[str, Any]) -> str:
-    """The warm snapshot's key for a session created with ``create``."""
-    fields = {k: create.get(k) for k in _KEY_FIELDS if k != "image"}
-    fields["network"] = str(fields.get("network") or "isolated")
-    blob = json.dumps({"image": image_identity(engine, create), **fields, "code": _code_version()},
+def _shape(spec: WorkspaceSpec) -> WorkspaceSpec:
+    """The fields of ``spec`` a warm snapshot is built with (and keyed by)."""
+    return WorkspaceSpec(**{k: getattr(spec, k) for k in _KEY_FIELDS})
+
+
+def snapshot_key(engine: Engine, spec: WorkspaceSpec) -> str:
+    """The warm snapshot's key for a session created with ``spec`` (the magic's and the kernel's alike)."""
+    fields = session_spec(_shape(spec)).to_json()
+    fields.pop("image", None)
+    blob = json.dumps({"image": image_identity(engine, spec), **fields, "code": _code_version()},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -85,13 +97,14 @@ def _failed_file(engine: Engine, key: str) -> Path:
     return Path(engine.state_dir) / WARM_DIR / f"{key}.failed"
 
 
-def warm_snapshot(engine: Engine, create: dict[str, Any], progress: Progress | None = None) -> tuple[str | None, str]:
-    """The name of the warm snapshot for ``create`` (built now if missing), or None and why not."""
-    why = ineligible(create)
+def warm_snapshot(engine: Engine, spec: WorkspaceSpec, progress: Progress | None = None
+                  ) -> tuple[str | None, str]:
+    """The name of the warm snapshot for ``spec`` (built now if missing), or None and why not."""
+    why = ineligible(spec)
     if why:
         return None, why
     try:
-        key = snapshot_key(engine, create)
+        key = snapshot_key(engine, spec)
     except MicroagentError as exc:
         return None, f"the image could not be identified ({exc})"
     name = SNAPSHOT_PREFIX + key
@@ -111,7 +124,7 @@ def warm_snapshot(engine: Engine, create: dict[str, Any], progress: Progress | N
             if _exists(engine, name):
                 return name, ""
             try:
-                build(engine, name, create, progress)
+                build(engine, name, spec, progress)
             except MicroagentError as exc:
                 write_json_atomic(failed, {"reason": str(exc)[-500:], "at": time.time()})
                 return None, f"building the warm snapshot {name} failed: {exc}"
@@ -124,14 +137,13 @@ def _exists(engine: Engine, name: str) -> bool:
     return any(m.get("name") == name for m in engine.snapshots(internal=True))
 
 
-def build(engine: Engine, name: str, create: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
+def build(engine: Engine, name: str, spec: WorkspaceSpec, progress: Progress | None = None) -> dict[str, Any]:
     """Boot a build workspace, start the zygote, wait until its imports are done, snapshot it as ``name``."""
     say = progress or (lambda _m: None)
     ws = f"{BUILD_PREFIX}{name[len(SNAPSHOT_PREFIX):][:8]}-{secrets.token_hex(2)}"
-    kwargs = {"image": PYTHON_REF, "network": "isolated", **{k: v for k, v in create.items() if k in _KEY_FIELDS}}
     t0 = time.monotonic()
     say(f"Building the warm Python snapshot {name} (once per image and machine shape): booting {ws}")
-    engine.create(ws, **kwargs)
+    engine.create(ws, session_spec(_shape(spec)))
     try:
         record_owner(engine, ws)
         engine.start(ws)
@@ -169,14 +181,15 @@ def discard(engine: Engine, snapshot: str) -> None:
         pass
 
 
-def start_session_workspace(engine: Engine, name: str, create: dict[str, Any], env: dict[str, str] | None,
+def start_session_workspace(engine: Engine, name: str, spec: WorkspaceSpec, env: dict[str, str] | None,
                             *, owned: bool, progress: Progress | None = None, warm: bool = True
                             ) -> tuple[str | None, str]:
     """Create and start the session workspace ``name``: a clone of the warm snapshot when one fits (built on first
     need), else a cold create + boot. ``owned``: record this process as its owner (swept when it dies). Returns the
     snapshot used (None: cold) and why it booted cold."""
     say = progress or (lambda _m: None)
-    snap, reason = warm_snapshot(engine, create, progress) if warm else (None, "warm start disabled")
+    spec = session_spec(spec)
+    snap, reason = warm_snapshot(engine, spec, progress) if warm else (None, "warm start disabled")
     if snap is not None:
         try:
             say(f"Resuming the warm Python snapshot {snap} as {name}")
@@ -190,7 +203,7 @@ def start_session_workspace(engine: Engine, name: str, create: dict[str, Any], e
             discard(engine, snap)
             reason = f"the warm snapshot {snap} could not be resumed ({exc}); it was removed"
     say(f"Cold start of {name}: {reason}")
-    engine.create(name, env=env or None, **create)
+    engine.create(name, spec.merged(WorkspaceSpec(env=env or None)))
     if owned:
         record_owner(engine, name)
     say(f"Booting {name}")

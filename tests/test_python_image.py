@@ -97,7 +97,7 @@ def test_packages_are_validated_and_only_for_the_debian_image(engine: Engine, tm
         engine.create("nopkg", image="docker.io/library/alpine:3.20", packages=["hello"])
     spec = tmp_path / "microagent.yaml"
     spec.write_text(f"image: {PYTHON_REF}\npackages: [python3-scipy, git]\n")
-    assert load_spec(spec).to_create_kwargs()["packages"] == ["git", "python3-scipy"]
+    assert load_spec(spec).workspace_spec().packages == ("git", "python3-scipy")
 
 
 def test_docker_io_defaults_to_docker_hub(monkeypatch: pytest.MonkeyPatch) -> None:

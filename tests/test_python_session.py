@@ -149,7 +149,7 @@ def test_guest_that_lies_about_the_format_is_refused(ip: InteractiveShell) -> No
     with pytest.raises(ValueRefused, match="not valid json"):
         ip.run_line_magic("microagent", f"python --name {NAME} --out x")  # the line form: values only
     assert "UNPICKLED" not in cap.stdout
-    PS.get_session(Engine(os.environ["MICROAGENT_STATE_DIR"]), NAME, {}, {}).restart()  # clean helpers again
+    PS.get_session(Engine(os.environ["MICROAGENT_STATE_DIR"]), NAME).restart()  # clean helpers again
     py(ip, "x = 41")
 
 

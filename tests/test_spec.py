@@ -11,7 +11,8 @@ import pytest
 from microagent_engine.errors import InvalidArgument
 from microagent_engine.errors import SpecError
 from microagent_engine.model import Attachment, FileCopy, Mediation, Output
-from microagent_engine.spec import find_default_spec, load_spec, merge, parse_spec
+from microagent_engine.spec import find_default_spec, load_spec, parse_spec
+from microagent_engine.workspace_spec import WorkspaceSpec
 
 # The seed's full example; image 'builtin', host paths created under tmp_path by the fixture.
 FULL = """\
@@ -82,10 +83,10 @@ def error_of(project: Path, text: str) -> str:
     return str(info.value).replace(str(path), "SPEC")
 
 
-def test_full_example_maps_to_create_kwargs(project: Path) -> None:
-    spec = load_spec(write(project, FULL))
-    assert spec.to_create_kwargs() == {
-        "name": "research",
+def test_full_example_maps_to_a_workspace_spec(project: Path) -> None:
+    doc = load_spec(write(project, FULL))
+    assert doc.name == "research"
+    assert doc.workspace_spec() == WorkspaceSpec(**{
         "image": "builtin",
         "profile": "medium",
         "restart": "on-failure",
@@ -102,16 +103,17 @@ def test_full_example_maps_to_create_kwargs(project: Path) -> None:
         "attachments": [Attachment("disk", "workspace", str(project / "workspace.ext4"), "/workspace", False),
                         Attachment("bundle", "config", str(project / "config.tar"), "/config", True)],
         "outputs": [Output("report", "/workspace/report.json")],
-    }
+    })
 
 
 def test_unset_fields_are_omitted_and_defaults_documented(project: Path) -> None:
     spec = parse_spec("image: builtin\n", project / "microagent.yaml")
-    assert spec.to_create_kwargs() == {"image": "builtin"}
+    assert spec.workspace_spec() == WorkspaceSpec(image="builtin")
+    assert spec.workspace_spec().to_json() == {"image": "builtin"}
     assert spec.effective_hostname("My_Box") == "my-box"
     mediation = parse_spec("mediation: {enabled: true, port: 2048, target: '[::1]:9900'}\n", Path("m.yaml"))
-    assert mediation.to_create_kwargs() == {"mediation": Mediation(2048, "::1", 9900)}
-    assert mediation.to_create_kwargs()["mediation"].to_json()["target"] == "[::1]:9900"
+    assert mediation.workspace_spec() == WorkspaceSpec(mediation=Mediation(2048, "::1", 9900))
+    assert mediation.workspace_spec().to_json()["mediation"]["target"] == "[::1]:9900"
 
 
 def test_relative_src_is_relative_to_spec_dir_not_cwd(project: Path, tmp_path_factory, monkeypatch) -> None:
@@ -123,10 +125,10 @@ def test_relative_src_is_relative_to_spec_dir_not_cwd(project: Path, tmp_path_fa
           - {src: sub/run.sh, dst: /app//./run.sh, mode: "755"}
           - {src: %s, dst: /app/body.py}
         """ % (project / "body.py")))
-    assert spec.to_create_kwargs()["files"] == [
+    assert spec.workspace_spec().files == (
         FileCopy(project / "sub" / "run.sh", "/app/run.sh", 0o755),
         FileCopy(project / "body.py", "/app/body.py", None),
-    ]
+    )
 
 
 def test_env_numbers_keep_their_written_text(project: Path) -> None:
@@ -318,17 +320,15 @@ def test_find_default_spec(tmp_path: Path) -> None:
 
 
 def test_merge_overrides_win_unless_none(project: Path) -> None:
-    spec_kwargs = load_spec(write(project, FULL)).to_create_kwargs()
-    merged = merge(spec_kwargs, {"name": "research-2", "profile": "large", "image": None, "cpus": None,
-                                 "env": {"EXTRA": "1"}, "setup": ["true"]})
-    assert merged["name"] == "research-2"
-    assert merged["profile"] == "large"
-    assert merged["image"] == "builtin"
-    assert merged["cpus"] == 2
-    assert merged["env"] == {"MICROAGENT_NAME": "research", "EXTRA": "1"}
-    assert merged["setup"] == ["true"]
-    assert spec_kwargs["name"] == "research"  # inputs are not modified
-    assert merge({}, {"restart": "always", "hostname": None}) == {"restart": "always"}
+    base = load_spec(write(project, FULL)).workspace_spec()
+    merged = base.merged(WorkspaceSpec(profile="large", image=None, cpus=None, env={"EXTRA": "1"}, setup=["true"]))
+    assert merged.profile == "large"
+    assert merged.image == "builtin"
+    assert merged.cpus == 2
+    assert merged.env == {"MICROAGENT_NAME": "research", "EXTRA": "1"}
+    assert merged.setup == ("true",)
+    assert base.profile == "medium"  # inputs are not modified (they are frozen)
+    assert WorkspaceSpec().merged(WorkspaceSpec(restart="always", hostname=None)).to_json() == {"restart": "always"}
 
 
 def test_publish_entries(tmp_path):
@@ -336,7 +336,7 @@ def test_publish_entries(tmp_path):
     spec = tmp_path / "microagent.yaml"
     spec.write_text('publish: ["8888:8888", {hostIp: 0.0.0.0, hostPort: 0, guestPort: 22}]\n')
     from microagent_engine.model import Publish
-    assert load_spec(spec).to_create_kwargs()["publish"] == [Publish(8888, 8888), Publish(0, 22, "0.0.0.0")]
+    assert load_spec(spec).workspace_spec().publish == (Publish(8888, 8888), Publish(0, 22, "0.0.0.0"))
     spec.write_text("publish: [8080:22]\n")
     with pytest.raises(SpecError, match=r'publish\[0\]: got the number .*quote the entry'):
         load_spec(spec)

@@ -190,7 +190,7 @@ def test_corpus_gives_only_spec_errors(project: Path) -> None:
             spec.write_text(text, encoding="utf-8", errors="surrogatepass")
             signal.alarm(PER_CASE_SECONDS)
             try:
-                load_spec(spec).to_create_kwargs()
+                load_spec(spec).workspace_spec()
                 accepted += 1
             except MicroagentError as exc:
                 str(exc).encode("utf-8")  # printable as a message (no lone surrogates)

@@ -560,7 +560,7 @@ def test_cli_and_spec_surfaces(cli, tmp_path: Path) -> None:
     bad = cli("create", "net-bad", "--allow", "192.168.1.0/24")
     assert bad.returncode == 2 and b"never reachable" in bad.stderr and b"Traceback" not in bad.stderr
     spec.write_text("network: isolated\n")  # the string form stays valid
-    assert load_spec(spec).to_create_kwargs()["network"] == {"mode": "isolated", "allow": [], "hostPorts": []}
+    assert load_spec(spec).workspace_spec().network.to_json() == {"mode": "isolated", "allow": [], "hostPorts": []}
     spec.write_text("name: net-bad2\nnetwork: {mode: isolated, hostPorts: [1]}\n")
     bad = cli("create", "-f", str(spec))
     assert bad.returncode == 2 and b"network" in bad.stderr and b"Traceback" not in bad.stderr

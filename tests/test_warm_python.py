@@ -59,8 +59,8 @@ def test_warm_session_starts_with_the_imports_done(engine: Engine) -> None:
 
 
 def test_two_warm_sessions_have_own_keys_state_and_randomness(engine: Engine) -> None:
-    a = PS.get_session(engine, "warm-a", {}, {})
-    b = PS.get_session(engine, "warm-b", {}, {})
+    a = PS.get_session(engine, "warm-a")
+    b = PS.get_session(engine, "warm-b")
     try:
         assert a.warm_from and a.warm_from == b.warm_from, (a.cold_reason, b.cold_reason)
         assert a.kernel.key != b.kernel.key and a.kernel.host_base != b.kernel.host_base
@@ -80,7 +80,7 @@ CHILD = """
 import sys, time
 from microagent_engine import Engine
 from microagent_jupyter import python_session as PS
-sess = PS.get_session(Engine(sys.argv[1]), None, {}, {})
+sess = PS.get_session(Engine(sys.argv[1]), None)
 print("READY", sess.name, flush=True)
 time.sleep(600)
 """
@@ -108,14 +108,15 @@ def test_sessions_of_a_killed_notebook_kernel_are_swept(engine: Engine, state_di
 
 
 def test_broken_warm_snapshot_falls_back_to_cold(engine: Engine, state_dir: Path) -> None:
-    built, why = warm_python.warm_snapshot(engine, {})  # the one a default session resumes (built if missing)
+    # the one a default session resumes (built if missing)
+    built, why = warm_python.warm_snapshot(engine, warm_python.session_spec())
     assert built is not None, why
     snaps = [built]
     from microagent_engine.snapshots.workspace import snapshot_dir
     state = snapshot_dir(state_dir, snaps[0]) / "state"
     with open(state, "r+b") as fh:  # a torn stream: the restore fails
         fh.truncate(4096)
-    sess = PS.get_session(engine, "warm-broken", {}, {})
+    sess = PS.get_session(engine, "warm-broken")
     try:
         assert sess.warm_from is None and "could not be resumed" in sess.cold_reason, sess.cold_reason
         assert value(sess, "40 + 2") == "42"

@@ -1,7 +1,8 @@
 """The engine: a facade (:class:`Engine`) over collaborators, one per concern.
 
 - ``store``: workspace records, the truth check against live processes, listing
-- ``provision``: create and delete
+- ``provision``: create (of a :class:`~microagent_engine.workspace_spec.WorkspaceSpec`) and delete
+- ``oneshot``: run (create + start + exec + halt) and its :class:`RunOptions`
 - ``lifecycle``: start (launch spec, supervisor spawn), halt, stop, kill, quarantine
 - ``sessions``: exec, ping, the serial console and its log
 - ``transfer``: cp and declared outputs on stopped workspaces
@@ -9,6 +10,7 @@
 """
 
 from .facade import Engine
+from .oneshot import RunOptions
 from .store import WorkspaceInfo
 
-__all__ = ["Engine", "WorkspaceInfo"]
+__all__ = ["Engine", "RunOptions", "WorkspaceInfo"]

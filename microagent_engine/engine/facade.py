@@ -9,14 +9,14 @@ from __future__ import annotations
 import builtins
 import os
 import threading
-import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Iterator
 
 from ..client import DEFAULT_MAX_OUTPUT, ExecResult, OutputCallback, SupervisorConnection
 from ..config import default_state_dir
-from ..errors import GuestError, InvalidArgument, MicroagentError, NotFound
-from ..model import PUBLISH_DEFAULT_HOST_IP, Attachment, FileCopy, Mediation, Output, Publish
+from ..errors import InvalidArgument
+from ..model import PUBLISH_DEFAULT_HOST_IP
+from ..workspace_spec import WorkspaceSpec
 from ..snapshots import workspace as snapshot_store
 from ..storage.volumes import VolumeRegistry
 from .context import EngineContext, Progress
@@ -24,13 +24,13 @@ from .imaging import Imaging
 from .lifecycle import Lifecycle
 from .provision import Provisioner
 from .sessions import Sessions
-from .bootlog import boot_log_tail
+from . import oneshot
+from .oneshot import RunOptions, split_run_kwargs
 from .store import WorkspaceInfo
 from .transfer import Transfer
 
 if TYPE_CHECKING:
     from ..backends.base import Backend
-    from ..sandbox.network import NetworkPolicy
     from ..images.store import ImageInfo, ImageStore
 
 
@@ -87,46 +87,16 @@ class Engine:
         return [info for info in self.list() if info.running or info.vm_alive]
 
     # ---- create / delete -----------------------------------------------------------------------
-    def create(
-        self,
-        name: str | None = None,
-        *,
-        image: str | None = None,
-        profile: str | None = None,
-        memory_mib: int | None = None,
-        cpus: int | None = None,
-        size_mib: int | None = None,
-        env: dict[str, str] | None = None,
-        hostname: str | None = None,
-        network: "NetworkPolicy | str | dict[str, Any] | None" = "user",
-        accel: str | None = None,
-        kernel: str | None = None,
-        restart: str = "never",
-        shell: str | None = None,
-        setup: builtins.list[str] | None = None,
-        entrypoint: str | None = None,
-        mediation: Mediation | None = None,
-        attachments: builtins.list[Attachment] | None = None,
-        outputs: builtins.list[Output] | None = None,
-        files: builtins.list[FileCopy] | None = None,
-        publish: builtins.list[Publish] | None = None,
-        from_snapshot: str | None = None,
-        cold: bool = False,
-        packages: builtins.list[str] | None = None,
-    ) -> WorkspaceInfo:
-        """Record a new workspace and build its rootfs (state ``prepared``). Nothing is left on failure.
+    def create(self, name: str | None = None, spec: WorkspaceSpec | None = None, **fields: Any) -> WorkspaceInfo:
+        """Record a new workspace from ``spec`` and build its rootfs (state ``prepared``). Nothing is left on
+        failure. ``fields`` (``image=...``, ``memory_mib=...``: :class:`WorkspaceSpec`'s) build the spec when none
+        is given; everything is validated before anything is written.
 
-        ``attachments``, ``outputs``, ``mediation``, ``files`` and ``publish`` are :mod:`microagent_engine.model`
-        objects (build them from CLI strings with ``model.parse_*``); all are validated before anything is written.
-        ``from_snapshot``: a clone of that workspace snapshot (its own copy of the disk) whose first start resumes
-        it with its processes running; only ``hostname`` and ``env`` may be given with it. ``cold``: every start
-        of this workspace boots cold, never from a template. ``packages`` (Debian package names) are added to the
-        built-in ``builtin:python`` image (built on first need, once per package set)."""
-        return self._provision.create(
-            name, image=image, profile=profile, memory_mib=memory_mib, cpus=cpus, size_mib=size_mib, env=env,
-            hostname=hostname, network=network, accel=accel, kernel=kernel, restart=restart, shell=shell,
-            setup=setup, entrypoint=entrypoint, mediation=mediation, attachments=attachments, outputs=outputs,
-            files=files, publish=publish, from_snapshot=from_snapshot, cold=cold, packages=packages)
+        ``spec.from_snapshot``: a clone of that workspace snapshot (its own copy of the disk) whose first start
+        resumes it with its processes running; only ``hostname`` and ``env`` may be given with it. ``spec.cold``:
+        every start of this workspace boots cold, never from a template. ``spec.packages`` (Debian package names)
+        are added to the built-in ``builtin:python`` image (built on first need, once per package set)."""
+        return self._provision.create(name, _spec(spec, fields))
 
     def delete(self, name: str) -> None:
         """Remove the workspace record and its disks. Refuses while its VM runs."""
@@ -259,85 +229,25 @@ class Engine:
         return self._sessions.console_send(name, line, timeout)
 
     # ---- one-shot ------------------------------------------------------------------------------
-    def run(
-        self,
-        argv: builtins.list[str],
-        *,
-        name: str | None = None,
-        delete: bool = False,
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        timeout: float | None = None,
-        stdin: bytes | IO[bytes] | None = None,
-        on_stdout: OutputCallback | None = None,
-        on_stderr: OutputCallback | None = None,
-        capture: bool = True,
-        max_output: int = DEFAULT_MAX_OUTPUT,
-        cold: bool = False,
-        **create_args: Any,
-    ) -> tuple[WorkspaceInfo, ExecResult]:
-        """create + start + exec, then halt (and delete with ``delete=True``). Never leaves a VM running, and
+    def run(self, argv: builtins.list[str], spec: WorkspaceSpec | None = None, options: RunOptions | None = None,
+            **kwargs: Any) -> tuple[WorkspaceInfo, ExecResult]:
+        """create + start + exec, then halt (and delete with ``options.delete``). Never leaves a VM running, and
         leaves no record when the workspace could not start (the error then quotes the end of its boot log).
 
-        Without ``name`` the workspace is named ``run-<ns>`` and marked one-shot (``oneShot``), so
-        :meth:`prune` removes it once stopped."""
-        if not argv:
-            raise InvalidArgument("run needs a command, e.g. microagent run -- uname -r")
-        one_shot = name is None
-        name = name or f"run-{time.time_ns()}"
-        info = self._provision.create(name, env=env, one_shot=one_shot, **create_args)
-        try:
-            self.progress(f"Booting {name}")
-            self.start(name, cold=cold)
-        except BaseException as exc:
-            self._finish_run(name, force=True)
-            boot_log = boot_log_tail(info)
-            self._delete_quietly(name)  # a run that never ran leaves nothing behind
-            if isinstance(exc, GuestError) and boot_log:
-                reason = str(exc).split("\n", 1)[0].removesuffix("Last console lines:").rstrip()
-                raise GuestError(f"{reason}\nLast lines of the boot log:\n{boot_log}") from None
-            raise
-        try:
-            result = self.exec(name, argv, cwd=cwd, timeout=timeout, stdin=stdin, on_stdout=on_stdout,
-                               on_stderr=on_stderr, capture=capture, max_output=max_output)
-            self._finish_run(name)
-        except BaseException:
-            self._finish_run(name, force=True)
-            if delete:
-                self._delete_quietly(name)
-            raise
-        if delete:
-            self.delete(name)
-        else:
-            info = self.status(name)
-        return info, result
+        Without ``options.name`` the workspace is named ``run-<ns>`` and marked one-shot (``oneShot``), so
+        :meth:`prune` removes it once stopped. ``kwargs``: :class:`RunOptions` and :class:`WorkspaceSpec` fields,
+        when ``options``/``spec`` are not given."""
+        option_kwargs, spec_kwargs = split_run_kwargs(kwargs)
+        if option_kwargs and options is not None:
+            raise InvalidArgument(f"give run options either as RunOptions or as keywords, not both "
+                                  f"({', '.join(option_kwargs)})")
+        return oneshot.run(self, argv, _spec(spec, spec_kwargs), options or RunOptions(**option_kwargs))
 
     def prune(self) -> builtins.list[str]:
         """Delete the stopped one-shot workspaces (those ``run`` made under a generated name); their names. Also
         sweeps what a killed snapshot left behind (listing never deletes anything)."""
         snapshot_store.sweep_unfinished(self.state_dir)
         return self._provision.prune()
-
-    def _delete_quietly(self, name: str) -> None:
-        try:
-            self.delete(name)
-        except MicroagentError:
-            pass
-
-    def _finish_run(self, name: str, force: bool = False) -> None:
-        try:
-            info = self.status(name)
-            if not info.dir.supervisor_alive():
-                return
-            if force:
-                self.kill(name)
-            else:
-                try:
-                    self.halt(name)
-                except GuestError:
-                    self.kill(name)
-        except NotFound:
-            pass
 
     # ---- data ----------------------------------------------------------------------------------
     def cp(self, src: str, dst: str, max_size: int | str | None = None) -> Path | str:
@@ -376,3 +286,16 @@ class Engine:
     def prune_images(self) -> builtins.list["ImageInfo"]:
         """Remove cached images (and their blobs) that no workspace was created from."""
         return self._imaging.prune()
+
+
+def _spec(spec: WorkspaceSpec | None, fields: dict[str, Any]) -> WorkspaceSpec:
+    """``spec``, or one built from ``fields`` (not both)."""
+    if spec is not None and fields:
+        raise InvalidArgument(f"give the workspace either as a WorkspaceSpec or as keywords, not both "
+                              f"({', '.join(fields)})")
+    if spec is not None and not isinstance(spec, WorkspaceSpec):
+        raise InvalidArgument(f"spec must be a microagent_engine.WorkspaceSpec, got {type(spec).__name__}")
+    try:
+        return spec if spec is not None else WorkspaceSpec(**fields)
+    except TypeError as exc:  # an unknown keyword: name the known ones
+        raise InvalidArgument(f"{exc}; the fields of a workspace are those of WorkspaceSpec") from None

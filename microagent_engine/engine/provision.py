@@ -7,34 +7,22 @@ import builtins
 import os
 import secrets
 import shutil
-from typing import Any, Callable
+from typing import Callable
 from pathlib import Path
 
-from ..config import (
-    RESTART_POLICIES,
-    get_profile,
-    hostname_for,
-    validate_choice,
-    validate_env,
-    validate_hostname,
-    validate_name,
-    validate_resource,
-    validate_text,
-)
+from ..config import get_profile, hostname_for, validate_name
 from ..errors import AlreadyExists, InvalidArgument, InvalidState, MicroagentError, NotFound
 from ..fsutil import file_lock, private_dir
 from ..hostinfo import choose_accel
-from ..images.builtin import PYTHON_REF, accepts_packages, builtin_base, canonical, is_builtin
 from ..images import builtin_cache
-from ..images.debian import parse_packages
-from ..model import Attachment, FileCopy, Mediation, Output, Publish, validate_attachments, validate_outputs, \
-    validate_publish
-from ..supervisor.publish import check_publish_free
-from ..sandbox.network import NetworkPolicy
+from ..images.builtin import builtin_base, canonical, is_builtin
 from ..records import WorkspaceConfig, WorkspaceDir, WorkspaceState
-from ..storage import debugfs
+from ..sandbox.network import NetworkPolicy
 from ..snapshots import workspace as snapshots
+from ..storage import debugfs
 from ..storage.ext4 import clone_sized
+from ..supervisor.publish import check_publish_free
+from ..workspace_spec import WorkspaceSpec
 from .context import EngineContext
 from .store import WorkspaceInfo
 
@@ -45,93 +33,39 @@ class Provisioner:
     def __init__(self, ctx: EngineContext) -> None:
         self.ctx = ctx
 
-    def create(
-        self,
-        name: str | None = None,
-        *,
-        image: str | None = None,
-        profile: str | None = None,
-        memory_mib: int | None = None,
-        cpus: int | None = None,
-        size_mib: int | None = None,
-        env: dict[str, str] | None = None,
-        hostname: str | None = None,
-        network: NetworkPolicy | str | dict[str, Any] | None = "user",
-        accel: str | None = None,
-        kernel: str | None = None,
-        restart: str = "never",
-        shell: str | None = None,
-        setup: builtins.list[str] | None = None,
-        entrypoint: str | None = None,
-        mediation: Mediation | None = None,
-        attachments: builtins.list[Attachment] | None = None,
-        outputs: builtins.list[Output] | None = None,
-        files: builtins.list[FileCopy] | None = None,
-        one_shot: bool = False,
-        publish: builtins.list[Publish] | None = None,
-        from_snapshot: str | None = None,
-        cold: bool = False,
-        packages: builtins.list[str] | None = None,
-    ) -> WorkspaceInfo:
+    def create(self, name: str | None, spec: WorkspaceSpec, *, one_shot: bool = False) -> WorkspaceInfo:
+        """Execute ``spec`` (see ``Engine.create``); ``one_shot``: made by ``run`` under a generated name."""
         ctx = self.ctx
         name = validate_name(f"ws-{secrets.token_hex(4)}" if name is None else name)
-        if from_snapshot is not None:
-            given = [k for k, v in (("image", image), ("profile", profile), ("memory", memory_mib), ("cpus", cpus),
-                                    ("size", size_mib), ("kernel", kernel), ("accel", accel), ("shell", shell),
-                                    ("setup", setup), ("entrypoint", entrypoint), ("mediation", mediation),
-                                    ("attachments", attachments), ("outputs", outputs), ("files", files),
-                                    ("publish", publish), ("cold", cold or None)) if v is not None]
-            if given:
-                raise InvalidArgument(f"--from-snapshot takes the workspace as it was snapshotted; only a name, "
-                                      f"--hostname and -e/--env may be given with it (not {', '.join(given)})")
-            return self._create_from_snapshot(name, from_snapshot, hostname, env)
-        prof = get_profile(profile)
-        extra_packages = parse_packages(packages)
-        if extra_packages and not accepts_packages(image):
-            raise InvalidArgument(f"packages can only be added to the built-in Debian image, not to "
-                                  f"{image or canonical(image)}; use --image {PYTHON_REF}")
-        for key, label, value in (("memory_mib", "--memory", memory_mib), ("cpus", "--cpus", cpus),
-                                  ("size_mib", "--size-mib", size_mib)):
-            if value is not None:
-                validate_resource(key, value, label)
-        policy = NetworkPolicy.parse(network)
-        validate_choice(restart, RESTART_POLICIES, "restart policy")
-        if accel:
-            choose_accel(accel)  # validates the value (and KVM availability) up front
-        if hostname is not None:
-            validate_hostname(hostname)
-        env = validate_env(dict(env or {}))
-        for what, text in (("image", image), ("shell", shell), ("entrypoint", entrypoint), ("kernel", kernel),
-                           *((f"setup[{i}]", cmd) for i, cmd in enumerate(setup or []))):
-            if text is not None:
-                validate_text(text, what)
-        if mediation is not None and not isinstance(mediation, Mediation):
-            raise InvalidArgument("mediation must be a microagent_engine.model.Mediation (parse the CLI form "
-                                  "with model.parse_mediation_flag)")
-        atts = validate_attachments(attachments or [])
-        outs = validate_outputs(outputs or [])
-        ports = validate_publish(publish or [])
+        spec.check()
+        if spec.from_snapshot is not None:
+            return self._create_from_snapshot(name, spec)
+        prof = get_profile(spec.profile)
+        policy = spec.network or NetworkPolicy()
+        if spec.accel:
+            choose_accel(spec.accel)  # KVM's availability, up front
+        atts, outs, ports = list(spec.attachments or ()), list(spec.outputs or ()), list(spec.publish or ())
         check_publish_free(ports)  # a taken host port fails now, before anything is written
         for att in atts:
             att.check_host_file()
-        file_list = list(files or [])
+        file_list = list(spec.files or ())
         for f in file_list:
             if not Path(f.src).is_file():
                 raise NotFound(f"file {f.src} does not exist (or is not a regular file); fix files[].src")
+        image, shell = spec.image, spec.shell
         ws = ctx.store.dir(name)
         if ws.path.exists():
             raise AlreadyExists(f"workspace {name!r} already exists; pick another name or delete it first "
                                 f"('microagent delete {name} --yes')")
         cfg = WorkspaceConfig(
             name=name, image=canonical(image) if is_builtin(image) else str(image), profile=prof.name,
-            memory_mib=memory_mib or prof.memory_mib, cpus=cpus or prof.cpus, size_mib=size_mib or prof.disk_mib,
-            env=env, hostname=hostname or hostname_for(name), network=policy.backend_mode,
-            accel=accel or "auto", kernel=str(Path(kernel).resolve()) if kernel else None, restart=restart,
-            shell=shell or "/bin/sh", setup=list(setup or []), entrypoint=entrypoint or None,
-            mediation=mediation, network_policy=policy.to_json(), attachments=atts, outputs=outs,
-            one_shot=one_shot, publish=ports, cold=cold)
-        if not cfg.shell.startswith("/"):
-            raise InvalidArgument(f"shell must be an absolute guest path, got {cfg.shell!r}")
+            memory_mib=spec.memory_mib or prof.memory_mib, cpus=spec.cpus or prof.cpus,
+            size_mib=spec.size_mib or prof.disk_mib, env=dict(spec.env or {}),
+            hostname=spec.hostname or hostname_for(name), network=policy.backend_mode, accel=spec.accel or "auto",
+            kernel=str(Path(spec.kernel).resolve()) if spec.kernel else None, restart=spec.restart or "never",
+            shell=shell or "/bin/sh", setup=list(spec.setup or ()), entrypoint=spec.entrypoint or None,
+            mediation=spec.mediation, network_policy=policy.to_json(), attachments=atts, outputs=outs,
+            one_shot=one_shot, publish=ports, cold=bool(spec.cold), spec=spec.to_json())
         for att in atts:
             if att.kind == "volume":
                 try:
@@ -141,7 +75,7 @@ class Provisioner:
                                    f"{att.source}") from None
         ctx.resolve_kernel(cfg.kernel)  # installs the default kernel on first need, as the seeds' create does
         if is_builtin(image):
-            built = builtin_base(image, ctx.state_dir, extra_packages, ctx.progress)
+            built = builtin_base(image, ctx.state_dir, spec.packages or (), ctx.progress)
             base, cfg.image_id = built.path, builtin_cache.image_id(built.path)
             cfg.env = {**built.env, **cfg.env}
             cfg.size_mib = max(cfg.size_mib, built.size_mib)
@@ -188,13 +122,12 @@ class Provisioner:
                 shutil.rmtree(staging.path, ignore_errors=True)
         return ctx.store.info(ws)
 
-    def _create_from_snapshot(self, name: str, snapshot: str, hostname: str | None,
-                              env: dict[str, str] | None) -> WorkspaceInfo:
-        """A new workspace whose first start resumes ``snapshot`` (its own copy of the disk)."""
+    def _create_from_snapshot(self, name: str, spec: WorkspaceSpec) -> WorkspaceInfo:
+        """A new workspace whose first start resumes ``spec.from_snapshot`` (its own copy of the disk)."""
         ctx = self.ctx
-        if hostname is not None:
-            validate_hostname(hostname)
-        cfg, meta = snapshots.clone_config(ctx.state_dir, snapshot, name, hostname, validate_env(dict(env or {})))
+        snapshot = str(spec.from_snapshot)
+        cfg, meta = snapshots.clone_config(ctx.state_dir, snapshot, name, spec.hostname, dict(spec.env or {}))
+        cfg.spec = spec.to_json()
         ws = ctx.store.dir(name)
         if ws.path.exists():
             raise AlreadyExists(f"workspace {name!r} already exists; pick another name or delete it first "

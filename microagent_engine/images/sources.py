@@ -45,6 +45,17 @@ def is_local(ref: str) -> bool:
     return ref.startswith(PREFIXES) or ref.startswith(("/", "./", "../", "~"))
 
 
+def local_path(ref: str) -> str | None:
+    """The host path a local reference reads (its selector dropped); None for a registry reference."""
+    if not is_local(ref):
+        return None
+    for prefix in PREFIXES:
+        if ref.startswith(prefix):
+            ref = ref[len(prefix):]
+            break
+    return ref.split(":", 1)[0]
+
+
 def _split_path(spec: str, what: str) -> tuple[Path, str | None]:
     """``PATH[:SUFFIX]``: the whole spec if it exists, else split at the first ':' after an existing path."""
     whole = Path(spec).expanduser()

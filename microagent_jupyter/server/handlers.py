@@ -38,9 +38,11 @@ from microagent_engine.errors import (
     NotFound,
 )
 from microagent_engine.logfiles import SERIAL_LOG_MAX, tail_bytes, tail_lines
-from microagent_engine.model import Attachment, Output, Publish
+from microagent_engine.images.sources import local_path
+from microagent_engine.model import Attachment
+from microagent_engine.workspace_spec import WorkspaceSpec
 
-from .._engine import create_kwargs, get_engine
+from .._engine import get_engine
 from .config import MicroagentConfig
 
 NAME = r"(?P<name>[^/]+)"
@@ -122,10 +124,9 @@ class BaseHandler(APIHandler):
             self.send_error_json(exc)
 
     # ---- host paths ----------------------------------------------------------------------------
-    def attachment(self, data: Any) -> Attachment:
-        """The attachment the engine will execute: parsed once, its host file resolved (symlinks followed) and
-        checked against the allowed roots. The engine receives this very object."""
-        att = Attachment.from_json(data)
+    def resolved(self, att: Attachment) -> Attachment:
+        """The attachment the engine will execute: its host file resolved (symlinks followed) and checked against
+        the allowed roots. The engine receives this very object."""
         if att.host_path is None:
             return att
         self.check_host_path(att.source, att.kind)
@@ -145,24 +146,6 @@ class BaseHandler(APIHandler):
         raise Forbidden(f"{what} {path!r} is outside the directories this server may read ({hint})")
 
 
-def _list(value: Any, field: str) -> list[Any]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise BadRequest(f"{field!r} must be a list")
-    return value
-
-
-def _strings(value: Any, field: str) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise BadRequest(f"{field!r} must be a list of strings")
-    return value
-
-
 def _int(value: Any, field: str) -> int | None:
     if value is None:
         return None
@@ -171,11 +154,14 @@ def _int(value: Any, field: str) -> int | None:
     return value
 
 
-HOST_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".ext4", ".img")
-CREATE_FIELDS = {"publish", "name", "image", "profile", "memoryMiB", "cpus", "cpuCount", "sizeMiB", "env", "network",
-                 "hostname", "attachments", "outputs", "restart", "shell", "setup", "entrypoint",
-                 "start", "fromSnapshot"}
-LOCAL_IMAGE_PREFIXES = ("oci:", "oci-archive:", "docker-archive:", "dir:", "/", ".", "~", "file:")
+def _str_or_none(value: Any, key: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise BadRequest(f"{key!r} must be a string")
+    return value
+
+
+#: what a create request may hold besides the WorkspaceSpec's fields (its JSON form)
+REQUEST_FIELDS = ("name", "start")
 
 
 class WorkspacesHandler(BaseHandler):
@@ -190,67 +176,41 @@ class WorkspacesHandler(BaseHandler):
     async def post(self) -> None:
         async def go() -> None:
             body = self.body()
-            kwargs, start = self.create_args(body)
-            env = body.get("env") if body.get("env") is not None else {}
-            if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                    for k, v in env.items()):
-                raise BadRequest("'env' must be an object of string values")
-            info = await self.call(self.engine.create, body.get("name"), env=env, **kwargs)
+            name, spec, start = self.create_request(body)
+            info = await self.call(self.engine.create, name, spec)
             if start:
                 info = await self.call(self.engine.start, info.name)
             self.set_header("Location", url_path_join(self.base_url, "microagent/api/workspaces", info.name))
             self.send_json(info.to_json(), 201)
         await self.guarded(go)
 
-    @staticmethod
-    def bad_publish(item: Any) -> Publish:
-        raise BadRequest(f"'publish' entries must be {{hostIp?, hostPort, guestPort}} objects, got {item!r:.80}")
-
-    def create_args(self, body: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    def create_request(self, body: dict[str, Any]) -> tuple[str | None, WorkspaceSpec, bool]:
+        """(name, spec, start) of a create request: a WorkspaceSpec in its JSON form plus ``name`` and ``start``.
+        Host paths it names must lie under the allowed roots (the engine receives the resolved ones)."""
         for legacy in ("volumes", "disks", "bundles"):
             if legacy in body:
                 raise BadRequest(f"{legacy!r} is the command-line form; send 'attachments': a list of "
                                  f"{{kind: volume|disk|bundle, source, mountpoint, name?, readOnly?}} objects")
-        unknown = set(body) - CREATE_FIELDS
-        if "kernel" in unknown:
+        if "kernel" in body:
             raise Forbidden("'kernel' names a host file and is not accepted over HTTP; configure kernels on the "
                             "server host")
-        if unknown:
-            raise BadRequest(f"unknown field(s) {', '.join(sorted(unknown))}; known: "
-                             f"{', '.join(sorted(CREATE_FIELDS))}")
-        image = body.get("image")
-        if image is not None and not isinstance(image, str):
-            raise BadRequest("'image' must be a string")
-        if image and image.startswith(LOCAL_IMAGE_PREFIXES):
-            path = image.split(":", 1)[1] if image.split(":", 1)[0] in ("oci", "oci-archive", "docker-archive",
-                                                                        "dir", "file") else image
-            self.check_host_path(path.split(":", 1)[0] if path.startswith(("/", "~")) else path, "image")
-        attachments = [self.attachment(a) for a in _list(body.get("attachments"), "attachments")]
-        outputs = [Output.from_json(o) for o in _list(body.get("outputs"), "outputs")]
-        publish = [Publish.from_json(p) if isinstance(p, dict) else self.bad_publish(p)
-                   for p in _list(body.get("publish"), "publish")]
-        memory = _int(body.get("memoryMiB"), "memoryMiB")
-        cpus = _int(body.get("cpus", body.get("cpuCount")), "cpus")
-        size = _int(body.get("sizeMiB"), "sizeMiB")
-        for key in ("profile", "network", "hostname", "restart", "shell", "entrypoint"):
-            if body.get(key) is not None and not isinstance(body[key], str):
-                raise BadRequest(f"{key!r} must be a string")
-        setup = _strings(body.get("setup"), "setup") or None
-        kwargs = create_kwargs(image=image, profile=body.get("profile"), memory_mib=memory, cpus=cpus,
-                               size_mib=size, network=body.get("network"), hostname=body.get("hostname"),
-                               restart=body.get("restart"), shell=body.get("shell"), setup=setup,
-                               entrypoint=body.get("entrypoint"), attachments=attachments, outputs=outputs,
-                               publish=publish, from_snapshot=_str_or_none(body.get("fromSnapshot"), "fromSnapshot"))
-        start = body.get("start", False)
+        fields = {k: v for k, v in body.items() if k not in REQUEST_FIELDS}
+        if "cpuCount" in fields and "cpus" not in fields:  # the status JSON's spelling
+            fields["cpus"] = fields.pop("cpuCount")
+        name, start = body.get("name"), body.get("start", False)
+        if name is not None and not isinstance(name, str):
+            raise BadRequest("'name' must be a string")
         if not isinstance(start, bool):
             raise BadRequest("'start' must be true or false")
-        return kwargs, start
-
-
-def _str_or_none(value: Any, key: str) -> str | None:
-    if value is not None and not isinstance(value, str):
-        raise BadRequest(f"{key!r} must be a string")
-    return value
+        spec = WorkspaceSpec.from_json(fields, what="create request")
+        path = local_path(spec.image) if spec.image else None
+        if path is not None:
+            self.check_host_path(path, "image")
+        for f in spec.files or ():
+            self.check_host_path(str(f.src), "files[].src")
+        if spec.attachments:
+            spec = dataclasses.replace(spec, attachments=tuple(self.resolved(a) for a in spec.attachments))
+        return name, spec, start
 
 
 class SnapshotHandler(BaseHandler):
