@@ -15,7 +15,6 @@ from .client import DEFAULT_MAX_OUTPUT
 from .config import COMMIT_MAX_SIZE_HELP, MAX_SIZE_HELP, PROFILES, parse_env_pairs
 from .errors import InvalidArgument, MicroagentError
 from .protocol import ExitKind, FrameType
-from .sandbox.network import policy_of
 from .storage.volumes import DEFAULT_SIZE_MIB, render_created, render_deleted, render_list, render_status
 from .engine import Engine, RunOptions, WorkspaceInfo
 from .spec_args import add_workspace_arguments, spec_from_args, workspace_name
@@ -41,7 +40,7 @@ def _status_text(info: WorkspaceInfo) -> str:
 
 def _list_text(infos: list[WorkspaceInfo]) -> str:
     rows = [[i.name, i.state.state, i.state.backend or "qemu", i.config.profile,
-             policy_of(i.config.network, i.config.network_policy).mode, i.config.restart] for i in infos]
+             i.config.network_policy.mode, i.config.restart] for i in infos]
     return _table(rows, ["NAME", "STATE", "BACKEND", "PROFILE", "NETWORK", "RESTART"])
 
 

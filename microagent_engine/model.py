@@ -19,6 +19,7 @@ from typing import Any, Iterable
 
 from .config import validate_name
 from .errors import InvalidArgument
+from .network_policy import NetworkPolicy, policy_of
 from .storage.attachments import (
     BUNDLE_SUFFIXES,
     DIR_GUIDANCE,
@@ -474,7 +475,7 @@ class LaunchSpec:
     entrypoint: str | None
     restart: str
     mediation: Mediation | None = None
-    network_policy: dict[str, Any] | None = None  # sandbox.network.NetworkPolicy.to_json()
+    network_policy: NetworkPolicy = field(default_factory=NetworkPolicy)
     publish: list[Publish] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # backend-specific launch data (e.g. confinement)
 
@@ -483,7 +484,7 @@ class LaunchSpec:
                 "env": self.env, "accel": self.accel, "bootTimeout": self.boot_timeout, "mounts": self.mounts,
                 "setup": self.setup, "entrypoint": self.entrypoint, "restart": self.restart,
                 "mediation": self.mediation.to_json() if self.mediation else None,
-                "networkPolicy": self.network_policy, "publish": [p.to_json() for p in self.publish],
+                "networkPolicy": self.network_policy.to_json(), "publish": [p.to_json() for p in self.publish],
                 "extra": self.extra}
 
     @classmethod
@@ -494,6 +495,6 @@ class LaunchSpec:
                    boot_timeout=float(data["bootTimeout"]), mounts=[list(m) for m in data["mounts"]],
                    setup=list(data["setup"]), entrypoint=data["entrypoint"], restart=data["restart"],
                    mediation=Mediation.from_json(med) if med else None,
-                   network_policy=data.get("networkPolicy"),
+                   network_policy=policy_of(data["network"], data.get("networkPolicy")),
                    publish=[Publish.from_json(p) for p in data.get("publish") or []],
                    extra=dict(data.get("extra") or {}))

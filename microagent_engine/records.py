@@ -13,6 +13,7 @@ from typing import Any
 
 from .fsutil import read_json, write_json_atomic
 from .model import Attachment, Mediation, Output, Publish
+from .network_policy import NetworkPolicy, policy_of
 
 from .states import ACTIVE, READINESS_SIGNALS, STARTABLE, STATES  # noqa: F401 (re-exported)
 
@@ -41,7 +42,7 @@ class WorkspaceConfig:
     setup: list[str] = field(default_factory=list)
     entrypoint: str | None = None
     mediation: Mediation | None = None
-    network_policy: dict[str, Any] | None = None  # sandbox.network.NetworkPolicy.to_json(); None: mode's default
+    network_policy: NetworkPolicy = field(default_factory=NetworkPolicy)
     attachments: list[Attachment] = field(default_factory=list)
     outputs: list[Output] = field(default_factory=list)
     publish: list[Publish] = field(default_factory=list)  # host ports forwarded into the guest (-p)
@@ -56,6 +57,7 @@ class WorkspaceConfig:
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["mediation"] = self.mediation.to_json() if self.mediation else None
+        out["network_policy"] = self.network_policy.to_json()
         out["attachments"] = [a.to_json() for a in self.attachments]
         out["outputs"] = [o.to_json() for o in self.outputs]
         out["publish"] = [p.to_json() for p in self.publish]
@@ -66,6 +68,7 @@ class WorkspaceConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         cfg = cls(**{k: v for k, v in data.items() if k in known})
         cfg.mediation = Mediation.from_json(cfg.mediation) if cfg.mediation else None
+        cfg.network_policy = policy_of(cfg.network, data.get("network_policy"))
         cfg.attachments = [Attachment.from_json(a) for a in cfg.attachments]  # type: ignore[arg-type]
         cfg.outputs = [Output.from_json(o) for o in cfg.outputs]  # type: ignore[arg-type]
         cfg.publish = [Publish.from_json(p) for p in cfg.publish]  # type: ignore[arg-type]

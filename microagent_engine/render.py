@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .sandbox.network import policy_of
 
 if TYPE_CHECKING:
     from .engine import WorkspaceInfo
@@ -37,7 +36,7 @@ def status_fields(info: "WorkspaceInfo") -> list[tuple[str, str]]:
     fields = summary_fields(info) + [("Image", c.image), ("Backend", s.backend or "qemu")]
     if s.accel:
         fields.append(("Accelerator", f"{s.accel} ({s.accel_reason})"))
-    fields += [("Network", policy_of(c.network, c.network_policy).describe()), ("Restart", c.restart),
+    fields += [("Network", c.network_policy.describe()), ("Restart", c.restart),
                ("Hostname", c.hostname), ("Actions", ", ".join(info.actions) or "none")]
     for att in c.attachments:
         source = att.source if att.kind == "volume" else f"{att.name}={att.source}"

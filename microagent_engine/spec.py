@@ -38,7 +38,7 @@ from .errors import InvalidArgument, MicroagentError, SpecError
 from .images.debian import parse_packages
 from .model import Attachment, FileCopy, Mediation, Output, Publish, parse_host_port, validate_mountpoint, \
     validate_publish
-from .sandbox.network import NetworkPolicy
+from .network_policy import NetworkPolicy
 from .storage.attachments import check_bundle_file, check_ext4_file
 from .workspace_spec import WorkspaceSpec
 

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 from .config import ACCEL_CHOICES, NETWORK_CHOICES, PROFILES, RESTART_POLICIES, parse_env_pairs
 from .errors import InvalidArgument
 from .model import parse_attachment_flags, parse_mediation_flag, parse_output_flag, parse_publish_flag
-from .sandbox.network import NetworkPolicy
+from .network_policy import NetworkPolicy
 from .workspace_spec import WorkspaceSpec
 
 #: the flag groups :func:`add_workspace_arguments` knows, in help order

@@ -43,7 +43,7 @@ from .model import (
     validate_outputs,
     validate_publish,
 )
-from .sandbox.network import NetworkPolicy
+from .network_policy import NetworkPolicy
 
 #: what may be given with ``fromSnapshot`` (the snapshot fixes everything else)
 SNAPSHOT_FIELDS = ("hostname", "env")

@@ -36,7 +36,8 @@ from microagent_engine.errors import InvalidArgument, MicroagentError
 from microagent_engine.guest.initramfs import compile_static
 from microagent_engine.hostinfo import require_tool
 from microagent_engine.sandbox import dns
-from microagent_engine.sandbox.network import AllowEntry, NetworkPolicy, Refused, host_addresses, host_networks
+from microagent_engine.network_policy import AllowEntry, NetworkPolicy
+from microagent_engine.sandbox.network import Refused, host_addresses, host_networks
 from microagent_engine.spec import load_spec
 
 pytestmark = pytest.mark.vm

@@ -17,7 +17,7 @@ from ..hostinfo import choose_accel
 from ..images import builtin_cache
 from ..images.builtin import builtin_base, canonical, is_builtin
 from ..records import WorkspaceConfig, WorkspaceDir, WorkspaceState
-from ..sandbox.network import NetworkPolicy
+from ..network_policy import NetworkPolicy
 from ..snapshots import workspace as snapshots
 from ..storage import debugfs
 from ..storage.ext4 import clone_sized
@@ -64,7 +64,7 @@ class Provisioner:
             hostname=spec.hostname or hostname_for(name), network=policy.backend_mode, accel=spec.accel or "auto",
             kernel=str(Path(spec.kernel).resolve()) if spec.kernel else None, restart=spec.restart or "never",
             shell=shell or "/bin/sh", setup=list(spec.setup or ()), entrypoint=spec.entrypoint or None,
-            mediation=spec.mediation, network_policy=policy.to_json(), attachments=atts, outputs=outs,
+            mediation=spec.mediation, network_policy=policy, attachments=atts, outputs=outs,
             one_shot=one_shot, publish=ports, cold=bool(spec.cold), spec=spec.to_json())
         for att in atts:
             if att.kind == "volume":

@@ -13,7 +13,6 @@ from ..config import validate_name
 from ..errors import Busy, InvalidArgument, InvalidState, NotFound
 from ..fsutil import file_lock, sweep_stale_temp
 from ..records import WorkspaceConfig, WorkspaceDir, WorkspaceState, process_matches
-from ..sandbox.network import policy_of
 from ..states import ACTIVE, allowed_actions
 
 
@@ -48,7 +47,7 @@ class WorkspaceInfo:
 
     def to_json(self) -> dict[str, Any]:
         c, s = self.config, self.state
-        policy = policy_of(c.network, c.network_policy)
+        policy = c.network_policy
         out: dict[str, Any] = {
             "name": c.name, "state": s.state, "actions": self.actions, "live": self.running,
             "backend": s.backend or "qemu",

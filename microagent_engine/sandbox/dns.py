@@ -29,15 +29,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..network_policy import DNS_PORT as PORT, GUEST_DNS  # noqa: F401 (the guest's resolver)
 from ..textsafe import safe_text
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-GUEST_DNS = "10.0.2.3"  # QEMU slirp's DNS address, as the guest sees it
 #: QEMU's /etc/resolv.conf in its jail: libslirp sends the guest's 10.0.2.3 to its first nameserver (with none it
 #: refuses: "network unreachable"), here the namespace's loopback, where the forwarder listens
 JAIL_RESOLV_CONF = "nameserver 127.0.0.1\n"
-PORT = 53
 MAX_QUERY = 512  # bytes: a query never needs more (RFC 1035 UDP limit)
 MAX_UDP_ANSWER = 512  # bytes to the guest over UDP; larger answers go with TC set (the guest retries over TCP)
 MAX_UPSTREAM = 4096  # bytes accepted from an upstream resolver

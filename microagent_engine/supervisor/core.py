@@ -33,7 +33,7 @@ from ..protocol import (EXIT_STATUSES, ExitStatus, FrameDecoder, FrameType, Halt
                         decode_kv, encode_config, encode_frame)
 from ..records import WorkspaceDir, now_iso, process_start_time, signal as readiness
 from ..sandbox import ConfinedVM, spawn_vm
-from ..sandbox.network import NetworkSandbox, policy_of
+from ..sandbox.network import NetworkSandbox
 from ..snapshots.live import RESTORE_KEY, restore_argv
 from ..snapshots.warm import BootPlan, WarmBoot
 from ..textsafe import safe_text
@@ -99,7 +99,7 @@ class Supervisor:
         self.liveness_task: asyncio.Task[None] | None = None
         self._save_handle: asyncio.TimerHandle | None = None
         self.restart_policy = launch.restart
-        self.network_policy = policy_of(launch.network, launch.network_policy)
+        self.network_policy = launch.network_policy
         self.net: NetworkSandbox | None = None  # this boot's network enforcement (None when isolated)
         self.mediation = MediationBridge(launch.mediation, self.report_mediation, self.serial_note) \
             if launch.mediation else None
