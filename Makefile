@@ -9,7 +9,7 @@ APT_PACKAGES := qemu-system-x86 e2fsprogs busybox-static gcc libc6-dev cpio lz4 
   chromium slirp4netns nftables mmdebstrap python3-yaml
 STATE_DIR ?= $(HOME)/.microagent
 
-.PHONY: setup apt venv demo lab test bench clean labextension labextension-check panel-into-venv protocol-doc
+.PHONY: setup apt venv demo lab test bench clean labextension labextension-check panel-into-venv protocol-doc panel-types
 
 setup: apt venv
 
@@ -54,6 +54,10 @@ labextension-check:
 # docs/protocol.md is rendered from microagent_engine/protocol.py (tests/test_agent_protocol.py checks it)
 protocol-doc:
 	python3 scripts/protocol_doc.py
+
+# labextension/src/workspaceSpec.ts from WorkspaceSpec.json_schema() (then make labextension)
+panel-types:
+	$(PY) scripts/panel_types.py
 
 demo: setup
 	$(VENV)/bin/microagent doctor || true

@@ -379,7 +379,9 @@ def _q(value: str, limit: int = 120) -> str:
     return _printable(text) + ("…" if len(value) > limit else "")
 
 
-class _Validator:
+class _Checks:
+    """Typed readers of a spec's values; each failure is a SpecError naming the file, line and field."""
+
     def __init__(self, doc: _Doc, *, allow_host_files: bool = False):
         self.doc = doc
         self.base = Path(os.path.abspath(doc.source)).parent
@@ -387,8 +389,6 @@ class _Validator:
 
     def err(self, path: str, problem: str) -> SpecError:
         return self.doc.error(path, problem)
-
-    # generic checks
 
     def mapping(self, value: Any, path: str, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> dict:
         if not isinstance(value, dict):
@@ -480,7 +480,9 @@ class _Validator:
             raise self.err(path, f"{what} {_q(key)} is already used by {seen[key]}; each must be unique")
         seen[key] = path
 
-    # fields
+
+class _Validator(_Checks):
+    """The spec's fields, each read into what :class:`SpecFile` holds."""
 
     def spec(self, top: dict) -> SpecFile:
         self.mapping(top, "", _TOP_FIELDS)

@@ -5,6 +5,8 @@
 import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 
+import { IWorkspaceSpec } from './workspaceSpec';
+
 /** A readiness signal of a workspace (guestReady, execReady, shellReady, mediationReady). */
 export interface IReadiness {
   ready: boolean;
@@ -13,14 +15,8 @@ export interface IReadiness {
   error?: string;
 }
 
-/** An attachment of a workspace (only present when the server includes it in the status JSON). */
-export interface IAttachment {
-  kind: string;
-  name: string;
-  source?: string;
-  mountpoint: string;
-  readOnly?: boolean;
-}
+/** An attachment of a workspace, as a workspace request and the status JSON hold it (generated types). */
+export type IAttachment = NonNullable<IWorkspaceSpec['attachments']>[number];
 
 /** The status JSON of one workspace (`WorkspaceInfo.to_json()`); only the fields the panel uses. */
 export interface IWorkspace {
