@@ -29,6 +29,7 @@ from .config import (
     PROFILES,
     RESTART_POLICIES,
     hostname_for,
+    validate_env,
     validate_env_key,
     validate_hostname,
     validate_name,
@@ -552,7 +553,9 @@ class _Validator(_Checks):
 
     def shell(self, value: Any) -> str:
         text = self.string(value, "shell")
-        if not text.startswith("/"):
+        try:
+            WorkspaceSpec(shell=text)  # the request's rule: an absolute guest path
+        except InvalidArgument:
             raise self.err("shell", f"{_q(text)} is not an absolute path; use e.g. \"/bin/sh\" or \"/bin/bash\"")
         return self.guest_path(text, "shell")
 
@@ -612,9 +615,10 @@ class _Validator(_Checks):
                 raise self.err(path, "invalid environment variable name; use letters, digits and '_', not starting "
                                      "with a digit")
             if isinstance(item, str):
-                if "\0" in item:
-                    raise self.err(path, "must not contain a NUL character")
-                out[key] = item
+                try:
+                    out[key] = validate_env({key: item})[key]  # the engine's rule (no NUL)
+                except InvalidArgument:
+                    raise self.err(path, "must not contain a NUL character") from None
             elif isinstance(item, (int, float)) and not isinstance(item, bool):
                 out[key] = self.doc.raw.get(path, str(item))  # exactly as written: 1.10 stays "1.10"
             elif isinstance(item, bool):

@@ -8,7 +8,6 @@ from typing import Any, Callable, Iterable
 from IPython.core.completer import CompletionContext, SimpleCompletion, SimpleMatcherResult, context_matcher
 from IPython.core.error import UsageError
 
-from microagent_engine.config import PROFILES
 from microagent_engine.errors import MicroagentError
 from microagent_engine.images.builtin import BUILTIN_NAMES
 
@@ -59,14 +58,14 @@ def _images() -> list[str]:
     return refs
 
 
-def _values_for(option: str, sub: str) -> list[str] | None:
-    """Candidates for the value of ``option``; None when the option takes no value we know how to complete."""
+def _values_for(option: str, sub: str, parser: Any) -> list[str] | None:
+    """Candidates for the value of ``option``: the parser's choices for it (profiles, network modes, ...), else
+    what the engine has; None when the option takes no value we know how to complete."""
+    action = parser._option_string_actions.get(option) if parser is not None else None
+    if action is not None and action.choices:
+        return [str(c) for c in action.choices]
     if option == "--image":
         return _images()
-    if option == "--profile":
-        return list(PROFILES)
-    if option == "--network":
-        return ["user", "isolated"]
     if option in ("-v", "--volume"):
         return [f"{v}:" for v in _volumes()]
     if option == "--name" and sub in ("run", "create"):
@@ -95,7 +94,7 @@ def completions(line: str) -> list[str] | None:
     entry = _lookup(sub)
     parser = _parser_of(entry)
     if args and _takes_value(parser, args[-1]):
-        values = _values_for(args[-1], sub)
+        values = _values_for(args[-1], sub, parser)
         return None if values is None else _matching(values, current)
     options = sorted({*(parser._option_string_actions if parser is not None else ()), "-h", "--help"})
     long_options = [o for o in options if o.startswith("--")]

@@ -402,6 +402,8 @@ def test_completion_of_subcommands_options_and_names(ip, shared_ws, engine: Engi
     assert set(_complete(ip, "%microagent st")) == {"status", "start", "stop"}  # not %store
     assert _complete(ip, "%%microagent run --pro") == ["--profile"]
     assert _complete(ip, "%%microagent run --profile ti") == ["tiny"]
+    assert _complete(ip, "%%microagent run --network i") == ["isolated"]  # the parser's own choices
+    assert _complete(ip, "%%microagent python --network u") == ["user"]
     assert _complete(ip, f"%microagent status {shared_ws[:3]}") == [shared_ws]
     assert _complete(ip, f"%microagent exec {shared_ws[:3]}") == [shared_ws]
     assert _complete(ip, "%%microagent run -v compv") == ["compvol:"]
