@@ -24,6 +24,6 @@ from .engine import Engine, RunOptions, WorkspaceInfo  # noqa: E402
 from .workspace_spec import WorkspaceSpec  # noqa: E402
 
 __all__ = [
-    "Engine", "WorkspaceSpec", "RunOptions", "WorkspaceInfo", "ExecResult", "MicroagentError", "InvalidArgument", "NotFound", "AlreadyExists",
-    "InvalidState", "Busy", "HostError", "GuestError", "ExecTimeout", "__version__",
+    "Engine", "WorkspaceSpec", "RunOptions", "WorkspaceInfo", "ExecResult", "MicroagentError", "InvalidArgument",
+    "NotFound", "AlreadyExists", "InvalidState", "Busy", "HostError", "GuestError", "ExecTimeout", "__version__",
 ]
