@@ -54,6 +54,9 @@ class WorkspaceConfig:
     cold: bool = False  # every start boots cold (create --cold), never from a template
     from_snapshot: str | None = None  # the workspace snapshot it was created from (create --from-snapshot)
     spec: dict[str, Any] = field(default_factory=dict)  # the request as given: WorkspaceSpec.to_json()
+    #: secrets bound to hosts ({name, hosts, source?}) and the placeholder the guest holds for each: never a value
+    secrets: list[dict[str, Any]] = field(default_factory=list)
+    placeholders: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

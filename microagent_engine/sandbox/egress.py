@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import ipaddress
 import socket
+import ssl
 import struct
 import time
 from collections import deque
@@ -30,7 +31,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..network_policy import NetworkPolicy
+from ..secret import Secret
 from ..textsafe import safe_text
+from .egress_tls import (
+    MAX_REQUEST_HEAD,
+    MAX_RESPONSE_HEAD,
+    LeafCerts,
+    TlsServerStream,
+    read_head,
+    rewrite_head,
+    upstream_context,
+)
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -38,6 +49,7 @@ EGRESS_PORT = 15001  # the proxy's port on the namespace's loopback (where nftab
 SO_ORIGINAL_DST = 80
 MAX_HEAD = 16 * 1024 + 5  # one TLS record (a ClientHello) or an HTTP request head
 HEAD_TIMEOUT = 10.0
+TLS_HANDSHAKE_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 10.0
 CHUNK = 64 * 1024
 MAX_CONNECTIONS = 256  # open at once per VM; more are refused
@@ -183,16 +195,28 @@ def original_destination(sock: socket.socket) -> tuple[Address, int]:
 # ---- the proxy ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class BoundSecret:
+    """A secret with the placeholder the guest holds and the value the proxy puts in its place."""
+
+    secret: Secret
+    placeholder: str
+    value: str = field(repr=False)
+
+
 @dataclass
 class EgressProxy:
-    """Serves the redirected connections of one VM (see the module docstring)."""
+    """Serves the redirected connections of one VM (see the module docstring). TLS to a host bound to one of
+    ``secrets`` is terminated with ``leaves`` and its request headers get the values (egress_tls.py)."""
 
     policy: NetworkPolicy
     grants: Grants
     refused: Callable[[Address], bool]
     log: Callable[[str], None]
+    secrets: list[BoundSecret] = field(default_factory=list)
+    leaves: LeafCerts | None = None
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("connections", "allowed", "blocked", "bytesOut", "bytesIn"), 0))
+        ("connections", "allowed", "blocked", "bytesOut", "bytesIn", "secretRequests"), 0))
     recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=MAX_RECENT))
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     _server: asyncio.AbstractServer | None = None
@@ -266,6 +290,12 @@ class EgressProxy:
             if reason:
                 self._refuse(name if isinstance(name, str) else None, addr, port, reason)
                 return
+            host = str(name).lower().rstrip(".")
+            bound = [b for b in self.secrets if b.secret.bound_to(host)]
+            if bound and head[:1] == b"\x16" and self.leaves is not None:
+                self.counters["allowed"] += 1
+                await self._with_secrets(reader, writer, head, host, addr, port, bound)
+                return
             try:
                 up_reader, upstream = await asyncio.wait_for(asyncio.open_connection(str(addr), port),
                                                              CONNECT_TIMEOUT)
@@ -284,6 +314,59 @@ class EgressProxy:
                 if w is not None:
                     with contextlib.suppress(Exception):
                         w.close()
+
+    async def _with_secrets(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hello: bytes,
+                            host: str, addr: Address, port: int, bound: list[BoundSecret]) -> None:
+        """TLS to a host bound to secrets: terminate it, relay one request with the values in its headers."""
+        assert self.leaves is not None
+        client = TlsServerStream(self.leaves.context_for(host), reader, writer, hello)
+        try:
+            await asyncio.wait_for(client.handshake(), TLS_HANDSHAKE_TIMEOUT)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            self._refuse(host, addr, port, f"the guest's TLS handshake with the egress proxy failed ({exc}); does "
+                                           f"the guest trust the workspace's CA?")
+            return
+        try:
+            up_reader, upstream = await asyncio.wait_for(asyncio.open_connection(
+                str(addr), port, ssl=upstream_context(), server_hostname=host), CONNECT_TIMEOUT)
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            self._refuse(host, addr, port, f"could not connect with verified TLS ({exc.__class__.__name__})")
+            await client.close()
+            return
+        try:
+            head, rest = await read_head(client.read, MAX_REQUEST_HEAD)
+            values = {b.placeholder.encode(): b.value.encode() for b in bound}
+            self.counters["secretRequests"] += 1
+            upstream.write(rewrite_head(head, values) + rest)
+            self.counters["bytesOut"] += len(head) + len(rest)
+
+            async def up() -> None:
+                while data := await client.read(CHUNK):
+                    upstream.write(data)
+                    self.counters["bytesOut"] += len(data)
+                    await upstream.drain()
+
+            async def down() -> None:
+                resp, more = await read_head(up_reader.read, MAX_RESPONSE_HEAD)
+                await client.write(rewrite_head(resp, {}) + more)
+                self.counters["bytesIn"] += len(resp) + len(more)
+                while data := await up_reader.read(CHUNK):
+                    await client.write(data)
+                    self.counters["bytesIn"] += len(data)
+
+            sending = asyncio.ensure_future(up())
+            try:
+                await down()
+            finally:
+                sending.cancel()
+                with contextlib.suppress(BaseException):
+                    await sending
+            await client.close()
+        except (OSError, ValueError, ssl.SSLError, TimeoutError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                upstream.close()
 
     async def _read_head(self, reader: asyncio.StreamReader) -> tuple[bytes, str | None | bool]:
         head = b""

@@ -46,7 +46,9 @@ from ..errors import HostError
 from ..network_policy import _BLOCKED, IPNetwork, NetworkPolicy
 from ..hostinfo import require_tool
 from ..records import EGRESS_REPORT
+from ..secret import Secret
 from . import dns, egress
+from .egress_tls import LeafCerts
 
 
 UPLINK_CIDR = "10.0.3.0/24"  # slirp4netns's network inside the namespace (distinct from QEMU's 10.0.2.0/24)
@@ -319,14 +321,28 @@ class NetworkSandbox:
         self.grants = egress.Grants()
         self.refused: Refused | None = None
         self._report_task: asyncio.Task[None] | None = None
+        self.secrets: list[egress.BoundSecret] = []
+        self.leaves: LeafCerts | None = None
 
     @classmethod
-    async def open(cls, policy: NetworkPolicy, run_dir: Path) -> NetworkSandbox | None:
+    async def open(cls, policy: NetworkPolicy, run_dir: Path, secrets: list[dict[str, Any]] | None = None,
+                   secret_values: dict[str, str] | None = None, ca_dir: Path | None = None) -> NetworkSandbox | None:
         """Set up enforcement for ``policy`` (None for isolated: no NIC, nothing to enforce). HostError, with
-        what to install, when the host cannot enforce it: the VM then does not start (fail closed)."""
+        what to install, when the host cannot enforce it: the VM then does not start (fail closed). ``secrets``
+        ({name, hosts, placeholder}) with their ``secret_values`` (placeholder -> value) go to the egress proxy,
+        which terminates TLS to their hosts with the CA in ``ca_dir``."""
         if policy.mode != "user":
             return None
         box = cls(policy, run_dir)
+        if secrets:
+            values = secret_values or {}
+            missing = [s["name"] for s in secrets if s["placeholder"] not in values]
+            if missing or ca_dir is None:
+                raise HostError(f"the values of secret(s) {', '.join(missing)} were not handed to the supervisor; "
+                                f"start the workspace again")
+            box.secrets = [egress.BoundSecret(Secret.from_json({k: v for k, v in s.items() if k != "placeholder"}),
+                                              s["placeholder"], values[s["placeholder"]]) for s in secrets]
+            box.leaves = LeafCerts(ca_dir, run_dir / "tls")
         try:
             upstreams, refused = host_resolvers(), Refused(host_networks())
             box.refused = refused
@@ -376,7 +392,8 @@ class NetworkSandbox:
         udp, tcp = self.dns_socks
         await self.dns.start(udp, tcp)
         if self.egress_sock is not None:
-            self.egress = egress.EgressProxy(self.policy, self.grants, refused, log)
+            self.egress = egress.EgressProxy(self.policy, self.grants, refused, log, secrets=self.secrets,
+                                             leaves=self.leaves)
             await self.egress.start(self.egress_sock)
         self._report_task = asyncio.get_running_loop().create_task(self._report_loop())
 
