@@ -116,7 +116,9 @@ class H(http.server.BaseHTTPRequestHandler):
             body = wheel_bytes
         else:
             self.send_response(404); self.send_header("Content-Length", "0"); self.end_headers(); return
-        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        kind = "text/html" if self.path.startswith("/simple") else "application/octet-stream"
+        self.send_response(200); self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Type", kind); self.end_headers()
         self.wfile.write(body)
     def log_message(self, *a): pass
 class TLS(http.server.ThreadingHTTPServer):
@@ -369,3 +371,30 @@ def test_secret_rules(engine: Engine) -> None:
         assert engine.status("secret-missing").state.state == "prepared"  # nothing started
     finally:
         engine.delete("secret-missing")
+
+
+def test_egress_command_and_allow_widen_the_running_workspace(cli, engine: Engine, internet: Internet,
+                                                                 egress_vm: str) -> None:
+    """Last in the module: other.test is refused, `microagent egress` says so with the command that allows it,
+    and `microagent allow` opens it in the running VM at once (rules, DNS and proxy) and in its record."""
+    probe = ("import socket, ssl, sys\n"
+             "try:\n"
+             "    addr = socket.getaddrinfo('other.test', 443, socket.AF_INET)[0][4][0]\n"
+             "    raw = socket.create_connection((addr, 443), timeout=20)\n"
+             "    s = ssl.create_default_context().wrap_socket(raw, server_hostname='other.test')\n"
+             "    s.sendall(b'GET /echo/other HTTP/1.1\\r\\nHost: other.test\\r\\nConnection: close\\r\\n\\r\\n')\n"
+             "    print(s.recv(100).split(b'\\r\\n')[0].decode())\n"
+             "except OSError as exc:\n"
+             "    print('refused', exc.__class__.__name__)\n")
+    assert engine.exec(egress_vm, ["python3", "-c", probe]).stdout.decode().startswith("refused")
+    deadline = time.monotonic() + 30
+    while "other.test" not in (out := cli("egress", egress_vm).stdout.decode()):
+        assert time.monotonic() < deadline, out
+        time.sleep(0.5)
+    assert f"To allow: microagent allow {egress_vm} other.test" in out
+    r = cli("allow", egress_vm, "other.test:443")
+    assert r.returncode == 0, r.stderr
+    assert engine.exec(egress_vm, ["python3", "-c", probe]).stdout.decode().strip() == "HTTP/1.1 200 OK"
+    assert "other.test:443" in engine.status(egress_vm).config.network_policy.to_json()["allow"]
+    r = cli("allow", egress_vm, "10.0.0.0/8")
+    assert r.returncode != 0 and b"never reachable" in r.stderr and b"Traceback" not in r.stderr

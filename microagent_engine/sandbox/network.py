@@ -360,7 +360,7 @@ class NetworkSandbox:
         slirp = require_tool("slirp4netns")
         nft = require_tool("nft")
         self.notes = notes
-        names = bool(self.policy.names)
+        names = bool(self.policy.allow)  # the proxy's socket exists with any allow-list: a name may be added live
         self.ns, socks = _create_namespaces(os.geteuid() != 0, self.policy.host_ports, with_dns=True,
                                             with_egress=names)
         self.dns_socks, socks = socks[:2], socks[2:]
@@ -388,7 +388,7 @@ class NetworkSandbox:
                 fh.write(line + "\n")
 
         self.dns = dns.DnsForwarder(upstreams, lambda name: self.policy.allows_name(name), refused, log,
-                                    on_answer=self.grants.record if self.policy.names else None)
+                                    on_answer=self.grants.record)
         udp, tcp = self.dns_socks
         await self.dns.start(udp, tcp)
         if self.egress_sock is not None:
@@ -396,6 +396,16 @@ class NetworkSandbox:
                                              leaves=self.leaves)
             await self.egress.start(self.egress_sock)
         self._report_task = asyncio.get_running_loop().create_task(self._report_loop())
+
+    def update_policy(self, policy: NetworkPolicy) -> None:
+        """Apply a widened ``policy`` to the running VM: its rules (one nft transaction), DNS and proxy."""
+        if policy.mode != "user" or self.severed or self.refused is None:
+            raise HostError("this workspace's network cannot be changed now (isolated or quarantined)")
+        ruleset = render_ruleset(policy, cidr_rules(policy), self.refused)
+        self._nft(require_tool("nft"), "table inet microagent\ndelete table inet microagent\n" + ruleset)
+        self.policy = policy
+        if self.egress is not None:
+            self.egress.policy = policy
 
     def report(self) -> dict[str, Any]:
         """What the guest's DNS and the egress proxy did: counters and the recent refusals."""
