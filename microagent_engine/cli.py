@@ -18,7 +18,8 @@ from .protocol import ExitKind, FrameType
 from .storage.volumes import DEFAULT_SIZE_MIB, render_created, render_deleted, render_list, render_status
 from .engine import Engine, RunOptions, WorkspaceInfo
 from .spec_args import add_workspace_arguments, spec_from_args, workspace_name
-from .render import fields_text, status_fields, summary_fields, text_table
+from .network_policy import ALLOW_SYNTAX
+from .render import egress_text, fields_text, status_fields, summary_fields, text_table
 
 Handler = Callable[[Engine, argparse.Namespace], int]
 
@@ -159,6 +160,18 @@ def cmd_ps(engine: Engine, args: argparse.Namespace) -> int:
 def cmd_status(engine: Engine, args: argparse.Namespace) -> int:
     info = engine.status(args.name)
     _emit(args, info.to_json(), _status_text(info))
+    return 0
+
+
+def cmd_egress(engine: Engine, args: argparse.Namespace) -> int:
+    report = engine.egress(args.name)
+    _emit(args, report, egress_text(report))
+    return 0
+
+
+def cmd_allow(engine: Engine, args: argparse.Namespace) -> int:
+    info = engine.allow(args.name, args.entries)
+    _emit(args, info.to_json(), f"{info.name}: {info.config.network_policy.describe()}")
     return 0
 
 
@@ -382,6 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("prune", cmd_prune, "remove stopped one-shot workspaces (those run made under a generated name)")
     p = add("status", cmd_status, "one workspace (with --json: readiness signals)")
     p.add_argument("name")
+    p = add("egress", cmd_egress, "what a workspace's DNS and egress proxy refused, and its network policy")
+    p.add_argument("name")
+    p = add("allow", cmd_allow, "widen a workspace's allow-list (at once when it runs): allow NAME ENTRY...")
+    p.add_argument("name")
+    p.add_argument("entries", nargs="+", metavar="ENTRY", help=ALLOW_SYNTAX)
     for verb, text in (("halt", "clean disk-preserving shutdown"),
                        ("stop", "ask the guest to shut down; failed after 5 s (no kill)"),
                        ("kill", "terminate the VM at once"),

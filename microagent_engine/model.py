@@ -478,6 +478,9 @@ class LaunchSpec:
     network_policy: NetworkPolicy = field(default_factory=NetworkPolicy)
     publish: list[Publish] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # backend-specific launch data (e.g. confinement)
+    secrets: list[dict[str, Any]] = field(default_factory=list)  # {name, hosts, placeholder}: never a value
+    #: placeholder -> value, handed over a pipe at start (``--secrets-fd``): never serialised
+    secret_values: dict[str, str] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {"argv": self.argv, "hostname": self.hostname, "network": self.network, "shell": self.shell,
@@ -485,7 +488,7 @@ class LaunchSpec:
                 "setup": self.setup, "entrypoint": self.entrypoint, "restart": self.restart,
                 "mediation": self.mediation.to_json() if self.mediation else None,
                 "networkPolicy": self.network_policy.to_json(), "publish": [p.to_json() for p in self.publish],
-                "extra": self.extra}
+                "extra": self.extra, "secrets": self.secrets}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "LaunchSpec":
@@ -497,4 +500,4 @@ class LaunchSpec:
                    mediation=Mediation.from_json(med) if med else None,
                    network_policy=policy_of(data["network"], data.get("networkPolicy")),
                    publish=[Publish.from_json(p) for p in data.get("publish") or []],
-                   extra=dict(data.get("extra") or {}))
+                   extra=dict(data.get("extra") or {}), secrets=list(data.get("secrets") or []))

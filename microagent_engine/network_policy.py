@@ -69,12 +69,46 @@ def _port(value: Any, what: str) -> int:
     return int(text)
 
 
+#: allow-list presets: the names a common tool needs (HTTPS only); ``--allow @pypi``
+PRESETS: dict[str, tuple[str, ...]] = {
+    "@pypi": ("pypi.org:443", "files.pythonhosted.org:443"),
+    "@github": ("github.com:443", "api.github.com:443", "codeload.github.com:443", "*.githubusercontent.com:443"),
+    "@huggingface": ("huggingface.co:443", "*.huggingface.co:443", "*.hf.co:443"),
+    "@npm": ("registry.npmjs.org:443",),
+    "@conda": ("conda.anaconda.org:443", "repo.anaconda.com:443"),
+}
+ALLOW_SYNTAX = "CIDR|NAME|*.SUFFIX[:PORT] or a preset (" + ", ".join(PRESETS) + ")"
+
+
 @dataclass(frozen=True)
 class AllowEntry:
-    """One allow-list entry: a CIDR (or address) or a host name (resolved at start), optionally one port."""
+    """One allow-list entry: a CIDR (or address), a host name or a ``*.suffix`` wildcard of names, optionally one
+    port. Names are enforced by name (the engine's DNS and egress proxy), never turned into address rules."""
 
-    target: str  # normalised CIDR, or a lower-case host name
+    target: str  # normalised CIDR, a lower-case host name, or "*." + a lower-case suffix
     port: int | None = None
+
+    @property
+    def is_name(self) -> bool:
+        return self.network is None
+
+    def matches(self, name: str, port: int | None = None) -> bool:
+        """Whether host ``name`` (lower-case, no trailing dot) on ``port`` (None: any) is this entry's."""
+        if self.network is not None or (port is not None and self.port is not None and port != self.port):
+            return False
+        if self.target.startswith("*."):
+            return name.endswith(self.target[1:]) and len(name) > len(self.target) - 1
+        return name == self.target
+
+    @classmethod
+    def expand(cls, text: Any) -> tuple["AllowEntry", ...]:
+        """The entries of ``text``: a preset's (``@pypi``), or the one entry :meth:`parse` reads."""
+        if isinstance(text, str) and text.strip().startswith("@"):
+            preset = PRESETS.get(text.strip().lower())
+            if preset is None:
+                raise InvalidArgument(f"unknown allow preset {text.strip()!r}; the presets are {', '.join(PRESETS)}")
+            return tuple(cls.parse(item) for item in preset)
+        return (cls.parse(text),)
 
     @property
     def network(self) -> IPNetwork | None:
@@ -88,8 +122,8 @@ class AllowEntry:
     def parse(cls, text: Any) -> AllowEntry:
         """``CIDR``, ``ADDRESS``, ``HOST`` with optional ``:PORT``; IPv6 with a port as ``[CIDR]:PORT``."""
         if not isinstance(text, str) or not text.strip():
-            raise InvalidArgument(f"allow entry {text!r}: expected CIDR|HOST[:PORT], e.g. 151.101.0.0/16:443 or "
-                                  f"pypi.org:443")
+            raise InvalidArgument(f"allow entry {text!r}: expected {ALLOW_SYNTAX}, e.g. 151.101.0.0/16:443, "
+                                  f"pypi.org:443, *.example.com or @pypi")
         raw = text.strip()
         target, port = raw, None
         if raw.startswith("["):
@@ -105,10 +139,13 @@ class AllowEntry:
         except ValueError:
             net = None
         if net is None:
-            if "/" in target or not _HOSTNAME.fullmatch(target) or target.replace(".", "").isdigit():
-                raise InvalidArgument(f"allow entry {raw!r}: {target!r} is neither a CIDR, an IP address nor a "
-                                      f"host name")
-            return cls(target.lower().rstrip("."), port)
+            wildcard = target.startswith("*.")
+            name = target[2:] if wildcard else target
+            if ("/" in name or "*" in name or not _HOSTNAME.fullmatch(name) or name.replace(".", "").isdigit()
+                    or (wildcard and "." not in name.rstrip("."))):
+                raise InvalidArgument(f"allow entry {raw!r}: {target!r} is neither a CIDR, an IP address, a host "
+                                      f"name nor a wildcard *.SUFFIX with at least two labels (e.g. *.example.com)")
+            return cls(("*." if wildcard else "") + name.lower().rstrip("."), port)
         for blocked in _BLOCKED:
             if net.version == blocked.version and net.subnet_of(blocked):  # type: ignore[arg-type]
                 raise InvalidArgument(
@@ -151,6 +188,29 @@ class NetworkPolicy:
                                   f"engine at {GUEST_DNS}")
 
     @property
+    def names(self) -> tuple[AllowEntry, ...]:
+        """The allow-list's name entries (exact and wildcard): enforced by the engine's DNS and egress proxy."""
+        return tuple(e for e in self.allow if e.is_name)
+
+    def allows_name(self, name: str, port: int | None = None) -> bool:
+        """Whether the guest may resolve (``port`` None) or connect by ``name`` (on ``port``). Without an
+        allow-list every name is allowed."""
+        if not self.allow:
+            return True
+        name = name.lower().rstrip(".")
+        return any(e.matches(name, port) for e in self.names)
+
+    def with_allowed(self, entries: list[str]) -> "NetworkPolicy":
+        """This policy with ``entries`` added to its allow-list (an empty list would open everything: it must
+        already have one)."""
+        if self.mode != "user":
+            raise InvalidArgument("an isolated workspace has no network device; nothing can be allowed")
+        if not self.allow:
+            raise InvalidArgument("this workspace already reaches the public internet (no allow-list to extend)")
+        added = tuple(e for text in entries for e in AllowEntry.expand(text))
+        return NetworkPolicy(self.mode, tuple(dict.fromkeys(self.allow + added)), self.host_ports)
+
+    @property
     def backend_mode(self) -> str:
         """``VMSpec.network``/``WorkspaceConfig.network``: ``user`` or ``none``."""
         return BACKEND_MODES[self.mode]
@@ -182,8 +242,8 @@ class NetworkPolicy:
         for key, items in (("allow", allow), ("hostPorts", ports)):
             if not isinstance(items, list):
                 raise InvalidArgument(f"network.{key}: expected a list, got {type(items).__name__}")
-        return cls("isolated" if mode == "none" else mode, tuple(AllowEntry.parse(a) for a in allow),
-                   tuple(_port(p, "network.hostPorts") for p in ports))
+        entries = tuple(dict.fromkeys(e for a in allow for e in AllowEntry.expand(a)))  # presets expanded, once
+        return cls("isolated" if mode == "none" else mode, entries, tuple(_port(p, "network.hostPorts") for p in ports))
 
     @classmethod
     def from_flags(cls, mode: str | None, allow: list[str] | None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -53,6 +54,9 @@ class WorkspaceConfig:
     cold: bool = False  # every start boots cold (create --cold), never from a template
     from_snapshot: str | None = None  # the workspace snapshot it was created from (create --from-snapshot)
     spec: dict[str, Any] = field(default_factory=dict)  # the request as given: WorkspaceSpec.to_json()
+    #: secrets bound to hosts ({name, hosts, source?}) and the placeholder the guest holds for each: never a value
+    secrets: list[dict[str, Any]] = field(default_factory=list)
+    placeholders: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -73,6 +77,20 @@ class WorkspaceConfig:
         cfg.outputs = [Output.from_json(o) for o in cfg.outputs]  # type: ignore[arg-type]
         cfg.publish = [Publish.from_json(p) for p in cfg.publish]  # type: ignore[arg-type]
         return cfg
+
+
+EGRESS_REPORT = "egress.json"
+MAX_EGRESS_REPORT = 1 << 20
+
+
+def read_egress_report(path: Path) -> dict[str, Any] | None:
+    """The supervisor's egress report at ``path`` (None when absent or unreadable)."""
+    try:
+        with open(path, "rb") as fh:
+            data = json.loads(fh.read(MAX_EGRESS_REPORT))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def signal(ready: bool = False, detail: str = "", error: str = "") -> dict[str, Any]:
@@ -149,6 +167,8 @@ class WorkspaceDir:
     serial_socket = property(lambda self: self.run_dir / "serial.sock")
     qmp_socket = property(lambda self: self.run_dir / "qmp.sock")
     control_socket = property(lambda self: self.run_dir / "control.sock")
+    #: the guest's DNS and egress counters and recent refusals, kept current by the supervisor while it runs
+    egress_report = property(lambda self: self.run_dir / EGRESS_REPORT)
     mediation_socket = property(lambda self: self.run_dir / "mediation.sock")
 
     def exists(self) -> bool:

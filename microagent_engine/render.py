@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
 
+from .textsafe import safe_text
+
 
 if TYPE_CHECKING:
     from .engine import WorkspaceInfo
@@ -67,3 +69,25 @@ def status_fields(info: "WorkspaceInfo") -> list[tuple[str, str]]:
 
 def fields_text(fields: Sequence[tuple[str, str]]) -> str:
     return "\n".join(f"{label}: {text}" for label, text in fields)
+
+
+def egress_text(report: dict[str, Any]) -> str:
+    """``microagent egress NAME``: the policy, then (while it runs) what the guest's DNS and egress proxy did and
+    the recent refusals, each with the command that would allow it."""
+    lines = [f"Network  {report['networkSummary']}"]
+    if not report.get("live"):
+        return "\n".join(lines + ["(not running: nothing is counted)"])
+    dns, egress = report.get("dns") or {}, report.get("egress") or {}
+    lines.append(f"DNS      {dns.get('queries', 0)} queries, {dns.get('forwarded', 0)} forwarded, "
+                 f"{dns.get('refusedNames', 0)} names refused (NXDOMAIN), {dns.get('malformed', 0)} malformed")
+    if egress:
+        lines.append(f"Egress   {egress.get('allowed', 0)} connections allowed, {egress.get('blocked', 0)} refused, "
+                     f"{egress.get('secretRequests', 0)} requests with secrets")
+        for item in egress.get("recentBlocked") or []:
+            target = f"{item.get('name')}:{item.get('port')}"
+            lines.append(f"  refused {safe_text(target, 120)}: {safe_text(str(item.get('reason')), 200)}")
+        names = sorted({str(i.get("name")) for i in egress.get("recentBlocked") or []
+                        if i.get("name") and "allow-list" in str(i.get("reason"))})
+        if names:
+            lines.append(f"To allow: microagent allow {report['name']} {' '.join(safe_text(n, 120) for n in names)}")
+    return "\n".join(lines)

@@ -14,7 +14,8 @@ from typing import Any, Iterable
 from .config import ACCEL_CHOICES, NETWORK_CHOICES, PROFILES, RESTART_POLICIES, parse_env_pairs
 from .errors import InvalidArgument
 from .model import parse_attachment_flags, parse_mediation_flag, parse_output_flag, parse_publish_flag
-from .network_policy import NetworkPolicy
+from .network_policy import ALLOW_SYNTAX, NetworkPolicy
+from .secret import FLAG_SYNTAX, parse_secret_flag
 from .workspace_spec import WorkspaceSpec
 
 #: the flag groups :func:`add_workspace_arguments` knows, in help order
@@ -45,10 +46,14 @@ def add_workspace_arguments(parser: argparse.ArgumentParser, *, only: Iterable[s
         what = {"user": "user (NAT to the public internet only)", "isolated": "isolated (no network device)"}
         add("--network", choices=list(NETWORK_CHOICES),
             help=f"{what[network_default]}, the default here, or {what[other]}")
-        add("--allow", action="append", metavar="CIDR|HOST[:PORT]", help="narrow egress to these destinations "
-            "(repeatable; host names resolved at start, and the guest's DNS then answers only those names)")
+        add("--allow", action="append", metavar=ALLOW_SYNTAX, help="narrow egress to these destinations "
+            "(repeatable): addresses, or names (exact, *.suffix, presets) that the guest's DNS then answers and the "
+            "egress proxy admits by TLS SNI or HTTP Host, on their port")
         add("--allow-host-port", action="append", type=int, metavar="PORT", help="let the guest reach this "
             "host's 127.0.0.1:PORT at 10.0.2.2:PORT (repeatable)")
+        add("--secret", action="append", metavar=FLAG_SYNTAX, help="give code a secret without giving it the "
+            "value: the guest's $NAME is a placeholder that the egress proxy replaces in HTTPS request headers to "
+            "these hosts only (value from $NAME, $VAR or a file, read at each start; repeatable)")
     if "storage" in want:
         add("-v", "--volume", action="append", metavar="SRC:DST[:ro|rw]", help="named volume, .tar/.tar.gz/.tgz "
             "bundle or .ext4/.img disk (host directories are rejected)")
@@ -102,6 +107,7 @@ def flags_spec(args: argparse.Namespace, network_base: NetworkPolicy | None = No
         entrypoint=_get(args, "entrypoint"), mediation=parse_mediation_flag(mediation) if mediation else None,
         attachments=attachments or None, outputs=[parse_output_flag(o) for o in _get(args, "output") or []] or None,
         publish=[parse_publish_flag(p) for p in _get(args, "publish") or []] or None, cold=_get(args, "cold"),
+        secrets=[parse_secret_flag(s) for s in _get(args, "secret") or []] or None,
         from_snapshot=_get(args, "from_snapshot"))
 
 

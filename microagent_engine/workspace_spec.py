@@ -44,6 +44,7 @@ from .model import (
     validate_publish,
 )
 from .network_policy import NetworkPolicy
+from .secret import Secret, validate_secrets
 
 #: what may be given with ``fromSnapshot`` (the snapshot fixes everything else)
 SNAPSHOT_FIELDS = ("hostname", "env")
@@ -111,6 +112,10 @@ class WorkspaceSpec:
                                    "properties": {"hostIp": _STR, "hostPort": {"type": "integer"},
                                                   "guestPort": {"type": "integer"}},
                                    "additionalProperties": False}}, "-p/--publish"))
+    secrets: tuple[Secret, ...] | None = field(default=None, metadata=_json("secrets", {
+        "type": "array", "items": {"type": "object", "required": ["name", "hosts"],
+                                   "properties": {"name": _STR, "hosts": _STRS, "source": _STR},
+                                   "additionalProperties": False}}, "--secret"))
     from_snapshot: str | None = field(default=None, metadata=_json("fromSnapshot", _STR, "--from-snapshot"))
     cold: bool | None = field(default=None, metadata=_json("cold", {"type": "boolean"}, "--cold"))
 
@@ -159,6 +164,9 @@ class WorkspaceSpec:
         if self.publish is not None:
             put("publish", tuple(validate_publish(
                 p if isinstance(p, Publish) else Publish.from_json(p) for p in _items(self.publish))))
+        if self.secrets is not None:
+            put("secrets", tuple(validate_secrets(
+                [s if isinstance(s, Secret) else Secret.from_json(s) for s in _items(self.secrets)])) or None)
         if self.from_snapshot is not None:
             validate_name(self.from_snapshot, "snapshot")
         if self.cold is not None and not isinstance(self.cold, bool):
@@ -177,6 +185,14 @@ class WorkspaceSpec:
             if others:
                 raise InvalidArgument(f"--from-snapshot takes the workspace as it was snapshotted; only a name, "
                                       f"--hostname and -e/--env may be given with it (not {', '.join(others)})")
+        for secret in self.secrets or ():
+            policy = self.network
+            for host in secret.hosts:
+                probe = "x" + host[1:] if host.startswith("*.") else host
+                if policy is None or not policy.allow or not policy.allows_name(probe):
+                    raise InvalidArgument(
+                        f"secret {secret.name} is bound to {host}, which the network allow-list does not name: a "
+                        f"secret reaches only hosts the workspace may reach by name; add --allow {host}")
         if self.packages and not accepts_packages(self.image):
             raise InvalidArgument(f"packages can only be added to the built-in Debian image, not to "
                                   f"{self.image or canonical(self.image)}; use --image {PYTHON_REF}")
@@ -253,7 +269,7 @@ class WorkspaceSpec:
                 "properties": {f.metadata["json"]: f.metadata["schema"] for f in dataclasses.fields(cls)}}
 
 
-_LISTS = ("packages", "setup", "attachments", "outputs", "files", "publish")
+_LISTS = ("packages", "setup", "attachments", "outputs", "files", "publish", "secrets")
 _STRINGS = ("image", "profile", "hostname", "accel", "kernel", "restart", "shell", "entrypoint", "from_snapshot")
 _INTS = ("memory_mib", "cpus", "size_mib")
 

@@ -244,11 +244,12 @@ def peer_ns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PeerNamespace]
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
 
 
-def _fetch(engine: Engine, name: str, host: str, port: int) -> str:
-    """The body the guest gets from http://host:port/ ('' when it cannot connect). busybox nc: the image's
-    static busybox wget crashes in getaddrinfo."""
-    request = r'printf "GET / HTTP/1.0\r\n\r\n" | nc -w 5 "$0" "$1"'
-    result = engine.exec(name, ["sh", "-c", request, host, str(port)], timeout=60)
+def _fetch(engine: Engine, name: str, host: str, port: int, host_header: str = "") -> str:
+    """The body the guest gets from http://host:port/ ('' when it cannot connect), with a Host header when given.
+    busybox nc: the image's static busybox wget crashes in getaddrinfo."""
+    request = r'printf "GET / HTTP/1.0\r\n$2\r\n" | nc -w 5 "$0" "$1"'
+    header = f"Host: {host_header}\\r\\n" if host_header else ""
+    result = engine.exec(name, ["sh", "-c", request, host, str(port), header], timeout=60)
     return result.stdout.split(b"\r\n\r\n", 1)[-1].decode(errors="replace") if result.ok else ""
 
 
@@ -426,8 +427,12 @@ def test_allow_list_answers_only_its_names(engine: Engine, peer_ns: PeerNamespac
     assert peer_ns.asked("not-listed") == []
     log = (engine.status(name).dir.run_dir / "network.log").read_text()
     assert "NXDOMAIN for not-listed.example" in log
-    # the allowed name opens its resolved address on its port only
-    assert _fetch(engine, name, peer_ns.public, peer_ns.other_port) == peer_ns.token(peer_ns.other_port)
+    # the allowed name reaches the address its DNS answer gave, on its port, by name (Host) only: through the
+    # egress proxy, which refuses the same address asked for without a name
+    token = peer_ns.token(peer_ns.other_port)
+    assert _fetch(engine, name, peer_ns.public, peer_ns.other_port, "good.example") == token
+    assert _fetch(engine, name, peer_ns.public, peer_ns.other_port) == ""
+    assert _fetch(engine, name, peer_ns.public, peer_ns.other_port, "bad.example") == ""
 
 
 def test_dns_tunnel_never_leaves_the_host(engine: Engine, peer_ns: PeerNamespace, allow_vm: Running) -> None:
@@ -520,7 +525,7 @@ def test_dns_messages_are_checked_and_bounded() -> None:
     async def flood() -> dict[str, int]:
         silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         silent.bind(("127.0.0.1", 0))  # a resolver that never answers: every forwarded query stays in flight
-        fwd = dns.DnsForwarder([ipaddress.ip_address("127.0.0.1")], None, lambda a: False, lambda line: None,
+        fwd = dns.DnsForwarder([ipaddress.ip_address("127.0.0.1")], lambda name: True, lambda a: False, lambda line: None,
                                upstream_port=silent.getsockname()[1])
         udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         udp.bind(("127.0.0.1", 0))

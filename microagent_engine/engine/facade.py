@@ -20,6 +20,7 @@ from ..workspace_spec import WorkspaceSpec
 from ..snapshots import workspace as snapshot_store
 from ..storage.volumes import VolumeRegistry
 from .context import EngineContext, Progress
+from .egress import Egress
 from .imaging import Imaging
 from .lifecycle import Lifecycle
 from .provision import Provisioner
@@ -45,6 +46,7 @@ class Engine:
         self._sessions = Sessions(self._ctx)
         self._transfer = Transfer(self._ctx)
         self._imaging = Imaging(self._ctx)
+        self._egress = Egress(self._ctx)
 
     @property
     def progress(self) -> Progress:
@@ -227,6 +229,16 @@ class Engine:
     def console_send(self, name: str, line: str, timeout: float = 30.0) -> str:
         """Type ``line`` into the serial console shell and return what it printed."""
         return self._sessions.console_send(name, line, timeout)
+
+    # ---- egress ----------------------------------------------------------------------------------
+    def egress(self, name: str) -> dict[str, Any]:
+        """What the workspace's DNS and egress proxy refused (counters, recent refusals) and its policy."""
+        return self._egress.report(name)
+
+    def allow(self, name: str, entries: builtins.list[str]) -> WorkspaceInfo:
+        """Widen the workspace's allow-list (``--allow`` entries: names, ``*.suffix``, presets, CIDRs), at once
+        when it runs."""
+        return self._egress.allow(name, entries)
 
     # ---- one-shot ------------------------------------------------------------------------------
     def run(self, argv: builtins.list[str], spec: WorkspaceSpec | None = None, options: RunOptions | None = None,

@@ -17,13 +17,14 @@ from typing import Any
 from ..backends.base import DiskSpec, VMSpec
 from ..client import SupervisorConnection
 from ..config import BOOT_TIMEOUTS
-from ..errors import GuestError, InvalidState, NotFound, PortUnavailable
+from ..errors import GuestError, InvalidArgument, InvalidState, NotFound, PortUnavailable
 from ..fsutil import file_lock, open_private, write_json_atomic
 from ..guest.initramfs import build_initramfs
 from ..hostinfo import choose_accel
 from ..model import PUBLISH_DEFAULT_HOST_IP, LaunchSpec, Publish
 from ..protocol import DEFAULT_ROOT_DEVICE, MOUNT_SERIAL_PREFIX, BootArg, MountMode
-from ..records import WorkspaceDir, now_iso, process_matches
+from ..records import WorkspaceConfig, WorkspaceDir, now_iso, process_matches
+from ..secret import Secret
 from ..snapshots import workspace as snapshots
 from ..snapshots.live import RESTORE_KEY
 from ..snapshots.warm import COLD_KEY
@@ -60,6 +61,7 @@ class Lifecycle:
     def _launch(self, info: WorkspaceInfo, boot_timeout: float | None, cold: bool = False) -> WorkspaceInfo:
         ctx = self.ctx
         cfg, ws = info.config, info.dir
+        values = secret_values(cfg)  # read now, on the host: a missing one fails before anything starts
         ctx.backend.binary()  # fail first, and clearly, when the hypervisor is missing
         check_publish_free(cfg.publish)  # a taken host port fails before anything is started
         accel = choose_accel(None if cfg.accel == "auto" else cfg.accel)
@@ -81,15 +83,17 @@ class Lifecycle:
                             shell=cfg.shell, env=cfg.env, accel=accel.accel, boot_timeout=timeout, mounts=mounts,
                             setup=cfg.setup, entrypoint=cfg.entrypoint, restart=cfg.restart,
                             mediation=cfg.mediation, network_policy=cfg.network_policy, publish=cfg.publish,
-                            extra=extra)
+                            extra=extra, secrets=[{**s, "placeholder": cfg.placeholders[s["name"]]}
+                                                  for s in cfg.secrets])
         ws.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_json_atomic(ws.run_dir / "launch.json", launch.to_json())
         st = ws.load_state()
         st.accel, st.accel_reason, st.backend, st.error = accel.accel, accel.reason, ctx.backend.name, ""
         ws.save_state(st)
         rfd, wfd = os.pipe()
+        secrets_fd = _secrets_pipe(values) if values else None
         try:
-            spawn_supervisor(ws, wfd)
+            spawn_supervisor(ws, wfd, secrets_fd)
             os.close(wfd)
             wfd = -1
             reply = _read_ready(rfd, timeout + 30)
@@ -97,6 +101,8 @@ class Lifecycle:
             os.close(rfd)
             if wfd >= 0:
                 os.close(wfd)
+            if secrets_fd is not None:
+                os.close(secrets_fd)
         if not reply.get("ok"):
             wait_supervisor_exit(ws)
             if RESTORE_KEY in extra and ws.load_state().boot_mode == "snapshot":
@@ -248,10 +254,15 @@ def wait_supervisor_exit(ws: WorkspaceDir, limit: float = SUPERVISOR_EXIT_WAIT) 
         time.sleep(0.005)
 
 
-def spawn_supervisor(ws: WorkspaceDir, ready_fd: int) -> None:
+def spawn_supervisor(ws: WorkspaceDir, ready_fd: int, secrets_fd: int | None = None) -> None:
     """Start the detached supervisor. A single-threaded caller (the CLI) forks, saving an interpreter
-    start-up (~0.1 s); a threaded one (a Jupyter kernel) runs a fresh interpreter, as fork is unsafe there."""
+    start-up (~0.1 s); a threaded one (a Jupyter kernel) runs a fresh interpreter, as fork is unsafe there.
+    ``secrets_fd``: a pipe holding the secrets' values, handed over (never on disk)."""
     argv = [str(ws.path), "--ready-fd", str(ready_fd)]
+    keep = [ready_fd]
+    if secrets_fd is not None:
+        argv += ["--secrets-fd", str(secrets_fd)]
+        keep.append(secrets_fd)
     if threading.active_count() == 1 and not os.environ.get("MICROAGENT_SUPERVISOR_EXEC"):
         pid = os.fork()
         if pid == 0:  # child: become the supervisor's parent, detached from our stdio
@@ -263,8 +274,11 @@ def spawn_supervisor(ws: WorkspaceDir, ready_fd: int) -> None:
                 os.dup2(null, 0)
                 os.dup2(log_fd, 1)
                 os.dup2(log_fd, 2)
-                os.closerange(3, ready_fd)
-                os.closerange(ready_fd + 1, 65536)
+                low = 3
+                for fd in sorted(keep):
+                    os.closerange(low, fd)
+                    low = fd + 1
+                os.closerange(low, 65536)
                 sys.stdout = open(1, "w", buffering=1, closefd=False)
                 sys.stderr = open(2, "w", buffering=1, closefd=False)
                 from ..supervisor import main
@@ -277,10 +291,31 @@ def spawn_supervisor(ws: WorkspaceDir, ready_fd: int) -> None:
     with open_private(ws.supervisor_log, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "microagent_engine.supervisor", *argv],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(ready_fd,), start_new_session=True,
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=tuple(keep), start_new_session=True,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
                 str(Path(__file__).resolve().parent.parent.parent), os.environ.get("PYTHONPATH")]))})
     proc.wait()
+
+
+def secret_values(cfg: WorkspaceConfig) -> dict[str, str]:
+    """placeholder -> value of the workspace's secrets, read from the host now."""
+    return {cfg.placeholders[s["name"]]: Secret.from_json(s).read_value() for s in cfg.secrets}
+
+
+def _secrets_pipe(values: dict[str, str]) -> int:
+    """The read end of a pipe that holds ``values`` as JSON (whole: it fits the pipe's buffer)."""
+    data = json.dumps(values).encode()
+    rfd, wfd = os.pipe()
+    try:
+        if len(data) > 60 * 1024:
+            raise InvalidArgument("the secrets' values add up to more than 60 KiB; give fewer or smaller ones")
+        os.write(wfd, data)
+    except BaseException:
+        os.close(rfd)
+        raise
+    finally:
+        os.close(wfd)
+    return rfd
 
 
 def _read_ready(fd: int, timeout: float) -> dict[str, Any]:

@@ -22,6 +22,8 @@ from ..snapshots import workspace as snapshots
 from ..storage import debugfs
 from ..storage.ext4 import clone_sized
 from ..supervisor.publish import check_publish_free
+from ..sandbox.egress_tls import make_ca, trust_ca
+from ..secret import new_placeholder
 from ..workspace_spec import WorkspaceSpec
 from .context import EngineContext
 from .store import WorkspaceInfo
@@ -65,7 +67,13 @@ class Provisioner:
             kernel=str(Path(spec.kernel).resolve()) if spec.kernel else None, restart=spec.restart or "never",
             shell=shell or "/bin/sh", setup=list(spec.setup or ()), entrypoint=spec.entrypoint or None,
             mediation=spec.mediation, network_policy=policy, attachments=atts, outputs=outs,
-            one_shot=one_shot, publish=ports, cold=bool(spec.cold), spec=spec.to_json())
+            one_shot=one_shot, publish=ports, cold=bool(spec.cold), spec=spec.to_json(),
+            secrets=[s.to_json() for s in spec.secrets or ()],
+            placeholders={s.name: new_placeholder(s.name) for s in spec.secrets or ()})
+        for name_, placeholder in cfg.placeholders.items():
+            if name_ in cfg.env:
+                raise InvalidArgument(f"{name_} is both a secret and an environment variable; give it once")
+            cfg.env[name_] = placeholder  # the guest holds the placeholder, never the value
         for att in atts:
             if att.kind == "volume":
                 try:
@@ -92,6 +100,8 @@ class Provisioner:
             clone_sized(base, staging.rootfs, cfg.size_mib)
             for f in file_list:
                 debugfs.copy_in(staging.rootfs, Path(f.src), f.dst, mode=f.mode)
+            if cfg.secrets:  # the guest trusts the workspace's egress CA (its key stays in the staging dir)
+                trust_ca(staging.rootfs, make_ca(staging.path, cfg.name))
             if shell and not debugfs.exists(staging.rootfs, shell):
                 raise InvalidArgument(f"shell {shell} does not exist in image {cfg.image}; pick a shell the "
                                       f"image has (e.g. /bin/sh or /bin/bash)")

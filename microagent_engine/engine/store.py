@@ -12,7 +12,7 @@ from typing import Any
 from ..config import validate_name
 from ..errors import Busy, InvalidArgument, InvalidState, NotFound
 from ..fsutil import file_lock, sweep_stale_temp
-from ..records import WorkspaceConfig, WorkspaceDir, WorkspaceState, process_matches
+from ..records import WorkspaceConfig, WorkspaceDir, WorkspaceState, process_matches, read_egress_report
 from ..states import ACTIVE, allowed_actions
 
 
@@ -72,6 +72,7 @@ class WorkspaceInfo:
             "confinement": s.confinement or None,
             "oneShot": c.one_shot,
             "publish": self.published(),
+            "egress": read_egress_report(self.dir.egress_report) if self.running else None,
         }
         out.update(s.readiness)
         return out

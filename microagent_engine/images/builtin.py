@@ -47,11 +47,15 @@ MPLCONFIGDIR = "/var/cache/matplotlib"
 PYTHON_RECIPE = Recipe(
     name="python",
     packages=("python3", "python3-ipykernel", "python3-numpy", "python3-pandas", "python3-matplotlib",
-              # python3-fonttools needs "python3-scipy | python3-munkres": name the small one so apt takes it
-              "python3-munkres",
+              "python3-scipy",
+              # pip (a notebook's %pip install, through --allow @pypi), and what notebooks reach for first:
+              # requests, tqdm, jinja2 (pandas' Styler); ca-certificates comes with them
+              "python3-pip", "python3-requests", "python3-tqdm", "python3-jinja2",
               "procps"),  # ps, free, top, pkill (as the busybox image has): not in minbase
     hooks=(
         'sed -i -E "s/^#?[[:space:]]*backend[[:space:]]*:.*/backend: Agg/" "$1/etc/matplotlibrc"',
+        # the VM is the sandbox: pip installs into the system Python without --break-system-packages (PEP 668)
+        'rm -f "$1"/usr/lib/python3*/EXTERNALLY-MANAGED',
         f'chroot "$1" env HOME=/root MPLCONFIGDIR={MPLCONFIGDIR} python3 -c "import matplotlib.pyplot"',
     ),
     files=tuple((rel, _FILES[rel]) for rel in ("etc/hosts", "etc/resolv.conf"))

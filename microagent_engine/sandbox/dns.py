@@ -272,14 +272,20 @@ async def ask_upstream(upstreams: Iterable[Address], name: str, qtype: int, ques
 
 def addresses_in(answer: Filtered, qtype: int) -> list[Address]:
     """The addresses of ``answer``'s answer-section records of ``qtype`` (A or AAAA)."""
-    out: list[Address] = []
+    return [addr for addr, _ttl in answer_addresses(answer) if (addr.version == 4) == (qtype == A)]
+
+
+def answer_addresses(answer: Filtered) -> list[tuple[Address, int]]:
+    """(address, TTL) of every A and AAAA record in ``answer``'s answer section (whatever its owner: a CNAME
+    chain's addresses are the queried name's)."""
+    out: list[tuple[Address, int]] = []
     pos, body = 0, answer.body
     for _ in range(answer.counts[0]):
         _owner, pos = _read_name(body, pos)
-        rtype, _class, _ttl, rdlen = struct.unpack_from("!2HIH", body, pos)
+        rtype, _class, ttl, rdlen = struct.unpack_from("!2HIH", body, pos)
         pos += 10
-        if rtype == qtype:
-            out.append(ipaddress.ip_address(body[pos:pos + rdlen]))
+        if rtype in (A, AAAA):
+            out.append((ipaddress.ip_address(body[pos:pos + rdlen]), ttl))
         pos += rdlen
     return out
 
@@ -301,12 +307,14 @@ async def resolve(upstreams: Iterable[Address], name: str, refused: Callable[[Ad
 @dataclass
 class DnsForwarder:
     """Serves the guest's DNS on a UDP and a listening TCP socket (both inside the VM's namespace) from the
-    host's namespace. ``allow_names`` None: every well-formed name; a set: only those names (others NXDOMAIN)."""
+    host's namespace. ``allowed(name)`` decides which names are forwarded (the others get NXDOMAIN); each answer
+    forwarded for a name is reported to ``on_answer(name, [(address, ttl), ...])`` (the egress proxy's grants)."""
 
     upstreams: list[Address]
-    allow_names: frozenset[str] | None
+    allowed: Callable[[str], bool]
     refused: Callable[[Address], bool]
     log: Callable[[str], None]
+    on_answer: Callable[[str, list[tuple[Address, int]]], None] | None = None
     upstream_port: int = PORT
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("queries", "forwarded", "answered", "refusedNames", "malformed", "dropped", "strippedRecords",
@@ -357,12 +365,9 @@ class DnsForwarder:
             self.counters["malformed"] += 1
             return None
 
-    def _allowed(self, name: str) -> bool:
-        return self.allow_names is None or name in self.allow_names
-
     async def answer(self, query: Query) -> bytes | None:
         """The reply to ``query`` (None: drop it, too many in flight)."""
-        if not self._allowed(query.name):
+        if not self.allowed(query.name):
             self.counters["refusedNames"] += 1
             if self._logged < MAX_LOG_LINES:
                 self._logged += 1
@@ -385,6 +390,9 @@ class DnsForwarder:
             self._inflight -= 1
         self.counters["answered"] += 1
         self.counters["strippedRecords"] += got.stripped
+        if self.on_answer is not None and query.qtype in (A, AAAA):
+            with contextlib.suppress(Malformed, struct.error, ValueError):
+                self.on_answer(query.name, answer_addresses(got))
         return reply(query, got.rcode, got.body, got.counts, got.flags)
 
     def spawn(self, coro: Any) -> None:

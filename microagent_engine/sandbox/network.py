@@ -43,9 +43,12 @@ from typing import Any
 
 from ..config import RESOLV_CONF_ENV
 from ..errors import HostError
-from ..network_policy import _BLOCKED, AllowEntry, IPNetwork, NetworkPolicy
+from ..network_policy import _BLOCKED, IPNetwork, NetworkPolicy
 from ..hostinfo import require_tool
-from . import dns
+from ..records import EGRESS_REPORT
+from ..secret import Secret
+from . import dns, egress
+from .egress_tls import LeafCerts
 
 
 UPLINK_CIDR = "10.0.3.0/24"  # slirp4netns's network inside the namespace (distinct from QEMU's 10.0.2.0/24)
@@ -136,25 +139,10 @@ class Refused:
         return any(addr in n for n in (self.v4 if addr.version == 4 else self.v6))
 
 
-async def resolve_allow(entries: Iterable[AllowEntry], upstreams: list[Any],
-                        refused: Refused) -> tuple[list[tuple[IPNetwork, int | None]], list[str]]:
-    """Allow entries as (network, port) pairs, host names resolved now through the same resolvers that answer the
-    guest; plus notes on entries that resolved to nothing usable (they then open nothing: fail closed)."""
-    rules: list[tuple[IPNetwork, int | None]] = []
-    notes: list[str] = []
-    entries = list(entries)
-    names = sorted({e.target for e in entries if e.network is None})
-    found = dict(zip(names, await asyncio.gather(*(dns.resolve(upstreams, n, refused) for n in names))))
-    for entry in entries:
-        net = entry.network
-        if net is not None:
-            rules.append((net, entry.port))
-            continue
-        usable = found[entry.target]
-        if not usable:
-            notes.append(f"allow entry {entry} did not resolve to a reachable address; it opens nothing")
-        rules += [(ipaddress.ip_network(a), entry.port) for a in sorted(set(usable), key=str)]
-    return rules, notes
+def cidr_rules(policy: NetworkPolicy) -> list[tuple[IPNetwork, int | None]]:
+    """The allow-list's CIDR entries as (network, port) pairs: opened by address in the namespace's rules. Name
+    entries never become address rules: the egress proxy enforces them by name (egress.py)."""
+    return [(e.network, e.port) for e in policy.allow if e.network is not None]
 
 
 def _elements(nets: Iterable[Any]) -> str:
@@ -163,12 +151,15 @@ def _elements(nets: Iterable[Any]) -> str:
 
 def render_ruleset(policy: NetworkPolicy, allow: list[tuple[IPNetwork, int | None]], refused: Refused) -> str:
     """The nftables ruleset loaded inside the workspace's namespace (never the host's). On its loopback only the
-    DNS forwarder and the opted-in host ports; then the refused ranges; then the public internet or the list."""
+    DNS forwarder, the egress proxy and the opted-in host ports; then the refused ranges; then the public internet
+    or the list. With names on the list, IPv4 TCP that no CIDR entry opens is redirected to the egress proxy."""
     v4, v6 = refused.v4, refused.v6
     reject = ["meta l4proto tcp reject with tcp reset", "reject with icmpx type admin-prohibited"]
     out = [
         "ct state established,related accept",
         f"oifname \"lo\" ip daddr 127.0.0.1 meta l4proto {{ tcp, udp }} th dport {dns.PORT} accept",
+        # redirected guest TCP: the output hook still names the original interface, so no oifname here
+        *([f"ip daddr 127.0.0.1 tcp dport {egress.EGRESS_PORT} accept"] if policy.names else []),
         *([f"oifname \"lo\" ip daddr 127.0.0.1 tcp dport {_elements(policy.host_ports)} accept"]
           if policy.host_ports else []),
         *[f"oifname \"lo\" {r}" for r in reject],
@@ -182,7 +173,14 @@ def render_ruleset(policy: NetworkPolicy, allow: list[tuple[IPNetwork, int | Non
         out.append(f"{match} meta l4proto {{ tcp, udp }} th dport {port} accept" if port else f"{match} accept")
     out += reject
     body = "\n".join(f"    {line}" for line in out)
-    return ("table inet microagent {\n"
+    nat = ""
+    if policy.names:
+        cidrs = [f"ip daddr {n}" + (f" tcp dport {p}" if p else "") + " return" for n, p in allow if n.version == 4]
+        lines = ['oifname "lo" return', f"ip daddr {_elements(v4)} return", *cidrs,
+                 f"meta nfproto ipv4 meta l4proto tcp redirect to :{egress.EGRESS_PORT}"]
+        nat = ("  chain nat_output {\n    type nat hook output priority -100; policy accept;\n"
+               + "\n".join(f"    {line}" for line in lines) + "\n  }\n")
+    return ("table inet microagent {\n" + nat +
             "  chain output {\n    type filter hook output priority 0; policy drop;\n" + body + "\n  }\n"
             "  chain input {\n    type filter hook input priority 0; policy drop;\n"
             "    ct state established,related accept\n    iifname \"lo\" accept\n  }\n}\n")
@@ -213,11 +211,12 @@ def _loopback_up() -> None:
         fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | _IFF_UP))
 
 
-def _create_namespaces(userns: bool, host_ports: tuple[int, ...],
-                       with_dns: bool = False) -> tuple[dict[str, int], list[socket.socket]]:
+def _create_namespaces(userns: bool, host_ports: tuple[int, ...], with_dns: bool = False,
+                       with_egress: bool = False) -> tuple[dict[str, int], list[socket.socket]]:
     """A new network namespace (inside a new user namespace when not root), held by O_CLOEXEC fds of this
     process, with loopback up and a listening socket on 127.0.0.1:PORT for each host port; ``with_dns`` puts a
-    UDP and a listening TCP socket on 127.0.0.1:53 first (the guest's DNS, see dns.py).
+    UDP and a listening TCP socket on 127.0.0.1:53 first (the guest's DNS, see dns.py), ``with_egress`` then a
+    listening socket on 127.0.0.1:EGRESS_PORT (the egress proxy, see egress.py).
 
     A short-lived forked child unshares, creates the listeners and passes them back over SCM_RIGHTS; this process
     opens the child's namespace files before letting it exit, so no process or mount keeps the namespace."""
@@ -243,6 +242,11 @@ def _create_namespaces(userns: bool, host_ports: tuple[int, ...],
                     if kind == socket.SOCK_STREAM:
                         dsock.listen(dns.MAX_TCP_CLIENTS)
                     keep.append(dsock)
+            if with_egress:
+                esock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                esock.bind(("127.0.0.1", egress.EGRESS_PORT))
+                esock.listen(egress.MAX_CONNECTIONS)
+                keep.append(esock)
             for port in host_ports:
                 lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -259,7 +263,7 @@ def _create_namespaces(userns: bool, host_ports: tuple[int, ...],
     theirs.close()
     fds: dict[str, int] = {}
     try:
-        msg, got, _flags, _addr = socket.recv_fds(ours, 4096, max(1, len(host_ports) + 2 * with_dns))
+        msg, got, _flags, _addr = socket.recv_fds(ours, 4096, max(1, len(host_ports) + 2 * with_dns + with_egress))
         if msg != b"ok":
             for fd in got:
                 os.close(fd)
@@ -312,18 +316,37 @@ class NetworkSandbox:
         self.severed = False
         self.dns: dns.DnsForwarder | None = None
         self.dns_socks: list[socket.socket] = []
+        self.egress_sock: socket.socket | None = None
+        self.egress: egress.EgressProxy | None = None
+        self.grants = egress.Grants()
+        self.refused: Refused | None = None
+        self._report_task: asyncio.Task[None] | None = None
+        self.secrets: list[egress.BoundSecret] = []
+        self.leaves: LeafCerts | None = None
 
     @classmethod
-    async def open(cls, policy: NetworkPolicy, run_dir: Path) -> NetworkSandbox | None:
+    async def open(cls, policy: NetworkPolicy, run_dir: Path, secrets: list[dict[str, Any]] | None = None,
+                   secret_values: dict[str, str] | None = None, ca_dir: Path | None = None) -> NetworkSandbox | None:
         """Set up enforcement for ``policy`` (None for isolated: no NIC, nothing to enforce). HostError, with
-        what to install, when the host cannot enforce it: the VM then does not start (fail closed)."""
+        what to install, when the host cannot enforce it: the VM then does not start (fail closed). ``secrets``
+        ({name, hosts, placeholder}) with their ``secret_values`` (placeholder -> value) go to the egress proxy,
+        which terminates TLS to their hosts with the CA in ``ca_dir``."""
         if policy.mode != "user":
             return None
         box = cls(policy, run_dir)
+        if secrets:
+            values = secret_values or {}
+            missing = [s["name"] for s in secrets if s["placeholder"] not in values]
+            if missing or ca_dir is None:
+                raise HostError(f"the values of secret(s) {', '.join(missing)} were not handed to the supervisor; "
+                                f"start the workspace again")
+            box.secrets = [egress.BoundSecret(Secret.from_json({k: v for k, v in s.items() if k != "placeholder"}),
+                                              s["placeholder"], values[s["placeholder"]]) for s in secrets]
+            box.leaves = LeafCerts(ca_dir, run_dir / "tls")
         try:
             upstreams, refused = host_resolvers(), Refused(host_networks())
-            allow, notes = await resolve_allow(policy.allow, upstreams, refused)
-            box.start(allow, notes, upstreams, refused)
+            box.refused = refused
+            box.start(cidr_rules(policy), [], upstreams, refused)
             await box.serve_host_ports()
             await box.serve_dns(upstreams, refused)
         except BaseException:
@@ -337,24 +360,24 @@ class NetworkSandbox:
         slirp = require_tool("slirp4netns")
         nft = require_tool("nft")
         self.notes = notes
-        self.ns, socks = _create_namespaces(os.geteuid() != 0, self.policy.host_ports, with_dns=True)
-        self.dns_socks, self.listeners = socks[:2], socks[2:]
+        names = bool(self.policy.allow)  # the proxy's socket exists with any allow-list: a name may be added live
+        self.ns, socks = _create_namespaces(os.geteuid() != 0, self.policy.host_ports, with_dns=True,
+                                            with_egress=names)
+        self.dns_socks, socks = socks[:2], socks[2:]
+        if names:
+            self.egress_sock, socks = socks[0], socks[1:]
+        self.listeners = socks
         ruleset = render_ruleset(self.policy, allow, refused)
         self._nft(nft, ruleset)
         self._start_slirp(slirp)
-        names = self.allow_names()
         (self.run_dir / "network.json").write_text(json.dumps({
-            "policy": self.policy.to_json(), "allowResolved": [f"{n}{f':{p}' if p else ''}" for n, p in allow],
+            "policy": self.policy.to_json(), "allowByAddress": [f"{n}{f':{p}' if p else ''}" for n, p in allow],
+            "allowByName": [str(e) for e in self.policy.names],
             "dns": {"guestServer": dns.GUEST_DNS, "answeredBy": "the supervisor's forwarder (never the guest "
-                    "directly)", "names": "all" if names is None else sorted(names)},
+                    "directly)", "names": "all" if not self.policy.allow else [str(e) for e in self.policy.names]},
+            "egressProxy": f"127.0.0.1:{egress.EGRESS_PORT} in the namespace" if names else None,
             "dnsServers": [str(r) for r in upstreams], "refused": [str(n) for n in refused.v4 + refused.v6],
             "notes": notes, "uplinkPid": self.slirp.pid if self.slirp else None, "ruleset": ruleset}, indent=1))
-
-    def allow_names(self) -> frozenset[str] | None:
-        """The names the guest's DNS answers: None (all) without an allow-list, else its host-name entries."""
-        if not self.policy.allow:
-            return None
-        return frozenset(e.target for e in self.policy.allow if e.network is None)
 
     async def serve_dns(self, upstreams: list[Any], refused: Refused) -> None:
         """Answer the guest's DNS on the namespace's 127.0.0.1:53 (see dns.py); refused names go to network.log."""
@@ -364,13 +387,43 @@ class NetworkSandbox:
             with contextlib.suppress(OSError), open(log_path, "a", encoding="utf-8") as fh:
                 fh.write(line + "\n")
 
-        self.dns = dns.DnsForwarder(upstreams, self.allow_names(), refused, log)
+        self.dns = dns.DnsForwarder(upstreams, lambda name: self.policy.allows_name(name), refused, log,
+                                    on_answer=self.grants.record)
         udp, tcp = self.dns_socks
         await self.dns.start(udp, tcp)
+        if self.egress_sock is not None:
+            self.egress = egress.EgressProxy(self.policy, self.grants, refused, log, secrets=self.secrets,
+                                             leaves=self.leaves)
+            await self.egress.start(self.egress_sock)
+        self._report_task = asyncio.get_running_loop().create_task(self._report_loop())
 
-    def dns_counters(self) -> dict[str, int]:
-        """The DNS forwarder's counters (queries, forwarded, refusedNames, malformed, dropped, ...)."""
-        return dict(self.dns.counters) if self.dns else {}
+    def update_policy(self, policy: NetworkPolicy) -> None:
+        """Apply a widened ``policy`` to the running VM: its rules (one nft transaction), DNS and proxy."""
+        if policy.mode != "user" or self.severed or self.refused is None:
+            raise HostError("this workspace's network cannot be changed now (isolated or quarantined)")
+        ruleset = render_ruleset(policy, cidr_rules(policy), self.refused)
+        self._nft(require_tool("nft"), "table inet microagent\ndelete table inet microagent\n" + ruleset)
+        self.policy = policy
+        if self.egress is not None:
+            self.egress.policy = policy
+
+    def report(self) -> dict[str, Any]:
+        """What the guest's DNS and the egress proxy did: counters and the recent refusals."""
+        return {"dns": dict(self.dns.counters) if self.dns else {},
+                "egress": self.egress.report() if self.egress else None}
+
+    async def _report_loop(self) -> None:
+        """Keep ``run/egress.json`` (read by status) current, at most once a second and only on change."""
+        path, last = self.run_dir / EGRESS_REPORT, ""
+        while True:
+            text = json.dumps(self.report())
+            if text != last:
+                with contextlib.suppress(OSError):
+                    tmp = path.with_suffix(".tmp")
+                    tmp.write_text(text)
+                    os.replace(tmp, path)
+                last = text
+            await asyncio.sleep(1.0)
 
     def _nft(self, nft: str, ruleset: str) -> None:
         proc = subprocess.run([nft, "-f", "-"], input=ruleset.encode(), capture_output=True, check=False,
@@ -479,6 +532,8 @@ class NetworkSandbox:
             task.cancel()
         if self.dns is not None:
             self.dns.stop()
+        if self.egress is not None:
+            self.egress.stop()
 
     def _stop_slirp(self) -> None:
         if self.exit_w >= 0:
@@ -504,9 +559,15 @@ class NetworkSandbox:
         for server in self.servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
+        if self._report_task is not None:
+            self._report_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._report_task
         if self.dns is not None:
             await self.dns.close()
-        for lsock in self.listeners + self.dns_socks:
+        if self.egress is not None:
+            await self.egress.close()
+        for lsock in self.listeners + self.dns_socks + ([self.egress_sock] if self.egress_sock else []):
             lsock.close()
         for fd in self.ns.values():
             os.close(fd)

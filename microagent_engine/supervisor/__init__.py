@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fcntl
+import json
 import os
 import traceback
 from pathlib import Path
@@ -31,10 +32,23 @@ from .core import Supervisor
 __all__ = ["Supervisor", "main"]
 
 
+def read_secrets(fd: int) -> dict[str, str]:
+    """The placeholder -> value map the engine wrote into the pipe ``fd`` (closed after reading)."""
+    chunks = []
+    try:
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    data = json.loads(b"".join(chunks) or b"{}")
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="microagent-supervisor")
     parser.add_argument("workspace_dir")
     parser.add_argument("--ready-fd", type=int)
+    parser.add_argument("--secrets-fd", type=int, help="a pipe holding the secrets' values (JSON), read once")
     parser.add_argument("--foreground", action="store_true", help="do not detach (for debugging)")
     args = parser.parse_args(argv)
     ws = WorkspaceDir(Path(args.workspace_dir))
@@ -49,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             os.write(args.ready_fd, b'{"ok": false, "error": "another supervisor is already running"}\n')
         return 1
     launch = LaunchSpec.from_json(read_json(ws.run_dir / "launch.json"))
+    if args.secrets_fd is not None:
+        launch.secret_values = read_secrets(args.secrets_fd)
     sup = Supervisor(ws, launch, args.ready_fd)
     try:
         return asyncio.run(sup.run())

@@ -249,6 +249,12 @@ class ClientHub:
                 reply = {"ok": True}
             elif op in ("publish", "unpublish"):
                 reply = await sup.ports.control(op, request)
+            elif op == "allow":  # widen the running workspace's allow-list (the engine records it too)
+                policy = sup.network_policy.with_allowed([str(e) for e in request.get("entries") or []])
+                if sup.net is not None:
+                    sup.net.update_policy(policy)
+                sup.network_policy = policy
+                reply = {"ok": True, "networkPolicy": policy.to_json()}
             elif op == "state":
                 reply = {"ok": True, "state": sup.state.to_json()}
             else:

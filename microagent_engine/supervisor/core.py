@@ -241,7 +241,8 @@ class Supervisor:
         vm_log.write(f"--- {now_iso()} {' '.join(self.launch.argv)}\n".encode())
         vm_log.flush()
         try:
-            self.net = await NetworkSandbox.open(self.network_policy, self.ws.run_dir)
+            self.net = await NetworkSandbox.open(self.network_policy, self.ws.run_dir, self.launch.secrets,
+                                                 self.launch.secret_values, self.ws.path)
             self.proc = await self.start_vm(vm_log)
         except (OSError, MicroagentError) as exc:
             await self.close_network()

@@ -226,6 +226,29 @@ class SnapshotHandler(BaseHandler):
         await self.guarded(go)
 
 
+class EgressHandler(BaseHandler):
+    """GET /workspaces/NAME/egress: what its DNS and egress proxy refused, and its policy.
+    POST /workspaces/NAME/egress {"allow": [ENTRY, ...]}: widen its allow-list (at once when it runs)."""
+
+    @tornado.web.authenticated
+    async def get(self, name: str) -> None:
+        async def go() -> None:
+            self.send_json(await self.call(self.engine.egress, name))
+        await self.guarded(go)
+
+    @tornado.web.authenticated
+    async def post(self, name: str) -> None:
+        async def go() -> None:
+            body = self.body()
+            entries = body.get("allow")
+            if set(body) - {"allow"} or not isinstance(entries, list) or not entries \
+                    or not all(isinstance(e, str) for e in entries):
+                raise BadRequest("send {\"allow\": [ENTRY, ...]}: names, *.suffix, presets such as @pypi, or CIDRs")
+            info = await self.call(self.engine.allow, name, entries)
+            self.send_json(info.to_json())
+        await self.guarded(go)
+
+
 class SnapshotsHandler(BaseHandler):
     """GET /snapshots; DELETE /snapshots/NAME."""
 
@@ -437,6 +460,7 @@ def setup_handlers(web_app: Any, config: MicroagentConfig) -> None:
         (rf"/workspaces/{NAME}/(?P<action>start|pause|resume|halt|stop|kill)/?", ActionHandler),
         (rf"/workspaces/{NAME}/exec/?", ExecHandler),
         (rf"/workspaces/{NAME}/snapshot/?", SnapshotHandler),
+        (rf"/workspaces/{NAME}/egress/?", EgressHandler),
         (r"/snapshots/?", SnapshotsHandler),
         (rf"/snapshots/{NAME}/?", SnapshotsHandler),
         (rf"/workspaces/{NAME}/logs/?", LogsHandler),
