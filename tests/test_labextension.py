@@ -119,10 +119,12 @@ def lab(state_dir: Path, tmp_path: Path, browser_tools: str) -> Iterator[tuple[s
 
 @pytest.fixture
 def panel_workspace(engine: Engine) -> Iterator[str]:
-    """A running tiny workspace holding a 16 MiB volume; killed and deleted (with the volumes) afterwards."""
+    """A running tiny workspace holding a 16 MiB volume, its network narrowed to one name (the panel widens it);
+    killed and deleted (with the volumes) afterwards."""
     engine.volumes.create(VOL, size_mib=16)
     try:
-        engine.create(WS, profile="tiny", attachments=[Attachment("volume", VOL, VOL, "/data")])
+        engine.create(WS, profile="tiny", attachments=[Attachment("volume", VOL, VOL, "/data")],
+                      network={"mode": "user", "allow": ["allowed.test:80"]})
         engine.start(WS)
         yield WS
     finally:
@@ -184,6 +186,9 @@ def test_panel_in_chromium(engine: Engine, lab: tuple[str, str], panel_workspace
     assert result_line, out
     result = json.loads(result_line[-1][len("RESULT "):])
     assert result["ok"], result
+    # the panel's Allow widened the running workspace's allow-list (and its record)
+    assert result["allowed"] == "blocked.test:80"
+    assert "blocked.test:80" in engine.status(panel_workspace).config.network_policy.to_json()["allow"]
     # the click in the browser really halted the VM (and the notebook, which started it again, halted it too)
     assert engine.status(panel_workspace).state.state == "halted"
     assert result["interruptSeconds"] < 10

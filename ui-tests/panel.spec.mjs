@@ -250,6 +250,38 @@ try {
     .evaluateAll(nodes => nodes.map(n => `${n.textContent}:${n.dataset.signal}`));
   step(`workspace running (${meta}; ${signals.join(' ')})`);
 
+  // ---- egress: a name the allow-list refuses, shown with an Allow action ------------------------------
+  // the guest asks for blocked.test over HTTP; its VM's egress proxy refuses before dialing anything
+  const refused = await page.evaluate(
+    async ([base, token, ws]) => {
+      const r = await fetch(`${base}microagent/api/workspaces/${ws}/exec`, {
+        method: 'POST',
+        headers: { Authorization: `token ${token}`, 'Content-Type': 'application/json' },
+        body: JSON.stringify({
+          argv: ['sh', '-c', 'printf "GET / HTTP/1.0\\r\\nHost: blocked.test\\r\\n\\r\\n" | nc -w 3 45.0.0.1 80; true'],
+          timeout: 30
+        })
+      });
+      return r.status;
+    },
+    [LAB_URL, TOKEN, WS]
+  );
+  if (refused !== 200) {
+    throw new Error(`exec of the refused request answered ${refused}`);
+  }
+  const allowButton = `${wsRow} .ma-BlockedItem[data-entry="blocked.test:80"] .ma-Allow`;
+  await until('the refused name blocked.test:80 with an Allow button', sel => !!document.querySelector(sel), allowButton);
+  await page.locator(allowButton).click();
+  await page.locator('.jp-Dialog .jp-mod-accept').click();
+  await until(
+    'the allow-list in the workspace row to name blocked.test:80',
+    sel => (document.querySelector(sel)?.textContent ?? '').includes('blocked.test:80'),
+    `${wsRow} .ma-Meta`
+  );
+  await until('the Allow item to go away', sel => !document.querySelector(sel), allowButton);
+  result.allowed = 'blocked.test:80';
+  step('a refused name was shown and allowed from the panel');
+
   // ---- the volume and its holder ---------------------------------------------------------------------
   await until(
     `volume "${VOL}" to show holder "${WS}"`,

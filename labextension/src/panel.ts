@@ -80,9 +80,37 @@ interface IWorkspaceRow {
   meta: HTMLElement;
   dots: HTMLElement[];
   volumes: HTMLElement;
+  blocked: HTMLElement;
   error: HTMLElement;
   buttons: Map<PanelAction, HTMLButtonElement>;
   key: string;
+}
+
+/** At most this many refused names are listed per workspace (the most recent ones). */
+const MAX_BLOCKED_SHOWN = 5;
+
+/**
+ * The names a workspace's egress proxy refused because the allow-list does not name them, newest first, once
+ * each, as `name:port` (what `--allow` takes).
+ */
+export function blockedNames(w: IWorkspace): string[] {
+  const recent = w.egress?.egress?.recentBlocked ?? [];
+  const policy = w.networkPolicy as { allow?: string[] } | undefined;
+  const allowed = new Set(policy?.allow ?? []);
+  const out: string[] = [];
+  for (const item of [...recent].reverse()) {
+    if (
+      typeof item.name !== 'string' ||
+      !String(item.reason).includes('not on the allow-list')
+    ) {
+      continue;
+    }
+    const entry = item.port ? `${item.name}:${item.port}` : item.name;
+    if (!out.includes(entry) && !allowed.has(entry)) {
+      out.push(entry);
+    }
+  }
+  return out.slice(0, MAX_BLOCKED_SHOWN);
 }
 
 interface IVolumeRow {
@@ -473,6 +501,8 @@ export class MicroagentPanel extends Widget {
       return dot;
     });
     const volumes = el('div', 'ma-WsVolumes');
+    const blocked = el('div', 'ma-Blocked');
+    blocked.hidden = true;
     const error = el('div', 'ma-RowError');
     error.hidden = true;
     const actions = el('div', 'ma-Actions');
@@ -492,7 +522,7 @@ export class MicroagentPanel extends Widget {
       actions.append(button);
       buttons.set(action, button);
     }
-    node.append(top, meta, ready, volumes, error, actions);
+    node.append(top, meta, ready, volumes, blocked, error, actions);
     return {
       node,
       name: nameNode,
@@ -501,6 +531,7 @@ export class MicroagentPanel extends Widget {
       meta,
       dots,
       volumes,
+      blocked,
       error,
       buttons,
       key: ''
@@ -561,10 +592,61 @@ export class MicroagentPanel extends Widget {
     });
     setText(row.volumes, vols ? `volumes: ${vols}` : '');
     setHidden(row.volumes, !vols);
+    this._renderBlocked(w.name, row.blocked, blockedNames(w));
     const err = w.error ? String(w.error) : '';
     setText(row.error, err);
     setHidden(row.error, !err);
     this._updatePending(w.name);
+  }
+
+  /** The refused names of a running workspace, each with an Allow button (asks first). */
+  private _renderBlocked(
+    name: string,
+    box: HTMLElement,
+    entries: string[]
+  ): void {
+    box.replaceChildren();
+    setHidden(box, entries.length === 0);
+    if (entries.length === 0) {
+      return;
+    }
+    box.append(el('div', 'ma-BlockedTitle', 'refused (not on the allow-list):'));
+    for (const entry of entries) {
+      const line = el('div', 'ma-BlockedItem');
+      line.dataset.entry = entry;
+      const button = el('button', 'ma-Button ma-Allow', 'Allow');
+      button.title = `Add ${entry} to the allow-list of ${name} (at once)`;
+      button.addEventListener('click', () => {
+        void this.allow(name, entry);
+      });
+      line.append(el('span', 'ma-BlockedName', entry), button);
+      box.append(line);
+    }
+  }
+
+  /** Add `entry` to a workspace's allow-list after asking; errors are shown in the panel. */
+  async allow(name: string, entry: string): Promise<boolean> {
+    const result = await showDialog({
+      title: `Allow ${entry} for "${name}"?`,
+      body:
+        `Code in the workspace will be able to connect to ${entry} by name (TLS or HTTP to that port), ` +
+        'from now on and at its next starts.',
+      buttons: [Dialog.cancelButton(), Dialog.okButton({ label: 'Allow' })]
+    });
+    if (!result.button.accept) {
+      return false;
+    }
+    try {
+      await api.allow(name, [entry]);
+      return true;
+    } catch (error) {
+      this._reportError(
+        `Could not allow ${entry} for "${name}": ${errorMessage(error)}`
+      );
+      return false;
+    } finally {
+      await this.refresh();
+    }
   }
 
   /** "name → /mount" for the workspace's volumes: from its attachments, else from the volume holders. */

@@ -42,7 +42,29 @@ export interface IWorkspace {
   actions?: string[];
   /** a supervisor (and usually a VM) is alive */
   live?: boolean;
+  /** while it runs: what its DNS and egress proxy did, and the recent refusals */
+  egress?: IEgressReport | null;
   [key: string]: unknown;
+}
+
+/** One connection the egress proxy refused (the name is the guest's, shown as text only). */
+export interface IBlocked {
+  name: string;
+  address?: string | null;
+  port?: number | null;
+  reason: string;
+  at?: number;
+}
+
+/** The DNS and egress counters of a running workspace (`status --json`'s `egress`). */
+export interface IEgressReport {
+  dns?: { [counter: string]: number };
+  egress?: {
+    allowed?: number;
+    blocked?: number;
+    recentBlocked?: IBlocked[];
+    [counter: string]: unknown;
+  } | null;
 }
 
 /** The JSON of one named volume. */
@@ -165,6 +187,12 @@ export const api = {
     requestAPI<IWorkspace>(['workspaces', name]),
   action: (name: string, action: WorkspaceAction): Promise<IWorkspace> =>
     requestAPI<IWorkspace>(['workspaces', name, action], jsonInit('POST')),
+  /** Widen a workspace's allow-list (at once when it runs). */
+  allow: (name: string, entries: string[]): Promise<IWorkspace> =>
+    requestAPI<IWorkspace>(
+      ['workspaces', name, 'egress'],
+      jsonInit('POST', { allow: entries })
+    ),
   deleteWorkspace: (name: string): Promise<unknown> =>
     requestAPI(['workspaces', name], jsonInit('DELETE')),
   logs: (name: string, tail: number): Promise<string> =>

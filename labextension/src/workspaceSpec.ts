@@ -50,6 +50,11 @@ export interface IWorkspaceSpec {
     hostPort: number;
     guestPort: number;
   }>;
+  secrets?: Array<{
+    name: string;
+    hosts: Array<string>;
+    source?: string;
+  }>;
   fromSnapshot?: string;
   cold?: boolean;
 }
