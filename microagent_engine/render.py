@@ -71,9 +71,9 @@ def fields_text(fields: Sequence[tuple[str, str]]) -> str:
     return "\n".join(f"{label}: {text}" for label, text in fields)
 
 
-def egress_text(report: dict[str, Any]) -> str:
+def egress_text(report: dict[str, Any], command: str = "microagent") -> str:
     """``microagent egress NAME``: the policy, then (while it runs) what the guest's DNS and egress proxy did and
-    the recent refusals, each with the command that would allow it."""
+    the recent refusals, with the command that would allow them (``command``: ``%microagent`` in a notebook)."""
     lines = [f"Network  {report['networkSummary']}"]
     if not report.get("live"):
         return "\n".join(lines + ["(not running: nothing is counted)"])
@@ -89,5 +89,5 @@ def egress_text(report: dict[str, Any]) -> str:
         names = sorted({str(i.get("name")) for i in egress.get("recentBlocked") or []
                         if i.get("name") and "allow-list" in str(i.get("reason"))})
         if names:
-            lines.append(f"To allow: microagent allow {report['name']} {' '.join(safe_text(n, 120) for n in names)}")
+            lines.append(f"To allow: {command} allow {report['name']} {' '.join(safe_text(n, 120) for n in names)}")
     return "\n".join(lines)

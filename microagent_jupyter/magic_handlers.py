@@ -10,6 +10,7 @@ from IPython.core.error import UsageError
 
 from microagent_engine import Engine
 from microagent_engine.errors import NotFound
+from microagent_engine.render import egress_text
 from microagent_engine.spec_args import spec_from_args, workspace_name
 
 from . import display as D
@@ -63,6 +64,21 @@ def create(call: Call) -> Any:
     if args.start:
         info = engine.start(info.name)
     return D.workspace_record(info)
+
+
+def egress(call: Call) -> Any:
+    """``%microagent egress NAME``: the text of ``microagent egress NAME`` (where the next step names the magic)."""
+    report = call.engine.egress(_one_name(call))
+    return D.Text(egress_text(report, "%microagent"))
+
+
+def allow(call: Call) -> Any:
+    """``%microagent allow NAME ENTRY ...``."""
+    if len(call.argv) < 2:
+        raise UsageError("usage: %microagent allow NAME ENTRY ...  (ENTRY: a name, *.suffix, a preset such as "
+                         "@pypi, or a CIDR; with :PORT)")
+    info = call.engine.allow(call.argv[0], call.argv[1:])
+    return D.Text(f"{info.name}: {info.config.network_policy.describe()}")
 
 
 def lifecycle(call: Call) -> Any:

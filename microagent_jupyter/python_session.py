@@ -31,6 +31,7 @@ from microagent_engine.workspace_spec import WorkspaceSpec
 from microagent_engine.states import STARTABLE
 
 from . import values as V
+from .egress_note import RefusalWatch
 from .guest_kernel import GuestKernel
 from .magic_errors import MicroagentInterrupted
 from .output_policy import OutputPolicy
@@ -201,8 +202,10 @@ class PythonSession:
             elif kind == "clear_output":
                 clear_output(wait=content["wait"])
 
+        watch = RefusalWatch(self.engine, self.name)
         with self.lock:
             reply = self._execute(code, show, timeout=timeout)
+        watch.report()  # what the sandbox refused during the cell, and how to allow it
         if reply.get("status") == "aborted":
             raise MicroagentError(f"the sandboxed session {self.name!r} did not run this cell (the kernel aborted "
                                   f"it); run the cell again")

@@ -373,19 +373,43 @@ def test_secret_rules(engine: Engine) -> None:
         engine.delete("secret-missing")
 
 
+_PROBE_OTHER = ("import socket, ssl, sys\n"
+                "try:\n"
+                "    addr = socket.getaddrinfo('other.test', 443, socket.AF_INET)[0][4][0]\n"
+                "    raw = socket.create_connection((addr, 443), timeout=20)\n"
+                "    s = ssl.create_default_context().wrap_socket(raw, server_hostname='other.test')\n"
+                "    s.sendall(b'GET /echo/other HTTP/1.1\\r\\nHost: other.test\\r\\nConnection: close\\r\\n\\r\\n')\n"
+                "    print(s.recv(100).split(b'\\r\\n')[0].decode())\n"
+                "except OSError as exc:\n"
+                "    print('refused', exc.__class__.__name__)\n")
+
+
+def test_notebook_names_what_was_refused(engine: Engine, internet: Internet, egress_vm: str) -> None:
+    """After a cell, the notebook says what the sandbox refused and the magic that allows it; the report is
+    rewritten at once after a refusal (the watch sees it without waiting for the next second)."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from microagent_jupyter.egress_note import RefusalWatch
+
+    watch = RefusalWatch(engine, egress_vm)
+    out = engine.exec(egress_vm, ["python3", "-c", _PROBE_OTHER]).stdout.decode()
+    assert out.startswith("refused"), out  # other.test: NXDOMAIN, so the guest never even connects
+    deadline = time.monotonic() + 10
+    while not watch.refused():
+        assert time.monotonic() < deadline, engine.egress(egress_vm)
+        time.sleep(0.1)
+    assert "not on the allow-list" in dict(watch.refused()).get("other.test", "")
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "microagent_jupyter")
+    text = repr(shell.run_line_magic("microagent", f"egress {egress_vm}"))
+    assert f"To allow: %microagent allow {egress_vm} other.test" in text
+
+
 def test_egress_command_and_allow_widen_the_running_workspace(cli, engine: Engine, internet: Internet,
                                                                  egress_vm: str) -> None:
     """Last in the module: other.test is refused, `microagent egress` says so with the command that allows it,
     and `microagent allow` opens it in the running VM at once (rules, DNS and proxy) and in its record."""
-    probe = ("import socket, ssl, sys\n"
-             "try:\n"
-             "    addr = socket.getaddrinfo('other.test', 443, socket.AF_INET)[0][4][0]\n"
-             "    raw = socket.create_connection((addr, 443), timeout=20)\n"
-             "    s = ssl.create_default_context().wrap_socket(raw, server_hostname='other.test')\n"
-             "    s.sendall(b'GET /echo/other HTTP/1.1\\r\\nHost: other.test\\r\\nConnection: close\\r\\n\\r\\n')\n"
-             "    print(s.recv(100).split(b'\\r\\n')[0].decode())\n"
-             "except OSError as exc:\n"
-             "    print('refused', exc.__class__.__name__)\n")
+    probe = _PROBE_OTHER
     assert engine.exec(egress_vm, ["python3", "-c", probe]).stdout.decode().startswith("refused")
     deadline = time.monotonic() + 30
     while "other.test" not in (out := cli("egress", egress_vm).stdout.decode()):

@@ -315,6 +315,7 @@ class DnsForwarder:
     refused: Callable[[Address], bool]
     log: Callable[[str], None]
     on_answer: Callable[[str, list[tuple[Address, int]]], None] | None = None
+    on_refuse: Callable[[str], None] = lambda name: None  # a refused name (for the report, at once)
     upstream_port: int = PORT
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("queries", "forwarded", "answered", "refusedNames", "malformed", "dropped", "strippedRecords",
@@ -369,6 +370,7 @@ class DnsForwarder:
         """The reply to ``query`` (None: drop it, too many in flight)."""
         if not self.allowed(query.name):
             self.counters["refusedNames"] += 1
+            self.on_refuse(query.name)
             if self._logged < MAX_LOG_LINES:
                 self._logged += 1
                 more = " (further refused names are only counted)" if self._logged == MAX_LOG_LINES else ""

@@ -215,6 +215,7 @@ class EgressProxy:
     log: Callable[[str], None]
     secrets: list[BoundSecret] = field(default_factory=list)
     leaves: LeafCerts | None = None
+    on_refuse: Callable[[], None] = lambda: None  # the report is rewritten at once (a notebook shows it)
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("connections", "allowed", "blocked", "bytesOut", "bytesIn", "secretRequests"), 0))
     recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=MAX_RECENT))
@@ -239,11 +240,17 @@ class EgressProxy:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _refuse(self, name: str | None, addr: Address | None, port: int | None, reason: str) -> None:
-        self.counters["blocked"] += 1
+    def remember(self, name: str | None, addr: Address | None, port: int | None, reason: str) -> str:
+        """Keep a refusal in the recent list (the report shows it); the name as shown."""
         shown = safe_text(name, 253) if name else (str(addr) if addr else "?")
         self.recent.append({"name": shown, "address": str(addr) if addr else None, "port": port, "reason": reason,
                             "at": time.time()})
+        self.on_refuse()
+        return shown
+
+    def _refuse(self, name: str | None, addr: Address | None, port: int | None, reason: str) -> None:
+        self.counters["blocked"] += 1
+        shown = self.remember(name, addr, port, reason)
         if self._logged < MAX_LOG_LINES:
             self._logged += 1
             self.log(f"egress: refused {shown}:{port} ({addr}): {reason}")

@@ -321,6 +321,7 @@ class NetworkSandbox:
         self.grants = egress.Grants()
         self.refused: Refused | None = None
         self._report_task: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()  # a refusal: rewrite the report now
         self.secrets: list[egress.BoundSecret] = []
         self.leaves: LeafCerts | None = None
 
@@ -388,14 +389,19 @@ class NetworkSandbox:
                 fh.write(line + "\n")
 
         self.dns = dns.DnsForwarder(upstreams, lambda name: self.policy.allows_name(name), refused, log,
-                                    on_answer=self.grants.record)
+                                    on_answer=self.grants.record, on_refuse=self._dns_refused)
         udp, tcp = self.dns_socks
         await self.dns.start(udp, tcp)
         if self.egress_sock is not None:
             self.egress = egress.EgressProxy(self.policy, self.grants, refused, log, secrets=self.secrets,
-                                             leaves=self.leaves)
+                                             leaves=self.leaves, on_refuse=self._changed.set)
             await self.egress.start(self.egress_sock)
         self._report_task = asyncio.get_running_loop().create_task(self._report_loop())
+
+    def _dns_refused(self, name: str) -> None:
+        if self.egress is not None:
+            self.egress.remember(name, None, None, "the name is not on the allow-list (the guest's DNS answered "
+                                                   "NXDOMAIN)")
 
     def update_policy(self, policy: NetworkPolicy) -> None:
         """Apply a widened ``policy`` to the running VM: its rules (one nft transaction), DNS and proxy."""
@@ -413,9 +419,11 @@ class NetworkSandbox:
                 "egress": self.egress.report() if self.egress else None}
 
     async def _report_loop(self) -> None:
-        """Keep ``run/egress.json`` (read by status) current, at most once a second and only on change."""
+        """Keep ``run/egress.json`` (read by status) current: at once after a refusal, else at most once a second
+        and only on change."""
         path, last = self.run_dir / EGRESS_REPORT, ""
         while True:
+            self._changed.clear()
             text = json.dumps(self.report())
             if text != last:
                 with contextlib.suppress(OSError):
@@ -423,7 +431,9 @@ class NetworkSandbox:
                     tmp.write_text(text)
                     os.replace(tmp, path)
                 last = text
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(0.05)  # at most 20 writes a second, whatever the guest does
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), 1.0)
 
     def _nft(self, nft: str, ruleset: str) -> None:
         proc = subprocess.run([nft, "-f", "-"], input=ruleset.encode(), capture_output=True, check=False,
