@@ -3,6 +3,7 @@ for names, environment keys, hostnames and choices. Every front-end calls these;
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -70,11 +71,19 @@ def validate_name(name: str, kind: str = "workspace") -> str:
     return name
 
 
+@functools.lru_cache(maxsize=1)
+def host_capacity() -> tuple[int, int]:
+    """(RAM in MiB, CPU cores) of this host, read once: the upper bounds of a workspace's memory and vCPUs."""
+    try:
+        ram_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+    except (ValueError, OSError):
+        ram_mib = 0
+    return max(ram_mib, 1), max(os.cpu_count() or 1, 1)
+
+
 def resource_limit(key: str) -> int:
     """The upper bound of resource ``key`` (``memory_mib``, ``cpus`` or ``size_mib``): the host's RAM in MiB,
     its CPU cores, or :data:`MAX_DISK_MIB`."""
-    from .hostinfo import host_capacity  # hostinfo imports this module
-
     ram_mib, cores = host_capacity()
     return {"memory_mib": ram_mib, "cpus": cores, "size_mib": MAX_DISK_MIB}[key]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import struct
@@ -110,11 +109,3 @@ def choose_accel(preference: str | None = None) -> AccelChoice:
     return AccelChoice("kvm", why) if ok else AccelChoice("tcg", f"software emulation: {why}")
 
 
-@functools.lru_cache(maxsize=1)
-def host_capacity() -> tuple[int, int]:
-    """(RAM in MiB, CPU cores) of this host, read once: the upper bounds of a workspace's memory and vCPUs."""
-    try:
-        ram_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
-    except (ValueError, OSError):
-        ram_mib = 0
-    return max(ram_mib, 1), max(os.cpu_count() or 1, 1)

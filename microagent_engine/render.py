@@ -9,7 +9,7 @@ from .textsafe import safe_text
 
 
 if TYPE_CHECKING:
-    from .engine import WorkspaceInfo
+    from .engine.store import WorkspaceInfo
 
 
 def text_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:

@@ -17,7 +17,7 @@ from microagent_engine import Engine
 from microagent_engine.config import MAX_DISK_MIB, validate_name, validate_resource
 from microagent_engine.errors import InvalidArgument, SpecError
 from microagent_engine.fsutil import open_private, private_dir, write_json_atomic
-from microagent_engine.hostinfo import host_capacity
+from microagent_engine.config import host_capacity
 from microagent_engine.spec import MAX_ALIASES, MAX_DEPTH, MAX_SPEC_BYTES, load_spec
 
 BAD_NAMES = ["nl\n", "a\nb", "\nlead", "tab\t", "cr\r", "nul\0x", "sp ace", "../up", "x/y", ".hidden", "-dash",

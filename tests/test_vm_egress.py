@@ -401,7 +401,7 @@ def test_notebook_names_what_was_refused(engine: Engine, internet: Internet, egr
     assert "not on the allow-list" in dict(watch.refused()).get("other.test", "")
     shell = InteractiveShell.instance()
     shell.run_line_magic("load_ext", "microagent_jupyter")
-    text = repr(shell.run_line_magic("microagent", f"egress {egress_vm}"))
+    text = repr(shell.run_line_magic("microagent", f"--state-dir {engine.state_dir} egress {egress_vm}"))
     assert f"To allow: %microagent allow {egress_vm} other.test" in text
 
 

@@ -5,16 +5,28 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any, Protocol
 
 from ..client import DEFAULT_MAX_OUTPUT, ExecResult, OutputCallback
 from ..errors import GuestError, InvalidArgument, MicroagentError, NotFound
 from ..workspace_spec import WorkspaceSpec
 from .bootlog import boot_log_tail
+from .provision import Provisioner
 from .store import WorkspaceInfo
 
-if TYPE_CHECKING:
-    from .facade import Engine
+
+class _Engine(Protocol):
+    """What ``run`` uses of the Engine (the facade calls this module, never the other way round)."""
+
+    _provision: Provisioner
+
+    def progress(self, message: str) -> None: ...
+    def start(self, name: str) -> WorkspaceInfo: ...
+    def exec(self, name: str, argv: list[str], **kwargs: Any) -> ExecResult: ...
+    def status(self, name: str) -> WorkspaceInfo: ...
+    def halt(self, name: str) -> WorkspaceInfo: ...
+    def kill(self, name: str) -> WorkspaceInfo: ...
+    def delete(self, name: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -41,7 +53,7 @@ def split_run_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
     return options, {k: v for k, v in kwargs.items() if k not in OPTION_NAMES}
 
 
-def run(engine: "Engine", argv: list[str], spec: WorkspaceSpec, options: RunOptions) -> tuple[WorkspaceInfo,
+def run(engine: _Engine, argv: list[str], spec: WorkspaceSpec, options: RunOptions) -> tuple[WorkspaceInfo,
                                                                                              ExecResult]:
     """See ``Engine.run``."""
     if not argv:
@@ -77,14 +89,14 @@ def run(engine: "Engine", argv: list[str], spec: WorkspaceSpec, options: RunOpti
     return info, result
 
 
-def delete_quietly(engine: "Engine", name: str) -> None:
+def delete_quietly(engine: _Engine, name: str) -> None:
     try:
         engine.delete(name)
     except MicroagentError:
         pass
 
 
-def finish(engine: "Engine", name: str, force: bool = False) -> None:
+def finish(engine: _Engine, name: str, force: bool = False) -> None:
     """Halt (``force``: kill) the workspace's VM if it still runs."""
     try:
         info = engine.status(name)

@@ -22,10 +22,9 @@ from ..fsutil import build_once
 from ..guest.initramfs import busybox_path
 from ..storage.ext4 import make_ext4
 from .debian import Recipe, debian_image, parse_packages
+from .reference import BUILTIN_REF, PYTHON_REF
 
 BUSYBOX_NAMES = ("builtin", "microagent/builtin", "builtin:latest")
-BUILTIN_REF = "builtin"
-PYTHON_REF = "builtin:python"
 PYTHON_NAMES = (PYTHON_REF,)
 #: every name of a built-in image (completion and the magics' IMAGE-first form use it)
 BUILTIN_NAMES = BUSYBOX_NAMES + PYTHON_NAMES

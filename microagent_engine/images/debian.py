@@ -35,7 +35,7 @@ from ..hostinfo import require_tool
 from ..storage.ext4 import make_ext4
 from ..textsafe import safe_text
 from .layers import LayerApplier, replay_into
-from .store import image_size_mib, tree_size
+from .sizes import image_size_mib, tree_size
 
 Progress = Callable[[str], None]
 

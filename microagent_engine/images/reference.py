@@ -16,6 +16,10 @@ from dataclasses import dataclass
 
 from ..errors import AuthError, ImageError, InvalidArgument, MicroagentError  # noqa: F401 (re-exported)
 
+#: the built-in images' canonical names (built by images/builtin.py, never pulled)
+BUILTIN_REF = "builtin"
+PYTHON_REF = "builtin:python"
+
 INSECURE_ENV = "MICROAGENT_INSECURE_REGISTRIES"
 DOCKER_DOMAIN = "docker.io"
 DOCKER_IO_ENV = "MICROAGENT_DOCKER_IO_REGISTRY"

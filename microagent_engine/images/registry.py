@@ -31,7 +31,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 from ..errors import HostError, NotFound
 from ..fsutil import file_lock, open_private
 from ..errors import AuthError, ImageError
-from .reference import DOCKER_DOMAIN, DOCKER_IO_ENV, ImageRef, docker_io_endpoint
+from .reference import DOCKER_DOMAIN, DOCKER_IO_ENV, PYTHON_REF, ImageRef, docker_io_endpoint
 
 AUTH_FILE_ENV = "MICROAGENT_AUTH_FILE"
 DOCKER_INDEX_HOST = "index.docker.io"  # the key ``docker login`` stores Docker Hub credentials under
@@ -357,8 +357,6 @@ class RegistryClient:
                 self._http_error(ref, exc.code, what)
             except (urllib.error.URLError, socket.timeout, ConnectionError) as exc:
                 reason = getattr(exc, "reason", exc)
-                from .builtin import PYTHON_REF  # (imports this module)
-
                 hint = (f"; offline, use a mirror ({DOCKER_IO_ENV}=host:port) or the built-in Python image "
                         f"(--image {PYTHON_REF})" if ref.domain == DOCKER_DOMAIN else "")
                 raise HostError(f"cannot reach registry {ref.registry} ({reason}); check the address, that the "

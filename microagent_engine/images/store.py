@@ -14,10 +14,8 @@ from __future__ import annotations
 import builtins
 import contextlib
 import fcntl
-import math
 import os
 import shutil
-import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,11 +27,10 @@ from ..fsutil import file_lock, read_json, write_json_atomic
 from ..storage.ext4 import make_ext4
 from . import reference
 from .layers import LayerApplier, replay_into
+from .sizes import image_size_mib, tree_size
 from .registry import DEFAULT_PLATFORM, BlobCache, Descriptor, Progress, RegistryClient, ResolvedImage
 from .sources import is_local, open_source
 
-HEADROOM_MIB = 64
-INODE_RATIO = 16384  # mkfs.ext4's default bytes-per-inode
 
 
 @dataclass
@@ -65,29 +62,6 @@ class ImageInfo:
         return cls(d["id"], list(d.get("refs") or []), path, size, int(d["contentBytes"]),
                    d.get("platform", ""), d.get("created", ""), d.get("source", ""), list(d.get("layers") or []),
                    list(d.get("blobs") or []), dict(d.get("config") or {}))
-
-
-def tree_size(root: Path) -> tuple[int, int]:
-    """(bytes in 4 KiB blocks, inode count) of the tree at ``root``; hardlinks count once."""
-    seen: set[int] = set()
-    total, inodes = 4096, 1
-    for dirpath, dirs, files in os.walk(root):
-        for name in dirs + files:
-            st = os.lstat(os.path.join(dirpath, name))
-            if st.st_ino in seen:
-                continue
-            seen.add(st.st_ino)
-            inodes += 1
-            if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode) or (stat.S_ISLNK(st.st_mode) and st.st_size > 59):
-                total += max(1, math.ceil(st.st_size / 4096)) * 4096
-    return total, inodes
-
-
-def image_size_mib(content: int, inodes: int) -> int:
-    """Content + 30% + 64 MiB headroom, and enough room for the inodes mkfs will allot."""
-    by_bytes = content * 1.3 / 2**20 + HEADROOM_MIB
-    by_inodes = inodes * INODE_RATIO * 1.3 / 2**20 + HEADROOM_MIB
-    return math.ceil(max(by_bytes, by_inodes))
 
 
 class ImageStore:

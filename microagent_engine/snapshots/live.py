@@ -28,7 +28,7 @@ from ..backends.qmp import QmpError, QmpSession
 from .templates import memory_of, shape_of
 
 if TYPE_CHECKING:
-    from ..supervisor.core import Supervisor
+    from ..supervisor.roles import LiveVM
 
 #: files of a snapshot directory (``<state-dir>/snapshots/<name>/``)
 STATE_FILE = "state"
@@ -79,7 +79,7 @@ def copy_disk(src: Path, dst: Path) -> None:
     os.chmod(dst, 0o600)
 
 
-async def save(sup: "Supervisor", target: Path) -> dict[str, Any]:
+async def save(sup: LiveVM, target: Path) -> dict[str, Any]:
     """Save the supervisor's running (or paused) VM into the directory ``target``; the reply to the control op."""
     state = sup.state.state
     if state not in ("running", "paused"):

@@ -30,7 +30,7 @@ from .templates import Template, memory_of, template_for
 
 if TYPE_CHECKING:
     from ..sandbox import ConfinedVM
-    from ..supervisor.core import Supervisor
+    from ..supervisor.roles import TemplateBoot
 
 #: the launch's ``extra`` key that forces a cold boot (``--cold``)
 COLD_KEY = "cold"
@@ -56,7 +56,7 @@ def _vm_uid(supervisor_pid: int) -> int | None:
 class WarmBoot:
     """Plans each boot of one supervisor's VM and restores clones."""
 
-    def __init__(self, sup: "Supervisor") -> None:
+    def __init__(self, sup: TemplateBoot) -> None:
         self.sup = sup
         self.state_dir = sup.ws.path.parent.parent
 

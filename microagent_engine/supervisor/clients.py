@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from ..protocol import FrameDecoder, FrameType, encode_frame
 
 if TYPE_CHECKING:
-    from .core import Supervisor
+    from .roles import ClientHost
 
 #: bytes that may wait on the host for one client before it counts as congested
 CLIENT_BUFFER_LIMIT = 4 << 20
@@ -108,7 +108,7 @@ class Route:
 class ClientHub:
     """All client connections of one supervisor and the guest streams they own."""
 
-    def __init__(self, sup: Supervisor) -> None:
+    def __init__(self, sup: ClientHost) -> None:
         self.sup = sup
         self.clients: set[Client] = set()
         self.routes: dict[int, Route] = {}  # guest stream -> route

@@ -10,7 +10,7 @@ from ..fsutil import open_private
 from ..protocol import ExitCode, ExitKind, ExitStatus, FrameType, HaltMode, encode_exec
 
 if TYPE_CHECKING:
-    from .core import Supervisor
+    from .roles import TaskHost
 
 SETUP_TIMEOUT = 3600.0
 STOP_TIMEOUT = 5.0
@@ -27,7 +27,7 @@ class InternalExec:
 class GuestTasks:
     """Internal execs: their streams, setup and the entrypoint."""
 
-    def __init__(self, sup: "Supervisor") -> None:
+    def __init__(self, sup: TaskHost) -> None:
         self.sup = sup
         self.jobs: dict[int, InternalExec] = {}
 

@@ -35,7 +35,7 @@ from ..protocol import PUBLISH_WINDOW, FrameType
 from ..textsafe import safe_text
 
 if TYPE_CHECKING:
-    from .core import Supervisor
+    from .roles import AgentChannel
 
 #: connections open at once through all of one workspace's published ports
 MAX_CONNECTIONS = 256
@@ -227,7 +227,7 @@ class PortConn:
 class PortRelay:
     """All published ports of one supervisor and the guest streams of their connections."""
 
-    def __init__(self, sup: "Supervisor") -> None:
+    def __init__(self, sup: AgentChannel) -> None:
         self.sup = sup
         self.listeners: list[Listener] = []
         self.conns: dict[int, PortConn] = {}  # guest stream -> connection, until the agent's PCLOSE

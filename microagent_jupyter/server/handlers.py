@@ -442,7 +442,7 @@ class VolumeHandler(BaseHandler):
 class RootHandler(BaseHandler):
     @tornado.web.authenticated
     async def get(self) -> None:
-        from .. import __version__
+        from .._version import __version__
         self.send_json({"version": __version__, "stateDir": str(self.engine.state_dir),
                         "volumes": getattr(self.engine, "volumes", None) is not None,
                         "cp": getattr(self.engine, "cp", None) is not None})
