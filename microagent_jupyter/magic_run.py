@@ -13,9 +13,9 @@ from typing import Callable
 from IPython.core.error import UsageError
 
 from microagent_engine import Engine, ExecResult, RunOptions, WorkspaceSpec
-from microagent_engine.errors import InvalidState, MicroagentError, NotFound
+from microagent_engine.errors import MicroagentError, NotFound
 from microagent_engine.images.builtin import BUILTIN_NAMES as BUILTIN_IMAGES
-from microagent_engine.states import STARTABLE
+from microagent_engine.states import allows, require
 
 from microagent_engine.spec_args import spec_from_args
 
@@ -157,13 +157,13 @@ def _run_named(engine: Engine, args: argparse.Namespace, argv: list[str], stdin:
         state, created = "prepared", True
         env = {k: v for k, v in env.items() if k not in (spec.env or {})}
     try:
-        if state in STARTABLE:
+        if allows("start", state):
             progress(f"Booting {name}")
             engine.start(name)
-        elif state != "running":
-            raise InvalidState(f"workspace {name!r} is {state}; wait for it, or halt/kill it first")
+        else:
+            require("exec", state, name)
     except BaseException:
-        if created or state in STARTABLE:  # never leave a half-booted VM behind
+        if created or allows("start", state):  # never leave a half-booted VM behind
             _kill_quietly(engine, name)
         if created:  # nor a record this cell made but could not start
             _delete_quietly(engine, name)

@@ -25,10 +25,10 @@ from IPython.core.error import UsageError
 from IPython.core.magic_arguments import argument, magic_arguments
 
 from microagent_engine import Engine
-from microagent_engine.errors import InvalidState, MicroagentError, NotFound
+from microagent_engine.errors import MicroagentError, NotFound
 from microagent_engine.spec_args import add_workspace_arguments, flags_spec
 from microagent_engine.workspace_spec import WorkspaceSpec
-from microagent_engine.states import STARTABLE
+from microagent_engine.states import allows, require
 
 from . import values as V
 from .egress_note import RefusalWatch
@@ -304,12 +304,12 @@ def get_session(engine: Engine, name: str | None, spec: WorkspaceSpec | None = N
                 engine, name, spec or WorkspaceSpec(), env, owned=owned,
                 progress=progress, warm=WARM_ENABLED)
             state = "running"
-        if state in STARTABLE:
+        if allows("start", state):
             if progress:
                 progress(f"Booting {name}")
             engine.start(name)
-        elif state != "running":
-            raise InvalidState(f"workspace {name!r} is {state}; wait for it, or halt/kill it first")
+        else:
+            require("exec", state, name)
         if progress:
             progress(f"Starting the Python kernel in {name}")
         sess = PythonSession(engine, name, owned)

@@ -20,9 +20,9 @@ pytestmark = pytest.mark.vm
 def test_lifecycle_console_outputs_commit_through_the_api(engine: Engine, tmp_path: Path) -> None:
     name = "api"
     info = engine.create(name, profile="tiny", outputs=[Output("note", "/root/note.txt")])
-    assert info.actions == ["start", "delete", "cp"]
+    assert info.actions == ["start", "delete", "cp", "commit"]
     info = engine.start(name)
-    assert set(info.actions) == {"pause", "snapshot", "halt", "stop", "kill", "quarantine", "exec"}
+    assert set(info.actions) == {"pause", "snapshot", "halt", "stop", "kill", "quarantine", "exec", "publish"}
     assert info.to_json()["actions"] == info.actions and info.to_json()["live"] is True
     assert engine.console_send(name, "echo console-$((40+2))") == "console-42"
     with engine.connection(name) as conn:
@@ -83,6 +83,33 @@ def test_actions_cover_every_state() -> None:
     for state in STATES:
         assert set(allowed_actions(state)) <= set(ACTIONS)
     assert allowed_actions("quarantined") == ["halt", "stop", "kill", "exec"]
+
+
+def test_states_decide_every_action_and_change() -> None:
+    """require() refuses exactly what allowed_actions() leaves out, naming the next step; transition() is the one
+    table of state changes (a workspace never jumps, e.g., from halted to running)."""
+    from microagent_engine.errors import InvalidState
+    from microagent_engine.states import ACTIONS, STATES, TRANSITIONS, allowed_actions, require, transition
+
+    for state in STATES:
+        for vm_alive in (False, True):
+            for action in ACTIONS:
+                if action in allowed_actions(state, vm_alive):
+                    require(action, state, "w", vm_alive)
+                else:
+                    with pytest.raises(InvalidState, match=f"workspace 'w' is (already )?{state}"):
+                        require(action, state, "w", vm_alive)
+        assert state in TRANSITIONS or state == "prepared"
+        assert transition(state, "failed") == "failed"  # anything may fail
+    assert transition(None, "prepared") == "prepared"
+    with pytest.raises(InvalidState, match="from halted to running"):
+        transition("halted", "running")
+    with pytest.raises(InvalidState, match="from nothing to running"):
+        transition(None, "running")
+    with pytest.raises(InvalidState, match="start it first: microagent start w"):
+        require("exec", "halted", "w")
+    with pytest.raises(InvalidState, match="run 'microagent kill w' first"):
+        require("start", "failed", "w", vm_alive=True)
 
 
 def test_prune_removes_stopped_one_shot_records(engine: Engine) -> None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from ..config import DEFAULT_MAX_COPY, parse_size
 from ..errors import HostError, InvalidState
+from ..states import require
 from ..fsutil import file_lock
 from .context import EngineContext
 
@@ -35,8 +36,7 @@ class Imaging:
         ctx = self.ctx
         key = str(reference.parse(ref))
         info = ctx.store.stopped(name, "commit")
-        if info.state.state not in ("halted", "stopped", "prepared", "failed"):
-            raise InvalidState(f"workspace {name!r} is {info.state.state}; halt or stop it before commit")
+        require("commit", info.state.state, name, info.vm_alive)
         with file_lock(info.dir.ops_lock, blocking=False, what=f"workspace {name!r}"):
             try:
                 fsck(info.dir.rootfs, fix=False)

@@ -17,7 +17,7 @@ from typing import Any
 from ..backends.base import DiskSpec, VMSpec
 from ..client import SupervisorConnection
 from ..config import BOOT_TIMEOUTS
-from ..errors import GuestError, InvalidArgument, InvalidState, NotFound, PortUnavailable
+from ..errors import GuestError, InvalidArgument, NotFound, PortUnavailable
 from ..fsutil import file_lock, open_private, write_json_atomic
 from ..guest.initramfs import build_initramfs
 from ..hostinfo import choose_accel
@@ -28,7 +28,7 @@ from ..secret import Secret
 from ..snapshots import workspace as snapshots
 from ..snapshots.live import RESTORE_KEY
 from ..snapshots.warm import COLD_KEY
-from ..states import ACTIVE
+from ..states import require, transition
 from ..storage.bundles import build_bundle
 from ..supervisor.publish import check_publish_free
 from .context import EngineContext
@@ -49,13 +49,7 @@ class Lifecycle:
         ws = self.ctx.store.existing(name)
         with file_lock(ws.ops_lock, blocking=False, what=f"workspace {name!r}"):
             info = self.ctx.store.info(ws)
-            if info.running:
-                raise InvalidState(f"workspace {name!r} is already {info.state.state}")
-            if info.vm_alive:
-                raise InvalidState(f"workspace {name!r} is {info.state.state} but its VM is still running; "
-                                   f"run 'microagent kill {name}' first")
-            if "start" not in info.actions:
-                raise InvalidState(f"workspace {name!r} is {info.state.state}; halt, stop or kill it before start")
+            require("start", info.state.state, name, info.vm_alive)
             return self._launch(info, boot_timeout, cold)
 
     def _launch(self, info: WorkspaceInfo, boot_timeout: float | None, cold: bool = False) -> WorkspaceInfo:
@@ -147,8 +141,7 @@ class Lifecycle:
     # ---- end -----------------------------------------------------------------------------------
     def _end(self, name: str, op: str, timeout: float | None = None) -> WorkspaceInfo:
         info = self.ctx.store.status(name)
-        if not info.dir.supervisor_alive():
-            raise InvalidState(f"workspace {name!r} is {info.state.state}, not running")
+        require(op, info.state.state, name, info.vm_alive)
         with SupervisorConnection(info.dir.control_socket) as conn:
             reply = conn.control(op, {"timeout": timeout} if timeout else {})
         if not reply.get("ok"):
@@ -164,9 +157,7 @@ class Lifecycle:
 
     def quarantine(self, name: str) -> WorkspaceInfo:
         info = self.ctx.store.status(name)
-        if "quarantine" not in info.actions or not info.dir.supervisor_alive():
-            raise InvalidState(f"workspace {name!r} is {info.state.state}; only a running workspace can be "
-                               f"quarantined")
+        require("quarantine", info.state.state, name)
         with SupervisorConnection(info.dir.control_socket) as conn:
             reply = conn.control("quarantine", reply_timeout=30)
         if not reply.get("ok"):
@@ -177,9 +168,7 @@ class Lifecycle:
         """Stop (or, ``resume``, continue) the VM's vCPUs; memory, processes and open commands stay."""
         op = "resume" if resume else "pause"
         info = self.ctx.store.status(name)
-        if op not in info.actions or not info.dir.supervisor_alive():
-            need = "paused" if resume else "running"
-            raise InvalidState(f"workspace {name!r} is {info.state.state}; only a {need} workspace can be {op}d")
+        require(op, info.state.state, name)
         with SupervisorConnection(info.dir.control_socket) as conn:
             reply = conn.control(op, reply_timeout=30)
         if not reply.get("ok"):
@@ -190,9 +179,7 @@ class Lifecycle:
         """Save a running (or paused) workspace as ``snapshot``: memory, device state and a copy of its root
         disk, the VM stopped briefly; it keeps running. The snapshot's meta."""
         info = self.ctx.store.status(name)
-        if "snapshot" not in info.actions or not info.dir.supervisor_alive():
-            raise InvalidState(f"workspace {name!r} is {info.state.state}; only a running or paused workspace can be "
-                               f"snapshotted (microagent start {name})")
+        require("snapshot", info.state.state, name)
         return snapshots.take(self.ctx.state_dir, info.dir, snapshot, internal)
 
     # ---- published ports (while running) ------------------------------------------------------
@@ -220,9 +207,7 @@ class Lifecycle:
 
     def _publish_control(self, name: str, op: str, params: dict[str, Any]) -> dict[str, Any]:
         info = self.ctx.store.status(name)
-        if info.state.state not in ("running", "starting") or not info.dir.supervisor_alive():
-            raise InvalidState(f"workspace {name!r} is {info.state.state}; ports can be published only while it "
-                               f"runs (microagent start {name})")
+        require("publish", info.state.state, name)
         with SupervisorConnection(info.dir.control_socket) as conn:
             reply = conn.control(op, params)
         if not reply.get("ok"):
@@ -239,10 +224,10 @@ class Lifecycle:
             return self.ctx.store.status(name)
         if process_matches(info.state.vm_pid, info.state.vm_start_time):
             os.kill(info.state.vm_pid, signal.SIGKILL)  # type: ignore[arg-type]
-        elif info.state.state not in ACTIVE and info.state.state != "failed":
-            raise InvalidState(f"workspace {name!r} is {info.state.state}, not running")
+        else:
+            require("kill", info.state.state, name)
         st = info.dir.load_state()
-        st.state, st.vm_pid, st.vm_start_time, st.supervisor_pid = "stopped", None, None, None
+        st.state, st.vm_pid, st.vm_start_time, st.supervisor_pid = transition(st.state, "stopped"), None, None, None
         st.stopped_at = now_iso()
         info.dir.save_state(st)
         return self.ctx.store.status(name)

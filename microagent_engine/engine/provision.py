@@ -11,7 +11,7 @@ from typing import Callable
 from pathlib import Path
 
 from ..config import get_profile, hostname_for, validate_name
-from ..errors import AlreadyExists, InvalidArgument, InvalidState, MicroagentError, NotFound
+from ..errors import AlreadyExists, InvalidArgument, MicroagentError, NotFound
 from ..fsutil import file_lock, private_dir
 from ..hostinfo import choose_accel
 from ..images import builtin_cache
@@ -23,6 +23,7 @@ from ..storage import debugfs
 from ..storage.ext4 import clone_sized
 from ..supervisor.publish import check_publish_free
 from ..sandbox.egress_tls import make_ca, trust_ca
+from ..states import require, transition
 from ..secret import new_placeholder
 from ..workspace_spec import WorkspaceSpec
 from .context import EngineContext
@@ -106,7 +107,7 @@ class Provisioner:
                 raise InvalidArgument(f"shell {shell} does not exist in image {cfg.image}; pick a shell the "
                                       f"image has (e.g. /bin/sh or /bin/bash)")
             staging.save_config(cfg)
-            staging.save_state(WorkspaceState(state="prepared"))
+            staging.save_state(WorkspaceState(state=transition(None, "prepared")))
 
         return self._staged(name, fill)
 
@@ -147,7 +148,8 @@ class Provisioner:
             ctx.progress(f"Copying snapshot {snapshot}'s disk")
             snapshots.fill_clone(ctx.state_dir, snapshot, staging)
             staging.save_config(cfg)
-            staging.save_state(WorkspaceState(state="prepared", setup_done=bool(meta.get("setupDone"))))
+            staging.save_state(WorkspaceState(state=transition(None, "prepared"),
+                                              setup_done=bool(meta.get("setupDone"))))
 
         return self._staged(name, fill)
 
@@ -168,9 +170,7 @@ class Provisioner:
         ws = ctx.store.existing(name)
         with file_lock(ws.ops_lock, blocking=False, what=f"workspace {name!r}"):
             info = ctx.store.info(ws)
-            if ctx.store.vm_alive(info):
-                raise InvalidState(f"workspace {name!r} is {info.state.state} and its VM is still running; "
-                                   f"halt, stop or kill it first")
+            require("delete", info.state.state, name, ctx.store.vm_alive(info))
             trash = ctx.store.workspaces_dir / f".deleting-{name}-{secrets.token_hex(4)}"
             run_dir = ws.run_dir
             os.rename(ws.path, trash)

@@ -10,6 +10,7 @@ from typing import IO, Iterator
 from ..client import DEFAULT_MAX_OUTPUT, ExecResult, OutputCallback, SupervisorConnection
 from .. import logfiles
 from ..errors import GuestError, InvalidArgument, InvalidState
+from ..states import require
 from ..protocol import FrameType
 from .context import EngineContext
 from .store import WorkspaceInfo
@@ -23,10 +24,7 @@ class Sessions:
 
     def running(self, name: str) -> WorkspaceInfo:
         info = self.ctx.store.status(name)
-        if "exec" not in info.actions:
-            hint = (f"start it first: microagent start {name}" if "start" in info.actions else
-                    f"resume it first: microagent resume {name}" if "resume" in info.actions else "wait or kill it")
-            raise InvalidState(f"workspace {name!r} is {info.state.state}, not running; {hint}")
+        require("exec", info.state.state, name, info.vm_alive)
         return info
 
     def connection(self, name: str) -> SupervisorConnection:

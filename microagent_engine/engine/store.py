@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from ..config import validate_name
-from ..errors import Busy, InvalidArgument, InvalidState, NotFound
+from ..errors import Busy, InvalidArgument, NotFound
 from ..fsutil import file_lock, sweep_stale_temp
 from ..records import WorkspaceConfig, WorkspaceDir, WorkspaceState, process_matches, read_egress_report
-from ..states import ACTIVE, allowed_actions
+from ..states import ACTIVE, allowed_actions, require, transition
 
 
 @dataclass
@@ -104,7 +104,7 @@ class WorkspaceStore:
         if st.state in ACTIVE and not supervisor:
             # the supervisor died without recording the end (killed, host crash): the record must not lie
             vm_alive = process_matches(st.vm_pid, st.vm_start_time)
-            st.state = "failed"
+            st.state = transition(st.state, "failed")
             st.error = st.error or ("the workspace supervisor exited unexpectedly" +
                                     ("; the VM process is still running: run kill" if vm_alive else ""))
             if not vm_alive:
@@ -152,9 +152,7 @@ class WorkspaceStore:
     def stopped(self, name: str, op: str) -> WorkspaceInfo:
         """The workspace, which must not be running for ``op`` (named in the error as the user asked for it)."""
         info = self.status(name)
-        if self.vm_alive(info) or info.running:
-            raise InvalidState(f"workspace {name!r} is {info.state.state}; {op} works only while it is not "
-                               f"running: halt it first (microagent halt {name})")
+        require("cp", info.state.state, name, self.vm_alive(info), what=op)
         return info
 
     def sweep_leftovers(self, stale_after: float = 3600.0) -> None:

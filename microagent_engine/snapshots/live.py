@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from ..backends.qemu import QemuBackend
 from ..errors import HostError
 from ..backends.qmp import QmpError, QmpSession
+from ..states import allows, refusal
 from .templates import memory_of, shape_of
 
 if TYPE_CHECKING:
@@ -82,8 +83,8 @@ def copy_disk(src: Path, dst: Path) -> None:
 async def save(sup: LiveVM, target: Path) -> dict[str, Any]:
     """Save the supervisor's running (or paused) VM into the directory ``target``; the reply to the control op."""
     state = sup.state.state
-    if state not in ("running", "paused"):
-        return {"ok": False, "error": f"workspace is {state}; only a running or paused workspace can be snapshotted"}
+    if not allows("snapshot", state):
+        return {"ok": False, "error": refusal("snapshot", state, sup.ws.name)}
     if sup.snapshotting:
         return {"ok": False, "error": "a snapshot of this workspace is being taken; wait for it"}
     if not target.is_dir():

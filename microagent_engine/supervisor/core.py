@@ -36,6 +36,7 @@ from ..sandbox import ConfinedVM, spawn_vm
 from ..sandbox.network import NetworkSandbox
 from ..snapshots.live import RESTORE_KEY, restore_argv
 from ..snapshots.warm import BootPlan, WarmBoot
+from ..states import allows, refusal, transition
 from ..textsafe import safe_text
 from .clients import CLIENT_STALL_LIMIT, ClientHub
 from .guest_tasks import STOP_TIMEOUT, GuestTasks
@@ -112,6 +113,9 @@ class Supervisor:
 
     # ---- state ---------------------------------------------------------------------------------
     def save(self, **changes: Any) -> None:
+        """Record ``changes`` (a new ``state`` only through :func:`states.transition`)."""
+        if "state" in changes:
+            changes["state"] = transition(self.state.state, changes["state"])
         for key, value in changes.items():
             setattr(self.state, key, value)
         self.ws.save_state(self.state)
@@ -186,7 +190,7 @@ class Supervisor:
                 if consecutive > MAX_CONSECUTIVE_RESTARTS:
                     self.save(error=f"restarted {MAX_CONSECUTIVE_RESTARTS} times in a row; giving up "
                                     f"(restart policy {self.restart_policy})")
-                    self.state.state = "failed"
+                    self.state.state = transition(self.state.state, "failed")
                     break
                 delay = RESTART_DELAYS[min(consecutive, len(RESTART_DELAYS)) - 1] if consecutive else 0
                 self.save(state="starting", restart_count=self.state.restart_count + 1)
@@ -490,7 +494,7 @@ class Supervisor:
         return True
 
     def exec_allowed(self) -> bool:
-        return self.ready.is_set() and self.state.state in ("running", "quarantined") and \
+        return self.ready.is_set() and allows("exec", self.state.state) and \
             self.agent_writer is not None and not self.channel_failed
 
     def fail_channel(self, reason: str) -> None:
@@ -680,9 +684,8 @@ class Supervisor:
                              clock=time.time(), seed=secrets.token_bytes(32))
 
     async def quarantine(self) -> dict[str, Any]:
-        if self.state.state != "running":
-            return {"ok": False, "error": f"workspace is {self.state.state}; only a running workspace can be "
-                                          f"quarantined"}
+        if not allows("quarantine", self.state.state):
+            return {"ok": False, "error": refusal("quarantine", self.state.state, self.ws.name)}
         if self.net is not None:
             self.net.sever()
         if self.launch.network == NetworkMode.USER and not await self.qmp("set_link", {"name": "net0", "up": False}):
@@ -697,10 +700,9 @@ class Supervisor:
 
     async def pause(self, pause: bool) -> dict[str, Any]:
         """pause: stop the vCPUs (QMP ``stop``), keeping memory and processes; resume: ``cont``."""
-        want = "running" if pause else "paused"
-        if self.state.state != want:
-            verb = "paused" if pause else "resumed"
-            return {"ok": False, "error": f"workspace is {self.state.state}; only a {want} workspace can be {verb}"}
+        op = "pause" if pause else "resume"
+        if not allows(op, self.state.state):
+            return {"ok": False, "error": refusal(op, self.state.state, self.ws.name)}
         if not await self.qmp("stop" if pause else "cont"):
             return {"ok": False, "error": f"QEMU did not {'stop' if pause else 'continue'} the VM through QMP"}
         self.pings.clear()  # the guest could not answer pings while paused
@@ -721,8 +723,8 @@ class Supervisor:
                 self.proc.kill()
             await self.exited.wait()
             return {"ok": True, "state": self.state.state}
-        if self.state.state not in ("running", "starting", "quarantined"):
-            return {"ok": False, "error": f"workspace is {self.state.state}; use kill to force it off"}
+        if not allows(how, self.state.state):
+            return {"ok": False, "error": refusal(how, self.state.state, self.ws.name)}
         self.intent = how
         self.save(state="stopping")
         if self.proc is None or self.proc.returncode is not None:  # between restarts
