@@ -5,11 +5,15 @@ virtio-serial socket, multiplexes clients' execs onto that one channel, runs set
 entrypoint, applies the restart policy, bridges mediation, and records every state transition durably in
 ``state.json`` -- so ``ps``/``status`` stay true after a crash or a ``kill -9`` of the VM.
 
-- ``core``: the Supervisor (boot loop, restart policy, agent channel, serial console, state record, halt/stop/kill)
+- ``core``: the Supervisor, set up in parts that share its state: ``record`` (the state record, through
+  ``states.transition``), ``boot`` (cold, template and snapshot boots, the restart decision), ``channel`` (the agent
+  channel, the serial console, liveness) and ``control`` (quarantine, pause, halt, stop, kill, QMP); ``timing`` holds
+  their timeouts and bounds
+- ``roles``: what each collaborator below may use of the supervisor (none imports ``core``)
 - ``clients``: control-socket connections, routing of their execs, control requests
 - ``guest_tasks``: setup and entrypoint commands the supervisor runs itself
 - ``mediation``: the guest-to-host TCP bridge over its own virtio-serial port
-- ``qmp``: the one-shot QMP client
+- ``publish``: published host ports relayed into the guest
 
 Run as ``python -m microagent_engine.supervisor WORKSPACE_DIR --ready-fd N`` (the engine does this).
 """

@@ -1,4 +1,4 @@
-"""The packages' import graph has no circle: imports inside functions and under TYPE_CHECKING count too (a
+"""The code's shape: no class over 300 lines, and the packages' import graph has no circle: imports inside functions and under TYPE_CHECKING count too (a
 circle hidden there is still a circle). ``from pkg import sub`` depends on ``sub``; importing a name defined in a
 package's ``__init__`` depends on the package."""
 
@@ -94,3 +94,15 @@ def test_the_check_sees_a_circle_hidden_in_a_function(tmp_path: Path) -> None:
     (tmp_path / "microagent_engine" / "b.py").write_text(
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    pass\ndef f():\n    from . import a\nx = 1\n")
     assert cycles(import_graph(tmp_path)) == [["microagent_engine.a", "microagent_engine.b"]]
+
+
+MAX_CLASS_LINES = 300
+
+
+def test_no_class_over_300_lines() -> None:
+    big = []
+    for name, path in modules(REPO).items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES:
+                big.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not big, f"classes over {MAX_CLASS_LINES} lines (split them by concern): {big}"
