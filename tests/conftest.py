@@ -98,3 +98,15 @@ def cli(state_dir: Path):
                               capture_output=True, env=full_env, timeout=timeout, cwd=cwd or REPO)
 
     return run
+
+
+@pytest.fixture(scope="module")
+def ip(state_dir: Path):
+    """A real IPython shell with the extension loaded, on the test state dir (one per module)."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    os.environ["MICROAGENT_STATE_DIR"] = str(state_dir)
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "microagent_jupyter")
+    yield shell
+    shell.run_line_magic("unload_ext", "microagent_jupyter")

@@ -1,13 +1,28 @@
-"""Helpers for the Jupyter tests: a real IPython shell with the extension loaded, and real kernels."""
+"""Helpers shared by the tests (no fixtures here: those live in conftest.py): the checkout, free ports, kernels'
+environments, workspace listings, other users' access and sockets' listeners."""
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (bound and released)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def server_config(state_dir: Path, allowed_roots: list[Path] | tuple[Path, ...] = ()) -> dict[str, Any]:
+    """pytest-jupyter's ``jp_server_config`` for a server with the microagent extension on ``state_dir``."""
+    return {"ServerApp": {"jpserver_extensions": {"microagent_jupyter": True}},
+            "MicroagentConfig": {"state_dir": str(state_dir), "allowed_roots": [str(r) for r in allowed_roots]}}
 
 
 def kernel_env(state_dir: Path) -> dict[str, str]:

@@ -6,12 +6,12 @@ nothing for a request it refuses. No VM boots here.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
+
+from jupyter_conftest_helpers import server_config
 from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
 from tornado.httpclient import HTTPClientError
 
 from microagent_engine import Engine
@@ -67,15 +67,6 @@ def test_cli_bad_input_gives_messages(cli, specs: Path, engine: Engine) -> None:
 # ---- magics ---------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ip(state_dir: Path):
-    os.environ["MICROAGENT_STATE_DIR"] = str(state_dir)
-    shell = InteractiveShell.instance()
-    shell.run_line_magic("load_ext", "microagent_jupyter")
-    yield shell
-    shell.run_line_magic("unload_ext", "microagent_jupyter")
-
-
 def test_magics_bad_input_gives_messages(ip, specs: Path, capsys, engine: Engine) -> None:
     lines = [
         "create bad/name", "create fe2 --memory abc", "create fe2 --memory 99999999999999999999",
@@ -104,8 +95,7 @@ def test_magics_bad_input_gives_messages(ip, specs: Path, capsys, engine: Engine
 
 @pytest.fixture
 def jp_server_config(state_dir: Path, tmp_path: Path):
-    return {"ServerApp": {"jpserver_extensions": {"microagent_jupyter": True}},
-            "MicroagentConfig": {"state_dir": str(state_dir), "allowed_roots": [str(tmp_path)]}}
+    return server_config(state_dir, [tmp_path])
 
 
 @pytest.fixture

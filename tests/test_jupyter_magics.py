@@ -5,7 +5,6 @@ Boots are few: most checks exec in the session's ``shared`` workspace (``--name 
 
 from __future__ import annotations
 
-import os
 import queue
 import sys
 import threading
@@ -15,7 +14,6 @@ from typing import Callable
 
 import pytest
 from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
 from jupyter_client import KernelManager
 
 from microagent_engine import Engine
@@ -44,15 +42,6 @@ class Recorder:
     @property
     def text(self) -> str:
         return "".join(t for _, t in self.writes)
-
-
-@pytest.fixture(scope="module")
-def ip(state_dir: Path):
-    os.environ["MICROAGENT_STATE_DIR"] = str(state_dir)
-    shell = InteractiveShell.instance()
-    shell.run_line_magic("load_ext", "microagent_jupyter")
-    yield shell
-    shell.run_line_magic("unload_ext", "microagent_jupyter")
 
 
 @pytest.fixture

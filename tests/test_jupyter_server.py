@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from jupyter_conftest_helpers import server_config
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 
 from microagent_engine import Engine
@@ -31,8 +33,7 @@ def allowed_root(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def jp_server_config(state_dir: Path, allowed_root: Path):
-    return {"ServerApp": {"jpserver_extensions": {"microagent_jupyter": True}},
-            "MicroagentConfig": {"state_dir": str(state_dir), "allowed_roots": [str(allowed_root)]}}
+    return server_config(state_dir, [allowed_root])
 
 
 @pytest.fixture

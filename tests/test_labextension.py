@@ -10,15 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -28,93 +20,18 @@ import pytest
 from microagent_engine import Engine
 from microagent_engine.errors import MicroagentError
 from microagent_engine.model import Attachment
-
-REPO = Path(__file__).resolve().parent.parent
-UI_TESTS = REPO / "ui-tests"
-BUILT = REPO / "microagent_jupyter" / "labextension"
-CHROMIUM = Path("/usr/bin/chromium")
+from lab_helpers import CHROMIUM, UI_TESTS, api_get, browser_tools, fail, running_lab  # noqa: F401 (fixture)
 WS, VOL = "paneltest", "panelvol"
 
 pytestmark = pytest.mark.vm
 
 
-def _fail(msg: str) -> None:
-    pytest.fail(msg, pytrace=False)
-
-
-@pytest.fixture(scope="module")
-def browser_tools() -> str:
-    """node, playwright-core and chromium, or a failure that names the install step."""
-    node = shutil.which("node")
-    if not node:
-        _fail("node is missing; install Node.js 20 (Debian: apt-get install -y nodejs npm)")
-    if not CHROMIUM.exists():
-        _fail(f"{CHROMIUM} is missing; install it with: apt-get install -y chromium")
-    if not (UI_TESTS / "node_modules" / "playwright-core" / "package.json").exists():
-        _fail("playwright-core is missing; install it with: cd ui-tests && npm ci "
-              "(it never downloads a browser; the test uses /usr/bin/chromium)")
-    if not (BUILT / "package.json").exists() or not list((BUILT / "static").glob("remoteEntry.*.js")):
-        _fail("the JupyterLab extension is not built; build it with: "
-              "cd labextension && jlpm install && jlpm build:prod")
-    return node
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def lab(state_dir: Path, tmp_path: Path, browser_tools: str) -> Iterator[tuple[str, str]]:
-    """A real ``jupyter lab`` with the microagent server extension, on a free port; yields (url, token)."""
-    data = tmp_path / "jupyter-data"
-    (data / "labextensions").mkdir(parents=True)
-    os.symlink(BUILT, data / "labextensions" / "microagent-jupyter")
-    config = tmp_path / "jupyter-config"
-    (config / "labconfig").mkdir(parents=True)
-    # no "receive Jupyter news?" toast over the panel, no update checks from the browser
-    (config / "labconfig" / "page_config.json").write_text(json.dumps(
-        {"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}))
-    root = tmp_path / "root"
-    root.mkdir()
-    port, token = _free_port(), secrets.token_hex(16)
-    env = {**os.environ, "MICROAGENT_STATE_DIR": str(state_dir), "JUPYTER_PATH": str(data),
-           "JUPYTER_CONFIG_DIR": str(config), "JUPYTER_DATA_DIR": str(tmp_path / "jupyter-userdata"),
-           "JUPYTER_RUNTIME_DIR": str(tmp_path / "jupyter-runtime"), "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip=127.0.0.1",
-           f"--port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
-           f"--ServerApp.root_dir={root}", '--ServerApp.jpserver_extensions={"microagent_jupyter": True}',
-           f"--LabApp.user_settings_dir={tmp_path / 'lab-settings'}",
-           f"--LabApp.workspaces_dir={tmp_path / 'lab-workspaces'}"]
-    log_path = tmp_path / "jupyter-lab.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                _fail(f"jupyter lab exited ({proc.returncode}):\n{log_path.read_text(errors='replace')[-4000:]}")
-            try:
-                req = urllib.request.Request(url + "microagent/api/", headers={"Authorization": f"token {token}"})
-                with urllib.request.urlopen(req, timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                _fail(f"jupyter lab did not serve /microagent/api/ in 60 s:\n"
-                      f"{log_path.read_text(errors='replace')[-4000:]}")
-            time.sleep(0.3)
-        yield url, token
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    """A real ``jupyter lab`` with the microagent server extension; yields (url, token)."""
+    with running_lab(state_dir, tmp_path, server_extension=True,
+                     ready=lambda url, token: api_get(url, token, "microagent/api/")[0] == 200) as running:
+        yield running
 
 
 @pytest.fixture
@@ -180,7 +97,7 @@ def test_panel_in_chromium(engine: Engine, lab: tuple[str, str], panel_workspace
     print(out)
     if proc.returncode != 0:
         lab_log = tmp_path / "jupyter-lab.log"
-        _fail(f"browser test failed (exit {proc.returncode}):\n{out[-6000:]}\n--- jupyter lab log (tail) ---\n"
+        fail(f"browser test failed (exit {proc.returncode}):\n{out[-6000:]}\n--- jupyter lab log (tail) ---\n"
               f"{lab_log.read_text(errors='replace')[-3000:] if lab_log.exists() else ''}")
     result_line = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert result_line, out

@@ -17,7 +17,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 from jupyter_client import KernelManager
 from jupyter_conftest_helpers import kernel_env
-from test_sandboxed_kernel import HOSTILE_CELLS, assert_inert
+from kernel_helpers import HOSTILE_CELLS, assert_inert
 
 from microagent_engine import Engine
 from microagent_jupyter import python_session as PS
@@ -28,13 +28,10 @@ NAME = "pyt"
 
 
 @pytest.fixture(scope="module")
-def ip(state_dir: Path, python_image: Path) -> Iterator[InteractiveShell]:
-    os.environ["MICROAGENT_STATE_DIR"] = str(state_dir)
-    shell = InteractiveShell.instance()
-    shell.run_line_magic("load_ext", "microagent_jupyter")
-    yield shell
+def ip(ip: InteractiveShell, python_image: Path) -> Iterator[InteractiveShell]:
+    """conftest's shell, with the Python image at hand; the sessions stop after the module."""
+    yield ip
     PS.stop_all()
-    shell.run_line_magic("unload_ext", "microagent_jupyter")
 
 
 def py(ip: InteractiveShell, code: str, opts: str = "") -> Any:

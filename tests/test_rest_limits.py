@@ -10,6 +10,8 @@ import threading
 from pathlib import Path
 
 import pytest
+
+from jupyter_conftest_helpers import server_config
 from tornado.httpclient import HTTPClientError
 
 from microagent_engine import Engine
@@ -25,8 +27,7 @@ MiB = 1 << 20
 
 @pytest.fixture
 def jp_server_config(state_dir: Path):
-    return {"ServerApp": {"jpserver_extensions": {"microagent_jupyter": True}},
-            "MicroagentConfig": {"state_dir": str(state_dir), "allowed_roots": []}}
+    return server_config(state_dir)
 
 
 @pytest.fixture

@@ -7,22 +7,16 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import secrets
-import signal
 import subprocess
-import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from microagent_engine import Engine
-from test_labextension import BUILT, CHROMIUM, UI_TESTS, _fail, _free_port, browser_tools  # noqa: F401
-from test_sandboxed_kernel import KERNELS, _ensure_entry_point
+from lab_helpers import CHROMIUM, UI_TESTS, api_get, browser_tools, fail, running_lab  # noqa: F401 (fixture)
+from kernel_helpers import KERNELS, ensure_entry_point
 
 pytestmark = pytest.mark.vm
 REPO = Path(__file__).resolve().parent.parent
@@ -32,53 +26,16 @@ REPO = Path(__file__).resolve().parent.parent
 def sandbox_lab(state_dir: Path, python_image: Path, tmp_path: Path, browser_tools: str) -> Iterator[tuple[str, str]]:
     """``jupyter lab`` that sees this checkout's kernelspec and provisioner; yields (url, token)."""
     ep = tmp_path / "ep"
-    _ensure_entry_point(ep)  # (registers in this process too; the lab gets it through PYTHONPATH)
-    data = tmp_path / "jupyter-data"
-    (data / "labextensions").mkdir(parents=True)
-    os.symlink(BUILT, data / "labextensions" / "microagent-jupyter")
-    config = tmp_path / "jupyter-config"
-    (config / "labconfig").mkdir(parents=True)
-    (config / "labconfig" / "page_config.json").write_text(json.dumps(
-        {"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}))
-    root = tmp_path / "root"
-    root.mkdir()
-    port, token = _free_port(), secrets.token_hex(16)
-    pythonpath = os.pathsep.join(p for p in (str(REPO), str(ep) if ep.exists() else "") if p)
-    env = {**os.environ, "MICROAGENT_STATE_DIR": str(state_dir), "JUPYTER_PATH": f"{data}{os.pathsep}{KERNELS}",
-           "JUPYTER_CONFIG_DIR": str(config), "JUPYTER_DATA_DIR": str(tmp_path / "jupyter-userdata"),
-           "JUPYTER_RUNTIME_DIR": str(tmp_path / "jupyter-runtime"), "PYTHONPATH": pythonpath}
-    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip=127.0.0.1",
-           f"--port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
-           f"--ServerApp.root_dir={root}", f"--LabApp.user_settings_dir={tmp_path / 'lab-settings'}",
-           f"--LabApp.workspaces_dir={tmp_path / 'lab-workspaces'}"]
-    log_path = tmp_path / "jupyter-lab.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                _fail(f"jupyter lab exited ({proc.returncode}):\n{log_path.read_text(errors='replace')[-4000:]}")
-            try:
-                req = urllib.request.Request(url + "api/kernelspecs", headers={"Authorization": f"token {token}"})
-                with urllib.request.urlopen(req, timeout=2) as resp:
-                    specs = json.load(resp)["kernelspecs"]
-                    assert "microagent-python" in specs, sorted(specs)
-                    break
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                _fail(f"jupyter lab did not answer in 60 s:\n{log_path.read_text(errors='replace')[-4000:]}")
-            time.sleep(0.3)
-        yield url, token
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    ensure_entry_point(ep)  # (registers in this process too; the lab gets it through PYTHONPATH)
+
+    def ready(url: str, token: str) -> bool:
+        specs = json.loads(api_get(url, token, "api/kernelspecs")[1])["kernelspecs"]
+        assert "microagent-python" in specs, sorted(specs)
+        return True
+
+    with running_lab(state_dir, tmp_path, ready=ready, jupyter_path=(KERNELS,),
+                     pythonpath=(ep,) if ep.exists() else ()) as running:
+        yield running
 
 
 @pytest.fixture
@@ -124,7 +81,7 @@ def test_hostile_outputs_stay_inert_in_the_browser(engine: Engine, sandbox_lab: 
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         lab_log = tmp_path / "jupyter-lab.log"
-        _fail(f"browser test failed (exit {proc.returncode}):\n{out[-6000:]}\n--- jupyter lab log (tail) ---\n"
+        fail(f"browser test failed (exit {proc.returncode}):\n{out[-6000:]}\n--- jupyter lab log (tail) ---\n"
               f"{lab_log.read_text(errors='replace')[-3000:] if lab_log.exists() else ''}")
     result = json.loads(lines[-1][len("RESULT "):])
     assert result["ok"], result

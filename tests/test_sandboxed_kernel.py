@@ -7,8 +7,6 @@ import hashlib
 import hmac
 import json
 import os
-import socket
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,50 +18,18 @@ import zmq
 from jupyter_client import KernelManager
 from jupyter_client.blocking.client import BlockingKernelClient
 
+from kernel_helpers import HOSTILE_CELLS, KERNELS, PORTS, assert_inert, ensure_entry_point, free_ports  # noqa: F401
 from microagent_jupyter.guest_kernel import connection_info
 from microagent_jupyter.relay import DELIM, Relay
 
 REPO = Path(__file__).resolve().parent.parent
-KERNELS = REPO / "share" / "jupyter"
-PORTS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
-
-HOSTILE_CELLS = [
-    'from IPython.display import HTML, SVG, Javascript, Markdown, display\n'
-    'display(HTML(\'<img src=x onerror="window.__pwned=1">\'))',
-    'display(HTML("<script>window.__pwned=2</script>"))',
-    'display(SVG(\'<svg xmlns="http://www.w3.org/2000/svg" onload="window.__pwned=4"><rect width="1"/></svg>\'))',
-    'display(Javascript("window.__pwned=3"))',
-    'display(Markdown("[x](javascript:window.__pwned=5)"))',
-]
-
-
-def assert_inert(outputs: list[dict[str, Any]]) -> None:
-    """No bundle that reaches the frontend could run code in the page."""
-    for out in outputs:
-        data = out.get("data", {})
-        assert set(data) <= {"text/plain", "text/html", "image/svg+xml", "image/png"}, data
-        rich = json.dumps({k: v for k, v in data.items() if k != "text/plain"})
-        for bad in ("onerror", "onload", "<script", "javascript:", "__pwned"):
-            assert bad not in rich, (bad, rich)
-
-
-def _free_ports() -> dict[str, int]:
-    socks = [socket.socket() for _ in PORTS]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = {name: s.getsockname()[1] for name, s in zip(PORTS, socks)}
-    for s in socks:
-        s.close()
-    return ports
-
-
 @pytest.fixture
 def relayed() -> Iterator[tuple[BlockingKernelClient, Relay, dict[str, Any]]]:
     km = KernelManager(kernel_name="python3")
     km.start_kernel()
     guest = km.get_connection_info()
     guest["key"] = guest["key"].decode() if isinstance(guest["key"], bytes) else guest["key"]
-    front = connection_info(uuid.uuid4().hex, _free_ports())
+    front = connection_info(uuid.uuid4().hex, free_ports())
     relay = Relay(front, guest, alive=km.is_alive)
     relay.start()
     client = BlockingKernelClient()
@@ -212,28 +178,13 @@ def test_input_reaches_a_frontend_that_allows_stdin(relayed) -> None:
 
 
 # ---- the whole sandboxed kernel, in a VM ---------------------------------------------------------------------
-def _ensure_entry_point(tmp: Path) -> None:
-    """The provisioner is found through its entry point, which `pip install -e .` (make setup) registers; when
-    the venv was installed from another checkout, register this checkout's the same way (a dist-info on sys.path)."""
-    from importlib.metadata import entry_points
-
-    if any(ep.name == "microagent-provisioner" for ep in entry_points(group="jupyter_client.kernel_provisioners")):
-        return
-    dist = tmp / "microagent_sandbox_ep-0.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: microagent-sandbox-ep\nVersion: 0\n")
-    (dist / "entry_points.txt").write_text("[jupyter_client.kernel_provisioners]\nmicroagent-provisioner = "
-                                           "microagent_jupyter.provisioner:MicroagentProvisioner\n")
-    sys.path.insert(0, str(tmp))
-
-
 @pytest.mark.vm
 def test_nbclient_runs_a_notebook_in_the_sandboxed_kernel(state_dir: Path, engine, python_image: Path,
                                                          tmp_path: Path, monkeypatch) -> None:
     import nbformat
     from nbclient import NotebookClient
 
-    _ensure_entry_point(tmp_path / "ep")
+    ensure_entry_point(tmp_path / "ep")
     monkeypatch.setenv("JUPYTER_PATH", str(KERNELS))
     monkeypatch.setenv("MICROAGENT_STATE_DIR", str(state_dir))
     before = {i.name for i in engine.list()}
@@ -271,7 +222,7 @@ def test_sandboxed_kernel_interrupt_restart_shutdown(state_dir: Path, engine, py
 
     from jupyter_client.kernelspec import KernelSpecManager
 
-    _ensure_entry_point(tmp_path / "ep")
+    ensure_entry_point(tmp_path / "ep")
     monkeypatch.setenv("MICROAGENT_STATE_DIR", str(state_dir))
     ksm = KernelSpecManager(kernel_dirs=[str(KERNELS / "kernels")])
     km = KernelManager(kernel_name="microagent-python", kernel_spec_manager=ksm)

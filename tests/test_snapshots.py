@@ -13,6 +13,8 @@ import pytest
 from microagent_engine import Engine
 from microagent_engine.errors import InvalidArgument, InvalidState, NotFound
 
+pytestmark = pytest.mark.vm
+
 # the value is replaced atomically (write then rename), so a reader never sees a half-written file
 COUNTER = ("(i=0; while true; do i=$((i+1)); echo $i > /tmp/c.new; mv /tmp/c.new /tmp/c; sleep 0.2; done) "
            "</dev/null >/dev/null 2>&1 &")

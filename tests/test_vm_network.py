@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from jupyter_conftest_helpers import free_port
 from microagent_engine import Engine
 from microagent_engine.config import RESOLV_CONF_ENV
 from microagent_engine.errors import InvalidArgument, MicroagentError
@@ -45,11 +46,6 @@ pytestmark = pytest.mark.vm
 PROBE_SOURCE = Path(__file__).resolve().parent / "dnsprobe.c"
 PROBE = "/tmp/dnsprobe"
 
-
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class _Token(http.server.BaseHTTPRequestHandler):
@@ -93,7 +89,7 @@ class HostServices:
 @pytest.fixture(scope="module")
 def host_services(peer_ns: PeerNamespace) -> Iterator[HostServices]:
     """A service only on the host's 127.0.0.1 (and one on each host address), as a Jupyter server would be."""
-    port, other = _free_port(), _free_port()
+    port, other = free_port(), free_port()
     addrs = [str(n.network_address) for n in host_addresses() if n.version == 4 and not n.is_loopback]
     hs = HostServices(port, other, addrs)
     servers = [_serve("127.0.0.1", port, hs.token("127.0.0.1", port)),
@@ -218,7 +214,7 @@ def peer_ns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PeerNamespace]
         for addr in (private, public, host_subnet, bench, doc):  # never send test traffic anywhere but in here
             route = _ip("-j", "route", "get", addr)
             assert json.loads(route)[0]["dev"] == host_if, route
-        peer = PeerNamespace(ns, private, public, host_subnet, bench, doc, _free_port(), _free_port())
+        peer = PeerNamespace(ns, private, public, host_subnet, bench, doc, free_port(), free_port())
         proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", _PEER_SERVER, private,
                                  json.dumps(table), str(peer.port), peer.token(peer.port), str(peer.other_port),
                                  peer.token(peer.other_port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)

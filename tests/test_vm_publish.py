@@ -15,6 +15,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from jupyter_conftest_helpers import free_port
+
 from microagent_engine import Engine
 from microagent_engine.errors import InvalidState, MicroagentError, PortUnavailable
 from microagent_engine.model import Publish, parse_publish_flag
@@ -26,11 +28,6 @@ EARLY_PORT = 9001  # guest: answers "bye" and closes without reading
 HTTP_PORT = 8080  # guest: busybox httpd
 NOBODY_PORT = 9009  # guest: nothing listens
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _connect(port: int) -> socket.socket:
@@ -57,7 +54,7 @@ def _round_trip(port: int, data: bytes) -> bytes:
 @pytest.fixture(scope="module")
 def ws(engine: Engine) -> Iterator[tuple[str, int]]:
     """An isolated workspace with the echo server published on a fixed host port (from create's config)."""
-    name, port = "pub", _free_port()
+    name, port = "pub", free_port()
     engine.create(name, profile="tiny", network="isolated", publish=[parse_publish_flag(f"{port}:{ECHO_PORT}")])
     engine.start(name)
     # nc's listen backlog is its count of -l: 32, so that parallel connections are not dropped by the guest
@@ -210,7 +207,7 @@ def test_taken_host_port_is_refused_and_nothing_is_left(engine: Engine, cli) -> 
         assert "Traceback" not in r.stderr.decode()
         assert {i.name for i in engine.list()} == before
         # a workspace created while the port was free, started once it is taken: refused, no VM
-        free = _free_port()
+        free = free_port()
         engine.create("pub-later", profile="tiny", network="isolated", publish=[Publish(free, 80)])
         try:
             with socket.socket() as late:
@@ -228,7 +225,7 @@ def test_taken_host_port_is_refused_and_nothing_is_left(engine: Engine, cli) -> 
 
 # ---- the agent's side of the protocol, with the agent on the host (test mode, no VM) ----------------------
 
-from tests.test_agent_protocol import agent, agent_bin, agent_build, start_agent  # noqa: E402,F401 (fixtures)
+from agent_harness import agent, agent_bin, agent_build, start_agent  # noqa: E402,F401 (fixtures)
 from microagent_engine.protocol import PUBLISH_WINDOW, FrameType  # noqa: E402
 
 

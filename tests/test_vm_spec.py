@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import socketserver
 import threading
 import time
@@ -141,12 +140,6 @@ def _server() -> socketserver.ThreadingTCPServer:
     srv.daemon_threads = True
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     return srv
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_mediation_bridge_and_fail_closed(engine: Engine, cli) -> None:

@@ -13,6 +13,8 @@ import pytest
 from microagent_engine import Engine
 from microagent_engine.snapshots.templates import list_templates
 
+pytestmark = pytest.mark.vm
+
 PROBE = "hostname; date +%s; head -c16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo"
 
 

@@ -22,7 +22,7 @@ from microagent_jupyter.guest_kernel import connection_info
 from microagent_jupyter.output_policy import OutputPolicy
 from microagent_jupyter.python_session import bounded_client
 from microagent_jupyter.relay import Relay
-from test_sandboxed_kernel import _free_ports
+from kernel_helpers import free_ports
 
 MiB = 1024 * 1024
 FLOOD_MESSAGES, FLOOD_MIB = 100, 4  # 400 MiB in signed iopub messages, sent after the cell that starts it ends
@@ -95,7 +95,7 @@ def test_relay_holds_bounded_bytes_for_a_frontend_that_does_not_read(guest_kerne
                                                                       tmp_path: Path) -> None:
     from jupyter_client.blocking.client import BlockingKernelClient
 
-    front = connection_info(uuid.uuid4().hex, _free_ports())
+    front = connection_info(uuid.uuid4().hex, free_ports())
     # a cell budget too large to matter: what is measured is the queue towards the frontend, not the policy's cap
     relay = Relay(front, guest_kernel, alive=lambda: True, policy=OutputPolicy(max_cell_bytes=1 << 40))
     relay.start()
