@@ -215,8 +215,10 @@ def test_lifecycle_line_magics_and_live_widgets(ip, engine: Engine):
     finally:
         status.close()
         logw.close()
-    time.sleep(1.2)
-    assert not status.polling and not logw.following
+    deadline = time.monotonic() + 30  # closing stops their threads: wait for that, not for a fixed time
+    while status.polling or logw.following:
+        assert time.monotonic() < deadline, "the closed widgets kept polling"
+        time.sleep(0.05)
     assert repr(ip.run_line_magic("microagent", f"delete {name}")) == f"Deleted workspace {name}"
     with pytest.raises(NotFound):
         engine.status(name)

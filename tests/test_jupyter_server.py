@@ -129,8 +129,11 @@ async def test_workspace_lifecycle_and_followed_log_stream(api, engine: Engine):
     chunks: list[tuple[float, bytes]] = []
     stream = asyncio.ensure_future(api("GET", "workspaces", name, "logs", "stream", request_timeout=120,
                                        streaming_callback=lambda c: chunks.append((time.monotonic(), c))))
-    await asyncio.sleep(1.0)
-    assert not stream.done() and b"microagent-agent" in b"".join(c for _, c in chunks)
+    deadline = time.monotonic() + 60  # the log so far arrives first (rendezvous), then the stream stays open
+    while b"microagent-agent" not in b"".join(c for _, c in chunks):
+        assert not stream.done() and time.monotonic() < deadline, b"".join(c for _, c in chunks)[-500:]
+        await asyncio.sleep(0.1)
+    assert not stream.done()
     code, body = await api("POST", "workspaces", name, "exec",
                            body={"argv": ["sh", "-c", "echo live-marker > /dev/console"]})
     assert code == 200
