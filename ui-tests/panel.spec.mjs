@@ -9,62 +9,14 @@
 //   CHROMIUM     browser executable (default /usr/bin/chromium; Debian: apt-get install -y chromium)
 //
 // Prints progress lines and, on success, a last line `RESULT {...}`; exits non-zero with a message otherwise.
-import fs from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { must, openBrowser } from './lab.mjs';
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-const LAB_URL = must('LAB_URL');
-const TOKEN = must('LAB_TOKEN');
-const WS = must('MA_WS');
-const VOL = must('MA_VOL');
-const SHOTS = process.env.SCREENSHOTS || path.join(here, 'screenshots');
-const EXE = process.env.CHROMIUM || '/usr/bin/chromium';
-const ARGS = [
-  '--headless',
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync'
-];
-
-function must(name) {
-  const value = process.env[name];
-  if (!value) {
-    console.error(`panel.spec: set ${name}`);
-    process.exit(2);
-  }
-  return value;
-}
-
-if (!fs.existsSync(EXE)) {
-  console.error(`panel.spec: no browser at ${EXE}; install it with: apt-get install -y chromium`);
-  process.exit(3);
-}
-let chromium;
-try {
-  ({ chromium } = await import('playwright-core'));
-} catch {
-  console.error('panel.spec: playwright-core is missing; install it with: cd ui-tests && npm ci');
-  process.exit(3);
-}
-
+const LAB_URL = must('panel.spec', 'LAB_URL');
+const TOKEN = must('panel.spec', 'LAB_TOKEN');
+const WS = must('panel.spec', 'MA_WS');
+const VOL = must('panel.spec', 'MA_VOL');
 const t0 = Date.now();
-const log = msg => console.log(`[${((Date.now() - t0) / 1000).toFixed(1)}s] ${msg}`);
-fs.mkdirSync(SHOTS, { recursive: true });
-const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'ma-chromium-'));
-const context = await chromium.launchPersistentContext(userDataDir, {
-  executablePath: EXE,
-  headless: true,
-  args: ARGS,
-  viewport: { width: 1400, height: 900 }
-});
-const page = context.pages()[0] ?? (await context.newPage());
-page.setDefaultTimeout(30_000);
+const { page, context, step, shot, until, result } = await openBrowser('panel.spec');
 const pageErrors = [];
 page.on('pageerror', err => pageErrors.push(`${err.message}\n${err.stack ?? ''}`));
 const apiRequests = [];
@@ -73,26 +25,6 @@ page.on('request', req => {
     apiRequests.push({ url: new URL(req.url()).pathname, method: req.method(), at: Date.now() });
   }
 });
-
-const result = { ok: false, steps: [] };
-const step = name => {
-  result.steps.push(name);
-  log(name);
-};
-const shot = async name => {
-  const file = path.join(SHOTS, name);
-  await page.screenshot({ path: file });
-  return file;
-};
-
-/** Wait until `fn(selectorArg)` evaluated in the page is truthy; fail with `what` (and the last value). */
-async function until(what, fn, arg, timeout = 30_000) {
-  try {
-    await page.waitForFunction(fn, arg, { timeout, polling: 100 });
-  } catch (error) {
-    throw new Error(`timed out waiting for ${what}`);
-  }
-}
 
 const panel = '#microagent-panel';
 const wsRow = `${panel} li[data-ws="${WS}"]`;
@@ -542,5 +474,4 @@ try {
   process.exitCode = 1;
 } finally {
   await context.close().catch(() => {});
-  fs.rmSync(userDataDir, { recursive: true, force: true });
 }

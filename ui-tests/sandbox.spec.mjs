@@ -6,41 +6,15 @@
 //
 // Environment: LAB_URL (ending in '/'), LAB_TOKEN, SCREENSHOTS, CHROMIUM (default /usr/bin/chromium).
 // Prints progress and, on success, a last line `RESULT {...}`; exits non-zero otherwise.
-import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-const LAB_URL = process.env.LAB_URL;
-const TOKEN = process.env.LAB_TOKEN;
-const SHOTS = process.env.SCREENSHOTS || path.join(here, 'screenshots');
-const EXE = process.env.CHROMIUM || '/usr/bin/chromium';
-if (!LAB_URL || !TOKEN || !process.env.ATTACKER_URL) {
-  console.error('sandbox.spec: set LAB_URL, LAB_TOKEN and ATTACKER_URL');
-  process.exit(2);
-}
-let chromium;
-try {
-  ({ chromium } = await import('playwright-core'));
-} catch {
-  console.error('sandbox.spec: playwright-core is missing; install it with: cd ui-tests && npm ci');
-  process.exit(3);
-}
+import { must, openBrowser } from './lab.mjs';
 
-const t0 = Date.now();
-const log = msg => console.log(`[${((Date.now() - t0) / 1000).toFixed(1)}s] ${msg}`);
-fs.mkdirSync(SHOTS, { recursive: true });
-const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'ma-chromium-'));
-const context = await chromium.launchPersistentContext(userDataDir, {
-  executablePath: EXE,
-  headless: true,
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-  viewport: { width: 1400, height: 900 }
-});
-const page = context.pages()[0] ?? (await context.newPage());
-page.setDefaultTimeout(60_000);
+const LAB_URL = must('sandbox.spec', 'LAB_URL');
+const TOKEN = must('sandbox.spec', 'LAB_TOKEN');
+must('sandbox.spec', 'ATTACKER_URL');
+const result = { screenshots: [], pwned: {}, loggedIn: {}, toastInside: {} };
+const { page, step, shots: SHOTS, finish } = await openBrowser('sandbox.spec', { timeout: 60_000, result });
 
 const HOSTILE = [
   'from IPython.display import HTML, SVG, Javascript, display',
@@ -69,12 +43,6 @@ const LEAKY = [
   `display(Latex(${JSON.stringify(`$\\bbox[background-image:url(${ATTACKER}tex.png)]{x}$`)}))`
 ].join('\n');
 const PLOT = 'import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()';
-
-const result = { ok: false, steps: [], screenshots: [], pwned: {}, loggedIn: {}, toastInside: {} };
-const step = name => {
-  result.steps.push(name);
-  log(name);
-};
 
 async function openNotebook(cardText) {
   await page.goto(`${LAB_URL}lab?token=${encodeURIComponent(TOKEN)}&reset`, { waitUntil: 'domcontentloaded' });
@@ -156,8 +124,5 @@ try {
     result.screenshots.push(shot);
   } catch {}
 } finally {
-  await context.close();
-  fs.rmSync(userDataDir, { recursive: true, force: true });
+  await finish();
 }
-console.log(`RESULT ${JSON.stringify(result)}`);
-process.exit(result.ok ? 0 : 1);
