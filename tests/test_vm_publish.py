@@ -119,14 +119,19 @@ def test_a_host_client_that_does_not_read_stalls_only_itself(engine: Engine, ws:
     assert engine.exec(name, ["sh", "-c", "(nc -ll -p 9002 -e yes >/dev/null 2>&1 &)"]).exit_code == 0
     assert engine.exec(name, ["sh", "-c", "for i in $(seq 100); do netstat -ltn | grep -q ':9002 ' && exit 0; "
                                           "sleep 0.1; done; exit 1"]).exit_code == 0
+    pid = engine.status(name).state.supervisor_pid
+    before_kib = int(open(f"/proc/{pid}/status").read().split("VmRSS:")[1].split()[0])
     with _connect(yes_port) as stuck:
         stuck.sendall(b"x")
         assert stuck.recv(10)  # the flood started
         assert _round_trip(port, b"still flowing" * 1000) == b"still flowing" * 1000
         assert engine.exec(name, ["echo", "exec ok"]).stdout == b"exec ok\n"
-        pid = engine.status(name).state.supervisor_pid
         rss_kib = int(open(f"/proc/{pid}/status").read().split("VmRSS:")[1].split()[0])
-        assert rss_kib < 100 * 1024, f"supervisor RSS {rss_kib} KiB while a client reads nothing"
+        # the stalled connection holds at most its window: the supervisor does not grow with the flood. (Its
+        # absolute size depends on what the module's earlier tests left in its heap: 64 MiB alone, more when the
+        # parallel-connection tests ran under load; the bound is on what this flood adds, and on the total.)
+        assert rss_kib - before_kib < 16 * 1024, f"supervisor grew {before_kib} -> {rss_kib} KiB during the flood"
+        assert rss_kib < 160 * 1024, f"supervisor RSS {rss_kib} KiB while a client reads nothing"
     engine.unpublish(name, yes_port, dynamic_ip)
 
 
