@@ -15,6 +15,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from generated import write_or_check  # noqa: E402
 from microagent_engine.workspace_spec import WorkspaceSpec  # noqa: E402
 
 TS_PATH = Path("labextension/src/workspaceSpec.ts")
@@ -58,17 +59,7 @@ def render() -> str:
 
 
 def main() -> int:
-    path = ROOT / TS_PATH
-    text = render()
-    if "--check" not in sys.argv:
-        path.write_text(text)
-        print(f"wrote {path}")
-        return 0
-    if not path.exists() or path.read_text() != text:
-        print(f"{path} is not what WorkspaceSpec's schema generates: run python scripts/panel_types.py",
-              file=sys.stderr)
-        return 1
-    return 0
+    return write_or_check(ROOT / TS_PATH, render(), "WorkspaceSpec's JSON schema", "python scripts/panel_types.py")
 
 
 if __name__ == "__main__":

@@ -13,21 +13,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from generated import write_or_check  # noqa: E402
 from microagent_engine.protocol_doc import DOC_PATH, render_protocol_doc  # noqa: E402
 
 
 def main() -> int:
-    path = ROOT / DOC_PATH
-    text = render_protocol_doc()
-    if "--check" not in sys.argv:
-        path.write_text(text)
-        print(f"wrote {path}")
-        return 0
-    if not path.exists() or path.read_text() != text:
-        print(f"{path} is not what microagent_engine/protocol.py renders: run python scripts/protocol_doc.py",
-              file=sys.stderr)
-        return 1
-    return 0
+    return write_or_check(ROOT / DOC_PATH, render_protocol_doc(), "microagent_engine/protocol.py",
+                          "python scripts/protocol_doc.py")
 
 
 if __name__ == "__main__":

@@ -180,7 +180,8 @@ def test_protocol_doc_check_fails_on_a_stale_doc(tmp_path):
     root = tmp_path / "repo"
     (root / "scripts").mkdir(parents=True)
     (root / "docs").mkdir()
-    shutil.copy(REPO / "scripts" / "protocol_doc.py", root / "scripts")
+    for script in ("protocol_doc.py", "generated.py"):
+        shutil.copy(REPO / "scripts" / script, root / "scripts")
     shutil.copytree(REPO / "microagent_engine", root / "microagent_engine",
                     ignore=shutil.ignore_patterns("__pycache__"))
     (root / DOC_PATH).write_text(render_protocol_doc().replace("timed_out", "timed-out", 1))

@@ -31,6 +31,7 @@ from typing import Any
 
 from ..network_policy import DNS_PORT as PORT, GUEST_DNS  # noqa: F401 (the guest's resolver)
 from ..textsafe import safe_text
+from .serving import ServedTasks
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -305,7 +306,7 @@ async def resolve(upstreams: Iterable[Address], name: str, refused: Callable[[Ad
 
 
 @dataclass
-class DnsForwarder:
+class DnsForwarder(ServedTasks):
     """Serves the guest's DNS on a UDP and a listening TCP socket (both inside the VM's namespace) from the
     host's namespace. ``allowed(name)`` decides which names are forwarded (the others get NXDOMAIN); each answer
     forwarded for a name is reported to ``on_answer(name, [(address, ttl), ...])`` (the egress proxy's grants)."""
@@ -334,20 +335,6 @@ class DnsForwarder:
         transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), sock=udp)
         self._servers.append(transport)
         self._servers.append(await asyncio.start_server(self._tcp_client, sock=tcp))
-
-    def stop(self) -> None:
-        """Stop answering (quarantine): close the sockets' servers and cancel queries in flight."""
-        for server in self._servers:
-            server.close()
-        for task in list(self._tasks):
-            task.cancel()
-
-    async def close(self) -> None:
-        tasks = list(self._tasks)
-        self.stop()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
-        self._servers = []
 
     # admission
     def _admit(self, data: bytes) -> Query | None:

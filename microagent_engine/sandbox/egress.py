@@ -33,6 +33,7 @@ from typing import Any
 from ..network_policy import NetworkPolicy
 from ..secret import Secret
 from ..textsafe import safe_text
+from .serving import ServedTasks
 from .egress_tls import (
     MAX_REQUEST_HEAD,
     MAX_RESPONSE_HEAD,
@@ -205,7 +206,7 @@ class BoundSecret:
 
 
 @dataclass
-class EgressProxy:
+class EgressProxy(ServedTasks):
     """Serves the redirected connections of one VM (see the module docstring). TLS to a host bound to one of
     ``secrets`` is terminated with ``leaves`` and its request headers get the values (egress_tls.py)."""
 
@@ -220,25 +221,12 @@ class EgressProxy:
         ("connections", "allowed", "blocked", "bytesOut", "bytesIn", "secretRequests"), 0))
     recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=MAX_RECENT))
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
-    _server: asyncio.AbstractServer | None = None
+    _servers: list[Any] = field(default_factory=list)
     _logged: int = 0
 
     async def start(self, sock: socket.socket) -> None:
         sock.setblocking(False)
-        self._server = await asyncio.start_server(self._client, sock=sock)
-
-    def stop(self) -> None:
-        """Stop relaying (quarantine): close the server and every connection."""
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-
-    async def close(self) -> None:
-        tasks = list(self._tasks)
-        self.stop()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        self._servers.append(await asyncio.start_server(self._client, sock=sock))
 
     def remember(self, name: str | None, addr: Address | None, port: int | None, reason: str) -> str:
         """Keep a refusal in the recent list (the report shows it); the name as shown."""
