@@ -41,6 +41,7 @@ from .model import Attachment, FileCopy, Mediation, Output, Publish, parse_host_
     validate_publish
 from .network_policy import NetworkPolicy
 from .storage.attachments import check_bundle_file, check_ext4_file
+from .secret import Secret, validate_secrets
 from .workspace_spec import WorkspaceSpec
 
 SPEC_NAMES = ("microagent.yaml", "microagent.yml")
@@ -128,6 +129,7 @@ class SpecFile:
     network: NetworkPolicy | None = None
     publish: list[Publish] | None = None  # "[HOST_IP:]HOST_PORT:GUEST_PORT" or {hostIp?, hostPort, guestPort}
     packages: list[str] | None = None  # Debian packages added to the built-in Debian image
+    secrets: list[Secret] | None = None  # bound to hosts; values are read at start, never from the file
 
     def effective_hostname(self, name: str) -> str:
         """The hostname the guest gets: the spec's, else ``name`` sanitised by ``config.hostname_for``."""
@@ -146,7 +148,7 @@ class SpecFile:
             network=self.network,
             attachments=attachments if self.disks is not None or self.bundles is not None else None,
             outputs=None if self.outputs is None else [Output(o.name, o.path) for o in self.outputs],
-            publish=self.publish, packages=self.packages)
+            publish=self.publish, packages=self.packages, secrets=self.secrets)
 
 
 def find_default_spec(cwd: Path) -> Path | None:
@@ -350,7 +352,7 @@ class _Doc:
 # --- validation --------------------------------------------------------------------------------------------
 
 _TOP_FIELDS = ("name", "image", "profile", "restart", "entrypoint", "shell", "hostname", "setup", "files", "env",
-               "resources", "mediation", "disks", "bundles", "outputs", "network", "publish", "packages")
+               "resources", "mediation", "disks", "bundles", "outputs", "network", "publish", "packages", "secrets")
 _FILE_FIELDS = ("src", "dst", "mode")
 _RESOURCE_FIELDS = ("memoryMiB", "cpuCount", "sizeMiB")
 _MEDIATION_FIELDS = ("enabled", "required", "port", "target", "failClosed")
@@ -535,6 +537,8 @@ class _Validator(_Checks):
             spec.outputs = self.outputs(top["outputs"])
         if "publish" in top:
             spec.publish = self.publish(top["publish"])
+        if "secrets" in top:
+            spec.secrets = self.secrets(top["secrets"])
         if "packages" in top:
             items = [self.string(v, f"packages[{i}]") for i, v in
                      enumerate(self.items(top["packages"], "packages", "Debian package names"))]
@@ -714,6 +718,18 @@ class _Validator(_Checks):
             return validate_publish(entries)
         except InvalidArgument as exc:
             raise self.err("publish", str(exc)) from None
+
+    def secrets(self, value: Any) -> list[Secret]:
+        entries = []
+        for i, item in enumerate(self.items(value, "secrets", '"NAME@HOST" or {name, hosts, source?} entries')):
+            try:
+                entries.append(Secret.from_json(item))
+            except InvalidArgument as exc:
+                raise self.err(f"secrets[{i}]", str(exc)) from None
+        try:
+            return validate_secrets(entries)
+        except InvalidArgument as exc:
+            raise self.err("secrets", str(exc)) from None
 
     def outputs(self, value: Any) -> list[OutputEntry]:
         entries, seen = [], {}

@@ -139,7 +139,8 @@ def test_env_numbers_keep_their_written_text(project: Path) -> None:
 @pytest.mark.parametrize("text, message", [
     ("name: a\nimgae: builtin\n",
      "SPEC:2: imgae: unknown field; did you mean image? Allowed fields: name, image, profile, restart, entrypoint, "
-     "shell, hostname, setup, files, env, resources, mediation, disks, bundles, outputs, network, publish, packages"),
+     "shell, hostname, setup, files, env, resources, mediation, disks, bundles, outputs, network, publish, packages, "
+     "secrets"),
     ("resources:\n  cpuCount: 2\n  memoryMB: 512\n",
      "SPEC:3: resources.memoryMB: unknown field; did you mean memoryMiB? Allowed fields: memoryMiB, cpuCount, "
      "sizeMiB"),
@@ -342,4 +343,18 @@ def test_publish_entries(tmp_path):
         load_spec(spec)
     spec.write_text('publish: ["1:2", "1:3"]\n')
     with pytest.raises(SpecError, match="127.0.0.1:1 is published twice"):
+        load_spec(spec)
+
+
+def test_secrets_entries(tmp_path):
+    """``secrets``: flag strings or {name, hosts, source?}; the values never come from the file."""
+    from microagent_engine.secret import Secret
+
+    spec = tmp_path / "microagent.yaml"
+    spec.write_text('network: {allow: [api.example.com]}\n'
+                    'secrets: ["TOKEN@api.example.com", {name: KEY, hosts: [api.example.com], source: "env:K"}]\n')
+    assert load_spec(spec).workspace_spec().secrets == (Secret("TOKEN", ("api.example.com",)),
+                                                       Secret("KEY", ("api.example.com",), "env:K"))
+    spec.write_text('secrets: ["TOKEN@10.0.0.1"]\n')
+    with pytest.raises(SpecError, match=r"microagent.yaml:1: secrets\[0\]: secret TOKEN: '10.0.0.1' is not a host"):
         load_spec(spec)
