@@ -38,7 +38,10 @@ class Secret:
             raise InvalidArgument(f"secret {self.name}: bind it to at least one host, e.g. {self.name}@api.example.com")
         hosts = []
         for host in self.hosts:
-            entry = AllowEntry.parse(host) if isinstance(host, str) else None
+            try:
+                entry = AllowEntry.parse(host) if isinstance(host, str) else None
+            except InvalidArgument:
+                entry = None
             if entry is None or not entry.is_name or entry.port is not None:
                 raise InvalidArgument(f"secret {self.name}: {host!r} is not a host name or *.suffix (no address, no "
                                       f"port): a secret goes only to the hosts named")
