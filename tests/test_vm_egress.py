@@ -330,6 +330,20 @@ def test_names_sni_and_secrets(engine: Engine, internet: Internet, egress_vm: st
     import mmap
     with open(engine.status(egress_vm).dir.rootfs, "rb") as fh, mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ) as m:
         assert m.find(value.encode()) == -1
+    # nor its memory: a snapshot holds the guest's RAM (the VM runs on)
+    from microagent_engine.snapshots.workspace import snapshot_dir
+
+    engine.snapshot(egress_vm, "egress-memory")
+    try:
+        seen_placeholder = False
+        for path in snapshot_dir(engine.state_dir, "egress-memory").rglob("*"):
+            if path.is_file() and path.stat().st_size:
+                with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ) as m:
+                    assert m.find(value.encode()) == -1, path
+                    seen_placeholder = seen_placeholder or m.find(placeholder.encode()) != -1
+        assert seen_placeholder  # the scan does see what the guest holds: its environment's placeholder
+    finally:
+        engine.remove_snapshot("egress-memory")
 
 
 def test_pip_install_through_the_pypi_preset(engine: Engine, internet: Internet, egress_vm: str) -> None:
