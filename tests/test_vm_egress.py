@@ -368,6 +368,31 @@ def test_blocked_connections_are_reported(engine: Engine, internet: Internet, eg
     assert report["egress"]["secretRequests"] >= 1
 
 
+def test_pip_in_a_python_session_allowed_pypi(ip, engine: Engine, internet: Internet, python_image: Path) -> None:
+    """``%%microagent python --allow @pypi`` then ``%pip install`` in the session's kernel (the guest trusts the
+    stand-in's CA first, sent in with --in, as it would trust pypi.org's real CA)."""
+    from IPython.utils.capture import capture_output
+
+    from microagent_jupyter import python_session as PS
+
+    name = "egress-session"
+    ip.user_ns["test_ca"] = internet.ca.read_text()
+    try:
+        ip.run_cell_magic("microagent", f"python --name {name} --allow @pypi --in test_ca",
+                          "open('/etc/ssl/certs/ca-certificates.crt', 'a').write(test_ca)")
+        with capture_output() as cap:
+            ip.run_cell_magic("microagent", f"python --name {name}",
+                              "%pip install --no-cache-dir --disable-pip-version-check tinypkg\n"
+                              "import tinypkg\nprint(tinypkg.GREETING)")
+        assert "hello from tinypkg" in cap.stdout, (cap.stdout, cap.stderr)
+    finally:
+        PS.stop_all()
+        if name in {i.name for i in engine.list()}:
+            if engine.status(name).running:
+                engine.kill(name)
+            engine.delete(name)
+
+
 def test_secret_rules(engine: Engine) -> None:
     with pytest.raises(InvalidArgument, match="allow-list does not name"):
         WorkspaceSpec(network={"mode": "user", "allow": ["pypi.org"]},
