@@ -31,7 +31,7 @@ from .config import (
     validate_text,
 )
 from .errors import InvalidArgument
-from .images.builtin import PYTHON_REF, accepts_packages, canonical
+from .images.builtin import PYTHON_REF, accepts_packages, canonical, check_builtin_name
 from .images.debian import parse_packages
 from .model import (
     Attachment,
@@ -127,6 +127,7 @@ class WorkspaceSpec:
                             ("shell", "shell")):
             if getattr(self, attr) is not None:
                 validate_text(getattr(self, attr), label)
+        check_builtin_name(self.image)
         if self.shell is not None and not self.shell.startswith("/"):
             raise InvalidArgument(f"shell must be an absolute guest path, got {self.shell!r}")
         if self.packages is not None:

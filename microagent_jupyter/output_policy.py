@@ -52,6 +52,8 @@ NOTE_PREFIX = "[microagent]"
 KiB, MiB = 1024, 1024 * 1024
 DEFAULT_MAX_OUTPUT_BYTES = 8 * MiB
 DEFAULT_MAX_CELL_BYTES = 32 * MiB
+#: what an ipywidget's output is (its model lives in the kernel: nothing to show without a comm)
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 MAX_TEXT_CHARS = 4 * MiB  # one text/plain, stream or traceback entry
 MAX_METADATA_BYTES = 4 * KiB
 
@@ -413,7 +415,12 @@ class OutputPolicy:
             out[kept[0]] = kept[1]
         if dropped:
             names = ", ".join(sorted(set(dropped)))
-            notes.append(f"dropped output type(s) that could run code or are not on the allow-list: {names}")
+            if WIDGET_MIME in dropped:
+                notes.append("ipywidgets do not work in the sandbox: a widget needs a live channel from the guest to "
+                             "your browser, which the sandbox does not open; show plain output (print, display of "
+                             "a table or plot), or run widgets in a local kernel")
+            else:
+                notes.append(f"dropped output type(s) that could run code or are not on the allow-list: {names}")
         size = sum(_size(v) for v in out.values())
         if size > self.max_output_bytes:
             notes.append(f"dropped an output of {size} bytes (limit {self.max_output_bytes} per output)")

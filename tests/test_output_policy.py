@@ -278,3 +278,10 @@ def test_latex_cannot_fetch_or_style() -> None:
     for tex in (r"$\bbox[background-image: url(https://attacker.example/x)]{1}$", r"$\href{/logout}{x}$",
                 r"$\style{position:fixed}{x}$", r"$\mmlToken{mi}[mathbackground=url(x)]{x}$"):
         assert "text/latex" not in policy.filter_bundle({"text/latex": tex})[0]
+
+
+def test_a_dropped_widget_says_widgets_do_not_work_here() -> None:
+    data, _ = OutputPolicy().filter_bundle({"text/plain": "IntSlider(value=0)",
+                                            "application/vnd.jupyter.widget-view+json": {"model_id": "x"}})
+    assert list(data) == ["text/plain"] and data["text/plain"].endswith("IntSlider(value=0)")
+    assert "ipywidgets do not work in the sandbox" in data["text/plain"]

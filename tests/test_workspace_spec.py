@@ -175,3 +175,8 @@ def test_no_input_makes_from_json_raise_anything_else() -> None:
             except MicroagentError:
                 pass
     json.dumps(WorkspaceSpec.json_schema())  # the schema is plain JSON
+
+
+def test_a_misspelt_builtin_image_is_refused_with_the_name_meant() -> None:
+    with pytest.raises(InvalidArgument, match="unknown built-in image 'builtin:pyhton'; did you mean builtin:python"):
+        WorkspaceSpec(image="builtin:pyhton")  # not docker.io/library/builtin:pyhton

@@ -10,6 +10,8 @@ The names live in the ``builtin`` repository so that they cannot be taken for Do
 
 from __future__ import annotations
 
+import difflib
+
 import hashlib
 import os
 import subprocess
@@ -77,6 +79,16 @@ class BuiltinBase:
 
 def is_builtin(ref: str | None) -> bool:
     return ref is None or ref in BUILTIN_NAMES
+
+
+def check_builtin_name(ref: str | None) -> None:
+    """InvalidArgument for a ``builtin…`` name that is no built-in image (a typo would otherwise go to Docker
+    Hub as ``docker.io/library/builtin``)."""
+    if ref is not None and ref.split(":", 1)[0] in ("builtin", "microagent/builtin") and ref not in BUILTIN_NAMES:
+        close = difflib.get_close_matches(ref, BUILTIN_NAMES, n=1)
+        hint = f"; did you mean {close[0]}?" if close else "."
+        raise InvalidArgument(f"unknown built-in image {ref!r}{hint} The built-in images are "
+                              f"{BUILTIN_REF} (busybox) and {PYTHON_REF}")
 
 
 def canonical(ref: str | None) -> str:
