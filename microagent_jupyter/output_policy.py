@@ -415,12 +415,11 @@ class OutputPolicy:
             out[kept[0]] = kept[1]
         if dropped:
             names = ", ".join(sorted(set(dropped)))
+            notes.append(f"dropped output type(s) that could run code or are not on the allow-list: {names}")
             if WIDGET_MIME in dropped:
                 notes.append("ipywidgets do not work in the sandbox: a widget needs a live channel from the guest to "
                              "your browser, which the sandbox does not open; show plain output (print, display of "
                              "a table or plot), or run widgets in a local kernel")
-            else:
-                notes.append(f"dropped output type(s) that could run code or are not on the allow-list: {names}")
         size = sum(_size(v) for v in out.values())
         if size > self.max_output_bytes:
             notes.append(f"dropped an output of {size} bytes (limit {self.max_output_bytes} per output)")
