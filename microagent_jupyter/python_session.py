@@ -288,9 +288,12 @@ def get_session(engine: Engine, name: str | None, spec: WorkspaceSpec | None = N
     sess = _sessions.get(_key(engine, name))
     if sess is not None and sess.kernel.alive and sess.client is not None:
         return sess
-    if sess is not None:  # its kernel died: start a new one in the same workspace
+    if sess is not None:  # its kernel (or its VM) is gone: say so, then start a new one
         sess.close_client()
         _sessions.pop(_key(engine, name), None)
+        sys.stderr.write(f"microagent: the Python session in {name} had stopped (its kernel or VM is gone), so this "
+                         f"cell runs in a new session: variables from earlier cells are gone\n")
+        sys.stderr.flush()
     sweep(engine)  # sessions of notebook kernels that were killed hard
     created = False
     warm_from: str | None = None

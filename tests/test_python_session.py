@@ -155,6 +155,9 @@ def test_session_restart_and_stop(ip: InteractiveShell, engine: Engine) -> None:
     ip.run_line_magic("microagent", f"session restart {NAME}")
     with pytest.raises(PS.GuestPythonError, match="NameError"):
         py(ip, "y")
+    engine.kill(NAME)  # the session's VM goes away under it: the next cell says so before it starts anew
+    cap = py(ip, "z = 2")
+    assert "variables from earlier cells are gone" in cap.stderr, cap.stderr
     ip.run_line_magic("microagent", f"session stop {NAME}")
     assert engine.status(NAME).running  # a named session's workspace stays; only its kernel stopped
     engine.kill(NAME)
