@@ -89,6 +89,12 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     def _launch(self) -> None:
         km = self.parent
         engine = self.engine
+        if self.workspace is not None and not self._vm_running():
+            # a restart after the VM went away (halted or killed from the panel or the CLI, or deleted): the
+            # kernel starts in a new VM rather than failing ("workspace ... is halted")
+            self.log.warning("microagent kernel %s: its VM is not running; the kernel restarts in a new one",
+                             self.workspace)
+            self._remove()
         if self.workspace is None:
             self.workspace = f"nbk-{(self.kernel_id or secrets.token_hex(4))[:8]}-{secrets.token_hex(2)}"
             try:
@@ -123,6 +129,12 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         except BaseException:
             self._remove()
             raise
+
+    def _vm_running(self) -> bool:
+        try:
+            return self.engine.status(str(self.workspace)).state.state == "running"
+        except MicroagentError:
+            return False
 
     def _wait_ready(self) -> None:
         """Wait until the guest kernel answers *through the relay* (shell and iopub), so the frontend's first

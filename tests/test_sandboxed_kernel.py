@@ -260,6 +260,16 @@ def test_sandboxed_kernel_interrupt_restart_shutdown(state_dir: Path, engine, py
         _assert_owner_only(km.get_connection_info())  # the relay bound its sockets afresh
         reply, _ = _run(kc, "x")
         assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "NameError"
+        # the VM goes away under the kernel (Halt on its card in the panel): a restart gives a new VM
+        engine.halt(workspaces[0])
+        km.restart_kernel()
+        kc.wait_for_ready(timeout=300)
+        renewed = [i.name for i in engine.ps() if i.name.startswith("nbk-")]
+        assert len(renewed) == 1 and renewed != workspaces, renewed
+        reply, _ = _run(kc, "1 + 1")
+        assert reply["content"]["status"] == "ok"
+        assert workspaces[0] not in {i.name for i in engine.list()}  # the halted one was removed
+        engine.kill(renewed[0])  # gone again: the shutdown below still works and leaves nothing
     finally:
         kc.stop_channels()
         km.shutdown_kernel()
