@@ -8,6 +8,7 @@ Formats (the ``format`` field of a transfer):
   dtypes), read with ``pandas.read_json(..., orient="table")``. Arrow IPC/Parquet would be the first choice, but
   Debian 12 (the built-in Python image's base) ships no ``python3-pyarrow`` (``apt-cache policy python3-pyarrow``
   finds nothing), so the guest could not write it; the table JSON is parsed as JSON, never executed.
+* ``pandas-series-table-json``: a pandas Series, the same as a one-column DataFrame (named after the Series).
 
 Anything else is refused with a message naming the type. The guest half is :data:`GUEST_CODE`, run once in the
 guest kernel; it answers ``--out`` with a display message of MIME type :data:`VALUE_MIME` that the host reads
@@ -27,7 +28,7 @@ from typing import Any
 from microagent_engine.errors import InvalidArgument, MicroagentError
 
 VALUE_MIME = "application/vnd.microagent.value+json"
-FORMATS = ("json", "npy", "pandas-table-json")
+FORMATS = ("json", "npy", "pandas-table-json", "pandas-series-table-json")
 MAX_VALUE_BYTES = 256 * 1024 * 1024  # one value either way
 _JSON_DEPTH = 100
 MAX_NPY_ELEMENTS = 2**31  # elements of one array (zero-size dtypes such as |V0 declare any count for free)
@@ -72,10 +73,12 @@ def encode(value: Any) -> tuple[str, str]:
         return "npy", base64.b64encode(buf.getvalue()).decode()
     if mod == "pandas" and type(value).__name__ == "DataFrame":
         return "pandas-table-json", value.to_json(orient="table")
+    if mod == "pandas" and type(value).__name__ == "Series":
+        return "pandas-series-table-json", _series_frame(value).to_json(orient="table")
     if _is_plain(value):
         return "json", json.dumps(value, allow_nan=True)
     raise ValueRefused(f"cannot send a value of type {_type_name(value)}: only plain data (dict, list, str, int, "
-                       f"float, bool, None), numpy arrays and pandas DataFrames cross the sandbox")
+                       f"float, bool, None), numpy arrays and pandas DataFrames and Series cross the sandbox")
 
 
 def decode(payload: Any) -> Any:
@@ -108,13 +111,28 @@ def decode(payload: Any) -> Any:
         import pandas as pd
 
         json.loads(data)  # must be plain JSON before pandas sees it
-        return pd.read_json(io.StringIO(data), orient="table")
+        frame = pd.read_json(io.StringIO(data), orient="table")
+        if fmt == "pandas-series-table-json":
+            if frame.shape[1] != 1:
+                raise ValueError(f"a Series arrives as one column, got {frame.shape[1]}")
+            series = frame.iloc[:, 0]
+            return series.rename(None) if series.name == SERIES_COLUMN else series
+        return frame
     except ImportError as exc:
         raise ValueRefused(f"cannot read {name!r} ({fmt}) on the host: {exc.name} is not installed here; "
                            f"pip install {exc.name}") from None
     except (ValueError, TypeError, KeyError, binascii.Error, OSError, RecursionError) as exc:
         raise ValueRefused(f"the guest's {name!r} is not valid {fmt} ({type(exc).__name__}: "
                            f"{str(exc)[:200]}); refused") from None
+
+
+#: the column a Series without a name travels in (``_series_frame``)
+SERIES_COLUMN = "__microagent_series__"
+
+
+def _series_frame(series: Any) -> Any:
+    """A Series as a one-column DataFrame (JSON Table Schema carries frames; the column keeps its name)."""
+    return series.to_frame(SERIES_COLUMN if series.name is None else series.name)
 
 
 def check_npy_size(raw: bytes, name: str = "value") -> None:
@@ -175,6 +193,7 @@ def get_code(name: str) -> str:
 _GUEST_MODULE = r"""
 import base64, io, json
 MIME = "__MIME__"
+SERIES = "__SERIES__"
 
 def _is_plain(v, d=0):
     if d > 100: return False
@@ -189,9 +208,13 @@ def put(name, fmt, data, ns):
     elif fmt == "npy":
         import numpy as np
         ns[name] = np.load(io.BytesIO(base64.b64decode(data)), allow_pickle=False)
-    elif fmt == "pandas-table-json":
+    elif fmt in ("pandas-table-json", "pandas-series-table-json"):
         import pandas as pd
-        ns[name] = pd.read_json(io.StringIO(data), orient="table")
+        frame = pd.read_json(io.StringIO(data), orient="table")
+        if fmt == "pandas-series-table-json":
+            frame = frame.iloc[:, 0]
+            frame = frame.rename(None) if frame.name == SERIES else frame
+        ns[name] = frame
     else:
         raise ValueError("unknown format %r" % (fmt,))
 
@@ -204,6 +227,9 @@ def encode(name, v):
         return {"name": name, "format": "npy", "data": base64.b64encode(buf.getvalue()).decode()}
     if top == "pandas" and t.__name__ == "DataFrame":
         return {"name": name, "format": "pandas-table-json", "data": v.to_json(orient="table")}
+    if top == "pandas" and t.__name__ == "Series":
+        frame = v.to_frame(SERIES if v.name is None else v.name)
+        return {"name": name, "format": "pandas-series-table-json", "data": frame.to_json(orient="table")}
     if _is_plain(v):
         return {"name": name, "format": "json", "data": json.dumps(v)}
     tn = t.__name__ if t.__module__ == "builtins" else t.__module__ + "." + t.__qualname__
@@ -214,7 +240,7 @@ def get(name, ns):
     if name not in ns:
         raise NameError("name %r is not defined in the session" % (name,))
     publish_display_data({MIME: encode(name, ns[name])})
-""".replace("__MIME__", VALUE_MIME)
+""".replace("__MIME__", VALUE_MIME).replace("__SERIES__", SERIES_COLUMN)
 
 #: Run once in the guest kernel per session: installs module ``_microagent_values`` (put/get/encode).
 GUEST_CODE = (f"import sys as _s, types as _t\n_m = _t.ModuleType('_microagent_values')\n"

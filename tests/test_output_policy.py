@@ -285,3 +285,25 @@ def test_a_dropped_widget_says_widgets_do_not_work_here() -> None:
                                             "application/vnd.jupyter.widget-view+json": {"model_id": "x"}})
     assert list(data) == ["text/plain"] and data["text/plain"].endswith("IntSlider(value=0)")
     assert "ipywidgets do not work in the sandbox" in data["text/plain"]
+
+
+def test_a_pandas_series_crosses_both_ways_by_json_table() -> None:
+    """--in/--out take a Series (named or not) as a one-column JSON table, never a pickle."""
+    import sys
+
+    import pandas as pd
+
+    from microagent_jupyter.values import GUEST_CODE
+
+    ns: dict = {}
+    exec(GUEST_CODE, ns)  # the guest's side, as a session installs it
+    guest = sys.modules["_microagent_values"]
+    for series in (pd.Series([1.5, 2.0, 3.0], name="price"), pd.Series(["a", "b"])):
+        fmt, data = encode(series)
+        assert fmt == "pandas-series-table-json"
+        guest.put("s", fmt, data, ns)
+        pd.testing.assert_series_equal(ns["s"], series)
+        pd.testing.assert_series_equal(decode(guest.encode("s", ns["s"])), series)
+    with pytest.raises(ValueRefused, match="one column"):
+        decode({"name": "s", "format": "pandas-series-table-json",
+                "data": pd.DataFrame({"a": [1], "b": [2]}).to_json(orient="table")})
