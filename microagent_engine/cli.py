@@ -22,6 +22,8 @@ from .network_policy import ALLOW_SYNTAX
 from .render import egress_text, fields_text, status_fields, summary_fields, text_table
 
 Handler = Callable[[Engine, argparse.Namespace], int]
+#: the entry-point group front-ends register what ``microagent prepare`` builds under
+PREPARE_ENTRY_POINTS = "microagent.prepare"
 
 
 _table = text_table
@@ -160,6 +162,20 @@ def cmd_ps(engine: Engine, args: argparse.Namespace) -> int:
 def cmd_status(engine: Engine, args: argparse.Namespace) -> int:
     info = engine.status(args.name)
     _emit(args, info.to_json(), _status_text(info))
+    return 0
+
+
+def cmd_prepare(engine: Engine, args: argparse.Namespace) -> int:
+    """``prepare WHAT``: what an installed front-end registers under the ``microagent.prepare`` entry points (the
+    Jupyter package: ``python``, its image and warm snapshot), so the engine imports no front-end."""
+    from importlib.metadata import entry_points
+
+    found = {ep.name: ep for ep in entry_points(group=PREPARE_ENTRY_POINTS)}
+    if args.what not in found:
+        known = ", ".join(sorted(found)) or "none (install microagent_jupyter: pip install -e .)"
+        raise InvalidArgument(f"nothing to prepare named {args.what!r}; known: {known}")
+    line = found[args.what].load()(engine, engine.progress)
+    _emit(args, {"prepared": args.what, "detail": line}, line)
     return 0
 
 
@@ -395,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("prune", cmd_prune, "remove stopped one-shot workspaces (those run made under a generated name)")
     p = add("status", cmd_status, "one workspace (with --json: readiness signals)")
     p.add_argument("name")
+    p = add("prepare", cmd_prepare, "build ahead of first use, with progress: prepare python (the built-in Python "
+            "image and the warm snapshot notebooks start from)")
+    p.add_argument("what", metavar="WHAT", help="python")
     p = add("egress", cmd_egress, "what a workspace's DNS and egress proxy refused, and its network policy")
     p.add_argument("name")
     p = add("allow", cmd_allow, "widen a workspace's allow-list (at once when it runs): allow NAME ENTRY...")

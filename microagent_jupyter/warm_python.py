@@ -209,3 +209,16 @@ def start_session_workspace(engine: Engine, name: str, spec: WorkspaceSpec, env:
     say(f"Booting {name}")
     engine.start(name)
     return None, reason
+
+
+def prepare(engine: Engine, progress: Progress | None = None) -> str:
+    """``microagent prepare python``: build the built-in Python image and the one warm snapshot the magic and the
+    sandboxed kernel start from (each once; a second call finds them); what was prepared, in a line."""
+    say = progress or (lambda _m: None)
+    spec = session_spec()
+    say(f"Preparing {PYTHON_REF}: the image (built once per package set)")
+    base = builtin_base(PYTHON_REF, engine.state_dir, (), say)
+    snap, why = warm_snapshot(engine, spec, say)
+    if snap is None:
+        raise MicroagentError(f"the warm Python snapshot could not be prepared: {why}")
+    return f"{PYTHON_REF} is ready: image {base.path.name}, warm snapshot {snap} (first sessions start from it)"

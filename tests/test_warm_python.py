@@ -16,7 +16,7 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
-from microagent_engine import Engine
+from microagent_engine import Engine, WorkspaceSpec
 from microagent_engine.errors import NotFound
 from microagent_jupyter import python_session as PS
 from microagent_jupyter import session_owner, warm_python
@@ -105,6 +105,23 @@ def test_sessions_of_a_killed_notebook_kernel_are_swept(engine: Engine, state_di
     finally:
         if child.poll() is None:
             child.kill()
+
+
+def test_prepare_python_builds_ahead_with_progress(engine: Engine, cli) -> None:
+    """``microagent prepare python`` (the CLI finds the Jupyter package's preparer by its entry point) leaves the
+    image and the one warm snapshot that the magic's sessions and the sandboxed kernel both start from."""
+    r = cli("prepare", "python")
+    assert r.returncode == 0, r.stderr
+    out, progress = r.stdout.decode(), r.stderr.decode()
+    assert "builtin:python is ready" in out and "Preparing builtin:python" in progress
+    key = warm_python.SNAPSHOT_PREFIX + warm_python.snapshot_key(engine, warm_python.session_spec())
+    assert key in out and key in [m["name"] for m in engine.snapshots(internal=True)]
+    # the kernel's workspace and a magic's session share it: one key for both
+    kernel = warm_python.session_spec(WorkspaceSpec.from_json({}))
+    magic = warm_python.session_spec(WorkspaceSpec(network="isolated"))
+    assert warm_python.snapshot_key(engine, kernel) == warm_python.snapshot_key(engine, magic)
+    r = cli("prepare", "pyhton")
+    assert r.returncode != 0 and b"nothing to prepare named 'pyhton'; known: python" in r.stderr
 
 
 def test_broken_warm_snapshot_falls_back_to_cold(engine: Engine, state_dir: Path) -> None:
