@@ -26,6 +26,7 @@ from IPython.core.magic_arguments import argument, magic_arguments
 
 from microagent_engine import Engine
 from microagent_engine.errors import MicroagentError, NotFound
+from microagent_engine.textsafe import safe_text
 from microagent_engine.spec_args import add_workspace_arguments, flags_spec
 from microagent_engine.workspace_spec import WorkspaceSpec
 from microagent_engine.states import allows, require
@@ -122,14 +123,14 @@ class PythonSession:
             raise GuestPythonError(str(reply.get("ename")), str(reply.get("evalue")), [], self.name)
         return msgs
 
-    def _execute(self, code: str, on_msg: Any, *, store_history: bool = True, timeout: float | None = None
-                 ) -> dict[str, Any]:
+    def _execute(self, code: str, on_msg: Any, *, store_history: bool = True, timeout: float | None = None,
+                 ask: Any = None) -> dict[str, Any]:
         if not self.kernel.alive:
             raise self.kernel.died_error()
         client = self.client
         # stop_on_error=False: each cell is the user's own request; with True, ipykernel aborts (does not run) the
         # requests that reach it just after an error, e.g. the next cell right after an interrupted one
-        msg_id = client.execute(code, store_history=store_history, allow_stdin=False, stop_on_error=False)
+        msg_id = client.execute(code, store_history=store_history, allow_stdin=ask is not None, stop_on_error=False)
         interrupted_at: float | None = None
         reply: dict[str, Any] | None = None
         idle = False
@@ -145,6 +146,16 @@ class PythonSession:
                             on_msg(msg)
                 except queue.Empty:
                     pass
+                if ask is not None:
+                    try:
+                        request = client.get_stdin_msg(timeout=0)
+                        if request["msg_type"] == "input_request" and \
+                                request["parent_header"].get("msg_id") == msg_id:
+                            content = request["content"]
+                            client.input(ask(safe_text(str(content.get("prompt", "")), MAX_PROMPT),
+                                             bool(content.get("password"))))
+                    except queue.Empty:
+                        pass
                 if reply is None:
                     try:
                         shell = client.get_shell_msg(timeout=0)
@@ -204,7 +215,7 @@ class PythonSession:
 
         watch = RefusalWatch(self.engine, self.name)
         with self.lock:
-            reply = self._execute(code, show, timeout=timeout)
+            reply = self._execute(code, show, timeout=timeout, ask=ask_user)
         watch.report()  # what the sandbox refused during the cell, and how to allow it
         if reply.get("status") == "aborted":
             raise MicroagentError(f"the sandboxed session {self.name!r} did not run this cell (the kernel aborted "
@@ -236,6 +247,23 @@ class PythonSession:
                 raise V.ValueRefused(f"the guest answered --out {name} with {sorted(data)[:5]} instead of a "
                                      f"value transfer; refused")
         raise V.ValueRefused(f"the guest sent nothing for --out {name}")
+
+
+#: the longest prompt a guest's input() may show (its text is the guest's: escaped and cut)
+MAX_PROMPT = 1000
+
+
+def ask_user(prompt: str, password: bool) -> str:
+    """Answer a guest ``input()``/``getpass()`` the way a local kernel would: the frontend's prompt box when it
+    takes input (ipykernel's own ``input``/``getpass``), else an empty answer and a note."""
+    import getpass
+
+    try:
+        return getpass.getpass(prompt) if password else input(prompt)
+    except (EOFError, OSError, RuntimeError) as exc:  # StdinNotImplementedError is a RuntimeError
+        sys.stderr.write(f"microagent: the guest asked for input ({prompt!r}) but this frontend takes none "
+                         f"({type(exc).__name__}); it got an empty line\n")
+        return ""
 
 
 def bounded_client(info: dict[str, Any]) -> Any:

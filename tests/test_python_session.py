@@ -150,6 +150,27 @@ def test_guest_that_lies_about_the_format_is_refused(ip: InteractiveShell) -> No
     py(ip, "x = 41")
 
 
+def test_input_and_getpass_in_the_guest_ask_the_frontend(ip: InteractiveShell, monkeypatch) -> None:
+    """A guest input()/getpass() reaches the host's own input (the notebook's prompt box in a kernel); its prompt is
+    the guest's text, escaped; a frontend that takes no input gives an empty line and a note."""
+    import getpass
+
+    prompts: list[tuple[str, str]] = []
+    monkeypatch.setattr("builtins.input", lambda prompt="": prompts.append(("input", prompt)) or "alice")
+    monkeypatch.setattr(getpass, "getpass", lambda prompt="": prompts.append(("getpass", prompt)) or "s3cret")
+    cap = py(ip, "import getpass\nname = input('who?\\x1b[31m ')\npw = getpass.getpass('pw: ')\n"
+                 "print('hello', name, len(pw))")
+    assert cap.stdout == "hello alice 6\n"
+    assert prompts == [("input", "who?\\x1b[31m "), ("getpass", "pw: ")]  # the escape sequence shown as text
+
+    def no_stdin(prompt: str = "") -> str:
+        raise RuntimeError("stdin not implemented")  # what ipykernel raises when the frontend takes no input
+
+    monkeypatch.setattr("builtins.input", no_stdin)
+    cap = py(ip, "print(repr(input('again? ')))")
+    assert cap.stdout == "''\n" and "takes none" in cap.stderr
+
+
 def test_session_restart_and_stop(ip: InteractiveShell, engine: Engine) -> None:
     py(ip, "y = 1")
     ip.run_line_magic("microagent", f"session restart {NAME}")
