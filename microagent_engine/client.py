@@ -208,6 +208,14 @@ class SupervisorConnection:
         except KeyboardInterrupt:
             self._interrupt(stream)
             raise
+        except (GuestError, OSError):
+            raise
+        except Exception:  # a callback gave up (e.g. a size cap): the command must not run on
+            try:
+                self.send(FrameType.SIGNAL, stream, str(int(signal.SIGKILL)).encode())
+            except OSError:
+                pass
+            raise
         raise GuestError("exec ended without an exit status")  # pragma: no cover
 
     INTERRUPT_GRACE = 2.0  # seconds each of SIGINT and SIGTERM get before the next, stronger signal

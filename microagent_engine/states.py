@@ -18,7 +18,7 @@ EXEC_STATES = ("running", "quarantined")
 READINESS_SIGNALS = ("guestReady", "execReady", "shellReady", "mediationReady")
 #: every action a front-end may offer, in display order (then the ones only the engine's API takes)
 ACTIONS = ("start", "pause", "resume", "snapshot", "halt", "stop", "kill", "quarantine", "delete", "exec", "cp",
-           "publish", "commit")
+           "publish", "commit", "output")
 
 #: the states each state may move to (a record is born ``prepared``); every change goes through transition()
 TRANSITIONS: dict[str | None, tuple[str, ...]] = {
@@ -50,7 +50,10 @@ def allowed_actions(state: str, vm_alive: bool = False) -> list[str]:
         "quarantine": state == "running",
         "delete": state not in ACTIVE and not vm_alive,
         "exec": state in EXEC_STATES,
-        "cp": state not in ACTIVE and not vm_alive,
+        # a file: through the agent while it runs, else from its disks
+        "cp": (state not in ACTIVE and not vm_alive) or state in EXEC_STATES,
+        # read from its disks (declared outputs, cp of a workspace that is neither running nor stopped)
+        "output": state not in ACTIVE and not vm_alive,
         "publish": state in ("running", "starting"),
         "commit": state in ("halted", "stopped", "prepared", "failed") and not vm_alive,
     }
@@ -87,7 +90,7 @@ def refusal(action: str, state: str, name: str, vm_alive: bool = False, what: st
         return f"{ws} is {state}; ports can be published only while it runs (microagent start {name})"
     if action == "delete":
         return f"{ws} is {state} and its VM is still running; halt, stop or kill it first"
-    if action in ("cp", "commit"):
+    if action in ("cp", "commit", "output"):
         if vm_alive or state in ACTIVE:
             return (f"{ws} is {state}; {what} works only while it is not running: halt it first "
                     f"(microagent halt {name})")

@@ -83,7 +83,7 @@ COMMANDS: tuple[Subcommand, ...] = (
     Subcommand("snapshot", H.snapshot, "WORKSPACE NAME | list | rm NAME",
                "snapshot a running workspace; list or remove snapshots", aliases=("snapshots",),
                completes="snapshot"),
-    Subcommand("cp", H.cp, "[--max-size SIZE] SRC DST", "copy a file in/out of a stopped workspace (WORKSPACE:/path)",
+    Subcommand("cp", H.cp, "[--max-size SIZE] SRC DST", "copy a file in/out of a workspace (WORKSPACE:/path; running: through its agent)",
                completes="cp"),
     Subcommand("outputs", H.outputs, "NAME", "declared result files of a stopped workspace",
                completes="workspace"),

@@ -20,9 +20,9 @@ pytestmark = pytest.mark.vm
 def test_lifecycle_console_outputs_commit_through_the_api(engine: Engine, tmp_path: Path) -> None:
     name = "api"
     info = engine.create(name, profile="tiny", outputs=[Output("note", "/root/note.txt")])
-    assert info.actions == ["start", "delete", "cp", "commit"]
+    assert info.actions == ["start", "delete", "cp", "commit", "output"]
     info = engine.start(name)
-    assert set(info.actions) == {"pause", "snapshot", "halt", "stop", "kill", "quarantine", "exec", "publish"}
+    assert set(info.actions) == {"pause", "snapshot", "halt", "stop", "kill", "quarantine", "exec", "publish", "cp"}
     assert info.to_json()["actions"] == info.actions and info.to_json()["live"] is True
     assert engine.console_send(name, "echo console-$((40+2))") == "console-42"
     with engine.connection(name) as conn:
@@ -82,7 +82,7 @@ def test_actions_cover_every_state() -> None:
 
     for state in STATES:
         assert set(allowed_actions(state)) <= set(ACTIONS)
-    assert allowed_actions("quarantined") == ["halt", "stop", "kill", "exec"]
+    assert allowed_actions("quarantined") == ["halt", "stop", "kill", "exec", "cp"]
 
 
 def test_states_decide_every_action_and_change() -> None:

@@ -71,8 +71,21 @@ def test_cp_in_before_start_and_out_after_halt(engine: Engine, cli, data_volume,
     engine.start("scratch")
     r = engine.exec("scratch", ["cat", "/etc/app.conf", "/work/counter.txt"])
     assert r.stdout == b"config-v1\n42\n"
-    proc = cli("cp", str(app), "scratch:/etc/app.conf")  # refused while running
-    assert proc.returncode != 0 and b"halt it first" in proc.stderr
+    # while it runs, cp goes through the guest agent: in (written beside, then renamed) and out (bounded)
+    (tmp_path / "live.txt").write_text("live-in\n")
+    proc = cli("cp", str(tmp_path / "live.txt"), "scratch:/work/in/")  # WS:/dir/: the file goes inside it
+    assert proc.returncode == 0, proc.stderr
+    assert engine.exec("scratch", ["cat", "/work/in/live.txt"]).stdout == b"live-in\n"
+    proc = cli("cp", str(tmp_path / "live.txt"), "scratch:/work/in")  # an existing directory: inside it too
+    assert proc.returncode == 0 and proc.stdout.strip().endswith(b"/work/in/live.txt"), proc.stdout
+    engine.exec("scratch", ["sh", "-c", "head -c 300000 /dev/zero > /tmp/big; echo out > /tmp/small"])
+    assert cli("cp", "scratch:/tmp/small", str(tmp_path)).returncode == 0
+    assert (tmp_path / "small").read_text() == "out\n"
+    proc = cli("cp", "--max-size", "100K", "scratch:/tmp/big", str(tmp_path))
+    assert proc.returncode != 0 and b"larger than 102400 bytes" in proc.stderr and b"Traceback" not in proc.stderr
+    assert not (tmp_path / "big").exists() and not list(tmp_path.glob(".microagent-cp-*"))  # nothing half-written
+    proc = cli("cp", "scratch:/no/such", str(tmp_path / "x"))
+    assert proc.returncode != 0 and b"not a regular file" in proc.stderr and not (tmp_path / "x").exists()
     engine.exec("scratch", ["sh", "-c", "echo config-v2 > /etc/app.conf; echo 43 > /work/counter.txt"])
     engine.halt("scratch")
     out = tmp_path / "app.conf.out"
@@ -139,11 +152,15 @@ def test_attachment_errors_leave_nothing(engine: Engine, tmp_path: Path) -> None
     for name in ("bad1", "bad2", "bad3"):
         with pytest.raises(NotFound):
             engine.status(name)
-    with pytest.raises(InvalidState):
-        engine.create("busy", profile="tiny")
-        engine.start("busy")
-        try:
+    engine.create("busy", profile="tiny")
+    engine.start("busy")
+    try:
+        with pytest.raises(NotFound, match="not a regular file on the host"):
+            engine.cp(str(tmp_path / "f"), "busy:/f")  # running: through the agent, and the host file is missing
+        engine.pause("busy")
+        (tmp_path / "f").write_text("x")
+        with pytest.raises(InvalidState, match="halt it first"):  # paused: neither the agent nor the disks
             engine.cp(str(tmp_path / "f"), "busy:/f")
-        finally:
-            engine.kill("busy")
-            engine.delete("busy")
+    finally:
+        engine.kill("busy")
+        engine.delete("busy")

@@ -152,7 +152,7 @@ class WorkspaceStore:
     def stopped(self, name: str, op: str) -> WorkspaceInfo:
         """The workspace, which must not be running for ``op`` (named in the error as the user asked for it)."""
         info = self.status(name)
-        require("cp", info.state.state, name, self.vm_alive(info), what=op)
+        require("output", info.state.state, name, self.vm_alive(info), what=op)
         return info
 
     def sweep_leftovers(self, stale_after: float = 3600.0) -> None:

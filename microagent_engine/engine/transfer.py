@@ -1,6 +1,9 @@
-"""Moving data without booting: ``cp`` between the host and a stopped workspace, and declared outputs.
+"""Moving data: ``cp`` between the host and a workspace, and declared outputs.
 
-Everything here reads or writes ext4 images with debugfs while the workspace's VM is not running.
+A stopped workspace's ext4 images are read and written with debugfs. A running one is reached through its guest
+agent: a file goes in as a command's stdin (written beside its destination, then renamed), and comes out as a
+command's stdout, counted against the size cap as it arrives and written to a private temporary file that is
+renamed into place only when whole (the guest decides what it sends: nothing beyond the cap is kept).
 """
 
 from __future__ import annotations
@@ -11,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from ..config import DEFAULT_MAX_COPY, MAX_INLINE_OUTPUT, parse_size, validate_name
-from ..errors import InvalidArgument, NotFound
+from ..errors import InvalidArgument, InvalidState, NotFound
 from ..fsutil import file_lock
 from ..model import Attachment
+from ..states import allows
 from ..storage import debugfs
+from ..textsafe import safe_text
 from .context import EngineContext
+from .sessions import Sessions
 from .store import WorkspaceInfo
 
 
@@ -40,6 +46,7 @@ class Transfer:
 
     def __init__(self, ctx: EngineContext) -> None:
         self.ctx = ctx
+        self._sessions = Sessions(ctx)
 
     def _disk_image(self, info: WorkspaceInfo, disk: str | None) -> Path:
         """The ext4 image behind ``ws:/path`` (rootfs) or ``ws:<disk>:/path`` (an attachment by name)."""
@@ -59,6 +66,10 @@ class Transfer:
         if bool(src_ws) == bool(dst_ws):
             raise InvalidArgument("cp copies between the host and a workspace: one side must be WS:/path "
                                   "(or WS:DISK:/path), the other a host path")
+        name = (dst_ws or src_ws)[0]  # type: ignore[index]
+        info = self.ctx.store.status(name)
+        if allows("exec", info.state.state):
+            return self._cp_running(info, src, dst, src_ws, dst_ws, _copy_cap(max_size))
         if dst_ws:
             name, disk, guest = dst_ws
             info = self.ctx.store.stopped(name, "cp")
@@ -75,6 +86,60 @@ class Transfer:
             target = Path(dst).expanduser()
             debugfs.copy_out(self._disk_image(info, disk), guest, target, _copy_cap(max_size))
         return target / posixpath.basename(guest) if target.is_dir() else target
+
+    def _cp_running(self, info: WorkspaceInfo, src: str, dst: str, src_ws: Any, dst_ws: Any,
+                    cap: int) -> Path | str:
+        """``cp`` with a running workspace, through its guest agent (see the module docstring)."""
+        ws_side = dst_ws or src_ws
+        if ws_side[1] is not None:
+            raise InvalidArgument(f"{info.name} is running: name the file by its path in the guest (where the disk "
+                                  f"is mounted), not WS:DISK:/path")
+        guest = ws_side[2]
+        if dst_ws:
+            host = Path(src).expanduser()
+            if not host.is_file():
+                raise NotFound(f"{host} is not a regular file on the host")
+            if dst.endswith("/"):  # WS:/dir/ names a directory (made if missing): the file goes inside it
+                guest = posixpath.join(guest, host.name)
+            put = ('d="$1"; [ -d "$d" ] && d="$d/$2"; mkdir -p "$(dirname "$d")" && '
+                   'cat > "$d.microagent-cp" && mv -f "$d.microagent-cp" "$d" && printf %s "$d"')
+            with open(host, "rb") as fh:
+                result = self._sessions.exec(info.name, ["/bin/sh", "-c", put, "sh", guest, host.name], stdin=fh,
+                                             max_output=4096)
+            if not result.ok:
+                raise InvalidState(f"copying into {info.name}:{guest} failed: "
+                                   f"{safe_text(result.stderr.decode(errors='replace'), 300).strip()}")
+            return f"{info.name}:{safe_text(result.stdout.decode(errors='replace'), 4096)}"
+        target = Path(dst).expanduser()
+        if target.is_dir():
+            target = target / posixpath.basename(guest)
+        private = target.parent / f".microagent-cp-{os.getpid()}-{target.name}"
+        fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        written = [0]
+
+        def write(data: bytes) -> None:
+            written[0] += len(data)
+            if written[0] > cap:
+                raise InvalidState(f"{info.name}:{guest} is larger than {cap} bytes; give a larger --max-size "
+                                   f"(nothing was kept)")
+            os.write(fd, data)
+
+        try:
+            script = 'if [ ! -f "$1" ]; then echo "not a regular file" >&2; exit 2; fi; cat "$1"'
+            result = self._sessions.exec(info.name, ["/bin/sh", "-c", script, "sh", guest], on_stdout=write,
+                                         max_output=4096)
+            if not result.ok:
+                raise NotFound(f"{info.name}:{guest}: {safe_text(result.stderr.decode(errors='replace'), 300)}"
+                               .strip())
+            os.close(fd)
+            fd = -1
+            os.replace(private, target)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            if private.exists():
+                private.unlink()
+        return target
 
     def _output_location(self, info: WorkspaceInfo, output: str) -> tuple[Path, str]:
         decl = next((o for o in info.config.outputs if o.name == output), None)
