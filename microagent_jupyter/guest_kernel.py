@@ -75,8 +75,9 @@ class GuestKernel:
     host-made key."""
 
     def __init__(self, engine: Engine, workspace: str, *, python: str = "python3",
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, cwd: str | None = None) -> None:
         self.engine, self.workspace, self.python, self.env = engine, workspace, python, dict(env or {})
+        self.cwd = cwd  # the kernel's working directory in the guest (a warm kernel takes its launcher's)
         self.key = secrets.token_hex(32)
         self.host_base: str | None = None  # the published sockets are HOST_BASE-GUEST_PORT
         self.pid: int | None = None
@@ -123,7 +124,7 @@ class GuestKernel:
             env["MICROAGENT_KERNEL_TRACE"] = "1"
         try:
             self.result = self.engine.exec(self.workspace, ["/bin/sh", "-c", script], env=env, stdin=connection,
-                                           on_stdout=self._log, on_stderr=self._log, capture=False)
+                                           on_stdout=self._log, on_stderr=self._log, capture=False, cwd=self.cwd)
         except BaseException as exc:  # noqa: BLE001 (reported by alive()/wait_ready)
             self.error = exc
         finally:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
-from traitlets import Bool, Dict, Unicode
+from traitlets import Bool, Dict, Integer, Unicode
 
 from microagent_engine import Engine
 from microagent_engine.errors import MicroagentError
@@ -29,6 +29,7 @@ from microagent_engine.fsutil import private_dir
 from microagent_engine.workspace_spec import WorkspaceSpec
 
 from .guest_kernel import GuestKernel, KernelDied
+from .notebook_files import GUEST_NOTEBOOK_DIR, copy_into
 from .output_policy import OutputPolicy
 from .relay import Relay
 from .session_owner import remove_workspace, sweep
@@ -44,9 +45,13 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                           "WorkspaceSpec (REST's: image, profile, memoryMiB, cpus, network, attachments, env, ...); "
                           "default: the built-in Python image with no network")
     warm = Bool(True, config=True, help="start from the warm Python snapshot (imports done) when one fits")
+    notebook_files = Bool(True, config=True, help="copy the notebook's directory into the VM (read-only, at "
+                          "/notebook) and start the kernel there")
+    notebook_copy_max_mib = Integer(256, config=True, help="the byte budget of that copy, in MiB")
     state_dir = Unicode("", config=True, help="microagent state dir (default: $MICROAGENT_STATE_DIR or ~/.microagent)")
 
     workspace: str | None = None
+    _cwd: str | None = None
     kernel: GuestKernel | None = None
     relay: Relay | None = None
     _engine: Engine | None = None
@@ -73,6 +78,7 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             km.ip = str(self._ipc_dir() / f"k-{(self.kernel_id or secrets.token_hex(8))[:12]}")
             km.write_connection_file()  # the frontend's endpoints and key: the relay binds these
         kwargs.pop("env", None)
+        self._cwd = kwargs.get("cwd")  # the notebook's directory (jupyter_server starts kernels there)
         return await super().pre_launch(cmd=kwargs.pop("cmd", []), **kwargs)
 
     def _ipc_dir(self) -> Path:
@@ -110,7 +116,7 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 self._remove()
                 raise
         if self.kernel is None:
-            self.kernel = GuestKernel(engine, self.workspace)
+            self.kernel = GuestKernel(engine, self.workspace, cwd=self._copy_notebook_files())
         try:
             self.kernel.launch()
             frontend = km.get_connection_info() if km is not None else {}
@@ -129,6 +135,14 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         except BaseException:
             self._remove()
             raise
+
+    def _copy_notebook_files(self) -> str | None:
+        """The notebook's directory, copied into the VM: the guest directory the kernel starts in (None: none)."""
+        if not self.notebook_files or not self._cwd or not Path(self._cwd).is_dir():
+            return None
+        line = copy_into(self.engine, str(self.workspace), Path(self._cwd), self.notebook_copy_max_mib << 20)
+        self.log.info("microagent kernel %s: %s", self.workspace, line)
+        return GUEST_NOTEBOOK_DIR
 
     def _vm_running(self) -> bool:
         try:

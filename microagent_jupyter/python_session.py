@@ -19,6 +19,7 @@ import secrets
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -33,6 +34,7 @@ from microagent_engine.states import allows, require
 
 from . import values as V
 from .egress_note import RefusalWatch
+from .notebook_files import GUEST_NOTEBOOK_DIR, copy_into
 from .guest_kernel import GuestKernel
 from .magic_errors import MicroagentInterrupted
 from .output_policy import OutputPolicy
@@ -60,9 +62,9 @@ class SessionInterrupted(MicroagentInterrupted):
 class PythonSession:
     """A workspace with a guest kernel and the host client that talks to it."""
 
-    def __init__(self, engine: Engine, name: str, owned: bool) -> None:
+    def __init__(self, engine: Engine, name: str, owned: bool, cwd: str | None = None) -> None:
         self.engine, self.name, self.owned = engine, name, owned
-        self.kernel = GuestKernel(engine, name)
+        self.kernel = GuestKernel(engine, name, cwd=cwd)
         self.client: Any = None
         self.policy = OutputPolicy()
         self.lock = threading.Lock()
@@ -341,9 +343,17 @@ def get_session(engine: Engine, name: str | None, spec: WorkspaceSpec | None = N
             engine.start(name)
         else:
             require("exec", state, name)
+        cwd = None
+        if created and Path.cwd() != Path("/"):  # the notebook's directory, read-only, where the kernel starts
+            if progress:
+                progress(f"Copying {Path.cwd()} into {name}")
+            line = copy_into(engine, name, Path.cwd())
+            cwd = GUEST_NOTEBOOK_DIR
+            if progress:
+                progress(line)
         if progress:
             progress(f"Starting the Python kernel in {name}")
-        sess = PythonSession(engine, name, owned)
+        sess = PythonSession(engine, name, owned, cwd)
         sess.warm_from, sess.cold_reason = warm_from, cold_reason if warm_from is None else ""
         sess.start()
     except BaseException:

@@ -237,3 +237,28 @@ def test_session_channels_reachable_only_by_their_owner(ip: InteractiveShell, en
                                                                      & 0o777) == "0o700"
         assert connect_as_other_user(path) == "PermissionError", path
     assert bundles(py(ip, "21 * 2"))[0]["text/plain"] == "42"  # the owner's session still works
+
+
+def test_a_new_session_starts_in_a_read_only_copy_of_the_notebook_directory(engine: Engine, tmp_path: Path,
+                                                                             monkeypatch) -> None:
+    """The magic's session gets the notebook's directory (the host kernel's working directory) copied in, read-only,
+    and starts there: read_csv("data.csv") beside the notebook works; symlinks and checkpoints stay out."""
+    (tmp_path / "data.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "x.txt").write_text("nested\n")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / ".ipynb_checkpoints" / "old.ipynb").write_text("{}")
+    (tmp_path / "secret-link").symlink_to("/etc/shadow")
+    monkeypatch.chdir(tmp_path)
+    sess = PS.get_session(engine, "nb-files")
+    try:
+        with capture_output() as cap:
+            sess.run_cell("import os, pandas as pd\nprint(os.getcwd(), pd.read_csv('data.csv').b[0], "
+                          "open('sub/x.txt').read().strip(), sorted(os.listdir('.')))\n"
+                          "try:\n    open('new.txt', 'w')\nexcept OSError as e:\n    print('read-only', e.errno)")
+        assert cap.stdout == "/notebook 2 nested ['data.csv', 'sub']\nread-only 30\n", cap.stdout  # EROFS
+    finally:
+        sess.stop()
+        if engine.status("nb-files").running:
+            engine.kill("nb-files")
+        engine.delete("nb-files")

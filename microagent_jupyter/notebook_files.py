@@ -1,0 +1,86 @@
+"""The notebook's directory inside its sandbox: a read-only copy taken when the kernel (or the session) starts.
+
+The copy goes through the guest agent as a tar stream on a command's stdin, so it works on a warm (resumed)
+workspace and never exposes a live host directory. Only regular files and directories are copied (no symlinks,
+devices or sockets; ``.ipynb_checkpoints`` and ``__pycache__`` are left out), up to a byte budget: what does not
+fit is listed in ``MICROAGENT-COPY-INCOMPLETE.txt`` beside the files. The kernel starts in the copy. Changes made
+in the guest stay there (bring results back with ``%microagent cp WORKSPACE:/notebook/FILE .`` or ``--out``).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import tarfile
+import tempfile
+from pathlib import Path
+
+from microagent_engine import Engine
+from microagent_engine.errors import MicroagentError
+
+#: where the copy lands in the guest (the kernel's working directory)
+GUEST_NOTEBOOK_DIR = "/notebook"
+#: the default byte budget of the copy
+DEFAULT_MAX_BYTES = 256 << 20
+#: at most this many files (a directory of millions of small files would take forever under TCG)
+MAX_FILES = 20_000
+SKIPPED_DIRS = (".ipynb_checkpoints", "__pycache__", ".git", "node_modules", ".venv")
+INCOMPLETE = "MICROAGENT-COPY-INCOMPLETE.txt"
+
+
+def build_tar(root: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[tempfile.SpooledTemporaryFile, int, list[str]]:
+    """A tar of ``root``'s regular files (not following symlinks) within the budget: (tar file at offset 0,
+    files copied, relative paths left out)."""
+    out = tempfile.SpooledTemporaryFile(max_size=16 << 20)
+    left_out: list[str] = []
+    count, used = 0, 0
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+            dirnames[:] = sorted(d for d in dirnames if d not in SKIPPED_DIRS)
+            for name in sorted(filenames):
+                path = Path(dirpath) / name
+                rel = path.relative_to(root).as_posix()
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                if count >= MAX_FILES or used + st.st_size > max_bytes:
+                    left_out.append(rel)
+                    continue
+                info = tarfile.TarInfo(rel)
+                info.size, info.mode, info.mtime = st.st_size, (st.st_mode & 0o755) | 0o444, int(st.st_mtime)
+                try:
+                    with open(path, "rb") as fh:
+                        tar.addfile(info, fh)
+                except OSError:
+                    left_out.append(rel)
+                    continue
+                count, used = count + 1, used + st.st_size
+        if left_out:
+            note = ("These files of the notebook's directory were not copied into the sandbox (over the copy's "
+                    f"budget of {max_bytes >> 20} MiB or {MAX_FILES} files, or unreadable):\n"
+                    + "\n".join(left_out[:1000]) + "\n").encode()
+            info = tarfile.TarInfo(INCOMPLETE)
+            info.size, info.mode = len(note), 0o444
+            tar.addfile(info, io.BytesIO(note))
+    out.seek(0)
+    return out, count, left_out
+
+
+def copy_into(engine: Engine, workspace: str, root: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> str:
+    """Copy ``root`` into the running ``workspace`` at :data:`GUEST_NOTEBOOK_DIR` (read-only); a line saying what
+    was copied. MicroagentError when the guest cannot unpack it."""
+    tar, count, left_out = build_tar(root, max_bytes)
+    with tar:
+        d = GUEST_NOTEBOOK_DIR  # read-only for root too: a read-only bind mount of the copy
+        script = (f'umount {d} 2>/dev/null; rm -rf {d} && mkdir -p {d} && tar -x -C {d} && chmod -R a-w {d} && '
+                  f'mount --bind {d} {d} && mount -o remount,bind,ro {d}')
+        result = engine.exec(workspace, ["/bin/sh", "-c", script], stdin=tar, timeout=600, max_output=4096)
+    if not result.ok:
+        raise MicroagentError(f"the notebook's directory could not be copied into {workspace}: "
+                              f"{result.stderr.decode(errors='replace')[-300:]}")
+    extra = f"; {len(left_out)} left out (see {GUEST_NOTEBOOK_DIR}/{INCOMPLETE})" if left_out else ""
+    return f"copied {count} file(s) of {root} to {GUEST_NOTEBOOK_DIR} (read-only){extra}"
