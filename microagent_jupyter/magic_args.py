@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from IPython.core.magic_arguments import argument, magic_arguments
 
 from microagent_engine.spec_args import add_workspace_arguments
+from microagent_engine.workspace_spec import WorkspaceSpec
 
 
 @magic_arguments()
@@ -61,9 +63,20 @@ def create_args(line: str) -> None:
     """%microagent create [NAME] [options]"""
 
 
-#: the workspace flags are the CLI's (one argparse group); a notebook's one-shot keeps the CLI's default network
-add_workspace_arguments(run_args.parser, network_default="user")
-add_workspace_arguments(create_args.parser, network_default="user")
+#: in a notebook a new workspace has no network unless asked (as sessions and the sandboxed kernel): code a notebook
+#: runs is the untrusted kind; the CLI keeps the seeds' default (user)
+NOTEBOOK_NETWORK = "isolated"
+
+#: the workspace flags are the CLI's (one argparse group)
+add_workspace_arguments(run_args.parser, network_default=NOTEBOOK_NETWORK)
+add_workspace_arguments(create_args.parser, network_default=NOTEBOOK_NETWORK)
+
+
+def notebook_spec(spec: WorkspaceSpec) -> WorkspaceSpec:
+    """``spec`` with the notebook's default network when it names none (a snapshot's clone keeps its own)."""
+    if spec.network is not None or spec.from_snapshot is not None:
+        return spec
+    return dataclasses.replace(spec, network=NOTEBOOK_NETWORK)
 
 @magic_arguments()
 @argument("name")

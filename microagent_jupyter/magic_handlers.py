@@ -14,7 +14,7 @@ from microagent_engine.render import egress_text
 from microagent_engine.spec_args import spec_from_args, workspace_name
 
 from . import display as D
-from .magic_args import create_args, logs_args, status_args, volume_args
+from .magic_args import create_args, logs_args, notebook_spec, status_args, volume_args
 from .magic_call import Call
 from .progress import CellProgress
 
@@ -60,6 +60,7 @@ def create(call: Call) -> Any:
     if args.file and not args.from_snapshot and not Path(args.file).expanduser().is_file():
         raise NotFound(f"no spec file at {args.file}")
     spec, spec_name = spec_from_args(args)
+    spec = notebook_spec(spec)
     info = engine.create(name or spec_name, spec)
     if args.start:
         info = engine.start(info.name)

@@ -20,7 +20,7 @@ from microagent_engine.states import allows, require
 from microagent_engine.spec_args import spec_from_args
 
 from ._engine import env_pairs
-from .magic_args import exec_args, run_args
+from .magic_args import exec_args, notebook_spec, run_args
 from .magic_call import Call
 from .magic_errors import MicroagentCellError, MicroagentInterrupted
 from .progress import CellProgress
@@ -119,7 +119,7 @@ def run(call: Call) -> None:
     argv = command or ["/bin/sh"]
     stdin = cell.encode() if cell is not None else None
     args.image = image
-    spec, _ = spec_from_args(args, find_spec=False)
+    spec = notebook_spec(spec_from_args(args, find_spec=False)[0])
     progress = CellProgress(call.in_kernel)
     engine.progress = progress
     out, err = _stream(args, progress.done)

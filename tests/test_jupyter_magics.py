@@ -552,3 +552,17 @@ def test_kernel_shows_preparation_in_place_then_collapses_it(kernel, engine: Eng
     assert last_update < first_output  # collapsed before the command's output
     collapsed = kinds[last_update][1]["data"]["text/html"]
     assert collapsed == "" or collapsed.startswith("<details")
+
+
+def test_a_notebook_workspace_has_no_network_unless_asked(ip, engine: Engine) -> None:
+    """In a notebook (run and create, like sessions and the sandboxed kernel) the default is isolated; the CLI keeps
+    the seeds' default."""
+    try:
+        ip.run_line_magic("microagent", "create nb-net-default --profile tiny")
+        ip.run_line_magic("microagent", "create nb-net-user --profile tiny --network user")
+        assert engine.status("nb-net-default").config.network_policy.mode == "isolated"
+        assert engine.status("nb-net-user").config.network_policy.mode == "user"
+    finally:
+        for name in ("nb-net-default", "nb-net-user"):
+            if name in {i.name for i in engine.list()}:
+                engine.delete(name)
