@@ -73,9 +73,12 @@ class Secret:
                     raw = fh.read(MAX_VALUE + 1)
             except OSError as exc:
                 raise NotFound(f"secret {self.name}: cannot read {rest} ({exc.strerror or exc})") from None
-            value = raw.decode("utf-8", errors="strict").strip() if len(raw) <= MAX_VALUE else ""
             if len(raw) > MAX_VALUE:
                 raise InvalidArgument(f"secret {self.name}: {rest} is larger than {MAX_VALUE} bytes")
+            try:
+                value = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise InvalidArgument(f"secret {self.name}: {rest} is not UTF-8 text") from None
         if not value or len(value.encode()) > MAX_VALUE or any(c in value for c in "\r\n\0"):
             raise InvalidArgument(f"secret {self.name}: the value is empty, larger than {MAX_VALUE} bytes, or holds "
                                   f"a line break or NUL (it goes into an HTTP header)")

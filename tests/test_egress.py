@@ -111,3 +111,24 @@ def test_decisions() -> None:
     assert "no host name" in proxy.decide(None, public, 443)
     grants.record("pypi.org", [(ipaddress.ip_address("10.1.2.3"), 60)])
     assert "range no workspace reaches" in proxy.decide("pypi.org", ipaddress.ip_address("10.1.2.3"), 443)
+
+
+def test_secret_values_are_read_on_the_host_with_clear_errors(tmp_path) -> None:
+    from microagent_engine.errors import NotFound
+    from microagent_engine.secret import Secret, parse_secret_flag
+
+    assert parse_secret_flag("TOKEN=file:/a@b@api.example.com,*.example.org") == Secret(
+        "TOKEN", ("api.example.com", "*.example.org"), "file:/a@b")  # a path may hold '@': hosts come last
+    assert Secret("T", ("api.example.com",)).read_value({"T": "v1"}) == "v1"
+    assert Secret("T", ("api.example.com",), "env:OTHER").read_value({"OTHER": "v2"}) == "v2"
+    with pytest.raises(NotFound, match=r"\$T is not set"):
+        Secret("T", ("api.example.com",)).read_value({})
+    for data, why in ((b"\xff\xfe", "not UTF-8"), (b"x" * 20000, "larger than"), (b"a\nb", "line break"),
+                      (b"", "empty")):
+        path = tmp_path / "value"
+        path.write_bytes(data)
+        with pytest.raises(InvalidArgument, match=why):
+            Secret("T", ("api.example.com",), f"file:{path}").read_value()
+    for bad in ("T@10.0.0.1", "T@api.example.com:443", "T@", "1T@api.example.com", "T=ftp:x@api.example.com"):
+        with pytest.raises(InvalidArgument):
+            parse_secret_flag(bad)
