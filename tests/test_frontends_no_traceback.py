@@ -55,6 +55,11 @@ def test_cli_bad_input_gives_messages(cli, specs: Path, engine: Engine) -> None:
         ("cp", "nope:/x", "/tmp/x"), ("cp", "a", "b"), ("volume", "create", "v1", "--size-mib", "3"),
         ("volume", "create", "v1", "--size-mib", "1000000000"), ("volume", "delete", "nope"),
         ("volume", "status", "x\ty"), ("output", "get", "nope", "r"), ("nonsense",),
+        ("create", "fe1", "--allow", "@nope"), ("create", "fe1", "--allow", "*.com"),
+        ("create", "fe1", "--allow", "10.0.0.0/8"), ("create", "fe1", "--secret", "T@1.2.3.4"),
+        ("create", "fe1", "--secret", "T@api.example.com"),  # not on an allow-list
+        ("create", "fe1", "--network", "isolated", "--allow", "pypi.org"), ("create", "fe1", "--image", "builtin:x"),
+        ("egress", "nope"), ("allow", "nope", "pypi.org"), ("prepare", "nothing"),
     ] + [("create", "fe1", "--file", str(specs / name)) for name in HOSTILE_SPECS]
     for args in cases:
         proc = cli(*args, timeout=120, env={"MICROAGENT_DOCKER_IO_REGISTRY": "127.0.0.1:9"})
@@ -126,6 +131,9 @@ BAD_CREATES = [
     {"name": "fe3", "attachments": [{"kind": "volume", "source": "nl\n", "mountpoint": "/v"}]},
     {"name": "fe3", "unknown": 1}, {"name": "fe3", "kernel": "/boot/x"}, {"name": "fe3", "image": 5},
     {"name": "fe3", "start": "yes please"}, {"name": "fe3", "image": "oci:/etc"},
+    {"name": "fe3", "network": {"allow": ["@nope"]}}, {"name": "fe3", "secrets": [{"name": "T", "hosts": "x"}]},
+    {"name": "fe3", "secrets": ["T@api.example.com"]}, {"name": "fe3", "files": [{"src": "/etc/shadow", "dst": "/s"}]},
+    {"name": "fe3", "secrets": [{"name": "T", "hosts": ["1.2.3.4"]}]}, {"name": "fe3", "image": "builtin:pyhton"},
 ]
 BAD_BODIES = ["{not json", "[1, 2]", '"str"', "null", "[" * 100000, '{"name": "\\ud800"}', b"\xff\xfe",
               '{"name": "fe3", "memoryMiB": 1' + "0" * 5000 + "}"]
