@@ -36,6 +36,7 @@ from microagent_engine.hostinfo import require_tool
 from microagent_engine.sandbox.egress_tls import CA_BUNDLE_ENV
 from microagent_engine.sandbox.network import host_addresses, host_networks
 from microagent_engine.secret import Secret
+from standin_dns import DNS_RESPONDER
 
 pytestmark = pytest.mark.vm
 
@@ -127,22 +128,9 @@ class TLS(http.server.ThreadingHTTPServer):
         return ctx.wrap_socket(sock, server_side=True), addr
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 ctx.load_cert_chain(server_pem)
-def answer(q, proto):
-    pos, labels = 12, []
-    while q[pos]:
-        labels.append(q[pos + 1:pos + 1 + q[pos]].decode("latin-1")); pos += q[pos] + 1
-    qtype = struct.unpack_from("!H", q, pos + 1)[0]; question = q[12:pos + 5]; name = ".".join(labels).lower()
+def heard(name, qtype, proto):
     say("dns", f"{name} {qtype} {proto}")
-    addrs = table.get(name)
-    if addrs is None:
-        return q[:2] + struct.pack("!5H", 0x8183, 1, 0, 0, 0) + question
-    addrs = addrs if qtype == 1 else []
-    rrs = b"".join(b"\xc0\x0c" + struct.pack("!2HIH", 1, 1, 60, 4) + socket.inet_aton(a) for a in addrs)
-    return q[:2] + struct.pack("!5H", 0x8180, 1, len(addrs), 0, 0) + question + rrs
-def udp():
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((dns_addr, 53))
-    while True:
-        q, a = s.recvfrom(65535); s.sendto(answer(q, "udp"), a)
+""" + DNS_RESPONDER + r"""
 threading.Thread(target=udp, daemon=True).start()
 srv = TLS((public, 443), H)
 threading.Thread(target=srv.serve_forever, daemon=True).start()

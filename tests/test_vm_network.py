@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from jupyter_conftest_helpers import free_port
+from standin_dns import DNS_RESPONDER
 from microagent_engine import Engine
 from microagent_engine.config import RESOLV_CONF_ENV
 from microagent_engine.errors import InvalidArgument, MicroagentError
@@ -134,23 +135,10 @@ class H(http.server.BaseHTTPRequestHandler):
     def log_message(self, *a): pass
 dns_addr, table = sys.argv[1], json.loads(sys.argv[2])
 lock = threading.Lock()
-def answer(q, proto):
-    pos, labels = 12, []
-    while q[pos]:
-        labels.append(q[pos + 1:pos + 1 + q[pos]].decode("latin-1")); pos += q[pos] + 1
-    qtype = struct.unpack_from("!H", q, pos + 1)[0]; question = q[12:pos + 5]; name = ".".join(labels).lower()
+def heard(name, qtype, proto):
     with lock:
         print("Q", name, qtype, proto, flush=True)
-    addrs = table.get(name)
-    if addrs is None:
-        return q[:2] + struct.pack("!5H", 0x8183, 1, 0, 0, 0) + question
-    addrs = addrs if qtype == 1 else []
-    rrs = b"".join(b"\\xc0\\x0c" + struct.pack("!2HIH", 1, 1, 60, 4) + socket.inet_aton(a) for a in addrs)
-    return q[:2] + struct.pack("!5H", 0x8180, 1, len(addrs), 0, 0) + question + rrs
-def udp():
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((dns_addr, 53))
-    while True:
-        q, a = s.recvfrom(65535); s.sendto(answer(q, "udp"), a)
+""" + DNS_RESPONDER + """
 class T(socketserver.BaseRequestHandler):
     def handle(self):
         n = struct.unpack("!H", self.request.recv(2))[0]; q = b""
