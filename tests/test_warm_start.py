@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 
@@ -99,11 +100,12 @@ def test_one_shot_run_is_warm(engine: Engine, clones: list[str]) -> None:
 
 
 def test_mismatched_template_falls_back_to_cold(engine: Engine, state_dir: Path, clones: list[str]) -> None:
-    metas = list(Path(state_dir, "templates").glob("*/meta.json"))
-    # the template of this test's shape: tiny and without a NIC (other tests may have built other shapes)
-    tiny = [m for m in metas if json.loads(m.read_text())["memoryMiB"] == 256
-            and "netdev" not in json.dumps(json.loads(m.read_text())["shape"])]
-    assert len(tiny) == 1, tiny
+    # the template the clones were made from (other tests build other shapes: volumes, NICs, memory sizes)
+    serial = engine.status(clones[0]).dir.serial_log.read_text(errors="replace")
+    found = re.search(r"clone of template ([0-9a-f]+)", serial)
+    assert found, serial[-2000:]
+    tiny = [Path(state_dir, "templates", found.group(1), "meta.json")]
+    assert tiny[0].is_file(), tiny
     meta = json.loads(tiny[0].read_text())
     meta["memoryMiB"] = 512  # as if the template had been built for another memory size
     tiny[0].write_text(json.dumps(meta))
