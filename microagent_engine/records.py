@@ -204,16 +204,45 @@ class WorkspaceDir:
         return False
 
 
-def process_start_time(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat), or None if gone."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat after the command name (field 3 onwards), or None if gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] == "Z":
+    return stat.rsplit(")", 1)[1].split()
+
+
+def process_start_time(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (field 22 of /proc/PID/stat), or None if gone."""
+    fields = _stat_fields(pid)
+    if not fields or fields[0] == "Z":
         return None
     return int(fields[19])
+
+
+def process_tree_usage(pid: int, max_processes: int = 64) -> dict[str, float] | None:
+    """CPU seconds (user + system) and resident memory (MiB) of ``pid`` and its descendants (the jail and the
+    VM process in it), or None if ``pid`` is gone."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    seen, todo = [], [pid]
+    cpu, rss_kib = 0.0, 0
+    while todo and len(seen) < max_processes:
+        p = todo.pop()
+        fields = _stat_fields(p)
+        if fields is None:
+            if p == pid:
+                return None
+            continue
+        seen.append(p)
+        cpu += (int(fields[11]) + int(fields[12])) / ticks
+        rss_kib += int(fields[21]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                todo += [int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split()]
+        except (OSError, ValueError):
+            pass
+    return {"cpuSeconds": round(cpu, 2), "rssMiB": round(rss_kib / 1024, 1), "processes": len(seen)}
 
 
 def process_matches(pid: int | None, start_time: int | None) -> bool:

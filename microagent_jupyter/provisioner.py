@@ -28,6 +28,7 @@ from microagent_engine.errors import MicroagentError
 from microagent_engine.fsutil import private_dir
 from microagent_engine.workspace_spec import WorkspaceSpec
 
+from . import kernel_board
 from .guest_kernel import GuestKernel, KernelDied
 from .notebook_files import GUEST_NOTEBOOK_DIR, copy_into
 from .output_policy import OutputPolicy
@@ -52,6 +53,7 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     workspace: str | None = None
     _cwd: str | None = None
+    _notebook: str | None = None
     kernel: GuestKernel | None = None
     relay: Relay | None = None
     _engine: Engine | None = None
@@ -77,7 +79,8 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             km.transport = "ipc"
             km.ip = str(self._ipc_dir() / f"k-{(self.kernel_id or secrets.token_hex(8))[:12]}")
             km.write_connection_file()  # the frontend's endpoints and key: the relay binds these
-        kwargs.pop("env", None)
+        env = kwargs.pop("env", None) or {}
+        self._notebook = env.get("JPY_SESSION_NAME") or None  # the notebook's path (jupyter_server sets it)
         self._cwd = kwargs.get("cwd")  # the notebook's directory (jupyter_server starts kernels there)
         return await super().pre_launch(cmd=kwargs.pop("cmd", []), **kwargs)
 
@@ -89,8 +92,22 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return private_dir(path)
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> dict[str, Any]:
-        await asyncio.to_thread(self._launch)
+        kid = self._board_id
+        kernel_board.begin(kid, self._notebook, self.workspace)
+        self.engine.progress = lambda message: kernel_board.step(kid, message)
+        try:
+            await asyncio.to_thread(self._launch)
+        except BaseException as exc:
+            kernel_board.failed(kid, str(exc))
+            raise
+        finally:
+            self.engine.progress = lambda _message: None
+        kernel_board.ready(kid)
         return self.connection_info
+
+    @property
+    def _board_id(self) -> str:
+        return str(self.kernel_id or id(self))
 
     def _launch(self) -> None:
         km = self.parent
@@ -103,19 +120,23 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self._remove()
         if self.workspace is None:
             self.workspace = f"nbk-{(self.kernel_id or secrets.token_hex(4))[:8]}-{secrets.token_hex(2)}"
+            kernel_board.workspace(self._board_id, self.workspace)
             try:
                 sweep(engine)  # VMs of kernels whose server was killed hard
                 spec = session_spec(WorkspaceSpec.from_json(dict(self.workspace_spec), what="the kernel's workspace"))
                 env = dict(spec.env or {})
                 self.warm_from, self.cold_reason = start_session_workspace(
                     engine, self.workspace, dataclasses.replace(spec, env=None), env, owned=True,
-                    warm=self.warm)
+                    warm=self.warm, progress=engine.progress,
+                    owner={"kind": "kernel", "kernel_id": self.kernel_id, "notebook": self._notebook})
                 if self.cold_reason:
                     self.log.info("microagent kernel %s boots cold: %s", self.workspace, self.cold_reason)
             except BaseException:
                 self._remove()
                 raise
         if self.kernel is None:
+            engine.progress("Copying the notebook's folder into the VM" if self.notebook_files and self._cwd
+                            else "Starting the kernel")
             self.kernel = GuestKernel(engine, self.workspace, cwd=self._copy_notebook_files())
         try:
             self.kernel.launch()
@@ -188,6 +209,7 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             if self.kernel is not None:
                 await asyncio.to_thread(self.kernel.stop)
             return
+        kernel_board.forget(self._board_id)
         await asyncio.to_thread(self._remove)
 
     def _remove(self) -> None:

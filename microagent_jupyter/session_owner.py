@@ -25,10 +25,30 @@ def _owner_path(engine: Engine, name: str) -> Path:
     return Path(engine.workspaces_dir) / name / OWNER_FILE
 
 
-def record_owner(engine: Engine, name: str, pid: int | None = None) -> None:
-    """Record this process (or ``pid``) as the owner of workspace ``name``."""
+def record_owner(engine: Engine, name: str, pid: int | None = None, *, kind: str = "session",
+                 kernel_id: str | None = None, notebook: str | None = None) -> None:
+    """Record this process (or ``pid``) as the owner of workspace ``name``: a ``session`` (the magic's), a
+    ``kernel`` (a sandboxed notebook kernel's: its id and notebook path, for the panel) or a ``build``."""
     pid = pid or os.getpid()
-    write_json_atomic(_owner_path(engine, name), {"pid": pid, "start": process_start_time(pid)})
+    record: dict[str, object] = {"pid": pid, "start": process_start_time(pid), "kind": kind}
+    if kernel_id:
+        record["kernelId"] = kernel_id
+    if notebook:
+        record["notebook"] = notebook
+    write_json_atomic(_owner_path(engine, name), record)
+
+
+def owner_of(engine: Engine, name: str) -> dict[str, object] | None:
+    """The owner record of workspace ``name`` (None: it has none, or it is unreadable), with ``alive``."""
+    try:
+        record = read_json(_owner_path(engine, name))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    out = {k: record[k] for k in ("pid", "kind", "kernelId", "notebook") if isinstance(record.get(k), (str, int))}
+    out["alive"] = owner_alive(record)
+    return out
 
 
 def owner_alive(record: dict[str, object]) -> bool:

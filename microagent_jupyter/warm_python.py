@@ -145,7 +145,7 @@ def build(engine: Engine, name: str, spec: WorkspaceSpec, progress: Progress | N
     say(f"Building the warm Python snapshot {name} (once per image and machine shape): booting {ws}")
     engine.create(ws, session_spec(_shape(spec)))
     try:
-        record_owner(engine, ws)
+        record_owner(engine, ws, kind="build")
         engine.start(ws)
         src = Path(__file__).with_name("guest_zygote.py").read_bytes()
         engine.exec(ws, ["/bin/sh", "-c", f"umask 077; mkdir -p {ZYGOTE_DIR} {GUEST_DIR}; cat > {ZYGOTE_FILE}"],
@@ -182,11 +182,12 @@ def discard(engine: Engine, snapshot: str) -> None:
 
 
 def start_session_workspace(engine: Engine, name: str, spec: WorkspaceSpec, env: dict[str, str] | None,
-                            *, owned: bool, progress: Progress | None = None, warm: bool = True
-                            ) -> tuple[str | None, str]:
+                            *, owned: bool, progress: Progress | None = None, warm: bool = True,
+                            owner: dict[str, Any] | None = None) -> tuple[str | None, str]:
     """Create and start the session workspace ``name``: a clone of the warm snapshot when one fits (built on first
-    need), else a cold create + boot. ``owned``: record this process as its owner (swept when it dies). Returns the
-    snapshot used (None: cold) and why it booted cold."""
+    need), else a cold create + boot. ``owned``: record this process as its owner (swept when it dies), described
+    by ``owner`` (:func:`~.session_owner.record_owner`'s keywords). Returns the snapshot used (None: cold) and why
+    it booted cold."""
     say = progress or (lambda _m: None)
     spec = session_spec(spec)
     snap, reason = warm_snapshot(engine, spec, progress) if warm else (None, "warm start disabled")
@@ -195,7 +196,7 @@ def start_session_workspace(engine: Engine, name: str, spec: WorkspaceSpec, env:
             say(f"Resuming the warm Python snapshot {snap} as {name}")
             create_warm(engine, name, snap, env)
             if owned:
-                record_owner(engine, name)
+                record_owner(engine, name, **(owner or {}))
             engine.start(name)
             return snap, ""
         except MicroagentError as exc:
@@ -205,7 +206,7 @@ def start_session_workspace(engine: Engine, name: str, spec: WorkspaceSpec, env:
     say(f"Cold start of {name}: {reason}")
     engine.create(name, spec.merged(WorkspaceSpec(env=env or None)))
     if owned:
-        record_owner(engine, name)
+        record_owner(engine, name, **(owner or {}))
     say(f"Booting {name}")
     engine.start(name)
     return None, reason

@@ -61,14 +61,14 @@ ROUTES = [("GET", "workspaces"), ("POST", "workspaces"), ("GET", "workspaces/x")
           ("POST", "workspaces/x/start"), ("POST", "workspaces/x/halt"), ("POST", "workspaces/x/stop"),
           ("POST", "workspaces/x/kill"), ("POST", "workspaces/x/exec"), ("GET", "workspaces/x/logs"),
           ("GET", "workspaces/x/logs/stream"), ("GET", "volumes"), ("POST", "volumes"), ("GET", "volumes/x"),
-          ("DELETE", "volumes/x")]
+          ("DELETE", "volumes/x"), ("GET", "workspaces/x/files"), ("PUT", "workspaces/x/files"), ("GET", "kernels")]
 
 
 async def test_every_route_needs_authentication(jp_serverapp, jp_http_port, jp_base_url, api):
     client = AsyncHTTPClient()
     for method, path in ROUTES:
         url = f"http://localhost:{jp_http_port}{jp_base_url}microagent/api/{path}"
-        resp = await client.fetch(url, method=method, body="{}" if method == "POST" else None, raise_error=False)
+        resp = await client.fetch(url, method=method, body="{}" if method in ("POST", "PUT") else None, raise_error=False)
         assert resp.code in (401, 403), (method, path, resp.code)
     code, body = await api("GET", "")  # with the token it answers
     assert code == 200 and body["volumes"] is True
@@ -230,3 +230,78 @@ async def test_volumes_and_single_attach(api, engine: Engine):
     assert code == 200
     code, body = await api("GET", "volumes", "srvvol")
     assert code == 404
+
+
+async def test_upload_and_download_one_file(api, jp_fetch, jp_serverapp, shared_ws):
+    """The panel's Upload and Download: a round trip through the running workspace's agent, served as a download
+    (never rendered), with the cp rules and the byte cap."""
+    data = bytes(range(256)) * 300 + b"<script>window.__pwned=1</script>"
+    code, body = await api("PUT", "workspaces", shared_ws, "files", params={"path": "/tmp/up/a b.html"}, body=data)
+    assert code == 201, body
+    assert body["bytes"] == len(data) and body["path"] == "/tmp/up/a b.html"
+    resp = await jp_fetch(*API, "workspaces", shared_ws, "files", params={"path": "/tmp/up/a b.html"})
+    assert resp.code == 200 and resp.body == data
+    assert resp.headers["Content-Type"] == "application/octet-stream"
+    assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    assert resp.headers["Content-Disposition"] == 'attachment; filename="a_b.html"'
+    for path, status in (("relative.txt", 400), ("/tmp/../etc/passwd", 400), ("/tmp/missing", 404),
+                         ("/tmp", 404), ("", 400)):
+        code, body = await api("GET", "workspaces", shared_ws, "files", params={"path": path})
+        assert code == status, (path, code, body)
+        assert "Traceback" not in json.dumps(body)
+    code, body = await api("PUT", "workspaces", shared_ws, "files", params={"path": "/tmp/dir/"}, body=b"x")
+    assert code == 400 and "not of a directory" in body["error"]
+    config = jp_serverapp.web_app.settings["microagent_config"]
+    config.max_transfer_mib = 1
+    try:
+        big = b"y" * ((1 << 20) + 1)
+        code, body = await api("PUT", "workspaces", shared_ws, "files", params={"path": "/tmp/big"}, body=big)
+        assert code == 400 and "max_transfer_mib" in body["error"]
+        # a guest file over the cap: nothing is served and nothing is left on the host
+        code, body = await api("POST", "workspaces", shared_ws, "exec",
+                               body={"argv": ["sh", "-c", "head -c 1100000 /dev/zero > /tmp/big"]})
+        assert body["exitCode"] == 0
+        code, body = await api("GET", "workspaces", shared_ws, "files", params={"path": "/tmp/big"})
+        assert code == 409 and "larger than" in body["error"]
+    finally:
+        config.max_transfer_mib = 256
+    code, body = await api("GET", "workspaces", "nope", "files", params={"path": "/x"})
+    assert code == 404
+
+
+async def test_a_kernels_vm_is_halted_through_its_kernel(api, jp_serverapp, engine: Engine):
+    """A workspace recorded as a kernel's VM names its notebook; halting it without saying what becomes of the
+    kernel is refused with the notebook named; with "restart" the VM halts and the kernel restarts."""
+    from microagent_jupyter.session_owner import record_owner
+
+    sessions = jp_serverapp.session_manager
+    model = await sessions.create_session(path="work/analysis.ipynb", type="notebook", kernel_name="python3")
+    kid = model["kernel"]["id"]
+    name = "srv-kernel-vm"
+    engine.create(name, profile="tiny", network="none")
+    record_owner(engine, name, kind="kernel", kernel_id=kid, notebook="old-name.ipynb")
+    try:
+        engine.start(name)
+        code, body = await api("GET", "workspaces", name)
+        assert body["owner"]["kind"] == "kernel" and body["owner"]["kernelId"] == kid
+        assert body["owner"]["notebook"] == "work/analysis.ipynb" and body["owner"]["thisServer"] is True
+        code, body = await api("POST", "workspaces", name, "halt")
+        assert code == 409 and body["type"] == "KernelOwned" and body["notebook"] == "work/analysis.ipynb"
+        assert "work/analysis.ipynb" in body["error"] and engine.status(name).state.state == "running"
+        code, body = await api("POST", "workspaces", name, "halt", body={"kernel": "later"})
+        assert code == 400
+        code, body = await api("POST", "workspaces", name, "halt", body={"kernel": "restart"})
+        assert code == 200 and body["kernel"] == "restart", body
+        assert engine.status(name).state.state == "halted"
+        assert kid in jp_serverapp.kernel_manager  # the kernel lives on (restarted)
+        code, body = await api("POST", "workspaces", name, "kill", body={"kernel": "shutdown"})
+        assert code == 200 and body["kernel"] == "shutdown", body
+        assert kid not in jp_serverapp.kernel_manager
+    finally:
+        if kid in jp_serverapp.kernel_manager:
+            await jp_serverapp.kernel_manager.shutdown_kernel(kid)
+        try:
+            engine.kill(name)
+        except Exception:  # noqa: BLE001
+            pass
+        engine.delete(name)

@@ -12,7 +12,14 @@ from typing import Any
 from ..config import validate_name
 from ..errors import Busy, InvalidArgument, NotFound
 from ..fsutil import file_lock, sweep_stale_temp
-from ..records import WorkspaceConfig, WorkspaceDir, WorkspaceState, process_matches, read_egress_report
+from ..records import (
+    WorkspaceConfig,
+    WorkspaceDir,
+    WorkspaceState,
+    process_matches,
+    process_tree_usage,
+    read_egress_report,
+)
 from ..states import ACTIVE, allowed_actions, require, transition
 
 
@@ -73,6 +80,7 @@ class WorkspaceInfo:
             "oneShot": c.one_shot,
             "publish": self.published(),
             "egress": read_egress_report(self.dir.egress_report) if self.running else None,
+            "usage": process_tree_usage(s.vm_pid) if s.vm_pid and self.running else None,
         }
         out.update(s.readiness)
         return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from traitlets import List, Unicode
+from traitlets import Integer, List, Unicode
 from traitlets.config import Configurable
 
 
@@ -20,6 +20,10 @@ class MicroagentConfig(Configurable):
         Unicode(), default_value=[],
         help="Host directories from which ext4 disks and tar bundles may be attached over HTTP "
              "(--disk, --bundle, -v x.tar:/path). Empty (the default): no host path is accepted.",
+    ).tag(config=True)
+
+    max_transfer_mib = Integer(
+        256, help="The largest file, in MiB, that the panel's Upload and Download move into or out of a workspace.",
     ).tag(config=True)
 
     def resolved_roots(self) -> list[str]:
