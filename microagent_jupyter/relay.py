@@ -446,6 +446,11 @@ REPLY_SCHEMAS: dict[str, Callable[[Relay, dict[str, Any]], dict[str, Any]]] = {
 }
 
 
+#: the host's first line of the kernel's banner (the console and the kernel's help show it)
+SANDBOX_BANNER = ("Python in a microagent sandbox: this kernel runs in a microVM, with the notebook's folder copied "
+                  "to /notebook; the host's files, network and secrets are out of its reach unless granted.\n")
+
+
 def kernel_info(content: dict[str, Any]) -> dict[str, Any]:
     """The kernel_info_reply the frontend sees: the language, its editor mode, file extension and the Help menu are
     the host's to say (a guest could name ``text/html``, ``../../.bashrc`` or a phishing link); from the guest only
@@ -456,6 +461,7 @@ def kernel_info(content: dict[str, Any]) -> dict[str, Any]:
     lang = content.get("language_info") if isinstance(content.get("language_info"), dict) else {}
     banner = content.get("banner") if isinstance(content.get("banner"), str) else ""
     banner = "".join(c for c in banner[:4096] if c.isprintable() or c in "\n\t")
+    banner = SANDBOX_BANNER + banner
     return {"status": "ok", "protocol_version": version(content.get("protocol_version"), "5.3"),
             "implementation": "ipython", "implementation_version": version(content.get("implementation_version"), ""),
             "language_info": {**LANGUAGE_INFO, "version": version(lang.get("version"), "")},

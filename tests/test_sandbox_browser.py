@@ -1,6 +1,7 @@
 """Guest output never runs in the page: real JupyterLab in real Chromium, a notebook on the sandboxed kernel
 (started from the launcher) and one using ``%%microagent python``; hostile outputs leave ``window.__pwned``
-undefined and a plot shows. Runs ``ui-tests/sandbox.spec.mjs`` with node (playwright-core, /usr/bin/chromium)."""
+undefined and a plot shows. The sandboxed notebook as a workplace: the status item names the VM, the panel's card
+names the notebook, Upload and Download move files, and Halt on the card goes through the kernel. Runs ``ui-tests/sandbox.spec.mjs`` with node (playwright-core, /usr/bin/chromium)."""
 
 from __future__ import annotations
 
@@ -89,3 +90,11 @@ def test_hostile_outputs_stay_inert_in_the_browser(engine: Engine, sandbox_lab: 
     assert seen == ["/sentinel-sandboxed-kernel", "/sentinel-magic"], seen
     assert result["loggedIn"] == {"sandboxed-kernel": 200, "magic": 200}, result
     assert result["toastInside"] == {"sandboxed-kernel": True, "magic": True}, result
+    w = result["workplace"]  # the sandbox as a workplace (issue 19)
+    assert w["statusItem"].startswith("sandbox nbk-") and "network isolated" in w["statusItem"], w
+    assert any("notebook's folder" in step for step in w["boardSteps"]), w  # the launch said what it did
+    assert w["owner"] == f"kernel of {w['notebook']}" and w["notebook"].endswith(".ipynb"), w
+    assert w["uploadDefault"] == "/notebook/upload.txt" and w["uploadRead"] == "uploaded-from-the-browser", w
+    assert w["downloadName"] == "result.csv" and w["downloaded"] == "a,b\n1,2\n", w
+    assert w["notebook"] in w["haltDialog"] and "Restart Kernel" in w["haltDialog"], w
+    assert w["afterHalt"] == "after-restart False 42", w  # a working kernel, in a new VM

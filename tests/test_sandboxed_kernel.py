@@ -274,3 +274,24 @@ def test_sandboxed_kernel_interrupt_restart_shutdown(state_dir: Path, engine, py
         kc.stop_channels()
         km.shutdown_kernel()
     assert not [i.name for i in engine.list() if i.name.startswith("nbk-")]
+
+
+def test_the_shipped_kernelspec_configures_the_provisioner() -> None:
+    """Every key of the kernelspec's provisioner config is a setting of the provisioner (an unknown one would be
+    ignored with only a DeprecationWarning), its workspace is a valid WorkspaceSpec, and it has its own logo."""
+    import warnings
+
+    from microagent_engine.workspace_spec import WorkspaceSpec
+    from microagent_jupyter.provisioner import MicroagentProvisioner
+
+    folder = KERNELS / "kernels" / "microagent-python"
+    spec = json.loads((folder / "kernel.json").read_text())
+    config = spec["metadata"]["kernel_provisioner"]["config"]
+    assert set(config) <= set(MicroagentProvisioner.class_trait_names(config=True)), config
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        provisioner = MicroagentProvisioner(kernel_id="k", kernel_spec=None, **config)
+    ws = WorkspaceSpec.from_json(dict(provisioner.workspace_spec), what="the kernelspec")
+    assert ws.network.mode == "isolated" and ws.image == "builtin:python"
+    assert (folder / "logo-64x64.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (folder / "logo-svg.svg").read_text().startswith("<svg")

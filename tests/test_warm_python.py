@@ -4,6 +4,7 @@ falls back to a cold boot with the reason; sessions of a notebook kernel killed 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
 from microagent_engine import Engine, WorkspaceSpec
+from kernel_helpers import KERNELS
 from microagent_engine.errors import NotFound
 from microagent_jupyter import python_session as PS
 from microagent_jupyter import session_owner, warm_python
@@ -117,7 +119,9 @@ def test_prepare_python_builds_ahead_with_progress(engine: Engine, cli) -> None:
     key = warm_python.SNAPSHOT_PREFIX + warm_python.snapshot_key(engine, warm_python.session_spec())
     assert key in out and key in [m["name"] for m in engine.snapshots(internal=True)]
     # the kernel's workspace and a magic's session share it: one key for both
-    kernel = warm_python.session_spec(WorkspaceSpec.from_json({}))
+    shipped = json.loads((KERNELS / "kernels" / "microagent-python" / "kernel.json").read_text())
+    kernel = warm_python.session_spec(WorkspaceSpec.from_json(
+        shipped["metadata"]["kernel_provisioner"]["config"]["workspace_spec"]))
     magic = warm_python.session_spec(WorkspaceSpec(network="isolated"))
     assert warm_python.snapshot_key(engine, kernel) == warm_python.snapshot_key(engine, magic)
     r = cli("prepare", "pyhton")

@@ -13,7 +13,7 @@ import { must, openBrowser } from './lab.mjs';
 const LAB_URL = must('sandbox.spec', 'LAB_URL');
 const TOKEN = must('sandbox.spec', 'LAB_TOKEN');
 must('sandbox.spec', 'ATTACKER_URL');
-const result = { screenshots: [], pwned: {}, loggedIn: {}, toastInside: {} };
+const result = { screenshots: [], pwned: {}, loggedIn: {}, toastInside: {}, workplace: {} };
 const { page, step, shots: SHOTS, finish } = await openBrowser('sandbox.spec', { timeout: 60_000, result });
 
 const HOSTILE = [
@@ -106,10 +106,92 @@ async function checkNotebook(label, prefix) {
   step(`${label}: hostile outputs rendered, window.__pwned is ${result.pwned[label]}`);
 }
 
+/** The text of the last output of the visible notebook. */
+async function lastOutput() {
+  return (await page.locator('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output').last().textContent()) ?? '';
+}
+
+async function api(pathname) {
+  return page.evaluate(
+    async ([base, token, p]) => (await fetch(`${base}microagent/api/${p}`, { headers: { Authorization: `token ${token}` } })).json(),
+    [LAB_URL, TOKEN, pathname]
+  );
+}
+
+/** The sandbox as a workplace: the status item, the board's steps, the panel's card naming the notebook,
+ * Upload and Download, and Halt through the kernel (asks, restarts the kernel in a new VM, which works). */
+async function checkWorkplace() {
+  const w = result.workplace;
+  const item = page.locator('#microagent-sandbox-status');
+  await page.waitForFunction(
+    () => /sandbox nbk-.*network .*CPU \d+%.*uses \d+ MiB/.test(document.querySelector('#microagent-sandbox-status')?.textContent ?? ''),
+    undefined, { timeout: 60_000 });
+  w.statusItem = await item.textContent();
+  step(`status item: ${w.statusItem}`);
+  const board = await api('kernels');
+  const entry = board.find(e => /\.ipynb$/.test(e.notebook ?? '') && e.phase === 'ready');
+  w.boardSteps = (entry?.steps ?? []).map(s => s.message);
+  w.notebook = entry?.notebook;
+  const first = entry?.workspace;
+  const tab = page.locator('.jp-SideBar li[data-id="microagent-panel"]');
+  if (!(await page.locator('#microagent-panel').isVisible())) {
+    await tab.click();
+  }
+  const row = page.locator(`#microagent-panel li[data-ws="${first}"]`);
+  await row.locator('.ma-Owner').waitFor({ state: 'visible', timeout: 30_000 });
+  w.owner = await row.locator('.ma-Owner').textContent();
+  step(`panel card of ${first}: ${w.owner}`);
+
+  // Upload: a file from this computer into the VM, read by the kernel
+  const [chooser] = await Promise.all([page.waitForEvent('filechooser'), row.locator('.ma-File-upload').click()]);
+  await chooser.setFiles({ name: 'upload.txt', mimeType: 'text/plain', buffer: Buffer.from('uploaded-from-the-browser\n') });
+  const pathInput = page.locator('.jp-Dialog input');
+  await pathInput.waitFor({ state: 'visible' });
+  w.uploadDefault = await pathInput.inputValue();
+  await page.locator('.jp-Dialog .jp-mod-accept').click();
+  await page.locator('.jp-Dialog').waitFor({ state: 'detached' });
+  await runCell(`print(open(${JSON.stringify(w.uploadDefault)}).read().strip())`);
+  w.uploadRead = (await lastOutput()).trim();
+  step(`uploaded to ${w.uploadDefault}; the kernel read ${JSON.stringify(w.uploadRead)}`);
+
+  // Download: a file the kernel wrote, saved by the browser
+  await runCell("open('/tmp/result.csv', 'w').write('a,b\\n1,2\\n')");
+  await row.locator('.ma-File-download').click();
+  await pathInput.waitFor({ state: 'visible' });
+  await pathInput.fill('/tmp/result.csv');
+  const [download] = await Promise.all([page.waitForEvent('download'), page.locator('.jp-Dialog .jp-mod-accept').click()]);
+  const fs = await import('node:fs/promises');
+  w.downloadName = download.suggestedFilename();
+  w.downloaded = await fs.readFile(await download.path(), 'utf8');
+  step(`downloaded ${w.downloadName}: ${JSON.stringify(w.downloaded)}`);
+
+  // Halt on the kernel's card: asks, then the kernel restarts in a new VM and works
+  await runCell('before_halt = 1');
+  await row.locator('.ma-Action-halt').click();
+  const dialog = page.locator('.jp-Dialog');
+  await dialog.waitFor({ state: 'visible' });
+  w.haltDialog = (await dialog.textContent()) ?? '';
+  const shot = path.join(SHOTS, 'sandbox-halt-dialog.png');
+  await page.screenshot({ path: shot });
+  result.screenshots.push(shot);
+  await dialog.locator('button', { hasText: 'Restart Kernel' }).click();
+  await row.waitFor({ state: 'detached', timeout: 300_000 });
+  await page.waitForFunction(
+    old => /sandbox nbk-/.test(document.querySelector('#microagent-sandbox-status')?.textContent ?? '') &&
+      !(document.querySelector('#microagent-sandbox-status')?.textContent ?? '').includes(old),
+    first, { timeout: 300_000 });
+  await page.locator('.jp-StatusBar-Widget', { hasText: /\| Idle/ }).first().waitFor({ timeout: 300_000 });
+  await runCell("print('after-restart', 'before_halt' in globals(), 40 + 2)");
+  w.afterHalt = (await lastOutput()).trim();
+  w.secondVm = (await item.textContent()) ?? '';
+  step(`after Halt → Restart Kernel: ${w.afterHalt} (${w.secondVm})`);
+}
+
 try {
   await openNotebook('microagent sandbox');
   step('notebook with the sandboxed kernel started from the launcher');
   await checkNotebook('sandboxed-kernel', '');
+  await checkWorkplace();
   await openNotebook('Python 3 (ipykernel)');
   step('notebook with the local kernel started');
   await runCell('%load_ext microagent_jupyter');

@@ -2,6 +2,7 @@
  * microagent-jupyter: a JupyterLab sidebar panel for microagent workspaces and volumes.
  */
 import {
+  ILabShell,
   ILayoutRestorer,
   JupyterFrontEnd,
   JupyterFrontEndPlugin
@@ -13,10 +14,12 @@ import {
   showErrorMessage
 } from '@jupyterlab/apputils';
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
+import { IStatusBar } from '@jupyterlab/statusbar';
 import { LabIcon } from '@jupyterlab/ui-components';
 import { Widget } from '@lumino/widgets';
 
 import { MicroagentPanel, PanelAction, actionAllowed } from './panel';
+import { INotebookLike, SandboxStatus } from './sandboxStatus';
 
 const PLUGIN_ID = 'microagent-jupyter:plugin';
 const CATEGORY = 'microagent';
@@ -99,12 +102,14 @@ const plugin: JupyterFrontEndPlugin<void> = {
   description:
     'A sidebar panel for microagent microVM workspaces: state, readiness, volumes, serial logs and actions.',
   autoStart: true,
-  optional: [ICommandPalette, ISettingRegistry, ILayoutRestorer],
+  optional: [ICommandPalette, ISettingRegistry, ILayoutRestorer, IStatusBar, ILabShell],
   activate: (
     app: JupyterFrontEnd,
     palette: ICommandPalette | null,
     settingRegistry: ISettingRegistry | null,
-    restorer: ILayoutRestorer | null
+    restorer: ILayoutRestorer | null,
+    statusBar: IStatusBar | null,
+    labShell: ILabShell | null
   ) => {
     const panel = new MicroagentPanel();
     panel.title.icon = microagentIcon;
@@ -112,6 +117,20 @@ const plugin: JupyterFrontEndPlugin<void> = {
     if (restorer) {
       restorer.add(panel, 'microagent-panel');
     }
+
+    const sandbox = new SandboxStatus(
+      () => (labShell?.currentWidget ?? null) as INotebookLike | null
+    );
+    sandbox.id = 'microagent-sandbox-status';
+    if (statusBar) {
+      statusBar.registerStatusItem('microagent-jupyter:sandbox-status', {
+        item: sandbox,
+        align: 'left',
+        rank: 5
+      });
+    }
+    labShell?.currentChanged.connect(() => sandbox.poke());
+    sandbox.start();
 
     if (settingRegistry) {
       settingRegistry

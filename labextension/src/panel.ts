@@ -16,13 +16,16 @@ import {
   setHidden,
   setText
 } from './dom';
+import { askKernelChoice, kernelNotebook, ownerLine } from './kernelChoice';
 import { LogView } from './logview';
+import { defaultDir, downloadFrom, uploadTo } from './workspaceFiles';
 import {
   api,
   errorMessage,
   IReadiness,
   IVolume,
   IWorkspace,
+  KernelChoice,
   WorkspaceAction
 } from './request';
 
@@ -78,6 +81,7 @@ interface IWorkspaceRow {
   badge: HTMLElement;
   pending: HTMLElement;
   meta: HTMLElement;
+  owner: HTMLElement;
   dots: HTMLElement[];
   volumes: HTMLElement;
   blocked: HTMLElement;
@@ -255,7 +259,14 @@ export class MicroagentPanel extends Widget {
       );
       return false;
     }
-    if (action === 'kill' || action === 'delete') {
+    const notebook = kernelNotebook(this._workspaces.get(target));
+    let kernel: KernelChoice | undefined;
+    if (notebook && action !== 'start' && action !== 'delete') {
+      kernel = await askKernelChoice(target, notebook, ACTION_LABELS[action]);
+      if (!kernel) {
+        return false;
+      }
+    } else if (action === 'kill' || action === 'delete') {
       const result = await showDialog({
         title: `${ACTION_LABELS[action]} workspace "${target}"?`,
         body:
@@ -277,7 +288,7 @@ export class MicroagentPanel extends Widget {
       if (action === 'delete') {
         await api.deleteWorkspace(target);
       } else {
-        await api.action(target, action);
+        await api.action(target, action, kernel);
       }
       return true;
     } catch (error) {
@@ -289,6 +300,18 @@ export class MicroagentPanel extends Widget {
       this._pending.delete(target);
       this._updatePending(target);
       await this.refresh();
+    }
+  }
+
+  /** Upload or download one file (asks for the paths); errors are shown in the panel. */
+  async transfer(
+    name: string,
+    fn: (name: string, dir: string) => Promise<string | null>
+  ): Promise<void> {
+    try {
+      await fn(name, defaultDir(!!kernelNotebook(this._workspaces.get(name))));
+    } catch (error) {
+      this._reportError(`"${name}": ${errorMessage(error)}`);
     }
   }
 
@@ -494,6 +517,8 @@ export class MicroagentPanel extends Widget {
     pending.hidden = true;
     top.append(nameNode, badge, pending);
     const meta = el('div', 'ma-Meta');
+    const owner = el('div', 'ma-Owner');
+    owner.hidden = true;
     const ready = el('div', 'ma-Readiness');
     const dots = SIGNALS.map(([, label]) => {
       const dot = el('span', 'ma-Signal', label);
@@ -522,13 +547,27 @@ export class MicroagentPanel extends Widget {
       actions.append(button);
       buttons.set(action, button);
     }
-    node.append(top, meta, ready, volumes, blocked, error, actions);
+    const files = el('div', 'ma-Actions ma-FileActions');
+    for (const [label, help, fn] of [
+      ['Upload…', 'Copy a file from this computer into the workspace', uploadTo],
+      ['Download…', 'Save a file of the workspace on this computer', downloadFrom]
+    ] as const) {
+      const button = el('button', `ma-Button ma-File-${label.slice(0, -1).toLowerCase()}`, label);
+      button.title = help;
+      button.addEventListener('click', () => {
+        this.select(name);
+        void this.transfer(name, fn);
+      });
+      files.append(button);
+    }
+    node.append(top, meta, owner, ready, volumes, blocked, error, actions, files);
     return {
       node,
       name: nameNode,
       badge,
       pending,
       meta,
+      owner,
       dots,
       volumes,
       blocked,
@@ -570,6 +609,9 @@ export class MicroagentPanel extends Widget {
       'title',
       [w.accelReason, w.networkSummary].filter(Boolean).map(String).join('\n')
     );
+    const whose = ownerLine(w);
+    setText(row.owner, whose);
+    setHidden(row.owner, !whose);
     SIGNALS.forEach(([key, label], i) => {
       const signal = w[key] as IReadiness | undefined;
       const dot = row.dots[i];

@@ -44,8 +44,37 @@ export interface IWorkspace {
   live?: boolean;
   /** while it runs: what its DNS and egress proxy did, and the recent refusals */
   egress?: IEgressReport | null;
+  /** a session's VM: whose (a notebook's sandboxed kernel, a `%%microagent python` session, a build) */
+  owner?: IOwner | null;
+  /** while it runs: CPU seconds and resident MiB of its VM process */
+  usage?: { cpuSeconds: number; rssMiB: number } | null;
   [key: string]: unknown;
 }
+
+/** Who a session workspace belongs to. */
+export interface IOwner {
+  kind: 'kernel' | 'session' | 'build' | string;
+  kernelId?: string;
+  /** the notebook's path under the server's root (a kernel's) */
+  notebook?: string;
+  /** the kernel runs in this server (so actions go through it) */
+  thisServer?: boolean;
+  alive?: boolean;
+}
+
+/** One sandboxed kernel of this server: its launch's preparation steps and its VM. */
+export interface IKernelEntry {
+  kernelId: string;
+  notebook: string | null;
+  workspace: string | null;
+  phase: 'preparing' | 'ready' | 'failed';
+  steps: { t: number; message: string }[];
+  startedAt: number;
+  error: string | null;
+}
+
+/** What becomes of the kernel when its VM is halted, stopped or killed. */
+export type KernelChoice = 'restart' | 'shutdown';
 
 /** One connection the egress proxy refused (the name is the guest's, shown as text only). */
 export interface IBlocked {
@@ -185,8 +214,31 @@ export const api = {
     requestAPI<IWorkspace[]>(['workspaces']),
   getWorkspace: (name: string): Promise<IWorkspace> =>
     requestAPI<IWorkspace>(['workspaces', name]),
-  action: (name: string, action: WorkspaceAction): Promise<IWorkspace> =>
-    requestAPI<IWorkspace>(['workspaces', name, action], jsonInit('POST')),
+  action: (
+    name: string,
+    action: WorkspaceAction,
+    kernel?: KernelChoice
+  ): Promise<IWorkspace> =>
+    requestAPI<IWorkspace>(
+      ['workspaces', name, action],
+      jsonInit('POST', kernel ? { kernel } : undefined)
+    ),
+  kernels: (): Promise<IKernelEntry[]> =>
+    requestAPI<IKernelEntry[]>(['kernels']),
+  /** Upload one file to `path` in the workspace (the engine's cp rules and byte cap). */
+  upload: (name: string, path: string, data: Blob): Promise<unknown> =>
+    requestAPI(
+      ['workspaces', name, 'files'],
+      { method: 'PUT', body: data },
+      `?path=${encodeURIComponent(path)}`
+    ),
+  /** One file of the workspace, as bytes (never rendered). */
+  download: (name: string, path: string): Promise<Blob> =>
+    requestRaw(
+      ['workspaces', name, 'files'],
+      {},
+      `?path=${encodeURIComponent(path)}`
+    ).then(r => r.blob()),
   /** Widen a workspace's allow-list (at once when it runs). */
   allow: (name: string, entries: string[]): Promise<IWorkspace> =>
     requestAPI<IWorkspace>(
