@@ -4,7 +4,8 @@ The copy goes through the guest agent as a tar stream on a command's stdin, so i
 workspace and never exposes a live host directory. Only regular files and directories are copied (no symlinks,
 devices or sockets; ``.ipynb_checkpoints`` and ``__pycache__`` are left out), up to a byte budget: what does not
 fit is listed in ``MICROAGENT-COPY-INCOMPLETE.txt`` beside the files. The kernel starts in the copy. Changes made
-in the guest stay there (bring results back with ``%microagent cp WORKSPACE:/notebook/FILE .`` or ``--out``).
+in the guest stay there (bring results back with ``%microagent cp WORKSPACE:/notebook/FILE .`` or ``--out``), but
+for an opt-in writable folder whose files come back (:mod:`.notebook_sync`).
 """
 
 from __future__ import annotations
@@ -70,17 +71,31 @@ def build_tar(root: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[tempfile.
     return out, count, left_out
 
 
-def copy_into(engine: Engine, workspace: str, root: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> str:
-    """Copy ``root`` into the running ``workspace`` at :data:`GUEST_NOTEBOOK_DIR` (read-only); a line saying what
-    was copied. MicroagentError when the guest cannot unpack it."""
+#: where a writable folder's files live in the guest (bind-mounted at /notebook/FOLDER)
+GUEST_WRITABLE_DIR = "/var/lib/microagent-writable"
+
+
+def copy_into(engine: Engine, workspace: str, root: Path, max_bytes: int = DEFAULT_MAX_BYTES,
+              writable: str | None = None) -> str:
+    """Copy ``root`` into the running ``workspace`` at :data:`GUEST_NOTEBOOK_DIR` (read-only, but for the
+    ``writable`` folder: a name checked by :func:`.notebook_sync.check_folder`); a line saying what was copied.
+    MicroagentError when the guest cannot unpack it."""
     tar, count, left_out = build_tar(root, max_bytes)
     with tar:
         d = GUEST_NOTEBOOK_DIR  # read-only for root too: a read-only bind mount of the copy
         script = (f'umount {d} 2>/dev/null; rm -rf {d} && mkdir -p {d} && tar -x -C {d} && chmod -R a-w {d} && '
                   f'mount --bind {d} {d} && mount -o remount,bind,ro {d}')
+        if writable:
+            w = f"{GUEST_WRITABLE_DIR}/{writable}"
+            script = (f"umount {d}/{writable} 2>/dev/null; "
+                      + script.replace(f"tar -x -C {d} && ", f"tar -x -C {d} && mkdir -p {d}/{writable} && ")
+                      + f" && rm -rf {w} && mkdir -p {w} && cp -a {d}/{writable}/. {w}/ && chmod -R u+w {w} && "
+                        f"mount --bind {w} {d}/{writable}")
         result = engine.exec(workspace, ["/bin/sh", "-c", script], stdin=tar, timeout=600, max_output=4096)
     if not result.ok:
         raise MicroagentError(f"the notebook's directory could not be copied into {workspace}: "
                               f"{result.stderr.decode(errors='replace')[-300:]}")
     extra = f"; {len(left_out)} left out (see {GUEST_NOTEBOOK_DIR}/{INCOMPLETE})" if left_out else ""
+    if writable:
+        extra += f"; {GUEST_NOTEBOOK_DIR}/{writable} is writable and comes back to {root / writable}"
     return f"copied {count} file(s) of {root} to {GUEST_NOTEBOOK_DIR} (read-only){extra}"

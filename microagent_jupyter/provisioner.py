@@ -17,6 +17,7 @@ import dataclasses
 import os
 import secrets
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +25,22 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Bool, Dict, Integer, Unicode
 
 from microagent_engine import Engine
-from microagent_engine.errors import MicroagentError
+from microagent_engine.errors import InvalidArgument, MicroagentError
 from microagent_engine.fsutil import private_dir
 from microagent_engine.workspace_spec import WorkspaceSpec
 
 from . import kernel_board
 from .guest_kernel import GuestKernel, KernelDied
 from .notebook_files import GUEST_NOTEBOOK_DIR, copy_into
+from .notebook_sync import check_folder, sync_back
 from .output_policy import OutputPolicy
 from .relay import Relay
 from .session_owner import remove_workspace, sweep
 from .warm_python import session_spec, start_session_workspace
 
 PROVISIONER_NAME = "microagent-provisioner"
+#: kernels of this process with a writable folder, by kernel id (the save hook and REST's sync find them here)
+SYNCING: dict[str, "MicroagentProvisioner"] = {}
 
 
 class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
@@ -49,9 +53,14 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     notebook_files = Bool(True, config=True, help="copy the notebook's directory into the VM (read-only, at "
                           "/notebook) and start the kernel there")
     notebook_copy_max_mib = Integer(256, config=True, help="the byte budget of that copy, in MiB")
+    writable_folder = Unicode("", config=True, help="a folder of the notebook's (e.g. 'results') that the kernel may "
+                              "write at /notebook/FOLDER; its files come back on save, restart, shutdown and "
+                              "request (see microagent_jupyter.notebook_sync); '' (the default): none")
+    sync_max_mib = Integer(256, config=True, help="the byte budget of bringing that folder back, in MiB")
     state_dir = Unicode("", config=True, help="microagent state dir (default: $MICROAGENT_STATE_DIR or ~/.microagent)")
 
     workspace: str | None = None
+    _sync_lock = threading.Lock()  # one sync at a time (per process: syncs are rare and short)
     _cwd: str | None = None
     _notebook: str | None = None
     kernel: GuestKernel | None = None
@@ -128,7 +137,8 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 self.warm_from, self.cold_reason = start_session_workspace(
                     engine, self.workspace, dataclasses.replace(spec, env=None), env, owned=True,
                     warm=self.warm, progress=engine.progress,
-                    owner={"kind": "kernel", "kernel_id": self.kernel_id, "notebook": self._notebook})
+                    owner={"kind": "kernel", "kernel_id": self.kernel_id, "notebook": self._notebook,
+                           "writable": self._writable_guest_dir()})
                 if self.cold_reason:
                     self.log.info("microagent kernel %s boots cold: %s", self.workspace, self.cold_reason)
             except BaseException:
@@ -161,9 +171,46 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         """The notebook's directory, copied into the VM: the guest directory the kernel starts in (None: none)."""
         if not self.notebook_files or not self._cwd or not Path(self._cwd).is_dir():
             return None
-        line = copy_into(self.engine, str(self.workspace), Path(self._cwd), self.notebook_copy_max_mib << 20)
+        writable = check_folder(self.writable_folder) if self.writable_folder else None
+        line = copy_into(self.engine, str(self.workspace), Path(self._cwd), self.notebook_copy_max_mib << 20,
+                         writable=writable)
         self.log.info("microagent kernel %s: %s", self.workspace, line)
+        if writable:
+            SYNCING[self._board_id] = self
         return GUEST_NOTEBOOK_DIR
+
+    def _writable_guest_dir(self) -> str | None:
+        """Where the writable folder is in the guest (None: there is none)."""
+        if not (self.writable_folder and self.notebook_files and self._cwd):
+            return None
+        return f"{GUEST_NOTEBOOK_DIR}/{check_folder(self.writable_folder)}"
+
+    def sync_files(self) -> str:
+        """Bring the writable folder back into the notebook's folder now; a line saying what came back."""
+        if not self.writable_folder or not self._cwd or not self.workspace:
+            raise InvalidArgument("this kernel has no writable folder (set the provisioner's writable_folder, "
+                                  "e.g. 'results', in its kernelspec)")
+        with self._sync_lock:
+            dest = Path(self._cwd) / self.writable_folder
+            report = sync_back(self.engine, self.workspace, self.writable_folder, dest, self.sync_max_mib << 20)
+        line = report.line(dest)
+        self.log.info("microagent kernel %s: %s", self.workspace, line)
+        return line
+
+    def serves(self, notebook_dir: str, notebook_name: str) -> bool:
+        """Whether this kernel serves the notebook ``notebook_dir/notebook_name`` (its save hook syncs)."""
+        if not self._cwd or os.path.realpath(self._cwd) != os.path.realpath(notebook_dir):
+            return False
+        return not self._notebook or os.path.basename(self._notebook) == notebook_name
+
+    def sync_quietly(self) -> None:
+        """Sync (on save, before a restart or shutdown): a failure is logged, never raised."""
+        if self._board_id not in SYNCING or not self._vm_running():
+            return
+        try:
+            self.sync_files()
+        except (MicroagentError, OSError) as exc:
+            self.log.warning("microagent kernel %s: its writable folder did not come back: %s", self.workspace, exc)
 
     def _vm_running(self) -> bool:
         try:
@@ -205,11 +252,13 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def cleanup(self, restart: bool = False) -> None:
         """On restart keep the VM (a new kernel starts in it); otherwise stop the relay and remove the VM."""
+        await asyncio.to_thread(self.sync_quietly)
         if restart:
             if self.kernel is not None:
                 await asyncio.to_thread(self.kernel.stop)
             return
         kernel_board.forget(self._board_id)
+        SYNCING.pop(self._board_id, None)
         await asyncio.to_thread(self._remove)
 
     def _remove(self) -> None:

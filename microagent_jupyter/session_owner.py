@@ -26,15 +26,18 @@ def _owner_path(engine: Engine, name: str) -> Path:
 
 
 def record_owner(engine: Engine, name: str, pid: int | None = None, *, kind: str = "session",
-                 kernel_id: str | None = None, notebook: str | None = None) -> None:
+                 kernel_id: str | None = None, notebook: str | None = None, writable: str | None = None) -> None:
     """Record this process (or ``pid``) as the owner of workspace ``name``: a ``session`` (the magic's), a
-    ``kernel`` (a sandboxed notebook kernel's: its id and notebook path, for the panel) or a ``build``."""
+    ``kernel`` (a sandboxed notebook kernel's: its id, notebook path and writable folder in the guest, for the
+    panel) or a ``build``."""
     pid = pid or os.getpid()
     record: dict[str, object] = {"pid": pid, "start": process_start_time(pid), "kind": kind}
     if kernel_id:
         record["kernelId"] = kernel_id
     if notebook:
         record["notebook"] = notebook
+    if writable:
+        record["writable"] = writable
     write_json_atomic(_owner_path(engine, name), record)
 
 
@@ -46,7 +49,7 @@ def owner_of(engine: Engine, name: str) -> dict[str, object] | None:
         return None
     if not isinstance(record, dict):
         return None
-    out = {k: record[k] for k in ("pid", "kind", "kernelId", "notebook") if isinstance(record.get(k), (str, int))}
+    out = {k: record[k] for k in ("pid", "kind", "kernelId", "notebook", "writable") if isinstance(record.get(k), (str, int))}
     out["alive"] = owner_alive(record)
     return out
 

@@ -92,7 +92,14 @@ def allocated(root: Path) -> int:
     """Bytes of host disk used under ``root`` (st_blocks)."""
     if root.is_file():
         return os.stat(root).st_blocks * 512
-    return sum(os.lstat(os.path.join(d, f)).st_blocks * 512 for d, _, fs in os.walk(root) for f in fs)
+    total = 0
+    for d, _, fs in os.walk(root):
+        for f in fs:
+            try:
+                total += os.lstat(os.path.join(d, f)).st_blocks * 512
+            except FileNotFoundError:  # a build directory being removed while we walk it
+                pass
+    return total
 
 
 def check_sparse_copy(path: Path) -> None:

@@ -295,3 +295,61 @@ def test_the_shipped_kernelspec_configures_the_provisioner() -> None:
     assert ws.network.mode == "isolated" and ws.image == "builtin:python"
     assert (folder / "logo-64x64.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (folder / "logo-svg.svg").read_text().startswith("<svg")
+
+
+@pytest.mark.vm
+def test_the_writable_folder_comes_back_and_hostile_names_do_not(state_dir: Path, engine, python_image: Path,
+                                                                  tmp_path: Path, monkeypatch) -> None:
+    """The kernel starts in a read-only copy of the notebook's folder; ``writable_folder`` is writable and its
+    files come back on request and at shutdown, but no symlink, odd name or path through a host symlink does."""
+    import shutil
+
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    ensure_entry_point(tmp_path / "ep")
+    monkeypatch.setenv("MICROAGENT_STATE_DIR", str(state_dir))
+    kernels = tmp_path / "kernels"
+    shutil.copytree(KERNELS / "kernels" / "microagent-python", kernels / "sbx")
+    spec = json.loads((kernels / "sbx" / "kernel.json").read_text())
+    spec["metadata"]["kernel_provisioner"]["config"]["writable_folder"] = "results"
+    (kernels / "sbx" / "kernel.json").write_text(json.dumps(spec))
+    notebook_dir = tmp_path / "project"
+    (notebook_dir / "results").mkdir(parents=True)
+    (notebook_dir / "data.csv").write_text("a,b\n1,2\n")
+    (notebook_dir / "results" / "kept.txt").write_text("the host's own\n")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (notebook_dir / "results" / "escape").symlink_to(outside)  # a host symlink the guest must not write through
+    km = KernelManager(kernel_name="sbx", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels)]))
+    km.start_kernel(cwd=str(notebook_dir), env={**os.environ, "JPY_SESSION_NAME": str(notebook_dir / "a.ipynb")})
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=300)
+        reply, outs = _run(kc, "import os\nprint(os.getcwd(), open('data.csv').read().split()[1])\n"
+                               "try:\n    open('new.txt', 'w')\nexcept OSError as e:\n    print('read-only', e.errno)")
+        text = "".join(m["content"].get("text", "") for m in outs if m["msg_type"] == "stream")
+        assert "/notebook 1,2" in text and "read-only 30" in text, text
+        reply, outs = _run(kc, "os.makedirs('results/sub', exist_ok=True)\n"
+                               "open('results/summary.csv', 'w').write('n\\n3\\n')\n"
+                               "open('results/sub/deep.txt', 'w').write('deep')\n"
+                               "open('results/bad\\nname.txt', 'w').write('x')\n"
+                               "os.symlink('/etc/passwd', 'results/passwd')\n"
+                               "import shutil; shutil.rmtree('results/escape', ignore_errors=True)\n"
+                               "os.makedirs('results/escape', exist_ok=True); open('results/escape/evil', 'w')"
+                               ".write('x')")
+        assert reply["content"]["status"] == "ok", reply["content"]
+        line = km.provisioner.sync_files()
+        assert (notebook_dir / "results" / "summary.csv").read_text() == "n\n3\n"
+        assert (notebook_dir / "results" / "sub" / "deep.txt").read_text() == "deep"
+        assert (notebook_dir / "results" / "kept.txt").read_text() == "the host's own\n"  # nothing is deleted
+        assert not (notebook_dir / "results" / "passwd").exists()
+        assert not [p for p in (notebook_dir / "results").iterdir() if "\n" in p.name]
+        assert list(outside.iterdir()) == [], "a file went through the host's symlink"
+        assert "skipped" in line, line
+        _run(kc, "open('results/late.txt', 'w').write('after the sync')")
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel()
+    assert (notebook_dir / "results" / "late.txt").read_text() == "after the sync"  # shutdown brought it back
+    assert not [i.name for i in engine.list() if i.name.startswith("nbk-")]

@@ -180,7 +180,12 @@ async function checkWorkplace() {
     old => /sandbox nbk-/.test(document.querySelector('#microagent-sandbox-status')?.textContent ?? '') &&
       !(document.querySelector('#microagent-sandbox-status')?.textContent ?? '').includes(old),
     first, { timeout: 300_000 });
-  await page.locator('.jp-StatusBar-Widget', { hasText: /\| Idle/ }).first().waitFor({ timeout: 300_000 });
+  try {
+    await page.locator('.jp-StatusBar-Widget', { hasText: /\| Idle/ }).first().waitFor({ timeout: 120_000 });
+  } finally {
+    w.statusBarAfterRestart = await page.locator('#jp-main-statusbar').textContent();
+    step(`status bar after the restart: ${w.statusBarAfterRestart}`);
+  }
   await runCell("print('after-restart', 'before_halt' in globals(), 40 + 2)");
   w.afterHalt = (await lastOutput()).trim();
   w.secondVm = (await item.textContent()) ?? '';

@@ -2,7 +2,12 @@
  * The microagent sidebar panel: workspaces, volumes, a create-volume form and the serial log of the selected
  * workspace. Polls the REST API and updates rows in place (keyed by name) so nothing flickers.
  */
-import { Dialog, showDialog, showErrorMessage } from '@jupyterlab/apputils';
+import {
+  Dialog,
+  Notification,
+  showDialog,
+  showErrorMessage
+} from '@jupyterlab/apputils';
 import { Message } from '@lumino/messaging';
 import { ISignal, Signal } from '@lumino/signaling';
 import { Widget } from '@lumino/widgets';
@@ -87,6 +92,7 @@ interface IWorkspaceRow {
   blocked: HTMLElement;
   error: HTMLElement;
   buttons: Map<PanelAction, HTMLButtonElement>;
+  sync: HTMLButtonElement;
   key: string;
 }
 
@@ -309,7 +315,21 @@ export class MicroagentPanel extends Widget {
     fn: (name: string, dir: string) => Promise<string | null>
   ): Promise<void> {
     try {
-      await fn(name, defaultDir(!!kernelNotebook(this._workspaces.get(name))));
+      await fn(name, defaultDir(this._workspaces.get(name)?.owner?.writable ?? null));
+    } catch (error) {
+      this._reportError(`"${name}": ${errorMessage(error)}`);
+    }
+  }
+
+  /** Bring a kernel VM's writable folder back into its notebook's folder; what came back is shown. */
+  async syncFiles(name: string): Promise<void> {
+    const kernelId = this._workspaces.get(name)?.owner?.kernelId;
+    if (!kernelId) {
+      return;
+    }
+    try {
+      const answer = await api.syncKernel(kernelId);
+      Notification.success(answer.message, { autoClose: 8000 });
     } catch (error) {
       this._reportError(`"${name}": ${errorMessage(error)}`);
     }
@@ -560,6 +580,14 @@ export class MicroagentPanel extends Widget {
       });
       files.append(button);
     }
+    const sync = el('button', 'ma-Button ma-File-sync', 'Sync files');
+    sync.title = "Bring the kernel's writable folder back into the notebook's folder now (saving the notebook does too)";
+    sync.hidden = true;
+    sync.addEventListener('click', () => {
+      this.select(name);
+      void this.syncFiles(name);
+    });
+    files.append(sync);
     node.append(top, meta, owner, ready, volumes, blocked, error, actions, files);
     return {
       node,
@@ -573,6 +601,7 @@ export class MicroagentPanel extends Widget {
       blocked,
       error,
       buttons,
+      sync,
       key: ''
     };
   }
@@ -612,6 +641,7 @@ export class MicroagentPanel extends Widget {
     const whose = ownerLine(w);
     setText(row.owner, whose);
     setHidden(row.owner, !whose);
+    setHidden(row.sync, !(w.owner?.writable && w.owner.thisServer && w.owner.kernelId));
     SIGNALS.forEach(([key, label], i) => {
       const signal = w[key] as IReadiness | undefined;
       const dot = row.dots[i];

@@ -60,6 +60,8 @@ export interface IOwner {
   /** the kernel runs in this server (so actions go through it) */
   thisServer?: boolean;
   alive?: boolean;
+  /** the kernel's writable folder in the guest (its files come back to the notebook's folder) */
+  writable?: string;
 }
 
 /** One sandboxed kernel of this server: its launch's preparation steps and its VM. */
@@ -225,6 +227,12 @@ export const api = {
     ),
   kernels: (): Promise<IKernelEntry[]> =>
     requestAPI<IKernelEntry[]>(['kernels']),
+  /** Bring a sandboxed kernel's writable folder back into its notebook's folder now. */
+  syncKernel: (kernelId: string): Promise<{ message: string }> =>
+    requestAPI<{ message: string }>(
+      ['kernels', kernelId, 'sync'],
+      jsonInit('POST')
+    ),
   /** Upload one file to `path` in the workspace (the engine's cp rules and byte cap). */
   upload: (name: string, path: string, data: Blob): Promise<unknown> =>
     requestAPI(

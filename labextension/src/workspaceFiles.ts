@@ -6,9 +6,10 @@ import { InputDialog } from '@jupyterlab/apputils';
 
 import { api } from './request';
 
-/** Where an upload goes when the user keeps the default (a sandboxed kernel works in /notebook). */
-export function defaultDir(isKernelVm: boolean): string {
-  return isKernelVm ? '/notebook/' : '/root/';
+/** Where an upload goes when the user keeps the default: the kernel's writable folder when it has one (it comes
+ * back to the notebook's folder), else root's home (a sandboxed kernel's /notebook is a read-only copy). */
+export function defaultDir(writable: string | null): string {
+  return writable ? `${writable.replace(/\/+$/, '')}/` : '/root/';
 }
 
 /** Ask for a local file and a guest path; upload. The guest path, or null when cancelled. */

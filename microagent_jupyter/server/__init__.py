@@ -9,9 +9,11 @@ from .config import MicroagentConfig
 
 def load_jupyter_server_extension(serverapp: Any) -> None:
     from .handlers import setup_handlers
+    from .kernels import sync_on_save
 
     config = MicroagentConfig(parent=serverapp)
     setup_handlers(serverapp.web_app, config)
+    serverapp.contents_manager.register_post_save_hook(sync_on_save)
     serverapp.log.info("microagent: REST API at %smicroagent/api/ (state dir %s)",
                        serverapp.web_app.settings.get("base_url", "/"),
                        serverapp.web_app.settings["microagent_engine"].state_dir)

@@ -29,7 +29,7 @@ from .._engine import get_engine
 from .base import HANDLED, NAME, TEXT, BadRequest, BaseHandler, Forbidden, _int, _str_or_none
 from .config import MicroagentConfig
 from .files import FilesHandler
-from .kernels import KernelOwned, KernelsHandler, kernel_action, with_owners
+from .kernels import KernelOwned, KernelsHandler, SyncHandler, kernel_action, with_owners
 
 #: seconds a REST exec may run when the request names no timeout (``"timeout": 0`` means none)
 REST_EXEC_TIMEOUT = 300.0
@@ -355,6 +355,7 @@ def setup_handlers(web_app: Any, config: MicroagentConfig) -> None:
         (rf"/workspaces/{NAME}/logs/stream/?", LogStreamHandler),
         (r"/volumes/?", VolumesHandler),
         (r"/kernels/?", KernelsHandler),
+        (r"/kernels/([0-9a-fA-F-]{1,64})/sync/?", SyncHandler),
         (rf"/volumes/{NAME}/?", VolumeHandler),
     ]
     web_app.add_handlers(".*$", [(base + pattern, handler) for pattern, handler in routes])

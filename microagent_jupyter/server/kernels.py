@@ -6,13 +6,20 @@ and ``kill`` of one whose kernel this server runs are refused (409, with the ker
 says what becomes of the kernel: ``{"kernel": "restart"}`` (the VM goes, the kernel restarts in a new one) or
 ``{"kernel": "shutdown"}`` (the kernel shuts down, which removes its VM). ``GET /kernels`` is
 :mod:`..kernel_board` (preparation steps of the kernels being started) joined with the live sessions.
+``POST /kernels/ID/sync`` and the post-save hook :func:`sync_on_save` bring a kernel's writable folder back
+(:mod:`..notebook_sync`).
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 from typing import Any
 
 import tornado.web
+
+from microagent_engine.errors import NotFound
 
 from .. import kernel_board
 from ..session_owner import owner_of
@@ -90,6 +97,48 @@ async def kernel_action(handler: BaseHandler, name: str, action: str, body: dict
         await handler.call(getattr(handler.engine, action), name)
         await manager.restart_kernel(kid)  # the provisioner finds its VM gone and starts the kernel in a new one
     return {"name": name, "kernel": choice, "kernelId": kid, "notebook": notebook}
+
+
+def writable_kernels(notebook_dir: str, notebook_name: str) -> list[Any]:
+    """This process's sandboxed kernels with a writable folder that serve the notebook saved at
+    ``notebook_dir/notebook_name``."""
+    from ..provisioner import SYNCING  # the provisioner imports jupyter_client: only when a kernel ran here
+
+    return [p for p in list(SYNCING.values()) if p.serves(notebook_dir, notebook_name)]
+
+
+def sync_on_save(model: dict[str, Any] | None = None, os_path: str = "", **_kwargs: Any) -> None:
+    """The contents manager's post-save hook: a saved notebook's kernel brings its writable folder back (in a
+    thread: the save answers at once; failures are logged by the provisioner)."""
+    if not os_path or (model or {}).get("type") != "notebook" or "microagent_jupyter.provisioner" not in sys.modules:
+        return
+    for prov in writable_kernels(os.path.dirname(os_path), os.path.basename(os_path)):
+        threading.Thread(target=prov.sync_quietly, name="microagent-sync", daemon=True).start()
+
+
+class SyncHandler(BaseHandler):
+    """POST /kernels/ID/sync: bring that kernel's writable folder back into the notebook's folder now."""
+
+    @tornado.web.authenticated
+    async def post(self, kernel_id: str) -> None:
+        try:
+            prov = syncing_kernel(kernel_id)
+            if prov is None:
+                raise NotFound(f"kernel {kernel_id} of this server has no writable folder (set writable_folder in "
+                               f"the sandboxed kernelspec's config, e.g. \"writable_folder\": \"results\")")
+            message = await self.call_long(prov.sync_files)
+            self.send_json({"kernelId": kernel_id, "message": message})
+        except HANDLED as exc:
+            self.send_error_json(exc)
+
+
+def syncing_kernel(kernel_id: str) -> Any:
+    """The provisioner of kernel ``kernel_id`` when it has a writable folder (None: no such kernel here)."""
+    if "microagent_jupyter.provisioner" not in sys.modules:
+        return None
+    from ..provisioner import SYNCING
+
+    return SYNCING.get(kernel_id)
 
 
 class KernelsHandler(BaseHandler):
