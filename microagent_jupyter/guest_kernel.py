@@ -227,7 +227,7 @@ class GuestKernel:
         import zmq
         from jupyter_client.session import Session
 
-        from .relay import bounded_context, endpoint
+        from .relay import RELAY_SESSION, bounded_context, endpoint
 
         self.wait_bound(timeout)  # a warm kernel: connect once its sockets are bound (no reconnect backoff)
         session = Session(key=str(info["key"]).encode(), signature_scheme="hmac-sha256", username="microagent")
@@ -267,7 +267,8 @@ class GuestKernel:
                             continue
                         if sock is shell and got["msg_type"] == "kernel_info_reply":
                             shell_ok = True
-                        elif sock is sub and got["msg_type"] == "status":
+                        elif sock is sub and got["msg_type"] == "status" and \
+                                got["header"].get("session") != RELAY_SESSION:  # the guest's, not the relay's
                             iopub_ok = True
         finally:
             shell.close(0)

@@ -154,13 +154,14 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self.connection_info = {k: v for k, v in frontend.items() if k != "kernel_name"}  # key: bytes, as km's
             key = self.connection_info.get("key", b"")
             self._front = {**self.connection_info, "key": key.decode() if isinstance(key, bytes) else key}
-            if self.relay is not None:  # a restart: jupyter_client removed its ipc files, so bind them afresh
+            restart = self.relay is not None
+            if restart:  # jupyter_client removed its ipc files, so bind them afresh
                 self.relay.stop()
                 self.relay = None
             if self.relay is None:
                 kernel = self.kernel
                 self.relay = Relay(self._front, kernel.host_info, alive=lambda: kernel.alive,
-                                   policy=OutputPolicy(server_origins=server_origins()))
+                                   policy=OutputPolicy(server_origins=server_origins()), announce_idle=restart)
                 self.relay.start()
             self._wait_ready()
         except BaseException:

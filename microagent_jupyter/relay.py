@@ -38,6 +38,8 @@ import zmq
 from .output_policy import OutputPolicy, note
 
 DELIM = b"<IDS|MSG>"
+#: the session of messages the relay writes itself (notes, the idle status after a restart)
+RELAY_SESSION = "microagent-relay"
 CHANNELS = ("shell", "control", "stdin", "iopub", "hb")
 MAX_GUEST_MESSAGE = 16 * 1024 * 1024  # above the output policy's 8 MiB per output; a larger one drops the connection
 RCVHWM, SNDHWM = 2, 8  # messages queued per socket: with MAX_GUEST_MESSAGE, what bounds a session's bytes in ZMQ
@@ -112,8 +114,12 @@ class Relay:
     ``alive()`` says whether the guest kernel still runs (heartbeats are answered only then)."""
 
     def __init__(self, frontend: dict[str, Any], guest: dict[str, Any], alive: Callable[[], bool],
-                 policy: OutputPolicy | None = None) -> None:
+                 policy: OutputPolicy | None = None, announce_idle: bool = False) -> None:
         self.frontend, self.guest, self.alive = frontend, guest, alive
+        # after a restart the frontend did not ask for (Halt from the panel, REST): tell each (re)connecting
+        # subscriber that the new kernel is idle until it is first asked to execute (jupyter_server and JupyterLab
+        # ignore the status of the server's own kernel_info, so the notebook would show "Starting" until then)
+        self.announce_idle = announce_idle
         self.policy = policy or OutputPolicy()
         self.front_signer, self.guest_signer = Signer(frontend["key"]), Signer(guest["key"])
         self.dropped = 0
@@ -168,6 +174,7 @@ class Relay:
             f.linger = 0
             f.setsockopt(zmq.SNDHWM, SNDHWM)  # guest outputs queued towards a slow frontend
             f.setsockopt(zmq.XPUB_NODROP, 1)  # a full queue says so (EAGAIN): the loss is counted and told
+            f.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscriber's subscription (for announce_idle)
             f.bind(endpoint(self.frontend, "iopub"))
             g = ctx.socket(zmq.SUB)
             g.linger = 0
@@ -208,7 +215,9 @@ class Relay:
                     if ch == "hb":
                         # a REP must answer before it can receive again: echo while the guest kernel is alive
                         f.send_multipart(frames if self.alive() else [b""], flags=zmq.NOBLOCK)
-                    elif ch == "iopub" and side == "front":  # subscriptions from the frontend: ignore
+                    elif ch == "iopub" and side == "front":  # a subscription: answered only after a restart
+                        if self.announce_idle and frames and frames[0][:1] == b"\x01":
+                            self._send_front("iopub", f, self._idle_status())
                         continue
                     elif side == "front":
                         out = self._guarded(self._to_guest, ch, frames)
@@ -243,11 +252,18 @@ class Relay:
             if channel == "iopub":
                 self.lost_to_slow_frontend += 1
 
+    def _idle_status(self) -> list[bytes]:
+        """A status message from the relay itself: the kernel is idle (no parent: every frontend counts it)."""
+        header = json.dumps({"msg_id": os.urandom(16).hex(), "msg_type": "status", "username": "microagent",
+                             "session": RELAY_SESSION, "date": _now(), "version": "5.3"}).encode()
+        body = [header, b"{}", b"{}", b'{"execution_state": "idle"}']
+        return [b"kernel.microagent-relay.status", DELIM, self.front_signer.sign(body), *body]
+
     def _note(self, like: list[bytes], text: str) -> list[bytes]:
         """A stderr stream message from the relay itself, with the parent of the signed message ``like``."""
         i = like.index(DELIM)
         header = json.dumps({"msg_id": os.urandom(16).hex(), "msg_type": "stream", "username": "microagent",
-                             "session": "microagent-relay", "date": _now(), "version": "5.3"}).encode()
+                             "session": RELAY_SESSION, "date": _now(), "version": "5.3"}).encode()
         body = [header, like[i + 3], b"{}", json.dumps({"name": "stderr", "text": note(text) + "\n"}).encode()]
         return [*like[:i], DELIM, self.front_signer.sign(body), *body]
 
@@ -271,6 +287,8 @@ class Relay:
             self.dropped += 1
             return None
         self._remember(channel, body[0], body[3])
+        if self.announce_idle and b'"execute_request"' in body[0]:
+            self.announce_idle = False  # from now on the kernel's own status is the truth
         return [*idents, DELIM, self.guest_signer.sign(body[:4]), *body]
 
     def _remember(self, channel: str, header_b: bytes, content_b: bytes) -> None:

@@ -353,3 +353,52 @@ def test_the_writable_folder_comes_back_and_hostile_names_do_not(state_dir: Path
         km.shutdown_kernel()
     assert (notebook_dir / "results" / "late.txt").read_text() == "after the sync"  # shutdown brought it back
     assert not [i.name for i in engine.list() if i.name.startswith("nbk-")]
+
+
+def test_after_a_restart_the_relay_tells_each_new_subscriber_the_kernel_is_idle() -> None:
+    """A restart the frontend did not ask for (Halt from the panel): JupyterLab ignores the status of the server's
+    own kernel_info, so the relay tells each (re)connecting subscriber "idle", until the first execute."""
+    from jupyter_client.session import Session
+
+    from microagent_jupyter.relay import RELAY_SESSION
+
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel()
+    guest = km.get_connection_info()
+    guest["key"] = guest["key"].decode() if isinstance(guest["key"], bytes) else guest["key"]
+    front = connection_info(uuid.uuid4().hex, free_ports())
+    relay = Relay(front, guest, alive=km.is_alive, announce_idle=True)
+    relay.start()
+    session = Session(key=front["key"].encode(), signature_scheme="hmac-sha256")
+    ctx = zmq.Context()
+
+    def first_status() -> dict[str, Any] | None:
+        sub = ctx.socket(zmq.SUB)
+        sub.linger = 0
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(f"tcp://127.0.0.1:{front['iopub_port']}")
+        try:
+            if not sub.poll(3000):
+                return None
+            _, parts = session.feed_identities(sub.recv_multipart())
+            return session.deserialize(parts)  # raises on a bad signature
+        finally:
+            sub.close(0)
+
+    try:
+        msg = first_status()
+        assert msg is not None and msg["msg_type"] == "status" and msg["content"] == {"execution_state": "idle"}
+        assert msg["parent_header"] == {} and msg["header"]["session"] == RELAY_SESSION
+        assert first_status() is not None  # a second frontend is told too
+        client = BlockingKernelClient()
+        client.load_connection_info(front)
+        client.start_channels()
+        client.wait_for_ready(timeout=120)
+        reply, _ = _run(client, "1")
+        assert reply["content"]["status"] == "ok"
+        client.stop_channels()
+        assert first_status() is None  # after an execute the kernel's own status is the truth
+    finally:
+        ctx.destroy(0)
+        relay.stop()
+        km.shutdown_kernel(now=True)

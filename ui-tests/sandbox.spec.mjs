@@ -150,6 +150,7 @@ async function checkWorkplace() {
   w.uploadDefault = await pathInput.inputValue();
   await page.locator('.jp-Dialog .jp-mod-accept').click();
   await page.locator('.jp-Dialog').waitFor({ state: 'detached' });
+  await page.getByText(/^Uploaded upload\.txt to /).first().waitFor({ timeout: 120_000 });
   await runCell(`print(open(${JSON.stringify(w.uploadDefault)}).read().strip())`);
   w.uploadRead = (await lastOutput()).trim();
   step(`uploaded to ${w.uploadDefault}; the kernel read ${JSON.stringify(w.uploadRead)}`);

@@ -2,7 +2,7 @@
  * Upload a file into a workspace and download one out of it (the REST `files` route: the engine's cp with its
  * rules and byte cap). A download is saved by the browser, never shown: the server sends it as an attachment.
  */
-import { InputDialog } from '@jupyterlab/apputils';
+import { InputDialog, Notification } from '@jupyterlab/apputils';
 
 import { api } from './request';
 
@@ -26,7 +26,24 @@ export async function uploadTo(name: string, dir: string): Promise<string | null
   if (!answer.button.accept || !answer.value) {
     return null;
   }
-  await api.upload(name, answer.value, file);
+  const where = `${name}:${answer.value}`;
+  const id = Notification.emit(
+    `Uploading ${file.name} to ${where}…`,
+    'in-progress',
+    { autoClose: false }
+  );
+  try {
+    await api.upload(name, answer.value, file);
+  } catch (error) {
+    Notification.dismiss(id); // the panel shows the error
+    throw error;
+  }
+  Notification.update({
+    id,
+    message: `Uploaded ${file.name} to ${where}`,
+    type: 'success',
+    autoClose: 6000
+  });
   return answer.value;
 }
 
