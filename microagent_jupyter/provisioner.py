@@ -63,6 +63,7 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     _sync_lock = threading.Lock()  # one sync at a time (per process: syncs are rare and short)
     _cwd: str | None = None
     _notebook: str | None = None
+    _launched = False  # a kernel of this provisioner has answered before (a launch now is a restart)
     kernel: GuestKernel | None = None
     relay: Relay | None = None
     _engine: Engine | None = None
@@ -154,16 +155,18 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self.connection_info = {k: v for k, v in frontend.items() if k != "kernel_name"}  # key: bytes, as km's
             key = self.connection_info.get("key", b"")
             self._front = {**self.connection_info, "key": key.decode() if isinstance(key, bytes) else key}
-            restart = self.relay is not None
-            if restart:  # jupyter_client removed its ipc files, so bind them afresh
+            if self.relay is not None:  # a restart: jupyter_client removed its ipc files, so bind them afresh
                 self.relay.stop()
                 self.relay = None
             if self.relay is None:
                 kernel = self.kernel
                 self.relay = Relay(self._front, kernel.host_info, alive=lambda: kernel.alive,
-                                   policy=OutputPolicy(server_origins=server_origins()), announce_idle=restart)
+                                   policy=OutputPolicy(server_origins=server_origins()),
+                                   announce_idle=self._launched)  # a restart, in this VM or a new one
                 self.relay.start()
             self._wait_ready()
+            self.relay.kernel_ready()
+            self._launched = True
         except BaseException:
             self._remove()
             raise

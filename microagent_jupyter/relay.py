@@ -116,10 +116,13 @@ class Relay:
     def __init__(self, frontend: dict[str, Any], guest: dict[str, Any], alive: Callable[[], bool],
                  policy: OutputPolicy | None = None, announce_idle: bool = False) -> None:
         self.frontend, self.guest, self.alive = frontend, guest, alive
-        # after a restart the frontend did not ask for (Halt from the panel, REST): tell each (re)connecting
-        # subscriber that the new kernel is idle until it is first asked to execute (jupyter_server and JupyterLab
-        # ignore the status of the server's own kernel_info, so the notebook would show "Starting" until then)
+        # after a restart the frontend did not ask for (Halt from the panel, REST): once the new kernel answers
+        # (:meth:`kernel_ready`), tell every subscriber, and each one that (re)connects, that it is idle, until it
+        # is first asked to execute (jupyter_server and JupyterLab ignore the status of the server's own
+        # kernel_info, so the notebook would show "Starting" until then)
         self.announce_idle = announce_idle
+        self._idle_now = False  # announcing (set by the relay thread only)
+        self._ready_event = threading.Event()
         self.policy = policy or OutputPolicy()
         self.front_signer, self.guest_signer = Signer(frontend["key"]), Signer(guest["key"])
         self.dropped = 0
@@ -146,6 +149,10 @@ class Relay:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
+
+    def kernel_ready(self) -> None:
+        """The guest kernel answered through the relay (see ``announce_idle``)."""
+        self._ready_event.set()
 
     @property
     def running(self) -> bool:
@@ -206,6 +213,11 @@ class Relay:
                 owner[g] = (ch, "guest")
         try:
             while not self._stop.is_set():
+                if self._ready_event.is_set():
+                    self._ready_event.clear()
+                    if self.announce_idle:
+                        self._idle_now = True
+                        self._send_front("iopub", socks["iopub"][0], self._idle_status())
                 for sock, _ in poller.poll(200):
                     ch, side = owner[sock]
                     frames = sock.recv_multipart()
@@ -216,7 +228,7 @@ class Relay:
                         # a REP must answer before it can receive again: echo while the guest kernel is alive
                         f.send_multipart(frames if self.alive() else [b""], flags=zmq.NOBLOCK)
                     elif ch == "iopub" and side == "front":  # a subscription: answered only after a restart
-                        if self.announce_idle and frames and frames[0][:1] == b"\x01":
+                        if self._idle_now and frames and frames[0][:1] == b"\x01":
                             self._send_front("iopub", f, self._idle_status())
                         continue
                     elif side == "front":
@@ -288,7 +300,7 @@ class Relay:
             return None
         self._remember(channel, body[0], body[3])
         if self.announce_idle and b'"execute_request"' in body[0]:
-            self.announce_idle = False  # from now on the kernel's own status is the truth
+            self.announce_idle = self._idle_now = False  # from now on the kernel's own status is the truth
         return [*idents, DELIM, self.guest_signer.sign(body[:4]), *body]
 
     def _remember(self, channel: str, header_b: bytes, content_b: bytes) -> None:

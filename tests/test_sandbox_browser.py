@@ -94,7 +94,7 @@ def test_hostile_outputs_stay_inert_in_the_browser(engine: Engine, sandbox_lab: 
     assert w["statusItem"].startswith("sandbox nbk-") and "network isolated" in w["statusItem"], w
     assert any("notebook's folder" in step for step in w["boardSteps"]), w  # the launch said what it did
     assert w["owner"] == f"kernel of {w['notebook']}" and w["notebook"].endswith(".ipynb"), w
-    assert w["uploadDefault"] == "/notebook/upload.txt" and w["uploadRead"] == "uploaded-from-the-browser", w
+    assert w["uploadDefault"] == "/root/upload.txt" and w["uploadRead"] == "uploaded-from-the-browser", w
     assert w["downloadName"] == "result.csv" and w["downloaded"] == "a,b\n1,2\n", w
     assert w["notebook"] in w["haltDialog"] and "Restart Kernel" in w["haltDialog"], w
     assert w["afterHalt"] == "after-restart False 42", w  # a working kernel, in a new VM

@@ -386,6 +386,8 @@ def test_after_a_restart_the_relay_tells_each_new_subscriber_the_kernel_is_idle(
             sub.close(0)
 
     try:
+        assert first_status() is None  # not before the new kernel answered
+        relay.kernel_ready()
         msg = first_status()
         assert msg is not None and msg["msg_type"] == "status" and msg["content"] == {"execution_state": "idle"}
         assert msg["parent_header"] == {} and msg["header"]["session"] == RELAY_SESSION

@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""The sandboxed kernel ("Python 3 (microagent sandbox)", through its provisioner) against a local ipykernel, in
+one run, as a notebook uses them (jupyter_client's KernelManager, the way jupyter_server starts kernels):
+
+    (a) a fresh notebook's first result: kernel start until ``import pandas, matplotlib; 1+1`` gave ``2``
+        (the sandbox from the warm Python snapshot, built first and not timed)
+    (b) a cell's round trip: ``1+1`` until its reply (after a warm-up cell): p50/p95
+    (c) a plot cell: ``plt.plot(...); plt.show()`` until its reply (the PNG came back)
+    (d) interrupt: the frontend's interrupt during ``time.sleep(60)`` until the KeyboardInterrupt reply
+
+Prints each figure and the ratio sandbox/local. Usage:
+python bench/bench_kernel.py [--kernels N] [--cells N] [--interrupts N] [--state-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from jupyter_client import KernelManager  # noqa: E402
+from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402
+
+from microagent_engine import Engine  # noqa: E402
+from microagent_engine.config import STATE_DIR_ENV  # noqa: E402
+
+FIRST_CELL = "import pandas, matplotlib\n1+1"
+PLOT_CELL = "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2]); plt.show()"
+
+
+def pct(values: list[float], q: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(q * (len(v) - 1))))]
+
+
+def line(label: str, values: list[float]) -> str:
+    return (f"{label:<34} n={len(values):<4} p50={statistics.median(values) * 1000:8.1f} ms  "
+            f"p95={pct(values, 0.95) * 1000:8.1f} ms  max={max(values) * 1000:8.1f} ms")
+
+
+def manager(sandbox: bool) -> KernelManager:
+    if not sandbox:
+        return KernelManager(kernel_name="python3")
+    ksm = KernelSpecManager(kernel_dirs=[str(REPO / "share" / "jupyter" / "kernels")])
+    return KernelManager(kernel_name="microagent-python", kernel_spec_manager=ksm)
+
+
+def run(kc, code: str) -> dict:
+    reply = kc.execute_interactive(code, output_hook=lambda m: None, timeout=300)
+    if reply["content"]["status"] != "ok":
+        raise SystemExit(f"cell failed: {code!r}: {reply['content']}")
+    return reply
+
+
+def interrupt_once(km: KernelManager, kc) -> float:
+    """Seconds from the interrupt request (sent once the guest prints inside the sleep) to the error reply."""
+    sleeping, sent = threading.Event(), [0.0]
+
+    def hook(msg: dict) -> None:
+        if msg["msg_type"] == "stream" and "sleeping" in msg["content"].get("text", ""):
+            sleeping.set()
+
+    def interrupt() -> None:
+        sleeping.wait(120)
+        sent[0] = time.perf_counter()
+        km.interrupt_kernel()
+
+    t = threading.Thread(target=interrupt, daemon=True)
+    t.start()
+    reply = kc.execute_interactive("import time; print('sleeping', flush=True); time.sleep(60)",
+                                   output_hook=hook, timeout=300)
+    done = time.perf_counter()
+    t.join()
+    if reply["content"].get("ename") != "KeyboardInterrupt":
+        raise SystemExit(f"the interrupt did not interrupt: {reply['content']}")
+    return done - sent[0]
+
+
+def bench(sandbox: bool, kernels: int, cells: int, interrupts: int) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {"first": [], "rt": [], "plot": [], "interrupt": []}
+    for i in range(kernels):
+        t0 = time.perf_counter()
+        km = manager(sandbox)
+        km.start_kernel()
+        kc = km.client()
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=600)
+            run(kc, FIRST_CELL)
+            out["first"].append(time.perf_counter() - t0)
+            run(kc, "1+1")  # warm-up
+            for _ in range(cells):
+                s = time.perf_counter()
+                run(kc, "1+1")
+                out["rt"].append(time.perf_counter() - s)
+            for _ in range(3 if i == 0 else 1):
+                s = time.perf_counter()
+                run(kc, PLOT_CELL)
+                out["plot"].append(time.perf_counter() - s)
+            out["interrupt"] += [interrupt_once(km, kc) for _ in range(interrupts)]
+        finally:
+            kc.stop_channels()
+            km.shutdown_kernel(now=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kernels", type=int, default=3, help="fresh kernels per side")
+    ap.add_argument("--cells", type=int, default=30, help="1+1 round trips per kernel")
+    ap.add_argument("--interrupts", type=int, default=2, help="interrupts per kernel")
+    ap.add_argument("--state-dir", help="reuse this state dir (and its cached Python image and warm snapshot)")
+    args = ap.parse_args()
+    state = args.state_dir or tempfile.mkdtemp(prefix="ma-bench-kernel-")
+    os.environ[STATE_DIR_ENV] = state
+    from microagent_jupyter.warm_python import prepare
+
+    print(f"state dir {state}; preparing the Python image and warm snapshot (not timed)", flush=True)
+    print("  " + prepare(Engine(state), progress=lambda m: print("  " + m, flush=True)), flush=True)
+    local = bench(False, args.kernels, args.cells, args.interrupts)
+    sandbox = bench(True, args.kernels, args.cells, args.interrupts)
+    labels = {"first": "(a) fresh notebook -> first result", "rt": "(b) round trip 1+1",
+              "plot": "(c) plot cell", "interrupt": "(d) interrupt -> reply"}
+    for key, label in labels.items():
+        print(line(f"{label}, local", local[key]))
+        print(line(f"{label}, sandbox", sandbox[key]))
+        print(f"{'':<34} ratio sandbox/local p50 = "
+              f"{statistics.median(sandbox[key]) / statistics.median(local[key]):.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
