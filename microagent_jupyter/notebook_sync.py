@@ -3,7 +3,8 @@
 Opt-in (the provisioner's ``writable_folder``, e.g. ``results``): the guest sees ``/notebook/results`` writable
 (:func:`.notebook_files.copy_into`) and everything else of ``/notebook`` read-only. Its files come back into
 ``<notebook's folder>/results/`` when the notebook is saved, when the kernel restarts or shuts down, and on request
-(``POST /microagent/api/kernels/ID/sync``, the panel's "Sync files" on the kernel's card).
+(``POST /microagent/api/kernels/ID/sync``, the panel's "Sync files" on the kernel's card). A ``%%microagent python
+--writable FOLDER`` session's come back with ``%microagent session sync`` and when the session stops.
 
 The guest is hostile, so what comes back is checked like ``cp``'s input: the guest sends a tar stream of that
 folder, counted against a byte cap as it arrives (:data:`DEFAULT_MAX_BYTES`; nothing is written when it is over);

@@ -26,7 +26,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic_arguments import argument, magic_arguments
 
 from microagent_engine import Engine
-from microagent_engine.errors import MicroagentError, NotFound
+from microagent_engine.errors import InvalidArgument, MicroagentError, NotFound
 from microagent_engine.textsafe import safe_text
 from microagent_engine.spec_args import add_workspace_arguments, flags_spec
 from microagent_engine.workspace_spec import WorkspaceSpec
@@ -35,6 +35,7 @@ from microagent_engine.states import allows, require
 from . import values as V
 from .egress_note import RefusalWatch
 from .notebook_files import GUEST_NOTEBOOK_DIR, copy_into
+from .notebook_sync import check_folder, sync_back
 from .guest_kernel import GuestKernel
 from .magic_errors import MicroagentInterrupted
 from .output_policy import OutputPolicy
@@ -70,6 +71,7 @@ class PythonSession:
         self.lock = threading.Lock()
         self.warm_from: str | None = None  # the warm snapshot this session's workspace resumed
         self.cold_reason = ""  # why it booted cold instead
+        self.writable: tuple[str, Path] | None = None  # (folder, the host directory its files come back to)
 
     # ---- start / stop ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -101,9 +103,23 @@ class PythonSession:
         self.kernel.stop()
         self.start()
 
+    def sync(self) -> str:
+        """Bring the writable folder back into the notebook's directory now; a line saying what came back."""
+        if self.writable is None:
+            raise InvalidArgument(f"the Python session in {self.name} has no writable folder: start it with "
+                                  f"%%microagent python --writable FOLDER")
+        folder, dest = self.writable
+        return sync_back(self.engine, self.name, folder, dest).line(dest)
+
     def stop(self, fast: bool = False) -> None:
-        """Stop the kernel; an owned (per-notebook) session's workspace is killed and deleted. ``fast`` (at
-        interpreter exit, where a kernel manager allows a few seconds) kills an owned workspace outright."""
+        """Stop the kernel (its writable folder comes back first); an owned (per-notebook) session's workspace is
+        killed and deleted. ``fast`` (at interpreter exit, where a kernel manager allows a few seconds) kills an
+        owned workspace outright."""
+        if self.writable is not None and not fast and self.kernel.alive:
+            try:
+                sys.stderr.write(f"microagent: {self.sync()}\n")
+            except (MicroagentError, OSError) as exc:
+                sys.stderr.write(f"microagent: the writable folder of {self.name} did not come back: {exc}\n")
         self.close_client()
         if fast and self.owned:
             _remove_workspace(self.engine, self.name)
@@ -310,13 +326,20 @@ def stop_all() -> None:
 
 
 def get_session(engine: Engine, name: str | None, spec: WorkspaceSpec | None = None,
-                env: dict[str, str] | None = None, progress: Any = None) -> PythonSession:
+                env: dict[str, str] | None = None, progress: Any = None, writable: str | None = None
+                ) -> PythonSession:
     """The running session ``name`` (default: this kernel's own), created/booted/started as needed: a new workspace
-    is ``spec`` over the sessions' defaults, with ``env`` in its guest."""
+    is ``spec`` over the sessions' defaults, with ``env`` in its guest; ``writable``: a folder of the notebook's
+    directory the new session may write (:mod:`.notebook_sync`)."""
     owned = name is None
     name = name or default_session_name(engine)
+    if writable is not None:
+        check_folder(writable)
     sess = _sessions.get(_key(engine, name))
     if sess is not None and sess.kernel.alive and sess.client is not None:
+        if writable is not None and (sess.writable is None or sess.writable[0] != writable):
+            raise UsageError(f"--writable applies when a session starts; the session in {name} is running without "
+                             f"it: %microagent session stop first (its variables are lost)")
         return sess
     if sess is not None:  # its kernel (or its VM) is gone: say so, then start a new one
         sess.close_client()
@@ -347,13 +370,15 @@ def get_session(engine: Engine, name: str | None, spec: WorkspaceSpec | None = N
         if created and Path.cwd() != Path("/"):  # the notebook's directory, read-only, where the kernel starts
             if progress:
                 progress(f"Copying {Path.cwd()} into {name}")
-            line = copy_into(engine, name, Path.cwd())
+            line = copy_into(engine, name, Path.cwd(), writable=writable)
             cwd = GUEST_NOTEBOOK_DIR
             if progress:
                 progress(line)
         if progress:
             progress(f"Starting the Python kernel in {name}")
         sess = PythonSession(engine, name, owned, cwd)
+        if writable is not None and cwd is not None:
+            sess.writable = (writable, Path.cwd() / writable)
         sess.warm_from, sess.cold_reason = warm_from, cold_reason if warm_from is None else ""
         sess.start()
     except BaseException:
@@ -375,6 +400,9 @@ def get_session(engine: Engine, name: str | None, spec: WorkspaceSpec | None = N
           help="send these host variables into the session first (plain data, numpy arrays, DataFrames)")
 @argument("--out", dest="outputs", nargs="+", default=[], metavar="NAME",
           help="bring these session variables back into the notebook afterwards (never pickled)")
+@argument("--writable", metavar="FOLDER", help="a folder of the notebook's directory the new session may write "
+                                               "(/notebook/FOLDER); its files come back with %%microagent session "
+                                               "sync and when the session stops")
 @argument("--timeout", type=float, metavar="SECONDS", help="interrupt the cell after this")
 @argument("--no-raise-error", action="store_true", help="show the guest's traceback without raising")
 def python_args(line: str) -> None:
@@ -392,10 +420,10 @@ add_workspace_arguments(python_args.parser, only=("image", "resources", "env", "
 
 
 @magic_arguments()
-@argument("action", choices=["restart", "stop", "list"])
+@argument("action", choices=["restart", "stop", "sync", "list"])
 @argument("name", nargs="?", help="session workspace (default: this notebook kernel's own session)")
 def session_args(line: str) -> None:
-    """%microagent session restart|stop [NAME] | list"""
+    """%microagent session restart|stop|sync [NAME] | list"""
 
 
 def python_magic(shell: Any, engine: Engine, argv: list[str], cell: str | None, progress: Any = None) -> None:
@@ -414,7 +442,8 @@ def python_magic(shell: Any, engine: Engine, argv: list[str], cell: str | None, 
     if progress is not None:
         engine.progress = progress  # image build, boot: shown in the cell as `run` shows them
     try:
-        sess = get_session(engine, args.name, dataclasses.replace(spec, env=None), dict(spec.env or {}), progress)
+        sess = get_session(engine, args.name, dataclasses.replace(spec, env=None), dict(spec.env or {}), progress,
+                           writable=args.writable)
     finally:
         if progress is not None:
             progress.done()
@@ -441,6 +470,8 @@ def session_magic(engine: Engine, argv: list[str]) -> str:
     if sess is None:
         raise NotFound(f"no Python session {name or '(default)'} in this notebook kernel; "
                        f"%microagent session list shows them")
+    if args.action == "sync":
+        return sess.sync()
     if args.action == "restart":
         sess.restart()
         return f"Restarted the Python session in {name} (its variables are gone)"

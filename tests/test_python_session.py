@@ -250,13 +250,19 @@ def test_a_new_session_starts_in_a_read_only_copy_of_the_notebook_directory(engi
     (tmp_path / ".ipynb_checkpoints" / "old.ipynb").write_text("{}")
     (tmp_path / "secret-link").symlink_to("/etc/shadow")
     monkeypatch.chdir(tmp_path)
-    sess = PS.get_session(engine, "nb-files")
+    sess = PS.get_session(engine, "nb-files", writable="results")  # ... but for one writable folder
     try:
         with capture_output() as cap:
             sess.run_cell("import os, pandas as pd\nprint(os.getcwd(), pd.read_csv('data.csv').b[0], "
                           "open('sub/x.txt').read().strip(), sorted(os.listdir('.')))\n"
                           "try:\n    open('new.txt', 'w')\nexcept OSError as e:\n    print('read-only', e.errno)")
-        assert cap.stdout == "/notebook 2 nested ['data.csv', 'sub']\nread-only 30\n", cap.stdout  # EROFS
+        assert cap.stdout == "/notebook 2 nested ['data.csv', 'results', 'sub']\nread-only 30\n", cap.stdout
+        sess.run_cell("pd.DataFrame({'n': [3]}).to_csv('results/summary.csv', index=False)")
+        assert "1 file(s) back" in sess.sync()  # %microagent session sync
+        assert (tmp_path / "results" / "summary.csv").read_text() == "n\n3\n"
+        sess.run_cell("open('results/late.txt', 'w').write('at stop')")
+        sess.stop()  # brings the folder back once more
+        assert (tmp_path / "results" / "late.txt").read_text() == "at stop"
     finally:
         sess.stop()
         if engine.status("nb-files").running:
