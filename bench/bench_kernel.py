@@ -24,26 +24,17 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
 from jupyter_client import KernelManager  # noqa: E402
 from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402
 
 from microagent_engine import Engine  # noqa: E402
+from bench_python import line  # noqa: E402
 from microagent_engine.config import STATE_DIR_ENV  # noqa: E402
 
 FIRST_CELL = "import pandas, matplotlib\n1+1"
 PLOT_CELL = "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2]); plt.show()"
-
-
-def pct(values: list[float], q: float) -> float:
-    v = sorted(values)
-    return v[min(len(v) - 1, int(round(q * (len(v) - 1))))]
-
-
-def line(label: str, values: list[float]) -> str:
-    return (f"{label:<34} n={len(values):<4} p50={statistics.median(values) * 1000:8.1f} ms  "
-            f"p95={pct(values, 0.95) * 1000:8.1f} ms  max={max(values) * 1000:8.1f} ms")
 
 
 def manager(sandbox: bool) -> KernelManager:

@@ -5,8 +5,8 @@ A session is a workspace (``--name NAME``, else one per notebook kernel, removed
 message from the guest passes the :class:`~.output_policy.OutputPolicy` before it is shown: streams are written to
 the cell's stdout/stderr as they arrive, display_data/execute_result become rich displays, an error prints the
 guest's traceback and raises :class:`GuestPythonError` (unless ``--no-raise-error``). Ctrl-C / the notebook's
-interrupt sends SIGINT to the guest kernel and keeps the session. ``--in``/``--out`` move values with
-:mod:`.values` (never pickle).
+interrupt interrupts the guest kernel (its own interrupt_request) and keeps the session. ``--in``/``--out`` move
+values with :mod:`.values` (never pickle).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class GuestPythonError(MicroagentError):
 
 
 class SessionInterrupted(MicroagentInterrupted):
-    """The cell was interrupted: SIGINT went to the guest kernel; the session keeps its variables."""
+    """The cell was interrupted in the guest kernel; the session keeps its variables."""
 
 
 class PythonSession:
@@ -187,18 +187,27 @@ class PythonSession:
                     raise SessionInterrupted(f"interrupted; the sandboxed session {self.name!r} did not answer "
                                              f"yet (it may still be busy)")
                 if deadline is not None and time.monotonic() > deadline and interrupted_at is None:
-                    self.kernel.interrupt()
+                    self._interrupt()
                     interrupted_at = time.monotonic()
             except KeyboardInterrupt:
                 if interrupted_at is not None:
                     raise SessionInterrupted(f"interrupted; session {self.name!r} keeps running") from None
-                self.kernel.interrupt()
+                self._interrupt()
                 interrupted_at = time.monotonic()
         if interrupted_at is not None and reply.get("status") == "error" and \
                 reply.get("ename") == "KeyboardInterrupt":
             raise SessionInterrupted(f"the cell was interrupted in the guest; session {self.name!r} keeps its "
                                      f"variables")
         return reply
+
+    def _interrupt(self) -> None:
+        """The kernel's own interrupt: an ``interrupt_request`` on its control channel (it signals its process
+        group, as a local kernel's interrupt does, and no process is started in the guest); SIGINT through the
+        agent when that cannot be sent."""
+        try:
+            self.client.control_channel.send(self.client.session.msg("interrupt_request", {}))
+        except Exception:  # noqa: BLE001 (the channel is gone: signal instead)
+            self.kernel.interrupt()
 
     def run_cell(self, code: str, *, raise_error: bool = True, timeout: float | None = None) -> dict[str, Any]:
         """Run ``code`` as a cell: outputs are shown (after the output policy) as they arrive."""

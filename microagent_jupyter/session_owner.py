@@ -49,7 +49,8 @@ def owner_of(engine: Engine, name: str) -> dict[str, object] | None:
         return None
     if not isinstance(record, dict):
         return None
-    out = {k: record[k] for k in ("pid", "kind", "kernelId", "notebook", "writable") if isinstance(record.get(k), (str, int))}
+    keys = ("pid", "kind", "kernelId", "notebook", "writable")
+    out = {k: record[k] for k in keys if isinstance(record.get(k), (str, int))}
     out["alive"] = owner_alive(record)
     return out
 
