@@ -3,13 +3,15 @@
 one run, as a notebook uses them (jupyter_client's KernelManager, the way jupyter_server starts kernels):
 
     (a) a fresh notebook's first result: kernel start until ``import pandas, matplotlib; 1+1`` gave ``2``
-        (the sandbox from the warm Python snapshot, built first and not timed)
+        (the sandbox from the warm Python snapshot, built first and not timed; with ``--pool`` (default 1) every
+        kernel after the first takes a VM of the warm pool, once the pool holds it: its memory and idle CPU are
+        printed)
     (b) a cell's round trip: ``1+1`` until its reply (after a warm-up cell): p50/p95
     (c) a plot cell: ``plt.plot(...); plt.show()`` until its reply (the PNG came back)
     (d) interrupt: the frontend's interrupt during ``time.sleep(60)`` until the KeyboardInterrupt reply
 
 Prints each figure and the ratio sandbox/local. Usage:
-python bench/bench_kernel.py [--kernels N] [--cells N] [--interrupts N] [--state-dir DIR]
+python bench/bench_kernel.py [--kernels N] [--cells N] [--interrupts N] [--pool N] [--state-dir DIR]
 """
 
 from __future__ import annotations
@@ -75,9 +77,32 @@ def interrupt_once(km: KernelManager, kc) -> float:
     return done - sent[0]
 
 
-def bench(sandbox: bool, kernels: int, cells: int, interrupts: int) -> dict[str, list[float]]:
+def wait_for_pool(pool: int) -> None:
+    """Until the warm pool holds its VM (not timed: a notebook opened later finds it ready); print what it uses."""
+    if pool <= 0:
+        return
+    from microagent_jupyter import kernel_pool
+
+    engine = Engine(os.environ[STATE_DIR_ENV])
+    deadline = time.monotonic() + 900
+    while not kernel_pool.pooled(engine) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    names = kernel_pool.pooled(engine)
+    if not names:
+        raise SystemExit("the warm pool did not fill within 900 s")
+    before = engine.status(names[0]).to_json().get("usage") or {}
+    time.sleep(10)
+    after = engine.status(names[0]).to_json().get("usage") or {}
+    cpu = (after.get("cpuSeconds", 0) - before.get("cpuSeconds", 0)) / 10 * 100
+    print(f"  pooled VM {names[0]}: {after.get('rssMiB', 0):.0f} MiB resident, {cpu:.1f}% of a CPU while it waits",
+          flush=True)
+
+
+def bench(sandbox: bool, kernels: int, cells: int, interrupts: int, pool: int = 0) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {"first": [], "rt": [], "plot": [], "interrupt": []}
     for i in range(kernels):
+        if sandbox and i > 0:
+            wait_for_pool(pool)
         t0 = time.perf_counter()
         km = manager(sandbox)
         km.start_kernel()
@@ -109,6 +134,8 @@ def main() -> None:
     ap.add_argument("--cells", type=int, default=30, help="1+1 round trips per kernel")
     ap.add_argument("--interrupts", type=int, default=2, help="interrupts per kernel")
     ap.add_argument("--state-dir", help="reuse this state dir (and its cached Python image and warm snapshot)")
+    ap.add_argument("--pool", type=int, default=1, help="the sandboxed kernels' warm pool (0: none); the first "
+                    "kernel starts without one, each later one when the pool holds its VM")
     args = ap.parse_args()
     state = args.state_dir or tempfile.mkdtemp(prefix="ma-bench-kernel-")
     os.environ[STATE_DIR_ENV] = state
@@ -117,7 +144,14 @@ def main() -> None:
     print(f"state dir {state}; preparing the Python image and warm snapshot (not timed)", flush=True)
     print("  " + prepare(Engine(state), progress=lambda m: print("  " + m, flush=True)), flush=True)
     local = bench(False, args.kernels, args.cells, args.interrupts)
-    sandbox = bench(True, args.kernels, args.cells, args.interrupts)
+    os.environ["MICROAGENT_KERNEL_POOL"] = str(args.pool)
+    sandbox = bench(True, args.kernels, args.cells, args.interrupts, args.pool)
+    from microagent_jupyter import kernel_pool
+
+    kernel_pool.drain()
+    if args.pool > 0 and len(sandbox["first"]) > 1:  # the first sandboxed kernel had no pool yet
+        print(line("(a) first result, no pool yet (1st)", sandbox["first"][:1]))
+        sandbox["first"] = sandbox["first"][1:]
     labels = {"first": "(a) fresh notebook -> first result", "rt": "(b) round trip 1+1",
               "plot": "(c) plot cell", "interrupt": "(d) interrupt -> reply"}
     for key, label in labels.items():

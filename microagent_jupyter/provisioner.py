@@ -5,9 +5,10 @@ form from the kernelspec's ``metadata.kernel_provisioner.config.workspace_spec``
 :class:`~.guest_kernel.GuestKernel` in it (ports published over the agent channel; network ``isolated`` unless
 configured) and a :class:`~.relay.Relay` that binds the
 frontend's ports on 127.0.0.1: the frontend only ever talks to the relay, which verifies the guest's signatures,
-applies the output policy, drops guest comms and re-signs with the frontend's key. Interrupt sends SIGINT to the
-guest kernel; restart keeps the VM and starts a new kernel in it; shutdown (``cleanup``) kills and deletes the
-workspace.
+applies the output policy, drops guest comms and re-signs with the frontend's key. Interrupt is the kernel's own
+``interrupt_request`` (the kernelspec's ``interrupt_mode``; SIGINT through the agent for ``send_signal``); restart
+keeps the VM and starts a new kernel in it; shutdown (``cleanup``) kills and deletes the workspace. A new kernel takes
+a VM of the warm pool when one is ready (:mod:`.kernel_pool`, ``pool_size``) and the pool refills behind it.
 """
 
 from __future__ import annotations
@@ -22,23 +23,24 @@ from pathlib import Path
 from typing import Any
 
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
-from traitlets import Bool, Dict, Integer, Unicode
+from traitlets import Bool, Dict, Integer, Unicode, default
 
 from microagent_engine import Engine
 from microagent_engine.errors import InvalidArgument, MicroagentError
 from microagent_engine.fsutil import private_dir
 from microagent_engine.workspace_spec import WorkspaceSpec
 
-from . import kernel_board
+from . import kernel_board, kernel_pool
 from .guest_kernel import GuestKernel, KernelDied
 from .notebook_files import GUEST_NOTEBOOK_DIR, copy_into
 from .notebook_sync import check_folder, sync_back
 from .output_policy import OutputPolicy
 from .relay import Relay
-from .session_owner import remove_workspace, sweep
+from .session_owner import record_owner, remove_workspace, sweep
 from .warm_python import session_spec, start_session_workspace
 
 PROVISIONER_NAME = "microagent-provisioner"
+POOL_ENV = "MICROAGENT_KERNEL_POOL"  # the default pool size (the tests turn the pool off but where they test it)
 #: kernels of this process with a writable folder, by kernel id (the save hook and REST's sync find them here)
 SYNCING: dict[str, "MicroagentProvisioner"] = {}
 
@@ -57,6 +59,16 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                               "write at /notebook/FOLDER; its files come back on save, restart, shutdown and "
                               "request (see microagent_jupyter.notebook_sync); '' (the default): none")
     sync_max_mib = Integer(256, config=True, help="the byte budget of bringing that folder back, in MiB")
+    pool_size = Integer(config=True, help="VMs resumed from the warm Python snapshot and kept ready, per kind of "
+                        "workspace, so that a new kernel starts without waiting for one (0: no pool; default: "
+                        "$MICROAGENT_KERNEL_POOL, else 1; see microagent_jupyter.kernel_pool)")
+
+    @default("pool_size")
+    def _pool_size_default(self) -> int:
+        try:
+            return max(0, int(os.environ.get(POOL_ENV, "1")))
+        except ValueError:
+            return 1
     state_dir = Unicode("", config=True, help="microagent state dir (default: $MICROAGENT_STATE_DIR or ~/.microagent)")
 
     workspace: str | None = None
@@ -129,22 +141,34 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                              self.workspace)
             self._remove()
         if self.workspace is None:
-            self.workspace = f"nbk-{(self.kernel_id or secrets.token_hex(4))[:8]}-{secrets.token_hex(2)}"
-            kernel_board.workspace(self._board_id, self.workspace)
-            try:
-                sweep(engine)  # VMs of kernels whose server was killed hard
-                spec = session_spec(WorkspaceSpec.from_json(dict(self.workspace_spec), what="the kernel's workspace"))
-                env = dict(spec.env or {})
-                self.warm_from, self.cold_reason = start_session_workspace(
-                    engine, self.workspace, dataclasses.replace(spec, env=None), env, owned=True,
-                    warm=self.warm, progress=engine.progress,
-                    owner={"kind": "kernel", "kernel_id": self.kernel_id, "notebook": self._notebook,
-                           "writable": self._writable_guest_dir()})
-                if self.cold_reason:
-                    self.log.info("microagent kernel %s boots cold: %s", self.workspace, self.cold_reason)
-            except BaseException:
-                self._remove()
-                raise
+            spec = session_spec(WorkspaceSpec.from_json(dict(self.workspace_spec), what="the kernel's workspace"))
+            env = dict(spec.env or {})
+            spec = dataclasses.replace(spec, env=None)
+            owner = {"kind": "kernel", "kernel_id": self.kernel_id, "notebook": self._notebook,
+                     "writable": self._writable_guest_dir()}
+            key = kernel_pool.request_key(spec, env)
+            self.workspace = kernel_pool.take(engine, key) if self.warm and self.pool_size > 0 else None
+            if self.workspace is not None:
+                record_owner(engine, self.workspace, **owner)  # the pool's VM is now this kernel's
+                engine.progress(f"Took {self.workspace}, a VM of the warm pool, already resumed")
+                self.warm_from, self.cold_reason = "pool", ""
+                kernel_board.workspace(self._board_id, self.workspace)
+            else:
+                self.workspace = f"nbk-{(self.kernel_id or secrets.token_hex(4))[:8]}-{secrets.token_hex(2)}"
+                kernel_board.workspace(self._board_id, self.workspace)
+                try:
+                    sweep(engine)  # VMs of kernels whose server was killed hard
+                    self.warm_from, self.cold_reason = start_session_workspace(
+                        engine, self.workspace, spec, env, owned=True, warm=self.warm, progress=engine.progress,
+                        owner=owner)
+                    if self.cold_reason:
+                        self.log.info("microagent kernel %s boots cold: %s", self.workspace, self.cold_reason)
+                except BaseException:
+                    self._remove()
+                    raise
+            if self.warm and self.pool_size > 0:  # the next notebook's VM, prepared behind this one
+                kernel_pool.refill(engine, key, spec, env, self.pool_size,
+                                   on_error=lambda why: self.log.warning("microagent: %s", why))
         if self.kernel is None:
             engine.progress("Copying the notebook's folder into the VM" if self.notebook_files and self._cwd
                             else "Starting the kernel")

@@ -23,6 +23,9 @@ from microagent_engine.hostinfo import require_tool
 REPO = Path(__file__).resolve().parent.parent
 # no test may reach Docker Hub: docker.io references go to a closed local port unless a test sets its own registry
 os.environ.setdefault("MICROAGENT_DOCKER_IO_REGISTRY", "127.0.0.1:9")
+# sandboxed kernels keep no warm pool of VMs behind them (each would be one more TCG VM running beside the test's),
+# except in the test of the pool itself (test_sandboxed_kernel.py), which turns it on
+os.environ["MICROAGENT_KERNEL_POOL"] = "0"
 
 
 @pytest.fixture(scope="session")

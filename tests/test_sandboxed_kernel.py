@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import threading
 import json
 import os
 import time
@@ -218,8 +219,6 @@ def _assert_owner_only(info: dict[str, Any]) -> None:
 @pytest.mark.vm
 def test_sandboxed_kernel_interrupt_restart_shutdown(state_dir: Path, engine, python_image: Path, tmp_path: Path,
                                                      monkeypatch) -> None:
-    import threading
-
     from jupyter_client.kernelspec import KernelSpecManager
 
     ensure_entry_point(tmp_path / "ep")
@@ -404,3 +403,53 @@ def test_after_a_restart_the_relay_tells_each_new_subscriber_the_kernel_is_idle(
         ctx.destroy(0)
         relay.stop()
         km.shutdown_kernel(now=True)
+
+
+@pytest.mark.vm
+def test_a_new_kernel_takes_a_vm_of_the_warm_pool(state_dir: Path, engine, python_image: Path, tmp_path: Path,
+                                                  monkeypatch) -> None:
+    """With a pool (pool_size 1) a kernel's start prepares the next kernel's VM behind it; the next kernel takes
+    that VM (resumed already, with its own key and the notebook's files copied in then), and the pool refills."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    from microagent_jupyter import kernel_pool
+    from microagent_jupyter.session_owner import owner_of
+
+    ensure_entry_point(tmp_path / "ep")
+    monkeypatch.setenv("MICROAGENT_STATE_DIR", str(state_dir))
+    monkeypatch.setenv("MICROAGENT_KERNEL_POOL", "1")
+    ksm = KernelSpecManager(kernel_dirs=[str(KERNELS / "kernels")])
+    (tmp_path / "nb").mkdir()
+    (tmp_path / "nb" / "data.csv").write_text("a\n7\n")
+    managers = []
+    try:
+        first = KernelManager(kernel_name="microagent-python", kernel_spec_manager=ksm)
+        managers.append(first)
+        first.start_kernel(cwd=str(tmp_path / "nb"))
+        deadline = time.monotonic() + 600  # the pool's VM is resumed in the background
+        while not kernel_pool.pooled(engine) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        pooled = kernel_pool.pooled(engine)
+        assert len(pooled) == 1 and owner_of(engine, pooled[0])["kind"] == "pool", pooled
+        second = KernelManager(kernel_name="microagent-python", kernel_spec_manager=ksm)
+        managers.append(second)
+        second.start_kernel(cwd=str(tmp_path / "nb"))
+        assert second.provisioner.workspace == pooled[0] and second.provisioner.warm_from == "pool"
+        owner = owner_of(engine, pooled[0])
+        assert owner["kind"] == "kernel" and owner["kernelId"] == second.kernel_id, owner
+        kc = second.client()
+        kc.start_channels()
+        kc.wait_for_ready(timeout=300)
+        reply, outs = _run(kc, "import os; print(os.getcwd(), open('data.csv').read().split()[1])")
+        kc.stop_channels()
+        assert reply["content"]["status"] == "ok", reply["content"]
+        assert "/notebook 7" in "".join(m["content"].get("text", "") for m in outs if m["msg_type"] == "stream")
+    finally:
+        for km in managers:
+            km.shutdown_kernel(now=True)
+        deadline = time.monotonic() + 600  # a refill under way ends before the pool is drained
+        while any(t.name == "microagent-kernel-pool" for t in threading.enumerate()) and \
+                time.monotonic() < deadline:
+            time.sleep(0.5)
+        kernel_pool.drain()
+    assert not [i.name for i in engine.list() if i.name.startswith("nbk-")]

@@ -30,6 +30,9 @@ export function ownerLine(ws: IWorkspace): string {
   if (owner.kind === 'build') {
     return 'building the warm Python snapshot';
   }
+  if (owner.kind === 'pool') {
+    return 'ready for the next sandboxed kernel (warm pool)';
+  }
   return '';
 }
 

@@ -53,7 +53,7 @@ export interface IWorkspace {
 
 /** Who a session workspace belongs to. */
 export interface IOwner {
-  kind: 'kernel' | 'session' | 'build' | string;
+  kind: 'kernel' | 'session' | 'build' | 'pool' | string;
   kernelId?: string;
   /** the notebook's path under the server's root (a kernel's) */
   notebook?: string;
