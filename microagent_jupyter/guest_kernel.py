@@ -67,6 +67,18 @@ def connection_info(key: str, ports: dict[str, int], ip: str = "127.0.0.1", tran
             "kernel_name": "python3"}
 
 
+def bounded_client(info: dict[str, Any]) -> Any:
+    """A blocking Jupyter client on the guest kernel's ``info`` whose sockets hold a bounded number of bytes
+    (:func:`.relay.bounded_context`): a guest that floods iopub between cells cannot grow this process."""
+    from jupyter_client.blocking.client import BlockingKernelClient
+
+    from .relay import bounded_context
+
+    client = BlockingKernelClient(context=bounded_context())
+    client.load_connection_info(info)
+    return client
+
+
 class GuestKernel:
     """One ipykernel process in a running workspace and the published host ports that reach it.
 
@@ -273,6 +285,44 @@ class GuestKernel:
         finally:
             shell.close(0)
             sub.close(0)
+            ctx.term()
+
+    def run_quietly(self, code: str, timeout: float = 60.0) -> None:
+        """Run ``code`` in the kernel before any frontend uses it: silent (no output, history or execution count),
+        with plain ZMQ sockets (usable from any thread: no event loop); GuestError when it fails or does not answer
+        within ``timeout``."""
+        import zmq
+        from jupyter_client.session import Session
+
+        from .relay import bounded_context, endpoint
+
+        info = self.host_info
+        session = Session(key=str(info["key"]).encode(), signature_scheme="hmac-sha256", username="microagent")
+        ctx = bounded_context()
+        shell = ctx.socket(zmq.DEALER)
+        shell.linger = 0
+        try:
+            shell.connect(endpoint(info, "shell"))
+            msg = session.msg("execute_request", {"code": code, "silent": True, "store_history": False,
+                                                  "user_expressions": {}, "allow_stdin": False,
+                                                  "stop_on_error": False})
+            shell.send_multipart(session.serialize(msg))
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                if not shell.poll(int(left * 1000)):
+                    break
+                try:
+                    _idents, parts = session.feed_identities(shell.recv_multipart())
+                    reply = session.deserialize(parts)
+                except Exception:  # noqa: BLE001 (not a valid signed message: ignore it)
+                    continue
+                if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
+                    if reply["content"].get("status") != "ok":
+                        raise GuestError(f"the kernel in {self.workspace} could not run {code!r}")
+                    return
+            raise GuestError(f"the kernel in {self.workspace} did not answer within {timeout:.0f} s")
+        finally:
+            shell.close(0)
             ctx.term()
 
     def interrupt(self) -> None:

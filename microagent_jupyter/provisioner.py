@@ -75,6 +75,7 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     _sync_lock = threading.Lock()  # one sync at a time (per process: syncs are rare and short)
     _cwd: str | None = None
     _notebook: str | None = None
+    _pool_key: tuple[str, WorkspaceSpec, dict[str, str]] | None = None  # what the pool keeps ready for us
     _launched = False  # a kernel of this provisioner has answered before (a launch now is a restart)
     kernel: GuestKernel | None = None
     relay: Relay | None = None
@@ -125,6 +126,10 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         finally:
             self.engine.progress = lambda _message: None
         kernel_board.ready(kid)
+        if self.warm and self.pool_size > 0 and self._pool_key is not None:
+            # the next notebook's kernel, prepared behind this one once it answers (not while it starts)
+            kernel_pool.refill(self.engine, *self._pool_key, self.pool_size,
+                               on_error=lambda why: self.log.warning("microagent: %s", why))
         return self.connection_info
 
     @property
@@ -146,13 +151,24 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             spec = dataclasses.replace(spec, env=None)
             owner = {"kind": "kernel", "kernel_id": self.kernel_id, "notebook": self._notebook,
                      "writable": self._writable_guest_dir()}
-            key = kernel_pool.request_key(spec, env)
-            self.workspace = kernel_pool.take(engine, key) if self.warm and self.pool_size > 0 else None
-            if self.workspace is not None:
+            self._pool_key = kernel_pool.request_key(spec, env), spec, env
+            taken = kernel_pool.take(engine, self._pool_key[0]) if self.warm and self.pool_size > 0 else None
+            if taken is not None:
+                self.workspace, self.kernel = taken
                 record_owner(engine, self.workspace, **owner)  # the pool's VM is now this kernel's
-                engine.progress(f"Took {self.workspace}, a VM of the warm pool, already resumed")
+                engine.progress(f"Took {self.workspace} from the warm pool: resumed, its kernel answering")
                 self.warm_from, self.cold_reason = "pool", ""
                 kernel_board.workspace(self._board_id, self.workspace)
+                try:
+                    if self.notebook_files and self._cwd:
+                        engine.progress("Copying the notebook's folder into the VM")
+                    cwd = self._copy_notebook_files()
+                    if cwd is not None:
+                        self.kernel.run_quietly(f"import os; os.chdir({cwd!r})")
+                        self.kernel.cwd = cwd  # where a restart starts it
+                except BaseException:
+                    self._remove()
+                    raise
             else:
                 self.workspace = f"nbk-{(self.kernel_id or secrets.token_hex(4))[:8]}-{secrets.token_hex(2)}"
                 kernel_board.workspace(self._board_id, self.workspace)
@@ -166,15 +182,14 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 except BaseException:
                     self._remove()
                     raise
-            if self.warm and self.pool_size > 0:  # the next notebook's VM, prepared behind this one
-                kernel_pool.refill(engine, key, spec, env, self.pool_size,
-                                   on_error=lambda why: self.log.warning("microagent: %s", why))
         if self.kernel is None:
-            engine.progress("Copying the notebook's folder into the VM" if self.notebook_files and self._cwd
-                            else "Starting the kernel")
+            if self.notebook_files and self._cwd:
+                engine.progress("Copying the notebook's folder into the VM")
             self.kernel = GuestKernel(engine, self.workspace, cwd=self._copy_notebook_files())
         try:
-            self.kernel.launch()
+            if not self.kernel.alive:  # (a kernel taken from the pool answers already)
+                engine.progress("Starting the Python kernel")
+                self.kernel.launch()
             frontend = km.get_connection_info() if km is not None else {}
             self.connection_info = {k: v for k, v in frontend.items() if k != "kernel_name"}  # key: bytes, as km's
             key = self.connection_info.get("key", b"")

@@ -36,10 +36,9 @@ from . import values as V
 from .egress_note import RefusalWatch
 from .notebook_files import GUEST_NOTEBOOK_DIR, copy_into
 from .notebook_sync import check_folder, sync_back
-from .guest_kernel import GuestKernel
+from .guest_kernel import GuestKernel, bounded_client
 from .magic_errors import MicroagentInterrupted
 from .output_policy import OutputPolicy
-from .relay import bounded_context
 from .session_owner import remove_workspace, sweep
 from .warm_python import start_session_workspace
 
@@ -291,16 +290,6 @@ def ask_user(prompt: str, password: bool) -> str:
         sys.stderr.write(f"microagent: the guest asked for input ({prompt!r}) but this frontend takes none "
                          f"({type(exc).__name__}); it got an empty line\n")
         return ""
-
-
-def bounded_client(info: dict[str, Any]) -> Any:
-    """A blocking Jupyter client on the guest kernel's ``info`` whose sockets hold a bounded number of bytes
-    (:func:`.relay.bounded_context`): a guest that floods iopub between cells cannot grow this process."""
-    from jupyter_client.blocking.client import BlockingKernelClient
-
-    client = BlockingKernelClient(context=bounded_context())
-    client.load_connection_info(info)
-    return client
 
 
 # ---- registry of this process's sessions --------------------------------------------------------

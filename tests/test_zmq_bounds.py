@@ -20,7 +20,7 @@ from jupyter_client import KernelManager
 
 from microagent_jupyter.guest_kernel import connection_info
 from microagent_jupyter.output_policy import OutputPolicy
-from microagent_jupyter.python_session import bounded_client
+from microagent_jupyter.guest_kernel import bounded_client
 from microagent_jupyter.relay import Relay
 from kernel_helpers import free_ports
 
