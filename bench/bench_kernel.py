@@ -11,7 +11,7 @@ one run, as a notebook uses them (jupyter_client's KernelManager, the way jupyte
     (d) interrupt: the frontend's interrupt during ``time.sleep(60)`` until the KeyboardInterrupt reply
 
 Prints each figure and the ratio sandbox/local. Usage:
-python bench/bench_kernel.py [--kernels N] [--cells N] [--interrupts N] [--pool N] [--state-dir DIR]
+python bench/bench_kernel.py [--kernels N] [--cells N] [--interrupts N] [--pool N] [--breakdown] [--state-dir DIR]
 """
 
 from __future__ import annotations
@@ -137,12 +137,58 @@ def bench(sandbox: bool, kernels: int, cells: int, interrupts: int, pool: int = 
     return out
 
 
+GUEST_ROUND_TRIPS = r"""
+import statistics, time
+from jupyter_client import BlockingKernelClient
+c = BlockingKernelClient()
+c.load_connection_file(%r)
+c.start_channels()
+c.wait_for_ready(timeout=60)
+def rt():
+    t = time.perf_counter(); c.execute_interactive("1+1", output_hook=lambda m: None, timeout=60)
+    return time.perf_counter() - t
+[rt() for _ in range(3)]
+print(statistics.median([rt() for _ in range(%d)]))
+"""
+
+
+def breakdown(cells: int) -> None:
+    """Where a round trip goes: the same kernel from the host (relay, published ports) and from inside the guest."""
+    from microagent_jupyter.guest_kernel import CONNECTION_FILE
+
+    km = manager(True)
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=600)
+        for _ in range(3):
+            run(kc, "1+1")
+        host = []
+        for _ in range(cells):
+            s = time.perf_counter()
+            run(kc, "1+1")
+            host.append(time.perf_counter() - s)
+        engine = Engine(os.environ[STATE_DIR_ENV])
+        ws = km.provisioner.workspace
+        pings = [engine.ping(ws) for _ in range(cells)]
+        result = engine.exec(ws, ["python3", "-c", GUEST_ROUND_TRIPS % (CONNECTION_FILE, cells)], timeout=600)
+        guest = float(result.stdout.decode().strip().splitlines()[-1])
+        print(f"round trip breakdown, p50: host through the relay {statistics.median(host) * 1000:.1f} ms; a client "
+              f"inside the guest {guest * 1000:.1f} ms; agent ping {statistics.median(pings) * 1000:.2f} ms")
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernels", type=int, default=3, help="fresh kernels per side")
     ap.add_argument("--cells", type=int, default=30, help="1+1 round trips per kernel")
     ap.add_argument("--interrupts", type=int, default=2, help="interrupts per kernel")
     ap.add_argument("--state-dir", help="reuse this state dir (and its cached Python image and warm snapshot)")
+    ap.add_argument("--breakdown", action="store_true", help="also: a round trip from the host vs from inside the "
+                    "guest against the same kernel, and the agent's ping")
     ap.add_argument("--pool", type=int, default=1, help="the sandboxed kernels' warm pool (0: none); the first "
                     "kernel starts without one, each later one when the pool holds its VM")
     args = ap.parse_args()
@@ -158,6 +204,9 @@ def main() -> None:
     from microagent_jupyter import kernel_pool
 
     kernel_pool.drain()
+    if args.breakdown:
+        os.environ["MICROAGENT_KERNEL_POOL"] = "0"
+        breakdown(args.cells)
     if args.pool > 0 and len(sandbox["first"]) > 1:  # the first sandboxed kernel had no pool yet
         print(line("(a) first result, no pool yet (1st)", sandbox["first"][:1]))
         sandbox["first"] = sandbox["first"][1:]

@@ -201,3 +201,17 @@ def copy_sparse(read: Callable[[int], bytes], fd: int, limit: int) -> tuple[int,
             written += os.pwrite(fd, chunk[start:], pos + start)
         pos += len(chunk)
     return pos, written
+
+
+def capped(cap: int, write: Callable[[bytes], object], over: Callable[[], Exception]) -> Callable[[bytes], None]:
+    """An output callback that counts bytes as they arrive (a guest decides what it sends): past ``cap`` it raises
+    ``over()`` (the exec is then killed and nothing beyond the cap is kept), else it passes them to ``write``."""
+    seen = [0]
+
+    def take(data: bytes) -> None:
+        seen[0] += len(data)
+        if seen[0] > cap:
+            raise over()
+        write(data)
+
+    return take

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from microagent_engine import Engine
 from microagent_engine.errors import InvalidArgument, InvalidState
+from microagent_engine.fsutil import capped
 
 from .notebook_files import GUEST_NOTEBOOK_DIR
 
@@ -106,14 +107,9 @@ def sync_back(engine: Engine, workspace: str, folder: str, dest: Path,
     guest = f"{GUEST_NOTEBOOK_DIR}/{folder}"
     limit = max_bytes + (MAX_FILES + 16) * 1024  # the tar's own headers on top of the files' bytes
     spool = tempfile.SpooledTemporaryFile(max_size=16 << 20)
-    received = [0]
-
-    def take(data: bytes) -> None:
-        received[0] += len(data)
-        if received[0] > limit:
-            raise InvalidState(f"{workspace}:{guest} holds more than {max_bytes >> 20} MiB; nothing was brought "
-                               f"back (move large files out with 'microagent cp')")
-        spool.write(data)
+    take = capped(limit, spool.write, lambda: InvalidState(
+        f"{workspace}:{guest} holds more than {max_bytes >> 20} MiB; nothing was brought back (move large files "
+        f"out with 'microagent cp')"))
 
     with spool:
         result = engine.exec(workspace, ["/bin/sh", "-c", 'cd "$1" 2>/dev/null || exit 0; exec tar -cf - .', "sh",
@@ -121,7 +117,7 @@ def sync_back(engine: Engine, workspace: str, folder: str, dest: Path,
         if not result.ok:
             raise InvalidState(f"reading {workspace}:{guest} failed (exit {result.exit_code})")
         report = SyncReport()
-        if received[0] == 0:
+        if spool.tell() == 0:
             return report
         spool.seek(0)
         base = _real_dir(dest.parent, [dest.name])

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..config import DEFAULT_MAX_COPY, MAX_INLINE_OUTPUT, parse_size, validate_name
 from ..errors import InvalidArgument, InvalidState, NotFound
-from ..fsutil import file_lock
+from ..fsutil import capped, file_lock
 from ..model import Attachment
 from ..states import allows
 from ..storage import debugfs
@@ -115,14 +115,8 @@ class Transfer:
             target = target / posixpath.basename(guest)
         private = target.parent / f".microagent-cp-{os.getpid()}-{target.name}"
         fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        written = [0]
-
-        def write(data: bytes) -> None:
-            written[0] += len(data)
-            if written[0] > cap:
-                raise InvalidState(f"{info.name}:{guest} is larger than {cap} bytes; give a larger --max-size "
-                                   f"(nothing was kept)")
-            os.write(fd, data)
+        write = capped(cap, lambda data: os.write(fd, data), lambda: InvalidState(
+            f"{info.name}:{guest} is larger than {cap} bytes; give a larger --max-size (nothing was kept)"))
 
         try:
             script = 'if [ ! -f "$1" ]; then echo "not a regular file" >&2; exit 2; fi; cat "$1"'
