@@ -59,9 +59,9 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                               "write at /notebook/FOLDER; its files come back on save, restart, shutdown and "
                               "request (see microagent_jupyter.notebook_sync); '' (the default): none")
     sync_max_mib = Integer(256, config=True, help="the byte budget of bringing that folder back, in MiB")
-    pool_size = Integer(config=True, help="VMs resumed from the warm Python snapshot and kept ready, per kind of "
-                        "workspace, so that a new kernel starts without waiting for one (0: no pool; default: "
-                        "$MICROAGENT_KERNEL_POOL, else 1; see microagent_jupyter.kernel_pool)")
+    pool_size = Integer(config=True, help="kernels resumed from the warm Python snapshot, started and kept ready per "
+                        "kind of workspace, so that a new notebook's kernel does not wait for one (0: no pool; "
+                        "default: $MICROAGENT_KERNEL_POOL, else 1; see microagent_jupyter.kernel_pool)")
 
     @default("pool_size")
     def _pool_size_default(self) -> int:
@@ -69,6 +69,7 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             return max(0, int(os.environ.get(POOL_ENV, "1")))
         except ValueError:
             return 1
+
     state_dir = Unicode("", config=True, help="microagent state dir (default: $MICROAGENT_STATE_DIR or ~/.microagent)")
 
     workspace: str | None = None

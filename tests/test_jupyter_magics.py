@@ -413,7 +413,7 @@ def test_completion_offers_every_subcommand_of_the_table_and_nothing_else(ip):
         parser = entry.parser() if entry.parser is not None else None
         options = {o for o in (parser._option_string_actions if parser else ()) if o.startswith("--")}
         assert set(_complete(ip, f"%microagent {entry.name} --")) == options | {"--help"}
-    assert _complete(ip, "%microagent session ") == ["restart", "stop", "list"]
+    assert _complete(ip, "%microagent session ") == ["restart", "stop", "sync", "list"]
     assert _complete(ip, "%microagent ps ") == ["--help"]  # nothing positional: options, never Python names
     assert "--in" in _complete(ip, "%%microagent python ")
     assert _complete(ip, "%microagent snapshot l") == ["list"]
