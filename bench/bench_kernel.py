@@ -17,13 +17,16 @@ python bench/bench_kernel.py [--kernels N] [--cells N] [--interrupts N] [--pool 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
@@ -44,6 +47,21 @@ def manager(sandbox: bool) -> KernelManager:
         return KernelManager(kernel_name="python3")
     ksm = KernelSpecManager(kernel_dirs=[str(REPO / "share" / "jupyter" / "kernels")])
     return KernelManager(kernel_name="microagent-python", kernel_spec_manager=ksm)
+
+
+@contextlib.contextmanager
+def started(sandbox: bool) -> Iterator[tuple[KernelManager, Any]]:
+    """A kernel started and answering, and its client; shut down on the way out."""
+    km = manager(sandbox)
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=600)
+        yield km, kc
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
 
 
 def run(kc, code: str) -> dict:
@@ -105,35 +123,34 @@ def wait_for_pool(pool: int) -> None:
           flush=True)
 
 
+def round_trips(kc, cells: int) -> list[float]:
+    """Seconds of ``cells`` ``1+1`` cells, each until its reply."""
+    times = []
+    for _ in range(cells):
+        s = time.perf_counter()
+        run(kc, "1+1")
+        times.append(time.perf_counter() - s)
+    return times
+
+
 def bench(sandbox: bool, kernels: int, cells: int, interrupts: int, pool: int = 0) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {"first": [], "rt": [], "plot": [], "interrupt": []}
     for i in range(kernels):
         if sandbox and i > 0:
             wait_for_pool(pool)
         t0 = time.perf_counter()
-        km = manager(sandbox)
-        km.start_kernel()
-        kc = km.client()
-        kc.start_channels()
-        try:
-            kc.wait_for_ready(timeout=600)
+        with started(sandbox) as (km, kc):
             run(kc, FIRST_CELL)
             out["first"].append(time.perf_counter() - t0)
             if sandbox:
                 wait_for_pool(pool)
             run(kc, "1+1")  # warm-up
-            for _ in range(cells):
-                s = time.perf_counter()
-                run(kc, "1+1")
-                out["rt"].append(time.perf_counter() - s)
+            out["rt"] += round_trips(kc, cells)
             for _ in range(3 if i == 0 else 1):
                 s = time.perf_counter()
                 run(kc, PLOT_CELL)
                 out["plot"].append(time.perf_counter() - s)
             out["interrupt"] += [interrupt_once(km, kc) for _ in range(interrupts)]
-        finally:
-            kc.stop_channels()
-            km.shutdown_kernel(now=True)
     return out
 
 
@@ -156,30 +173,16 @@ def breakdown(cells: int) -> None:
     """Where a round trip goes: the same kernel from the host (relay, published ports) and from inside the guest."""
     from microagent_jupyter.guest_kernel import CONNECTION_FILE
 
-    km = manager(True)
-    km.start_kernel()
-    kc = km.client()
-    kc.start_channels()
-    try:
-        kc.wait_for_ready(timeout=600)
-        for _ in range(3):
-            run(kc, "1+1")
-        host = []
-        for _ in range(cells):
-            s = time.perf_counter()
-            run(kc, "1+1")
-            host.append(time.perf_counter() - s)
+    with started(True) as (km, kc):
+        round_trips(kc, 3)  # warm-up
+        host = round_trips(kc, cells)
         engine = Engine(os.environ[STATE_DIR_ENV])
         ws = km.provisioner.workspace
         pings = [engine.ping(ws) for _ in range(cells)]
         result = engine.exec(ws, ["python3", "-c", GUEST_ROUND_TRIPS % (CONNECTION_FILE, cells)], timeout=600)
         guest = float(result.stdout.decode().strip().splitlines()[-1])
-        print(f"round trip breakdown, p50: host through the relay {statistics.median(host) * 1000:.1f} ms; a client "
-              f"inside the guest {guest * 1000:.1f} ms; agent ping {statistics.median(pings) * 1000:.2f} ms")
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
-
+    print(f"round trip breakdown, p50: host through the relay {statistics.median(host) * 1000:.1f} ms; a client "
+          f"inside the guest {guest * 1000:.1f} ms; agent ping {statistics.median(pings) * 1000:.2f} ms")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

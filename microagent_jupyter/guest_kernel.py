@@ -79,6 +79,22 @@ def bounded_client(info: dict[str, Any]) -> Any:
     return client
 
 
+def _raw_session(info: dict[str, Any]) -> Any:
+    """A jupyter_client Session signing with ``info``'s key (plain ZMQ use: no event loop, any thread)."""
+    from jupyter_client.session import Session
+
+    return Session(key=str(info["key"]).encode(), signature_scheme="hmac-sha256", username="microagent")
+
+
+def _receive(session: Any, sock: Any) -> dict[str, Any] | None:
+    """The next message on ``sock``, verified and parsed (None: not a valid signed message, which is ignored)."""
+    try:
+        _idents, parts = session.feed_identities(sock.recv_multipart())
+        return session.deserialize(parts)  # type: ignore[no-any-return]
+    except Exception:  # noqa: BLE001 (the guest sends what it likes)
+        return None
+
+
 class GuestKernel:
     """One ipykernel process in a running workspace and the published host ports that reach it.
 
@@ -237,12 +253,11 @@ class GuestKernel:
         """Like :meth:`wait_ready`, with plain ZMQ sockets on ``info`` (usable from any thread: no event loop);
         returns once a kernel_info reply came back on shell and a status message on iopub."""
         import zmq
-        from jupyter_client.session import Session
 
         from .relay import RELAY_SESSION, bounded_context, endpoint
 
         self.wait_bound(timeout)  # a warm kernel: connect once its sockets are bound (no reconnect backoff)
-        session = Session(key=str(info["key"]).encode(), signature_scheme="hmac-sha256", username="microagent")
+        session = _raw_session(info)
         ctx = bounded_context()
         shell, sub = ctx.socket(zmq.DEALER), ctx.socket(zmq.SUB)
         for sock in (shell, sub):
@@ -271,11 +286,8 @@ class GuestKernel:
                 end = time.monotonic() + (1.0 if shell_ok else 0.3 if self._ready_seen.is_set() else 2.0)
                 while time.monotonic() < end and not (shell_ok and iopub_ok):
                     for sock, _ in poller.poll(200):
-                        frames = sock.recv_multipart()
-                        try:
-                            _idents, parts = session.feed_identities(frames)
-                            got = session.deserialize(parts)
-                        except Exception:  # noqa: BLE001 (not a valid signed message: ignore it)
+                        got = _receive(session, sock)
+                        if got is None:
                             continue
                         if sock is shell and got["msg_type"] == "kernel_info_reply":
                             shell_ok = True
@@ -292,12 +304,11 @@ class GuestKernel:
         with plain ZMQ sockets (usable from any thread: no event loop); GuestError when it fails or does not answer
         within ``timeout``."""
         import zmq
-        from jupyter_client.session import Session
 
         from .relay import bounded_context, endpoint
 
         info = self.host_info
-        session = Session(key=str(info["key"]).encode(), signature_scheme="hmac-sha256", username="microagent")
+        session = _raw_session(info)
         ctx = bounded_context()
         shell = ctx.socket(zmq.DEALER)
         shell.linger = 0
@@ -311,10 +322,8 @@ class GuestKernel:
             while (left := deadline - time.monotonic()) > 0:
                 if not shell.poll(int(left * 1000)):
                     break
-                try:
-                    _idents, parts = session.feed_identities(shell.recv_multipart())
-                    reply = session.deserialize(parts)
-                except Exception:  # noqa: BLE001 (not a valid signed message: ignore it)
+                reply = _receive(session, shell)
+                if reply is None:
                     continue
                 if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
                     if reply["content"].get("status") != "ok":

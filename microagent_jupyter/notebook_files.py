@@ -82,17 +82,20 @@ def copy_into(engine: Engine, workspace: str, root: Path, max_bytes: int = DEFAU
     MicroagentError when the guest cannot unpack it."""
     tar, count, left_out = build_tar(root, max_bytes)
     with tar:
-        # read-only for root too: a read-only bind mount of the copy (few processes: each costs ~0.1 s under TCG)
+        # read-only for root too: a read-only bind mount of the copy. Few processes: each costs ~0.1 s under TCG.
         d = GUEST_NOTEBOOK_DIR
-        w = f"{GUEST_WRITABLE_DIR}/{writable}" if writable else ""
-        script = (f"if [ -e {d} ]; then {f'umount {d}/{writable} 2>/dev/null; ' if writable else ''}"
-                  f"umount {d} 2>/dev/null; rm -rf {d}; fi; {f'[ -e {w} ] && rm -rf {w}; ' if writable else ''}"
-                  f"mkdir -p {d} {GUEST_WRITABLE_DIR if writable else ''} && tar -x -C {d} && ")
-        if writable:  # its files move to a writable directory, bound over the read-only copy's empty folder
-            script += f"mkdir -p {d}/{writable} && mv {d}/{writable} {w} && mkdir {d}/{writable} && "
-        script += f"mount -o bind,ro {d} {d}"
+        w = f"{GUEST_WRITABLE_DIR}/{writable}"
+        unmount = (f"umount {d}/{writable} 2>/dev/null; " if writable else "") + f"umount {d} 2>/dev/null"
+        steps = [f"if [ -e {d} ]; then {unmount}; rm -rf {d}; fi"]  # a restart copies afresh
         if writable:
-            script += f" && mount --bind {w} {d}/{writable}"
+            steps.append(f"if [ -e {w} ]; then rm -rf {w}; fi")
+        unpack = [f"mkdir -p {d} {GUEST_WRITABLE_DIR}" if writable else f"mkdir -p {d}", f"tar -x -C {d}"]
+        if writable:  # its files move to a writable directory, bound over the read-only copy's empty folder
+            unpack += [f"mkdir -p {d}/{writable}", f"mv {d}/{writable} {w}", f"mkdir {d}/{writable}"]
+        unpack.append(f"mount -o bind,ro {d} {d}")
+        if writable:
+            unpack.append(f"mount --bind {w} {d}/{writable}")
+        script = "; ".join(steps) + "; " + " && ".join(unpack)
         result = engine.exec(workspace, ["/bin/sh", "-c", script], stdin=tar, timeout=600, max_output=4096)
     if not result.ok:
         raise MicroagentError(f"the notebook's directory could not be copied into {workspace}: "

@@ -299,8 +299,6 @@ class Relay:
             self.dropped += 1
             return None
         self._remember(channel, body[0], body[3])
-        if self.announce_idle and b'"execute_request"' in body[0]:
-            self.announce_idle = self._idle_now = False  # from now on the kernel's own status is the truth
         return [*idents, DELIM, self.guest_signer.sign(body[:4]), *body]
 
     def _remember(self, channel: str, header_b: bytes, content_b: bytes) -> None:
@@ -309,6 +307,8 @@ class Relay:
         msg_id, msg_type = header.get("msg_id"), header.get("msg_type")
         if not isinstance(msg_id, str) or not isinstance(msg_type, str):
             return
+        if msg_type == "execute_request":
+            self.announce_idle = self._idle_now = False  # from now on the kernel's own status is the truth
         self._requests[msg_id] = header_b
         while len(self._requests) > MAX_REMEMBERED:
             self._requests.popitem(last=False)

@@ -99,21 +99,25 @@ async def kernel_action(handler: BaseHandler, name: str, action: str, body: dict
     return {"name": name, "kernel": choice, "kernelId": kid, "notebook": notebook}
 
 
-def writable_kernels(notebook_dir: str, notebook_name: str) -> list[Any]:
-    """This process's sandboxed kernels with a writable folder that serve the notebook saved at
-    ``notebook_dir/notebook_name``."""
-    from ..provisioner import SYNCING  # the provisioner imports jupyter_client: only when a kernel ran here
+def _syncing() -> dict[str, Any]:
+    """This process's kernels with a writable folder, by kernel id (empty until a sandboxed kernel ran here: the
+    provisioner, which imports jupyter_client's provisioning, is not loaded before)."""
+    if "microagent_jupyter.provisioner" not in sys.modules:
+        return {}
+    from ..provisioner import SYNCING
 
-    return [p for p in list(SYNCING.values()) if p.serves(notebook_dir, notebook_name)]
+    return SYNCING
 
 
 def sync_on_save(model: dict[str, Any] | None = None, os_path: str = "", **_kwargs: Any) -> None:
     """The contents manager's post-save hook: a saved notebook's kernel brings its writable folder back (in a
     thread: the save answers at once; failures are logged by the provisioner)."""
-    if not os_path or (model or {}).get("type") != "notebook" or "microagent_jupyter.provisioner" not in sys.modules:
+    if not os_path or (model or {}).get("type") != "notebook":
         return
-    for prov in writable_kernels(os.path.dirname(os_path), os.path.basename(os_path)):
-        threading.Thread(target=prov.sync_quietly, name="microagent-sync", daemon=True).start()
+    notebook_dir, notebook_name = os.path.dirname(os_path), os.path.basename(os_path)
+    for prov in list(_syncing().values()):
+        if prov.serves(notebook_dir, notebook_name):
+            threading.Thread(target=prov.sync_quietly, name="microagent-sync", daemon=True).start()
 
 
 class SyncHandler(BaseHandler):
@@ -122,7 +126,7 @@ class SyncHandler(BaseHandler):
     @tornado.web.authenticated
     async def post(self, kernel_id: str) -> None:
         try:
-            prov = syncing_kernel(kernel_id)
+            prov = _syncing().get(kernel_id)
             if prov is None:
                 raise NotFound(f"kernel {kernel_id} of this server has no writable folder (set writable_folder in "
                                f"the sandboxed kernelspec's config, e.g. \"writable_folder\": \"results\")")
@@ -130,15 +134,6 @@ class SyncHandler(BaseHandler):
             self.send_json({"kernelId": kernel_id, "message": message})
         except HANDLED as exc:
             self.send_error_json(exc)
-
-
-def syncing_kernel(kernel_id: str) -> Any:
-    """The provisioner of kernel ``kernel_id`` when it has a writable folder (None: no such kernel here)."""
-    if "microagent_jupyter.provisioner" not in sys.modules:
-        return None
-    from ..provisioner import SYNCING
-
-    return SYNCING.get(kernel_id)
 
 
 class KernelsHandler(BaseHandler):
