@@ -34,6 +34,24 @@ def assert_inert(outputs: list[dict[str, Any]]) -> None:
             assert bad not in rich, (bad, rich)
 
 
+def local_kernel() -> tuple[Any, dict[str, Any]]:
+    """A local ipykernel standing in for the guest, answering before this returns: until it has bound its ports,
+    ports picked for a relay's front could be the ones it is about to bind (CI saw "Address already in use")."""
+    from jupyter_client import KernelManager
+
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel()
+    probe = km.blocking_client()
+    probe.start_channels()
+    try:
+        probe.wait_for_ready(timeout=120)
+    finally:
+        probe.stop_channels()
+    info = km.get_connection_info()
+    info["key"] = info["key"].decode() if isinstance(info["key"], bytes) else info["key"]
+    return km, info
+
+
 def free_ports() -> dict[str, int]:
     socks = [socket.socket() for _ in PORTS]
     for s in socks:

@@ -19,17 +19,15 @@ import zmq
 from jupyter_client import KernelManager
 from jupyter_client.blocking.client import BlockingKernelClient
 
-from kernel_helpers import HOSTILE_CELLS, KERNELS, PORTS, assert_inert, ensure_entry_point, free_ports  # noqa: F401
+from kernel_helpers import (HOSTILE_CELLS, KERNELS, PORTS, assert_inert, ensure_entry_point, free_ports,  # noqa: F401
+                            local_kernel)
 from microagent_jupyter.guest_kernel import connection_info
 from microagent_jupyter.relay import DELIM, Relay
 
 REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def relayed() -> Iterator[tuple[BlockingKernelClient, Relay, dict[str, Any]]]:
-    km = KernelManager(kernel_name="python3")
-    km.start_kernel()
-    guest = km.get_connection_info()
-    guest["key"] = guest["key"].decode() if isinstance(guest["key"], bytes) else guest["key"]
+    km, guest = local_kernel()
     front = connection_info(uuid.uuid4().hex, free_ports())
     relay = Relay(front, guest, alive=km.is_alive)
     relay.start()
@@ -361,10 +359,7 @@ def test_after_a_restart_the_relay_tells_each_new_subscriber_the_kernel_is_idle(
 
     from microagent_jupyter.relay import RELAY_SESSION
 
-    km = KernelManager(kernel_name="python3")
-    km.start_kernel()
-    guest = km.get_connection_info()
-    guest["key"] = guest["key"].decode() if isinstance(guest["key"], bytes) else guest["key"]
+    km, guest = local_kernel()
     front = connection_info(uuid.uuid4().hex, free_ports())
     relay = Relay(front, guest, alive=km.is_alive, announce_idle=True)
     relay.start()

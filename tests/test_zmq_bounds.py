@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from jupyter_client import KernelManager
 
 from microagent_jupyter.guest_kernel import connection_info
 from microagent_jupyter.output_policy import OutputPolicy
 from microagent_jupyter.guest_kernel import bounded_client
 from microagent_jupyter.relay import Relay
-from kernel_helpers import free_ports
+from kernel_helpers import free_ports, local_kernel
 
 MiB = 1024 * 1024
 FLOOD_MESSAGES, FLOOD_MIB = 100, 4  # 400 MiB in signed iopub messages, sent after the cell that starts it ends
@@ -60,10 +59,7 @@ def _wait_for(predicate: Any, what: str, timeout: float = 300) -> None:
 
 @pytest.fixture
 def guest_kernel() -> Iterator[dict[str, Any]]:
-    km = KernelManager(kernel_name="python3")
-    km.start_kernel()
-    info = km.get_connection_info()
-    info["key"] = info["key"].decode() if isinstance(info["key"], bytes) else info["key"]
+    km, info = local_kernel()
     yield info
     km.shutdown_kernel(now=True)
 
