@@ -90,7 +90,7 @@ class Trace:
     """Wall-clock marks of one warm first result's steps (host side, plus the guest kernel's own marks)."""
 
     def __init__(self, engine: Engine) -> None:
-        from microagent_jupyter import warm_python
+        from microagent_engine.engine import warm_python
 
         self.marks: list[tuple[str, float]] = []
         orig_create, orig_start = warm_python.create_warm, Engine.start

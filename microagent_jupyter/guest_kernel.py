@@ -21,12 +21,13 @@ from collections import deque
 from typing import Any
 
 from microagent_engine import Engine, ExecResult
+from microagent_engine.engine.warm_python import KERNEL_DIR, kernel_launcher
 from microagent_engine.errors import GuestError, MicroagentError
 
 #: ZMQ ports the guest kernel binds on its own loopback (the guest is a VM of its own: fixed ports are fine)
 GUEST_PORTS = {"shell_port": 50101, "iopub_port": 50102, "stdin_port": 50103, "control_port": 50104,
                "hb_port": 50105}
-GUEST_DIR = "/tmp/.microagent-kernel"
+GUEST_DIR = KERNEL_DIR
 CONNECTION_FILE = f"{GUEST_DIR}/kernel.json"
 PID_FILE = f"{GUEST_DIR}/kernel.pid"
 #: the start of the kernel's exec: its stdin is the connection file (private, in a subshell: the umask stays)
@@ -34,24 +35,9 @@ PID_FILE = f"{GUEST_DIR}/kernel.pid"
 #: one JSON line without a newline, which ``read`` stores before it reports the end of input)
 WRITE_CONNECTION_FILE = (f"(umask 077; [ -d {GUEST_DIR} ] || mkdir -p {GUEST_DIR} || exit 1; "
                          f"IFS= read -r c; [ -n \"$c\" ] && printf '%s\\n' \"$c\" > {CONNECTION_FILE}) || exit 1\n")
-#: where a warm snapshot's zygote (:mod:`.guest_zygote`) waits for requests (see :mod:`.warm_python`)
-ZYGOTE_DIR = "/tmp/.microagent-zygote"
-#: the held exec's script when the workspace has a live zygote: ask it for a kernel (forked from the warm process,
-#: with this exec's environment, output pipes and the host-made connection file), exit with its exit code (which
-#: the zygote writes into the FIFO named in the request). Without a zygote the kernel is started cold, as
-#: ``python3 -m ipykernel_launcher``.
-ZYGOTE_LAUNCHER = f"""
-Z={ZYGOTE_DIR}
-if [ -p $Z/requests ] && read zp < $Z/pid && kill -0 "$zp" 2>/dev/null; then
-  f={GUEST_DIR}/rc.$$
-  mkfifo -m 600 $f 2>/dev/null || {{ rm -f $f; mkfifo -m 600 $f; }} || exit 1
-  exec 3<>$f
-  echo "$$ $f {CONNECTION_FILE}" > $Z/requests
-  read rc <&3
-  rm -f $f
-  exit ${{rc:-1}}
-fi
-"""
+#: the held exec's script when the workspace has a live zygote (a clone of the engine's warm Python snapshot):
+#: ask it for a kernel; without one the kernel is started cold, as ``python3 -m ipykernel_launcher``
+ZYGOTE_LAUNCHER = kernel_launcher(CONNECTION_FILE)
 READY_TIMEOUT = 300.0  # cold ipykernel + numpy/pandas imports under TCG take tens of seconds
 LOG_LINES = 200
 

@@ -40,11 +40,11 @@ from .guest_kernel import GuestKernel, bounded_client
 from .magic_errors import MicroagentInterrupted
 from .output_policy import OutputPolicy
 from .session_owner import remove_workspace, sweep
-from .warm_python import start_session_workspace
+from .warm_python import start_session_workspace, warm_enabled
 
 INTERRUPT_GRACE = 8.0  # seconds to wait for the guest's reply after SIGINT
 #: new session workspaces start from the warm Python snapshot (:mod:`.warm_python`); MICROAGENT_WARM_PYTHON=0: cold
-WARM_ENABLED = os.environ.get("MICROAGENT_WARM_PYTHON", "1") != "0"
+WARM_ENABLED = warm_enabled()
 
 
 class GuestPythonError(MicroagentError):

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from microagent_engine import Engine
-from microagent_engine.errors import MicroagentError
+from microagent_engine.engine.cleanup import remove_quietly
 from microagent_engine.fsutil import read_json, write_json_atomic
 from microagent_engine.records import process_matches, process_start_time
 
@@ -63,13 +63,7 @@ def owner_alive(record: dict[str, object]) -> bool:
 
 def remove_workspace(engine: Engine, name: str) -> None:
     """Kill (if it runs) and delete workspace ``name``, quietly."""
-    try:
-        info = engine.status(name)
-        if info.running or info.vm_alive:
-            engine.kill(name)
-        engine.delete(name)
-    except MicroagentError:
-        pass
+    remove_quietly(engine, name)
 
 
 def sweep(engine: Engine) -> list[str]:

@@ -19,6 +19,7 @@ from IPython.utils.capture import capture_output
 
 from microagent_engine import Engine, WorkspaceSpec
 from kernel_helpers import KERNELS
+from microagent_engine.engine import warm_python as engine_warm
 from microagent_engine.errors import NotFound
 from microagent_jupyter import python_session as PS
 from microagent_jupyter import session_owner, warm_python
@@ -50,7 +51,7 @@ def test_warm_session_starts_with_the_imports_done(engine: Engine) -> None:
                                  "'matplotlib.pyplot' in sys.modules")
         assert cap.outputs[-1].data["text/plain"] == "(True, True)"
         sess = PS._sessions[PS._key(engine, PS.default_session_name(engine))]
-        assert sess.warm_from and sess.warm_from.startswith(warm_python.SNAPSHOT_PREFIX), sess.cold_reason
+        assert sess.warm_from and sess.warm_from.startswith(engine_warm.SNAPSHOT_PREFIX), sess.cold_reason
         with capture_output() as cap:  # the figure comes back as a cold kernel's would
             shell.run_cell_magic("microagent", "python", "import matplotlib.pyplot as plt\nplt.plot([1, 2])\n"
                                  "plt.show()")
@@ -116,16 +117,56 @@ def test_prepare_python_builds_ahead_with_progress(engine: Engine, cli) -> None:
     assert r.returncode == 0, r.stderr
     out, progress = r.stdout.decode(), r.stderr.decode()
     assert "builtin:python is ready" in out and "Preparing builtin:python" in progress
-    key = warm_python.SNAPSHOT_PREFIX + warm_python.snapshot_key(engine, warm_python.session_spec())
+    key = engine_warm.SNAPSHOT_PREFIX + engine_warm.snapshot_key(engine, warm_python.session_spec())
     assert key in out and key in [m["name"] for m in engine.snapshots(internal=True)]
     # the kernel's workspace and a magic's session share it: one key for both
     shipped = json.loads((KERNELS / "kernels" / "microagent-python" / "kernel.json").read_text())
     kernel = warm_python.session_spec(WorkspaceSpec.from_json(
         shipped["metadata"]["kernel_provisioner"]["config"]["workspace_spec"]))
     magic = warm_python.session_spec(WorkspaceSpec(network="isolated"))
-    assert warm_python.snapshot_key(engine, kernel) == warm_python.snapshot_key(engine, magic)
+    assert engine_warm.snapshot_key(engine, kernel) == engine_warm.snapshot_key(engine, magic)
     r = cli("prepare", "pyhton")
     assert r.returncode != 0 and b"nothing to prepare named 'pyhton'; known: python" in r.stderr
+
+
+PY = WorkspaceSpec(image="builtin:python", network="isolated")
+
+
+def _run(engine: Engine, argv: list[str], spec: WorkspaceSpec = PY, **options: Any):
+    from microagent_engine import RunOptions
+    progress: list[str] = []
+    before, engine.progress = engine.progress, progress.append
+    try:
+        _info, res = engine.run(argv, spec, RunOptions(delete=True, **options))
+    finally:
+        engine.progress = before
+    return res, "\n".join(progress)
+
+
+def test_python_one_shots_run_in_a_fork_of_the_warm_process(engine: Engine) -> None:
+    """``run builtin:python python3 …`` resumes the warm snapshot (the same one as the sessions': same shape) and
+    runs the command in a fork of the process that already imported pandas, as a fresh python3 would behave."""
+    probe = ("import os, sys, IPython, matplotlib\n"
+             "print('pandas' in sys.modules, sys.argv, __name__, IPython.get_ipython(), matplotlib.get_backend(),"
+             " os.getcwd(), os.environ['WHO'], sys.path[0] == '', sep='|')\n"
+             "print('to stderr', file=sys.stderr)\nsys.exit(3)")
+    res, progress = _run(engine, ["python3", "-c", probe, "a b"], WorkspaceSpec(
+        image="builtin:python", network="isolated", env={"WHO": "me"}), cwd="/tmp")
+    assert "Resuming the warm Python snapshot pywarm-" in progress, progress
+    assert res.exit_code == 3, res
+    assert res.stdout.decode().split("|") == ["True", "['-c', 'a b']", "__main__", "None", "agg", "/tmp", "me",
+                                              "True\n"], res.stdout
+    assert res.stderr == b"to stderr\n"
+    # the program on stdin, an uncaught exception: python3's exit code and traceback
+    res, _ = _run(engine, ["python3"], stdin=b"import sys\nprint(40 + 2, sys.argv)\nraise ValueError('boom')\n")
+    assert (res.exit_code, res.stdout) == (1, b"42 ['']\n"), res
+    assert res.stderr.decode().rstrip().endswith("ValueError: boom") and 'File "<stdin>", line 3' in res.stderr.decode()
+    # an option a fork cannot honour exactly: the real python3 runs it (cold: pandas is not imported)
+    res, _ = _run(engine, ["python3", "-I", "-c", "import sys; print('pandas' in sys.modules)"])
+    assert (res.exit_code, res.stdout) == (0, b"False\n"), res
+    # a command the agent ends at its timeout ends the fork too (no exec left waiting on the fork's pipes)
+    res, _ = _run(engine, ["python3", "-c", "import time; print('up', flush=True); time.sleep(3600)"], timeout=10)
+    assert (res.status, res.stdout) == ("timed_out", b"up\n"), res
 
 
 def test_broken_warm_snapshot_falls_back_to_cold(engine: Engine, state_dir: Path) -> None:

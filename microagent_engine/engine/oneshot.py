@@ -8,9 +8,12 @@ from dataclasses import dataclass
 from typing import IO, Any, Protocol
 
 from ..client import DEFAULT_MAX_OUTPUT, ExecResult, OutputCallback
+from ..config import hostname_for
 from ..errors import GuestError, InvalidArgument, MicroagentError, NotFound
 from ..workspace_spec import WorkspaceSpec
+from . import warm_python
 from .bootlog import boot_log_tail
+from .cleanup import delete_quietly, finish
 from .provision import Provisioner
 from .store import WorkspaceInfo
 
@@ -20,13 +23,20 @@ class _Engine(Protocol):
 
     _provision: Provisioner
 
+    state_dir: Any
+    images: Any
+
     def progress(self, message: str) -> None: ...
-    def start(self, name: str) -> WorkspaceInfo: ...
+    def create(self, name: str | None, spec: WorkspaceSpec | None = None, **kwargs: Any) -> Any: ...
+    def start(self, name: str, **kwargs: Any) -> WorkspaceInfo: ...
     def exec(self, name: str, argv: list[str], **kwargs: Any) -> ExecResult: ...
     def status(self, name: str) -> WorkspaceInfo: ...
     def halt(self, name: str) -> WorkspaceInfo: ...
     def kill(self, name: str) -> WorkspaceInfo: ...
     def delete(self, name: str) -> None: ...
+    def snapshot(self, name: str, snapshot: str, *, internal: bool = False) -> dict[str, Any]: ...
+    def snapshots(self, *, internal: bool = False) -> list[dict[str, Any]]: ...
+    def remove_snapshot(self, snapshot: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -60,23 +70,16 @@ def run(engine: _Engine, argv: list[str], spec: WorkspaceSpec, options: RunOptio
         raise InvalidArgument("run needs a command, e.g. microagent run -- uname -r")
     one_shot = options.name is None
     name = options.name or f"run-{time.time_ns()}"
-    info = engine._provision.create(name, spec, one_shot=one_shot)
-    try:
-        engine.progress(f"Booting {name}")
-        engine.start(name)
-    except BaseException as exc:
-        finish(engine, name, force=True)
-        boot_log = boot_log_tail(info)
-        delete_quietly(engine, name)  # a run that never ran leaves nothing behind
-        if isinstance(exc, GuestError) and boot_log:
-            reason = str(exc).split("\n", 1)[0].removesuffix("Last console lines:").rstrip()
-            raise GuestError(f"{reason}\nLast lines of the boot log:\n{boot_log}") from None
-        raise
+    info = _warm_start(engine, name, argv, spec, one_shot)
+    if info is not None:
+        argv = warm_python.run_argv(argv)
+    else:
+        info = _cold_start(engine, name, spec, one_shot)
     try:
         result = engine.exec(name, argv, cwd=options.cwd, timeout=options.timeout, stdin=options.stdin,
                              on_stdout=options.on_stdout, on_stderr=options.on_stderr, capture=options.capture,
                              max_output=options.max_output)
-        finish(engine, name)
+        finish(engine, name, force=options.delete)  # a disk about to be deleted needs no clean shutdown
     except BaseException:
         finish(engine, name, force=True)
         if options.delete:
@@ -89,25 +92,52 @@ def run(engine: _Engine, argv: list[str], spec: WorkspaceSpec, options: RunOptio
     return info, result
 
 
-def delete_quietly(engine: _Engine, name: str) -> None:
+def _warm_start(engine: _Engine, name: str, argv: list[str], spec: WorkspaceSpec, one_shot: bool
+                ) -> WorkspaceInfo | None:
+    """Start ``name`` as a clone of the warm Python snapshot when ``argv`` is a Python run that fits one (the
+    snapshot is built on first need); its info, or None for a cold start."""
+    if not one_shot and _exists(engine, name):
+        return None  # the cold path reports the name taken, before touching anything
+    snap, why = warm_python.for_run(engine, argv, spec)
+    if snap is None:
+        if why:
+            engine.progress(f"Not starting from the warm Python snapshot: {why}")
+        return None
     try:
-        engine.delete(name)
-    except MicroagentError:
-        pass
+        engine.progress(f"Resuming the warm Python snapshot {snap} as {name}")
+        info = engine._provision.create(name, WorkspaceSpec(from_snapshot=snap, env=spec.env,
+                                                            hostname=hostname_for(name)), one_shot=one_shot)
+        engine.start(name)
+        return info
+    except BaseException as exc:
+        finish(engine, name, force=True)
+        delete_quietly(engine, name)
+        if not isinstance(exc, MicroagentError):
+            raise
+        warm_python.discard(engine, snap)
+        engine.progress(f"The warm snapshot {snap} could not be resumed ({exc}); it was removed, booting cold")
+        return None
 
 
-def finish(engine: _Engine, name: str, force: bool = False) -> None:
-    """Halt (``force``: kill) the workspace's VM if it still runs."""
+def _exists(engine: _Engine, name: str) -> bool:
     try:
-        info = engine.status(name)
-        if not info.dir.supervisor_alive():
-            return
-        if force:
-            engine.kill(name)
-        else:
-            try:
-                engine.halt(name)
-            except GuestError:
-                engine.kill(name)
+        engine.status(name)
+        return True
     except NotFound:
-        pass
+        return False
+
+
+def _cold_start(engine: _Engine, name: str, spec: WorkspaceSpec, one_shot: bool) -> WorkspaceInfo:
+    info = engine._provision.create(name, spec, one_shot=one_shot)
+    try:
+        engine.progress(f"Booting {name}")
+        engine.start(name)
+    except BaseException as exc:
+        finish(engine, name, force=True)
+        boot_log = boot_log_tail(info)
+        delete_quietly(engine, name)  # a run that never ran leaves nothing behind
+        if isinstance(exc, GuestError) and boot_log:
+            reason = str(exc).split("\n", 1)[0].removesuffix("Last console lines:").rstrip()
+            raise GuestError(f"{reason}\nLast lines of the boot log:\n{boot_log}") from None
+        raise
+    return info
