@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from . import __version__
 
@@ -480,6 +482,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP reached the CLI: raised where it was, so cleanups run (a default death skips them)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _terminations_raise() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_(signum: int, _frame: object) -> None:
+        raise Terminated(signum)
+
+    before = {sig: signal.signal(sig, raise_) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     tail: list[str] = []
@@ -501,7 +528,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     engine = Engine(getattr(args, "state_dir", None), progress=progress)
     try:
-        return args.handler(engine, args)
+        with _terminations_raise():
+            return args.handler(engine, args)
+    except Terminated as exc:  # what was under way cleaned up as for Ctrl-C (run: no VM left running)
+        print(f"microagent: terminated by {signal.Signals(exc.signum).name}", file=sys.stderr)
+        return 128 + exc.signum
     except MicroagentError as exc:
         print(f"microagent: error: {exc}", file=sys.stderr)
         return exc.exit_code

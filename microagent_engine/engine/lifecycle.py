@@ -253,6 +253,8 @@ def spawn_supervisor(ws: WorkspaceDir, ready_fd: int, secrets_fd: int | None = N
         if pid == 0:  # child: become the supervisor's parent, detached from our stdio
             code = 1
             try:
+                for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):  # not the CLI's handlers
+                    signal.signal(sig, signal.SIG_DFL)
                 os.setsid()
                 null = os.open(os.devnull, os.O_RDWR)
                 log_fd = os.open(ws.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
