@@ -19,6 +19,8 @@ import secrets
 import threading
 from typing import Any
 
+import os
+
 from microagent_engine import Engine
 from microagent_engine.errors import MicroagentError
 from microagent_engine.workspace_spec import WorkspaceSpec
@@ -26,6 +28,19 @@ from microagent_engine.workspace_spec import WorkspaceSpec
 from .guest_kernel import GuestKernel
 from .session_owner import remove_workspace
 from .warm_python import start_session_workspace
+
+#: the default pool size (the tests turn the pool off but where they test it)
+POOL_ENV = "MICROAGENT_KERNEL_POOL"
+
+
+def default_size() -> int:
+    """``$MICROAGENT_KERNEL_POOL``, else 1: kernels kept ready per kind of workspace; also whether a notebook's
+    ``%%microagent python`` session is prepared when the extension loads (0: neither)."""
+    try:
+        return max(0, int(os.environ.get(POOL_ENV, "1")))
+    except ValueError:
+        return 1
+
 
 _lock = threading.Lock()
 #: (state dir, request key) -> running pooled workspaces and their answering kernels

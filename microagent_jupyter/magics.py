@@ -109,6 +109,8 @@ def load_ipython_extension(ipython: Any) -> None:
     if not ipython.custom_exceptions:
         ipython.set_custom_exc((MicroagentError, MicroagentCellError, MicroagentInterrupted), _short_traceback)
         _installed_handler.append(True)
+    from .python_session import prewarm
+    prewarm()  # the notebook's default Python session, when a warm snapshot is ready (background)
 
 
 def unload_ipython_extension(ipython: Any) -> None:

@@ -40,7 +40,6 @@ from .session_owner import record_owner, remove_workspace, sweep
 from .warm_python import session_spec, start_session_workspace
 
 PROVISIONER_NAME = "microagent-provisioner"
-POOL_ENV = "MICROAGENT_KERNEL_POOL"  # the default pool size (the tests turn the pool off but where they test it)
 #: kernels of this process with a writable folder, by kernel id (the save hook and REST's sync find them here)
 SYNCING: dict[str, "MicroagentProvisioner"] = {}
 
@@ -65,10 +64,7 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     @default("pool_size")
     def _pool_size_default(self) -> int:
-        try:
-            return max(0, int(os.environ.get(POOL_ENV, "1")))
-        except ValueError:
-            return 1
+        return kernel_pool.default_size()
 
     state_dir = Unicode("", config=True, help="microagent state dir (default: $MICROAGENT_STATE_DIR or ~/.microagent)")
 

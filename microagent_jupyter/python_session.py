@@ -40,7 +40,8 @@ from .guest_kernel import GuestKernel, bounded_client
 from .magic_errors import MicroagentInterrupted
 from .output_policy import OutputPolicy
 from .session_owner import remove_workspace, sweep
-from .warm_python import start_session_workspace, warm_enabled
+from .kernel_pool import default_size as pool_size
+from .warm_python import find_warm, start_session_workspace, warm_enabled
 
 INTERRUPT_GRACE = 8.0  # seconds to wait for the guest's reply after SIGINT
 #: new session workspaces start from the warm Python snapshot (:mod:`.warm_python`); MICROAGENT_WARM_PYTHON=0: cold
@@ -333,6 +334,8 @@ def get_session(engine: Engine, name: str | None, spec: WorkspaceSpec | None = N
     name = name or default_session_name(engine)
     if writable is not None:
         check_folder(writable)
+    if owned:
+        _take_prewarmed(engine, name, (spec or WorkspaceSpec(), env or {}, writable))
     sess = _sessions.get(_key(engine, name))
     if sess is not None and sess.kernel.alive and sess.client is not None:
         if writable is not None and (sess.writable is None or sess.writable[0] != writable):
@@ -388,6 +391,63 @@ def get_session(engine: Engine, name: str | None, spec: WorkspaceSpec | None = N
         atexit.register(stop_all)
         _atexit_installed.append(True)
     return sess
+
+
+# ---- the default session, prepared when the extension loads ----------------------------------------
+_prewarm_lock = threading.Lock()
+#: (state dir, session name) -> the thread preparing it, and what it was asked for
+_prewarming: dict[tuple[str, str], tuple[threading.Thread, tuple[WorkspaceSpec, dict[str, str], None]]] = {}
+
+
+def prewarm(state_dir: str | None = None) -> threading.Thread | None:
+    """Prepare this notebook kernel's default session in a background thread, so that the first
+    ``%%microagent python`` takes one already resumed from the warm snapshot, with the notebook's files and its
+    kernel answering. Only when that snapshot is already built (``microagent prepare python`` or an earlier session:
+    loading the extension never builds one) and the warm pool is on (``MICROAGENT_KERNEL_POOL``, default 1).
+    A first cell asking for something else (options, ``--writable``) gets a new session, this one removed."""
+    if pool_size() == 0 or not WARM_ENABLED:
+        return None
+    engine = Engine(state_dir)  # its own: the magic's engine shows its progress in the cell
+    flags = flags_spec(python_args.parser.parse_args([]))
+    request = (dataclasses.replace(flags, env=None), dict(flags.env or {}), None)
+    try:
+        if find_warm(engine, request[0]) is None:
+            return None
+    except MicroagentError:
+        return None
+    key = _key(engine, default_session_name(engine))
+    with _prewarm_lock:
+        if key in _sessions or key in _prewarming:
+            return None
+        thread = threading.Thread(target=_prewarm_run, args=(engine, request), name="microagent-session-prewarm",
+                                  daemon=True)
+        _prewarming[key] = (thread, request)
+    thread.start()
+    return thread
+
+
+def _prewarm_run(engine: Engine, request: tuple[WorkspaceSpec, dict[str, str], None]) -> None:
+    try:
+        get_session(engine, None, request[0], request[1])
+    except BaseException:  # noqa: BLE001 (the first cell starts a session itself and reports what fails)
+        pass
+
+
+def _take_prewarmed(engine: Engine, name: str, request: tuple[WorkspaceSpec, dict[str, str], str | None]) -> None:
+    """Before the default session is used: wait for its preparation (when under way); keep what it made when
+    ``request`` matches, else remove it (the caller then starts the session asked for)."""
+    key = _key(engine, name)
+    with _prewarm_lock:
+        entry = _prewarming.get(key)
+        if entry is None or entry[0] is threading.current_thread():
+            return
+        del _prewarming[key]
+    thread, asked = entry
+    thread.join()
+    if request != asked and key in _sessions:
+        sess = _sessions.pop(key)
+        sess.stop()
+        _remove_workspace(engine, name)
 
 
 # ---- the magics -----------------------------------------------------------------------------------

@@ -36,6 +36,11 @@ def warm_snapshot(engine: Engine, spec: WorkspaceSpec, progress: Progress | None
                                      adopt=lambda ws: record_owner(engine, ws, kind="build"))
 
 
+def find_warm(engine: Engine, spec: WorkspaceSpec) -> str | None:
+    """The warm snapshot a session created with ``spec`` would resume, when it is already built."""
+    return engine_warm.find(engine, session_spec(spec))
+
+
 def start_session_workspace(engine: Engine, name: str, spec: WorkspaceSpec, env: dict[str, str] | None,
                             *, owned: bool, progress: Progress | None = None, warm: bool = True,
                             owner: dict[str, Any] | None = None) -> tuple[str | None, str]:

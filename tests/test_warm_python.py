@@ -129,6 +129,40 @@ def test_prepare_python_builds_ahead_with_progress(engine: Engine, cli) -> None:
     assert r.returncode != 0 and b"nothing to prepare named 'pyhton'; known: python" in r.stderr
 
 
+def test_the_first_cell_takes_the_session_prepared_when_the_extension_loaded(engine: Engine, monkeypatch) -> None:
+    """With the warm pool on, loading the extension prepares the notebook's default session in the background; the
+    first option-less ``%%microagent python`` takes it; a first cell asking for something else gets its own."""
+    monkeypatch.setenv("MICROAGENT_KERNEL_POOL", "1")
+    shell = InteractiveShell.instance()
+    PS.stop_all()
+    key = PS._key(engine, PS.default_session_name(engine))
+
+    def prepared() -> PS.PythonSession:
+        thread, _request = PS._prewarming[key]
+        thread.join(timeout=600)  # rendezvous: the preparation is over
+        sess = PS._sessions[key]
+        assert sess.warm_from, sess.cold_reason
+        return sess
+
+    shell.run_line_magic("load_ext", "microagent_jupyter")
+    try:
+        ready = prepared()
+        with capture_output() as cap:
+            shell.run_cell_magic("microagent", "python", "import os\nos.getcwd(), 40 + 2")
+        assert cap.outputs[-1].data["text/plain"] == "('/notebook', 42)"
+        assert PS._sessions[key] is ready and key not in PS._prewarming  # taken: no second start
+        PS.stop_all()
+        assert PS.prewarm(str(engine.state_dir)) is not None
+        ready = prepared()
+        with capture_output() as cap:
+            shell.run_cell_magic("microagent", "python -e WHO=me", "import os\nos.environ['WHO']")
+        assert cap.outputs[-1].data["text/plain"] == "'me'"
+        assert PS._sessions[key] is not ready and not ready.kernel.alive
+    finally:
+        PS.stop_all()
+        shell.run_line_magic("unload_ext", "microagent_jupyter")
+
+
 PY = WorkspaceSpec(image="builtin:python", network="isolated")
 
 

@@ -181,6 +181,18 @@ def warm_snapshot(engine: _Engine, spec: WorkspaceSpec, progress: Progress | Non
     return name, ""
 
 
+def find(engine: _Engine, spec: WorkspaceSpec) -> str | None:
+    """The warm snapshot for ``spec`` when it is already built (nothing is built: None otherwise)."""
+    if ineligible(spec) or not any(str(m.get("name", "")).startswith(SNAPSHOT_PREFIX)
+                                   for m in engine.snapshots(internal=True)):
+        return None
+    try:
+        name = SNAPSHOT_PREFIX + snapshot_key(engine, spec)
+    except MicroagentError:
+        return None
+    return name if _exists(engine, name) else None
+
+
 def _exists(engine: _Engine, name: str) -> bool:
     return any(m.get("name") == name for m in engine.snapshots(internal=True))
 
