@@ -25,6 +25,7 @@ from .magic_call import Call
 from .magic_errors import MicroagentCellError, MicroagentInterrupted
 from .progress import CellProgress
 from .session_owner import remove_workspace
+from microagent_engine.engine.cleanup import delete_quietly, kill_quietly
 
 
 class _Sink:
@@ -164,9 +165,9 @@ def _run_named(engine: Engine, args: argparse.Namespace, argv: list[str], stdin:
             require("exec", state, name)
     except BaseException:
         if created or allows("start", state):  # never leave a half-booted VM behind
-            _kill_quietly(engine, name)
+            kill_quietly(engine, name)
         if created:  # nor a record this cell made but could not start
-            _delete_quietly(engine, name)
+            delete_quietly(engine, name)
         raise
     progress.done()
     try:
@@ -180,7 +181,7 @@ def _run_named(engine: Engine, args: argparse.Namespace, argv: list[str], stdin:
         try:
             engine.halt(name)
         except MicroagentError:
-            _kill_quietly(engine, name)
+            kill_quietly(engine, name)
         engine.delete(name)
     return result
 
@@ -216,16 +217,3 @@ def _alive(engine: Engine, name: str) -> bool:
         return False
 
 
-def _kill_quietly(engine: Engine, name: str) -> None:
-    try:
-        if engine.status(name).dir.supervisor_alive() or engine.status(name).running:
-            engine.kill(name)
-    except MicroagentError:
-        pass
-
-
-def _delete_quietly(engine: Engine, name: str) -> None:
-    try:
-        engine.delete(name)
-    except MicroagentError:
-        pass

@@ -38,10 +38,15 @@ def delete_quietly(engine: _Engine, name: str) -> None:
         pass
 
 
-def remove_quietly(engine: _Engine, name: str) -> None:
-    """Kill (if it runs) and delete workspace ``name``; nothing is raised."""
+def kill_quietly(engine: _Engine, name: str) -> None:
+    """Kill workspace ``name``'s VM if it runs; nothing is raised."""
     try:
         finish(engine, name, force=True)
     except MicroagentError:
         pass
+
+
+def remove_quietly(engine: _Engine, name: str) -> None:
+    """Kill (if it runs) and delete workspace ``name``; nothing is raised."""
+    kill_quietly(engine, name)
     delete_quietly(engine, name)

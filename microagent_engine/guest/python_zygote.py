@@ -216,15 +216,30 @@ def child(launcher: int, conn: str) -> None:
         app.start()
         code = 0
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        code = _exit_code(exc)
     except BaseException:  # noqa: BLE001 (reported on the kernel's stderr)
         traceback.print_exc()
     finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+        _exit_now(code)
+
+
+def _exit_code(exc: SystemExit) -> int:
+    """The exit status python3 gives ``exc`` (a message goes to stderr, status 1)."""
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code & 0xFF
+    print(exc.code, file=sys.stderr)
+    return 1
+
+
+def _exit_now(code: int) -> None:
+    """Flush what Python buffered and end this forked child (never the zygote's atexit and finalizers)."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
 
 
 #: ``PYTHON*`` variables a warm run honours (any other one changes the interpreter: the real python3 runs instead)
@@ -315,15 +330,6 @@ def _python_main(flags: set[str], mode: str, target: str, tail: list[str]) -> No
     exec(compile(source, filename, "exec"), main.__dict__)
 
 
-def _exit_code(exc: SystemExit) -> int:
-    if exc.code is None:
-        return 0
-    if isinstance(exc.code, int):
-        return exc.code & 0xFF
-    print(exc.code, file=sys.stderr)
-    return 1
-
-
 def run_child(launcher: int) -> None:
     """In the forked child: be the launcher's ``python3 ARGS…`` (never returns)."""
     code = 1
@@ -363,11 +369,7 @@ def run_child(launcher: int) -> None:
     except BaseException:  # noqa: BLE001
         traceback.print_exc()
     finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+        _exit_now(code)
 
 
 def serve(d: str) -> None:
