@@ -79,7 +79,8 @@ def run(engine: _Engine, argv: list[str], spec: WorkspaceSpec, options: RunOptio
         result = engine.exec(name, argv, cwd=options.cwd, timeout=options.timeout, stdin=options.stdin,
                              on_stdout=options.on_stdout, on_stderr=options.on_stderr, capture=options.capture,
                              max_output=options.max_output)
-        finish(engine, name, force=options.delete)  # a disk about to be deleted needs no clean shutdown
+        # a disk about to be deleted needs no clean shutdown; an attached volume or disk outlives the run: it does
+        finish(engine, name, force=options.delete and not spec.attachments)
     except BaseException:
         finish(engine, name, force=True)
         if options.delete:
