@@ -3,6 +3,9 @@
 - ``store``: workspace records, the truth check against live processes, listing
 - ``provision``: create (of a :class:`~microagent_engine.workspace_spec.WorkspaceSpec`) and delete
 - ``oneshot``: run (create + start + exec + halt) and its :class:`RunOptions`
+- ``warm_python``: the warm Python snapshot (a zygote with pandas imported) that Python one-shots, sessions and
+  sandboxed kernels start from
+- ``cleanup``: ending a workspace a composite operation made, whatever its state
 - ``lifecycle``: start (launch spec, supervisor spawn), halt, stop, kill, quarantine
 - ``sessions``: exec, ping, the serial console and its log
 - ``transfer``: cp and declared outputs on stopped workspaces
