@@ -83,7 +83,9 @@ RUN_LAUNCHER = (f"{_ZYGOTE_LIVE}  f=$Z/rc.$$\n{_RC_FIFO}  exec {python_zygote.RU
 Progress = Callable[[str], None]
 
 
-class _Engine(Protocol):
+class EngineLike(Protocol):
+    """What building and using the warm snapshot takes of the Engine."""
+
     state_dir: Any
     images: Any
 
@@ -115,7 +117,7 @@ def ineligible(spec: WorkspaceSpec) -> str:
     return ""
 
 
-def image_identity(engine: _Engine, spec: WorkspaceSpec) -> Any:
+def image_identity(engine: EngineLike, spec: WorkspaceSpec) -> Any:
     """What identifies the workspace's image content (a built-in image's base file, or a pulled image's id)."""
     ref = spec.image or PYTHON_REF
     if is_builtin(ref):
@@ -131,7 +133,7 @@ def _shape(spec: WorkspaceSpec) -> WorkspaceSpec:
     return WorkspaceSpec(**{**fields, "image": fields["image"] or PYTHON_REF})
 
 
-def snapshot_key(engine: _Engine, spec: WorkspaceSpec) -> str:
+def snapshot_key(engine: EngineLike, spec: WorkspaceSpec) -> str:
     """The warm snapshot's key for a workspace created with ``spec`` (a session's, a kernel's, a run's alike)."""
     fields = _shape(spec).to_json()
     fields.pop("image", None)
@@ -140,11 +142,11 @@ def snapshot_key(engine: _Engine, spec: WorkspaceSpec) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _failed_file(engine: _Engine, key: str) -> Path:
+def _failed_file(engine: EngineLike, key: str) -> Path:
     return Path(engine.state_dir) / WARM_DIR / f"{key}.failed"
 
 
-def warm_snapshot(engine: _Engine, spec: WorkspaceSpec, progress: Progress | None = None,
+def warm_snapshot(engine: EngineLike, spec: WorkspaceSpec, progress: Progress | None = None,
                   adopt: Callable[[str], None] | None = None) -> tuple[str | None, str]:
     """The name of the warm snapshot for ``spec`` (built now if missing), or None and why not. ``adopt``: called
     with the build workspace's name once it exists (a front-end records who owns it)."""
@@ -181,7 +183,7 @@ def warm_snapshot(engine: _Engine, spec: WorkspaceSpec, progress: Progress | Non
     return name, ""
 
 
-def find(engine: _Engine, spec: WorkspaceSpec) -> str | None:
+def find(engine: EngineLike, spec: WorkspaceSpec) -> str | None:
     """The warm snapshot for ``spec`` when it is already built (nothing is built: None otherwise)."""
     if ineligible(spec) or not any(str(m.get("name", "")).startswith(SNAPSHOT_PREFIX)
                                    for m in engine.snapshots(internal=True)):
@@ -193,11 +195,11 @@ def find(engine: _Engine, spec: WorkspaceSpec) -> str | None:
     return name if _exists(engine, name) else None
 
 
-def _exists(engine: _Engine, name: str) -> bool:
+def _exists(engine: EngineLike, name: str) -> bool:
     return any(m.get("name") == name for m in engine.snapshots(internal=True))
 
 
-def build(engine: _Engine, name: str, spec: WorkspaceSpec, progress: Progress | None = None,
+def build(engine: EngineLike, name: str, spec: WorkspaceSpec, progress: Progress | None = None,
           adopt: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Boot a build workspace, start the zygote, wait until its imports are done, snapshot it as ``name``."""
     say = progress or (lambda _m: None)
@@ -230,12 +232,12 @@ def build(engine: _Engine, name: str, spec: WorkspaceSpec, progress: Progress | 
     return meta
 
 
-def create_warm(engine: _Engine, name: str, snapshot: str, env: dict[str, str] | None) -> None:
+def create_warm(engine: EngineLike, name: str, snapshot: str, env: dict[str, str] | None) -> None:
     """Create workspace ``name`` from the warm ``snapshot`` (its first start resumes the zygote)."""
     engine.create(name, from_snapshot=snapshot, env=env or None, hostname=hostname_for(name))
 
 
-def discard(engine: _Engine, snapshot: str) -> None:
+def discard(engine: EngineLike, snapshot: str) -> None:
     """Remove a warm snapshot that could not be used (the next start builds a new one)."""
     try:
         engine.remove_snapshot(snapshot)
@@ -243,7 +245,7 @@ def discard(engine: _Engine, snapshot: str) -> None:
         pass
 
 
-def for_run(engine: _Engine, argv: list[str], spec: WorkspaceSpec) -> tuple[str | None, str]:
+def for_run(engine: EngineLike, argv: list[str], spec: WorkspaceSpec) -> tuple[str | None, str]:
     """The warm snapshot a one-shot ``run`` of ``argv`` in ``spec`` starts from (built on first need, with
     progress), or None and why not ("" when the run is not a Python one)."""
     if not argv or argv[0] not in PYTHON_COMMANDS or spec.image != PYTHON_REF:
