@@ -129,3 +129,23 @@ def test_cli_snapshot_verbs(engine: Engine, source: str, cli) -> None:
     assert "snap-cli" not in [s["name"] for s in json.loads(cli("snapshots", "--json").stdout)]
     # the clone has its own disk: removing the snapshot leaves it working
     assert engine.exec("snap-clone2", ["true"]).exit_code == 0
+
+
+def test_a_new_warm_snapshot_replaces_the_older_one_of_its_family(engine: Engine, source: str) -> None:
+    """A warm Python snapshot built for a newer image or zygote replaces the one of the same shape it supersedes
+    (no key asks for the older one again: its disk would stay forever); other families are kept."""
+    from microagent_engine.engine import warm_python as W
+    from microagent_engine.workspace_spec import WorkspaceSpec
+
+    isolated, user = (W.family(WorkspaceSpec(image="builtin:python", network=n)) for n in ("isolated", "user"))
+    assert isolated != user
+    for snap in ("pywarm-old", "pywarm-other-shape", "pywarm-new"):  # stand-ins: snapshots of a real workspace
+        engine.snapshot(source, snap, internal=True)
+    assert W.supersede(engine, "pywarm-old", isolated) == []
+    assert W.supersede(engine, "pywarm-other-shape", user) == []
+    assert W.supersede(engine, "pywarm-new", isolated) == ["pywarm-old"]
+    left = [m["name"] for m in engine.snapshots(internal=True)]
+    assert "pywarm-old" not in left and {"pywarm-new", "pywarm-other-shape"} <= set(left)
+    for snap in ("pywarm-new", "pywarm-other-shape"):
+        engine.remove_snapshot(snap)
+        (Path(engine.state_dir) / W.WARM_DIR / f"{snap[len(W.SNAPSHOT_PREFIX):]}.built").unlink()

@@ -142,6 +142,35 @@ def snapshot_key(engine: EngineLike, spec: WorkspaceSpec) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def family(spec: WorkspaceSpec) -> str:
+    """What a warm snapshot is for, without what makes it current (the image's content, the zygote's code): a newer
+    snapshot of the same family replaces the older one."""
+    return hashlib.sha256(json.dumps(_shape(spec).to_json(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def supersede(engine: EngineLike, name: str, fam: str) -> list[str]:
+    """Record ``name`` as its family's current snapshot and remove the family's older ones (their 1.5 GB disks would
+    stay forever otherwise: no key ever asks for them again); the names removed. Clones made from them keep their
+    own disks and RAM streams."""
+    root = private_dir(Path(engine.state_dir) / WARM_DIR)
+    removed = []
+    for record in sorted(root.glob("*.built")):
+        try:
+            other = read_json(record)
+        except (OSError, ValueError):
+            continue
+        if other.get("family") != fam or other.get("snapshot") == name:
+            continue
+        try:
+            engine.remove_snapshot(str(other.get("snapshot")))
+            removed.append(str(other.get("snapshot")))
+        except MicroagentError:  # gone already, or not one of ours: the record goes either way
+            pass
+        record.unlink(missing_ok=True)
+    write_json_atomic(root / f"{name[len(SNAPSHOT_PREFIX):]}.built", {"snapshot": name, "family": fam})
+    return removed
+
+
 def _failed_file(engine: EngineLike, key: str) -> Path:
     return Path(engine.state_dir) / WARM_DIR / f"{key}.failed"
 
@@ -228,6 +257,8 @@ def build(engine: EngineLike, name: str, spec: WorkspaceSpec, progress: Progress
         meta = engine.snapshot(ws, name, internal=True)
     finally:
         remove_quietly(engine, ws)
+    for old in supersede(engine, name, family(spec)):
+        say(f"Removed the warm snapshot {old}: {name} replaces it (same shape, newer image or code)")
     say(f"Warm Python snapshot {name} ready in {time.monotonic() - t0:.1f} s")
     return meta
 
