@@ -137,8 +137,10 @@ def test_a_new_warm_snapshot_replaces_the_older_one_of_its_family(engine: Engine
     from microagent_engine.engine import warm_python as W
     from microagent_engine.workspace_spec import WorkspaceSpec
 
-    isolated, user = (W.family(WorkspaceSpec(image="builtin:python", network=n)) for n in ("isolated", "user"))
-    assert isolated != user
+    # shapes no other test's warm snapshot has (this state dir may hold a real one of the default shape)
+    isolated, user = (W.family(WorkspaceSpec(image="builtin:python", network=n, memory_mib=448))
+                      for n in ("isolated", "user"))
+    assert isolated != user and W.family(WorkspaceSpec(image="builtin:python", network="isolated")) != isolated
     for snap in ("pywarm-old", "pywarm-other-shape", "pywarm-new"):  # stand-ins: snapshots of a real workspace
         engine.snapshot(source, snap, internal=True)
     assert W.supersede(engine, "pywarm-old", isolated) == []
