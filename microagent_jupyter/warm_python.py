@@ -14,7 +14,7 @@ from microagent_engine.errors import MicroagentError
 from microagent_engine.images.builtin import PYTHON_REF, builtin_base
 from microagent_engine.workspace_spec import WorkspaceSpec
 
-from .session_owner import record_owner, remove_workspace
+from .session_owner import record_owner
 
 warm_enabled = engine_warm.enabled
 
@@ -52,17 +52,13 @@ def start_session_workspace(engine: Engine, name: str, spec: WorkspaceSpec, env:
     spec = session_spec(spec)
     snap, reason = warm_snapshot(engine, spec, progress) if warm else (None, "warm start disabled")
     if snap is not None:
-        try:
-            say(f"Resuming the warm Python snapshot {snap} as {name}")
+        def create() -> None:
             engine_warm.create_warm(engine, name, snap, env)
             if owned:
                 record_owner(engine, name, **(owner or {}))
-            engine.start(name)
+        reason = engine_warm.resume(engine, name, snap, create, say)
+        if not reason:
             return snap, ""
-        except MicroagentError as exc:
-            remove_workspace(engine, name)
-            engine_warm.discard(engine, snap)
-            reason = f"the warm snapshot {snap} could not be resumed ({exc}); it was removed"
     say(f"Cold start of {name}: {reason}")
     engine.create(name, spec.merged(WorkspaceSpec(env=env or None)))
     if owned:

@@ -105,11 +105,14 @@ class Engine:
         self._provision.delete(name)
 
     # ---- lifecycle -----------------------------------------------------------------------------
-    def start(self, name: str, *, boot_timeout: float | None = None, cold: bool = False) -> WorkspaceInfo:
+    def start(self, name: str, *, boot_timeout: float | None = None, cold: bool = False,
+              ram_file: bool = False) -> WorkspaceInfo:
         """Boot the workspace's VM and return once its agent is ready (state ``running``): a clone of the machine
         shape's template when there is one (``bootMode`` warm), else a cold boot (``coldReason`` says why);
-        ``cold=True`` forces a cold boot."""
-        return self._lifecycle.start(name, boot_timeout=boot_timeout, cold=cold)
+        ``cold=True`` forces a cold boot. ``ram_file=True`` boots cold with the guest's RAM in a file, which a
+        :meth:`snapshot` then keeps as the snapshot's memory (its clones map it copy-on-write instead of reading a
+        RAM stream) and the VM ends with that snapshot."""
+        return self._lifecycle.start(name, boot_timeout=boot_timeout, cold=cold, ram_file=ram_file)
 
     def pause(self, name: str) -> WorkspaceInfo:
         """Freeze a running workspace's VM (state ``paused``): its processes keep their state; exec is refused."""

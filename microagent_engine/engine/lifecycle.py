@@ -26,7 +26,7 @@ from ..protocol import DEFAULT_ROOT_DEVICE, MOUNT_SERIAL_PREFIX, BootArg, MountM
 from ..records import WorkspaceConfig, WorkspaceDir, now_iso, process_matches
 from ..secret import Secret
 from ..snapshots import workspace as snapshots
-from ..snapshots.live import RESTORE_KEY
+from ..snapshots.live import RAM_FILE, RAM_FILE_KEY, RESTORE_KEY
 from ..snapshots.warm import COLD_KEY
 from ..states import require, transition
 from ..storage.bundles import build_bundle
@@ -45,14 +45,16 @@ class Lifecycle:
         self.ctx = ctx
 
     # ---- start ---------------------------------------------------------------------------------
-    def start(self, name: str, *, boot_timeout: float | None = None, cold: bool = False) -> WorkspaceInfo:
+    def start(self, name: str, *, boot_timeout: float | None = None, cold: bool = False,
+              ram_file: bool = False) -> WorkspaceInfo:
         ws = self.ctx.store.existing(name)
         with file_lock(ws.ops_lock, blocking=False, what=f"workspace {name!r}"):
             info = self.ctx.store.info(ws)
             require("start", info.state.state, name, info.vm_alive)
-            return self._launch(info, boot_timeout, cold)
+            return self._launch(info, boot_timeout, cold, ram_file)
 
-    def _launch(self, info: WorkspaceInfo, boot_timeout: float | None, cold: bool = False) -> WorkspaceInfo:
+    def _launch(self, info: WorkspaceInfo, boot_timeout: float | None, cold: bool = False,
+                ram_file: bool = False) -> WorkspaceInfo:
         ctx = self.ctx
         cfg, ws = info.config, info.dir
         values = secret_values(cfg)  # read now, on the host: a missing one fails before anything starts
@@ -69,10 +71,12 @@ class Lifecycle:
                       accel=accel, mediation_socket=ws.mediation_socket if cfg.mediation else None)
         timeout = boot_timeout or BOOT_TIMEOUTS[accel.accel]
         argv = ctx.backend.command(spec)
-        cold = cold or cfg.cold
+        cold = cold or cfg.cold or ram_file
         if cold:
             snapshots.restore_done(ws)  # a cold start boots the snapshot's disk without its processes
         extra: dict[str, Any] = {COLD_KEY: True} if cold else (snapshots.pending_restore(ws, argv) or {})
+        if ram_file:
+            extra[RAM_FILE_KEY] = str(ws.path / RAM_FILE)
         launch = LaunchSpec(argv=argv, hostname=cfg.hostname, network=cfg.network,
                             shell=cfg.shell, env=cfg.env, accel=accel.accel, boot_timeout=timeout, mounts=mounts,
                             setup=cfg.setup, entrypoint=cfg.entrypoint, restart=cfg.restart,
@@ -177,10 +181,13 @@ class Lifecycle:
 
     def snapshot(self, name: str, snapshot: str, internal: bool = False) -> dict[str, Any]:
         """Save a running (or paused) workspace as ``snapshot``: memory, device state and a copy of its root
-        disk, the VM stopped briefly; it keeps running. The snapshot's meta."""
+        disk, the VM stopped briefly; it keeps running (one started with ``ram_file`` ends). The snapshot's meta."""
         info = self.ctx.store.status(name)
         require("snapshot", info.state.state, name)
-        return snapshots.take(self.ctx.state_dir, info.dir, snapshot, internal)
+        meta = snapshots.take(self.ctx.state_dir, info.dir, snapshot, internal)
+        if meta["memory"] == "file":
+            wait_supervisor_exit(info.dir)  # its VM ended with the snapshot, which now owns its RAM
+        return meta
 
     # ---- published ports (while running) ------------------------------------------------------
     def publish(self, name: str, guest_port: int, host_port: int = 0,

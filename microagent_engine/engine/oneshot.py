@@ -9,7 +9,7 @@ from typing import IO, Any, Protocol
 
 from ..client import DEFAULT_MAX_OUTPUT, ExecResult, OutputCallback
 from ..config import hostname_for
-from ..errors import GuestError, InvalidArgument, MicroagentError, NotFound
+from ..errors import GuestError, InvalidArgument, NotFound
 from ..workspace_spec import WorkspaceSpec
 from . import warm_python
 from .bootlog import boot_log_tail
@@ -89,20 +89,16 @@ def _warm_start(engine: _Engine, name: str, argv: list[str], spec: WorkspaceSpec
         if why:
             engine.progress(f"Not starting from the warm Python snapshot: {why}")
         return None
-    try:
-        engine.progress(f"Resuming the warm Python snapshot {snap} as {name}")
-        info = engine._provision.create(name, WorkspaceSpec(from_snapshot=snap, env=spec.env,
-                                                            hostname=hostname_for(name)), one_shot=one_shot)
-        engine.start(name)
-        return info
-    except BaseException as exc:
-        finish(engine, name, force=True)
-        delete_quietly(engine, name)
-        if not isinstance(exc, MicroagentError):
-            raise
-        warm_python.discard(engine, snap)
-        engine.progress(f"The warm snapshot {snap} could not be resumed ({exc}); it was removed, booting cold")
+    made: list[WorkspaceInfo] = []
+
+    def create() -> None:
+        made.append(engine._provision.create(name, WorkspaceSpec(from_snapshot=snap, env=spec.env,
+                                                                 hostname=hostname_for(name)), one_shot=one_shot))
+    why = warm_python.resume(engine, name, snap, create, engine.progress)
+    if why:
+        engine.progress(f"Booting cold: {why}")
         return None
+    return made[0]
 
 
 def _exists(engine: _Engine, name: str) -> bool:

@@ -19,6 +19,7 @@ later starts go cold at once with the reason, until the inputs change or the fil
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -34,7 +35,7 @@ from ..fsutil import file_lock, private_dir, read_json, write_json_atomic
 from ..guest import python_zygote
 from ..images.builtin import PYTHON_REF, builtin_base, is_builtin
 from ..workspace_spec import WorkspaceSpec
-from .cleanup import remove_quietly
+from .cleanup import kill_quietly, delete_quietly, remove_quietly
 
 SNAPSHOT_PREFIX = "pywarm-"
 BUILD_PREFIX = "pywarm-build-"
@@ -50,6 +51,10 @@ _KEY_FIELDS = ("image", "packages", "profile", "memory_mib", "cpus", "network")
 PYTHON_COMMANDS = ("python3", "/usr/bin/python3")
 #: ``MICROAGENT_WARM_PYTHON=0``: nothing starts from the warm snapshot (one-shots, sessions and kernels boot cold)
 ENABLED_ENV = "MICROAGENT_WARM_PYTHON"
+
+
+#: how the snapshot holds its RAM (part of the key: a snapshot of an older form is rebuilt and superseded)
+_FORM = "ram-file"
 
 
 def enabled() -> bool:
@@ -102,8 +107,10 @@ class EngineLike(Protocol):
     def delete(self, name: str) -> None: ...
 
 
+@functools.cache
 def _code_version() -> str:
-    src = Path(python_zygote.__file__).read_bytes() + (kernel_launcher("") + RUN_LAUNCHER).encode()
+    """The zygote's and launchers' code, hashed once per process (it is part of every key)."""
+    src = Path(python_zygote.__file__).read_bytes() + (kernel_launcher("") + RUN_LAUNCHER + _FORM).encode()
     return hashlib.sha256(src).hexdigest()[:16]
 
 
@@ -239,7 +246,7 @@ def build(engine: EngineLike, name: str, spec: WorkspaceSpec, progress: Progress
     try:
         if adopt is not None:
             adopt(ws)
-        engine.start(ws)
+        engine.start(ws, ram_file=True)  # the snapshot keeps this RAM file: clones map it instead of reading it
         src = Path(python_zygote.__file__).read_bytes()
         engine.exec(ws, ["/bin/sh", "-c", f"umask 077; mkdir -p {ZYGOTE_DIR} {KERNEL_DIR}; cat > {ZYGOTE_FILE}"],
                     stdin=src, capture=True, timeout=60)
@@ -266,6 +273,26 @@ def build(engine: EngineLike, name: str, spec: WorkspaceSpec, progress: Progress
 def create_warm(engine: EngineLike, name: str, snapshot: str, env: dict[str, str] | None) -> None:
     """Create workspace ``name`` from the warm ``snapshot`` (its first start resumes the zygote)."""
     engine.create(name, from_snapshot=snapshot, env=env or None, hostname=hostname_for(name))
+
+
+def resume(engine: EngineLike, name: str, snapshot: str, create: Callable[[], Any], progress: Progress | None = None
+           ) -> str:
+    """Make workspace ``name`` from the warm ``snapshot`` with ``create()`` (the caller's create step: a one-shot's,
+    a session's with its owner record) and start it; "" once it runs. When that fails, the half-made workspace is
+    removed, the snapshot discarded (the next start builds a new one) and the reason returned: the caller boots
+    cold."""
+    (progress or (lambda _m: None))(f"Resuming the warm Python snapshot {snapshot} as {name}")
+    try:
+        create()
+        engine.start(name)
+        return ""
+    except BaseException as exc:
+        kill_quietly(engine, name)
+        delete_quietly(engine, name)
+        if not isinstance(exc, MicroagentError):
+            raise
+        discard(engine, snapshot)
+        return f"the warm snapshot {snapshot} could not be resumed ({exc}); it was removed"
 
 
 def discard(engine: EngineLike, snapshot: str) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 
 from ..fsutil import private_dir, read_json, write_json_atomic
 from ..records import now_iso
+from ..sandbox.jail import JAIL_UID_BASE
 
 TEMPLATES_DIR = "templates"
 SHM = Path("/dev/shm")
@@ -67,6 +68,31 @@ def shape_of(argv: list[str]) -> list[Any]:
 def memory_of(argv: list[str]) -> int:
     """The guest memory (MiB) of ``argv``'s ``-m``."""
     return int(argv[argv.index("-m") + 1])
+
+
+def vm_uid(supervisor_pid: int) -> int | None:
+    """The uid the jail runs this supervisor's VM as (None: the caller's own, when not root)."""
+    return JAIL_UID_BASE + supervisor_pid if os.geteuid() == 0 else None
+
+
+def new_ram_file(path: Path, memory_mib: int) -> None:
+    """Create ``path`` (sparse, ``memory_mib`` MiB, 0600) as the RAM file a VM of this supervisor maps shared and
+    writes into (owned by the jail's uid for it); an earlier file there is replaced."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, memory_mib << 20)
+        uid = vm_uid(os.getpid())
+        if uid is not None:
+            os.fchown(fd, uid, uid)
+    finally:
+        os.close(fd)
+
+
+def seal_ram_file(path: Path) -> None:
+    """A RAM file whose VM is gone becomes read-only input for clones (other uids map it copy-on-write)."""
+    os.chown(path, os.geteuid(), os.getegid())
+    os.chmod(path, 0o644)
 
 
 @dataclass(frozen=True)

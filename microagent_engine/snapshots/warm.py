@@ -23,10 +23,9 @@ from ..fsutil import file_lock
 from ..errors import Busy, MicroagentError
 from ..protocol import FrameDecoder, FrameType
 from ..sandbox import spawn_vm
-from ..sandbox.jail import JAIL_UID_BASE
 from ..backends.qmp import QmpError, QmpSession
 from .shim import ro_open_library
-from .templates import Template, memory_of, template_for
+from .templates import Template, memory_of, new_ram_file, seal_ram_file, template_for
 
 if TYPE_CHECKING:
     from ..sandbox import ConfinedVM
@@ -46,11 +45,6 @@ class BootPlan:
     reason: str = ""  # why cold
     template: Template | None = None
     built: bool = False  # this boot built the template it clones
-
-
-def _vm_uid(supervisor_pid: int) -> int | None:
-    """The uid the jail runs this supervisor's VM as (None: the caller's own, when not root)."""
-    return JAIL_UID_BASE + supervisor_pid if os.geteuid() == 0 else None
 
 
 class WarmBoot:
@@ -107,14 +101,7 @@ class WarmBoot:
         t.prepare_build()
         shutil.copyfile(ro_open_library(self.state_dir / "cache"), t.memory.parent / RO_OPEN_NAME)
         os.chmod(t.memory.parent / RO_OPEN_NAME, 0o644)
-        fd = os.open(t.memory, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.ftruncate(fd, t.memory_mib << 20)
-            uid = _vm_uid(os.getpid())
-            if uid is not None:  # the template's QEMU writes its RAM into the file
-                os.fchown(fd, uid, uid)
-        finally:
-            os.close(fd)
+        new_ram_file(t.memory, t.memory_mib)
         argv = QemuBackend.memory_file_argv(sup.launch.argv, t.memory_mib, t.memory, share=True)
         hello = asyncio.Event()
         sup.serial_note(f"building the template {t.key} for this machine shape (cold boot to the agent's HELLO)")
@@ -137,8 +124,7 @@ class WarmBoot:
         finally:
             vm.kill()
             await vm.wait()
-        os.chown(t.memory, os.geteuid(), os.getegid())
-        os.chmod(t.memory, 0o644)  # clones (other uids) map it read-only, copy-on-write
+        seal_ram_file(t.memory)
         t.finish_build(time.monotonic() - t0, state_bytes)
         sup.serial_note(f"template {t.key} saved in {time.monotonic() - t0:.2f} s")
         return ""

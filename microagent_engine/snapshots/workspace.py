@@ -2,13 +2,14 @@
 workspace that resumes one (``create --from-snapshot``).
 
 A snapshot lives in ``<state-dir>/snapshots/<name>/`` (0700; files 0600): ``state`` (the VM's migration stream,
-RAM included), ``rootfs.ext4`` (a reflink or sparse copy of the root disk), ``workspace.json`` (the source's
-config) and ``meta.json`` (written last; a directory without it is unfinished). It is taken in a staging directory
-and renamed into place, so a half-taken snapshot is never listed.
+RAM included; device state only when the VM's RAM was a file: then ``memory``, 0644, and the ro-open shim),
+``rootfs.ext4`` (a reflink or sparse copy of the root disk), ``workspace.json`` (the source's config) and
+``meta.json`` (written last; a directory without it is unfinished). It is taken in a staging directory and renamed
+into place, so a half-taken snapshot is never listed.
 
-A workspace made from a snapshot gets its own copy of the disk and a hard link to the stream
-(``restore-state``, so the snapshot can be removed before the clone starts) plus ``restore.json``; its first start
-resumes the snapshot (processes running), later starts boot its disk as any workspace does.
+A workspace made from a snapshot gets its own copy of the disk and hard links to the stream (``restore-state``)
+and memory (``restore-memory``), so the snapshot can be removed before the clone starts, plus ``restore.json``;
+its first start resumes the snapshot (processes running), later starts boot its disk as any workspace does.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from ..config import validate_name
 from ..errors import AlreadyExists, GuestError, InvalidState, NotFound
 from ..fsutil import private_dir, read_json, write_json_atomic
 from ..records import WorkspaceConfig, WorkspaceDir, now_iso
-from .live import RESTORE_KEY, ROOTFS_FILE, STATE_FILE, copy_disk, snapshot_shape
+from ..backends.qemu import RO_OPEN_NAME
+from .live import MEMORY_FILE, RESTORE_KEY, ROOTFS_FILE, STATE_FILE, copy_disk, link_or_copy, snapshot_shape
 
 SNAPSHOTS_DIR = "snapshots"
 META_FILE = "meta.json"
@@ -34,6 +36,7 @@ CONFIG_FILE = "workspace.json"
 #: in a workspace made from a snapshot, until its first start
 RESTORE_MARKER = "restore.json"
 RESTORE_STATE = "restore-state"
+RESTORE_MEMORY = "restore-memory"
 SNAPSHOT_REPLY_TIMEOUT = 600.0  # copying RAM and a large disk can take a while on a busy host
 
 
@@ -153,11 +156,10 @@ def fill_clone(state_dir: Path, snapshot: str, staging: WorkspaceDir) -> None:
     src = snapshot_dir(state_dir, snapshot)
     meta = load(state_dir, snapshot)
     copy_disk(src / ROOTFS_FILE, staging.rootfs)
-    try:
-        os.link(src / STATE_FILE, staging.path / RESTORE_STATE)
-    except OSError:  # another filesystem
-        shutil.copyfile(src / STATE_FILE, staging.path / RESTORE_STATE)
-        os.chmod(staging.path / RESTORE_STATE, 0o600)
+    link_or_copy(src / STATE_FILE, staging.path / RESTORE_STATE)
+    if meta["memory"] == "file":  # mapped copy-on-write by the clone; the ro-open shim must sit beside it
+        link_or_copy(src / MEMORY_FILE, staging.path / RESTORE_MEMORY)
+        link_or_copy(src / RO_OPEN_NAME, staging.path / RO_OPEN_NAME)
     write_json_atomic(staging.path / RESTORE_MARKER, {"snapshot": snapshot, "memory": meta["memory"],
                                                       "shape": meta["shape"]})
 
@@ -186,13 +188,13 @@ def pending_restore(ws: WorkspaceDir, argv: list[str]) -> dict[str, Any] | None:
                            f"devices changed); 'microagent start {ws.name} --cold' boots its disk without the "
                            f"snapshot's processes")
     return {RESTORE_KEY: {"state": str(ws.path / RESTORE_STATE), "memory": info.get("memory", "default"),
-                          "snapshot": info.get("snapshot", "?")}}
+                          "snapshot": info.get("snapshot", "?"), "ramFile": str(ws.path / RESTORE_MEMORY)}}
 
 
 def restore_done(ws: WorkspaceDir) -> None:
     """The snapshot was resumed (or a cold start chose not to): later starts boot the disk."""
-    (ws.path / RESTORE_MARKER).unlink(missing_ok=True)
-    (ws.path / RESTORE_STATE).unlink(missing_ok=True)
+    for name in (RESTORE_MARKER, RESTORE_STATE, RESTORE_MEMORY, RO_OPEN_NAME):  # a running clone keeps its mapping
+        (ws.path / name).unlink(missing_ok=True)
 
 
 __all__ = ["take", "load", "list_all", "remove", "clone_config", "fill_clone", "pending_restore", "restore_done",

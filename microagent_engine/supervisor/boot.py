@@ -7,8 +7,10 @@ import asyncio
 import dataclasses
 import secrets
 import time
+from pathlib import Path
 from typing import Any
 
+from ..backends.qemu import QemuBackend
 from ..errors import HostError, MicroagentError
 from ..fsutil import open_private
 from ..protocol import ExitStatus, FrameType, HaltMode, InfoKey, ReadyValue, encode_config
@@ -16,6 +18,7 @@ from ..records import now_iso, process_start_time
 from ..sandbox import ConfinedVM, spawn_vm
 from ..sandbox.network import NetworkSandbox
 from ..snapshots.live import restore_argv
+from ..snapshots.templates import memory_of, new_ram_file
 from ..snapshots.warm import BootPlan
 from ..textsafe import safe_text
 from .record import tail_text
@@ -77,6 +80,8 @@ class Booting:
         if self.pending_restore is not None:
             restore, self.pending_restore = self.pending_restore, None
             return await self.start_restored(restore, vm_log)
+        if self.ram_file is not None:
+            return await self.start_ram_file(vm_log)
         plan = await self.warm.plan()
         vm = await self.spawn(plan.argv, vm_log)
         if plan.mode == "warm":
@@ -100,7 +105,7 @@ class Booting:
         """Spawn a clone of a workspace snapshot and resume it (no cold fallback: its processes would be lost)."""
         name = restore.get("snapshot", "?")
         vm = await self.spawn(restore_argv(self.launch.argv, restore), vm_log)
-        error = await self.warm.restore(vm, ignore_shared=False)
+        error = await self.warm.restore(vm, ignore_shared=restore.get("memory") == "file")
         if error:
             vm.kill()
             await vm.wait()
@@ -110,6 +115,17 @@ class Booting:
         await self.configure_clone(f"agent resumed from snapshot {name}")
         self.serial_note(f"boot mode snapshot (resumed {name})")
         self.state.boot_mode, self.state.cold_reason = "snapshot", ""
+        return vm
+
+    async def start_ram_file(self, vm_log: Any) -> ConfinedVM:
+        """Boot cold with the guest's RAM in the shared file ``ram_file`` (a snapshot of this VM keeps the file as
+        its memory: snapshots/live.py)."""
+        path, mib = Path(self.ram_file or ""), memory_of(self.launch.argv)
+        new_ram_file(path, mib)
+        vm = await self.spawn(QemuBackend.memory_file_argv(self.launch.argv, mib, path, share=True), vm_log)
+        reason = "its RAM is a file a snapshot keeps (Engine.start(ram_file=True))"
+        self.serial_note(f"boot mode cold: {reason}")
+        self.state.boot_mode, self.state.cold_reason = "cold", reason
         return vm
 
     async def spawn(self, argv: list[str], vm_log: Any) -> ConfinedVM:

@@ -28,7 +28,7 @@ from ..model import LaunchSpec
 from ..records import WorkspaceDir
 from ..sandbox import ConfinedVM
 from ..sandbox.network import NetworkSandbox
-from ..snapshots.live import RESTORE_KEY
+from ..snapshots.live import RAM_FILE_KEY, RESTORE_KEY
 from ..snapshots.warm import WarmBoot
 from ..states import transition
 from .clients import ClientHub
@@ -88,6 +88,8 @@ class Supervisor(StateRecording, Booting, GuestChannel, VmControl):
         self.snapshotting = False  # a workspace snapshot is being saved (the VM is stopped meanwhile)
         #: the first boot restores this workspace snapshot (create --from-snapshot); restarts boot normally
         self.pending_restore: dict[str, Any] | None = launch.extra.get(RESTORE_KEY)
+        #: every boot's RAM is this shared file (``Engine.start(ram_file=True)``)
+        self.ram_file: str | None = launch.extra.get(RAM_FILE_KEY)
         self.restored = False  # this boot resumed a workspace snapshot: its processes (entrypoint too) run on
 
     # ---- main ----------------------------------------------------------------------------------

@@ -68,6 +68,9 @@ class LiveVM(Recorded, Protocol):
 
     snapshotting: bool
     pings: dict[int, float]
+    ram_file: str | None
+
+    async def end_vm(self, how: str, timeout: float | None = None) -> dict[str, Any]: ...
 
 
 class TemplateBoot(Recorded, Protocol):
