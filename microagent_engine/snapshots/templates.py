@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..backends.qemu import DROP_CACHE_OFF
 from ..fsutil import private_dir, read_json, write_json_atomic
 from ..records import now_iso
 from ..sandbox.jail import JAIL_UID_BASE
@@ -47,8 +48,9 @@ def shape_of(argv: list[str]) -> list[Any]:
         opt, val = argv[i], argv[i + 1] if i + 1 < len(argv) else ""
         if opt in ("-kernel", "-initrd"):
             shape += [opt, _file_id(val)]
-        elif opt == "-drive":
-            shape += [opt, ",".join("file=DISK" if o.startswith("file=") else o for o in val.split(","))]
+        elif opt == "-drive":  # what the guest sees of it: not the file, nor how the host caches it
+            shape += [opt, ",".join("file=DISK" if o.startswith("file=") else o for o in val.split(",")
+                                    if o != DROP_CACHE_OFF)]
         elif opt == "-device" and val.startswith("virtio-blk-device"):
             shape += [opt, ",".join(o for o in val.split(",") if not o.startswith("serial="))]
         elif opt == "-chardev":
