@@ -119,6 +119,13 @@ def test_prepare_python_builds_ahead_with_progress(engine: Engine, cli) -> None:
     assert "builtin:python is ready" in out and "Preparing builtin:python" in progress
     key = engine_warm.SNAPSHOT_PREFIX + engine_warm.snapshot_key(engine, warm_python.session_spec())
     assert key in out and key in [m["name"] for m in engine.snapshots(internal=True)]
+    # its RAM is a file its clones map copy-on-write (read-only to them), not a stream each one reads
+    meta = next(m for m in engine.snapshots(internal=True) if m["name"] == key)
+    snap_dir = engine.state_dir / "snapshots" / key
+    assert meta["memory"] == "file" and meta["stateBytes"] < 1 << 20, meta
+    assert (snap_dir / "memory").stat().st_size == meta["memoryMiB"] << 20
+    assert (snap_dir / "memory").stat().st_mode & 0o777 == 0o644
+    assert not [w for w in engine.list() if w.config.name.startswith(engine_warm.BUILD_PREFIX)]  # the build ended
     # the kernel's workspace and a magic's session share it: one key for both
     shipped = json.loads((KERNELS / "kernels" / "microagent-python" / "kernel.json").read_text())
     kernel = warm_python.session_spec(WorkspaceSpec.from_json(
