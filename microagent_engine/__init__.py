@@ -8,20 +8,33 @@
 
 __version__ = "0.1.0"
 
-from .client import ExecResult  # noqa: E402
-from .errors import (  # noqa: E402
-    AlreadyExists,
-    Busy,
-    ExecTimeout,
-    GuestError,
-    HostError,
-    InvalidArgument,
-    InvalidState,
-    MicroagentError,
-    NotFound,
-)
-from .engine import Engine, RunOptions, WorkspaceInfo  # noqa: E402
-from .workspace_spec import WorkspaceSpec  # noqa: E402
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .client import ExecResult
+    from .engine import Engine, RunOptions, WorkspaceInfo
+    from .errors import (AlreadyExists, Busy, ExecTimeout, GuestError, HostError, InvalidArgument, InvalidState,
+                         MicroagentError, NotFound)
+    from .workspace_spec import WorkspaceSpec
+
+#: where each public name lives: imported on first use, so that importing one submodule (the supervisor, a CLI
+#: command) does not import the whole engine
+_HOMES = {"ExecResult": "client", "Engine": "engine", "RunOptions": "engine", "WorkspaceInfo": "engine",
+          "WorkspaceSpec": "workspace_spec",
+          **{n: "errors" for n in ("AlreadyExists", "Busy", "ExecTimeout", "GuestError", "HostError",
+                                   "InvalidArgument", "InvalidState", "MicroagentError", "NotFound")}}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Engine", "WorkspaceSpec", "RunOptions", "WorkspaceInfo", "ExecResult", "MicroagentError", "InvalidArgument",
