@@ -9,15 +9,17 @@ from __future__ import annotations
 
 from .errors import InvalidState
 
-STATES = ("prepared", "starting", "running", "paused", "stopping", "halted", "stopped", "failed", "quarantined")
-STARTABLE = ("prepared", "halted", "stopped", "failed")
+STATES = ("prepared", "starting", "running", "paused", "stopping", "halted", "stopped", "failed", "quarantined",
+          "sleeping")
+#: sleeping: no VM and no supervisor; its memory is in a file beside its disk, and a start resumes it
+STARTABLE = ("prepared", "halted", "stopped", "failed", "sleeping")
 #: a supervisor and (usually) a VM are alive
 ACTIVE = ("starting", "running", "paused", "stopping", "quarantined")
 #: the guest agent answers execs
 EXEC_STATES = ("running", "quarantined")
 READINESS_SIGNALS = ("guestReady", "execReady", "shellReady", "mediationReady")
 #: every action a front-end may offer, in display order (then the ones only the engine's API takes)
-ACTIONS = ("start", "pause", "resume", "snapshot", "halt", "stop", "kill", "quarantine", "delete", "exec", "cp",
+ACTIONS = ("start", "pause", "resume", "sleep", "snapshot", "halt", "stop", "kill", "quarantine", "delete", "exec", "cp",
            "publish", "commit", "output")
 
 #: the states each state may move to (a record is born ``prepared``); every change goes through transition()
@@ -29,8 +31,9 @@ TRANSITIONS: dict[str | None, tuple[str, ...]] = {
     "failed": ("starting", "failed", "stopped"),
     # a VM boots, comes up, is halted, stopped or killed while booting, or fails (a restart boots it again)
     "starting": ("starting", "running", "stopping", "stopped", "halted", "failed"),
-    "running": ("running", "paused", "quarantined", "stopping", "starting", "stopped", "failed"),
-    "paused": ("paused", "running", "stopping", "stopped", "failed"),
+    "running": ("running", "paused", "quarantined", "stopping", "starting", "stopped", "failed", "sleeping"),
+    "paused": ("paused", "running", "stopping", "stopped", "failed", "sleeping"),
+    "sleeping": ("starting", "failed", "stopped"),
     "quarantined": ("quarantined", "stopping", "stopped", "failed"),
     "stopping": ("stopping", "halted", "stopped", "failed", "starting"),
 }
@@ -42,6 +45,8 @@ def allowed_actions(state: str, vm_alive: bool = False) -> list[str]:
         "start": state in STARTABLE and not vm_alive,
         "pause": state == "running",  # the VM's vCPUs stop; its memory and processes stay as they are
         "resume": state == "paused",
+        # memory saved to a file and the VM ended (host memory freed); the next start or exec resumes it
+        "sleep": state in ("running", "paused"),
         # memory, device state and disks saved with the VM stopped briefly; it runs on (or stays paused) after
         "snapshot": state in ("running", "paused"),
         "halt": state in EXEC_STATES or state == "starting",
@@ -50,10 +55,11 @@ def allowed_actions(state: str, vm_alive: bool = False) -> list[str]:
         "quarantine": state == "running",
         "delete": state not in ACTIVE and not vm_alive,
         "exec": state in EXEC_STATES,
-        # a file: through the agent while it runs, else from its disks
-        "cp": (state not in ACTIVE and not vm_alive) or state in EXEC_STATES,
+        # a file: through the agent while it runs, else from its disks (not a sleeping one's: its guest holds
+        # unwritten pages of them in its saved memory)
+        "cp": (state not in ACTIVE and state != "sleeping" and not vm_alive) or state in EXEC_STATES,
         # read from its disks (declared outputs, cp of a workspace that is neither running nor stopped)
-        "output": state not in ACTIVE and not vm_alive,
+        "output": state not in ACTIVE and state != "sleeping" and not vm_alive,
         "publish": state in ("running", "starting"),
         "commit": state in ("halted", "stopped", "prepared", "failed") and not vm_alive,
     }
@@ -72,14 +78,16 @@ def refusal(action: str, state: str, name: str, vm_alive: bool = False, what: st
             return f"{ws} is {state} but its VM is still running; run 'microagent kill {name}' first"
         return f"{ws} is {state}; halt, stop or kill it before start"
     if action == "exec":
-        hint = (f"start it first: microagent start {name}" if "start" in allowed_actions(state, vm_alive) else
+        hint = (f"wake it first: microagent start {name}" if state == "sleeping" else
+                f"start it first: microagent start {name}" if "start" in allowed_actions(state, vm_alive) else
                 f"resume it first: microagent resume {name}" if state == "paused" else "wait or kill it")
         return f"{ws} is {state}, not running; {hint}"
     if action in ("pause", "resume"):
         need = "paused" if action == "resume" else "running"
         return f"{ws} is {state}; only a {need} workspace can be {action}d"
-    if action == "snapshot":
-        return f"{ws} is {state}; only a running or paused workspace can be snapshotted (microagent start {name})"
+    if action in ("snapshot", "sleep"):
+        done = "snapshotted" if action == "snapshot" else "put to sleep"
+        return f"{ws} is {state}; only a running or paused workspace can be {done} (microagent start {name})"
     if action == "quarantine":
         return f"{ws} is {state}; only a running workspace can be quarantined"
     if action in ("halt", "stop"):
@@ -91,6 +99,9 @@ def refusal(action: str, state: str, name: str, vm_alive: bool = False, what: st
     if action == "delete":
         return f"{ws} is {state} and its VM is still running; halt, stop or kill it first"
     if action in ("cp", "commit", "output"):
+        if state == "sleeping":
+            return (f"{ws} is sleeping (its memory holds unwritten disk pages); {what} needs it awake or halted: "
+                    f"microagent start {name}, then microagent halt {name}")
         if vm_alive or state in ACTIVE:
             return (f"{ws} is {state}; {what} works only while it is not running: halt it first "
                     f"(microagent halt {name})")

@@ -83,7 +83,7 @@ def allow(call: Call) -> Any:
 
 
 def lifecycle(call: Call) -> Any:
-    """start, pause, resume, halt, stop, kill: the engine method of that name."""
+    """start, pause, resume, sleep, halt, stop, kill: the engine method of that name."""
     name = _one_name(call)
     info = getattr(call.engine, call.sub)(name)
     return D.Message(f"Workspace {name}: {info.state.state}", info.to_json(), info.state.state)

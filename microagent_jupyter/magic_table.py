@@ -72,6 +72,7 @@ COMMANDS: tuple[Subcommand, ...] = (
     _lifecycle("start", "boot a workspace"),
     _lifecycle("pause", "freeze a running workspace's VM"),
     _lifecycle("resume", "continue a paused workspace"),
+    _lifecycle("sleep", "save a workspace's memory to disk and end its VM; start or exec resumes it"),
     _lifecycle("halt", "shut a workspace down cleanly"),
     _lifecycle("stop", "ask the guest to power off"),
     _lifecycle("kill", "stop a workspace's VM at once"),

@@ -151,3 +151,36 @@ def test_a_new_warm_snapshot_replaces_the_older_one_of_its_family(engine: Engine
     for snap in ("pywarm-new", "pywarm-other-shape"):
         engine.remove_snapshot(snap)
         (Path(engine.state_dir) / W.WARM_DIR / f"{snap[len(W.SNAPSHOT_PREFIX):]}.built").unlink()
+
+
+def test_sleep_frees_the_host_and_the_next_exec_resumes_its_processes(engine: Engine, cli) -> None:
+    """sleep: the memory goes to a file beside the disk, VM and supervisor end (nothing left running on the host);
+    an exec wakes it with its processes and its RAM-only files as they were; start --cold would drop the memory."""
+    name = "sleeper"
+    engine.create(name, profile="tiny", network="none")
+    try:
+        engine.start(name)
+        assert engine.exec(name, ["sh", "-c", f"echo kept > /tmp/in-ram; {COUNTER}"]).exit_code == 0
+        before = _wait_above(engine, name, 0)
+        r = cli("sleep", name)
+        assert r.returncode == 0 and f"Workspace {name}: sleeping" in r.stdout.decode(), r.stderr
+        info = engine.status(name)
+        assert info.state.state == "sleeping" and not info.dir.supervisor_alive() and info.state.vm_pid is None
+        assert info.to_json()["actions"] == ["start", "delete"]
+        assert (info.dir.path / "restore-state").stat().st_size > 1 << 20
+        with pytest.raises(InvalidState, match="is sleeping"):  # its guest holds unwritten pages of the disk
+            engine.cp(f"{name}:/etc/hostname", "/tmp/never")
+        r = cli("sleep", name)  # twice: a clear refusal, no traceback
+        assert r.returncode != 0 and b"only a running or paused workspace can be put to sleep" in r.stderr
+        assert engine.exec(name, ["cat", "/tmp/in-ram"]).stdout == b"kept\n"  # woken by the exec
+        assert engine.status(name).state.state == "running"
+        _wait_above(engine, name, before)  # the loop started before the sleep runs on
+        assert not (info.dir.path / "restore-state").exists() and not (info.dir.path / "restore.json").exists()
+        engine.sleep(name)  # a sleeping workspace is deleted with its saved memory
+    finally:
+        try:
+            engine.kill(name)
+        except Exception:
+            pass
+        engine.delete(name)
+    assert not (engine.state_dir / "workspaces" / name).exists()

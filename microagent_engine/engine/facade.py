@@ -14,7 +14,7 @@ from typing import IO, TYPE_CHECKING, Any, Iterator
 
 from ..client import DEFAULT_MAX_OUTPUT, ExecResult, OutputCallback, SupervisorConnection
 from ..config import default_state_dir
-from ..errors import InvalidArgument
+from ..errors import Busy, InvalidArgument, NotFound
 from ..model import PUBLISH_DEFAULT_HOST_IP
 from ..workspace_spec import WorkspaceSpec
 from ..snapshots import workspace as snapshot_store
@@ -122,6 +122,13 @@ class Engine:
         """Continue a paused workspace (state ``running``)."""
         return self._lifecycle.pause(name, resume=True)
 
+    def sleep(self, name: str) -> WorkspaceInfo:
+        """Save a running (or paused) workspace's memory to a file beside its disk and end its VM and supervisor
+        (state ``sleeping``: it holds no host memory or process). :meth:`start`, or an :meth:`exec`, resumes it with
+        its processes as they were. Published ports given at create are bound again; ones added with
+        :meth:`publish` are not. Refused with attached disks (another workspace could take them meanwhile)."""
+        return self._lifecycle.sleep(name)
+
     def snapshot(self, name: str, snapshot: str, *, internal: bool = False) -> dict[str, Any]:
         """Save the running (or paused) workspace as ``snapshot``: memory, device state and a copy of its root disk,
         the VM stopped for a moment (``stoppedSeconds``); it runs on. ``create(NEW, from_snapshot=snapshot)`` makes
@@ -209,11 +216,26 @@ class Engine:
         capture: bool = True,
         max_output: int = DEFAULT_MAX_OUTPUT,
     ) -> ExecResult:
-        """Run ``argv`` in the running workspace; output streams to the callbacks as the guest produces it.
-        Captured stdout/stderr keep ``max_output`` bytes each (then ``truncated`` and a marker)."""
+        """Run ``argv`` in the running workspace (a sleeping one is woken first); output streams to the callbacks as
+        the guest produces it. Captured stdout/stderr keep ``max_output`` bytes each (then ``truncated`` and a
+        marker)."""
+        self._wake(name)
         return self._sessions.exec(name, argv, env=env, cwd=cwd, timeout=timeout, stdin=stdin,
                                    on_stdout=on_stdout, on_stderr=on_stderr, capture=capture,
                                    max_output=max_output)
+
+    def _wake(self, name: str) -> None:
+        """Start a sleeping workspace (its memory restored); any other state is left to the caller's checks."""
+        try:
+            state = self._ctx.store.status(name).state.state
+        except NotFound:
+            return
+        if state == "sleeping":
+            self._ctx.progress(f"Waking {name}")
+            try:
+                self.start(name)
+            except Busy:  # woken by someone else meanwhile
+                pass
 
     def ping(self, name: str) -> float:
         """Round trip to the guest agent, in seconds."""

@@ -71,10 +71,10 @@ class Lifecycle:
                       accel=accel, mediation_socket=ws.mediation_socket if cfg.mediation else None)
         timeout = boot_timeout or BOOT_TIMEOUTS[accel.accel]
         argv = ctx.backend.command(spec)
-        cold = cold or cfg.cold or ram_file
-        if cold:
-            snapshots.restore_done(ws)  # a cold start boots the snapshot's disk without its processes
-        extra: dict[str, Any] = {COLD_KEY: True} if cold else (snapshots.pending_restore(ws, argv) or {})
+        if cold or ram_file:  # asked for: boot the disk without a snapshot's (or its own sleep's) processes
+            snapshots.restore_done(ws)
+        extra: dict[str, Any] = snapshots.pending_restore(ws, argv) or ({COLD_KEY: True} if cold or cfg.cold
+                                                                         or ram_file else {})
         if ram_file:
             extra[RAM_FILE_KEY] = str(ws.path / RAM_FILE)
         launch = LaunchSpec(argv=argv, hostname=cfg.hostname, network=cfg.network,
@@ -188,6 +188,17 @@ class Lifecycle:
         if meta["memory"] == "file":
             wait_supervisor_exit(info.dir)  # its VM ended with the snapshot, which now owns its RAM
         return meta
+
+    def sleep(self, name: str) -> WorkspaceInfo:
+        """Save a running (or paused) workspace's memory beside its disk and end its VM and supervisor (state
+        ``sleeping``: no host memory); the next start resumes it with its processes."""
+        ws = self.ctx.store.existing(name)
+        with file_lock(ws.ops_lock, blocking=False, what=f"workspace {name!r}"):
+            info = self.ctx.store.status(name)
+            require("sleep", info.state.state, name)
+            snapshots.sleep(info.dir)
+            wait_supervisor_exit(info.dir)
+        return self.ctx.store.status(name)
 
     # ---- published ports (while running) ------------------------------------------------------
     def publish(self, name: str, guest_port: int, host_port: int = 0,

@@ -151,6 +151,56 @@ async def save(sup: LiveVM, target: Path) -> dict[str, Any]:
     return reply
 
 
+async def sleep(sup: LiveVM, target: Path) -> dict[str, Any]:
+    """Save the running (or paused) VM's memory and device state into the stream file ``target`` and end the VM
+    (state ``sleeping``): its own disk, untouched while it sleeps, stays its disk, so nothing is copied. The
+    engine's next start of the workspace restores the stream (``workspace.sleep_marker``)."""
+    state = sup.state.state
+    if not allows("sleep", state):
+        return {"ok": False, "error": refusal("sleep", state, sup.ws.name)}
+    if sup.snapshotting:
+        return {"ok": False, "error": "a snapshot of this workspace is being taken; wait for it"}
+    if sup.ram_file:
+        return {"ok": False, "error": "this workspace's RAM is a file a snapshot keeps; take the snapshot instead"}
+    was_paused = state == "paused"
+    sup.snapshotting = True
+
+    def run() -> dict[str, Any]:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            with QmpSession(sup.ws.qmp_socket, timeout=300) as qmp:
+                t0 = time.monotonic()
+                if not was_paused:
+                    qmp.command("stop")
+                try:
+                    qmp.command("migrate-set-capabilities", NO_IGNORE_SHARED)
+                    qmp.command("migrate-set-parameters", MIGRATION_PARAMS)
+                    qmp.command("getfd", {"fdname": "sleep"}, fds=[fd])
+                    qmp.command("migrate", {"uri": "fd:sleep"})
+                    qmp.wait_migration(timeout=300)
+                except BaseException:
+                    if not was_paused:
+                        qmp.command("cont")  # it failed: the VM runs on as it was
+                    raise
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return {"ok": True, "seconds": round(time.monotonic() - t0, 3), "stateBytes": target.stat().st_size,
+                "shape": snapshot_shape(sup.launch.argv), "memory": memory_form(sup.state.boot_mode),
+                "memoryMiB": memory_of(sup.launch.argv)}
+    try:
+        reply = await asyncio.to_thread(run)
+    except (OSError, QmpError) as exc:
+        target.unlink(missing_ok=True)
+        return {"ok": False, "error": f"saving the workspace's memory failed: {exc}; it runs on"}
+    finally:
+        sup.snapshotting = False
+        sup.pings.clear()
+    sup.serial_note(f"asleep: memory saved ({reply['stateBytes'] >> 20} MiB in {reply['seconds']} s), VM ended")
+    await sup.end_vm("sleep")
+    return reply
+
+
 def link_or_copy(src: Path, dst: Path) -> None:
     """``dst`` as a hard link to ``src`` (a copy across filesystems), keeping its mode."""
     try:

@@ -244,6 +244,10 @@ class ClientHub:
                 from ..snapshots.live import save
 
                 reply = await save(sup, Path(str(request.get("dir", ""))))
+            elif op == "sleep":
+                from ..snapshots.live import sleep
+
+                reply = await sleep(sup, Path(str(request.get("file", ""))))
             elif op == "console":
                 client.console = True
                 reply = {"ok": True}

@@ -49,8 +49,8 @@ class VmControl:
         """halt (graceful, via the agent), stop (ask once, wait 5 s, no escalation) or kill (hard)."""
         if self.exited.is_set():
             return {"ok": True, "state": self.state.state}
-        if how == "kill":
-            self.intent = "kill"
+        if how in ("kill", "sleep"):  # sleep: its memory was saved (snapshots.live.sleep)
+            self.intent = how
             if self.proc and self.proc.returncode is None:
                 self.proc.kill()
             await self.exited.wait()
