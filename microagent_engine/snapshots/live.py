@@ -95,6 +95,39 @@ def copy_disk(src: Path, dst: Path) -> None:
     os.chmod(dst, 0o600)
 
 
+def _stop_and_save(sup: LiveVM, state_file: Path, *, ignore_shared: bool, disk: Path | None,
+                   cont: str) -> tuple[float, float]:
+    """Stop the VM (unless paused), migrate it into ``state_file`` (device state, and RAM unless ``ignore_shared``:
+    RAM that is a shared file stays there), copy its root disk to ``disk``; then continue it as ``cont`` says:
+    ``always``, ``on-error`` (it is ended next) or ``never``. Runs in a thread; (seconds stopped, of them memory)."""
+    was_paused = sup.state.state == "paused"
+    fd = os.open(state_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    done = False
+    try:
+        with QmpSession(sup.ws.qmp_socket, timeout=300) as qmp:
+            t0 = time.monotonic()
+            if not was_paused:
+                qmp.command("stop")
+            try:
+                qmp.command("migrate-set-capabilities", IGNORE_SHARED if ignore_shared else NO_IGNORE_SHARED)
+                qmp.command("migrate-set-parameters", MIGRATION_PARAMS)
+                qmp.command("getfd", {"fdname": "state"}, fds=[fd])
+                qmp.command("migrate", {"uri": "fd:state"})
+                qmp.wait_migration(timeout=300)
+                t_mem = time.monotonic()
+                if disk is not None:
+                    copy_disk(sup.ws.rootfs, disk)
+                done = True
+            finally:
+                if not was_paused and (cont == "always" or (cont == "on-error" and not done)):
+                    qmp.command("cont")
+            stopped = time.monotonic() - t0
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return stopped, t_mem - t0
+
+
 async def save(sup: LiveVM, target: Path) -> dict[str, Any]:
     """Save the supervisor's running (or paused) VM into the directory ``target``; the reply to the control op."""
     state = sup.state.state
@@ -104,33 +137,13 @@ async def save(sup: LiveVM, target: Path) -> dict[str, Any]:
         return {"ok": False, "error": "a snapshot of this workspace is being taken; wait for it"}
     if not target.is_dir():
         return {"ok": False, "error": f"snapshot directory {target} does not exist"}
-    was_paused = state == "paused"
     ram_file = Path(sup.ram_file) if sup.ram_file else None  # the RAM stays in its file, the VM ends
     sup.snapshotting = True
 
     def run() -> dict[str, Any]:
-        fd = os.open(target / STATE_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            with QmpSession(sup.ws.qmp_socket, timeout=300) as qmp:
-                t0 = time.monotonic()
-                if not was_paused:
-                    qmp.command("stop")
-                try:
-                    qmp.command("migrate-set-capabilities", IGNORE_SHARED if ram_file else NO_IGNORE_SHARED)
-                    qmp.command("migrate-set-parameters", MIGRATION_PARAMS)
-                    qmp.command("getfd", {"fdname": "snapshot"}, fds=[fd])
-                    qmp.command("migrate", {"uri": "fd:snapshot"})
-                    qmp.wait_migration(timeout=300)
-                    t_mem = time.monotonic()
-                    copy_disk(sup.ws.rootfs, target / ROOTFS_FILE)
-                finally:
-                    if not was_paused and ram_file is None:
-                        qmp.command("cont")
-                stopped = time.monotonic() - t0
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return {"ok": True, "stoppedSeconds": round(stopped, 3), "memorySeconds": round(t_mem - t0, 3),
+        stopped, memory_seconds = _stop_and_save(sup, target / STATE_FILE, ignore_shared=ram_file is not None,
+                                                 disk=target / ROOTFS_FILE, cont="never" if ram_file else "always")
+        return {"ok": True, "stoppedSeconds": round(stopped, 3), "memorySeconds": round(memory_seconds, 3),
                 "stateBytes": (target / STATE_FILE).stat().st_size, "shape": snapshot_shape(sup.launch.argv),
                 "memory": "file" if ram_file else memory_form(sup.state.boot_mode), "setupDone": sup.state.setup_done,
                 "memoryMiB": memory_of(sup.launch.argv)}
@@ -154,7 +167,7 @@ async def save(sup: LiveVM, target: Path) -> dict[str, Any]:
 async def sleep(sup: LiveVM, target: Path) -> dict[str, Any]:
     """Save the running (or paused) VM's memory and device state into the stream file ``target`` and end the VM
     (state ``sleeping``): its own disk, untouched while it sleeps, stays its disk, so nothing is copied. The
-    engine's next start of the workspace restores the stream (``workspace.sleep_marker``)."""
+    engine's next start of the workspace restores the stream (:func:`..snapshots.workspace.sleep`)."""
     state = sup.state.state
     if not allows("sleep", state):
         return {"ok": False, "error": refusal("sleep", state, sup.ws.name)}
@@ -162,30 +175,11 @@ async def sleep(sup: LiveVM, target: Path) -> dict[str, Any]:
         return {"ok": False, "error": "a snapshot of this workspace is being taken; wait for it"}
     if sup.ram_file:
         return {"ok": False, "error": "this workspace's RAM is a file a snapshot keeps; take the snapshot instead"}
-    was_paused = state == "paused"
     sup.snapshotting = True
 
     def run() -> dict[str, Any]:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            with QmpSession(sup.ws.qmp_socket, timeout=300) as qmp:
-                t0 = time.monotonic()
-                if not was_paused:
-                    qmp.command("stop")
-                try:
-                    qmp.command("migrate-set-capabilities", NO_IGNORE_SHARED)
-                    qmp.command("migrate-set-parameters", MIGRATION_PARAMS)
-                    qmp.command("getfd", {"fdname": "sleep"}, fds=[fd])
-                    qmp.command("migrate", {"uri": "fd:sleep"})
-                    qmp.wait_migration(timeout=300)
-                except BaseException:
-                    if not was_paused:
-                        qmp.command("cont")  # it failed: the VM runs on as it was
-                    raise
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return {"ok": True, "seconds": round(time.monotonic() - t0, 3), "stateBytes": target.stat().st_size,
+        stopped, _ = _stop_and_save(sup, target, ignore_shared=False, disk=None, cont="on-error")
+        return {"ok": True, "seconds": round(stopped, 3), "stateBytes": target.stat().st_size,
                 "shape": snapshot_shape(sup.launch.argv), "memory": memory_form(sup.state.boot_mode),
                 "memoryMiB": memory_of(sup.launch.argv)}
     try:
