@@ -12,7 +12,8 @@ from microagent_engine import WorkspaceInfo
 from microagent_engine.render import status_fields, text_table
 
 _STATE_COLORS = {"running": "#1a7f37", "starting": "#9a6700", "stopping": "#9a6700", "halted": "#57606a",
-                 "stopped": "#57606a", "prepared": "#0969da", "failed": "#cf222e", "quarantined": "#8250df"}
+                 "stopped": "#57606a", "prepared": "#0969da", "failed": "#cf222e", "quarantined": "#8250df",
+                 "paused": "#9a6700", "sleeping": "#0550ae"}
 
 TABLE_STYLE = "border-collapse:collapse;font-family:var(--jp-code-font-family,monospace);font-size:12px"
 CELL_STYLE = "padding:2px 10px;text-align:left;border-bottom:1px solid #d0d7de"
