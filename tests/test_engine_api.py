@@ -22,7 +22,8 @@ def test_lifecycle_console_outputs_commit_through_the_api(engine: Engine, tmp_pa
     info = engine.create(name, profile="tiny", outputs=[Output("note", "/root/note.txt")])
     assert info.actions == ["start", "delete", "cp", "commit", "output"]
     info = engine.start(name)
-    assert set(info.actions) == {"pause", "snapshot", "halt", "stop", "kill", "quarantine", "exec", "publish", "cp"}
+    assert set(info.actions) == {"pause", "sleep", "snapshot", "halt", "stop", "kill", "quarantine", "exec", "publish",
+                                "cp"}
     assert info.to_json()["actions"] == info.actions and info.to_json()["live"] is True
     assert engine.console_send(name, "echo console-$((40+2))") == "console-42"
     with engine.connection(name) as conn:

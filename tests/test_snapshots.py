@@ -4,6 +4,7 @@ clone with its own disk, memory, RNG and clock; the CLI's snapshot verbs."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,6 +163,19 @@ def test_sleep_frees_the_host_and_the_next_exec_resumes_its_processes(engine: En
         engine.start(name)
         assert engine.exec(name, ["sh", "-c", f"echo kept > /tmp/in-ram; {COUNTER}"]).exit_code == 0
         before = _wait_above(engine, name, 0)
+        # a command the host still reads from would lose its output: refused until it ends (rendezvous by a FIFO)
+        started, held = threading.Event(), []
+        engine.exec(name, ["mkfifo", "/tmp/go"])
+        holder = threading.Thread(target=lambda: held.append(engine.exec(
+            name, ["sh", "-c", "echo started; read x < /tmp/go; echo $x"],
+            on_stdout=lambda b: started.set() if b"started" in b else None)))
+        holder.start()
+        assert started.wait(120)
+        r = cli("sleep", name)
+        assert r.returncode != 0 and b"1 command(s) started from the host still run" in r.stderr, r.stderr
+        engine.exec(name, ["sh", "-c", "echo done > /tmp/go"])
+        holder.join()
+        assert held[0].stdout == b"started\ndone\n" and engine.status(name).state.state == "running"
         r = cli("sleep", name)
         assert r.returncode == 0 and f"Workspace {name}: sleeping" in r.stdout.decode(), r.stderr
         info = engine.status(name)

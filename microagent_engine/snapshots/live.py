@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..backends.qemu import RO_OPEN_NAME, QemuBackend
 from ..errors import HostError
+from ..protocol import FrameType
 from ..backends.qmp import QmpError, QmpSession
 from ..states import allows, refusal
 from .shim import ro_open_library
@@ -175,6 +176,11 @@ async def sleep(sup: LiveVM, target: Path) -> dict[str, Any]:
         return {"ok": False, "error": "a snapshot of this workspace is being taken; wait for it"}
     if sup.ram_file:
         return {"ok": False, "error": "this workspace's RAM is a file a snapshot keeps; take the snapshot instead"}
+    running = sum(1 for route in sup.hub.routes.values() if route.request == FrameType.EXEC)
+    if running:
+        return {"ok": False, "error": f"{running} command(s) started from the host still run in workspace "
+                                      f"{sup.ws.name!r} (a Python session's or notebook's kernel is one); their "
+                                      f"output would be lost: let them finish or end them, then sleep"}
     sup.snapshotting = True
 
     def run() -> dict[str, Any]:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from ..protocol import ExitStatus
     from ..records import WorkspaceDir, WorkspaceState
     from ..sandbox.network import NetworkSandbox
+    from .clients import ClientHub
 
 
 class Recorded(Protocol):
@@ -69,6 +70,7 @@ class LiveVM(Recorded, Protocol):
     snapshotting: bool
     pings: dict[int, float]
     ram_file: str | None
+    hub: ClientHub  # sleep refuses while host commands are routed through it
 
     async def end_vm(self, how: str, timeout: float | None = None) -> dict[str, Any]: ...
 
