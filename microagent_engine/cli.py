@@ -425,9 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
                        ("stop", "ask the guest to shut down; failed after 5 s (no kill)"),
                        ("kill", "terminate the VM at once"),
                        ("pause", "freeze a running workspace's VM (processes keep their state)"),
-                       ("resume", "continue a paused workspace"),
-                       ("sleep", "save a workspace's memory beside its disk and end its VM (no host memory held); "
-                                 "start or exec resumes it with its processes")):
+                       ("resume", "continue a paused workspace, or wake a sleeping one"),
+                       ("sleep", "save a workspace's memory to a file and end its VM, keeping its commands, ports "
+                                 "and connections; the next exec, port traffic or resume wakes it")):
         p = add(verb, _lifecycle(verb), text)
         p.add_argument("name")
     p = add("snapshot", cmd_snapshot, "workspace snapshots: snapshot WORKSPACE NAME (memory + disk, the VM "

@@ -11,10 +11,10 @@ from .errors import InvalidState
 
 STATES = ("prepared", "starting", "running", "paused", "stopping", "halted", "stopped", "failed", "quarantined",
           "sleeping")
-#: sleeping: no VM and no supervisor; its memory is in a file beside its disk, and a start resumes it
-STARTABLE = ("prepared", "halted", "stopped", "failed", "sleeping")
-#: a supervisor and (usually) a VM are alive
-ACTIVE = ("starting", "running", "paused", "stopping", "quarantined")
+STARTABLE = ("prepared", "halted", "stopped", "failed")
+#: a supervisor and (usually) a VM are alive; sleeping: the supervisor (with every stream and port) but no VM, its
+#: memory saved in a file; an exec, a published port's traffic or resume wakes it
+ACTIVE = ("starting", "running", "paused", "stopping", "quarantined", "sleeping")
 #: the guest agent answers execs
 EXEC_STATES = ("running", "quarantined")
 READINESS_SIGNALS = ("guestReady", "execReady", "shellReady", "mediationReady")
@@ -44,8 +44,8 @@ def allowed_actions(state: str, vm_alive: bool = False) -> list[str]:
     allowed = {
         "start": state in STARTABLE and not vm_alive,
         "pause": state == "running",  # the VM's vCPUs stop; its memory and processes stay as they are
-        "resume": state == "paused",
-        # memory saved to a file and the VM ended (host memory freed); the next start or exec resumes it
+        "resume": state in ("paused", "sleeping"),
+        # memory saved to a file and the VM ended (host memory freed); the next exec, port traffic or resume wakes it
         "sleep": state in ("running", "paused"),
         # memory, device state and disks saved with the VM stopped briefly; it runs on (or stays paused) after
         "snapshot": state in ("running", "paused"),
@@ -54,12 +54,11 @@ def allowed_actions(state: str, vm_alive: bool = False) -> list[str]:
         "kill": state in ACTIVE or state == "failed" or vm_alive,
         "quarantine": state == "running",
         "delete": state not in ACTIVE and not vm_alive,
-        "exec": state in EXEC_STATES,
-        # a file: through the agent while it runs, else from its disks (not a sleeping one's: its guest holds
-        # unwritten pages of them in its saved memory)
-        "cp": (state not in ACTIVE and state != "sleeping" and not vm_alive) or state in EXEC_STATES,
+        "exec": state in EXEC_STATES or state == "sleeping",  # a sleeping one is woken by it
+        # a file: through the agent while it runs (a sleeping one wakes for it), else from its disks
+        "cp": (state not in ACTIVE and not vm_alive) or state in EXEC_STATES or state == "sleeping",
         # read from its disks (declared outputs, cp of a workspace that is neither running nor stopped)
-        "output": state not in ACTIVE and state != "sleeping" and not vm_alive,
+        "output": state not in ACTIVE and not vm_alive,
         "publish": state in ("running", "starting"),
         "commit": state in ("halted", "stopped", "prepared", "failed") and not vm_alive,
     }
@@ -78,8 +77,7 @@ def refusal(action: str, state: str, name: str, vm_alive: bool = False, what: st
             return f"{ws} is {state} but its VM is still running; run 'microagent kill {name}' first"
         return f"{ws} is {state}; halt, stop or kill it before start"
     if action == "exec":
-        hint = (f"wake it first: microagent start {name}" if state == "sleeping" else
-                f"start it first: microagent start {name}" if "start" in allowed_actions(state, vm_alive) else
+        hint = (f"start it first: microagent start {name}" if "start" in allowed_actions(state, vm_alive) else
                 f"resume it first: microagent resume {name}" if state == "paused" else "wait or kill it")
         return f"{ws} is {state}, not running; {hint}"
     if action in ("pause", "resume"):
@@ -90,6 +88,8 @@ def refusal(action: str, state: str, name: str, vm_alive: bool = False, what: st
         return f"{ws} is {state}; only a running or paused workspace can be {done} (microagent start {name})"
     if action == "quarantine":
         return f"{ws} is {state}; only a running workspace can be quarantined"
+    if action in ("halt", "stop") and state == "sleeping":
+        return f"{ws} is sleeping; resume it first (microagent resume {name}), or kill it"
     if action in ("halt", "stop"):
         return f"{ws} is {state}, not running" if state in STARTABLE else f"{ws} is {state}; use kill to force it off"
     if action == "kill":
@@ -100,8 +100,8 @@ def refusal(action: str, state: str, name: str, vm_alive: bool = False, what: st
         return f"{ws} is {state} and its VM is still running; halt, stop or kill it first"
     if action in ("cp", "commit", "output"):
         if state == "sleeping":
-            return (f"{ws} is sleeping (its memory holds unwritten disk pages); {what} needs it awake or halted: "
-                    f"microagent start {name}, then microagent halt {name}")
+            return (f"{ws} is sleeping (its saved memory holds disk pages not written yet); {what} needs it halted: "
+                    f"microagent resume {name}, then microagent halt {name}")
         if vm_alive or state in ACTIVE:
             return (f"{ws} is {state}; {what} works only while it is not running: halt it first "
                     f"(microagent halt {name})")

@@ -35,6 +35,7 @@ from .guest_kernel import GuestKernel, KernelDied
 from .notebook_files import GUEST_NOTEBOOK_DIR, copy_into
 from .notebook_sync import check_folder, sync_back
 from .output_policy import OutputPolicy
+from .idle_sleep import IdleSleeper
 from .relay import Relay
 from .session_owner import record_owner, remove_workspace, sweep
 from .warm_python import session_spec, start_session_workspace
@@ -76,6 +77,7 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     _launched = False  # a kernel of this provisioner has answered before (a launch now is a restart)
     kernel: GuestKernel | None = None
     relay: Relay | None = None
+    sleeper: IdleSleeper | None = None  # puts the kernel's VM to sleep when no request has waited for a while
     _engine: Engine | None = None
     _front: dict[str, Any] = {}
     warm_from: str | None = None
@@ -192,16 +194,19 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             key = self.connection_info.get("key", b"")
             self._front = {**self.connection_info, "key": key.decode() if isinstance(key, bytes) else key}
             if self.relay is not None:  # a restart: jupyter_client removed its ipc files, so bind them afresh
-                self.relay.stop()
-                self.relay = None
+                self._stop_relay()
             if self.relay is None:
                 kernel = self.kernel
+                self.sleeper = IdleSleeper(engine, str(self.workspace))
                 self.relay = Relay(self._front, kernel.host_info, alive=lambda: kernel.alive,
                                    policy=OutputPolicy(server_origins=server_origins()),
-                                   announce_idle=self._launched)  # a restart, in this VM or a new one
+                                   announce_idle=self._launched,  # a restart, in this VM or a new one
+                                   on_busy=self.sleeper.on_busy)
                 self.relay.start()
             self._wait_ready()
             self.relay.kernel_ready()
+            if self.sleeper is not None:
+                self.sleeper.start()
             self._launched = True
         except BaseException:
             self._remove()
@@ -301,10 +306,16 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         SYNCING.pop(self._board_id, None)
         await asyncio.to_thread(self._remove)
 
-    def _remove(self) -> None:
+    def _stop_relay(self) -> None:
+        if self.sleeper is not None:
+            self.sleeper.close()
+            self.sleeper = None
         if self.relay is not None:
             self.relay.stop()
             self.relay = None
+
+    def _remove(self) -> None:
+        self._stop_relay()
         if self.kernel is not None:
             try:
                 self.kernel.stop(timeout=3)

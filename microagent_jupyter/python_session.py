@@ -37,6 +37,7 @@ from .egress_note import RefusalWatch
 from .notebook_files import GUEST_NOTEBOOK_DIR, copy_into
 from .notebook_sync import check_folder, sync_back
 from .guest_kernel import GuestKernel, bounded_client
+from .idle_sleep import IdleSleeper
 from .magic_errors import MicroagentInterrupted
 from .output_policy import OutputPolicy
 from .session_owner import remove_workspace, sweep
@@ -72,6 +73,7 @@ class PythonSession:
         self.warm_from: str | None = None  # the warm snapshot this session's workspace resumed
         self.cold_reason = ""  # why it booted cold instead
         self.writable: tuple[str, Path] | None = None  # (folder, the host directory its files come back to)
+        self.sleeper: IdleSleeper | None = None  # puts the workspace to sleep when no cell ran for a while
 
     # ---- start / stop ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -81,6 +83,7 @@ class PythonSession:
         client = bounded_client(self.kernel.host_info)
         client.start_channels()
         self.client = client
+        self.sleeper = IdleSleeper(self.engine, self.name)
         try:
             self.kernel.wait_ready(client)
             self._run_hidden(V.GUEST_CODE)
@@ -89,6 +92,9 @@ class PythonSession:
             raise
 
     def close_client(self) -> None:
+        if self.sleeper is not None:
+            self.sleeper.close()
+            self.sleeper = None
         if self.client is not None:
             try:
                 self.client.stop_channels()
@@ -141,7 +147,18 @@ class PythonSession:
             raise GuestPythonError(str(reply.get("ename")), str(reply.get("evalue")), [], self.name)
         return msgs
 
-    def _execute(self, code: str, on_msg: Any, *, store_history: bool = True, timeout: float | None = None,
+    def _execute(self, code: str, on_msg: Any, **kwargs: Any) -> dict[str, Any]:
+        """Run one request in the kernel (see :meth:`_request`); the idle timer (:mod:`.idle_sleep`) waits."""
+        sleeper = self.sleeper
+        if sleeper is not None:
+            sleeper.busy()
+        try:
+            return self._request(code, on_msg, **kwargs)
+        finally:
+            if sleeper is not None:
+                sleeper.idle()
+
+    def _request(self, code: str, on_msg: Any, *, store_history: bool = True, timeout: float | None = None,
                  ask: Any = None) -> dict[str, Any]:
         if not self.kernel.alive:
             raise self.kernel.died_error()

@@ -114,8 +114,12 @@ class Relay:
     ``alive()`` says whether the guest kernel still runs (heartbeats are answered only then)."""
 
     def __init__(self, frontend: dict[str, Any], guest: dict[str, Any], alive: Callable[[], bool],
-                 policy: OutputPolicy | None = None, announce_idle: bool = False) -> None:
+                 policy: OutputPolicy | None = None, announce_idle: bool = False,
+                 on_busy: Callable[[bool], None] | None = None) -> None:
         self.frontend, self.guest, self.alive = frontend, guest, alive
+        #: told True when a request starts waiting for its reply with none waiting before, False when the last
+        #: waiting one is answered (the idle timer of :mod:`.idle_sleep` runs in between)
+        self.on_busy = on_busy
         # after a restart the frontend did not ask for (Halt from the panel, REST): once the new kernel answers
         # (:meth:`kernel_ready`), tell every subscriber, and each one that (re)connects, that it is idle, until it
         # is first asked to execute (jupyter_server and JupyterLab ignore the status of the server's own
@@ -315,6 +319,8 @@ class Relay:
         reply = REPLY_OF.get(msg_type)
         if reply is not None and channel in ("shell", "control"):
             stdin = msg_type == "execute_request" and json.loads(content_b).get("allow_stdin") is True
+            if not self._pending and self.on_busy is not None:
+                self.on_busy(True)
             self._pending[msg_id] = (channel, reply, stdin)
             while len(self._pending) > MAX_REMEMBERED:
                 self._pending.popitem(last=False)
@@ -335,6 +341,8 @@ class Relay:
         if pending[:2] != (channel, msg_type):
             return None
         del self._pending[msg_id]
+        if not self._pending and self.on_busy is not None:
+            self.on_busy(False)
         return known
 
     def _to_front(self, channel: str, frames: list[bytes]) -> list[bytes] | None:

@@ -26,6 +26,7 @@ os.environ.setdefault("MICROAGENT_DOCKER_IO_REGISTRY", "127.0.0.1:9")
 # sandboxed kernels keep no warm pool of VMs behind them (each would be one more TCG VM running beside the test's),
 # except in the test of the pool itself (test_sandboxed_kernel.py), which turns it on
 os.environ["MICROAGENT_KERNEL_POOL"] = "0"
+os.environ["MICROAGENT_SLEEP_AFTER"] = "0"  # nothing sleeps by itself, except in the tests of that
 
 
 @pytest.fixture(scope="session")

@@ -84,8 +84,8 @@ def test_actions_cover_every_state() -> None:
     for state in STATES:
         assert set(allowed_actions(state)) <= set(ACTIONS)
     assert allowed_actions("quarantined") == ["halt", "stop", "kill", "exec", "cp"]
-    # asleep: no VM to reach; its disk is not to be read or written while its saved memory holds unwritten pages
-    assert allowed_actions("sleeping") == ["start", "delete"]
+    # asleep: what reaches the guest wakes it; its disk is not read while its saved memory holds unwritten pages
+    assert allowed_actions("sleeping") == ["resume", "kill", "exec", "cp"]
 
 
 def test_states_decide_every_action_and_change() -> None:

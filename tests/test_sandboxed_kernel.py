@@ -62,6 +62,18 @@ def test_relay_applies_the_policy_and_resigns(relayed) -> None:
     assert [m["content"]["data"]["text/plain"] for m in outs if m["msg_type"] == "execute_result"] == ["42"]
 
 
+def test_the_relay_says_when_requests_wait_for_their_replies(relayed) -> None:
+    """The idle timer that puts a kernel's VM to sleep (idle_sleep.py) runs only while no request waits: the relay
+    says busy when the first one starts waiting and idle when the last one is answered."""
+    client, relay, _guest = relayed
+    said: list[bool] = []
+    relay.on_busy = said.append
+    reply, _outs = _run(client, "1 + 1")
+    assert reply["content"]["status"] == "ok"
+    assert said and said[0] is True and said[-1] is False
+    assert all(a != b for a, b in zip(said, said[1:]))  # busy and idle alternate
+
+
 def test_relay_drops_guest_comms_and_forged_messages(relayed) -> None:
     client, relay, guest = relayed
     _reply, outs = _run(client, "from ipykernel.comm import Comm\nc = Comm(target_name='jupyter.widget', "

@@ -154,47 +154,52 @@ def test_a_new_warm_snapshot_replaces_the_older_one_of_its_family(engine: Engine
         (Path(engine.state_dir) / W.WARM_DIR / f"{snap[len(W.SNAPSHOT_PREFIX):]}.built").unlink()
 
 
-def test_sleep_frees_the_host_and_the_next_exec_resumes_its_processes(engine: Engine, cli) -> None:
-    """sleep: the memory goes to a file beside the disk, VM and supervisor end (nothing left running on the host);
-    an exec wakes it with its processes and its RAM-only files as they were; start --cold would drop the memory."""
+def test_sleep_ends_the_vm_and_keeps_every_stream_until_the_next_exec_wakes_it(engine: Engine, cli,
+                                                                                 tmp_path: Path) -> None:
+    """sleep: the VM's memory goes to a file and QEMU ends; the supervisor stays with every stream. A command the
+    host was reading from when it fell asleep goes on after the wake, as do a background loop and RAM-only files;
+    an exec (or resume) wakes it; kill while asleep ends it and removes the saved memory."""
     name = "sleeper"
     engine.create(name, profile="tiny", network="none")
     try:
         engine.start(name)
-        assert engine.exec(name, ["sh", "-c", f"echo kept > /tmp/in-ram; {COUNTER}"]).exit_code == 0
+        assert engine.exec(name, ["sh", "-c", f"echo kept > /tmp/in-ram; mkfifo /tmp/go; {COUNTER}"]).exit_code == 0
         before = _wait_above(engine, name, 0)
-        # a command the host still reads from would lose its output: refused until it ends (rendezvous by a FIFO)
+        # a command the host reads from, blocked on a FIFO (rendezvous: its first line has arrived)
         started, held = threading.Event(), []
-        engine.exec(name, ["mkfifo", "/tmp/go"])
         holder = threading.Thread(target=lambda: held.append(engine.exec(
             name, ["sh", "-c", "echo started; read x < /tmp/go; echo $x"],
             on_stdout=lambda b: started.set() if b"started" in b else None)))
         holder.start()
         assert started.wait(120)
         r = cli("sleep", name)
-        assert r.returncode != 0 and b"1 command(s) started from the host still run" in r.stderr, r.stderr
-        engine.exec(name, ["sh", "-c", "echo done > /tmp/go"])
-        holder.join()
-        assert held[0].stdout == b"started\ndone\n" and engine.status(name).state.state == "running"
-        r = cli("sleep", name)
         assert r.returncode == 0 and f"Workspace {name}: sleeping" in r.stdout.decode(), r.stderr
         info = engine.status(name)
-        assert info.state.state == "sleeping" and not info.dir.supervisor_alive() and info.state.vm_pid is None
-        assert info.to_json()["actions"] == ["start", "delete"]
-        assert (info.dir.path / "restore-state").stat().st_size > 1 << 20
-        with pytest.raises(InvalidState, match="is sleeping"):  # its guest holds unwritten pages of the disk
-            engine.cp(f"{name}:/etc/hostname", "/tmp/never")
+        assert info.state.state == "sleeping" and info.dir.supervisor_alive() and info.state.vm_pid is None
+        assert info.to_json()["actions"] == ["resume", "kill", "exec", "cp"]
+        assert (info.dir.run_dir / "sleep-state").stat().st_size > 1 << 20
+        assert holder.is_alive()  # its stream waits with the supervisor
+        with pytest.raises(InvalidState, match="is sleeping"):  # its disk is not to be read while it sleeps
+            engine.outputs(name)
         r = cli("sleep", name)  # twice: a clear refusal, no traceback
         assert r.returncode != 0 and b"only a running or paused workspace can be put to sleep" in r.stderr
-        assert engine.exec(name, ["cat", "/tmp/in-ram"]).stdout == b"kept\n"  # woken by the exec
+        # the next exec wakes it; the held command reads its line and ends normally
+        assert engine.exec(name, ["sh", "-c", "echo done > /tmp/go; cat /tmp/in-ram"]).stdout == b"kept\n"
+        holder.join()
+        assert held[0].exit_code == 0 and held[0].stdout == b"started\ndone\n", held
         assert engine.status(name).state.state == "running"
+        assert not (info.dir.run_dir / "sleep-state").exists()
         _wait_above(engine, name, before)  # the loop started before the sleep runs on
-        assert not (info.dir.path / "restore-state").exists() and not (info.dir.path / "restore.json").exists()
-        engine.sleep(name)  # a sleeping workspace is deleted with its saved memory
+        engine.sleep(name)
+        assert engine.resume(name).state.state == "running"  # resume wakes it too
+        engine.sleep(name)
+        engine.cp(f"{name}:/tmp/in-ram", str(tmp_path / "in-ram"))  # so does a copy through its agent
+        assert (tmp_path / "in-ram").read_bytes() == b"kept\n" and engine.status(name).state.state == "running"
+        engine.sleep(name)
+        assert engine.kill(name).state.state == "stopped" and not (info.dir.run_dir / "sleep-state").exists()
     finally:
         try:
             engine.kill(name)
         except Exception:
             pass
         engine.delete(name)
-    assert not (engine.state_dir / "workspaces" / name).exists()

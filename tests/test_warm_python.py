@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,27 @@ def test_sessions_of_a_killed_notebook_kernel_are_swept(engine: Engine, state_di
     finally:
         if child.poll() is None:
             child.kill()
+
+
+def test_an_idle_session_sleeps_and_its_next_cell_wakes_it(engine: Engine, monkeypatch) -> None:
+    """After MICROAGENT_SLEEP_AFTER idle seconds the session's VM sleeps by itself (QEMU gone, memory in a file);
+    the next cell's messages wake it through the same connections and the kernel still has its variables."""
+    monkeypatch.setenv("MICROAGENT_SLEEP_AFTER", "1")
+    sess = PS.get_session(engine, "sleepy")
+    try:
+        assert value(sess, "x = 41; x") == "41"
+        for _ in range(1200):  # rendezvous: the idle timer puts it to sleep by itself
+            if engine.status(sess.name).state.state == "sleeping":
+                break
+            time.sleep(0.1)
+        assert engine.status(sess.name).state.state == "sleeping", "the idle session did not go to sleep"
+        assert engine.status(sess.name).state.vm_pid is None
+        assert sess.sleeper is not None and sess.sleeper.sleeps == 1
+        sess.sleeper.after = 3600  # no second sleep while this test looks
+        assert value(sess, "x + 1") == "42"
+        assert engine.status(sess.name).state.state == "running"
+    finally:
+        sess.stop()
 
 
 def test_prepare_python_builds_ahead_with_progress(engine: Engine, cli) -> None:

@@ -14,7 +14,7 @@ from typing import IO, TYPE_CHECKING, Any, Iterator
 
 from ..client import DEFAULT_MAX_OUTPUT, ExecResult, OutputCallback, SupervisorConnection
 from ..config import default_state_dir
-from ..errors import Busy, InvalidArgument, NotFound
+from ..errors import InvalidArgument
 from ..model import PUBLISH_DEFAULT_HOST_IP
 from ..workspace_spec import WorkspaceSpec
 from ..snapshots import workspace as snapshot_store
@@ -119,14 +119,14 @@ class Engine:
         return self._lifecycle.pause(name)
 
     def resume(self, name: str) -> WorkspaceInfo:
-        """Continue a paused workspace (state ``running``)."""
+        """Continue a paused workspace, or wake a sleeping one (state ``running``)."""
         return self._lifecycle.pause(name, resume=True)
 
     def sleep(self, name: str) -> WorkspaceInfo:
-        """Save a running (or paused) workspace's memory to a file beside its disk and end its VM and supervisor
-        (state ``sleeping``: it holds no host memory or process). :meth:`start`, or an :meth:`exec`, resumes it with
-        its processes as they were. Published ports given at create are bound again; ones added with
-        :meth:`publish` are not. Refused with attached disks (another workspace could take them meanwhile)."""
+        """Scale to zero: save a running (or paused) workspace's memory to a file and end its VM (state
+        ``sleeping``); only its supervisor stays, holding every exec stream, published port and connection. The
+        next :meth:`exec`, connection or byte on a published port, or :meth:`resume`, wakes it: its memory is
+        restored into a new VM and everything carries on where it stopped (a running command just pauses)."""
         return self._lifecycle.sleep(name)
 
     def snapshot(self, name: str, snapshot: str, *, internal: bool = False) -> dict[str, Any]:
@@ -216,26 +216,12 @@ class Engine:
         capture: bool = True,
         max_output: int = DEFAULT_MAX_OUTPUT,
     ) -> ExecResult:
-        """Run ``argv`` in the running workspace (a sleeping one is woken first); output streams to the callbacks as
+        """Run ``argv`` in the running workspace (a sleeping one wakes for it); output streams to the callbacks as
         the guest produces it. Captured stdout/stderr keep ``max_output`` bytes each (then ``truncated`` and a
         marker)."""
-        self._wake(name)
         return self._sessions.exec(name, argv, env=env, cwd=cwd, timeout=timeout, stdin=stdin,
                                    on_stdout=on_stdout, on_stderr=on_stderr, capture=capture,
                                    max_output=max_output)
-
-    def _wake(self, name: str) -> None:
-        """Start a sleeping workspace (its memory restored); any other state is left to the caller's checks."""
-        try:
-            state = self._ctx.store.status(name).state.state
-        except NotFound:
-            return
-        if state == "sleeping":
-            self._ctx.progress(f"Waking {name}")
-            try:
-                self.start(name)
-            except Busy:  # woken by someone else meanwhile
-                pass
 
     def ping(self, name: str) -> float:
         """Round trip to the guest agent, in seconds."""

@@ -174,7 +174,8 @@ class Lifecycle:
         info = self.ctx.store.status(name)
         require(op, info.state.state, name)
         with SupervisorConnection(info.dir.control_socket) as conn:
-            reply = conn.control(op, reply_timeout=30)
+            # resuming a sleeping one restores its memory into a new VM: a boot's deadline
+            reply = conn.control(op, reply_timeout=30 if info.state.state != "sleeping" else 300)
         if not reply.get("ok"):
             raise GuestError(reply.get("error", f"{op} failed"))
         return self.ctx.store.status(name)
@@ -190,14 +191,14 @@ class Lifecycle:
         return meta
 
     def sleep(self, name: str) -> WorkspaceInfo:
-        """Save a running (or paused) workspace's memory beside its disk and end its VM and supervisor (state
-        ``sleeping``: no host memory); the next start resumes it with its processes."""
-        ws = self.ctx.store.existing(name)
-        with file_lock(ws.ops_lock, blocking=False, what=f"workspace {name!r}"):
-            info = self.ctx.store.status(name)
-            require("sleep", info.state.state, name)
-            snapshots.sleep(info.dir)
-            wait_supervisor_exit(info.dir)
+        """Save a running (or paused) workspace's memory to a file and end its VM, keeping its supervisor and every
+        stream (state ``sleeping``); traffic for the guest or ``resume`` wakes it (supervisor/sleeping.py)."""
+        info = self.ctx.store.status(name)
+        require("sleep", info.state.state, name)
+        with SupervisorConnection(info.dir.control_socket) as conn:
+            reply = conn.control("sleep", reply_timeout=snapshots.SNAPSHOT_REPLY_TIMEOUT)
+        if not reply.get("ok"):
+            raise GuestError(reply.get("error", "sleep failed"))
         return self.ctx.store.status(name)
 
     # ---- published ports (while running) ------------------------------------------------------

@@ -8,6 +8,9 @@ is a private mapping, which is migrated like anonymous RAM), to a file passed wi
 ``migrate-incoming fd:N``); its agent then gets CONFIG with the host's clock and a fresh RNG seed, as a template
 clone does (guest/agent.c applies both at every CONFIG).
 
+The same stop-and-save puts a workspace to sleep (supervisor/sleeping.py): RAM and device state, no disk copy,
+and QEMU ends instead of continuing.
+
 A VM started with its RAM in a shared file (:data:`RAM_FILE_KEY`, ``Engine.start(ram_file=True)``: the warm
 Python snapshot's build) is saved differently: only its device state goes into the stream (``x-ignore-shared``),
 the RAM file becomes the snapshot's ``memory`` and the VM is killed (it must never write into that file again).
@@ -30,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..backends.qemu import RO_OPEN_NAME, QemuBackend
 from ..errors import HostError
-from ..protocol import FrameType
 from ..backends.qmp import QmpError, QmpSession
 from ..states import allows, refusal
 from .shim import ro_open_library
@@ -96,7 +98,7 @@ def copy_disk(src: Path, dst: Path) -> None:
     os.chmod(dst, 0o600)
 
 
-def _stop_and_save(sup: LiveVM, state_file: Path, *, ignore_shared: bool, disk: Path | None,
+def stop_and_save(sup: LiveVM, state_file: Path, *, ignore_shared: bool, disk: Path | None,
                    cont: str) -> tuple[float, float]:
     """Stop the VM (unless paused), migrate it into ``state_file`` (device state, and RAM unless ``ignore_shared``:
     RAM that is a shared file stays there), copy its root disk to ``disk``; then continue it as ``cont`` says:
@@ -142,7 +144,7 @@ async def save(sup: LiveVM, target: Path) -> dict[str, Any]:
     sup.snapshotting = True
 
     def run() -> dict[str, Any]:
-        stopped, memory_seconds = _stop_and_save(sup, target / STATE_FILE, ignore_shared=ram_file is not None,
+        stopped, memory_seconds = stop_and_save(sup, target / STATE_FILE, ignore_shared=ram_file is not None,
                                                  disk=target / ROOTFS_FILE, cont="never" if ram_file else "always")
         return {"ok": True, "stoppedSeconds": round(stopped, 3), "memorySeconds": round(memory_seconds, 3),
                 "stateBytes": (target / STATE_FILE).stat().st_size, "shape": snapshot_shape(sup.launch.argv),
@@ -162,42 +164,6 @@ async def save(sup: LiveVM, target: Path) -> dict[str, Any]:
         sup.pings.clear()  # the guest could not answer pings while stopped
     ended = ", its RAM kept in the snapshot's memory file, the VM ended" if ram_file else ""
     sup.serial_note(f"snapshot saved (VM stopped {reply['stoppedSeconds']} s{ended})")
-    return reply
-
-
-async def sleep(sup: LiveVM, target: Path) -> dict[str, Any]:
-    """Save the running (or paused) VM's memory and device state into the stream file ``target`` and end the VM
-    (state ``sleeping``): its own disk, untouched while it sleeps, stays its disk, so nothing is copied. The
-    engine's next start of the workspace restores the stream (:func:`..snapshots.workspace.sleep`)."""
-    state = sup.state.state
-    if not allows("sleep", state):
-        return {"ok": False, "error": refusal("sleep", state, sup.ws.name)}
-    if sup.snapshotting:
-        return {"ok": False, "error": "a snapshot of this workspace is being taken; wait for it"}
-    if sup.ram_file:
-        return {"ok": False, "error": "this workspace's RAM is a file a snapshot keeps; take the snapshot instead"}
-    running = sum(1 for route in sup.hub.routes.values() if route.request == FrameType.EXEC)
-    if running:
-        return {"ok": False, "error": f"{running} command(s) started from the host still run in workspace "
-                                      f"{sup.ws.name!r} (a Python session's or notebook's kernel is one); their "
-                                      f"output would be lost: let them finish or end them, then sleep"}
-    sup.snapshotting = True
-
-    def run() -> dict[str, Any]:
-        stopped, _ = _stop_and_save(sup, target, ignore_shared=False, disk=None, cont="on-error")
-        return {"ok": True, "seconds": round(stopped, 3), "stateBytes": target.stat().st_size,
-                "shape": snapshot_shape(sup.launch.argv), "memory": memory_form(sup.state.boot_mode),
-                "memoryMiB": memory_of(sup.launch.argv)}
-    try:
-        reply = await asyncio.to_thread(run)
-    except (OSError, QmpError) as exc:
-        target.unlink(missing_ok=True)
-        return {"ok": False, "error": f"saving the workspace's memory failed: {exc}; it runs on"}
-    finally:
-        sup.snapshotting = False
-        sup.pings.clear()
-    sup.serial_note(f"asleep: memory saved ({reply['stateBytes'] >> 20} MiB in {reply['seconds']} s), VM ended")
-    await sup.end_vm("sleep")
     return reply
 
 

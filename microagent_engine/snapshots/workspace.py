@@ -191,28 +191,6 @@ def pending_restore(ws: WorkspaceDir, argv: list[str]) -> dict[str, Any] | None:
                           "snapshot": info.get("snapshot", "?"), "ramFile": str(ws.path / RESTORE_MEMORY)}}
 
 
-def sleep(ws: WorkspaceDir) -> dict[str, Any]:
-    """Put the running (or paused) workspace ``ws`` to sleep: its supervisor saves the VM's memory into
-    ``restore-state`` and ends it; the restore marker makes the next start resume it. The supervisor's reply."""
-    cfg = ws.load_config()
-    if cfg.attachments:
-        raise InvalidState(f"workspace {cfg.name!r} has attached disks ({', '.join(a.name for a in cfg.attachments)}); "
-                           f"a sleeping workspace would hold them mounted while another one could take them: halt "
-                           f"it instead (microagent halt {cfg.name})")
-    staging = ws.path / f".{RESTORE_STATE}.tmp"
-    try:
-        with SupervisorConnection(ws.control_socket) as conn:
-            reply = conn.control("sleep", {"file": str(staging)}, reply_timeout=SNAPSHOT_REPLY_TIMEOUT)
-        if not reply.get("ok"):
-            raise GuestError(reply.get("error", "sleep failed"))
-        os.replace(staging, ws.path / RESTORE_STATE)
-        write_json_atomic(ws.path / RESTORE_MARKER, {"snapshot": f"{cfg.name} (asleep)", "memory": reply["memory"],
-                                                      "shape": reply["shape"], "sleep": True})
-    finally:
-        staging.unlink(missing_ok=True)
-    return reply
-
-
 def restore_done(ws: WorkspaceDir) -> None:
     """The snapshot was resumed (or a cold start chose not to): later starts boot the disk."""
     for name in (RESTORE_MARKER, RESTORE_STATE, RESTORE_MEMORY, RO_OPEN_NAME):  # a running clone keeps its mapping

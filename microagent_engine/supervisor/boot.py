@@ -13,7 +13,7 @@ from typing import Any
 from ..backends.qemu import QemuBackend
 from ..errors import HostError, MicroagentError
 from ..fsutil import open_private
-from ..protocol import ExitStatus, FrameType, HaltMode, InfoKey, ReadyValue, encode_config
+from ..protocol import ExitStatus, FrameDecoder, FrameType, HaltMode, InfoKey, ReadyValue, encode_config
 from ..records import now_iso, process_start_time
 from ..sandbox import ConfinedVM, spawn_vm
 from ..sandbox.network import NetworkSandbox
@@ -32,6 +32,8 @@ class Booting:
         self.ready = asyncio.Event()
         self.vm_exited = asyncio.Event()
         self.agent_writer = None
+        if not self.asleep:  # a woken agent goes on with the channel where the saved one stopped
+            self.agent_decoder = FrameDecoder()
         self.hello_seen = self.ready_seen = self.channel_failed = False
         self.state.dropped_frames = 0
         if self.mediation:
@@ -69,8 +71,9 @@ class Booting:
         await self.close_network()
         self.vm_exited.set()
         self.state.exit_detail = f"exit code {rc}" if rc >= 0 else f"killed by signal {-rc}"
-        self.hub.fail_all(f"the VM exited ({self.state.exit_detail}) before the command finished")
-        self.tasks.fail_all("the VM exited")
+        if self.intent != "sleep":  # asleep, the commands and streams wait for the wake
+            self.hub.fail_all(f"the VM exited ({self.state.exit_detail}) before the command finished")
+            self.tasks.fail_all("the VM exited")
         return time.monotonic() - self.boot_t0
 
     async def start_vm(self, vm_log: Any) -> ConfinedVM:
@@ -143,7 +146,7 @@ class Booting:
             await asyncio.sleep(0.002)
         self.hello_seen = True
         self.set_signal("guestReady", True, detail)
-        self.to_agent(FrameType.CONFIG, 0, self.config_payload())
+        self.write_agent(FrameType.CONFIG, 0, self.config_payload())  # first, even before frames held in a sleep
 
     async def close_network(self) -> None:
         if self.net is not None:
@@ -215,6 +218,7 @@ class Booting:
         self.set_signal("execReady", True, f"agent ready after {boot} s")
         self.ever_ready = True
         self.save(state="running", boot_seconds=boot, error="; ".join(errors[:8]))
+        self.agent_ready_after_wake()
         self.ready.set()
         self.notify_ready(True)
         self.liveness_task = asyncio.ensure_future(self.liveness_loop())

@@ -10,7 +10,7 @@ import time
 import traceback
 
 from ..errors import ProtocolError
-from ..protocol import EXIT_STATUSES, ExitStatus, FrameDecoder, FrameType, InfoKey, decode_kv, encode_frame
+from ..protocol import EXIT_STATUSES, ExitStatus, FrameType, InfoKey, decode_kv, encode_frame
 from ..states import allows
 from ..textsafe import safe_text
 from .clients import CLIENT_STALL_LIMIT
@@ -65,7 +65,8 @@ class GuestChannel:
             return
         self.agent_writer = writer
         writer.transport.set_write_buffer_limits(high=AGENT_BUFFER_LIMIT)
-        decoder = FrameDecoder()
+        decoder = self.agent_decoder  # a new one per boot, the same one across a sleep (sleeping.py)
+        self.agent_readers += 1
         try:
             while not self.channel_failed and (data := await reader.read(262144)):
                 for frame in decoder.feed(data):
@@ -81,7 +82,9 @@ class GuestChannel:
         except Exception as exc:  # a frame the supervisor could not handle: fail closed, never half-open
             traceback.print_exc()
             self.fail_channel(f"a guest frame could not be handled ({type(exc).__name__})")
-        self.ports.channel_lost()
+        self.agent_readers -= 1
+        if not self.asleep:  # asleep: the saved guest keeps these connections; they go on after the wake
+            self.ports.channel_lost()
         if self.agent_writer is writer:
             self.agent_writer = None
             if not self.channel_failed:
@@ -111,7 +114,11 @@ class GuestChannel:
                 pass
 
     async def agent_drained(self) -> None:
-        """Wait while more than AGENT_BUFFER_LIMIT bytes wait for the guest to read (client stdin)."""
+        """Wait while more than AGENT_BUFFER_LIMIT bytes wait for the guest to read (client stdin), or, while it
+        sleeps, more than SLEEP_QUEUE_LIMIT bytes are held for it."""
+        if self.asleep:
+            await self.sleep_backpressure()
+            return
         writer = self.agent_writer
         if writer is not None and not writer.is_closing():
             try:
@@ -120,12 +127,20 @@ class GuestChannel:
                 pass
 
     def to_agent(self, ftype: int, stream: int, payload: bytes = b"") -> bool:
+        """Send a frame to the agent (held, and the VM woken, while it sleeps)."""
+        if self.asleep:
+            return self.hold_for_wake(encode_frame(ftype, stream, payload))
+        return self.write_agent(ftype, stream, payload)
+
+    def write_agent(self, ftype: int, stream: int, payload: bytes = b"") -> bool:
         if self.agent_writer is None or self.agent_writer.is_closing():
             return False
         self.agent_writer.write(encode_frame(ftype, stream, payload))
         return True
 
     def exec_allowed(self) -> bool:
+        if self.asleep:  # the request is held and wakes the VM
+            return not self.channel_failed and self.intent in (None, "sleep")
         return self.ready.is_set() and allows("exec", self.state.state) and \
             self.agent_writer is not None and not self.channel_failed
 

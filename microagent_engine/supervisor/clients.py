@@ -245,9 +245,7 @@ class ClientHub:
 
                 reply = await save(sup, Path(str(request.get("dir", ""))))
             elif op == "sleep":
-                from ..snapshots.live import sleep
-
-                reply = await sleep(sup, Path(str(request.get("file", ""))))
+                reply = await sup.sleep()
             elif op == "console":
                 client.console = True
                 reply = {"ok": True}

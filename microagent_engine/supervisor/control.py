@@ -33,6 +33,8 @@ class VmControl:
     async def pause(self, pause: bool) -> dict[str, Any]:
         """pause: stop the vCPUs (QMP ``stop``), keeping memory and processes; resume: ``cont``."""
         op = "pause" if pause else "resume"
+        if not pause and (self.asleep or self.state.state == "sleeping"):
+            return await self.wake()
         if not allows(op, self.state.state):
             return {"ok": False, "error": refusal(op, self.state.state, self.ws.name)}
         if not await self.qmp("stop" if pause else "cont"):
@@ -49,8 +51,9 @@ class VmControl:
         """halt (graceful, via the agent), stop (ask once, wait 5 s, no escalation) or kill (hard)."""
         if self.exited.is_set():
             return {"ok": True, "state": self.state.state}
-        if how in ("kill", "sleep"):  # sleep: its memory was saved (snapshots.live.sleep)
-            self.intent = how
+        if how == "kill":
+            self.intent = "kill"
+            self.wake_requested.set()  # a sleeping workspace's boot loop ends instead of waking
             if self.proc and self.proc.returncode is None:
                 self.proc.kill()
             await self.exited.wait()

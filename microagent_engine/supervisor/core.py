@@ -25,6 +25,7 @@ from typing import Any
 from ..errors import MicroagentError
 from ..logfiles import RotatingLog
 from ..model import LaunchSpec
+from ..protocol import FrameDecoder
 from ..records import WorkspaceDir
 from ..sandbox import ConfinedVM
 from ..sandbox.network import NetworkSandbox
@@ -39,6 +40,7 @@ from .boot import Booting
 from .channel import GuestChannel
 from .control import VmControl
 from .record import StateRecording
+from .sleeping import Sleeping
 from .timing import MAX_CONSECUTIVE_RESTARTS, RESTART_DELAYS, STABLE_AFTER
 
 
@@ -49,7 +51,7 @@ def _ignore_cancelled(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) 
     loop.default_exception_handler(context)
 
 
-class Supervisor(StateRecording, Booting, GuestChannel, VmControl):
+class Supervisor(StateRecording, Booting, GuestChannel, VmControl, Sleeping):
     """One per running workspace: the parts (record, boot, channel, control) share this object's state, set up
     here; ``run`` is the main loop."""
 
@@ -90,6 +92,8 @@ class Supervisor(StateRecording, Booting, GuestChannel, VmControl):
         self.pending_restore: dict[str, Any] | None = launch.extra.get(RESTORE_KEY)
         #: every boot's RAM is this shared file (``Engine.start(ram_file=True)``)
         self.ram_file: str | None = launch.extra.get(RAM_FILE_KEY)
+        self.init_sleep()
+        self.agent_decoder = FrameDecoder()  # kept across a sleep: the woken agent goes on mid-frame if it was
         self.restored = False  # this boot resumed a workspace snapshot: its processes (entrypoint too) run on
 
     # ---- main ----------------------------------------------------------------------------------
@@ -129,6 +133,10 @@ class Supervisor(StateRecording, Booting, GuestChannel, VmControl):
         consecutive = 0
         while True:
             ran_for = await self.boot_once()
+            if self.intent == "sleep":
+                if await self.sleep_until_woken():
+                    continue
+                break
             if self.intent == "restart" or (self.intent is None and self.ever_ready and self.wants_restart(None)):
                 consecutive = 0 if ran_for >= STABLE_AFTER else consecutive + 1
                 if consecutive > MAX_CONSECUTIVE_RESTARTS:

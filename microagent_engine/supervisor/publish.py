@@ -341,7 +341,7 @@ class PortRelay:
         sup = self.sup
         # streams the agent has not answered yet count too: an agent that never answers PCLOSE cannot grow them
         full = self.open_sockets >= MAX_CONNECTIONS or len(self.conns) >= 2 * MAX_CONNECTIONS
-        if full or sup.state.state != "running" or not sup.exec_allowed():
+        if full or not sup.exec_allowed() or (sup.state.state != "running" and not sup.asleep):
             why = "too many connections" if full else f"workspace {sup.state.state}"
             print(f"supervisor: refused a connection to {listener}: {why}", file=sys.stderr)
             writer.transport.abort()

@@ -69,8 +69,6 @@ class StateRecording:
             self.set_signal(name, False, "VM not running", kept)
         if self.intent == "kill":
             final, error = "stopped", ""
-        elif self.intent == "sleep":
-            final, error = "sleeping", ""
         elif self.intent == "halt" and self.state.state == "stopping":
             final, error = "halted", ""
         elif self.intent == "stop" and self.state.state == "stopping":

@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     from ..protocol import ExitStatus
     from ..records import WorkspaceDir, WorkspaceState
     from ..sandbox.network import NetworkSandbox
-    from .clients import ClientHub
 
 
 class Recorded(Protocol):
@@ -32,6 +31,8 @@ class Recorded(Protocol):
 
 class AgentChannel(Recorded, Protocol):
     """Frames to the guest agent, on streams this supervisor allocates."""
+
+    asleep: bool  # the VM sleeps (or is waking): frames are held and wake it (sleeping.py)
 
     def to_agent(self, ftype: int, stream: int, payload: bytes = b"") -> bool: ...
     def new_stream(self) -> int: ...
@@ -61,6 +62,7 @@ class ClientHost(AgentChannel, Protocol):
     def to_serial(self, data: bytes) -> None: ...
     async def quarantine(self) -> dict[str, Any]: ...
     async def pause(self, pause: bool) -> dict[str, Any]: ...
+    async def sleep(self) -> dict[str, Any]: ...
     async def end_vm(self, how: str, timeout: float | None = None) -> dict[str, Any]: ...
 
 
@@ -70,7 +72,6 @@ class LiveVM(Recorded, Protocol):
     snapshotting: bool
     pings: dict[int, float]
     ram_file: str | None
-    hub: ClientHub  # sleep refuses while host commands are routed through it
 
     async def end_vm(self, how: str, timeout: float | None = None) -> dict[str, Any]: ...
 
