@@ -21,13 +21,15 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
+
+from python_state import add_state_dir, prepared  # noqa: E402
 
 CELLS = {
     "pandas": "import pandas as pd; print(pd.DataFrame({'a': [1, 2, 3]}).describe().loc['mean', 'a'])",
@@ -47,20 +49,11 @@ def timed(argv: list[str], env: dict[str, str]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--state-dir", help="reuse a state dir (its images and warm snapshot); default: a new one")
+    add_state_dir(ap)
     args = ap.parse_args()
-    from microagent_engine import Engine, WorkspaceSpec
     from microagent_engine.engine import warm_python
-    from python_image_cache import python_image_into
 
-    state = Path(args.state_dir or tempfile.mkdtemp(prefix="bench-oneshot-", dir="/var/tmp"))
-    python_image_into(state)
-    t0 = time.monotonic()
-    snap, why = warm_python.warm_snapshot(Engine(state, progress=print),
-                                          WorkspaceSpec(image="builtin:python", network="isolated"))
-    if snap is None:
-        raise SystemExit(f"no warm snapshot: {why}")
-    print(f"warm snapshot {snap} ready after {time.monotonic() - t0:.1f} s (built once per image and shape)")
+    state, _snap = prepared(args.state_dir, "bench-oneshot-")
     cli = [sys.executable, "-m", "microagent_engine", "--state-dir", str(state), "run", "--delete",
            "--network", "isolated", "builtin:python", "python3", "-c"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}

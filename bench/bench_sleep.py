@@ -7,8 +7,8 @@ Each session is a clone of the warm Python snapshot (the zygote with pandas and 
 session or kernel starts from) that has run one pandas cell and then sits idle. In one run:
 
     (a) host memory of the idle sessions awake: PSS of each one's QEMU, supervisor and jail launcher
-    (b) ``Engine.sleep`` of each: its memory saved beside its disk, VM and supervisor ended; host memory after
-        (processes left), the bytes each keeps on disk, the time each sleep took
+    (b) ``Engine.sleep`` of each: its memory saved to a file, QEMU ended, the supervisor (every stream and port)
+        left; host memory after (processes left), the bytes each keeps on disk, the time each sleep took
     (c) the next exec (``python3 -c 'print(1)'`` through the zygote) on a sleeping session: wake + run, end to end,
         against the same exec on an awake session (the baseline, same run)
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
+
+from python_state import add_state_dir, prepared  # noqa: E402
 
 CELL = "import pandas as pd; print(pd.DataFrame({'a': [1, 2, 3]}).a.sum())"
 
@@ -39,19 +40,14 @@ def stats(values: list[float]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sessions", type=int, default=20)
-    ap.add_argument("--state-dir", help="reuse a state dir (its image and warm snapshot); default: a new one")
+    add_state_dir(ap)
     args = ap.parse_args()
     from bench_warm import pids, pss_kib
-    from microagent_engine import Engine, WorkspaceSpec
+    from microagent_engine import Engine
     from microagent_engine.engine import warm_python
-    from python_image_cache import python_image_into
 
-    state = Path(args.state_dir or tempfile.mkdtemp(prefix="bench-sleep-", dir="/var/tmp"))
-    python_image_into(state)
+    state, snap = prepared(args.state_dir, "bench-sleep-")
     engine = Engine(state)
-    snap, why = warm_python.warm_snapshot(engine, WorkspaceSpec(image="builtin:python", network="isolated"), print)
-    if snap is None:
-        raise SystemExit(f"no warm snapshot: {why}")
     names = [f"sleep-bench-{i}" for i in range(args.sessions)]
     run = warm_python.run_argv
     try:
@@ -75,7 +71,7 @@ def main() -> None:
             sleeps.append(time.monotonic() - t0)
         left = [p for n in names for p in pids(engine, n)]
         asleep = sum(pss_kib(p) for p in left)
-        on_disk = [(engine.status(n).dir.path / "restore-state").stat().st_size for n in names]
+        on_disk = [(engine.status(n).dir.run_dir / "sleep-state").stat().st_size for n in names]
         wakes = []
         for name in names:
             t0 = time.monotonic()
@@ -84,7 +80,8 @@ def main() -> None:
             assert r.stdout == b"1\n" and engine.status(name).state.state == "running", r
         print(f"\n{args.sessions} idle Python sessions (clones of {snap}, one pandas cell each):")
         print(f"(a) awake:  host memory {awake / 1024:.0f} MiB PSS, {awake / 1024 / len(names):.1f} MiB each")
-        print(f"(b) asleep: host memory {asleep / 1024:.1f} MiB PSS ({len(left)} processes left); "
+        print(f"(b) asleep: host memory {asleep / 1024:.1f} MiB PSS ({len(left)} processes left: the supervisors, "
+              f"{asleep / 1024 / len(names):.1f} MiB each); "
               f"{statistics.median(on_disk) / 2**20:.0f} MiB each on disk (median)")
         print(f"    sleep:  {stats(sleeps)}")
         print(f"(c) next exec, asleep (wake + run): {stats(wakes)}")
