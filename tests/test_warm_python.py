@@ -4,6 +4,7 @@ falls back to a cold boot with the reason; sessions of a notebook kernel killed 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -230,6 +231,15 @@ def test_python_one_shots_run_in_a_fork_of_the_warm_process(engine: Engine) -> N
     # a command the agent ends at its timeout ends the fork too (no exec left waiting on the fork's pipes)
     res, _ = _run(engine, ["python3", "-c", "import time; print('up', flush=True); time.sleep(3600)"], timeout=10)
     assert (res.status, res.stdout) == ("timed_out", b"up\n"), res
+    # a run deleted afterwards writes into an overlay over the snapshot's disk: no copy, the image untouched
+    snap = engine_warm.find(engine, PY)
+    image = engine.state_dir / "snapshots" / str(snap) / "rootfs.ext4"
+    before = (image.stat().st_mtime_ns, image.stat().st_size, hashlib.sha256(image.read_bytes()[:1 << 24]).digest())
+    res, progress = _run(engine, ["python3", "-c", "open('/root/big', 'wb').write(b'x' * (8 << 20)); "
+                                  "import os; os.sync(); print(os.path.getsize('/root/big'))"])
+    assert (res.exit_code, res.stdout) == (0, b"8388608\n") and "Copying snapshot" not in progress, (res, progress)
+    after = (image.stat().st_mtime_ns, image.stat().st_size, hashlib.sha256(image.read_bytes()[:1 << 24]).digest())
+    assert after == before and image.stat().st_nlink == 1  # the run's hard link went with it
 
 
 def test_broken_warm_snapshot_falls_back_to_cold(engine: Engine, state_dir: Path) -> None:

@@ -119,6 +119,22 @@ class QemuBackend(Backend):
         return QemuBackend.incoming_argv(out, incoming) if incoming is not None else out
 
     @staticmethod
+    def overlay_argv(argv: list[str], root: str, overlay: str, base: str) -> list[str]:
+        """``argv`` with the drive of ``root`` replaced by a qcow2 ``overlay`` whose backing file is ``base``
+        (read-only); neither drops the page cache at a restore (the base is every clone's): the guest sees the
+        same disk (snapshots/overlay.py)."""
+        out = list(argv)
+        for i, value in enumerate(out):
+            if i and out[i - 1] == "-drive" and f"file={root}" in value.split(","):
+                keep = [o for o in value.split(",") if not o.startswith(("file=", "format=", "file."))]
+                out[i] = ",".join([*keep, "driver=qcow2", "file.driver=file", f"file.filename={overlay}",
+                                   "file.locking=off", DROP_CACHE_OFF, "backing.driver=raw",
+                                   "backing.file.driver=file", f"backing.file.filename={base}",
+                                   "backing.read-only=on", "backing.file.locking=off",
+                                   "backing.file.drop-cache=off"])
+        return out
+
+    @staticmethod
     def ram_backend_argv(argv: list[str], memory_mib: int) -> list[str]:
         """``argv`` with anonymous guest RAM under the id templates and clones use (MEMORY_ID): a VM restored from
         a snapshot of a template clone needs the RAM block its migration stream names."""
@@ -178,20 +194,29 @@ class QemuBackend(Backend):
 
     @staticmethod
     def _drive_by_fd(value: str, out: FdCommand) -> str:
+        """Each file of a drive (``file=``; an overlay's ``file.filename=`` and ``backing.file.filename=``) as an
+        fd set of descriptors the supervisor opened: read-only ones only for a read-only drive or a backing file."""
         opts = value.split(",")
-        path = next(o[5:] for o in opts if o.startswith("file="))
         read_only = "read-only=on" in opts
-        fdset = len({a.rsplit("set=", 1)[1] for a in out.argv if a.startswith("fd=") and ",set=" in a}) + 1
-        # QEMU picks the descriptor whose access mode matches each open it does; give it both for a writable disk
-        modes = [os.O_RDONLY] if read_only else [os.O_RDWR, os.O_RDONLY]
-        prefix = []
-        for mode in modes:
-            fd = os.open(path, mode | os.O_CLOEXEC)
-            out.pass_fds.append(fd)
-            prefix.append(f"fd={fd},set={fdset}")
-        out.largest_file = max(out.largest_file, os.fstat(out.pass_fds[-1]).st_size)
-        out.argv += [x for p in prefix for x in ("-add-fd", p)]
-        return ",".join(f"file=/dev/fdset/{fdset}" if o.startswith("file=") else o for o in opts)
+        rewritten = []
+        for opt in opts:
+            key, _, path = opt.partition("=")
+            if key not in ("file", "file.filename", "backing.file.filename"):
+                rewritten.append(opt)
+                continue
+            fdset = len({a.rsplit("set=", 1)[1] for a in out.argv if a.startswith("fd=") and ",set=" in a}) + 1
+            # QEMU picks the descriptor whose access mode matches each open it does: both for a writable file
+            modes = [os.O_RDONLY] if read_only or key.startswith("backing.") else [os.O_RDWR, os.O_RDONLY]
+            for mode in modes:
+                fd = os.open(path, mode | os.O_CLOEXEC)
+                out.pass_fds.append(fd)
+                out.argv += ["-add-fd", f"fd={fd},set={fdset}"]
+            size = os.fstat(out.pass_fds[-1]).st_size
+            # an overlay grows up to its backing file's size plus qcow2 metadata (L2 tables, refcount blocks)
+            grows = size + size // 32 + (8 << 20) if key.startswith("backing.") else size
+            out.largest_file = max(out.largest_file, grows)
+            rewritten.append(f"{key}=/dev/fdset/{fdset}")
+        return ",".join(rewritten)
 
     @staticmethod
     def _memory_by_bind(value: str, out: FdCommand) -> str:

@@ -27,6 +27,7 @@ from ..records import WorkspaceConfig, WorkspaceDir, now_iso, process_matches
 from ..secret import Secret
 from ..snapshots import workspace as snapshots
 from ..snapshots.live import RAM_FILE, RAM_FILE_KEY, RESTORE_KEY
+from ..snapshots.overlay import OVERLAY_KEY, overlay_of
 from ..snapshots.warm import COLD_KEY
 from ..states import require, transition
 from ..storage.bundles import build_bundle
@@ -77,6 +78,9 @@ class Lifecycle:
                                                                          or ram_file else {})
         if ram_file:
             extra[RAM_FILE_KEY] = str(ws.path / RAM_FILE)
+        overlay = overlay_of(ws.path)
+        if overlay:  # the root disk in the argv (and its shape) stays the logical one; the supervisor swaps it
+            extra[OVERLAY_KEY] = {**overlay, "root": str(ws.rootfs)}
         launch = LaunchSpec(argv=argv, hostname=cfg.hostname, network=cfg.network,
                             shell=cfg.shell, env=cfg.env, accel=accel.accel, boot_timeout=timeout, mounts=mounts,
                             setup=cfg.setup, entrypoint=cfg.entrypoint, restart=cfg.restart,

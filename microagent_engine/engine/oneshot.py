@@ -55,7 +55,7 @@ def run(engine: _Engine, argv: list[str], spec: WorkspaceSpec, options: RunOptio
         raise InvalidArgument("run needs a command, e.g. microagent run -- uname -r")
     one_shot = options.name is None
     name = options.name or f"run-{time.time_ns()}"
-    info = _warm_start(engine, name, argv, spec, one_shot)
+    info = _warm_start(engine, name, argv, spec, one_shot, overlay_root=options.delete)
     if info is not None:
         argv = warm_python.run_argv(argv)
     else:
@@ -78,10 +78,11 @@ def run(engine: _Engine, argv: list[str], spec: WorkspaceSpec, options: RunOptio
     return info, result
 
 
-def _warm_start(engine: _Engine, name: str, argv: list[str], spec: WorkspaceSpec, one_shot: bool
-                ) -> WorkspaceInfo | None:
+def _warm_start(engine: _Engine, name: str, argv: list[str], spec: WorkspaceSpec, one_shot: bool,
+                overlay_root: bool = False) -> WorkspaceInfo | None:
     """Start ``name`` as a clone of the warm Python snapshot when ``argv`` is a Python run that fits one (the
-    snapshot is built on first need); its info, or None for a cold start."""
+    snapshot is built on first need); its info, or None for a cold start. ``overlay_root``: the run deletes it
+    afterwards, so its root disk is an overlay over the snapshot's (snapshots/overlay.py), not a copy."""
     if not one_shot and _exists(engine, name):
         return None  # the cold path reports the name taken, before touching anything
     snap, why = warm_python.for_run(engine, argv, spec)
@@ -92,8 +93,8 @@ def _warm_start(engine: _Engine, name: str, argv: list[str], spec: WorkspaceSpec
     made: list[WorkspaceInfo] = []
 
     def create() -> None:
-        made.append(engine._provision.create(name, WorkspaceSpec(from_snapshot=snap, env=spec.env,
-                                                                 hostname=hostname_for(name)), one_shot=one_shot))
+        clone = WorkspaceSpec(from_snapshot=snap, env=spec.env, hostname=hostname_for(name))
+        made.append(engine._provision.create(name, clone, one_shot=one_shot, overlay_root=overlay_root))
     why = warm_python.resume(engine, name, snap, create, engine.progress)
     if why:
         engine.progress(f"Booting cold: {why}")

@@ -36,13 +36,15 @@ class Provisioner:
     def __init__(self, ctx: EngineContext) -> None:
         self.ctx = ctx
 
-    def create(self, name: str | None, spec: WorkspaceSpec, *, one_shot: bool = False) -> WorkspaceInfo:
-        """Execute ``spec`` (see ``Engine.create``); ``one_shot``: made by ``run`` under a generated name."""
+    def create(self, name: str | None, spec: WorkspaceSpec, *, one_shot: bool = False,
+               overlay_root: bool = False) -> WorkspaceInfo:
+        """Execute ``spec`` (see ``Engine.create``); ``one_shot``: made by ``run`` under a generated name;
+        ``overlay_root``: a clone of a snapshot for a run deleted afterwards gets a copy-on-write root disk."""
         ctx = self.ctx
         name = validate_name(f"ws-{secrets.token_hex(4)}" if name is None else name)
         spec.check()
         if spec.from_snapshot is not None:
-            return self._create_from_snapshot(name, spec)
+            return self._create_from_snapshot(name, spec, one_shot, overlay_root)
         prof = get_profile(spec.profile)
         policy = spec.network or NetworkPolicy()
         if spec.accel:
@@ -133,20 +135,23 @@ class Provisioner:
                 shutil.rmtree(staging.path, ignore_errors=True)
         return ctx.store.info(ws)
 
-    def _create_from_snapshot(self, name: str, spec: WorkspaceSpec) -> WorkspaceInfo:
-        """A new workspace whose first start resumes ``spec.from_snapshot`` (its own copy of the disk)."""
+    def _create_from_snapshot(self, name: str, spec: WorkspaceSpec, one_shot: bool = False,
+                              overlay_root: bool = False) -> WorkspaceInfo:
+        """A new workspace whose first start resumes ``spec.from_snapshot`` (its own copy of the disk, or an
+        overlay over it)."""
         ctx = self.ctx
         snapshot = str(spec.from_snapshot)
         cfg, meta = snapshots.clone_config(ctx.state_dir, snapshot, name, spec.hostname, dict(spec.env or {}))
-        cfg.spec = spec.to_json()
+        cfg.spec, cfg.one_shot = spec.to_json(), one_shot
         ws = ctx.store.dir(name)
         if ws.path.exists():
             raise AlreadyExists(f"workspace {name!r} already exists; pick another name or delete it first "
                                 f"('microagent delete {name} --yes')")
 
         def fill(staging: WorkspaceDir) -> None:
-            ctx.progress(f"Copying snapshot {snapshot}'s disk")
-            snapshots.fill_clone(ctx.state_dir, snapshot, staging)
+            if not overlay_root:
+                ctx.progress(f"Copying snapshot {snapshot}'s disk")
+            snapshots.fill_clone(ctx.state_dir, snapshot, staging, overlay_root)
             staging.save_config(cfg)
             staging.save_state(WorkspaceState(state=transition(None, "prepared"),
                                               setup_done=bool(meta.get("setupDone"))))

@@ -28,6 +28,7 @@ from ..errors import AlreadyExists, GuestError, InvalidState, NotFound
 from ..fsutil import private_dir, read_json, write_json_atomic
 from ..records import WorkspaceConfig, WorkspaceDir, now_iso
 from ..backends.qemu import RO_OPEN_NAME
+from .overlay import BASE_FILE, OVERLAY_FILE, overlay_of, write_overlay
 from .live import MEMORY_FILE, RESTORE_KEY, ROOTFS_FILE, STATE_FILE, copy_disk, link_or_copy, snapshot_shape
 
 SNAPSHOTS_DIR = "snapshots"
@@ -53,6 +54,9 @@ def take(state_dir: Path, ws: WorkspaceDir, name: str, internal: bool = False) -
     one (made by a frontend for its own use, such as the warm Python snapshot) is left out of the user's list."""
     final = snapshot_dir(state_dir, name)
     cfg = ws.load_config()
+    if overlay_of(ws.path):
+        raise InvalidState(f"workspace {cfg.name!r} is a one-shot run's clone whose root disk is an overlay, deleted "
+                           f"after the run; snapshot a workspace made with 'microagent create' instead")
     if cfg.attachments:
         raise InvalidState(f"workspace {cfg.name!r} has attached disks ({', '.join(a.name for a in cfg.attachments)}); "
                            f"snapshots cover the root disk only: create the workspace without attachments, or copy "
@@ -150,12 +154,17 @@ def clone_config(state_dir: Path, snapshot: str, name: str, hostname: str | None
     return cfg, meta
 
 
-def fill_clone(state_dir: Path, snapshot: str, staging: WorkspaceDir) -> None:
-    """Give the workspace being created in ``staging`` its own copy of the snapshot's disk, a link to its
+def fill_clone(state_dir: Path, snapshot: str, staging: WorkspaceDir, overlay: bool = False) -> None:
+    """Give the workspace being created in ``staging`` its own copy of the snapshot's disk (``overlay``: a
+    copy-on-write overlay over it instead, for a run deleted afterwards: snapshots/overlay.py), a link to its
     stream and the restore marker its first start reads."""
     src = snapshot_dir(state_dir, snapshot)
     meta = load(state_dir, snapshot)
-    copy_disk(src / ROOTFS_FILE, staging.rootfs)
+    if overlay:
+        link_or_copy(src / ROOTFS_FILE, staging.path / BASE_FILE)
+        write_overlay(staging.path / OVERLAY_FILE, (src / ROOTFS_FILE).stat().st_size)
+    else:
+        copy_disk(src / ROOTFS_FILE, staging.rootfs)
     link_or_copy(src / STATE_FILE, staging.path / RESTORE_STATE)
     if meta["memory"] == "file":  # mapped copy-on-write by the clone; the ro-open shim must sit beside it
         link_or_copy(src / MEMORY_FILE, staging.path / RESTORE_MEMORY)

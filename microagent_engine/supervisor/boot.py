@@ -18,6 +18,7 @@ from ..records import now_iso, process_start_time
 from ..sandbox import ConfinedVM, spawn_vm
 from ..sandbox.network import NetworkSandbox
 from ..snapshots.live import restore_argv
+from ..snapshots.overlay import OVERLAY_KEY
 from ..snapshots.templates import memory_of, new_ram_file
 from ..snapshots.warm import BootPlan
 from ..textsafe import safe_text
@@ -132,6 +133,9 @@ class Booting:
         return vm
 
     async def spawn(self, argv: list[str], vm_log: Any) -> ConfinedVM:
+        overlay = self.launch.extra.get(OVERLAY_KEY)
+        if overlay:  # the root disk is an overlay over a snapshot's (snapshots/overlay.py)
+            argv = QemuBackend.overlay_argv(argv, overlay["root"], overlay["overlay"], overlay["base"])
         return await spawn_vm(self.ws, dataclasses.replace(self.launch, argv=argv), self.state.backend, {
             "agent": self.on_agent, "ser0": self.on_serial,
             "mediation": self.mediation.on_port if self.mediation else None}, stdout=vm_log,
