@@ -9,9 +9,9 @@ APT_PACKAGES := qemu-system-x86 e2fsprogs busybox-static gcc libc6-dev cpio lz4 
   chromium slirp4netns nftables mmdebstrap python3-yaml
 STATE_DIR ?= $(HOME)/.microagent
 
-.PHONY: setup apt venv demo lab test bench clean labextension labextension-check panel-into-venv protocol-doc panel-types
+.PHONY: setup apt venv bytecode demo lab test bench clean labextension labextension-check panel-into-venv protocol-doc panel-types
 
-setup: apt venv
+setup: apt venv bytecode
 
 apt:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -34,6 +34,12 @@ panel-into-venv:
 	cp -r microagent_jupyter/labextension/. labextension/install.json $(LABEXT_DEST)/
 
 venv: $(VENV)/.installed
+
+# the engine's and the extension's bytecode, so that the CLI and each supervisor do not compile their modules at
+# every start (PYTHONDONTWRITEBYTECODE, set on these machines, keeps Python from writing it on first use; a pip
+# install of a wheel compiles it too): `import microagent_engine.cli` 0.35-0.41 s -> 0.19-0.21 s
+bytecode: venv
+	$(PY) -m compileall -q microagent_engine microagent_jupyter
 
 # Playwright (npm playwright-core) drives Debian's /usr/bin/chromium; it never downloads a browser
 ui-tests/node_modules/.installed: ui-tests/package-lock.json
