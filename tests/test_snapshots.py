@@ -4,6 +4,8 @@ clone with its own disk, memory, RNG and clock; the CLI's snapshot verbs."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -197,6 +199,20 @@ def test_sleep_ends_the_vm_and_keeps_every_stream_until_the_next_exec_wakes_it(e
         assert (tmp_path / "in-ram").read_bytes() == b"kept\n" and engine.status(name).state.state == "running"
         engine.sleep(name)
         assert engine.kill(name).state.state == "stopped" and not (info.dir.run_dir / "sleep-state").exists()
+        # a supervisor killed while its workspace slept: the record says failed; the next start boots the disk and
+        # the useless saved memory goes
+        engine.start(name)
+        engine.sleep(name)
+        os.kill(engine.status(name).state.supervisor_pid, signal.SIGKILL)
+        wait_gone = engine.status(name)
+        for _ in range(300):
+            if not wait_gone.dir.supervisor_alive():
+                break
+            time.sleep(0.05)
+            wait_gone = engine.status(name)
+        assert engine.status(name).state.state == "failed"
+        assert (info.dir.run_dir / "sleep-state").exists()
+        assert engine.start(name).state.state == "running" and not (info.dir.run_dir / "sleep-state").exists()
     finally:
         try:
             engine.kill(name)
