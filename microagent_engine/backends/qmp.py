@@ -13,6 +13,12 @@ from typing import Any
 from ..errors import HostError
 
 
+def ignore_shared_caps(on: bool) -> dict[str, Any]:
+    """``migrate-set-capabilities`` arguments for ``x-ignore-shared``: on, RAM that is a shared file is left out of
+    the stream (a template's, a RAM-file snapshot's); the saving and the restoring side must agree."""
+    return {"capabilities": [{"capability": "x-ignore-shared", "state": on}]}
+
+
 class QmpError(HostError):
     """QEMU refused a QMP command, or its monitor went away."""
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..backends.qemu import RO_OPEN_NAME, QemuBackend
 from ..errors import HostError
-from ..backends.qmp import QmpError, QmpSession
+from ..backends.qmp import QmpError, QmpSession, ignore_shared_caps
 from ..states import allows, refusal
 from .shim import ro_open_library
 from .templates import memory_of, seal_ram_file, shape_of
@@ -53,8 +53,6 @@ RAM_FILE_KEY = "ramFile"
 RESTORE_KEY = "restoreSnapshot"
 #: QEMU 7.2 rate-limits migrations to 32 MiB/s by default; a snapshot of a stopped VM wants the disk's speed
 MIGRATION_PARAMS = {"max-bandwidth": 1 << 40, "downtime-limit": 2000}
-NO_IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": False}]}
-IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
 
 
 def snapshot_shape(argv: list[str]) -> list[Any]:
@@ -112,7 +110,7 @@ def stop_and_save(sup: LiveVM, state_file: Path, *, ignore_shared: bool, disk: P
             if not was_paused:
                 qmp.command("stop")
             try:
-                qmp.command("migrate-set-capabilities", IGNORE_SHARED if ignore_shared else NO_IGNORE_SHARED)
+                qmp.command("migrate-set-capabilities", ignore_shared_caps(ignore_shared))
                 qmp.command("migrate-set-parameters", MIGRATION_PARAMS)
                 qmp.command("getfd", {"fdname": "state"}, fds=[fd])
                 qmp.command("migrate", {"uri": "fd:state"})

@@ -23,7 +23,7 @@ from ..fsutil import file_lock
 from ..errors import Busy, MicroagentError
 from ..protocol import FrameDecoder, FrameType
 from ..sandbox import spawn_vm
-from ..backends.qmp import QmpError, QmpSession
+from ..backends.qmp import QmpError, QmpSession, ignore_shared_caps
 from .shim import ro_open_library
 from .templates import Template, memory_of, new_ram_file, seal_ram_file, template_for
 
@@ -33,9 +33,6 @@ if TYPE_CHECKING:
 
 #: the launch's ``extra`` key that forces a cold boot (``--cold``)
 COLD_KEY = "cold"
-MIGRATION_CAPS = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
-#: a workspace snapshot carries its RAM in the stream
-RAM_MIGRATION_CAPS = {"capabilities": [{"capability": "x-ignore-shared", "state": False}]}
 
 
 @dataclass
@@ -151,7 +148,7 @@ class WarmBoot:
         try:
             with QmpSession(self.sup.ws.qmp_socket) as qmp:
                 qmp.command("stop")
-                qmp.command("migrate-set-capabilities", MIGRATION_CAPS)
+                qmp.command("migrate-set-capabilities", ignore_shared_caps(True))
                 qmp.command("getfd", {"fdname": "template"}, fds=[fd])
                 qmp.command("migrate", {"uri": "fd:template"})
                 qmp.wait_migration()
@@ -172,7 +169,7 @@ class WarmBoot:
 
         def run() -> None:
             with QmpSession(self.sup.ws.qmp_socket) as qmp:
-                qmp.command("migrate-set-capabilities", MIGRATION_CAPS if ignore_shared else RAM_MIGRATION_CAPS)
+                qmp.command("migrate-set-capabilities", ignore_shared_caps(ignore_shared))
                 qmp.command("migrate-incoming", {"uri": f"fd:{fd}"})
                 qmp.wait_migration()
                 status = qmp.command("query-status") or {}
