@@ -19,8 +19,8 @@ ACTIVE = ("starting", "running", "paused", "stopping", "quarantined", "sleeping"
 EXEC_STATES = ("running", "quarantined")
 READINESS_SIGNALS = ("guestReady", "execReady", "shellReady", "mediationReady")
 #: every action a front-end may offer, in display order (then the ones only the engine's API takes)
-ACTIONS = ("start", "pause", "resume", "sleep", "snapshot", "halt", "stop", "kill", "quarantine", "delete", "exec", "cp",
-           "publish", "commit", "output")
+ACTIONS = ("start", "pause", "resume", "sleep", "snapshot", "halt", "stop", "kill", "quarantine", "delete", "exec",
+           "cp", "publish", "commit", "output")
 
 #: the states each state may move to (a record is born ``prepared``); every change goes through transition()
 TRANSITIONS: dict[str | None, tuple[str, ...]] = {

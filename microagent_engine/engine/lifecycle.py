@@ -183,7 +183,9 @@ class Lifecycle:
         require(op, info.state.state, name)
         with SupervisorConnection(info.dir.control_socket) as conn:
             # resuming a sleeping one restores its memory into a new VM: a boot's deadline
-            reply = conn.control(op, reply_timeout=30 if info.state.state != "sleeping" else 300)
+            asleep = info.state.state == "sleeping"
+            reply = conn.control(op, reply_timeout=BOOT_TIMEOUTS.get(info.state.accel, BOOT_TIMEOUTS["tcg"])
+                                 if asleep else 30)
         if not reply.get("ok"):
             raise GuestError(reply.get("error", f"{op} failed"))
         return self.ctx.store.status(name)

@@ -100,7 +100,7 @@ def stop_and_save(sup: LiveVM, state_file: Path, *, ignore_shared: bool, disk: P
                    cont: str) -> tuple[float, float]:
     """Stop the VM (unless paused), migrate it into ``state_file`` (device state, and RAM unless ``ignore_shared``:
     RAM that is a shared file stays there), copy its root disk to ``disk``; then continue it as ``cont`` says:
-    ``always``, ``on-error`` (it is ended next) or ``never``. Runs in a thread; (seconds stopped, of them memory)."""
+    ``always`` or ``on-error`` (it is ended next on success). Runs in a thread; (seconds stopped, of them memory)."""
     was_paused = sup.state.state == "paused"
     fd = os.open(state_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     done = False
@@ -143,7 +143,7 @@ async def save(sup: LiveVM, target: Path) -> dict[str, Any]:
 
     def run() -> dict[str, Any]:
         stopped, memory_seconds = stop_and_save(sup, target / STATE_FILE, ignore_shared=ram_file is not None,
-                                                 disk=target / ROOTFS_FILE, cont="never" if ram_file else "always")
+                                                 disk=target / ROOTFS_FILE, cont="on-error" if ram_file else "always")
         return {"ok": True, "stoppedSeconds": round(stopped, 3), "memorySeconds": round(memory_seconds, 3),
                 "stateBytes": (target / STATE_FILE).stat().st_size, "shape": snapshot_shape(sup.launch.argv),
                 "memory": "file" if ram_file else memory_form(sup.state.boot_mode), "setupDone": sup.state.setup_done,
