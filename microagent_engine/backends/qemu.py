@@ -60,7 +60,7 @@ class QemuBackend(Backend):
     def kernel_args(self, accel: AccelChoice) -> list[str]:
         args = list(FAST_BOOT_ARGS)
         if accel.accel == "tcg":
-            args.append(f"tsc_early_khz={tsc_khz()}")
+            args += [f"tsc_early_khz={tsc_khz()}", "tsc=reliable"]
         return args
 
     def command(self, spec: VMSpec) -> list[str]:
