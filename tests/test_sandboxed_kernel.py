@@ -453,9 +453,14 @@ def test_a_new_kernel_takes_a_vm_of_the_warm_pool(state_dir: Path, engine, pytho
         kc.start_channels()
         kc.wait_for_ready(timeout=300)
         reply, outs = _run(kc, "import os; print(os.getcwd(), open('data.csv').read().split()[1])")
-        kc.stop_channels()
         assert reply["content"]["status"] == "ok", reply["content"]
         assert "/notebook 7" in "".join(m["content"].get("text", "") for m in outs if m["msg_type"] == "stream")
+        # the pool's silent warm-up cells (a plot, a formatted value, a traceback) left nothing a user could see
+        assert reply["content"]["execution_count"] == 1, reply["content"]
+        reply, outs = _run(kc, "import matplotlib.pyplot as plt\n"
+                               "print([k for k in ('_p', '_s') if k in globals()], plt.get_fignums(), len(In))")
+        kc.stop_channels()
+        assert "".join(m["content"].get("text", "") for m in outs if m["msg_type"] == "stream") == "[] [] 3\n"
     finally:
         for km in managers:
             km.shutdown_kernel(now=True)
