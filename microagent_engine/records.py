@@ -170,6 +170,8 @@ class WorkspaceDir:
     #: the guest's DNS and egress counters and recent refusals, kept current by the supervisor while it runs
     egress_report = property(lambda self: self.run_dir / EGRESS_REPORT)
     mediation_socket = property(lambda self: self.run_dir / "mediation.sock")
+    #: a sleeping workspace's saved RAM and device state (``microagent sleep``; supervisor/sleeping.py)
+    sleep_state = property(lambda self: self.run_dir / "sleep-state")
 
     def exists(self) -> bool:
         return self.config_file.exists()

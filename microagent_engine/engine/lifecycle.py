@@ -28,7 +28,6 @@ from ..secret import Secret
 from ..snapshots import workspace as snapshots
 from ..snapshots.live import RAM_FILE, RAM_FILE_KEY, RESTORE_KEY
 from ..snapshots.overlay import OVERLAY_KEY, overlay_of
-from ..supervisor.sleeping import SLEEP_FILE
 from ..snapshots.warm import COLD_KEY
 from ..states import require, transition
 from ..storage.bundles import build_bundle
@@ -91,7 +90,7 @@ class Lifecycle:
         ws.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         # a sleep's saved memory outlives only a supervisor that was killed while its workspace slept: it is
         # useless without that supervisor's streams (this start boots the disk)
-        (ws.run_dir / SLEEP_FILE).unlink(missing_ok=True)
+        ws.sleep_state.unlink(missing_ok=True)
         write_json_atomic(ws.run_dir / "launch.json", launch.to_json())
         st = ws.load_state()
         st.accel, st.accel_reason, st.backend, st.error = accel.accel, accel.reason, ctx.backend.name, ""

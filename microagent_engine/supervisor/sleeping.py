@@ -31,7 +31,6 @@ from ..records import now_iso
 from ..snapshots.live import memory_form, stop_and_save
 from ..states import allows, refusal
 
-SLEEP_FILE = "sleep-state"
 #: how long the agent may take to read what the host had already sent it before a sleep gives up
 DRAIN_TIMEOUT = 10.0
 #: bytes of frames for the agent held while it sleeps; past this, senders wait for the wake (agent_drained)
@@ -79,7 +78,7 @@ class Sleeping:
             self._finish_wake("the guest did not read its channel")
             return {"ok": False, "error": f"the guest agent did not read what the host sent it within "
                                           f"{DRAIN_TIMEOUT:.0f} s; the workspace runs on (try again later)"}
-        path = self.ws.run_dir / SLEEP_FILE
+        path = self.ws.sleep_state
         self.snapshotting = True
         try:
             stopped, _ = await asyncio.to_thread(stop_and_save, self, path, ignore_shared=False, disk=None,
@@ -124,7 +123,7 @@ class Sleeping:
         await self.wake_requested.wait()
         self.wake_requested.clear()
         if self.intent != "sleep":
-            (self.ws.run_dir / SLEEP_FILE).unlink(missing_ok=True)
+            self.ws.sleep_state.unlink(missing_ok=True)
             return False
         self.intent = None
         self.pending_restore = self.sleep_restore
@@ -156,7 +155,7 @@ class Sleeping:
         if self.asleep and self.restored:
             took = time.monotonic() - self.slept_at
             self._finish_wake(f"awake (asleep {took:.1f} s; {len(self.sleep_queue)} held frames sent)")
-            (self.ws.run_dir / SLEEP_FILE).unlink(missing_ok=True)
+            self.ws.sleep_state.unlink(missing_ok=True)
 
     def _finish_wake(self, note: str) -> None:
         self.asleep = False
