@@ -130,10 +130,14 @@ def first_result(engine: Engine, warm: bool, n: int, trace: bool = False) -> lis
     from IPython.utils.capture import capture_output
 
     shell = InteractiveShell.instance()
+    # each cell starts its own session (no default session prepared at load_ext: that would make the first cell a
+    # different measure, and a cold one warm)
+    pool = os.environ.get("MICROAGENT_KERNEL_POOL")
+    os.environ["MICROAGENT_KERNEL_POOL"] = "0"
+    PS.WARM_ENABLED = warm
     shell.run_line_magic("load_ext", "microagent_jupyter")
     times = []
     tracer = Trace(engine) if trace else None
-    PS.WARM_ENABLED = warm
     try:
         for _ in range(n):
             PS._default_names.clear()  # a fresh notebook kernel: no session yet
@@ -153,6 +157,10 @@ def first_result(engine: Engine, warm: bool, n: int, trace: bool = False) -> lis
     finally:
         PS.WARM_ENABLED = True
         shell.run_line_magic("unload_ext", "microagent_jupyter")
+        if pool is None:
+            os.environ.pop("MICROAGENT_KERNEL_POOL", None)
+        else:
+            os.environ["MICROAGENT_KERNEL_POOL"] = pool
     return times
 
 
