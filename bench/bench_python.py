@@ -30,6 +30,7 @@ from jupyter_client import KernelManager
 from microagent_engine import Engine
 from microagent_engine.config import STATE_DIR_ENV
 from microagent_jupyter import python_session as PS
+from microagent_jupyter.kernel_pool import POOL_ENV
 
 
 def pct(values: list[float], q: float) -> float:
@@ -132,8 +133,8 @@ def first_result(engine: Engine, warm: bool, n: int, trace: bool = False) -> lis
     shell = InteractiveShell.instance()
     # each cell starts its own session (no default session prepared at load_ext: that would make the first cell a
     # different measure, and a cold one warm)
-    pool = os.environ.get("MICROAGENT_KERNEL_POOL")
-    os.environ["MICROAGENT_KERNEL_POOL"] = "0"
+    pool = os.environ.get(POOL_ENV)
+    os.environ[POOL_ENV] = "0"
     PS.WARM_ENABLED = warm
     shell.run_line_magic("load_ext", "microagent_jupyter")
     times = []
@@ -158,9 +159,9 @@ def first_result(engine: Engine, warm: bool, n: int, trace: bool = False) -> lis
         PS.WARM_ENABLED = True
         shell.run_line_magic("unload_ext", "microagent_jupyter")
         if pool is None:
-            os.environ.pop("MICROAGENT_KERNEL_POOL", None)
+            os.environ.pop(POOL_ENV, None)
         else:
-            os.environ["MICROAGENT_KERNEL_POOL"] = pool
+            os.environ[POOL_ENV] = pool
     return times
 
 
