@@ -18,6 +18,7 @@ import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from microagent_engine import Engine, ExecResult
@@ -42,6 +43,16 @@ WRITE_CONNECTION_FILE = (f"(umask 077; [ -d {GUEST_DIR} ] || mkdir -p {GUEST_DIR
 ZYGOTE_LAUNCHER = kernel_launcher(CONNECTION_FILE)
 READY_TIMEOUT = 300.0  # cold ipykernel + numpy/pandas imports under TCG take tens of seconds
 LOG_LINES = 200
+#: run silently in a kernel prepared ahead (the warm pool's, a notebook's prewarmed session) before anyone uses it:
+#: under TCG code runs fast only once QEMU has translated it, which is per VM, so a notebook's first cells, plot and
+#: traceback would otherwise pay for that translation while the user waits
+WARM_UP_CELLS = (
+    "import matplotlib.pyplot as _p\n_p.plot([1, 3, 2]); _p.show(); _p.close('all'); del _p",
+    "get_ipython().display_formatter.format(2)",
+    "import sys as _s\ntry:\n    raise KeyboardInterrupt\nexcept KeyboardInterrupt:\n"
+    "    get_ipython().InteractiveTB.structured_traceback(*_s.exc_info())\ndel _s",
+    *["1+1"] * 3,
+)
 
 
 class KernelDied(GuestError):
@@ -321,6 +332,14 @@ class GuestKernel:
         finally:
             shell.close(0)
             ctx.term()
+
+    def warm_up(self, stop: Callable[[], bool] = lambda: False) -> None:
+        """Run :data:`WARM_UP_CELLS` quietly (no output, history or execution count), before ``stop()`` says
+        someone wants the kernel now (checked between cells)."""
+        for code in WARM_UP_CELLS:
+            if stop():
+                return
+            self.run_quietly(code)
 
     def interrupt(self) -> None:
         """SIGINT to the guest kernel process (what a local kernel's interrupt does; nothing when the VM is gone:

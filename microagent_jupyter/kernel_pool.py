@@ -31,17 +31,6 @@ from .warm_python import start_session_workspace
 
 #: the default pool size (the tests turn the pool off but where they test it)
 POOL_ENV = "MICROAGENT_KERNEL_POOL"
-#: run silently in a pooled kernel before it is offered (no output, history or execution count; no frontend is
-#: connected yet): under TCG code runs fast only once QEMU has translated it, which is per VM, so a notebook's first
-#: cells, plot and traceback would otherwise pay for that translation while the user waits
-WARM_UP_CELLS = (
-    "import matplotlib.pyplot as _p\n_p.plot([1, 3, 2]); _p.show(); _p.close('all'); del _p",
-    "get_ipython().display_formatter.format(2)",
-    "import sys as _s\ntry:\n    raise KeyboardInterrupt\nexcept KeyboardInterrupt:\n"
-    "    get_ipython().InteractiveTB.structured_traceback(*_s.exc_info())\ndel _s",
-    *["1+1"] * 3,
-)
-
 
 def default_size() -> int:
     """``$MICROAGENT_KERNEL_POOL``, else 1: kernels kept ready per kind of workspace; also whether a notebook's
@@ -121,8 +110,7 @@ def _fill(engine: Engine, slot: tuple[str, str], spec: WorkspaceSpec, env: dict[
                 kernel = GuestKernel(engine, name)
                 kernel.launch()
                 kernel.wait_ready_raw(kernel.host_info)
-                for code in WARM_UP_CELLS:
-                    kernel.run_quietly(code)
+                kernel.warm_up()
             except MicroagentError as exc:
                 _discard(engine, name, kernel)
                 if on_error is not None:

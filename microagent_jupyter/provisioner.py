@@ -38,7 +38,7 @@ from .output_policy import OutputPolicy
 from .idle_sleep import IdleSleeper
 from .relay import Relay
 from .session_owner import record_owner, remove_workspace, sweep
-from .warm_python import session_spec, start_session_workspace
+from .warm_python import find_warm, session_spec, start_session_workspace
 
 PROVISIONER_NAME = "microagent-provisioner"
 #: kernels of this process with a writable folder, by kernel id (the save hook and REST's sync find them here)
@@ -135,6 +135,25 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     def _board_id(self) -> str:
         return str(self.kernel_id or id(self))
 
+    def _request(self) -> tuple[str, WorkspaceSpec, dict[str, str]]:
+        """What this kernelspec's workspace is asked to be: the pool's key, the spec, and the guest environment."""
+        spec = session_spec(WorkspaceSpec.from_json(dict(self.workspace_spec), what="the kernel's workspace"))
+        env = dict(spec.env or {})
+        spec = dataclasses.replace(spec, env=None)
+        return kernel_pool.request_key(spec, env), spec, env
+
+    def prefill_pool(self) -> bool:
+        """Start preparing this kernelspec's pooled kernels now (at the server's start), so that the first notebook
+        opened takes one too; only from a warm snapshot already built (this never builds one). Whether a fill began."""
+        if not (self.warm and self.pool_size > 0):
+            return False
+        key, spec, env = self._request()
+        if find_warm(self.engine, spec) is None:
+            return False
+        kernel_pool.refill(self.engine, key, spec, env, self.pool_size,
+                           on_error=lambda why: self.log.warning("microagent: %s", why))
+        return True
+
     def _launch(self) -> None:
         km = self.parent
         engine = self.engine
@@ -145,12 +164,10 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                              self.workspace)
             self._remove()
         if self.workspace is None:
-            spec = session_spec(WorkspaceSpec.from_json(dict(self.workspace_spec), what="the kernel's workspace"))
-            env = dict(spec.env or {})
-            spec = dataclasses.replace(spec, env=None)
+            self._pool_key = self._request()
+            _key, spec, env = self._pool_key
             owner = {"kind": "kernel", "kernel_id": self.kernel_id, "notebook": self._notebook,
                      "writable": self._writable_guest_dir()}
-            self._pool_key = kernel_pool.request_key(spec, env), spec, env
             taken = kernel_pool.take(engine, self._pool_key[0]) if self.warm and self.pool_size > 0 else None
             if taken is not None:
                 self.workspace, self.kernel = taken

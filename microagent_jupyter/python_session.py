@@ -412,8 +412,9 @@ def get_session(engine: Engine, name: str | None, spec: WorkspaceSpec | None = N
 
 # ---- the default session, prepared when the extension loads ----------------------------------------
 _prewarm_lock = threading.Lock()
-#: (state dir, session name) -> the thread preparing it, and what it was asked for
-_prewarming: dict[tuple[str, str], tuple[threading.Thread, tuple[WorkspaceSpec, dict[str, str], None]]] = {}
+#: (state dir, session name) -> the thread preparing it, what it was asked for, and set once a cell wants it
+_prewarming: dict[tuple[str, str], tuple[threading.Thread, tuple[WorkspaceSpec, dict[str, str], None],
+                                         threading.Event]] = {}
 
 
 def prewarm(state_dir: str | None = None) -> threading.Thread | None:
@@ -436,16 +437,18 @@ def prewarm(state_dir: str | None = None) -> threading.Thread | None:
     with _prewarm_lock:
         if key in _sessions or key in _prewarming:
             return None
-        thread = threading.Thread(target=_prewarm_run, args=(engine, request), name="microagent-session-prewarm",
-                                  daemon=True)
-        _prewarming[key] = (thread, request)
+        wanted = threading.Event()
+        thread = threading.Thread(target=_prewarm_run, args=(engine, request, wanted),
+                                  name="microagent-session-prewarm", daemon=True)
+        _prewarming[key] = (thread, request, wanted)
     thread.start()
     return thread
 
 
-def _prewarm_run(engine: Engine, request: tuple[WorkspaceSpec, dict[str, str], None]) -> None:
+def _prewarm_run(engine: Engine, request: tuple[WorkspaceSpec, dict[str, str], None],
+                 wanted: threading.Event) -> None:
     try:
-        get_session(engine, None, request[0], request[1])
+        get_session(engine, None, request[0], request[1]).kernel.warm_up(stop=wanted.is_set)
     except BaseException:  # noqa: BLE001 (the first cell starts a session itself and reports what fails)
         pass
 
@@ -459,7 +462,8 @@ def _take_prewarmed(engine: Engine, name: str, request: tuple[WorkspaceSpec, dic
         if entry is None or entry[0] is threading.current_thread():
             return
         del _prewarming[key]
-    thread, asked = entry
+    thread, asked, wanted = entry
+    wanted.set()  # the warm-up cells still to run are skipped: this cell is waiting
     thread.join()
     if request != asked and key in _sessions:
         sess = _sessions.pop(key)

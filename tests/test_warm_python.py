@@ -167,10 +167,12 @@ def test_the_first_cell_takes_the_session_prepared_when_the_extension_loaded(eng
     shell = InteractiveShell.instance()
     PS.stop_all()
     key = PS._key(engine, PS.default_session_name(engine))
+    # loading the extension never builds the warm snapshot: built here (when no earlier test did)
+    warm_python.warm_snapshot(engine, warm_python.session_spec(PS.flags_spec(PS.python_args.parser.parse_args([]))))
 
     def prepared() -> PS.PythonSession:
-        thread, _request = PS._prewarming[key]
-        thread.join(timeout=600)  # rendezvous: the preparation is over
+        thread = PS._prewarming[key][0]
+        thread.join(timeout=600)  # rendezvous: the preparation (with its warm-up cells) is over
         sess = PS._sessions[key]
         assert sess.warm_from, sess.cold_reason
         return sess
@@ -179,8 +181,11 @@ def test_the_first_cell_takes_the_session_prepared_when_the_extension_loaded(eng
     try:
         ready = prepared()
         with capture_output() as cap:
-            shell.run_cell_magic("microagent", "python", "import os\nos.getcwd(), 40 + 2")
-        assert cap.outputs[-1].data["text/plain"] == "('/notebook', 42)"
+            shell.run_cell_magic("microagent", "python", "import os, matplotlib.pyplot as plt\n"
+                                 "os.getcwd(), 40 + 2, [k for k in ('_p', '_s') if k in globals()], "
+                                 "plt.get_fignums(), len(In)")
+        # the warm-up cells left nothing a user could see
+        assert cap.outputs[-1].data["text/plain"] == "('/notebook', 42, [], [], 2)"
         assert PS._sessions[key] is ready and key not in PS._prewarming  # taken: no second start
         PS.stop_all()
         assert PS.prewarm(str(engine.state_dir)) is not None

@@ -9,7 +9,7 @@ from .config import MicroagentConfig
 
 def load_jupyter_server_extension(serverapp: Any) -> None:
     from .handlers import setup_handlers
-    from .kernels import sync_on_save
+    from .kernels import prefill_kernel_pools, sync_on_save
 
     config = MicroagentConfig(parent=serverapp)
     setup_handlers(serverapp.web_app, config)
@@ -17,6 +17,7 @@ def load_jupyter_server_extension(serverapp: Any) -> None:
     serverapp.log.info("microagent: REST API at %smicroagent/api/ (state dir %s)",
                        serverapp.web_app.settings.get("base_url", "/"),
                        serverapp.web_app.settings["microagent_engine"].state_dir)
+    prefill_kernel_pools(serverapp)
 
 
 __all__ = ["MicroagentConfig", "load_jupyter_server_extension"]

@@ -151,3 +151,33 @@ class KernelsHandler(BaseHandler):
             self.send_json(out)
         except HANDLED as exc:
             self.send_error_json(exc)
+
+
+def prefill_kernel_pools(serverapp: Any) -> threading.Thread:
+    """In a background thread: for every kernelspec run by the microagent provisioner, start its warm pool now (see
+    :meth:`~..provisioner.MicroagentProvisioner.prefill_pool`), so that the first notebook after the server's start
+    takes a kernel already resumed and answering. Its traits come from the kernelspec and the server's config (as
+    for a kernel); a spec that cannot be read is logged and skipped."""
+    def run() -> None:
+        from ..provisioner import PROVISIONER_NAME, MicroagentProvisioner
+
+        try:
+            specs = serverapp.kernel_spec_manager.get_all_specs()
+        except Exception as exc:  # noqa: BLE001 (kernelspecs are the user's files; the server goes on)
+            serverapp.log.warning("microagent: no warm pool at start: the kernelspecs could not be read (%s)", exc)
+            return
+        for name, entry in sorted(specs.items()):
+            meta = ((entry.get("spec") or {}).get("metadata") or {}).get("kernel_provisioner") or {}
+            if meta.get("provisioner_name") != PROVISIONER_NAME:
+                continue
+            try:
+                provisioner = MicroagentProvisioner(kernel_id="", kernel_spec=None, parent=serverapp,
+                                                    **(meta.get("config") or {}))
+                if provisioner.prefill_pool():
+                    serverapp.log.info("microagent: preparing a pooled kernel for %r", name)
+            except Exception as exc:  # noqa: BLE001 (one bad kernelspec does not stop the server or the others)
+                serverapp.log.warning("microagent: no warm pool for kernelspec %r: %s", name, exc)
+
+    thread = threading.Thread(target=run, name="microagent-pool-prefill", daemon=True)
+    thread.start()
+    return thread
