@@ -6,7 +6,8 @@
     (b) a cell's round trip (execute ``1+1`` until its execute_result and idle): p50/p95, both sides
     (c) first result on a fresh notebook: ``%%microagent python`` (no session yet) running
         ``import pandas, matplotlib; 1+1`` through a real IPython shell, until ``2`` is displayed: cold (a cold
-        boot + imports) vs warm (a clone of the warm Python snapshot, built first and not timed)
+        boot + imports) vs warm (a clone of the warm Python snapshot, built first and not timed); the shell runs
+        in a folder holding only its notebook (a session copies the notebook's folder in: not this checkout)
 
 Prints each figure and the ratios sandbox/local. The Python image is built first if it is not cached (not
 timed). Usage: python bench/bench_python.py [--sessions N] [--cells N] [--state-dir DIR]
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -139,6 +141,10 @@ def first_result(engine: Engine, warm: bool, n: int, trace: bool = False) -> lis
     shell.run_line_magic("load_ext", "microagent_jupyter")
     times = []
     tracer = Trace(engine) if trace else None
+    here = os.getcwd()
+    folder = tempfile.mkdtemp(prefix="ma-bench-nb-")
+    Path(folder, "fresh.ipynb").write_text('{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}\n')
+    os.chdir(folder)
     try:
         for _ in range(n):
             PS._default_names.clear()  # a fresh notebook kernel: no session yet
@@ -156,6 +162,8 @@ def first_result(engine: Engine, warm: bool, n: int, trace: bool = False) -> lis
             assert (sess.warm_from is not None) == warm, sess.cold_reason
             PS.stop_all()
     finally:
+        os.chdir(here)
+        shutil.rmtree(folder, ignore_errors=True)
         PS.WARM_ENABLED = True
         shell.run_line_magic("unload_ext", "microagent_jupyter")
         if pool is None:
