@@ -135,25 +135,6 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     def _board_id(self) -> str:
         return str(self.kernel_id or id(self))
 
-    def _request(self) -> tuple[str, WorkspaceSpec, dict[str, str]]:
-        """What this kernelspec's workspace is asked to be: the pool's key, the spec, and the guest environment."""
-        spec = session_spec(WorkspaceSpec.from_json(dict(self.workspace_spec), what="the kernel's workspace"))
-        env = dict(spec.env or {})
-        spec = dataclasses.replace(spec, env=None)
-        return kernel_pool.request_key(spec, env), spec, env
-
-    def prefill_pool(self) -> bool:
-        """Start preparing this kernelspec's pooled kernels now (at the server's start), so that the first notebook
-        opened takes one too; only from a warm snapshot already built (this never builds one). Whether a fill began."""
-        if not (self.warm and self.pool_size > 0):
-            return False
-        key, spec, env = self._request()
-        if find_warm(self.engine, spec) is None:
-            return False
-        kernel_pool.refill(self.engine, key, spec, env, self.pool_size,
-                           on_error=lambda why: self.log.warning("microagent: %s", why))
-        return True
-
     def _launch(self) -> None:
         km = self.parent
         engine = self.engine
@@ -164,7 +145,7 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                              self.workspace)
             self._remove()
         if self.workspace is None:
-            self._pool_key = self._request()
+            self._pool_key = pool_request(self.workspace_spec)
             _key, spec, env = self._pool_key
             owner = {"kind": "kernel", "kernel_id": self.kernel_id, "notebook": self._notebook,
                      "writable": self._writable_guest_dir()}
@@ -382,3 +363,26 @@ def server_origins() -> frozenset[str]:
         if parts.scheme in ("http", "https") and parts.hostname:
             out.add(f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else ""))
     return frozenset(out)
+
+
+def pool_request(workspace_spec: dict[str, Any]) -> tuple[str, WorkspaceSpec, dict[str, str]]:
+    """What a kernel's workspace is asked to be (the provisioner's ``workspace_spec``): the warm pool's key, the
+    spec, and the guest environment."""
+    spec = session_spec(WorkspaceSpec.from_json(dict(workspace_spec), what="the kernel's workspace"))
+    env = dict(spec.env or {})
+    spec = dataclasses.replace(spec, env=None)
+    return kernel_pool.request_key(spec, env), spec, env
+
+
+def prefill_pool(provisioner: MicroagentProvisioner) -> bool:
+    """Start preparing the pooled kernels of ``provisioner``'s kernelspec now (at the server's start), so that the
+    first notebook opened takes one too; only from a warm snapshot already built (this never builds one). Whether
+    a fill began."""
+    if not (provisioner.warm and provisioner.pool_size > 0):
+        return False
+    key, spec, env = pool_request(provisioner.workspace_spec)
+    if find_warm(provisioner.engine, spec) is None:
+        return False
+    kernel_pool.refill(provisioner.engine, key, spec, env, provisioner.pool_size,
+                       on_error=lambda why: provisioner.log.warning("microagent: %s", why))
+    return True

@@ -53,7 +53,8 @@ def start_session_workspace(engine: Engine, name: str, spec: WorkspaceSpec, env:
     snap, reason = warm_snapshot(engine, spec, progress) if warm else (None, "warm start disabled")
     if snap is not None:
         def create() -> None:
-            engine_warm.create_warm(engine, name, snap, env)
+            # an owned workspace is deleted with its owner: a copy-on-write root, no disk copy
+            engine_warm.create_warm(engine, name, snap, env, disposable=owned)
             if owned:
                 record_owner(engine, name, **(owner or {}))
         reason = engine_warm.resume(engine, name, snap, create, say)

@@ -23,6 +23,7 @@ from microagent_engine import Engine, WorkspaceSpec
 from kernel_helpers import KERNELS
 from microagent_engine.engine import warm_python as engine_warm
 from microagent_engine.errors import NotFound
+from microagent_engine.snapshots.overlay import overlay_of
 from microagent_jupyter import python_session as PS
 from microagent_jupyter import session_owner, warm_python
 
@@ -54,6 +55,8 @@ def test_warm_session_starts_with_the_imports_done(engine: Engine) -> None:
         assert cap.outputs[-1].data["text/plain"] == "(True, True)"
         sess = PS._sessions[PS._key(engine, PS.default_session_name(engine))]
         assert sess.warm_from and sess.warm_from.startswith(engine_warm.SNAPSHOT_PREFIX), sess.cold_reason
+        # the notebook's own session is deleted with it: its root disk is an overlay over the snapshot's, not a copy
+        assert overlay_of(engine.status(sess.name).dir.path), "the session's disk was copied"
         with capture_output() as cap:  # the figure comes back as a cold kernel's would
             shell.run_cell_magic("microagent", "python", "import matplotlib.pyplot as plt\nplt.plot([1, 2])\n"
                                  "plt.show()")
@@ -116,7 +119,8 @@ def test_an_idle_session_sleeps_and_its_next_cell_wakes_it(engine: Engine, monke
     """After MICROAGENT_SLEEP_AFTER idle seconds the session's VM sleeps by itself (QEMU gone, memory in a file);
     the next cell's messages wake it through the same connections and the kernel still has its variables."""
     monkeypatch.setenv("MICROAGENT_SLEEP_AFTER", "1")
-    sess = PS.get_session(engine, "sleepy")
+    sess = PS.get_session(engine, None)  # the notebook's own: its root disk an overlay, which a wake reopens
+    assert overlay_of(engine.status(sess.name).dir.path)
     try:
         assert value(sess, "x = 41; x") == "41"
         for _ in range(1200):  # rendezvous: the idle timer puts it to sleep by itself (the record says "sleeping"
@@ -131,7 +135,7 @@ def test_an_idle_session_sleeps_and_its_next_cell_wakes_it(engine: Engine, monke
         assert value(sess, "x + 1") == "42"
         assert engine.status(sess.name).state.state == "running"
     finally:
-        sess.stop()
+        PS.stop_all()
 
 
 def test_prepare_python_builds_ahead_with_progress(engine: Engine, cli) -> None:
@@ -246,6 +250,29 @@ def test_python_one_shots_run_in_a_fork_of_the_warm_process(engine: Engine) -> N
     assert (res.exit_code, res.stdout) == (0, b"8388608\n") and "Copying snapshot" not in progress, (res, progress)
     after = (image.stat().st_mtime_ns, image.stat().st_size, hashlib.sha256(image.read_bytes()[:1 << 24]).digest())
     assert after == before and image.stat().st_nlink == 1  # the run's hard link went with it
+
+
+def test_a_disposable_clone_is_refused_by_the_tools_that_read_its_disk(engine: Engine, tmp_path: Path) -> None:
+    """A disposable clone of a snapshot (a notebook session's VM) has no ext4 root disk of its own: cp, outputs and
+    commit of it stopped say so and what to do instead, and change nothing; disposable needs a snapshot."""
+    from microagent_engine.errors import InvalidArgument, InvalidState
+
+    snap, why = warm_python.warm_snapshot(engine, warm_python.session_spec())
+    assert snap is not None, why
+    engine.create("disp", from_snapshot=snap, disposable=True)
+    try:
+        for call in (lambda: engine.cp("disp:/etc/hostname", str(tmp_path / "h")),
+                     lambda: engine.cp(str(Path(__file__)), "disp:/root/x"),
+                     lambda: engine.commit("disp", "local/disp:1")):
+            with pytest.raises(InvalidState, match="disposable clone.*'microagent cp' and 'microagent exec'"):
+                call()
+        assert not (tmp_path / "h").exists() and engine.status("disp").state.state == "prepared"
+    finally:
+        engine.delete("disp")
+    with pytest.raises(InvalidArgument, match="clone of a snapshot"):
+        engine.create("disp", image="builtin:python", disposable=True)
+    with pytest.raises(NotFound):
+        engine.status("disp")
 
 
 def test_broken_warm_snapshot_falls_back_to_cold(engine: Engine, state_dir: Path) -> None:

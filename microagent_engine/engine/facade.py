@@ -89,16 +89,20 @@ class Engine:
         return [info for info in self.list() if info.running or info.vm_alive]
 
     # ---- create / delete -----------------------------------------------------------------------
-    def create(self, name: str | None = None, spec: WorkspaceSpec | None = None, **fields: Any) -> WorkspaceInfo:
+    def create(self, name: str | None = None, spec: WorkspaceSpec | None = None, *, disposable: bool = False,
+               **fields: Any) -> WorkspaceInfo:
         """Record a new workspace from ``spec`` and build its rootfs (state ``prepared``). Nothing is left on
         failure. ``fields`` (``image=...``, ``memory_mib=...``: :class:`WorkspaceSpec`'s) build the spec when none
         is given; everything is validated before anything is written.
 
         ``spec.from_snapshot``: a clone of that workspace snapshot (its own copy of the disk) whose first start
-        resumes it with its processes running; only ``hostname`` and ``env`` may be given with it. ``spec.cold``:
+        resumes it with its processes running; only ``hostname`` and ``env`` may be given with it. With
+        ``disposable=True`` (a clone its creator deletes when done with it) its root disk is a copy-on-write
+        overlay over the snapshot's instead of a copy: no disk is copied, and cp, outputs, commit and snapshot,
+        which read a stopped workspace's ext4 image, refuse it. ``spec.cold``:
         every start of this workspace boots cold, never from a template. ``spec.packages`` (Debian package names)
         are added to the built-in ``builtin:python`` image (built on first need, once per package set)."""
-        return self._provision.create(name, _spec(spec, fields))
+        return self._provision.create(name, _spec(spec, fields), overlay_root=disposable)
 
     def delete(self, name: str) -> None:
         """Remove the workspace record and its disks. Refuses while its VM runs."""

@@ -13,6 +13,7 @@ from ..config import DEFAULT_MAX_COPY, parse_size
 from ..errors import HostError, InvalidState
 from ..states import require
 from ..fsutil import file_lock
+from ..snapshots.overlay import require_own_disk
 from .context import EngineContext
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ class Imaging:
         key = str(reference.parse(ref))
         info = ctx.store.stopped(name, "commit")
         require("commit", info.state.state, name, info.vm_alive)
+        require_own_disk(info.dir.path, name, "commit")
         with file_lock(info.dir.ops_lock, blocking=False, what=f"workspace {name!r}"):
             try:
                 fsck(info.dir.rootfs, fix=False)

@@ -39,10 +39,12 @@ class Provisioner:
     def create(self, name: str | None, spec: WorkspaceSpec, *, one_shot: bool = False,
                overlay_root: bool = False) -> WorkspaceInfo:
         """Execute ``spec`` (see ``Engine.create``); ``one_shot``: made by ``run`` under a generated name;
-        ``overlay_root``: a clone of a snapshot for a run deleted afterwards gets a copy-on-write root disk."""
+        ``overlay_root``: a disposable clone of a snapshot (deleted by its creator) gets a copy-on-write root disk."""
         ctx = self.ctx
         name = validate_name(f"ws-{secrets.token_hex(4)}" if name is None else name)
         spec.check()
+        if overlay_root and spec.from_snapshot is None:
+            raise InvalidArgument("a disposable workspace is a clone of a snapshot: give from_snapshot with it")
         if spec.from_snapshot is not None:
             return self._create_from_snapshot(name, spec, one_shot, overlay_root)
         prof = get_profile(spec.profile)

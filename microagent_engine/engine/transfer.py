@@ -18,6 +18,7 @@ from ..errors import InvalidArgument, InvalidState, NotFound
 from ..fsutil import capped, file_lock
 from ..model import Attachment
 from ..states import allows
+from ..snapshots.overlay import require_own_disk
 from ..storage import debugfs
 from ..textsafe import safe_text
 from .context import EngineContext
@@ -51,6 +52,7 @@ class Transfer:
     def _disk_image(self, info: WorkspaceInfo, disk: str | None) -> Path:
         """The ext4 image behind ``ws:/path`` (rootfs) or ``ws:<disk>:/path`` (an attachment by name)."""
         if disk is None or disk == "rootfs":
+            require_own_disk(info.dir.path, info.name, "cp")
             return info.dir.rootfs
         for att in info.config.attachments:
             if att.name == disk or (att.kind == "volume" and att.source == disk):
@@ -147,6 +149,7 @@ class Transfer:
                     (best is None or len(att.mountpoint) > len(best.mountpoint)):
                 best = att
         if best is None:
+            require_own_disk(info.dir.path, info.name, f"output {output!r}")
             return info.dir.rootfs, path
         if best.kind == "bundle":
             raise InvalidArgument(f"output {output!r} is on bundle {best.name!r}, which is read from its tar and "

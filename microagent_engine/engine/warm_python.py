@@ -270,9 +270,12 @@ def build(engine: EngineLike, name: str, spec: WorkspaceSpec, progress: Progress
     return meta
 
 
-def create_warm(engine: EngineLike, name: str, snapshot: str, env: dict[str, str] | None) -> None:
-    """Create workspace ``name`` from the warm ``snapshot`` (its first start resumes the zygote)."""
-    engine.create(name, from_snapshot=snapshot, env=env or None, hostname=hostname_for(name))
+def create_warm(engine: EngineLike, name: str, snapshot: str, env: dict[str, str] | None,
+                disposable: bool = False) -> None:
+    """Create workspace ``name`` from the warm ``snapshot`` (its first start resumes the zygote). ``disposable``
+    (deleted with its owner, never read by host-side tools): its root disk is a copy-on-write overlay over the
+    snapshot's instead of a copy (snapshots/overlay.py)."""
+    engine.create(name, from_snapshot=snapshot, env=env or None, hostname=hostname_for(name), disposable=disposable)
 
 
 def resume(engine: EngineLike, name: str, snapshot: str, create: Callable[[], Any], progress: Progress | None = None

@@ -1,7 +1,8 @@
-"""A copy-on-write root disk for a one-shot run's clone of a snapshot (``run --delete``): instead of copying the
-snapshot's 1.2 GiB image (0.5-0.6 s, no reflink on ext4), the clone gets a hard link to it, used read-only as a
-backing file, and a qcow2 overlay that takes the guest's writes. The guest sees the same virtio-blk disk; the
-workspace is deleted after the run, so no host-side tool (cp, outputs, commit, snapshots) ever reads the overlay.
+"""A copy-on-write root disk for a disposable clone of a snapshot (a ``run --delete``; a notebook kernel's or
+session's VM, deleted with its owner): instead of copying the snapshot's 1.2 GiB image (0.5-0.6 s and as much disk,
+no reflink on ext4), the clone gets a hard link to it, used read-only as a backing file, and a qcow2 overlay that
+takes the guest's writes. The guest sees the same virtio-blk disk. The host-side tools that read a stopped
+workspace's ext4 image (cp, outputs, commit, snapshots) refuse such a workspace (:func:`require_own_disk`).
 
 The overlay is written here (QEMU's qemu-img is not needed): a qcow2 v3 header, one refcount table and block, an
 empty L1 table; every cluster reads from the backing file until the guest writes it. QEMU opens both by
@@ -13,6 +14,8 @@ from __future__ import annotations
 import os
 import struct
 from pathlib import Path
+
+from ..errors import InvalidState
 
 #: the launch's ``extra`` key of a workspace with an overlay root: ``{"root", "overlay", "base"}`` paths
 OVERLAY_KEY = "rootOverlay"
@@ -46,3 +49,13 @@ def overlay_of(workspace_dir: Path) -> dict[str, str] | None:
     if not overlay.is_file():
         return None
     return {"overlay": str(overlay), "base": str(workspace_dir / BASE_FILE)}
+
+
+def require_own_disk(workspace_dir: Path, name: str, what: str) -> None:
+    """InvalidState when workspace ``name``'s root disk is an overlay: ``what`` (e.g. "cp") reads an ext4 image,
+    which such a workspace does not have (its files are the snapshot's plus the overlay's clusters)."""
+    if overlay_of(workspace_dir):
+        raise InvalidState(f"{what} needs an ext4 root disk, and {name!r} is a disposable clone (a one-shot run's "
+                           f"or a notebook session's VM, deleted with it) whose root disk is a copy-on-write overlay: "
+                           f"while it runs, 'microagent cp' and 'microagent exec' reach its files through its agent; "
+                           f"to keep, commit or snapshot a disk, use a workspace made with 'microagent create'")

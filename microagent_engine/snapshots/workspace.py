@@ -28,7 +28,7 @@ from ..errors import AlreadyExists, GuestError, InvalidState, NotFound
 from ..fsutil import private_dir, read_json, write_json_atomic
 from ..records import WorkspaceConfig, WorkspaceDir, now_iso
 from ..backends.qemu import RO_OPEN_NAME
-from .overlay import BASE_FILE, OVERLAY_FILE, overlay_of, write_overlay
+from .overlay import BASE_FILE, OVERLAY_FILE, require_own_disk, write_overlay
 from .live import MEMORY_FILE, RESTORE_KEY, ROOTFS_FILE, STATE_FILE, copy_disk, link_or_copy, snapshot_shape
 
 SNAPSHOTS_DIR = "snapshots"
@@ -54,9 +54,7 @@ def take(state_dir: Path, ws: WorkspaceDir, name: str, internal: bool = False) -
     one (made by a frontend for its own use, such as the warm Python snapshot) is left out of the user's list."""
     final = snapshot_dir(state_dir, name)
     cfg = ws.load_config()
-    if overlay_of(ws.path):
-        raise InvalidState(f"workspace {cfg.name!r} is a one-shot run's clone whose root disk is an overlay, deleted "
-                           f"after the run; snapshot a workspace made with 'microagent create' instead")
+    require_own_disk(ws.path, cfg.name, "a snapshot")
     if cfg.attachments:
         raise InvalidState(f"workspace {cfg.name!r} has attached disks ({', '.join(a.name for a in cfg.attachments)}); "
                            f"snapshots cover the root disk only: create the workspace without attachments, or copy "
@@ -156,7 +154,7 @@ def clone_config(state_dir: Path, snapshot: str, name: str, hostname: str | None
 
 def fill_clone(state_dir: Path, snapshot: str, staging: WorkspaceDir, overlay: bool = False) -> None:
     """Give the workspace being created in ``staging`` its own copy of the snapshot's disk (``overlay``: a
-    copy-on-write overlay over it instead, for a run deleted afterwards: snapshots/overlay.py), a link to its
+    copy-on-write overlay over it instead, for a disposable clone: snapshots/overlay.py), a link to its
     stream and the restore marker its first start reads."""
     src = snapshot_dir(state_dir, snapshot)
     meta = load(state_dir, snapshot)

@@ -155,11 +155,11 @@ class KernelsHandler(BaseHandler):
 
 def prefill_kernel_pools(serverapp: Any) -> threading.Thread:
     """In a background thread: for every kernelspec run by the microagent provisioner, start its warm pool now (see
-    :meth:`~..provisioner.MicroagentProvisioner.prefill_pool`), so that the first notebook after the server's start
+    :func:`~..provisioner.prefill_pool`), so that the first notebook after the server's start
     takes a kernel already resumed and answering. Its traits come from the kernelspec and the server's config (as
     for a kernel); a spec that cannot be read is logged and skipped."""
     def run() -> None:
-        from ..provisioner import PROVISIONER_NAME, MicroagentProvisioner
+        from ..provisioner import PROVISIONER_NAME, MicroagentProvisioner, prefill_pool
 
         try:
             specs = serverapp.kernel_spec_manager.get_all_specs()
@@ -173,7 +173,7 @@ def prefill_kernel_pools(serverapp: Any) -> threading.Thread:
             try:
                 provisioner = MicroagentProvisioner(kernel_id="", kernel_spec=None, parent=serverapp,
                                                     **(meta.get("config") or {}))
-                if provisioner.prefill_pool():
+                if prefill_pool(provisioner):
                     serverapp.log.info("microagent: preparing a pooled kernel for %r", name)
             except Exception as exc:  # noqa: BLE001 (one bad kernelspec does not stop the server or the others)
                 serverapp.log.warning("microagent: no warm pool for kernelspec %r: %s", name, exc)
