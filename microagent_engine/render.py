@@ -28,7 +28,7 @@ def readiness_text(sig: dict[str, Any]) -> str:
 def summary_fields(info: "WorkspaceInfo") -> list[tuple[str, str]]:
     """What ``create`` reports: name, state, rootfs, profile, resources."""
     c, s = info.config, info.state
-    return [("Workspace", c.name), ("State", s.state), ("Rootfs", str(info.dir.rootfs)), ("Profile", c.profile),
+    return [("Workspace", c.name), ("State", s.state), ("Rootfs", str(info.root_disk)), ("Profile", c.profile),
             ("Resources", f"memory={c.memory_mib}MiB cpus={c.cpus} disk={c.size_mib}MiB")]
 
 

@@ -267,6 +267,7 @@ def test_a_disposable_clone_is_refused_by_the_tools_that_read_its_disk(engine: E
             with pytest.raises(InvalidState, match="disposable clone.*'microagent cp' and 'microagent exec'"):
                 call()
         assert not (tmp_path / "h").exists() and engine.status("disp").state.state == "prepared"
+        assert engine.status("disp").to_json()["rootfs"].endswith("/rootfs.qcow2")  # the file it has
     finally:
         engine.delete("disp")
     with pytest.raises(InvalidArgument, match="clone of a snapshot"):

@@ -20,6 +20,7 @@ from ..records import (
     process_tree_usage,
     read_egress_report,
 )
+from ..snapshots.overlay import overlay_of
 from ..states import ACTIVE, allowed_actions, require, transition
 
 
@@ -39,6 +40,12 @@ class WorkspaceInfo:
     @property
     def running(self) -> bool:
         return self.state.state in ACTIVE
+
+    @property
+    def root_disk(self) -> Path:
+        """The root disk's file: the ext4 image, or a disposable clone's copy-on-write overlay."""
+        overlay = overlay_of(self.dir.path)
+        return Path(overlay["overlay"]) if overlay else self.dir.rootfs
 
     @property
     def actions(self) -> builtins.list[str]:
@@ -64,7 +71,7 @@ class WorkspaceInfo:
             "networkPolicy": policy.to_json(),
             "networkSummary": policy.describe(),
             "restartCount": s.restart_count, "hostname": c.hostname, "env": c.env,
-            "rootfs": str(self.dir.rootfs), "serialLog": str(self.dir.serial_log),
+            "rootfs": str(self.root_disk), "serialLog": str(self.dir.serial_log),
             "createdAt": c.created_at, "startedAt": s.started_at, "stoppedAt": s.stopped_at,
             "updatedAt": s.updated_at, "bootSeconds": s.boot_seconds,
             "bootMode": s.boot_mode or None, "coldReason": s.cold_reason or None, "vmPid": s.vm_pid,
