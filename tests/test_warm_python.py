@@ -252,24 +252,33 @@ def test_python_one_shots_run_in_a_fork_of_the_warm_process(engine: Engine) -> N
     assert after == before and image.stat().st_nlink == 1  # the run's hard link went with it
 
 
-def test_a_disposable_clone_is_refused_by_the_tools_that_read_its_disk(engine: Engine, tmp_path: Path) -> None:
-    """A disposable clone of a snapshot (a notebook session's VM) has no ext4 root disk of its own: cp, outputs and
-    commit of it stopped say so and what to do instead, and change nothing; disposable needs a snapshot."""
+def test_a_disposable_clone_keeps_its_writes_and_is_refused_by_the_tools_that_read_its_disk(
+        engine: Engine, tmp_path: Path) -> None:
+    """A disposable clone of a snapshot (a notebook session's VM) keeps its writes in its overlay across a halt and
+    a start (which boots it from a template built with that overlay); it has no ext4 root disk of its own, so cp,
+    outputs and commit of it stopped say so and what to do instead, and change nothing; disposable needs a
+    snapshot."""
     from microagent_engine.errors import InvalidArgument, InvalidState
 
     snap, why = warm_python.warm_snapshot(engine, warm_python.session_spec())
     assert snap is not None, why
     engine.create("disp", from_snapshot=snap, disposable=True)
     try:
-        for call in (lambda: engine.cp("disp:/etc/hostname", str(tmp_path / "h")),
+        assert engine.status("disp").to_json()["rootfs"].endswith("/rootfs.qcow2")  # the file it has
+        engine.start("disp")
+        assert engine.exec("disp", ["/bin/sh", "-c", "echo kept > /root/mark && sync"], capture=True).exit_code == 0
+        engine.halt("disp")
+        for call in (lambda: engine.cp("disp:/root/mark", str(tmp_path / "h")),
                      lambda: engine.cp(str(Path(__file__)), "disp:/root/x"),
                      lambda: engine.commit("disp", "local/disp:1")):
             with pytest.raises(InvalidState, match="disposable clone.*'microagent cp' and 'microagent exec'"):
                 call()
-        assert not (tmp_path / "h").exists() and engine.status("disp").state.state == "prepared"
-        assert engine.status("disp").to_json()["rootfs"].endswith("/rootfs.qcow2")  # the file it has
+        assert not (tmp_path / "h").exists() and engine.status("disp").state.state == "halted"
+        info = engine.start("disp")
+        assert (info.state.boot_mode, info.state.cold_reason) == ("warm", ""), info.state.cold_reason
+        assert engine.exec("disp", ["cat", "/root/mark"], capture=True).stdout == b"kept\n"
     finally:
-        engine.delete("disp")
+        session_owner.remove_workspace(engine, "disp")
     with pytest.raises(InvalidArgument, match="clone of a snapshot"):
         engine.create("disp", image="builtin:python", disposable=True)
     with pytest.raises(NotFound):

@@ -99,7 +99,7 @@ class WarmBoot:
         shutil.copyfile(ro_open_library(self.state_dir / "cache"), t.memory.parent / RO_OPEN_NAME)
         os.chmod(t.memory.parent / RO_OPEN_NAME, 0o644)
         new_ram_file(t.memory, t.memory_mib)
-        argv = QemuBackend.memory_file_argv(sup.launch.argv, t.memory_mib, t.memory, share=True)
+        argv = sup.disk_argv(QemuBackend.memory_file_argv(sup.launch.argv, t.memory_mib, t.memory, share=True))
         hello = asyncio.Event()
         sup.serial_note(f"building the template {t.key} for this machine shape (cold boot to the agent's HELLO)")
         try:

@@ -132,11 +132,18 @@ class Booting:
         self.state.boot_mode, self.state.cold_reason = "cold", reason
         return vm
 
-    async def spawn(self, argv: list[str], vm_log: Any) -> ConfinedVM:
+    def disk_argv(self, argv: list[str]) -> list[str]:
+        """``argv`` (the logical one, whose root drive is the raw image) with the root disk this workspace really
+        has: a disposable clone's overlay over a snapshot's image (snapshots/overlay.py). Every VM of it, the
+        template it builds included, is spawned with this."""
         overlay = self.launch.extra.get(OVERLAY_KEY)
-        if overlay:  # the root disk is an overlay over a snapshot's (snapshots/overlay.py)
-            argv = QemuBackend.overlay_argv(argv, overlay["root"], overlay["overlay"], overlay["base"])
-        return await spawn_vm(self.ws, dataclasses.replace(self.launch, argv=argv), self.state.backend, {
+        if not overlay:
+            return argv
+        return QemuBackend.overlay_argv(argv, overlay["root"], overlay["overlay"], overlay["base"])
+
+    async def spawn(self, argv: list[str], vm_log: Any) -> ConfinedVM:
+        launch = dataclasses.replace(self.launch, argv=self.disk_argv(argv))
+        return await spawn_vm(self.ws, launch, self.state.backend, {
             "agent": self.on_agent, "ser0": self.on_serial,
             "mediation": self.mediation.on_port if self.mediation else None}, stdout=vm_log,
             join_namespaces=self.net.join_namespaces() if self.net else None)
