@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from microagent_engine import Engine
-from microagent_engine.snapshots.templates import list_templates
+from microagent_engine.snapshots.templates import list_templates, shape_of
 
 pytestmark = pytest.mark.vm
 
@@ -97,6 +97,15 @@ def test_one_shot_run_is_warm(engine: Engine, clones: list[str]) -> None:
     info, result = engine.run(["sh", "-c", "echo hi"], profile="tiny", network="none")
     assert result.stdout == b"hi\n"
     assert info.state.boot_mode == "warm", info.state.cold_reason
+
+
+def test_the_translation_cache_size_is_not_part_of_a_shape() -> None:
+    # the host's JIT cache, nothing a restored guest has seen: resizing it must not orphan templates or snapshots
+    argv = ["/bin/true", "-accel", "tcg,tb-size=32", "-cpu", "max", "-m", "512"]
+    resized = ["/bin/true", "-accel", "tcg,tb-size=128", "-cpu", "max", "-m", "512"]
+    assert shape_of(argv) == shape_of(resized)
+    assert shape_of(argv) != shape_of([*argv[:-1], "256"])
+    assert shape_of(argv) != shape_of(["/bin/true", "-accel", "kvm", "-cpu", "max", "-m", "512"])
 
 
 def test_mismatched_template_falls_back_to_cold(engine: Engine, state_dir: Path, clones: list[str]) -> None:

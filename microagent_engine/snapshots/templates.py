@@ -3,8 +3,8 @@
 A *shape* is everything about a VM that a restored guest has already seen: the hypervisor binary, kernel,
 initramfs (hence the agent), kernel command line, memory, cpus, accelerator and the device layout (how many disks,
 read-only or not, which chardevs, the NIC). It is the VM's argv with what differs per workspace taken out (disk
-files, disk serials, socket paths) plus the identity (size, mtime) of every file it names. Disks may differ between
-the template and its clones because the template is stopped at the agent's HELLO, before the guest loaded the disk
+files, disk serials, socket paths, TCG's translation cache size) plus the identity (size, mtime) of every file it
+names. Disks may differ between the template and its clones because the template is stopped at the agent's HELLO, before the guest loaded the disk
 driver (guest/agent.c loads virtio_blk and virtio_net at the first CONFIG).
 
 Files: ``<state-dir>/templates/<key>/{meta.json,state}`` (the device state, ~60 KB) and the guest RAM in
@@ -55,6 +55,8 @@ def shape_of(argv: list[str]) -> list[Any]:
             shape += [opt, ",".join(o for o in val.split(",") if not o.startswith("serial="))]
         elif opt == "-chardev":
             shape += [opt, ",".join("path=SOCK" if o.startswith("path=") else o for o in val.split(","))]
+        elif opt == "-accel":  # TCG's translation cache size is the host's JIT, nothing the guest has seen
+            shape += [opt, ",".join(o for o in val.split(",") if not o.startswith("tb-size="))]
         elif opt.startswith("-"):
             shape += [opt, val] if not val.startswith("-") else [opt]
             i += 2 if not val.startswith("-") else 1
