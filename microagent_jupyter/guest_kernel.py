@@ -22,14 +22,10 @@ from collections.abc import Callable
 from typing import Any
 
 from microagent_engine import Engine, ExecResult
-from microagent_engine.engine.warm_python import KERNEL_DIR, kernel_launcher
+from microagent_engine.engine.warm_python import KERNEL_DIR, KERNEL_PORTS, kernel_launcher
 from microagent_engine.errors import GuestError, MicroagentError
 
-#: ZMQ ports the guest kernel binds on its own loopback (the guest is a VM of its own: fixed ports are fine), below
-#: Linux's ephemeral range (32768-60999): the agent's connections to the published ports start while a cold kernel
-#: is still binding, and one of them drawing a port the kernel had yet to bind failed it ("Address already in use")
-GUEST_PORTS = {"shell_port": 20101, "iopub_port": 20102, "stdin_port": 20103, "control_port": 20104,
-               "hb_port": 20105}
+GUEST_PORTS = KERNEL_PORTS  # fixed ports on the guest's own loopback (see warm_python.KERNEL_PORTS)
 GUEST_DIR = KERNEL_DIR
 CONNECTION_FILE = f"{GUEST_DIR}/kernel.json"
 PID_FILE = f"{GUEST_DIR}/kernel.pid"

@@ -77,6 +77,16 @@ def test_two_warm_sessions_have_own_keys_state_and_randomness(engine: Engine) ->
         assert value(b, "'x' in globals()") == "False"
         draw = "import random, numpy; (random.random(), float(numpy.random.random()))"
         assert value(a, draw) != value(b, draw)
+        # each clone's first kernel is the one the zygote prepared before the snapshot (no fork, no set-up), with
+        # the session's key and a session id of its own
+        assert "prepared" in a.kernel.steps and "prepared" in b.kernel.steps, (a.kernel.steps, b.kernel.steps)
+        ident = "get_ipython().kernel.session.session"
+        assert value(a, ident) != value(b, ident)
+        pid = "import os; os.getpid()"
+        first = value(a, pid)
+        a.restart()  # the clone's next kernel is forked, as every kernel was before
+        assert "forked" in a.kernel.steps and "prepared" not in a.kernel.steps, a.kernel.steps
+        assert value(a, "'x' in globals()") == "False" and value(a, pid) != first
     finally:
         for s in (a, b):
             s.stop()

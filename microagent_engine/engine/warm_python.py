@@ -4,9 +4,10 @@
 The snapshot (``pywarm-<key>``) is taken of a build workspace in which :mod:`microagent_engine.guest.python_zygote`
 runs with ipykernel, IPython, zmq, numpy, pandas and matplotlib imported and waits for requests. A workspace made
 by ``Engine.create(from_snapshot=...)`` resumes with that process alive; an exec running one of the launchers below
-asks it for a forked worker: a kernel (:data:`KERNEL_LAUNCHER`, with the session's own connection file: each
-session has its own HMAC key and ports, none of which are in the snapshot) or the exec's own ``python3 ARGS``
-(:data:`RUN_LAUNCHER`). The clone path reseeds the guest clock and kernel RNG, the fork reseeds Python's and
+asks it for a worker: a kernel (:func:`kernel_launcher`, with the session's own connection file: each session has
+its own HMAC key, which is not in the snapshot; a clone's first kernel is the one the zygote initialized before the
+snapshot on :data:`KERNEL_PORTS`, later ones are forked) or the exec's own ``python3 ARGS`` (:data:`RUN_LAUNCHER`,
+forked). The clone path reseeds the guest clock and kernel RNG, the fork reseeds Python's and
 numpy's generators.
 
 The key covers everything that makes a snapshot fit a workspace: the image's identity (its base file, or its id),
@@ -24,6 +25,7 @@ import hashlib
 import json
 import os
 import secrets
+import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +46,12 @@ WARM_DIR = "pywarm"
 ZYGOTE_DIR = "/tmp/.microagent-zygote"
 KERNEL_DIR = "/tmp/.microagent-kernel"
 ZYGOTE_FILE = f"{ZYGOTE_DIR}/zygote.py"
+#: ZMQ ports a guest kernel binds on its own loopback (the guest is a VM of its own: fixed ports are fine), below
+#: Linux's ephemeral range (32768-60999): the agent's connections to the published ports start while a cold kernel
+#: is still binding, and one of them drawing a port the kernel had yet to bind failed it ("Address already in use").
+#: The zygote's prepared kernel is bound on them before the snapshot.
+KERNEL_PORTS = {"shell_port": 20101, "iopub_port": 20102, "stdin_port": 20103, "control_port": 20104,
+                "hb_port": 20105}
 ZYGOTE_READY_TIMEOUT = 600.0  # the imports take tens of seconds under TCG on a busy host
 #: what may differ between a snapshot's build and the workspace that uses it (``env`` reaches the resumed guest)
 _KEY_FIELDS = ("image", "packages", "profile", "memory_mib", "cpus", "network")
@@ -251,7 +259,12 @@ def build(engine: EngineLike, name: str, spec: WorkspaceSpec, progress: Progress
         engine.exec(ws, ["/bin/sh", "-c", f"umask 077; mkdir -p {ZYGOTE_DIR} {KERNEL_DIR}; cat > {ZYGOTE_FILE}"],
                     stdin=src, capture=True, timeout=60)
         say(f"Building the warm Python snapshot {name}: importing ipykernel, numpy, pandas, matplotlib")
-        start = (f"cd /; setsid python3 {ZYGOTE_FILE} {ZYGOTE_DIR} </dev/null >{ZYGOTE_DIR}/log 2>&1 & "
+        # the kernel the zygote prepares before the snapshot is bound with a key no session has (each session's
+        # comes in its own connection file and replaces it)
+        placeholder = json.dumps({**KERNEL_PORTS, "ip": "127.0.0.1", "key": secrets.token_hex(32), "transport": "tcp",
+                                  "signature_scheme": "hmac-sha256", "kernel_name": "python3"})
+        start = (f"cd /; setsid python3 {ZYGOTE_FILE} {ZYGOTE_DIR} {shlex.quote(placeholder)} </dev/null "
+                 f">{ZYGOTE_DIR}/log 2>&1 & "
                  f"while [ ! -e {ZYGOTE_DIR}/ready ]; do "
                  f"  if ! kill -0 $! 2>/dev/null; then tail -n 20 {ZYGOTE_DIR}/log >&2; exit 1; fi; sleep 0.2; "
                  f"done")

@@ -3,9 +3,11 @@ workers on request.
 
 :mod:`microagent_engine.engine.warm_python` copies this file into a build workspace and starts it detached
 (``python3 python_zygote.py DIR``). It does the slow work once: ipykernel, IPython, zmq, numpy, pandas and
-matplotlib (with ipykernel's inline backend, as a cold kernel would pick it) are imported; then it makes the
-request FIFO ``DIR/requests``, writes ``DIR/ready`` and waits. The workspace is snapshotted in that state, so every
-clone resumes with this process already warm.
+matplotlib (with ipykernel's inline backend, as a cold kernel would pick it) are imported; given a placeholder
+connection info (the fixed kernel ports, a key no session has: ``python3 python_zygote.py DIR JSON``) it forks a
+kernel that initializes on it and waits (:func:`waiting_kernel`); then it makes the request FIFO ``DIR/requests``,
+writes ``DIR/ready`` and waits. The workspace is snapshotted in that state, so every clone resumes with this process
+already warm and a kernel already bound.
 
 A request is one line ``LAUNCHER_PID RC_FIFO WHAT`` written by a launcher shell script (the ``*_LAUNCHER``
 scripts of :mod:`~microagent_engine.engine.warm_python`) that a host exec runs. The zygote forks; the child takes
@@ -14,7 +16,10 @@ the launcher's environment, working directory and stdio (``/proc/PID/environ``, 
 otherwise share. ``WHAT`` is then either
 
 - a connection file: the child announces its pid and starts ipykernel with it (the host made the file, so each
-  session has its own HMAC key and nothing secret is in the snapshot), or
+  session has its own HMAC key and nothing secret is in the snapshot). The clone's first such request is offered
+  to the prepared kernel instead, which takes the file's key, a new session id and the launcher's environment,
+  directory and output, and starts without a fork or a set-up; it declines (and the zygote forks) when the
+  file's endpoints or the environment its set-up read differ. Or
 - ``run``: the child is the launcher's ``python3 ARGS…`` (from ``/proc/PID/cmdline``): ``-c CODE``, ``-m MODULE``,
   a script or the program on stdin run in this warm process, with ``-u``/``-B``; any other option, a terminal on
   stdin or a ``PYTHON*`` variable that would change the interpreter makes it ``exec`` the real ``python3`` instead
@@ -244,14 +249,22 @@ def mark(what: str) -> None:
 RUN_STDIN_FD = 4
 
 
-def _adopt(launcher: int, stdin_fd: int | None) -> None:
-    """In a forked child: take the launcher's environment, working directory and stdio (its stdin from
-    ``stdin_fd``; None: /dev/null); reseed what a clone shares."""
+def _forked_signals() -> None:
+    """A forked child's signals as a fresh python3 has them (not the zygote's wake-up descriptor and handlers)."""
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _launcher_env(launcher: int) -> dict[bytes, bytes]:
     with open(f"/proc/{launcher}/environ", "rb") as fh:
-        env = dict(kv.split(b"=", 1) for kv in fh.read().split(b"\0") if b"=" in kv)
+        return dict(kv.split(b"=", 1) for kv in fh.read().split(b"\0") if b"=" in kv)
+
+
+def _adopt(launcher: int, stdin_fd: int | None, targets: tuple[int, int, int] = (0, 1, 2)) -> None:
+    """In a forked child: take the launcher's environment, working directory and stdio (its stdin from
+    ``stdin_fd``; None: /dev/null) onto the descriptors ``targets``; reseed what a clone shares."""
+    env = _launcher_env(launcher)
     cwd = os.readlink(f"/proc/{launcher}/cwd")
     stdin = os.open("/dev/null", os.O_RDONLY)
     if stdin_fd is not None:
@@ -263,7 +276,7 @@ def _adopt(launcher: int, stdin_fd: int | None) -> None:
         except OSError:  # not a file, FIFO or terminal (a socket cannot be reopened): /dev/null
             pass
     fds = [stdin, os.open(f"/proc/{launcher}/fd/1", os.O_WRONLY), os.open(f"/proc/{launcher}/fd/2", os.O_WRONLY)]
-    for target, fd in enumerate(fds):
+    for target, fd in zip(targets, fds):
         os.dup2(fd, target)
         os.close(fd)
     os.setsid()
@@ -284,51 +297,17 @@ def child(launcher: int, conn: str) -> None:
     code = 1
     forked = time.time()
     try:
+        _forked_signals()
         _adopt(launcher, None)
         os.environ.setdefault("MPLBACKEND", INLINE)
-        pid_file = os.path.join(os.path.dirname(conn), "kernel.pid")
-        with open(pid_file, "w") as fh:
-            fh.write(f"{os.getpid()}\n")
-        # "forked" first: when the host sees the pid it knows this kernel will also say "ready"
-        sys.stderr.write(f"microagent-kernel-step forked {forked:.4f}\n")
-        sys.stderr.write(f"microagent-kernel-pid {os.getpid()}\n")
-        sys.stderr.flush()
+        _announce(conn, forked, sys.stderr.fileno())
         _MARK_FD = os.dup(2)
         os.set_inheritable(_MARK_FD, False)
         mark("setup")
-        sys.argv = ["ipykernel_launcher", "-f", conn]
-        from ipykernel import kernelapp
-        from ipykernel.zmqshell import ZMQInteractiveShell
-        app = kernelapp.IPKernelApp.instance()
-        cfg = kernel_config()
-        cfg.IPKernelApp.connection_file = conn
-        app.update_config(cfg)
-        if ZMQInteractiveShell.initialized():
-            ZMQInteractiveShell.instance().init_environment()  # on this session's environment (PAGER, TERM...)
-            app.kernel_class = warm_kernel_class()
-        # set above instead: parsing builds an argparse parser over every configurable class (~0.4 s under TCG)
-        app.parse_command_line = lambda argv=None: None
-        if os.environ.get("MICROAGENT_KERNEL_PROFILE"):
-            import cProfile
-            import io
-            import pstats
-            prof = cProfile.Profile()
-            prof.runcall(app.initialize, [])
-            buf = io.StringIO()
-            pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(45)
-            with open("/tmp/.microagent-kernel/profile.txt", "w") as fh:
-                fh.write(buf.getvalue())
-        else:
-            app.initialize([])
-        quicken_kernel(app)
-        mark("initialized")
+        app = _kernel_app(conn)
         if os.environ.get("MICROAGENT_KERNEL_TRACE"):
             new = sorted(set(sys.modules) - _WARM_MODULES)
             os.write(_MARK_FD, f"microagent-kernel-newmods {len(new)} {' '.join(new)}\n".encode())
-        # the inline backend hooks into the shell when it is imported; it was imported before there was one
-        inline = sys.modules.get("matplotlib_inline.backend_inline")
-        if inline is not None:
-            inline._enable_matplotlib_integration()
         mark("ready")  # sockets bound: the host may send kernel_info now
         app.start()
         code = 0
@@ -338,6 +317,191 @@ def child(launcher: int, conn: str) -> None:
         traceback.print_exc()
     finally:
         _exit_now(code)
+
+
+def _announce(conn: str, forked: float, fd: int, step: str = "forked") -> None:
+    """The kernel's pid into ``kernel.pid`` beside ``conn`` and on the launcher's stderr (``fd``), after its
+    "forked" step (and ``step``, when another): when the host sees the pid it knows this kernel will also say
+    "ready"."""
+    with open(os.path.join(os.path.dirname(conn), "kernel.pid"), "w") as fh:
+        fh.write(f"{os.getpid()}\n")
+    steps = "".join(f"microagent-kernel-step {name} {forked:.4f}\n" for name in dict.fromkeys(("forked", step)))
+    os.write(fd, f"{steps}microagent-kernel-pid {os.getpid()}\n".encode())
+
+
+def _kernel_app(conn: str):  # -> IPKernelApp
+    """This process's IPKernelApp on connection file ``conn``, initialized (sockets bound, its threads started)
+    with the zygote's pre-made shell and the fork's trims (:func:`quicken_kernel`); not started."""
+    sys.argv = ["ipykernel_launcher", "-f", conn]
+    from ipykernel import kernelapp
+    from ipykernel.zmqshell import ZMQInteractiveShell
+    app = kernelapp.IPKernelApp.instance()
+    cfg = kernel_config()
+    cfg.IPKernelApp.connection_file = conn
+    app.update_config(cfg)
+    if ZMQInteractiveShell.initialized():
+        ZMQInteractiveShell.instance().init_environment()  # on this session's environment (PAGER, TERM...)
+        app.kernel_class = warm_kernel_class()
+    # set above instead: parsing builds an argparse parser over every configurable class (~0.4 s under TCG)
+    app.parse_command_line = lambda argv=None: None
+    if os.environ.get("MICROAGENT_KERNEL_PROFILE"):
+        import cProfile
+        import io
+        import pstats
+        prof = cProfile.Profile()
+        prof.runcall(app.initialize, [])
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(45)
+        with open("/tmp/.microagent-kernel/profile.txt", "w") as fh:
+            fh.write(buf.getvalue())
+    else:
+        app.initialize([])
+    quicken_kernel(app)
+    mark("initialized")
+    # the inline backend hooks into the shell when it is imported; it was imported before there was one
+    inline = sys.modules.get("matplotlib_inline.backend_inline")
+    if inline is not None:
+        inline._enable_matplotlib_integration()
+    return app
+
+
+#: what a kernel prepared before the snapshot must share with a session's connection file to become its kernel
+_ENDPOINT_KEYS = ("ip", "transport", "signature_scheme", "shell_port", "iopub_port", "stdin_port", "control_port",
+                  "hb_port")
+#: environment a kernel's set-up read (config and profile paths, matplotlib's backend, the interpreter): a launcher
+#: whose values differ from the zygote's gets a freshly forked kernel instead of the prepared one
+_INIT_ENV = ("HOME", "IPYTHONDIR", "MPLBACKEND", "MPLCONFIGDIR")
+_INIT_ENV_PREFIXES = ("JUPYTER", "PYTHON")
+
+
+def _same_setup(info: dict, placeholder: dict, env: dict[bytes, bytes]) -> bool:
+    """Whether the kernel prepared on ``placeholder`` can serve connection ``info`` for a launcher with ``env``."""
+    if any(info.get(k) != placeholder.get(k) for k in _ENDPOINT_KEYS) or not isinstance(info.get("key"), str):
+        return False
+    mine = {k.encode(): v.encode(errors="surrogateescape") for k, v in os.environ.items()}
+
+    def relevant(name: bytes) -> bool:
+        text = name.decode(errors="replace")
+        return (text in _INIT_ENV or text.startswith(_INIT_ENV_PREFIXES)) and text not in _RUN_ENV_OK
+    return all(env.get(k) == mine.get(k) for k in {*filter(relevant, env), *filter(relevant, mine)})
+
+
+def waiting_kernel(placeholder: str, go: int, ack: int) -> None:
+    """In a child the zygote forks before the snapshot: a kernel initialized on the snapshot's ``placeholder``
+    connection file (the fixed ports, a key no session has) that says "prepared" on ``ack`` and waits on ``go``.
+    Given ``LAUNCHER_PID CONNECTION_FILE``, it answers "taken" and becomes that launcher's kernel: the session's key
+    and a new session id, the launcher's environment, working directory and output, fresh random generators; or
+    "no" (ports, key or set-up environment differ) and ends, and the zygote forks a kernel instead. Never returns.
+    Each clone's first kernel so skips the fork and the kernel's set-up (sockets, threads, streams)."""
+    global _MARK_FD
+    import json
+    _forked_signals()
+    try:
+        with open(placeholder) as fh:
+            prepared = json.load(fh)
+        _MARK_FD = os.dup(2)
+        os.set_inheritable(_MARK_FD, False)
+        app = _kernel_app(placeholder)
+    except BaseException:  # noqa: BLE001 (no prepared kernel: every kernel is forked)
+        traceback.print_exc()
+        os._exit(1)
+    # ipykernel ignores SIGINT outside a cell, as its set-up left it
+    os.write(ack, b"prepared\n")
+    line = _read_line(go)
+    taken = time.time()
+    try:
+        launcher_s, conn = line.split()
+        launcher = int(launcher_s)
+        with open(conn) as fh:
+            info = json.load(fh)
+        ok = isinstance(info, dict) and _same_setup(info, prepared,
+                                                    {b"MPLBACKEND": INLINE.encode(), **_launcher_env(launcher)})
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        os.write(ack, b"no\n")
+        os._exit(0)
+    os.write(ack, b"taken\n")
+    code = 1
+    try:
+        # ipykernel's streams copied the zygote's stdout and stderr before they redirected fds 1 and 2 into
+        # themselves: the launcher's output goes where those copies are
+        outs = tuple(getattr(stream, "_original_stdstream_copy", None) or n
+                     for stream, n in ((sys.stdout, 1), (sys.stderr, 2)))
+        _adopt(launcher, None, (0, *outs))
+        os.environ.setdefault("MPLBACKEND", INLINE)
+        os.dup2(outs[1], _MARK_FD)
+        _announce(conn, taken, _MARK_FD, "prepared")
+        from jupyter_client.session import new_id
+        app.session.key = info["key"].encode()
+        app.session.session = new_id()
+        app.connection_file = conn
+        app.shell.init_environment()
+        mark("ready")
+        app.start()
+        code = 0
+    except SystemExit as exc:
+        code = _exit_code(exc)
+    except BaseException:  # noqa: BLE001 (reported on the kernel's stderr)
+        traceback.print_exc()
+    finally:
+        _exit_now(code)
+
+
+def _read_line(fd: int, timeout: float | None = None) -> str:
+    """One line from ``fd`` ("" at its end, or after ``timeout`` seconds)."""
+    buf = b""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not buf.endswith(b"\n"):
+        if deadline is not None:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return ""
+        try:
+            chunk = os.read(fd, 256)
+        except InterruptedError:
+            continue
+        if not chunk:
+            return ""
+        buf += chunk
+    return buf.decode(errors="replace").strip()
+
+
+def prepare_kernel(d: str, placeholder: str) -> tuple[int, int, int] | None:
+    """Fork :func:`waiting_kernel` on the connection info ``placeholder`` (JSON) and wait until it is prepared:
+    its (pid, go, ack) descriptors, or None when it could not be."""
+    path = f"{d}/waiting-kernel.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.write(fd, placeholder.encode())
+    os.close(fd)
+    go_r, go_w = os.pipe()
+    ack_r, ack_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(go_w)
+        os.close(ack_r)
+        waiting_kernel(path, go_r, ack_w)
+    os.close(go_r)
+    os.close(ack_w)
+    if _read_line(ack_r) == "prepared":
+        return pid, go_w, ack_r
+    os.close(go_w)
+    os.close(ack_r)
+    os.waitpid(pid, 0)
+    return None
+
+
+def _hand_over(waiter: tuple[int, int, int], launcher: str, conn: str) -> bool:
+    """Offer the prepared kernel to a kernel request; whether it took it (then it is that request's child)."""
+    _pid, go, ack = waiter
+    try:
+        os.write(go, f"{launcher} {conn}\n".encode())
+        taken = _read_line(ack, 30.0) == "taken"
+    except OSError:
+        taken = False
+    os.close(go)
+    os.close(ack)
+    return taken
 
 
 def _exit_code(exc: SystemExit) -> int:
@@ -451,6 +615,7 @@ def run_child(launcher: int) -> None:
     """In the forked child: be the launcher's ``python3 ARGS…`` (never returns)."""
     code = 1
     try:
+        _forked_signals()
         _adopt(launcher, RUN_STDIN_FD)
         python, args = _python_args(launcher)
         parsed = _parse(list(args))
@@ -489,7 +654,9 @@ def run_child(launcher: int) -> None:
         _exit_now(code)
 
 
-def serve(d: str) -> None:
+def serve(d: str, waiter: tuple[int, int, int] | None = None) -> None:
+    """Answer requests (see the module's docstring) until the VM ends; the first kernel request is offered the
+    kernel :func:`prepare_kernel` made (``waiter``), later ones (and one it declines) get a forked kernel."""
     fifo = f"{d}/requests"
     if not os.path.exists(fifo):
         os.mkfifo(fifo, 0o600)
@@ -524,11 +691,15 @@ def serve(d: str) -> None:
                 parts = line.decode(errors="replace").split()
                 if len(parts) != 3 or not parts[0].isdigit():
                     continue
+                if waiter is not None and parts[2] != "run":
+                    prepared, waiter = waiter, None
+                    if _hand_over(prepared, parts[0], parts[2]):
+                        children[prepared[0]] = parts[1]
+                        continue
                 pid = os.fork()
                 if pid == 0:
-                    os.close(requests)
-                    os.close(wake_r)
-                    os.close(wake_w)
+                    for fd in (requests, wake_r, wake_w, *(waiter[1:] if waiter else ())):
+                        os.close(fd)
                     if parts[2] == "run":
                         run_child(int(parts[0]))
                     child(int(parts[0]), parts[2])
@@ -543,6 +714,10 @@ def serve(d: str) -> None:
             if pid == 0:
                 break
             req = children.pop(pid, None)
+            if waiter is not None and pid == waiter[0]:  # the prepared kernel died waiting
+                for fd in waiter[1:]:
+                    os.close(fd)
+                waiter = None
             if req is None:
                 continue
             code = os.waitstatus_to_exitcode(status)
@@ -561,4 +736,4 @@ def _tell(fifo: str, line: str) -> None:
 
 if __name__ == "__main__":
     warm_up()
-    serve(sys.argv[1])
+    serve(sys.argv[1], prepare_kernel(sys.argv[1], sys.argv[2]) if len(sys.argv) > 2 else None)
