@@ -14,7 +14,6 @@ a VM of the warm pool when one is ready (:mod:`.kernel_pool`, ``pool_size``) and
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import secrets
 import signal
@@ -38,7 +37,7 @@ from .output_policy import OutputPolicy
 from .idle_sleep import IdleSleeper
 from .relay import Relay
 from .session_owner import record_owner, remove_workspace, sweep
-from .warm_python import find_warm, session_spec, start_session_workspace
+from .warm_python import find_warm, session_spec, split_env, start_session_workspace
 
 PROVISIONER_NAME = "microagent-provisioner"
 #: kernels of this process with a writable folder, by kernel id (the save hook and REST's sync find them here)
@@ -368,9 +367,7 @@ def server_origins() -> frozenset[str]:
 def pool_request(workspace_spec: dict[str, Any]) -> tuple[str, WorkspaceSpec, dict[str, str]]:
     """What a kernel's workspace is asked to be (the provisioner's ``workspace_spec``): the warm pool's key, the
     spec, and the guest environment."""
-    spec = session_spec(WorkspaceSpec.from_json(dict(workspace_spec), what="the kernel's workspace"))
-    env = dict(spec.env or {})
-    spec = dataclasses.replace(spec, env=None)
+    spec, env = split_env(session_spec(WorkspaceSpec.from_json(dict(workspace_spec), what="the kernel's workspace")))
     return kernel_pool.request_key(spec, env), spec, env
 
 

@@ -12,7 +12,6 @@ values with :mod:`.values` (never pickle).
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import os
 import queue
 import secrets
@@ -42,7 +41,7 @@ from .magic_errors import MicroagentInterrupted
 from .output_policy import OutputPolicy
 from .session_owner import remove_workspace, sweep
 from .kernel_pool import default_size as pool_size
-from .warm_python import find_warm, start_session_workspace, warm_enabled
+from .warm_python import find_warm, split_env, start_session_workspace, warm_enabled
 
 INTERRUPT_GRACE = 8.0  # seconds to wait for the guest's reply after SIGINT
 #: new session workspaces start from the warm Python snapshot (:mod:`.warm_python`); MICROAGENT_WARM_PYTHON=0: cold
@@ -427,7 +426,7 @@ def prewarm(state_dir: str | None = None) -> threading.Thread | None:
         return None
     engine = Engine(state_dir)  # its own: the magic's engine shows its progress in the cell
     flags = flags_spec(python_args.parser.parse_args([]))
-    request = (dataclasses.replace(flags, env=None), dict(flags.env or {}), None)
+    request = (*split_env(flags), None)
     try:
         if find_warm(engine, request[0]) is None:
             return None
@@ -521,8 +520,7 @@ def python_magic(shell: Any, engine: Engine, argv: list[str], cell: str | None, 
     if progress is not None:
         engine.progress = progress  # image build, boot: shown in the cell as `run` shows them
     try:
-        sess = get_session(engine, args.name, dataclasses.replace(spec, env=None), dict(spec.env or {}), progress,
-                           writable=args.writable)
+        sess = get_session(engine, args.name, *split_env(spec), progress, writable=args.writable)
     finally:
         if progress is not None:
             progress.done()

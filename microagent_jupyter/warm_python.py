@@ -1,9 +1,12 @@
 """Warm Python sessions: ``%%microagent python`` sessions and sandboxed kernels start from the engine's warm Python
 snapshot (:mod:`microagent_engine.engine.warm_python`: a zygote with ipykernel, numpy, pandas and matplotlib
-imported, which forks each session's kernel with its own connection file), or boot cold when none fits.
+imported and a kernel already bound, which becomes the session's kernel with its own connection file), or boot cold
+when none fits.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +29,12 @@ Progress = Callable[[str], None]
 def session_spec(spec: WorkspaceSpec | None = None) -> WorkspaceSpec:
     """A Python session's workspace: ``spec`` over the sessions' defaults (the Python image, no network)."""
     return SESSION_DEFAULTS.merged(spec)
+
+
+def split_env(spec: WorkspaceSpec) -> tuple[WorkspaceSpec, dict[str, str]]:
+    """``spec`` without its environment, and that environment: a session's kernel gets it as its launch's (the
+    workspace and its warm snapshot are the same for every environment)."""
+    return dataclasses.replace(spec, env=None), dict(spec.env or {})
 
 
 def warm_snapshot(engine: Engine, spec: WorkspaceSpec, progress: Progress | None = None

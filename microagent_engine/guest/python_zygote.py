@@ -293,10 +293,10 @@ def _adopt(launcher: int, stdin_fd: int | None, targets: tuple[int, int, int] = 
 
 def child(launcher: int, conn: str) -> None:
     """In the forked child: become the launcher's kernel (never returns)."""
-    global _MARK_FD
-    code = 1
     forked = time.time()
-    try:
+
+    def prepare():  # -> IPKernelApp
+        global _MARK_FD
         _forked_signals()
         _adopt(launcher, None)
         os.environ.setdefault("MPLBACKEND", INLINE)
@@ -308,6 +308,16 @@ def child(launcher: int, conn: str) -> None:
         if os.environ.get("MICROAGENT_KERNEL_TRACE"):
             new = sorted(set(sys.modules) - _WARM_MODULES)
             os.write(_MARK_FD, f"microagent-kernel-newmods {len(new)} {' '.join(new)}\n".encode())
+        return app
+    _run_kernel(prepare)
+
+
+def _run_kernel(prepare) -> None:  # prepare: () -> IPKernelApp
+    """Run the kernel ``prepare()`` makes until it ends, then end this process with its exit code (never
+    returns)."""
+    code = 1
+    try:
+        app = prepare()
         mark("ready")  # sockets bound: the host may send kernel_info now
         app.start()
         code = 0
@@ -422,8 +432,8 @@ def waiting_kernel(placeholder: str, go: int, ack: int) -> None:
         os.write(ack, b"no\n")
         os._exit(0)
     os.write(ack, b"taken\n")
-    code = 1
-    try:
+
+    def take():  # -> IPKernelApp
         # ipykernel's streams copied the zygote's stdout and stderr before they redirected fds 1 and 2 into
         # themselves: the launcher's output goes where those copies are
         outs = tuple(getattr(stream, "_original_stdstream_copy", None) or n
@@ -437,15 +447,8 @@ def waiting_kernel(placeholder: str, go: int, ack: int) -> None:
         app.session.session = new_id()
         app.connection_file = conn
         app.shell.init_environment()
-        mark("ready")
-        app.start()
-        code = 0
-    except SystemExit as exc:
-        code = _exit_code(exc)
-    except BaseException:  # noqa: BLE001 (reported on the kernel's stderr)
-        traceback.print_exc()
-    finally:
-        _exit_now(code)
+        return app
+    _run_kernel(take)
 
 
 def _read_line(fd: int, timeout: float | None = None) -> str:
