@@ -17,6 +17,7 @@ import asyncio
 import os
 import secrets
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -347,9 +348,13 @@ def server_origins() -> frozenset[str]:
     """The origins of the Jupyter server this provisioner runs in (links to them are never passed from a guest)."""
     from urllib.parse import urlsplit
 
+    # a server that runs in this process has imported its app: importing it here would cost a client without one
+    # (nbclient, a KernelManager) ~1 s at its first kernel (jsonschema's format grammars are compiled)
+    serverapp = sys.modules.get("jupyter_server.serverapp")
+    if serverapp is None:
+        return frozenset()
     try:
-        from jupyter_server.serverapp import ServerApp
-
+        ServerApp = serverapp.ServerApp
         if not ServerApp.initialized():
             return frozenset()
         app = ServerApp.instance()

@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -60,6 +63,9 @@ async def test_the_server_prepares_the_first_notebooks_kernel(jp_serverapp, jp_f
         kid = json.loads(resp.body)["kernel"]["id"]
         provisioner = jp_serverapp.kernel_manager.get_kernel(kid).provisioner
         assert provisioner.workspace == pooled[0] and provisioner.warm_from == "pool"
+        # the server's own origin is known to the kernel's output policy (links to it never pass from a guest)
+        origin = "{0.scheme}://{0.netloc}".format(urlsplit(jp_serverapp.connection_url))
+        assert origin in provisioner.relay.policy.server_origins, provisioner.relay.policy.server_origins
         assert owner_of(engine, pooled[0])["kind"] == "kernel"
         await _until(lambda: kernel_pool.pooled(engine))  # and the pool refills behind it
         assert len(kernel_pool.pooled(engine)) == 1 and pooled[0] not in kernel_pool.pooled(engine)
@@ -70,3 +76,11 @@ async def test_the_server_prepares_the_first_notebooks_kernel(jp_serverapp, jp_f
                                      for t in threading.enumerate()))
         kernel_pool.drain()
     assert not [i.name for i in engine.list() if i.name.startswith("nbk-")]
+
+
+def test_a_kernel_outside_a_server_does_not_import_the_server() -> None:
+    # nbclient or a KernelManager has no server whose origin to guard: its first kernel must not import
+    # jupyter_server's app (with jsonschema's format grammars, ~1 s) to find that out
+    code = ("import sys; from microagent_jupyter.provisioner import server_origins; "
+            "assert server_origins() == frozenset(); assert 'jupyter_server.serverapp' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
