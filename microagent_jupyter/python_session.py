@@ -78,10 +78,12 @@ class PythonSession:
     def start(self) -> None:
         """Launch the guest kernel, connect a client, install the value helpers; returns when it answers."""
         self.kernel.launch()
-        self.kernel.wait_bound()
+        # connected at once: a clone's first kernel was bound in the snapshot, so the connections are made while
+        # it takes this session's key (a forked or cold kernel binds later; ZMQ then retries every 0.1 s)
         client = bounded_client(self.kernel.host_info)
         client.start_channels()
         self.client = client
+        self.kernel.wait_bound()
         self.sleeper = IdleSleeper(self.engine, self.name)
         try:
             self.kernel.wait_ready(client)
