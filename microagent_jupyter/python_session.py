@@ -18,6 +18,7 @@ import secrets
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +76,11 @@ class PythonSession:
         self.sleeper: IdleSleeper | None = None  # puts the workspace to sleep when no cell ran for a while
 
     # ---- start / stop ----------------------------------------------------------------------------
-    def start(self) -> None:
-        """Launch the guest kernel, connect a client, install the value helpers; returns when it answers."""
+    def start(self, moved_in: Callable[[], str | None] | None = None) -> None:
+        """Launch the guest kernel, connect a client, install the value helpers; returns when it answers. With
+        ``moved_in``, the kernel starts where the workspace left it and, once it answers, moves into the directory
+        ``moved_in()`` returns (called then: the notebook's folder is copied in meanwhile), where a restart starts
+        it too."""
         self.kernel.launch()
         # connected at once: a clone's first kernel was bound in the snapshot, so the connections are made while
         # it takes this session's key (a forked or cold kernel binds later; ZMQ then retries every 0.1 s)
@@ -87,7 +91,10 @@ class PythonSession:
         self.sleeper = IdleSleeper(self.engine, self.name)
         try:
             self.kernel.wait_ready(client)
-            self._run_hidden(V.GUEST_CODE)
+            cwd = moved_in() if moved_in is not None else None
+            if cwd is not None:
+                self.kernel.cwd = cwd
+            self._run_hidden(V.GUEST_CODE + (f"\n__import__('os').chdir({cwd!r})" if cwd else ""))
         except BaseException:
             self.close_client()
             raise
@@ -385,21 +392,22 @@ def get_session(engine: Engine, name: str | None, spec: WorkspaceSpec | None = N
             engine.start(name)
         else:
             require("exec", state, name)
-        cwd = None
-        if created and Path.cwd() != Path("/"):  # the notebook's directory, read-only, where the kernel starts
+        copying = None
+        if created and Path.cwd() != Path("/"):  # the notebook's directory, read-only, where the kernel works
             if progress:
-                progress(f"Copying {Path.cwd()} into {name}")
-            line = copy_into(engine, name, Path.cwd(), writable=writable)
-            cwd = GUEST_NOTEBOOK_DIR
+                progress(f"Copying {Path.cwd()} into {name} while its Python kernel starts")
+            copying = _Copy(engine, name, Path.cwd(), writable)  # one guest exec beside the kernel's launch
+
+        def moved_in() -> str | None:
+            line = copying.result()
             if progress:
                 progress(line)
-        if progress:
-            progress(f"Starting the Python kernel in {name}")
-        sess = PythonSession(engine, name, owned, cwd)
-        if writable is not None and cwd is not None:
+            return GUEST_NOTEBOOK_DIR
+        sess = PythonSession(engine, name, owned)
+        if writable is not None and copying is not None:
             sess.writable = (writable, Path.cwd() / writable)
         sess.warm_from, sess.cold_reason = warm_from, cold_reason if warm_from is None else ""
-        sess.start()
+        sess.start(moved_in if copying is not None else None)
     except BaseException:
         if created or owned:
             _remove_workspace(engine, name)
@@ -409,6 +417,28 @@ def get_session(engine: Engine, name: str | None, spec: WorkspaceSpec | None = N
         atexit.register(stop_all)
         _atexit_installed.append(True)
     return sess
+
+
+class _Copy:
+    """:func:`.notebook_files.copy_into` in a thread; :meth:`result` waits for its line (or raises its error)."""
+
+    def __init__(self, engine: Engine, name: str, root: Path, writable: str | None) -> None:
+        self._line, self._error = "", None
+        self._thread = threading.Thread(target=self._run, args=(engine, name, root, writable),
+                                        name=f"microagent-copy-{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self, engine: Engine, name: str, root: Path, writable: str | None) -> None:
+        try:
+            self._line = copy_into(engine, name, root, writable=writable)
+        except BaseException as exc:  # noqa: BLE001 (raised in the caller's thread by result())
+            self._error = exc
+
+    def result(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._line
 
 
 # ---- the default session, prepared when the extension loads ----------------------------------------

@@ -260,6 +260,10 @@ def test_a_new_session_starts_in_a_read_only_copy_of_the_notebook_directory(engi
         sess.run_cell("pd.DataFrame({'n': [3]}).to_csv('results/summary.csv', index=False)")
         assert "1 file(s) back" in sess.sync()  # %microagent session sync
         assert (tmp_path / "results" / "summary.csv").read_text() == "n\n3\n"
+        sess.restart()  # (the folder was copied in while the first kernel started; a restart starts in it)
+        with capture_output() as cap:
+            sess.run_cell("import os\nprint(os.getcwd())")
+        assert cap.stdout == "/notebook\n", cap.stdout
         sess.run_cell("open('results/late.txt', 'w').write('at stop')")
         sess.stop()  # brings the folder back once more
         assert (tmp_path / "results" / "late.txt").read_text() == "at stop"
