@@ -15,7 +15,10 @@ import os
 import stat
 import tarfile
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from microagent_engine import Engine
 from microagent_engine.errors import MicroagentError
@@ -104,3 +107,28 @@ def copy_into(engine: Engine, workspace: str, root: Path, max_bytes: int = DEFAU
     if writable:
         extra += f"; {GUEST_NOTEBOOK_DIR}/{writable} is writable and comes back to {root / writable}"
     return f"copied {count} file(s) of {root} to {GUEST_NOTEBOOK_DIR} (read-only){extra}"
+
+
+class Background:
+    """``fn(*args, **kwargs)`` running in a daemon thread (a notebook folder's copy beside a kernel's launch);
+    :meth:`result` waits for its value (or raises its error)."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args, kwargs), name="microagent-copy",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        try:
+            self._value = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 (raised in the caller's thread by result())
+            self._error = exc
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+

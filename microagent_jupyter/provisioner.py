@@ -32,7 +32,7 @@ from microagent_engine.workspace_spec import WorkspaceSpec
 
 from . import kernel_board, kernel_pool
 from .guest_kernel import GuestKernel, KernelDied
-from .notebook_files import GUEST_NOTEBOOK_DIR, copy_into
+from .notebook_files import GUEST_NOTEBOOK_DIR, Background, copy_into
 from .notebook_sync import check_folder, sync_back
 from .output_policy import OutputPolicy
 from .idle_sleep import IdleSleeper
@@ -179,10 +179,12 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 except BaseException:
                     self._remove()
                     raise
+        copying = None
         if self.kernel is None:
             if self.notebook_files and self._cwd:
-                engine.progress("Copying the notebook's folder into the VM")
-            self.kernel = GuestKernel(engine, self.workspace, cwd=self._copy_notebook_files())
+                engine.progress("Copying the notebook's folder into the VM while the kernel starts")
+                copying = Background(self._copy_notebook_files)  # one guest exec beside the kernel's launch
+            self.kernel = GuestKernel(engine, self.workspace)
         try:
             if not self.kernel.alive:  # (a kernel taken from the pool answers already)
                 engine.progress("Starting the Python kernel")
@@ -202,6 +204,10 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                                    on_busy=self.sleeper.on_busy)
                 self.relay.start()
             self._wait_ready()
+            cwd = copying.result() if copying is not None else None
+            if cwd is not None:  # (no frontend has the kernel yet: it learns of it when this returns)
+                self.kernel.run_quietly(f"import os; os.chdir({cwd!r})")
+                self.kernel.cwd = cwd  # where a restart starts it
             self.relay.kernel_ready()
             if self.sleeper is not None:
                 self.sleeper.start()

@@ -34,7 +34,7 @@ from microagent_engine.states import allows, require
 
 from . import values as V
 from .egress_note import RefusalWatch
-from .notebook_files import GUEST_NOTEBOOK_DIR, copy_into
+from .notebook_files import GUEST_NOTEBOOK_DIR, Background, copy_into
 from .notebook_sync import check_folder, sync_back
 from .guest_kernel import GuestKernel, bounded_client
 from .idle_sleep import IdleSleeper
@@ -396,7 +396,8 @@ def get_session(engine: Engine, name: str | None, spec: WorkspaceSpec | None = N
         if created and Path.cwd() != Path("/"):  # the notebook's directory, read-only, where the kernel works
             if progress:
                 progress(f"Copying {Path.cwd()} into {name} while its Python kernel starts")
-            copying = _Copy(engine, name, Path.cwd(), writable)  # one guest exec beside the kernel's launch
+            # one guest exec beside the kernel's launch
+            copying = Background(copy_into, engine, name, Path.cwd(), writable=writable)
 
         def moved_in() -> str | None:
             line = copying.result()
@@ -417,28 +418,6 @@ def get_session(engine: Engine, name: str | None, spec: WorkspaceSpec | None = N
         atexit.register(stop_all)
         _atexit_installed.append(True)
     return sess
-
-
-class _Copy:
-    """:func:`.notebook_files.copy_into` in a thread; :meth:`result` waits for its line (or raises its error)."""
-
-    def __init__(self, engine: Engine, name: str, root: Path, writable: str | None) -> None:
-        self._line, self._error = "", None
-        self._thread = threading.Thread(target=self._run, args=(engine, name, root, writable),
-                                        name=f"microagent-copy-{name}", daemon=True)
-        self._thread.start()
-
-    def _run(self, engine: Engine, name: str, root: Path, writable: str | None) -> None:
-        try:
-            self._line = copy_into(engine, name, root, writable=writable)
-        except BaseException as exc:  # noqa: BLE001 (raised in the caller's thread by result())
-            self._error = exc
-
-    def result(self) -> str:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._line
 
 
 # ---- the default session, prepared when the extension loads ----------------------------------------
