@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from microagent_engine import Engine, ExecResult
-from microagent_engine.engine.warm_python import KERNEL_DIR, KERNEL_PORTS, kernel_launcher
+from microagent_engine.engine.warm_python import KERNEL_DIR, KERNEL_PORTS, connection_info, kernel_launcher
 from microagent_engine.errors import GuestError, MicroagentError
 
 GUEST_PORTS = KERNEL_PORTS  # fixed ports on the guest's own loopback (see warm_python.KERNEL_PORTS)
@@ -53,13 +53,6 @@ WARM_UP_CELLS = (
 
 class KernelDied(GuestError):
     """The guest kernel process ended (crash, OOM, killed)."""
-
-
-def connection_info(key: str, ports: dict[str, int], ip: str = "127.0.0.1", transport: str = "tcp"
-                    ) -> dict[str, Any]:
-    """A Jupyter connection-file dict (``transport`` ipc: each channel is the unix socket ``IP-PORT``)."""
-    return {**ports, "ip": ip, "key": key, "transport": transport, "signature_scheme": "hmac-sha256",
-            "kernel_name": "python3"}
 
 
 def bounded_client(info: dict[str, Any]) -> Any:
@@ -328,6 +321,12 @@ class GuestKernel:
         finally:
             shell.close(0)
             ctx.term()
+
+    def move_to(self, cwd: str) -> None:
+        """Change the running kernel's working directory to ``cwd`` (quietly, before a frontend uses it); a restart
+        starts it there too."""
+        self.run_quietly(f"import os; os.chdir({cwd!r})")
+        self.cwd = cwd
 
     def warm_up(self, stop: Callable[[], bool] = lambda: False) -> None:
         """Run :data:`WARM_UP_CELLS` quietly (no output, history or execution count), before ``stop()`` says

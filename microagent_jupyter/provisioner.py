@@ -144,6 +144,7 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self.log.warning("microagent kernel %s: its VM is not running; the kernel restarts in a new one",
                              self.workspace)
             self._remove()
+        copying = None  # the notebook's folder, copied into a new VM
         if self.workspace is None:
             self._pool_key = pool_request(self.workspace_spec)
             _key, spec, env = self._pool_key
@@ -156,16 +157,6 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 engine.progress(f"Took {self.workspace} from the warm pool: resumed, its kernel answering")
                 self.warm_from, self.cold_reason = "pool", ""
                 kernel_board.workspace(self._board_id, self.workspace)
-                try:
-                    if self.notebook_files and self._cwd:
-                        engine.progress("Copying the notebook's folder into the VM")
-                    cwd = self._copy_notebook_files()
-                    if cwd is not None:
-                        self.kernel.run_quietly(f"import os; os.chdir({cwd!r})")
-                        self.kernel.cwd = cwd  # where a restart starts it
-                except BaseException:
-                    self._remove()
-                    raise
             else:
                 self.workspace = f"nbk-{(self.kernel_id or secrets.token_hex(4))[:8]}-{secrets.token_hex(2)}"
                 kernel_board.workspace(self._board_id, self.workspace)
@@ -179,11 +170,11 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 except BaseException:
                     self._remove()
                     raise
-        copying = None
-        if self.kernel is None:
             if self.notebook_files and self._cwd:
-                engine.progress("Copying the notebook's folder into the VM while the kernel starts")
-                copying = Background(self._copy_notebook_files)  # one guest exec beside the kernel's launch
+                engine.progress("Copying the notebook's folder into the VM")
+                # one guest exec beside the kernel's launch (or the pooled kernel's connection); it moves in below
+                copying = Background(self._copy_notebook_files)
+        if self.kernel is None:
             self.kernel = GuestKernel(engine, self.workspace)
         try:
             if not self.kernel.alive:  # (a kernel taken from the pool answers already)
@@ -206,8 +197,7 @@ class MicroagentProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self._wait_ready()
             cwd = copying.result() if copying is not None else None
             if cwd is not None:  # (no frontend has the kernel yet: it learns of it when this returns)
-                self.kernel.run_quietly(f"import os; os.chdir({cwd!r})")
-                self.kernel.cwd = cwd  # where a restart starts it
+                self.kernel.move_to(cwd)
             self.relay.kernel_ready()
             if self.sleeper is not None:
                 self.sleeper.start()

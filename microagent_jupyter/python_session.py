@@ -64,9 +64,9 @@ class SessionInterrupted(MicroagentInterrupted):
 class PythonSession:
     """A workspace with a guest kernel and the host client that talks to it."""
 
-    def __init__(self, engine: Engine, name: str, owned: bool, cwd: str | None = None) -> None:
+    def __init__(self, engine: Engine, name: str, owned: bool) -> None:
         self.engine, self.name, self.owned = engine, name, owned
-        self.kernel = GuestKernel(engine, name, cwd=cwd)
+        self.kernel = GuestKernel(engine, name)
         self.client: Any = None
         self.policy = OutputPolicy()
         self.lock = threading.Lock()
@@ -76,7 +76,7 @@ class PythonSession:
         self.sleeper: IdleSleeper | None = None  # puts the workspace to sleep when no cell ran for a while
 
     # ---- start / stop ----------------------------------------------------------------------------
-    def start(self, moved_in: Callable[[], str | None] | None = None) -> None:
+    def start(self, moved_in: Callable[[], str] | None = None) -> None:
         """Launch the guest kernel, connect a client, install the value helpers; returns when it answers. With
         ``moved_in``, the kernel starts where the workspace left it and, once it answers, moves into the directory
         ``moved_in()`` returns (called then: the notebook's folder is copied in meanwhile), where a restart starts
@@ -93,7 +93,7 @@ class PythonSession:
             self.kernel.wait_ready(client)
             cwd = moved_in() if moved_in is not None else None
             if cwd is not None:
-                self.kernel.cwd = cwd
+                self.kernel.cwd = cwd  # where a restart starts it
             self._run_hidden(V.GUEST_CODE + (f"\n__import__('os').chdir({cwd!r})" if cwd else ""))
         except BaseException:
             self.close_client()
@@ -399,7 +399,7 @@ def get_session(engine: Engine, name: str | None, spec: WorkspaceSpec | None = N
             # one guest exec beside the kernel's launch
             copying = Background(copy_into, engine, name, Path.cwd(), writable=writable)
 
-        def moved_in() -> str | None:
+        def moved_in() -> str:
             line = copying.result()
             if progress:
                 progress(line)

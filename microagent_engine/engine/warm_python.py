@@ -73,6 +73,13 @@ _RC_FIFO = ("  mkfifo -m 600 $f 2>/dev/null || { rm -f $f; mkfifo -m 600 $f; } |
             "  exec 3<>$f\n")
 
 
+def connection_info(key: str, ports: dict[str, int] = KERNEL_PORTS, ip: str = "127.0.0.1", transport: str = "tcp"
+                    ) -> dict[str, Any]:
+    """A Jupyter connection-file dict (``transport`` ipc: each channel is the unix socket ``IP-PORT``)."""
+    return {**ports, "ip": ip, "key": key, "transport": transport, "signature_scheme": "hmac-sha256",
+            "kernel_name": "python3"}
+
+
 def kernel_launcher(connection_file: str) -> str:
     """The start of a kernel's exec when the workspace has a live zygote: ask it for a kernel (forked from the warm
     process, with this exec's environment, output pipes and ``connection_file``), exit with its exit code (which
@@ -261,8 +268,7 @@ def build(engine: EngineLike, name: str, spec: WorkspaceSpec, progress: Progress
         say(f"Building the warm Python snapshot {name}: importing ipykernel, numpy, pandas, matplotlib")
         # the kernel the zygote prepares before the snapshot is bound with a key no session has (each session's
         # comes in its own connection file and replaces it)
-        placeholder = json.dumps({**KERNEL_PORTS, "ip": "127.0.0.1", "key": secrets.token_hex(32), "transport": "tcp",
-                                  "signature_scheme": "hmac-sha256", "kernel_name": "python3"})
+        placeholder = json.dumps(connection_info(secrets.token_hex(32)))
         start = (f"cd /; setsid python3 {ZYGOTE_FILE} {ZYGOTE_DIR} {shlex.quote(placeholder)} </dev/null "
                  f">{ZYGOTE_DIR}/log 2>&1 & "
                  f"while [ ! -e {ZYGOTE_DIR}/ready ]; do "

@@ -488,9 +488,12 @@ def prepare_kernel(d: str, placeholder: str) -> tuple[int, int, int] | None:
     ack_r, ack_w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        os.close(go_w)
-        os.close(ack_r)
-        waiting_kernel(path, go_r, ack_w)
+        try:  # never back into the zygote's code: a write to a zygote that closed its end raises
+            os.close(go_w)
+            os.close(ack_r)
+            waiting_kernel(path, go_r, ack_w)
+        finally:
+            os._exit(1)
     os.close(go_r)
     os.close(ack_w)
     if _read_line(ack_r) == "prepared":
@@ -502,8 +505,9 @@ def prepare_kernel(d: str, placeholder: str) -> tuple[int, int, int] | None:
 
 
 def _hand_over(waiter: tuple[int, int, int], launcher: str, conn: str) -> bool:
-    """Offer the prepared kernel to a kernel request; whether it took it (then it is that request's child)."""
-    _pid, go, ack = waiter
+    """Offer the prepared kernel to a kernel request; whether it took it (then it is that request's child). One
+    that did not answer "taken" in time is killed, so that it cannot become a second kernel beside the forked one."""
+    pid, go, ack = waiter
     try:
         os.write(go, f"{launcher} {conn}\n".encode())
         taken = _read_line(ack, 30.0) == "taken"
@@ -511,6 +515,11 @@ def _hand_over(waiter: tuple[int, int, int], launcher: str, conn: str) -> bool:
         taken = False
     os.close(go)
     os.close(ack)
+    if not taken:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:  # it ended already (it declined)
+            pass
     return taken
 
 
