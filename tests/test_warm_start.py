@@ -174,3 +174,24 @@ def test_create_cold_boots_every_start_cold(engine: Engine) -> None:
     finally:
         engine.kill("warm-cold-cfg")
         engine.delete("warm-cold-cfg")
+
+
+def test_a_clone_binds_its_own_devices_and_keeps_no_helper(engine: Engine) -> None:
+    # drivers are loaded in the template but bound at CONFIG (the NIC by a forked child, beside the root disk's
+    # mount); the child that warms the exec path and the network's child are gone, not even zombies
+    script = ("ls -d /sys/bus/virtio/devices/*; ls -d /sys/bus/virtio/devices/*/driver; "
+              "cat /sys/bus/virtio/drivers_autoprobe; ip -4 addr show eth0; ip route; grep ' / ' /proc/mounts; "
+              "ps -o stat,args | grep -v '\\['")
+    info, result = engine.run(["sh", "-c", script], profile="small", network="user")
+    engine.delete(info.name)
+    out = result.stdout.decode()
+    assert info.state.boot_mode == "warm", info.state.cold_reason
+    devices = [line for line in out.splitlines() if line.startswith("/sys/bus/virtio/devices/")]
+    bound = [d for d in devices if d.endswith("/driver")]
+    assert len(devices) == 2 * len(bound) and bound, out  # every device, the disk and the NIC too, has its driver
+    assert "\n1\n" in out, out  # autoprobe is back on
+    assert "inet 10.0.2.15/24" in out and "default via 10.0.2.2 dev eth0" in out, out
+    assert "/dev/vda / ext4 rw" in out, out
+    procs = [line.split(None, 1) for line in out.split("STAT COMMAND", 1)[1].strip().splitlines()]
+    assert not [p for p in procs if p[0].startswith("Z") or "/init" in p[1] and p[1] != "/init"], out
+    assert [p[1] for p in procs if "/init" in p[1]] == ["/init"], out

@@ -64,6 +64,7 @@
  * build. Never spell one of them here: tests/test_agent_protocol.py fails on a hand-written copy. */
 #include "protocol.h"
 
+#define AGENT_EXIT_ARG "--exit-at-once" /* warm_exec_path: the binary started only to exit */
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #define STDIN_BACKPRESSURE (8u << 20) /* stop reading the channel while this much stdin is queued */
 #define MED_ACCEPT_BATCH 64
@@ -885,6 +886,26 @@ static pid_t vfork_exec(const struct exec_req *req, int in_fd, int out_fd, int e
     return pid;
 }
 
+/* A clone's first command paid ~25 ms more than later ones under emulation: the kernel's fork, exec and exit paths
+ * translated afresh in each new QEMU. At the first CONFIG a forked child (on another vCPU while this one mounts the
+ * root) execs the agent's own binary, which exits at once; its exit is reaped like any unknown child's. */
+static void warm_exec_path(void)
+{
+    pid_t pid = fork();
+    if (pid != 0)
+        return;
+    reset_signals_in_child();
+    int nfd = open("/dev/null", O_RDWR);
+    if (nfd >= 0) {
+        dup2(nfd, 0);
+        dup2(nfd, 1);
+        dup2(nfd, 2);
+    }
+    close_fds_except(-1);
+    execl("/proc/self/exe", AGENT_EXIT_ARG, AGENT_EXIT_ARG, (char *)NULL);
+    _exit(0);
+}
+
 /* start req's command; on success *pid_out and fds (our ends: stdin writer or -1, stdout reader, stderr
  * reader) and 0, else the errno why not (the child's, if chdir or exec failed) */
 static int spawn_exec(const struct exec_req *req, pid_t *pid_out, int fds[3])
@@ -1189,6 +1210,80 @@ static void configure_user_net(char *out, size_t outlen)
     snprintf(out, outlen, READY_OK);
 }
 
+static void bind_late_devices(int nics);
+
+/* lo and eth0 as CONFIG's network mode asks ("none": lo only); the verdict for READY into out */
+static void configure_network(const char *net, char *out, size_t outlen)
+{
+    configure_lo();
+    if (!net || strcmp(net, NET_NONE) == 0)
+        snprintf(out, outlen, READY_NONE);
+    else if (strcmp(net, NET_USER) == 0)
+        configure_user_net(out, outlen);
+    else
+        snprintf(out, outlen, READY_ERROR "unknown network mode %.100s", net);
+}
+
+/* The first CONFIG's network, set up by a forked child (bind the NICs, then configure_network) whose verdict comes
+ * back through a pipe; without a child (fork failed) finish_network does it all itself. */
+struct net_setup {
+    const char *net;
+    pid_t pid;
+    int fd;
+};
+
+static struct net_setup start_network(const char *net)
+{
+    struct net_setup ns = {net, -1, -1};
+    int p[2];
+    if (pipe2(p, O_CLOEXEC) < 0)
+        return ns;
+    ns.pid = fork();
+    if (ns.pid == 0) {
+        close(p[0]);
+        reset_signals_in_child();
+        char out[sizeof config.ready_net];
+        bind_late_devices(1);
+        configure_network(net, out, sizeof out);
+        ssize_t w = write(p[1], out, strlen(out));
+        (void)w;
+        _exit(0);
+    }
+    close(p[1]);
+    if (ns.pid < 0)
+        close(p[0]);
+    else
+        ns.fd = p[0];
+    return ns;
+}
+
+static void finish_network(struct net_setup *ns, char *out, size_t outlen)
+{
+    if (ns->pid < 0) {
+        bind_late_devices(1);
+        configure_network(ns->net, out, outlen);
+        return;
+    }
+    size_t used = 0;
+    for (;;) {
+        ssize_t n = read(ns->fd, out + used, outlen - 1 - used);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        used += (size_t)n;
+        if (used >= outlen - 1)
+            break;
+    }
+    out[used] = '\0';
+    close(ns->fd);
+    int st;
+    while (waitpid(ns->pid, &st, 0) < 0 && errno == EINTR) {
+    }
+    if (used == 0)
+        snprintf(out, outlen, READY_ERROR "the network set-up process died");
+}
+
 static void append_err(char *out, size_t outlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 static void append_err(char *out, size_t outlen, const char *fmt, ...)
 {
@@ -1413,21 +1508,16 @@ static void handle_config(uint32_t stream, const unsigned char *payload, size_t 
         return;
     }
     config.applied = 1;
-    if (agent.is_pid1 && !agent.test_mode)
+    if (agent.is_pid1 && !agent.test_mode) {
+        warm_exec_path();
+        /* the network on another vCPU while this one binds and mounts the root disk */
+        struct net_setup ns = start_network(net);
         mount_root();
-
-    /* network */
-    if (!agent.test_mode)
-        configure_lo();
-    if (!net || strcmp(net, NET_NONE) == 0)
+        finish_network(&ns, config.ready_net, sizeof config.ready_net);
+    } else if (!net || strcmp(net, NET_NONE) == 0)
         snprintf(config.ready_net, sizeof config.ready_net, READY_NONE);
-    else if (strcmp(net, NET_USER) == 0) {
-        if (agent.test_mode)
-            snprintf(config.ready_net, sizeof config.ready_net, READY_ERROR "not supported in test mode");
-        else
-            configure_user_net(config.ready_net, sizeof config.ready_net);
-    } else
-        snprintf(config.ready_net, sizeof config.ready_net, READY_ERROR "unknown network mode %.100s", net);
+    else
+        snprintf(config.ready_net, sizeof config.ready_net, READY_ERROR "not supported in test mode");
     if (strcmp(config.ready_net, READY_OK) != 0 && strcmp(config.ready_net, READY_NONE) != 0)
         logmsg("network: %s", config.ready_net);
 
@@ -2305,11 +2395,24 @@ static void try_mount(const char *src, const char *target, const char *type, uns
         logmsg("mounting %s on %s failed: %s", type, target, strerror(errno));
 }
 
-/* block and network drivers load at the first CONFIG, not at boot: a template snapshot taken at HELLO has not
- * probed any disk or NIC, so a clone restored from it probes its own disks (their sizes, their serials) */
+/* Block and network drivers are loaded at boot but bound at the first CONFIG: a template snapshot taken at HELLO
+ * has every module's code relocated and linked (slow under emulation) yet has probed no disk or NIC, so a clone
+ * probes its own disks (their sizes, their serials). The virtio bus's autoprobe is off while they load. */
+#define VIRTIO_BUS "/sys/bus/virtio"
+#define VIRTIO_NET_DEVICE 1 /* virtio device id of a NIC */
+
 static int late_module(const char *path)
 {
     return strstr(path, "/virtio_blk.ko") != NULL || strstr(path, "/virtio_net.ko") != NULL;
+}
+
+static void write_sys(const char *path, const char *value)
+{
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0 || write(fd, value, strlen(value)) < 0)
+        logmsg("writing %s to %s: %s", value, path, strerror(errno));
+    if (fd >= 0)
+        close(fd);
 }
 
 static void load_modules(int late)
@@ -2341,6 +2444,42 @@ static void load_modules(int late)
         close(fd);
     }
     fclose(f);
+}
+
+/* a virtio device's type, from sysfs ("0x0001": a NIC), or -1 */
+static int virtio_device_id(const char *name)
+{
+    char path[PATH_MAX], buf[32];
+    snprintf(path, sizeof path, VIRTIO_BUS "/devices/%s/device", name);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return -1;
+    buf[n] = '\0';
+    return (int)strtol(buf, NULL, 16);
+}
+
+/* bind the virtio devices left unprobed at boot: the NICs (nics = 1), or every other one (the disks) */
+static void bind_late_devices(int nics)
+{
+    DIR *d = opendir(VIRTIO_BUS "/devices");
+    if (!d) {
+        logmsg("%s: %s", VIRTIO_BUS "/devices", strerror(errno));
+        return;
+    }
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        if (de->d_name[0] == '.' || (virtio_device_id(de->d_name) == VIRTIO_NET_DEVICE) != nics)
+            continue;
+        char drv[PATH_MAX];
+        snprintf(drv, sizeof drv, VIRTIO_BUS "/devices/%s/driver", de->d_name);
+        if (access(drv, F_OK) != 0)
+            write_sys(VIRTIO_BUS "/drivers_probe", de->d_name);
+    }
+    closedir(d);
 }
 
 static void delete_tree(int dfd, dev_t rootdev, int top)
@@ -2381,6 +2520,8 @@ static void boot(void)
     agent.log_fd = open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC);
 
     load_modules(0);
+    write_sys(VIRTIO_BUS "/drivers_autoprobe", "0");
+    load_modules(1);
 
     char *root = agent.root_dev;
     snprintf(root, sizeof agent.root_dev, "%s", DEFAULT_ROOT_DEVICE);
@@ -2420,13 +2561,14 @@ static void boot(void)
     }
 }
 
-/* At the first CONFIG (after HELLO, so after a template snapshot): load the disk and NIC drivers, mount the root
+/* At the first CONFIG (after HELLO, so after a template snapshot): bind the disk and NIC drivers, mount the root
  * disk and switch into it. */
 static void mount_root(void)
 {
     const char *root = agent.root_dev;
     int ro = agent.root_ro;
-    load_modules(1);
+    write_sys(VIRTIO_BUS "/drivers_autoprobe", "1");
+    bind_late_devices(0);
     struct stat st;
     int64_t until = mono_ms() + DEVICE_WAIT_MS;
     while (stat(root, &st) < 0 || !S_ISBLK(st.st_mode)) {
@@ -2699,6 +2841,8 @@ static void main_loop(void)
 
 int main(int argc, char **argv)
 {
+    if (argc == 2 && strcmp(argv[1], AGENT_EXIT_ARG) == 0)
+        return 0; /* warm_exec_path's child */
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--connect") == 0 && i + 1 < argc)
             agent.connect_path = argv[++i];

@@ -16,7 +16,8 @@ services and private networks. Here QEMU runs inside a network namespace of its 
   it never opens a blocked range. Resolvers are no exception: the guest's DNS is answered by the supervisor's
   forwarder (``dns.py``) on the namespace's 127.0.0.1:53, which QEMU's slirp sends the guest's 10.0.2.3 to.
 
-One process per workspace beyond QEMU: slirp4netns, which exits when the supervisor closes its exit pipe (or dies).
+One process per workspace beyond QEMU: slirp4netns, killed at the end of each boot (it also exits by itself when its
+exit pipe closes: the supervisor died).
 The namespace is held by file descriptors in the supervisor, not by a bind mount or a holder process, so nothing
 outlives the supervisor. Alternatives considered: QEMU ``restrict=on`` (drops all egress), passt ``--no-map-gw``
 (no allow-list, no port opt-in), a host-side transparent proxy (needs host firewall changes).
@@ -37,6 +38,7 @@ import signal
 import socket
 import struct
 import subprocess
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -547,14 +549,13 @@ class NetworkSandbox:
 
     def _stop_slirp(self) -> None:
         if self.exit_w >= 0:
-            os.close(self.exit_w)  # slirp4netns exits when its exit pipe closes
+            os.close(self.exit_w)  # how slirp4netns learns the supervisor is gone, should it die first
             self.exit_w = -1
-        if self.slirp is not None:
-            try:
-                self.slirp.wait(timeout=5)
-            except subprocess.TimeoutExpired:
+        if self.slirp is not None:  # it holds nothing that outlives it (no API socket; its sandbox is a namespace)
+            with contextlib.suppress(ProcessLookupError):
                 self.slirp.kill()
-                self.slirp.wait()
+            # its death takes 15-30 ms (the kernel unregisters its tap device): reaped beside what follows
+            threading.Thread(target=self.slirp.wait, name="reap-slirp4netns", daemon=True).start()
             self.slirp = None
 
     async def close(self) -> None:

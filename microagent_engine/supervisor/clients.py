@@ -111,6 +111,8 @@ class ClientHub:
     def __init__(self, sup: ClientHost) -> None:
         self.sup = sup
         self.clients: set[Client] = set()
+        self.none_left = asyncio.Event()  # set while no client is connected
+        self.none_left.set()
         self.routes: dict[int, Route] = {}  # guest stream -> route
         # guest streams whose client went away before the command ended: their frames are expected, not forged
         self.orphans: set[int] = set()
@@ -171,6 +173,8 @@ class ClientHub:
     def hang_up(self, client: Client) -> None:
         """The client is gone: SIGHUP its commands; their remaining frames are expected and dropped."""
         self.clients.discard(client)
+        if not self.clients:
+            self.none_left.set()
         for gsid in client.streams.values():
             if self.routes.pop(gsid, None) is not None:
                 self.orphans.add(gsid)
@@ -185,6 +189,7 @@ class ClientHub:
     async def on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         client = Client(writer)
         self.clients.add(client)
+        self.none_left.clear()
         decoder = FrameDecoder()
         try:
             while data := await reader.read(262144):

@@ -16,6 +16,7 @@ string the guest supplies passes :func:`microagent_engine.textsafe.safe_text` be
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -172,10 +173,8 @@ class Supervisor(StateRecording, Booting, GuestChannel, VmControl, Sleeping):
             server.close()
         self.hub.close_all()
         # let each connection's task see its EOF and end, rather than be cancelled by asyncio.run's teardown
-        for _ in range(100):
-            if not self.hub.clients:
-                break
-            await asyncio.sleep(0.01)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.hub.none_left.wait(), 1.0)
         for sock in sockets:
             sock.unlink(missing_ok=True)
         return 0 if self.state.state != "failed" else 1
