@@ -44,7 +44,6 @@ from .storage.attachments import check_bundle_file, check_ext4_file
 from .secret import Secret, validate_secrets
 from .workspace_spec import WorkspaceSpec
 
-SPEC_NAMES = ("microagent.yaml", "microagent.yml")
 DISK_MODES = ("ro", "rw")
 BUNDLE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
@@ -149,15 +148,6 @@ class SpecFile:
             attachments=attachments if self.disks is not None or self.bundles is not None else None,
             outputs=None if self.outputs is None else [Output(o.name, o.path) for o in self.outputs],
             publish=self.publish, packages=self.packages, secrets=self.secrets)
-
-
-def find_default_spec(cwd: Path) -> Path | None:
-    """``microagent.yaml`` or ``microagent.yml`` in ``cwd``, or None. Both present is an error."""
-    found = [cwd / n for n in SPEC_NAMES if (cwd / n).exists()]
-    if len(found) > 1:
-        raise SpecError(f"both {SPEC_NAMES[0]} and {SPEC_NAMES[1]} exist; keep one (delete or rename the other) "
-                        f"or choose with --file", file=cwd)
-    return found[0] if found else None
 
 
 def load_spec(path: Path, *, allow_host_files: bool = False) -> SpecFile:

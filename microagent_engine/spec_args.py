@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .config import ACCEL_CHOICES, NETWORK_CHOICES, PROFILES, RESTART_POLICIES, parse_env_pairs
-from .errors import InvalidArgument
+from .errors import InvalidArgument, SpecError
 from .model import parse_attachment_flags, parse_mediation_flag, parse_output_flag, parse_publish_flag
 from .network_policy import ALLOW_SYNTAX, NetworkPolicy
 from .secret import FLAG_SYNTAX, parse_secret_flag
 from .workspace_spec import WorkspaceSpec
 
 #: the flag groups :func:`add_workspace_arguments` knows, in help order
+SPEC_NAMES = ("microagent.yaml", "microagent.yml")  # what a directory's spec file may be called
 GROUPS = ("image", "resources", "env", "network", "storage", "boot", "publish", "spec")
 
 
@@ -111,12 +112,19 @@ def flags_spec(args: argparse.Namespace, network_base: NetworkPolicy | None = No
         from_snapshot=_get(args, "from_snapshot"))
 
 
+def find_default_spec(cwd: Path) -> Path | None:
+    """``microagent.yaml`` or ``microagent.yml`` in ``cwd``, or None. Both present is an error."""
+    found = [cwd / n for n in SPEC_NAMES if (cwd / n).exists()]
+    if len(found) > 1:
+        raise SpecError(f"both {SPEC_NAMES[0]} and {SPEC_NAMES[1]} exist; keep one (delete or rename the other) "
+                        f"or choose with --file", file=cwd)
+    return found[0] if found else None
+
+
 def spec_from_args(args: argparse.Namespace, *, find_spec: bool = True,
                    cwd: Path | None = None) -> tuple[WorkspaceSpec, str | None]:
     """The request of ``args``: its ``-f`` spec file (or, with ``find_spec``, ./microagent.yaml when present)
     under the flags given; and the name the spec file gives (None if none)."""
-    from .spec import find_default_spec, load_spec  # imports yaml: only when a spec may be read
-
     path = _get(args, "file")
     if _get(args, "from_snapshot"):  # the snapshot's workspace as it was: no spec file
         if path:
@@ -125,6 +133,8 @@ def spec_from_args(args: argparse.Namespace, *, find_spec: bool = True,
     found = Path(path).expanduser() if path else (find_default_spec(cwd or Path.cwd()) if find_spec else None)
     if found is None:
         return flags_spec(args), None
+    from .spec import load_spec  # yaml and the spec's grammar (~25 ms): only when there is a spec to read
+
     doc = load_spec(found, allow_host_files=bool(_get(args, "allow_host_files")))
     base = doc.workspace_spec()
     return base.merged(flags_spec(args, base.network)), doc.name

@@ -11,7 +11,8 @@ import pytest
 from microagent_engine.errors import InvalidArgument
 from microagent_engine.errors import SpecError
 from microagent_engine.model import Attachment, FileCopy, Mediation, Output
-from microagent_engine.spec import find_default_spec, load_spec, parse_spec
+from microagent_engine.spec import load_spec, parse_spec
+from microagent_engine.spec_args import find_default_spec
 from microagent_engine.workspace_spec import WorkspaceSpec
 
 # The seed's full example; image 'builtin', host paths created under tmp_path by the fixture.
