@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -176,22 +177,29 @@ def test_create_cold_boots_every_start_cold(engine: Engine) -> None:
         engine.delete("warm-cold-cfg")
 
 
-def test_a_clone_binds_its_own_devices_and_keeps_no_helper(engine: Engine) -> None:
-    # drivers are loaded in the template but bound at CONFIG (the NIC by a forked child, beside the root disk's
-    # mount); the child that warms the exec path and the network's child are gone, not even zombies
+def test_a_clone_binds_its_own_disks_in_order_and_keeps_no_helper(engine: Engine, cli, tmp_path: Path) -> None:
+    # the disk driver is loaded in the template but binds at CONFIG, in the bus's order (the root stays /dev/vda,
+    # an attached disk /dev/vdb, each with its own size); the NIC is bound at boot; the network's set-up child
+    # (which also warms the exec path) is gone, not even a zombie
+    disk = tmp_path / "extra.ext4"
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(disk), "24M"], check=True)
     script = ("ls -d /sys/bus/virtio/devices/*; ls -d /sys/bus/virtio/devices/*/driver; "
-              "cat /sys/bus/virtio/drivers_autoprobe; ip -4 addr show eth0; ip route; grep ' / ' /proc/mounts; "
-              "ps -o stat,args | grep -v '\\['")
-    info, result = engine.run(["sh", "-c", script], profile="small", network="user")
-    engine.delete(info.name)
-    out = result.stdout.decode()
-    assert info.state.boot_mode == "warm", info.state.cold_reason
+              "cat /sys/bus/virtio/drivers_autoprobe; cat /sys/block/vdb/size; ip -4 addr show eth0; ip route; "
+              "grep -E ' (/|/extra) ' /proc/mounts; ps -o stat,args | grep -v '\\['")
+    proc = cli("run", "--name", "warm-disks", "--disk", f"extra={disk}:/extra:rw", "--", "sh", "-c", script)
+    try:
+        assert proc.returncode == 0, proc.stderr.decode()
+        status = json.loads(cli("status", "warm-disks", "--json").stdout)
+    finally:
+        cli("delete", "--yes", "warm-disks")
+    out = proc.stdout.decode()
+    assert status["bootMode"] == "warm", status["coldReason"]
     devices = [line for line in out.splitlines() if line.startswith("/sys/bus/virtio/devices/")]
     bound = [d for d in devices if d.endswith("/driver")]
-    assert len(devices) == 2 * len(bound) and bound, out  # every device, the disk and the NIC too, has its driver
-    assert "\n1\n" in out, out  # autoprobe is back on
+    assert len(devices) == 2 * len(bound) and len(bound) >= 4, out  # console, both disks, the NIC: all bound
+    assert "\n1\n49152\n" in out, out  # autoprobe is back on; the attached disk is vdb, 24 MiB in 512-byte sectors
     assert "inet 10.0.2.15/24" in out and "default via 10.0.2.2 dev eth0" in out, out
-    assert "/dev/vda / ext4 rw" in out, out
+    assert "/dev/vda / ext4 rw" in out and "/dev/vdb /extra ext4 rw" in out, out
     procs = [line.split(None, 1) for line in out.split("STAT COMMAND", 1)[1].strip().splitlines()]
-    assert not [p for p in procs if p[0].startswith("Z") or "/init" in p[1] and p[1] != "/init"], out
+    assert not [p for p in procs if p[0].startswith("Z")], out
     assert [p[1] for p in procs if "/init" in p[1]] == ["/init"], out

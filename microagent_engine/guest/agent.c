@@ -64,7 +64,7 @@
  * build. Never spell one of them here: tests/test_agent_protocol.py fails on a hand-written copy. */
 #include "protocol.h"
 
-#define AGENT_EXIT_ARG "--exit-at-once" /* warm_exec_path: the binary started only to exit */
+#define AGENT_EXIT_ARG "--exit-at-once" /* start_network: the binary started only to exit */
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #define STDIN_BACKPRESSURE (8u << 20) /* stop reading the channel while this much stdin is queued */
 #define MED_ACCEPT_BATCH 64
@@ -886,26 +886,6 @@ static pid_t vfork_exec(const struct exec_req *req, int in_fd, int out_fd, int e
     return pid;
 }
 
-/* A clone's first command paid ~25 ms more than later ones under emulation: the kernel's fork, exec and exit paths
- * translated afresh in each new QEMU. At the first CONFIG a forked child (on another vCPU while this one mounts the
- * root) execs the agent's own binary, which exits at once; its exit is reaped like any unknown child's. */
-static void warm_exec_path(void)
-{
-    pid_t pid = fork();
-    if (pid != 0)
-        return;
-    reset_signals_in_child();
-    int nfd = open("/dev/null", O_RDWR);
-    if (nfd >= 0) {
-        dup2(nfd, 0);
-        dup2(nfd, 1);
-        dup2(nfd, 2);
-    }
-    close_fds_except(-1);
-    execl("/proc/self/exe", AGENT_EXIT_ARG, AGENT_EXIT_ARG, (char *)NULL);
-    _exit(0);
-}
-
 /* start req's command; on success *pid_out and fds (our ends: stdin writer or -1, stdout reader, stderr
  * reader) and 0, else the errno why not (the child's, if chdir or exec failed) */
 static int spawn_exec(const struct exec_req *req, pid_t *pid_out, int fds[3])
@@ -1210,8 +1190,6 @@ static void configure_user_net(char *out, size_t outlen)
     snprintf(out, outlen, READY_OK);
 }
 
-static void bind_late_devices(int nics);
-
 /* lo and eth0 as CONFIG's network mode asks ("none": lo only); the verdict for READY into out */
 static void configure_network(const char *net, char *out, size_t outlen)
 {
@@ -1224,8 +1202,11 @@ static void configure_network(const char *net, char *out, size_t outlen)
         snprintf(out, outlen, READY_ERROR "unknown network mode %.100s", net);
 }
 
-/* The first CONFIG's network, set up by a forked child (bind the NICs, then configure_network) whose verdict comes
- * back through a pipe; without a child (fork failed) finish_network does it all itself. */
+/* The first CONFIG's network, set up by a forked child whose verdict comes back through a pipe. The child then
+ * execs the agent's own binary, which exits at once: a clone's first command paid ~30 ms more than later ones
+ * under emulation, the kernel's exec and exit paths translated afresh in each new QEMU; this runs them on another
+ * vCPU while this one mounts the root disk. Its exit is reaped like any unknown child's. Without a child (fork
+ * failed) finish_network configures the network itself. */
 struct net_setup {
     const char *net;
     pid_t pid;
@@ -1243,10 +1224,18 @@ static struct net_setup start_network(const char *net)
         close(p[0]);
         reset_signals_in_child();
         char out[sizeof config.ready_net];
-        bind_late_devices(1);
         configure_network(net, out, sizeof out);
         ssize_t w = write(p[1], out, strlen(out));
         (void)w;
+        close(p[1]);
+        int nfd = open("/dev/null", O_RDWR);
+        if (nfd >= 0) {
+            dup2(nfd, 0);
+            dup2(nfd, 1);
+            dup2(nfd, 2);
+        }
+        close_fds_except(-1);
+        execl("/proc/self/exe", AGENT_EXIT_ARG, AGENT_EXIT_ARG, (char *)NULL);
         _exit(0);
     }
     close(p[1]);
@@ -1260,7 +1249,6 @@ static struct net_setup start_network(const char *net)
 static void finish_network(struct net_setup *ns, char *out, size_t outlen)
 {
     if (ns->pid < 0) {
-        bind_late_devices(1);
         configure_network(ns->net, out, outlen);
         return;
     }
@@ -1277,9 +1265,6 @@ static void finish_network(struct net_setup *ns, char *out, size_t outlen)
     }
     out[used] = '\0';
     close(ns->fd);
-    int st;
-    while (waitpid(ns->pid, &st, 0) < 0 && errno == EINTR) {
-    }
     if (used == 0)
         snprintf(out, outlen, READY_ERROR "the network set-up process died");
 }
@@ -1509,7 +1494,6 @@ static void handle_config(uint32_t stream, const unsigned char *payload, size_t 
     }
     config.applied = 1;
     if (agent.is_pid1 && !agent.test_mode) {
-        warm_exec_path();
         /* the network on another vCPU while this one binds and mounts the root disk */
         struct net_setup ns = start_network(net);
         mount_root();
@@ -2395,15 +2379,15 @@ static void try_mount(const char *src, const char *target, const char *type, uns
         logmsg("mounting %s on %s failed: %s", type, target, strerror(errno));
 }
 
-/* Block and network drivers are loaded at boot but bound at the first CONFIG: a template snapshot taken at HELLO
- * has every module's code relocated and linked (slow under emulation) yet has probed no disk or NIC, so a clone
- * probes its own disks (their sizes, their serials). The virtio bus's autoprobe is off while they load. */
+/* The disk driver is loaded at boot but bound at the first CONFIG: a template snapshot taken at HELLO has its code
+ * relocated and linked (slow under emulation) yet has probed no disk, so a clone probes its own disks (their sizes,
+ * their serials). The virtio bus's autoprobe is off while it loads. The NIC is bound at boot: it is the same device
+ * with the same address in every VM of a machine shape (each has its own user-mode network). */
 #define VIRTIO_BUS "/sys/bus/virtio"
-#define VIRTIO_NET_DEVICE 1 /* virtio device id of a NIC */
 
 static int late_module(const char *path)
 {
-    return strstr(path, "/virtio_blk.ko") != NULL || strstr(path, "/virtio_net.ko") != NULL;
+    return strstr(path, "/virtio_blk.ko") != NULL;
 }
 
 static void write_sys(const char *path, const char *value)
@@ -2446,40 +2430,44 @@ static void load_modules(int late)
     fclose(f);
 }
 
-/* a virtio device's type, from sysfs ("0x0001": a NIC), or -1 */
-static int virtio_device_id(const char *name)
+/* bind every virtio device still without a driver (the disks, left unprobed at boot), in the bus's order (virtio0,
+ * virtio1, ...), as loading the driver would: the first disk bound is /dev/vda */
+static void bind_late_devices(void)
 {
-    char path[PATH_MAX], buf[32];
-    snprintf(path, sizeof path, VIRTIO_BUS "/devices/%s/device", name);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -1;
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (n <= 0)
-        return -1;
-    buf[n] = '\0';
-    return (int)strtol(buf, NULL, 16);
-}
-
-/* bind the virtio devices left unprobed at boot: the NICs (nics = 1), or every other one (the disks) */
-static void bind_late_devices(int nics)
-{
+    write_sys(VIRTIO_BUS "/drivers_autoprobe", "1");
     DIR *d = opendir(VIRTIO_BUS "/devices");
     if (!d) {
         logmsg("%s: %s", VIRTIO_BUS "/devices", strerror(errno));
         return;
     }
+    enum { MAX_LATE = 64 };
+    long ids[MAX_LATE];
+    size_t n = 0;
     struct dirent *de;
-    while ((de = readdir(d))) {
-        if (de->d_name[0] == '.' || (virtio_device_id(de->d_name) == VIRTIO_NET_DEVICE) != nics)
+    while ((de = readdir(d)) && n < MAX_LATE) {
+        char *end;
+        if (strncmp(de->d_name, "virtio", 6) != 0)
+            continue;
+        long id = strtol(de->d_name + 6, &end, 10);
+        if (*end || end == de->d_name + 6)
             continue;
         char drv[PATH_MAX];
         snprintf(drv, sizeof drv, VIRTIO_BUS "/devices/%s/driver", de->d_name);
         if (access(drv, F_OK) != 0)
-            write_sys(VIRTIO_BUS "/drivers_probe", de->d_name);
+            ids[n++] = id;
     }
     closedir(d);
+    for (size_t i = 1; i < n; i++) /* a handful: insertion sort */
+        for (size_t j = i; j > 0 && ids[j - 1] > ids[j]; j--) {
+            long t = ids[j];
+            ids[j] = ids[j - 1];
+            ids[j - 1] = t;
+        }
+    for (size_t i = 0; i < n; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "virtio%ld", ids[i]);
+        write_sys(VIRTIO_BUS "/drivers_probe", name);
+    }
 }
 
 static void delete_tree(int dfd, dev_t rootdev, int top)
@@ -2561,14 +2549,13 @@ static void boot(void)
     }
 }
 
-/* At the first CONFIG (after HELLO, so after a template snapshot): bind the disk and NIC drivers, mount the root
+/* At the first CONFIG (after HELLO, so after a template snapshot): bind the disk driver, mount the root
  * disk and switch into it. */
 static void mount_root(void)
 {
     const char *root = agent.root_dev;
     int ro = agent.root_ro;
-    write_sys(VIRTIO_BUS "/drivers_autoprobe", "1");
-    bind_late_devices(0);
+    bind_late_devices();
     struct stat st;
     int64_t until = mono_ms() + DEVICE_WAIT_MS;
     while (stat(root, &st) < 0 || !S_ISBLK(st.st_mode)) {
@@ -2842,7 +2829,7 @@ static void main_loop(void)
 int main(int argc, char **argv)
 {
     if (argc == 2 && strcmp(argv[1], AGENT_EXIT_ARG) == 0)
-        return 0; /* warm_exec_path's child */
+        return 0; /* start_network's child, warming the exec path */
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--connect") == 0 && i + 1 < argc)
             agent.connect_path = argv[++i];
