@@ -556,7 +556,7 @@ def entry() -> NoReturn:
         sys.stderr.flush()
     except (BrokenPipeError, ValueError):  # the reader left, or a command closed a stream: nothing more to say
         pass
-    os._exit(code)
+    os._exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

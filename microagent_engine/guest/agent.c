@@ -151,6 +151,7 @@ static struct {
     int halting;                  /* HALT received */
     char root_dev[PATH_MAX];      /* microagent.root= (mounted at the first CONFIG) */
     int root_ro;                  /* microagent.ro=1 */
+    int disks_loaded;             /* the disk driver was loaded at boot, its devices left unbound */
 } agent = {.sig_fd = -1, .log_fd = -1};
 
 /* what CONFIG set: the default env of every exec, and what READY reports */
@@ -1193,9 +1194,12 @@ static void configure_user_net(char *out, size_t outlen)
 /* lo and eth0 as CONFIG's network mode asks ("none": lo only); the verdict for READY into out */
 static void configure_network(const char *net, char *out, size_t outlen)
 {
-    configure_lo();
+    if (!agent.test_mode)
+        configure_lo();
     if (!net || strcmp(net, NET_NONE) == 0)
         snprintf(out, outlen, READY_NONE);
+    else if (strcmp(net, NET_USER) == 0 && agent.test_mode)
+        snprintf(out, outlen, READY_ERROR "not supported in test mode");
     else if (strcmp(net, NET_USER) == 0)
         configure_user_net(out, outlen);
     else
@@ -1498,10 +1502,8 @@ static void handle_config(uint32_t stream, const unsigned char *payload, size_t 
         struct net_setup ns = start_network(net);
         mount_root();
         finish_network(&ns, config.ready_net, sizeof config.ready_net);
-    } else if (!net || strcmp(net, NET_NONE) == 0)
-        snprintf(config.ready_net, sizeof config.ready_net, READY_NONE);
-    else
-        snprintf(config.ready_net, sizeof config.ready_net, READY_ERROR "not supported in test mode");
+    } else
+        configure_network(net, config.ready_net, sizeof config.ready_net);
     if (strcmp(config.ready_net, READY_OK) != 0 && strcmp(config.ready_net, READY_NONE) != 0)
         logmsg("network: %s", config.ready_net);
 
@@ -2390,13 +2392,15 @@ static int late_module(const char *path)
     return strstr(path, "/virtio_blk.ko") != NULL;
 }
 
-static void write_sys(const char *path, const char *value)
+static int write_sys(const char *path, const char *value)
 {
     int fd = open(path, O_WRONLY | O_CLOEXEC);
-    if (fd < 0 || write(fd, value, strlen(value)) < 0)
+    int ok = fd >= 0 && write(fd, value, strlen(value)) >= 0;
+    if (!ok)
         logmsg("writing %s to %s: %s", value, path, strerror(errno));
     if (fd >= 0)
         close(fd);
+    return ok ? 0 : -1;
 }
 
 static void load_modules(int late)
@@ -2431,7 +2435,7 @@ static void load_modules(int late)
 }
 
 /* bind every virtio device still without a driver (the disks, left unprobed at boot), in the bus's order (virtio0,
- * virtio1, ...), as loading the driver would: the first disk bound is /dev/vda */
+ * virtio1, ...), as loading the driver would: the first disk bound is /dev/vda (microvm has 24 virtio transports) */
 static void bind_late_devices(void)
 {
     write_sys(VIRTIO_BUS "/drivers_autoprobe", "1");
@@ -2508,8 +2512,10 @@ static void boot(void)
     agent.log_fd = open("/dev/console", O_WRONLY | O_NOCTTY | O_CLOEXEC);
 
     load_modules(0);
-    write_sys(VIRTIO_BUS "/drivers_autoprobe", "0");
-    load_modules(1);
+    if (write_sys(VIRTIO_BUS "/drivers_autoprobe", "0") == 0) { /* else the driver loads at CONFIG */
+        load_modules(1);
+        agent.disks_loaded = 1;
+    }
 
     char *root = agent.root_dev;
     snprintf(root, sizeof agent.root_dev, "%s", DEFAULT_ROOT_DEVICE);
@@ -2555,7 +2561,10 @@ static void mount_root(void)
 {
     const char *root = agent.root_dev;
     int ro = agent.root_ro;
-    bind_late_devices();
+    if (agent.disks_loaded)
+        bind_late_devices();
+    else
+        load_modules(1);
     struct stat st;
     int64_t until = mono_ms() + DEVICE_WAIT_MS;
     while (stat(root, &st) < 0 || !S_ISBLK(st.st_mode)) {
