@@ -38,7 +38,6 @@ import signal
 import socket
 import struct
 import subprocess
-import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -547,15 +546,20 @@ class NetworkSandbox:
         if self.egress is not None:
             self.egress.stop()
 
+    def kill_uplink(self) -> None:
+        """SIGKILL slirp4netns without waiting (a kill of the VM ends it at the same time: its exit, which
+        unregisters its tap device, takes 15-30 ms, now beside QEMU's); :meth:`close` reaps it."""
+        if self.slirp is not None and self.slirp.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.slirp.kill()  # it holds nothing that outlives it (no API socket; its sandbox is a namespace)
+
     def _stop_slirp(self) -> None:
         if self.exit_w >= 0:
             os.close(self.exit_w)  # how slirp4netns learns the supervisor is gone, should it die first
             self.exit_w = -1
-        if self.slirp is not None:  # it holds nothing that outlives it (no API socket; its sandbox is a namespace)
-            with contextlib.suppress(ProcessLookupError):
-                self.slirp.kill()
-            # its death takes 15-30 ms (the kernel unregisters its tap device): reaped beside what follows
-            threading.Thread(target=self.slirp.wait, name="reap-slirp4netns", daemon=True).start()
+        if self.slirp is not None:
+            self.kill_uplink()
+            self.slirp.wait()
             self.slirp = None
 
     async def close(self) -> None:

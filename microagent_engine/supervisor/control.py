@@ -56,6 +56,8 @@ class VmControl:
             self.wake_requested.set()  # a sleeping workspace's boot loop ends instead of waking
             if self.proc and self.proc.returncode is None:
                 self.proc.kill()
+            if self.net is not None:
+                self.net.kill_uplink()
             await self.exited.wait()
             return {"ok": True, "state": self.state.state}
         if not allows(how, self.state.state):
