@@ -7,8 +7,11 @@
     (b') the same run warm (restored from a template snapshot, the default)
     (c) exec round trip on a running workspace: `true` (fork+exec in the guest) and a PING (no process)
     (d) halt and start latency
+    (e) with --trace: where a warm CLI run's time goes, from the marks the CLI, the engine and the supervisor write
+        to $MICROAGENT_TRACE (microagent_engine/timeline.py): each step's median offset from the CLI's spawn
 
-Prints min/median/max for each and the ratio (b)/(a). Usage: python bench/bench_core.py [--boots N] [--execs N]
+Prints min/median/max for each and the ratio (b)/(a).
+Usage: python bench/bench_core.py [--boots N] [--execs N] [--trace]
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from microagent_engine.guest.initramfs import build_initramfs  # noqa: E402
 from microagent_engine.guest.kernel import resolve_kernel  # noqa: E402
 from microagent_engine.hostinfo import choose_accel  # noqa: E402
 from microagent_engine.protocol import FrameDecoder, FrameType, encode_entries, encode_frame  # noqa: E402
+from microagent_engine.timeline import TRACE_ENV, read as read_marks  # noqa: E402
 
 
 def summary(label: str, values: list[float], unit: str = "s", scale: float = 1.0) -> str:
@@ -88,10 +92,33 @@ def raw_qemu_boot(engine: Engine, rootfs: Path, workdir: Path) -> float:
     return elapsed
 
 
+def trace_warm_runs(cli: list[str], env: dict[str, str], runs: int, state: Path) -> None:
+    """(e): ``runs`` warm ``run -- true`` with the steps' marks on; each step's median offset from the spawn."""
+    offsets: dict[str, list[float]] = {}
+    order: list[str] = []
+    for i in range(runs):
+        path = state / f"trace-{i}.txt"
+        t0 = time.time()
+        subprocess.run(cli + ["run", "--delete", "--", "true"], env={**env, TRACE_ENV: str(path)}, check=True,
+                       capture_output=True)
+        marks = [(at, label) for at, _pid, label in read_marks(path)] + [(time.time(), "CLI exited")]
+        for at, label in marks:
+            if label not in offsets:
+                order.append(label)
+            offsets.setdefault(label, []).append(at - t0)
+    print(f"(e) a warm `run -- true`, {runs} runs: median offset from the CLI's spawn, and the step before it")
+    previous = 0.0
+    for label in order:
+        at = statistics.median(offsets[label])
+        print(f"    {at * 1000:7.1f} ms  (+{(at - previous) * 1000:6.1f})  {label}")
+        previous = at
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--boots", type=int, default=5, help="boots per boot measurement (default 5)")
     ap.add_argument("--execs", type=int, default=200, help="exec round trips (default 200)")
+    ap.add_argument("--trace", action="store_true", help="also: where a warm run's time goes (--boots more runs)")
     args = ap.parse_args()
     state = Path(tempfile.mkdtemp(prefix="ma-bench-", dir="/tmp"))
     env = {**os.environ, "MICROAGENT_STATE_DIR": str(state)}
@@ -143,6 +170,8 @@ def main() -> int:
         print(summary("(c) agent PING round trip (no fork)", pings, "ms", 1000))
         print(summary("(d) halt", halts))
         print(summary("(d) start (to exec-ready)", starts))
+        if args.trace:
+            trace_warm_runs(cli, env, args.boots, state)
     finally:
         for info in engine.list():
             if info.dir.supervisor_alive():

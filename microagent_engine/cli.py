@@ -21,6 +21,7 @@ from .storage.volumes import DEFAULT_SIZE_MIB, render_created, render_deleted, r
 from .engine import Engine, RunOptions, WorkspaceInfo
 from .spec_args import add_workspace_arguments, spec_from_args, workspace_name
 from .network_policy import ALLOW_SYNTAX
+from .timeline import mark
 from .render import egress_text, fields_text, status_fields, summary_fields, text_table
 
 Handler = Callable[[Engine, argparse.Namespace], int]
@@ -510,6 +511,7 @@ def _terminations_raise() -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    mark("cli: imported")
     argv = list(sys.argv[1:] if argv is None else argv)
     tail: list[str] = []
     if "--" in argv:

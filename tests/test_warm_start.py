@@ -203,3 +203,24 @@ def test_a_clone_binds_its_own_disks_in_order_and_keeps_no_helper(engine: Engine
     procs = [line.split(None, 1) for line in out.split("STAT COMMAND", 1)[1].strip().splitlines()]
     assert not [p for p in procs if p[0].startswith("Z")], out
     assert [p[1] for p in procs if "/init" in p[1]] == ["/init"], out
+
+
+def test_a_runs_steps_are_marked_across_its_processes(cli, tmp_path: Path, monkeypatch) -> None:
+    # $MICROAGENT_TRACE: the CLI, the engine and the (forked) supervisor each append their steps to one file, in the
+    # order they happen (what bench_core --trace reads); without it nothing is written anywhere
+    from microagent_engine.timeline import TRACE_ENV, mark, read
+
+    monkeypatch.delenv(TRACE_ENV, raising=False)
+    mark("nowhere")  # no file named: a no-op
+    trace = tmp_path / "trace.txt"
+    proc = cli("run", "--delete", "--", "true", env={TRACE_ENV: str(trace)})
+    assert proc.returncode == 0, proc.stderr.decode()
+    marks = read(trace)
+    labels = [label for _at, _pid, label in marks]
+    want = ["cli: imported", "run: created", "supervisor: main", "supervisor: network up",
+            "supervisor: VM spawned (warm)", "supervisor: VM restored", "supervisor: READY", "run: started",
+            "run: command done", "supervisor: VM exited", "kill: answered", "kill: supervisor gone", "run: VM ended",
+            "run: deleted"]
+    assert [label for label in labels if label in want] == want, labels
+    cli_pid = marks[0][1]
+    assert {pid for _at, pid, label in marks if label.startswith("supervisor:")} - {cli_pid}, marks  # its own process

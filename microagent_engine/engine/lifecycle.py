@@ -30,6 +30,7 @@ from ..snapshots.live import RAM_FILE, RAM_FILE_KEY, RESTORE_KEY
 from ..snapshots.overlay import OVERLAY_KEY, overlay_of
 from ..snapshots.warm import COLD_KEY
 from ..states import require, transition
+from ..timeline import mark
 from ..storage.bundles import build_bundle
 from ..supervisor.publish import check_publish_free
 from .context import EngineContext
@@ -248,7 +249,9 @@ class Lifecycle:
         if info.dir.supervisor_alive():
             with SupervisorConnection(info.dir.control_socket) as conn:
                 conn.control("kill")
+            mark("kill: answered")
             wait_supervisor_exit(info.dir)
+            mark("kill: supervisor gone")
             return self.ctx.store.status(name)
         if process_matches(info.state.vm_pid, info.state.vm_start_time):
             os.kill(info.state.vm_pid, signal.SIGKILL)  # type: ignore[arg-type]

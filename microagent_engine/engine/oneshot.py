@@ -10,6 +10,7 @@ from typing import IO, Any, Protocol
 from ..client import DEFAULT_MAX_OUTPUT, ExecResult, OutputCallback
 from ..config import hostname_for
 from ..errors import GuestError, InvalidArgument, NotFound
+from ..timeline import mark
 from ..workspace_spec import WorkspaceSpec
 from . import warm_python
 from .bootlog import boot_log_tail
@@ -60,12 +61,15 @@ def run(engine: _Engine, argv: list[str], spec: WorkspaceSpec, options: RunOptio
         argv = warm_python.run_argv(argv)
     else:
         info = _cold_start(engine, name, spec, one_shot)
+    mark("run: started")
     try:
         result = engine.exec(name, argv, cwd=options.cwd, timeout=options.timeout, stdin=options.stdin,
                              on_stdout=options.on_stdout, on_stderr=options.on_stderr, capture=options.capture,
                              max_output=options.max_output)
+        mark("run: command done")
         # a disk about to be deleted needs no clean shutdown; an attached volume or disk outlives the run: it does
         finish(engine, name, force=options.delete and not spec.attachments)
+        mark("run: VM ended")
     except BaseException:
         finish(engine, name, force=True)
         if options.delete:
@@ -73,6 +77,7 @@ def run(engine: _Engine, argv: list[str], spec: WorkspaceSpec, options: RunOptio
         raise
     if options.delete:
         engine.delete(name)
+        mark("run: deleted")
     else:
         info = engine.status(name)
     return info, result
@@ -112,6 +117,7 @@ def _exists(engine: _Engine, name: str) -> bool:
 
 def _cold_start(engine: _Engine, name: str, spec: WorkspaceSpec, one_shot: bool) -> WorkspaceInfo:
     info = engine._provision.create(name, spec, one_shot=one_shot)
+    mark("run: created")
     try:
         engine.progress(f"Booting {name}")
         engine.start(name)

@@ -31,6 +31,7 @@ from pathlib import Path
 from ..fsutil import read_json
 from ..model import LaunchSpec
 from ..records import WorkspaceDir, WorkspaceState
+from ..timeline import mark
 from .core import Supervisor
 
 __all__ = ["Supervisor", "main"]
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--secrets-fd", type=int, help="a pipe holding the secrets' values (JSON), read once")
     parser.add_argument("--foreground", action="store_true", help="do not detach (for debugging)")
     args = parser.parse_args(argv)
+    mark("supervisor: main")
     ws = WorkspaceDir(Path(args.workspace_dir))
     if not args.foreground:
         if os.fork() > 0:  # the engine waits for this parent; the child lives on, reparented to init

@@ -22,6 +22,7 @@ from ..snapshots.overlay import OVERLAY_KEY
 from ..snapshots.templates import memory_of, new_ram_file
 from ..snapshots.warm import BootPlan
 from ..textsafe import safe_text
+from ..timeline import mark
 from .record import tail_text
 from .timing import KVM_FAILURE_MARKERS
 
@@ -49,6 +50,7 @@ class Booting:
         try:
             self.net = await NetworkSandbox.open(self.network_policy, self.ws.run_dir, self.launch.secrets,
                                                  self.launch.secret_values, self.ws.path)
+            mark("supervisor: network up")
             self.proc = await self.start_vm(vm_log)
         except (OSError, MicroagentError) as exc:
             await self.close_network()
@@ -62,6 +64,7 @@ class Booting:
                   started_at=now_iso(), stopped_at=None, boot_seconds=None, confinement=self.proc.confinement)
         watchers = [asyncio.create_task(self.watch_stderr(vm_log)), asyncio.create_task(self.boot_deadline())]
         rc = await self.proc.wait()
+        mark("supervisor: VM exited")
         await asyncio.sleep(0)  # let the stderr watcher record a last line
         if self.liveness_task:
             watchers.append(self.liveness_task)
@@ -88,8 +91,10 @@ class Booting:
             return await self.start_ram_file(vm_log)
         plan = await self.warm.plan()
         vm = await self.spawn(plan.argv, vm_log)
+        mark(f"supervisor: VM spawned ({plan.mode})")
         if plan.mode == "warm":
             error = await self.warm.restore(vm)
+            mark("supervisor: VM restored")
             if error:
                 vm.kill()
                 await vm.wait()
@@ -194,6 +199,7 @@ class Booting:
                 self.proc.kill()
 
     async def on_ready(self, info: dict[str, str]) -> None:
+        mark("supervisor: READY")
         shell = self.launch.shell
         if InfoKey.KERNEL in info:  # READY repeats it: a template clone's HELLO went to the template's host
             kernel = safe_text(info[InfoKey.KERNEL], 120)
