@@ -549,9 +549,8 @@ class NetworkSandbox:
     def kill_uplink(self) -> None:
         """SIGKILL slirp4netns without waiting (a kill of the VM ends it at the same time: its exit, which
         unregisters its tap device, takes 15-30 ms, now beside QEMU's); :meth:`close` reaps it."""
-        if self.slirp is not None and self.slirp.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.slirp.kill()  # it holds nothing that outlives it (no API socket; its sandbox is a namespace)
+        if self.slirp is not None:  # Popen.kill skips a reaped process and one already gone
+            self.slirp.kill()  # it holds nothing that outlives it (no API socket; its sandbox is a namespace)
 
     def _stop_slirp(self) -> None:
         if self.exit_w >= 0:
