@@ -179,8 +179,8 @@ def test_create_cold_boots_every_start_cold(engine: Engine) -> None:
 
 def test_a_clone_binds_its_own_disks_in_order_and_keeps_no_helper(engine: Engine, cli, tmp_path: Path) -> None:
     # the disk driver is loaded in the template but binds at CONFIG, in the bus's order (the root stays /dev/vda,
-    # an attached disk /dev/vdb, each with its own size); the NIC is bound at boot; the network's set-up child
-    # (which also warms the exec path) is gone, not even a zombie
+    # an attached disk /dev/vdb, each with its own size); the NIC is bound and configured at boot; the helper that
+    # warms the exec path (forked at boot, woken by CONFIG) is gone, not even a zombie
     disk = tmp_path / "extra.ext4"
     subprocess.run(["mkfs.ext4", "-q", "-F", str(disk), "24M"], check=True)
     script = ("ls -d /sys/bus/virtio/devices/*; ls -d /sys/bus/virtio/devices/*/driver; "

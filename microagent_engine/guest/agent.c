@@ -64,7 +64,7 @@
  * build. Never spell one of them here: tests/test_agent_protocol.py fails on a hand-written copy. */
 #include "protocol.h"
 
-#define AGENT_EXIT_ARG "--exit-at-once" /* start_network: the binary started only to exit */
+#define AGENT_EXIT_ARG "--exit-at-once" /* the warmer's child: the binary started only to exit */
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #define STDIN_BACKPRESSURE (8u << 20) /* stop reading the channel while this much stdin is queued */
 #define MED_ACCEPT_BATCH 64
@@ -152,7 +152,9 @@ static struct {
     char root_dev[PATH_MAX];      /* microagent.root= (mounted at the first CONFIG) */
     int root_ro;                  /* microagent.ro=1 */
     int disks_loaded;             /* the disk driver was loaded at boot, its devices left unbound */
-} agent = {.sig_fd = -1, .log_fd = -1};
+    char boot_net[512];           /* the NIC's set-up at boot, a READY verdict ("": there was no NIC) */
+    int warm_fd;                  /* wakes the warmer (start_warmer); -1: none or woken */
+} agent = {.sig_fd = -1, .log_fd = -1, .warm_fd = -1};
 
 /* what CONFIG set: the default env of every exec, and what READY reports */
 static struct {
@@ -1206,71 +1208,100 @@ static void configure_network(const char *net, char *out, size_t outlen)
         snprintf(out, outlen, READY_ERROR "unknown network mode %.100s", net);
 }
 
-/* The first CONFIG's network, set up by a forked child whose verdict comes back through a pipe. The child then
- * execs the agent's own binary, which exits at once: a clone's first command paid ~30 ms more than later ones
- * under emulation, the kernel's exec and exit paths translated afresh in each new QEMU; this runs them on another
- * vCPU while this one mounts the root disk. Its exit is reaped like any unknown child's. Without a child (fork
- * failed) finish_network configures the network itself. */
-struct net_setup {
-    const char *net;
-    pid_t pid;
-    int fd;
-};
-
-static struct net_setup start_network(const char *net)
+/* At boot, so that a template snapshot holds it: lo, and eth0 when the shape has a NIC. Every VM of a shape has the
+ * same NIC with the same address, each behind its own user-mode network, so a clone has nothing left to set up. */
+static void boot_network(void)
 {
-    struct net_setup ns = {net, -1, -1};
+    configure_lo();
+    if (if_nametoindex("eth0") != 0)
+        configure_user_net(agent.boot_net, sizeof agent.boot_net);
+}
+
+/* The first CONFIG's network: what boot_network did when it matches the mode asked for, else done now */
+static void first_network(const char *net, char *out, size_t outlen)
+{
+    int user = net && strcmp(net, NET_USER) == 0;
+    if (user && strcmp(agent.boot_net, READY_OK) == 0) {
+        snprintf(out, outlen, READY_OK);
+        return;
+    }
+    if (!user && agent.boot_net[0]) { /* a NIC without a user network: never by the shapes the host makes */
+        int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+        struct ifreq ifr;
+        memset(&ifr, 0, sizeof ifr);
+        snprintf(ifr.ifr_name, IFNAMSIZ, "eth0");
+        if (sock >= 0 && ioctl(sock, SIOCGIFFLAGS, &ifr) == 0) {
+            ifr.ifr_flags &= ~IFF_UP;
+            if (ioctl(sock, SIOCSIFFLAGS, &ifr) < 0)
+                logmsg("taking eth0 down: %s", strerror(errno));
+        }
+        if (sock >= 0)
+            close(sock);
+    }
+    configure_network(net, out, outlen);
+}
+
+/* A clone's first command paid ~30 ms more than later ones under emulation: the kernel's fork, exec and exit paths
+ * are translated afresh in each new QEMU. A helper forked at boot (a template snapshot holds it, asleep) is woken by
+ * the first CONFIG and forks a child that execs the agent's own binary, which exits at once: those paths are
+ * translated on another vCPU while this one binds and mounts the root disk, and the fork is not this one's to pay.
+ * Its exit is reaped like any unknown child's. */
+static void start_warmer(void)
+{
     int p[2];
-    if (pipe2(p, O_CLOEXEC) < 0)
-        return ns;
-    ns.pid = fork();
-    if (ns.pid == 0) {
-        close(p[0]);
-        reset_signals_in_child();
-        char out[sizeof config.ready_net];
-        configure_network(net, out, sizeof out);
-        ssize_t w = write(p[1], out, strlen(out));
-        (void)w;
+    int exe = open("/proc/self/exe", O_RDONLY | O_CLOEXEC); /* exec'd by fd: /proc moves at the root's mount */
+    if (exe < 0)
+        return;
+    if (pipe2(p, O_CLOEXEC) < 0) {
+        close(exe);
+        return;
+    }
+    pid_t pid = fork();
+    if (pid == 0) {
         close(p[1]);
-        int nfd = open("/dev/null", O_RDWR);
+        reset_signals_in_child();
+        int nfd = open("/dev/null", O_RDWR | O_CLOEXEC);
         if (nfd >= 0) {
             dup2(nfd, 0);
             dup2(nfd, 1);
             dup2(nfd, 2);
+            close(nfd);
         }
-        close_fds_except(-1);
-        execl("/proc/self/exe", AGENT_EXIT_ARG, AGENT_EXIT_ARG, (char *)NULL);
+        if (agent.log_fd >= 0)
+            close(agent.log_fd);
+        if (agent.sig_fd >= 0)
+            close(agent.sig_fd);
+        char c;
+        while (read(p[0], &c, 1) < 0 && errno == EINTR)
+            ;
+        pid_t child = fork();
+        if (child == 0) {
+            char *const args[] = {AGENT_EXIT_ARG, AGENT_EXIT_ARG, NULL};
+            char *const env[] = {NULL};
+            fexecve(exe, args, env);
+            _exit(0);
+        }
+        if (child > 0)
+            while (waitpid(child, NULL, 0) < 0 && errno == EINTR)
+                ;
         _exit(0);
     }
-    close(p[1]);
-    if (ns.pid < 0)
-        close(p[0]);
+    close(p[0]);
+    close(exe);
+    if (pid > 0)
+        agent.warm_fd = p[1];
     else
-        ns.fd = p[0];
-    return ns;
+        close(p[1]);
 }
 
-static void finish_network(struct net_setup *ns, char *out, size_t outlen)
+static void wake_warmer(void)
 {
-    if (ns->pid < 0) {
-        configure_network(ns->net, out, outlen);
+    if (agent.warm_fd < 0)
         return;
-    }
-    size_t used = 0;
-    for (;;) {
-        ssize_t n = read(ns->fd, out + used, outlen - 1 - used);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            break;
-        used += (size_t)n;
-        if (used >= outlen - 1)
-            break;
-    }
-    out[used] = '\0';
-    close(ns->fd);
-    if (used == 0)
-        snprintf(out, outlen, READY_ERROR "the network set-up process died");
+    ssize_t w = write(agent.warm_fd, "", 1);
+    (void)w;
+    close(agent.warm_fd);
+    agent.warm_fd = -1;
 }
 
 static void append_err(char *out, size_t outlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
@@ -1498,10 +1529,9 @@ static void handle_config(uint32_t stream, const unsigned char *payload, size_t 
     }
     config.applied = 1;
     if (agent.is_pid1 && !agent.test_mode) {
-        /* the network on another vCPU while this one binds and mounts the root disk */
-        struct net_setup ns = start_network(net);
+        wake_warmer();
+        first_network(net, config.ready_net, sizeof config.ready_net);
         mount_root();
-        finish_network(&ns, config.ready_net, sizeof config.ready_net);
     } else
         configure_network(net, config.ready_net, sizeof config.ready_net);
     if (strcmp(config.ready_net, READY_OK) != 0 && strcmp(config.ready_net, READY_NONE) != 0)
@@ -2503,6 +2533,21 @@ static void delete_tree(int dfd, dev_t rootdev, int top)
     closedir(d);
 }
 
+/* free the initramfs's files (like switch_root), only if / really is a ramfs/tmpfs: at boot once every module is
+ * loaded (a template snapshot then holds none of them), and at the root's mount */
+static void free_initramfs(void)
+{
+    struct statfs sfs;
+    struct stat rst;
+    if (statfs("/", &sfs) == 0 && (sfs.f_type == (typeof(sfs.f_type))RAMFS_MAGIC ||
+                                   sfs.f_type == (typeof(sfs.f_type))TMPFS_MAGIC) &&
+        stat("/", &rst) == 0) {
+        int dfd = open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (dfd >= 0)
+            delete_tree(dfd, rst.st_dev, 1);
+    }
+}
+
 static void boot(void)
 {
     try_mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
@@ -2547,6 +2592,11 @@ static void boot(void)
     }
     agent.root_ro = ro;
 
+    boot_network();
+    start_warmer();
+    if (agent.disks_loaded)
+        free_initramfs();
+
     int64_t until = mono_ms() + DEVICE_WAIT_MS;
     while (chan_find_port(&chan) < 0) {
         if (mono_ms() >= until)
@@ -2590,16 +2640,7 @@ static void mount_root(void)
         }
     }
 
-    /* free the initramfs (like switch_root), only if / really is a ramfs/tmpfs */
-    struct statfs sfs;
-    struct stat rst;
-    if (statfs("/", &sfs) == 0 && (sfs.f_type == (typeof(sfs.f_type))RAMFS_MAGIC ||
-                                   sfs.f_type == (typeof(sfs.f_type))TMPFS_MAGIC) &&
-        stat("/", &rst) == 0) {
-        int dfd = open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (dfd >= 0)
-            delete_tree(dfd, rst.st_dev, 1);
-    }
+    free_initramfs();
 
     if (chdir("/newroot") < 0)
         fatal_boot("chdir /newroot: %s", strerror(errno));
@@ -2838,7 +2879,7 @@ static void main_loop(void)
 int main(int argc, char **argv)
 {
     if (argc == 2 && strcmp(argv[1], AGENT_EXIT_ARG) == 0)
-        return 0; /* start_network's child, warming the exec path */
+        return 0; /* the warmer's child (start_warmer) */
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--connect") == 0 && i + 1 < argc)
             agent.connect_path = argv[++i];

@@ -4,8 +4,9 @@ A *shape* is everything about a VM that a restored guest has already seen: the h
 initramfs (hence the agent), kernel command line, memory, cpus, accelerator and the device layout (how many disks,
 read-only or not, which chardevs, the NIC). It is the VM's argv with what differs per workspace taken out (disk
 files, disk serials, socket paths, TCG's translation cache size) plus the identity (size, mtime) of every file it
-names. Disks may differ between the template and its clones because the template is stopped at the agent's HELLO, before the guest loaded the disk
-driver (guest/agent.c loads virtio_blk and virtio_net at the first CONFIG).
+names. Disks may differ between the template and its clones because the template is stopped at the agent's HELLO,
+before the guest bound its disk driver to any disk (guest/agent.c binds the disks at the first CONFIG, in the bus's
+order; the NIC, the same in every VM of a shape, is bound and configured at boot).
 
 Files: ``<state-dir>/templates/<key>/{meta.json,state}`` (the device state, ~60 KB) and the guest RAM in
 ``/dev/shm/microagent-<state-dir hash>/<key>/memory`` (tmpfs; beside ``state`` where there is no /dev/shm), with
