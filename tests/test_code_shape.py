@@ -106,3 +106,16 @@ def test_no_class_over_300_lines() -> None:
             if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES:
                 big.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
     assert not big, f"classes over {MAX_CLASS_LINES} lines (split them by concern): {big}"
+
+
+def test_the_cli_leaves_the_supervisors_side_to_its_standby() -> None:
+    # the CLI's modules do not import the supervisor's side (asyncio, the jail, the supervisor): a command that
+    # starts a VM has its standby import those beside the CLI's own imports (engine/spawn.py), ~30 ms of every start
+    import subprocess
+    import sys
+
+    code = ("import sys, microagent_engine.cli, microagent_engine.engine.facade\n"
+            "print(' '.join(sorted(m for m in sys.modules if m == 'asyncio' or m.startswith(("
+            "'microagent_engine.supervisor', 'microagent_engine.sandbox.')))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
+    assert out.split() == [], f"the CLI imports the supervisor's side: {out}"

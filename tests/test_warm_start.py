@@ -206,8 +206,8 @@ def test_a_clone_binds_its_own_disks_in_order_and_keeps_no_helper(engine: Engine
 
 
 def test_a_runs_steps_are_marked_across_its_processes(cli, tmp_path: Path, monkeypatch) -> None:
-    # $MICROAGENT_TRACE: the CLI, the engine and the (forked) supervisor each append their steps to one file, in the
-    # order they happen (what bench_core --trace reads); without it nothing is written anywhere
+    # $MICROAGENT_TRACE: the CLI, the engine, the supervisor's standby and the supervisor each append their steps to
+    # one file, in the order they happen (what bench_core --trace reads); without it nothing is written anywhere
     from microagent_engine.timeline import TRACE_ENV, mark, read
 
     monkeypatch.delenv(TRACE_ENV, raising=False)
@@ -217,10 +217,51 @@ def test_a_runs_steps_are_marked_across_its_processes(cli, tmp_path: Path, monke
     assert proc.returncode == 0, proc.stderr.decode()
     marks = read(trace)
     labels = [label for _at, _pid, label in marks]
-    want = ["cli: imported", "run: created", "supervisor: main", "supervisor: network up",
-            "supervisor: VM spawned (warm)", "supervisor: VM restored", "supervisor: READY", "run: started",
-            "run: command done", "supervisor: VM exited", "kill: answered", "kill: supervisor gone", "run: VM ended",
-            "run: deleted"]
+    want = ["cli: imported", "run: created", "standby: took the workspace", "supervisor: main",
+            "supervisor: network up", "supervisor: VM spawned (warm)", "supervisor: VM restored", "supervisor: READY",
+            "run: started", "run: command done", "supervisor: VM exited", "kill: answered", "kill: supervisor gone",
+            "run: VM ended", "run: deleted"]
     assert [label for label in labels if label in want] == want, labels
-    cli_pid = marks[0][1]
+    pids = {label: pid for _at, pid, label in marks}
+    cli_pid = pids["cli: imported"]
     assert {pid for _at, pid, label in marks if label.startswith("supervisor:")} - {cli_pid}, marks  # its own process
+    # the supervisor's side was imported by the standby (forked before the CLI's imports, beside them), which then
+    # became the supervisor: nothing of it was imported by the CLI
+    standby = {pid for _at, pid, label in marks if label.startswith("standby:")}
+    assert standby == {pids["supervisor: main"]} and cli_pid not in standby, marks
+    assert "standby: supervisor imported" in labels, labels
+
+
+def test_a_command_that_starts_nothing_leaves_no_standby(cli, tmp_path: Path) -> None:
+    # `start` of a workspace that does not exist: the standby forked for it ends with the CLI (its socket closed),
+    # having started nothing
+    from microagent_engine.entry import command_of
+    from microagent_engine.timeline import TRACE_ENV, read
+
+    assert command_of(["--state-dir", "run", "start", "x"]) == "start"
+    assert command_of(["--json", "run", "--name", "x"]) == "run"
+    assert command_of(["exec", "ws", "--", "run"]) == "exec"
+    assert command_of(["--", "run"]) is None and command_of([]) is None
+    trace = tmp_path / "trace.txt"
+    proc = cli("start", "no-such-workspace", env={TRACE_ENV: str(trace)})
+    assert proc.returncode != 0 and b"no-such-workspace" in proc.stderr and b"Traceback" not in proc.stderr
+    deadline = time.monotonic() + 60
+    while "standby: unused" not in [label for _at, _pid, label in read(trace)] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    marks = read(trace)
+    standby = {pid for _at, pid, label in marks if label.startswith("standby:")}
+    assert [label for _at, _pid, label in marks if label.startswith("standby:")] == [
+        "standby: supervisor imported", "standby: unused"], marks
+    (pid,) = standby
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pid), f"the standby {pid} outlived its CLI"
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie (an orphan's exit may wait for init to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False

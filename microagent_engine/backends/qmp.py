@@ -3,7 +3,6 @@ for the event loop. The supervisor, templates and snapshots all talk to QEMU thr
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import time
@@ -96,5 +95,7 @@ async def qmp_command(socket_path: Path, command: str, arguments: dict[str, Any]
             return True
         except (QmpError, OSError, ValueError):
             return False
+
+    import asyncio  # (the supervisor's side: the engine imports this module without it)
 
     return await asyncio.to_thread(run)

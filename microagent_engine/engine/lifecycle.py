@@ -7,9 +7,6 @@ import json
 import os
 import select
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,8 +15,9 @@ from ..backends.base import DiskSpec, VMSpec
 from ..client import SupervisorConnection
 from ..config import BOOT_TIMEOUTS
 from ..errors import GuestError, InvalidArgument, NotFound, PortUnavailable
-from ..fsutil import file_lock, open_private, write_json_atomic
+from ..fsutil import file_lock, write_json_atomic
 from ..guest.initramfs import build_initramfs
+from ..host_ports import check_publish_free
 from ..hostinfo import choose_accel
 from ..model import PUBLISH_DEFAULT_HOST_IP, LaunchSpec, Publish
 from ..protocol import DEFAULT_ROOT_DEVICE, MOUNT_SERIAL_PREFIX, BootArg, MountMode
@@ -28,12 +26,12 @@ from ..secret import Secret
 from ..snapshots import workspace as snapshots
 from ..snapshots.live import RAM_FILE, RAM_FILE_KEY, RESTORE_KEY
 from ..snapshots.overlay import OVERLAY_KEY, overlay_of
-from ..snapshots.warm import COLD_KEY
+from ..snapshots.templates import COLD_KEY
 from ..states import require, transition
 from ..timeline import mark
 from ..storage.bundles import build_bundle
-from ..supervisor.publish import check_publish_free
 from .context import EngineContext
+from .spawn import spawn_supervisor
 from .store import WorkspaceInfo
 
 #: how long ``halt``/``stop``/``kill`` wait for the supervisor to record the end and exit
@@ -268,51 +266,6 @@ def wait_supervisor_exit(ws: WorkspaceDir, limit: float = SUPERVISOR_EXIT_WAIT) 
     deadline = time.monotonic() + limit
     while ws.supervisor_alive() and time.monotonic() < deadline:
         time.sleep(0.005)
-
-
-def spawn_supervisor(ws: WorkspaceDir, ready_fd: int, secrets_fd: int | None = None) -> None:
-    """Start the detached supervisor. A single-threaded caller (the CLI) forks, saving an interpreter
-    start-up (~0.1 s); a threaded one (a Jupyter kernel) runs a fresh interpreter, as fork is unsafe there.
-    ``secrets_fd``: a pipe holding the secrets' values, handed over (never on disk)."""
-    argv = [str(ws.path), "--ready-fd", str(ready_fd)]
-    keep = [ready_fd]
-    if secrets_fd is not None:
-        argv += ["--secrets-fd", str(secrets_fd)]
-        keep.append(secrets_fd)
-    if threading.active_count() == 1 and not os.environ.get("MICROAGENT_SUPERVISOR_EXEC"):
-        pid = os.fork()
-        if pid == 0:  # child: become the supervisor's parent, detached from our stdio
-            code = 1
-            try:
-                for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):  # not the CLI's handlers
-                    signal.signal(sig, signal.SIG_DFL)
-                os.setsid()
-                null = os.open(os.devnull, os.O_RDWR)
-                log_fd = os.open(ws.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-                os.dup2(null, 0)
-                os.dup2(log_fd, 1)
-                os.dup2(log_fd, 2)
-                low = 3
-                for fd in sorted(keep):
-                    os.closerange(low, fd)
-                    low = fd + 1
-                os.closerange(low, 65536)
-                sys.stdout = open(1, "w", buffering=1, closefd=False)
-                sys.stderr = open(2, "w", buffering=1, closefd=False)
-                from ..supervisor import main
-
-                code = main(argv)
-            finally:
-                os._exit(code)
-        os.waitpid(pid, 0)
-        return
-    with open_private(ws.supervisor_log, "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "microagent_engine.supervisor", *argv],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=tuple(keep), start_new_session=True,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
-                str(Path(__file__).resolve().parent.parent.parent), os.environ.get("PYTHONPATH")]))})
-    proc.wait()
 
 
 def secret_values(cfg: WorkspaceConfig) -> dict[str, str]:

@@ -21,8 +21,7 @@ from ..network_policy import NetworkPolicy
 from ..snapshots import workspace as snapshots
 from ..storage import debugfs
 from ..storage.ext4 import clone_sized
-from ..supervisor.publish import check_publish_free
-from ..sandbox.egress_tls import make_ca, trust_ca
+from ..host_ports import check_publish_free
 from ..states import require, transition
 from ..secret import new_placeholder
 from ..workspace_spec import WorkspaceSpec
@@ -106,6 +105,8 @@ class Provisioner:
             for f in file_list:
                 debugfs.copy_in(staging.rootfs, Path(f.src), f.dst, mode=f.mode)
             if cfg.secrets:  # the guest trusts the workspace's egress CA (its key stays in the staging dir)
+                from ..sandbox.egress_tls import make_ca, trust_ca  # (ssl and asyncio: only for secrets)
+
                 trust_ca(staging.rootfs, make_ca(staging.path, cfg.name))
             if shell and not debugfs.exists(staging.rootfs, shell):
                 raise InvalidArgument(f"shell {shell} does not exist in image {cfg.image}; pick a shell the "

@@ -24,7 +24,6 @@ ports and network connections are not carried over.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import time
@@ -149,6 +148,8 @@ async def save(sup: LiveVM, target: Path) -> dict[str, Any]:
                 "memory": "file" if ram_file else memory_form(sup.state.boot_mode), "setupDone": sup.state.setup_done,
                 "memoryMiB": memory_of(sup.launch.argv)}
     try:
+        import asyncio  # (the supervisor's side: the engine imports this module without it)
+
         reply = await asyncio.to_thread(run)
         if ram_file is not None:
             await sup.end_vm("kill")  # before the file is shared: this VM never writes into it again

@@ -27,9 +27,10 @@ from typing import Any
 from ..backends.qemu import DROP_CACHE_OFF
 from ..fsutil import private_dir, read_json, write_json_atomic
 from ..records import now_iso
-from ..sandbox.jail import JAIL_UID_BASE
 
 TEMPLATES_DIR = "templates"
+#: the launch's ``extra`` key that forces a cold boot (``--cold``): no template is made or used
+COLD_KEY = "cold"
 SHM = Path("/dev/shm")
 
 
@@ -77,6 +78,8 @@ def memory_of(argv: list[str]) -> int:
 
 def vm_uid(supervisor_pid: int) -> int | None:
     """The uid the jail runs this supervisor's VM as (None: the caller's own, when not root)."""
+    from ..sandbox.jail import JAIL_UID_BASE  # (the supervisor's side: the engine imports this module without it)
+
     return JAIL_UID_BASE + supervisor_pid if os.geteuid() == 0 else None
 
 

@@ -25,14 +25,12 @@ from ..protocol import FrameDecoder, FrameType
 from ..sandbox import spawn_vm
 from ..backends.qmp import QmpError, QmpSession, ignore_shared_caps
 from .shim import ro_open_library
-from .templates import Template, memory_of, new_ram_file, seal_ram_file, template_for
+from .templates import COLD_KEY, Template, memory_of, new_ram_file, seal_ram_file, template_for
 
 if TYPE_CHECKING:
     from ..sandbox import ConfinedVM
     from ..supervisor.roles import TemplateBoot
 
-#: the launch's ``extra`` key that forces a cold boot (``--cold``)
-COLD_KEY = "cold"
 
 
 @dataclass
