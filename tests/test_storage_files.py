@@ -405,3 +405,37 @@ def test_copy_out_keeps_holes_and_bytes(image: Path, tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match=r"over the copy cap of 8\.0 MiB; nothing was copied"):
         debugfs.copy_out(image, "/h/holey.bin", out / "capped.bin", max_size=8 << 20)
     assert list(out.iterdir()) == []
+
+
+def test_a_size_is_grown_once_per_base_and_each_clone_is_a_copy(tmp_path: Path) -> None:
+    # workspaces of one image and size copy a sized copy of the base made once (fsck + resize2fs per base and size,
+    # not per workspace); each clone is a clean ext4 of the size asked for; copies of a deleted base, and the least
+    # recently used beyond the bounds, are removed
+    from microagent_engine.storage import ext4
+
+    images = tmp_path / "images"
+    images.mkdir()
+    base = images / "builtin-abc.ext4"
+    make_ext4(base, 16)
+    clones = []
+    for n in range(3):
+        dest = tmp_path / f"ws{n}.ext4"
+        ext4.clone_sized(base, dest, 48)
+        clones.append(dest)
+    sized = sorted((images / ext4.SIZED_DIR).glob("*.ext4"))
+    assert len(sized) == 1 and sized[0].name.startswith("builtin-abc.") and sized[0].name.endswith(".48M.ext4")
+    made = sized[0].stat().st_ino
+    for dest in clones:
+        assert dest.stat().st_size == 48 << 20 and stat.S_IMODE(dest.stat().st_mode) == 0o600
+        fsck(dest, fix=False)
+        out = subprocess.run([require_tool("dumpe2fs"), "-h", str(dest)], capture_output=True, text=True).stdout
+        assert "Block count:              12288" in out, out
+    ext4.clone_sized(base, tmp_path / "small.ext4", 8)  # not larger than the base: a plain copy, nothing cached
+    assert (tmp_path / "small.ext4").stat().st_size == 16 << 20
+    for size in (32, 40, 64):  # a third size of one base evicts its least recently used
+        ext4.clone_sized(base, tmp_path / f"s{size}.ext4", size)
+    names = sorted(p.name.rsplit(".", 2)[1] for p in (images / ext4.SIZED_DIR).glob("*.ext4"))
+    assert names == ["40M", "64M"], names
+    assert all(p.stat().st_ino != made for p in (images / ext4.SIZED_DIR).glob("*.ext4"))
+    ext4.drop_sized(base)
+    assert not list((images / ext4.SIZED_DIR).glob("*.ext4"))

@@ -24,7 +24,7 @@ from typing import Any, BinaryIO, Callable, ContextManager, Iterator
 
 from ..errors import MicroagentError, NotFound
 from ..fsutil import file_lock, read_json, write_json_atomic
-from ..storage.ext4 import make_ext4
+from ..storage.ext4 import drop_sized, make_ext4
 from . import reference
 from .layers import LayerApplier, replay_into
 from .sizes import image_size_mib, tree_size
@@ -278,6 +278,7 @@ class ImageStore:
             for p in (info.path.with_suffix(".json"), info.path):
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
+            drop_sized(info.path)
         with self._refs_locked() as refs:
             for k in [k for k, v in refs.items() if v == info.id]:
                 del refs[k]

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 from ..errors import HostError, InvalidArgument
-from ..fsutil import make_private, open_private
+from ..fsutil import build_once, make_private, open_private
 from ..hostinfo import require_tool
 
 MKFS_OPTS = ["-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-m", "0",
@@ -63,20 +63,77 @@ def fsck(path: Path, *, fix: bool = True) -> None:
                         f"{(proc.stdout + proc.stderr).strip()[-500:]}")
 
 
+#: beside base images: each grown to a size a workspace asked for (fsck'd and resized once), what its rootfs is
+#: copied from: ``.sized/<base name>.<base size>.<base mtime>.<MiB>M.ext4`` (hex), a sparse copy each
+SIZED_DIR = ".sized"
+#: sized copies kept per base image and in all (the least recently used beyond these are removed)
+SIZED_PER_BASE, SIZED_TOTAL = 2, 8
+
+
+def _grow_into(src: Path, target: Path, size_mib: int) -> None:
+    """Sparse copy of ``src`` to ``target`` (0600), fsck'd and grown to ``size_mib`` MiB."""
+    _run(["cp", "--sparse=always", "--reflink=auto", str(src), str(target)], "copying the base image")
+    make_private(target)
+    fsck(target)
+    with open(target, "r+b") as fh:
+        _grow(fh, target, size_mib)
+    _run([require_tool("resize2fs"), "-f", str(target)], "resize2fs")
+
+
+def sized_base(base: Path, size_mib: int) -> Path:
+    """``base`` grown to ``size_mib`` MiB, made once per (base, size) under :data:`SIZED_DIR` (see
+    :func:`~microagent_engine.fsutil.build_once`); every workspace of that image and size copies it."""
+    st = base.stat()
+    out = base.parent / SIZED_DIR / f"{base.stem}.{st.st_size:x}.{st.st_mtime_ns:x}.{size_mib}M.ext4"
+    build_once(out, lambda target: _grow_into(base, target, size_mib), f"the {size_mib} MiB copy of {base.name}")
+    with contextlib.suppress(OSError):
+        os.utime(out)  # recently used
+    _evict_sized(out.parent, keep=out)
+    return out
+
+
+def drop_sized(base: Path) -> None:
+    """Remove the sized copies of ``base`` (it is being deleted)."""
+    for p in (base.parent / SIZED_DIR).glob(f"{base.stem}.*.ext4"):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def _evict_sized(folder: Path, keep: Path) -> None:
+    """Beyond :data:`SIZED_PER_BASE` per base and :data:`SIZED_TOTAL` in all, and for bases that are gone, remove
+    the least recently used sized copies (never ``keep``). A copy removed while another create reads it stays
+    readable to that reader."""
+    entries = []
+    for p in folder.glob("*.ext4"):
+        with contextlib.suppress(OSError):
+            entries.append((p.stat().st_mtime_ns, p))
+    entries.sort(reverse=True)
+    seen: dict[str, int] = {}
+    for n, (_at, p) in enumerate(entries):
+        stem = p.name.split(".", 1)[0]
+        seen[stem] = seen.get(stem, 0) + 1
+        gone = not (folder.parent / f"{stem}.ext4").exists()
+        if p != keep and (gone or seen[stem] > SIZED_PER_BASE or n >= SIZED_TOTAL):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
 def clone_sized(base: Path, dest: Path, size_mib: int) -> None:
-    """Sparse copy of ``base`` to ``dest`` (mode 0600) grown to ``size_mib`` (never shrunk); atomic."""
-    resize2fs = require_tool("resize2fs")
+    """Sparse copy of ``base`` to ``dest`` (mode 0600) grown to ``size_mib`` (never shrunk); atomic. A larger size
+    is copied from :func:`sized_base` (fsck and resize2fs run once per base and size, not per workspace)."""
     tmp = dest.with_name(f".{dest.name}.tmp")
     try:
-        _run(["cp", "--sparse=always", "--reflink=auto", str(base), str(tmp)], "copying the base image")
+        src = base
+        if size_mib * 1024 * 1024 > base.stat().st_size:
+            src = sized_base(base, size_mib)
+        try:
+            _run(["cp", "--sparse=always", "--reflink=auto", str(src), str(tmp)], "copying the base image")
+        except HostError:
+            if src == base or src.exists():
+                raise
+            _grow_into(base, tmp, size_mib)  # its sized copy was evicted meanwhile: do it here
         make_private(tmp)
-        if size_mib * 1024 * 1024 > tmp.stat().st_size:
-            fsck(tmp)
-            with open(tmp, "r+b") as fh:
-                _grow(fh, dest, size_mib)
-            _run([resize2fs, "-f", str(tmp)], "resize2fs")
         os.replace(tmp, dest)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-
