@@ -213,12 +213,14 @@ def test_a_runs_steps_are_marked_across_its_processes(cli, tmp_path: Path, monke
     monkeypatch.delenv(TRACE_ENV, raising=False)
     mark("nowhere")  # no file named: a no-op
     trace = tmp_path / "trace.txt"
+    assert cli("run", "--delete", "--", "true").returncode == 0  # the shape's template exists (or is built now)
     proc = cli("run", "--delete", "--", "true", env={TRACE_ENV: str(trace)})
     assert proc.returncode == 0, proc.stderr.decode()
     marks = read(trace)
     labels = [label for _at, _pid, label in marks]
+    # a clone's network is enforced while QEMU loads its state (the guest is paused until then)
     want = ["cli: imported", "run: created", "standby: took the workspace", "supervisor: main",
-            "supervisor: network up", "supervisor: VM spawned (warm)", "supervisor: VM restored", "supervisor: READY",
+            "supervisor: VM spawned (warm)", "supervisor: network up", "supervisor: VM restored", "supervisor: READY",
             "run: started", "run: command done", "supervisor: VM exited", "kill: answered", "kill: supervisor gone",
             "run: VM ended", "run: deleted"]
     assert [label for label in labels if label in want] == want, labels

@@ -299,8 +299,10 @@ def _pdeathsig() -> None:
 
 class NetworkSandbox:
     """The enforcement of one policy for one VM run: namespace, nftables rules, slirp4netns uplink and host-port
-    relays. ``open`` before QEMU starts; QEMU joins ``join_namespaces()`` (or runs with ``preexec``); ``close``
-    after it exits. ``sever`` (quarantine) drops every packet and cuts the uplink and relays."""
+    relays. ``open`` before QEMU starts (the namespaces, the DNS and host-port servers); QEMU joins
+    ``join_namespaces()`` (or runs with ``preexec``); ``enforce`` (the rules, then the uplink) before the guest runs
+    a single instruction: before a cold QEMU starts, or while a restored one is still paused; ``close`` after it
+    exits. ``sever`` (quarantine) drops every packet and cuts the uplink and relays."""
 
     def __init__(self, policy: NetworkPolicy, run_dir: Path) -> None:
         if policy.mode != "user":
@@ -325,6 +327,8 @@ class NetworkSandbox:
         self._changed = asyncio.Event()  # a refusal: rewrite the report now
         self.secrets: list[egress.BoundSecret] = []
         self.leaves: LeafCerts | None = None
+        self.enforced = False
+        self._pending: tuple[list[tuple[IPNetwork, int | None]], list[Any]] | None = None  # for enforce
 
     @classmethod
     async def open(cls, policy: NetworkPolicy, run_dir: Path, secrets: list[dict[str, Any]] | None = None,
@@ -332,7 +336,8 @@ class NetworkSandbox:
         """Set up enforcement for ``policy`` (None for isolated: no NIC, nothing to enforce). HostError, with
         what to install, when the host cannot enforce it: the VM then does not start (fail closed). ``secrets``
         ({name, hosts, placeholder}) with their ``secret_values`` (placeholder -> value) go to the egress proxy,
-        which terminates TLS to their hosts with the CA in ``ca_dir``."""
+        which terminates TLS to their hosts with the CA in ``ca_dir``. Nothing reaches past the namespace until
+        :meth:`enforce`."""
         if policy.mode != "user":
             return None
         box = cls(policy, run_dir)
@@ -359,8 +364,9 @@ class NetworkSandbox:
     # setup
     def start(self, allow: list[tuple[IPNetwork, int | None]], notes: list[str], upstreams: list[Any],
               refused: Refused) -> None:
-        slirp = require_tool("slirp4netns")
-        nft = require_tool("nft")
+        """The namespaces and their listeners (the tools :meth:`enforce` runs are checked now: fail early)."""
+        require_tool("slirp4netns")
+        require_tool("nft")
         self.notes = notes
         names = bool(self.policy.allow)  # the proxy's socket exists with any allow-list: a name may be added live
         self.ns, socks = _create_namespaces(os.geteuid() != 0, self.policy.host_ports, with_dns=True,
@@ -369,9 +375,21 @@ class NetworkSandbox:
         if names:
             self.egress_sock, socks = socks[0], socks[1:]
         self.listeners = socks
+        self._pending = (allow, upstreams)
+
+    def enforce(self) -> None:
+        """Load the rules, then start the uplink (once; HostError when either fails: the guest must not run)."""
+        if self.enforced:
+            return
+        if self.severed:
+            raise HostError("the workspace was quarantined while it started: its network stays cut")
+        assert self._pending is not None and self.refused is not None, "enforce() before open()"
+        allow, upstreams = self._pending
+        refused = self.refused
         ruleset = render_ruleset(self.policy, allow, refused)
-        self._nft(nft, ruleset)
-        self._start_slirp(slirp)
+        self._nft(require_tool("nft"), ruleset)
+        self._start_slirp(require_tool("slirp4netns"))
+        names = bool(self.policy.allow)
         (self.run_dir / "network.json").write_text(json.dumps({
             "policy": self.policy.to_json(), "allowByAddress": [f"{n}{f':{p}' if p else ''}" for n, p in allow],
             "allowByName": [str(e) for e in self.policy.names],
@@ -379,7 +397,9 @@ class NetworkSandbox:
                     "directly)", "names": "all" if not self.policy.allow else [str(e) for e in self.policy.names]},
             "egressProxy": f"127.0.0.1:{egress.EGRESS_PORT} in the namespace" if names else None,
             "dnsServers": [str(r) for r in upstreams], "refused": [str(n) for n in refused.v4 + refused.v6],
-            "notes": notes, "uplinkPid": self.slirp.pid if self.slirp else None, "ruleset": ruleset}, indent=1))
+            "notes": self.notes, "uplinkPid": self.slirp.pid if self.slirp else None, "ruleset": ruleset},
+            indent=1))
+        self.enforced = True
 
     async def serve_dns(self, upstreams: list[Any], refused: Refused) -> None:
         """Answer the guest's DNS on the namespace's 127.0.0.1:53 (see dns.py); refused names go to network.log."""

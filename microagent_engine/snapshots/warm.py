@@ -11,6 +11,7 @@ the file) to a file through a descriptor passed with ``getfd``. A clone maps the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import time
@@ -92,6 +93,7 @@ class WarmBoot:
     async def build(self, t: Template) -> str:
         """Boot the shape's template to the agent's HELLO and save it; "" on success, else what failed."""
         sup = self.sup
+        sup.enforce_network()  # the template's guest boots in the workspace's network namespace
         t0 = time.monotonic()
         t.prepare_build()
         shutil.copyfile(ro_open_library(self.state_dir / "cache"), t.memory.parent / RO_OPEN_NAME)
@@ -157,24 +159,43 @@ class WarmBoot:
         return t.state_file.stat().st_size
 
     # ---- clone ---------------------------------------------------------------------------------
-    async def restore(self, vm: "ConfinedVM", ignore_shared: bool = True) -> str:
+    async def restore(self, vm: "ConfinedVM", ignore_shared: bool = True,
+                      before_resume: Callable[[], None] | None = None) -> str:
         """Restore a just-spawned clone from its inherited state descriptor; "" once it runs, else the error.
         ``ignore_shared``: the stream holds device state only (a template's); False: RAM too (a workspace
-        snapshot). The capability changes the stream's format, so it must match the saving side's."""
+        snapshot). The capability changes the stream's format, so it must match the saving side's.
+        ``before_resume`` runs in this thread while QEMU loads the state (the guest is paused until ``cont``);
+        what it raises is raised here, and the guest is not resumed."""
         fd = vm.cmd.incoming_fd
         if fd is None:
             return "the clone's argv has no incoming state"
 
-        def run() -> None:
-            with QmpSession(self.sup.ws.qmp_socket) as qmp:
+        def load() -> QmpSession:
+            qmp = QmpSession(self.sup.ws.qmp_socket)
+            try:
                 qmp.command("migrate-set-capabilities", ignore_shared_caps(ignore_shared))
                 qmp.command("migrate-incoming", {"uri": f"fd:{fd}"})
                 qmp.wait_migration()
+            except BaseException:
+                qmp.close()
+                raise
+            return qmp
+
+        def resume(qmp: QmpSession) -> None:
+            with qmp:
                 status = qmp.command("query-status") or {}
                 if not status.get("running"):
                     qmp.command("cont")
+        loading = asyncio.get_running_loop().run_in_executor(None, load)  # submitted now, beside before_resume
         try:
-            await asyncio.to_thread(run)
+            if before_resume is not None:
+                before_resume()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                (await loading).close()
+            raise
+        try:
+            await asyncio.to_thread(resume, await loading)
         except (OSError, QmpError) as exc:
             return str(exc)
         return ""

@@ -50,7 +50,6 @@ class Booting:
         try:
             self.net = await NetworkSandbox.open(self.network_policy, self.ws.run_dir, self.launch.secrets,
                                                  self.launch.secret_values, self.ws.path)
-            mark("supervisor: network up")
             self.proc = await self.start_vm(vm_log)
         except (OSError, MicroagentError) as exc:
             await self.close_network()
@@ -90,16 +89,19 @@ class Booting:
         if self.ram_file is not None:
             return await self.start_ram_file(vm_log)
         plan = await self.warm.plan()
+        if plan.mode == "cold":
+            self.enforce_network()
         vm = await self.spawn(plan.argv, vm_log)
         mark(f"supervisor: VM spawned ({plan.mode})")
         if plan.mode == "warm":
-            error = await self.warm.restore(vm)
+            error = await self.restore_paused(vm)
             mark("supervisor: VM restored")
             if error:
                 vm.kill()
                 await vm.wait()
                 key = plan.template.key if plan.template else "?"
                 plan = BootPlan("cold", self.launch.argv, f"restoring template {key} failed: {error}")
+                self.enforce_network()
                 vm = await self.spawn(plan.argv, vm_log)
             else:
                 await self.configure_clone()
@@ -114,7 +116,7 @@ class Booting:
         """Spawn a clone of a workspace snapshot and resume it (no cold fallback: its processes would be lost)."""
         name = restore.get("snapshot", "?")
         vm = await self.spawn(restore_argv(self.launch.argv, restore), vm_log)
-        error = await self.warm.restore(vm, ignore_shared=restore.get("memory") == "file")
+        error = await self.restore_paused(vm, ignore_shared=restore.get("memory") == "file")
         if error:
             vm.kill()
             await vm.wait()
@@ -131,11 +133,28 @@ class Booting:
         its memory: snapshots/live.py)."""
         path, mib = Path(self.ram_file or ""), memory_of(self.launch.argv)
         new_ram_file(path, mib)
+        self.enforce_network()
         vm = await self.spawn(QemuBackend.memory_file_argv(self.launch.argv, mib, path, share=True), vm_log)
         reason = "its RAM is a file a snapshot keeps (Engine.start(ram_file=True))"
         self.serial_note(f"boot mode cold: {reason}")
         self.state.boot_mode, self.state.cold_reason = "cold", reason
         return vm
+
+    def enforce_network(self) -> None:
+        """The network's rules and uplink (NetworkSandbox.enforce): before any guest instruction runs."""
+        if self.net is not None and not self.net.enforced:
+            self.net.enforce()
+            mark("supervisor: network up")
+
+    async def restore_paused(self, vm: ConfinedVM, ignore_shared: bool = True) -> str:
+        """Restore a just-spawned (paused) VM and resume it, enforcing the network while QEMU loads the state:
+        the guest runs only after both (snapshots.warm.WarmBoot.restore). A failed enforcement kills the VM."""
+        try:
+            return await self.warm.restore(vm, ignore_shared=ignore_shared, before_resume=self.enforce_network)
+        except BaseException:
+            vm.kill()
+            await vm.wait()
+            raise
 
     def disk_argv(self, argv: list[str]) -> list[str]:
         """``argv`` (the logical one, whose root drive is the raw image) with the root disk this workspace really
