@@ -16,6 +16,7 @@ INSTALL_HINTS: dict[str, str] = {
     "qemu-system-x86_64": "apt-get install -y --no-install-recommends qemu-system-x86",
     "mkfs.ext4": "apt-get install -y e2fsprogs",
     "debugfs": "apt-get install -y e2fsprogs",
+    "dumpe2fs": "apt-get install -y e2fsprogs",
     "e2fsck": "apt-get install -y e2fsprogs",
     "resize2fs": "apt-get install -y e2fsprogs",
     "busybox": "apt-get install -y busybox-static",

@@ -439,3 +439,23 @@ def test_a_size_is_grown_once_per_base_and_each_clone_is_a_copy(tmp_path: Path) 
     assert all(p.stat().st_ino != made for p in (images / ext4.SIZED_DIR).glob("*.ext4"))
     ext4.drop_sized(base)
     assert not list((images / ext4.SIZED_DIR).glob("*.ext4"))
+
+
+@pytest.mark.parametrize("size_mib", [16, 48, 300, 1024, 5000])
+def test_the_overhead_is_counted_as_mkfs_counts_it(tmp_path: Path, size_mib: int) -> None:
+    # mkfs.ext4 records the overhead (the kernel's count of metadata blocks); resize2fs clears it, and the sized
+    # copies get it back from overhead_clusters, which must agree with mkfs on every layout it covers (the guest's
+    # kernel agreeing with it is checked in test_vm_storage)
+    from microagent_engine.storage import ext4
+
+    image = tmp_path / "fs.ext4"
+    make_ext4(image, size_mib)
+    out = subprocess.run([require_tool("dumpe2fs"), "-h", str(image)], capture_output=True, text=True).stdout
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in out.splitlines() if ":" in line)}
+    assert int(fields["Overhead clusters"]) == ext4.overhead_clusters(fields)
+    base = tmp_path / "base.ext4"
+    make_ext4(base, 16)
+    ext4.clone_sized(base, tmp_path / "grown.ext4", size_mib + 16)
+    out = subprocess.run([require_tool("dumpe2fs"), "-h", str(tmp_path / "grown.ext4")], capture_output=True,
+                         text=True).stdout
+    assert "Overhead clusters:" in out, out
