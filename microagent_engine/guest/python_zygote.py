@@ -167,7 +167,13 @@ def quicken_kernel(app) -> None:  # app: IPKernelApp
       ``inspect`` binding (12 formatters per displayed value).
     - No 0.5 ms sleep before each execute_reply (ipykernel's ``_execute_sleep``, a FIXME for flushes that did not
       arrive): the guest's timers tick every 4 ms, so it slept a tick per cell; output still leaves through the
-      IOPub thread's queue ahead of "idle"."""
+      IOPub thread's queue ahead of "idle".
+    - A cell is transformed once, not twice: ipykernel transforms it to decide how to run it and IPython's
+      ``run_cell`` transforms the same string again (tokenizing it each time); the second call for the same string
+      object takes the first one's result.
+    - Whether a cell needs the event loop (top-level ``await``, ``async for``/``with``) is not found by compiling it
+      (twice per cell) when neither word is in it: it cannot then be a coroutine. Measured in one kernel, 90
+      interleaved ``1+1`` round trips each way: 28.2 -> 26.9 ms."""
     import datetime
     import functools
     import inspect
@@ -226,6 +232,26 @@ def quicken_kernel(app) -> None:  # app: IPKernelApp
         traceback.print_exc()
     try:
         app.log.setLevel(app.log_level)
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+    try:
+        from IPython.core import interactiveshell
+        stock_should, stock_transform = interactiveshell._should_be_async, interactiveshell.InteractiveShell.transform_cell
+        if list(inspect.signature(stock_should).parameters) == ["cell"] and \
+                list(inspect.signature(stock_transform).parameters) == ["self", "raw_cell"]:
+            def should_be_async(cell):
+                return ("await" in cell or "async" in cell) and stock_should(cell)
+            last: list = [None, None]  # the raw cell last transformed (the same object), and its transform
+
+            def transform_cell(self, raw_cell):
+                if last[0] is raw_cell:
+                    out, last[0], last[1] = last[1], None, None
+                    return out
+                out = stock_transform(self, raw_cell)
+                last[0], last[1] = raw_cell, out
+                return out
+            interactiveshell._should_be_async = should_be_async
+            interactiveshell.InteractiveShell.transform_cell = transform_cell
     except Exception:  # noqa: BLE001
         traceback.print_exc()
     try:
