@@ -8,7 +8,9 @@
 
 __version__ = "0.1.0"
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from .client import ExecResult
@@ -24,16 +26,7 @@ _HOMES = {"ExecResult": "client", "Engine": "engine", "RunOptions": "engine", "W
           **{n: "errors" for n in ("AlreadyExists", "Busy", "ExecTimeout", "GuestError", "HostError",
                                    "InvalidArgument", "InvalidState", "MicroagentError", "NotFound")}}
 
-
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f".{home}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(globals(), _HOMES)
 
 
 __all__ = [

@@ -14,7 +14,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from .facade import Engine
@@ -25,13 +27,4 @@ __all__ = ["Engine", "RunOptions", "WorkspaceInfo"]
 #: where each public name lives: imported on first use (the CLI's entry imports ``spawn`` before anything else)
 _HOMES = {"Engine": "facade", "RunOptions": "oneshot", "WorkspaceInfo": "store"}
 
-
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f".{home}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(globals(), _HOMES)

@@ -4,19 +4,13 @@ cgroup v2 per VM where the host has one) in ``jail.py``/``jail.c``/``cgroups.py`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from .jail import CONFINE_ENV, ConfinedVM, JailError, host_summary, launcher_binary, spawn_vm
 
 __all__ = ["CONFINE_ENV", "ConfinedVM", "JailError", "host_summary", "launcher_binary", "spawn_vm"]
-
-
-def __getattr__(name: str) -> Any:
-    """The jail's names, imported on first use (asyncio with them): the engine's CLI side imports this package's
-    light modules without them."""
-    if name in __all__:
-        from . import jail
-
-        return getattr(jail, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+#: the jail's names, imported on first use (asyncio with them): the CLI imports this package's light modules
+__getattr__ = lazy_getattr(globals(), {name: "jail" for name in __all__})

@@ -297,6 +297,19 @@ def _pdeathsig() -> None:
     _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the supervisor
 
 
+def network_record(policy: NetworkPolicy, allow: list[tuple[IPNetwork, int | None]], upstreams: list[Any],
+                   refused: Refused, notes: list[str], ruleset: str) -> dict[str, Any]:
+    """What ``run/network.json`` says of a VM's enforced network (status and doctor read it)."""
+    return {
+        "policy": policy.to_json(), "allowByAddress": [f"{n}{f':{p}' if p else ''}" for n, p in allow],
+        "allowByName": [str(e) for e in policy.names],
+        "dns": {"guestServer": dns.GUEST_DNS, "answeredBy": "the supervisor's forwarder (never the guest directly)",
+                "names": "all" if not policy.allow else [str(e) for e in policy.names]},
+        "egressProxy": f"127.0.0.1:{egress.EGRESS_PORT} in the namespace" if policy.allow else None,
+        "dnsServers": [str(r) for r in upstreams], "refused": [str(n) for n in refused.v4 + refused.v6],
+        "notes": notes, "ruleset": ruleset}
+
+
 class NetworkSandbox:
     """The enforcement of one policy for one VM run: namespace, nftables rules, slirp4netns uplink and host-port
     relays. ``open`` before QEMU starts (the namespaces, the DNS and host-port servers); QEMU joins
@@ -384,21 +397,12 @@ class NetworkSandbox:
         if self.severed:
             raise HostError("the workspace was quarantined while it started: its network stays cut")
         assert self._pending is not None and self.refused is not None, "enforce() before open()"
-        allow, upstreams = self._pending
-        refused = self.refused
-        ruleset = render_ruleset(self.policy, allow, refused)
-        self._nft(require_tool("nft"), ruleset)
+        (allow, upstreams), refused = self._pending, self.refused
+        self._nft(require_tool("nft"), ruleset := render_ruleset(self.policy, allow, refused))
         self._start_slirp(require_tool("slirp4netns"))
-        names = bool(self.policy.allow)
-        (self.run_dir / "network.json").write_text(json.dumps({
-            "policy": self.policy.to_json(), "allowByAddress": [f"{n}{f':{p}' if p else ''}" for n, p in allow],
-            "allowByName": [str(e) for e in self.policy.names],
-            "dns": {"guestServer": dns.GUEST_DNS, "answeredBy": "the supervisor's forwarder (never the guest "
-                    "directly)", "names": "all" if not self.policy.allow else [str(e) for e in self.policy.names]},
-            "egressProxy": f"127.0.0.1:{egress.EGRESS_PORT} in the namespace" if names else None,
-            "dnsServers": [str(r) for r in upstreams], "refused": [str(n) for n in refused.v4 + refused.v6],
-            "notes": self.notes, "uplinkPid": self.slirp.pid if self.slirp else None, "ruleset": ruleset},
-            indent=1))
+        record = network_record(self.policy, allow, upstreams, refused, self.notes, ruleset)
+        record["uplinkPid"] = self.slirp.pid if self.slirp else None
+        (self.run_dir / "network.json").write_text(json.dumps(record, indent=1))
         self.enforced = True
 
     async def serve_dns(self, upstreams: list[Any], refused: Refused) -> None:
