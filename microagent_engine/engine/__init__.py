@@ -6,7 +6,8 @@
 - ``warm_python``: the warm Python snapshot (a zygote with pandas imported) that Python one-shots, sessions and
   sandboxed kernels start from
 - ``cleanup``: ending a workspace a composite operation made, whatever its state
-- ``lifecycle``: start (launch spec, supervisor spawn), halt, stop, kill, quarantine
+- ``lifecycle``: start (launch spec, attached disks), halt, stop, kill, quarantine
+- ``spawn``: the supervisor's spawn, and the CLI's standby for it (forked before the CLI's imports)
 - ``sessions``: exec, ping, the serial console and its log
 - ``transfer``: cp and declared outputs on stopped workspaces
 - ``imaging``: pull, commit, prune
