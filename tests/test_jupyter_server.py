@@ -269,9 +269,11 @@ async def test_upload_and_download_one_file(api, jp_fetch, jp_serverapp, shared_
     assert code == 404
 
 
-async def test_a_kernels_vm_is_halted_through_its_kernel(api, jp_serverapp, engine: Engine):
+async def test_a_kernels_vm_is_halted_through_its_kernel(api, jp_serverapp, engine: Engine, monkeypatch):
     """A workspace recorded as a kernel's VM names its notebook; halting it without saying what becomes of the
-    kernel is refused with the notebook named; with "restart" the VM halts and the kernel restarts."""
+    kernel is refused with the notebook named; with "restart" the VM halts and the kernel restarts, its
+    auto-restarter stopped meanwhile (it would see the VM gone and launch the kernel a second time beside the
+    restart: a browser test caught two launches racing)."""
     from microagent_jupyter.session_owner import record_owner
 
     sessions = jp_serverapp.session_manager
@@ -290,8 +292,22 @@ async def test_a_kernels_vm_is_halted_through_its_kernel(api, jp_serverapp, engi
         assert "work/analysis.ipynb" in body["error"] and engine.status(name).state.state == "running"
         code, body = await api("POST", "workspaces", name, "halt", body={"kernel": "later"})
         assert code == 400
+        polling: list[bool] = []
+        halt = Engine.halt
+
+        def halting(self: Engine, target: str, *args, **kwargs):
+            restarter = jp_serverapp.kernel_manager.get_kernel(kid)._restarter
+            polling.append(restarter is not None and restarter._pcallback is not None)
+            return halt(self, target, *args, **kwargs)
+        monkeypatch.setattr(Engine, "halt", halting)
+        restarter = jp_serverapp.kernel_manager.get_kernel(kid)._restarter
+        assert restarter is not None and restarter._pcallback is not None  # it polls the kernel
         code, body = await api("POST", "workspaces", name, "halt", body={"kernel": "restart"})
         assert code == 200 and body["kernel"] == "restart", body
+        assert polling == [False]
+        monkeypatch.undo()
+        restarter = jp_serverapp.kernel_manager.get_kernel(kid)._restarter
+        assert restarter is not None and restarter._pcallback is not None  # polling again after the restart
         assert engine.status(name).state.state == "halted"
         assert kid in jp_serverapp.kernel_manager  # the kernel lives on (restarted)
         code, body = await api("POST", "workspaces", name, "kill", body={"kernel": "shutdown"})

@@ -94,7 +94,15 @@ async def kernel_action(handler: BaseHandler, name: str, action: str, body: dict
     if choice == "shutdown":
         await manager.shutdown_kernel(kid)  # the provisioner removes the VM
     else:
-        await handler.call(getattr(handler.engine, action), name)
+        # the action ends the kernel's VM: its auto-restarter, which polls the kernel, must not see it dead and
+        # restart it beside the restart below (two launches of one kernel); the restart starts it again
+        km = manager.get_kernel(kid)
+        km.stop_restarter()
+        try:
+            await handler.call(getattr(handler.engine, action), name)
+        except BaseException:
+            km.start_restarter()
+            raise
         await manager.restart_kernel(kid)  # the provisioner finds its VM gone and starts the kernel in a new one
     return {"name": name, "kernel": choice, "kernelId": kid, "notebook": notebook}
 
