@@ -450,12 +450,10 @@ def test_the_overhead_is_counted_as_mkfs_counts_it(tmp_path: Path, size_mib: int
 
     image = tmp_path / "fs.ext4"
     make_ext4(image, size_mib)
-    out = subprocess.run([require_tool("dumpe2fs"), "-h", str(image)], capture_output=True, text=True).stdout
-    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in out.splitlines() if ":" in line)}
+    fields = ext4.superblock_fields(image)
     assert int(fields["Overhead clusters"]) == ext4.overhead_clusters(fields)
     base = tmp_path / "base.ext4"
     make_ext4(base, 16)
     ext4.clone_sized(base, tmp_path / "grown.ext4", size_mib + 16)
-    out = subprocess.run([require_tool("dumpe2fs"), "-h", str(tmp_path / "grown.ext4")], capture_output=True,
-                         text=True).stdout
-    assert "Overhead clusters:" in out, out
+    grown = ext4.superblock_fields(tmp_path / "grown.ext4")
+    assert "Overhead clusters" in grown, grown

@@ -11,7 +11,7 @@ import pytest
 from microagent_engine import Engine
 from microagent_engine.errors import InvalidArgument, InvalidState, NotFound
 from microagent_engine.model import parse_output_flag, parse_volume_flag
-from microagent_engine.storage.ext4 import overhead_clusters
+from microagent_engine.storage.ext4 import overhead_clusters, superblock_fields
 
 pytestmark = pytest.mark.vm
 
@@ -70,8 +70,8 @@ def test_cp_in_before_start_and_out_after_halt(engine: Engine, cli, data_volume,
     # its rootfs (a copy of the image grown to 512 MiB) has the overhead the guest's kernel would count: with it
     # zeroed here, the kernel counts it at this first mount and writes the same number (checked after the halt)
     rootfs = engine.status("scratch").dir.rootfs
-    recorded = _superblock(rootfs)["Overhead clusters"]
-    assert int(recorded) == overhead_clusters(_superblock(rootfs))
+    recorded = superblock_fields(rootfs)["Overhead clusters"]
+    assert int(recorded) == overhead_clusters(superblock_fields(rootfs))
     subprocess.run(["debugfs", "-w", "-R", "ssv overhead_clusters 0", str(rootfs)], check=True, capture_output=True)
     proc = cli("cp", str(app), "scratch:/etc/app.conf")
     assert proc.returncode == 0, proc.stderr
@@ -95,7 +95,7 @@ def test_cp_in_before_start_and_out_after_halt(engine: Engine, cli, data_volume,
     assert proc.returncode != 0 and b"not a regular file" in proc.stderr and not (tmp_path / "x").exists()
     engine.exec("scratch", ["sh", "-c", "echo config-v2 > /etc/app.conf; echo 43 > /work/counter.txt"])
     engine.halt("scratch")
-    assert _superblock(rootfs)["Overhead clusters"] == recorded  # what the kernel counted
+    assert superblock_fields(rootfs)["Overhead clusters"] == recorded  # what the kernel counted
     out = tmp_path / "app.conf.out"
     assert cli("cp", "scratch:/etc/app.conf", str(out)).returncode == 0
     assert out.read_text() == "config-v2\n"
@@ -107,11 +107,6 @@ def test_cp_in_before_start_and_out_after_halt(engine: Engine, cli, data_volume,
     proc = cli("cp", "scratch:nodisk:/f", str(tmp_path / "x"))
     assert b"no disk named 'nodisk'" in proc.stderr
     assert cli("delete", "scratch", "--yes").returncode == 0
-
-
-def _superblock(image: Path) -> dict[str, str]:
-    out = subprocess.run(["dumpe2fs", "-h", str(image)], capture_output=True, text=True, check=True).stdout
-    return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in out.splitlines() if ":" in line)}
 
 
 def test_single_attach_fails_closed_then_succeeds(engine: Engine, cli, data_volume) -> None:

@@ -126,9 +126,9 @@ def _standby_main(sock: socket.socket) -> NoReturn:
     _become_supervisor(str(request["log"]), list(fds), argv, error)
 
 
-def _hand_to_standby(ws: WorkspaceDir, ready_fd: int, secrets_fd: int | None) -> bool:
-    """Give the workspace to this process's standby and wait until it detached the supervisor (False: there is
-    none, or it is gone)."""
+def _hand_to_standby(ws: WorkspaceDir, fds: list[int]) -> bool:
+    """Give the workspace and its pipes ``fds`` (ready, then secrets) to this process's standby and wait until it
+    detached the supervisor (False: there is none, or it is gone)."""
     global _standby
     if _standby is None:
         return False
@@ -137,7 +137,6 @@ def _hand_to_standby(ws: WorkspaceDir, ready_fd: int, secrets_fd: int | None) ->
     if owner != os.getpid():  # a child of the process that forked it: not ours
         sock.close()
         return False
-    fds = [ready_fd] + ([secrets_fd] if secrets_fd is not None else [])
     try:
         socket.send_fds(sock, [json.dumps({"workspace": str(ws.path), "log": str(ws.supervisor_log)}).encode()], fds)
     except OSError:  # it died (it never does by itself): reap it, fork instead
@@ -153,10 +152,10 @@ def spawn_supervisor(ws: WorkspaceDir, ready_fd: int, secrets_fd: int | None = N
     """Start the detached supervisor of ``ws`` (its standby, a fork, or a fresh interpreter; see the module).
     ``ready_fd``: the pipe it writes its one-line verdict to; ``secrets_fd``: a pipe holding the secrets' values,
     handed over (never on disk)."""
-    if _hand_to_standby(ws, ready_fd, secrets_fd):
+    keep = [ready_fd] + ([secrets_fd] if secrets_fd is not None else [])
+    if _hand_to_standby(ws, keep):
         return
     argv = _supervisor_argv(str(ws.path), ready_fd, secrets_fd)
-    keep = [ready_fd] + ([secrets_fd] if secrets_fd is not None else [])
     if _may_fork():
         pid = os.fork()
         if pid == 0:  # child: become the supervisor's parent, detached from our stdio

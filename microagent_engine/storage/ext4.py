@@ -118,12 +118,16 @@ def overhead_clusters(fields: dict[str, str]) -> int | None:
     return first + supers * (1 + gdb + reserved) + groups * (itb + 2) + journal
 
 
+def superblock_fields(path: Path) -> dict[str, str]:
+    """``dumpe2fs -h``'s fields of the image ``path`` ("Block count" -> "262144", ...)."""
+    out = _run([require_tool("dumpe2fs"), "-h", str(path)], "dumpe2fs").stdout
+    return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in out.splitlines() if ":" in line)}
+
+
 def record_overhead(path: Path) -> None:
     """Write the overhead into the superblock of ``path`` when it has none (resize2fs clears it): otherwise the
     guest's kernel counts it and writes the superblock at the first mount of every copy (~6 ms under emulation)."""
-    out = _run([require_tool("dumpe2fs"), "-h", str(path)], "dumpe2fs").stdout
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    fields = superblock_fields(path)
     if int(fields.get("Overhead clusters", "0") or 0):
         return
     overhead = overhead_clusters(fields)
@@ -159,14 +163,15 @@ def _evict_sized(folder: Path, keep: Path) -> None:
         with contextlib.suppress(OSError):
             entries.append((p.stat().st_mtime_ns, p))
     entries.sort(reverse=True)
-    seen: dict[str, int] = {}
-    for n, (_at, p) in enumerate(entries):
+    kept: dict[str, int] = {}
+    for _at, p in entries:
         stem = p.name.split(".", 1)[0]
-        seen[stem] = seen.get(stem, 0) + 1
         gone = not (folder.parent / f"{stem}.ext4").exists()
-        if p != keep and (gone or seen[stem] > SIZED_PER_BASE or n >= SIZED_TOTAL):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+        if p == keep or not (gone or kept.get(stem, 0) >= SIZED_PER_BASE or sum(kept.values()) >= SIZED_TOTAL):
+            kept[stem] = kept.get(stem, 0) + 1
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
 
 
 def clone_sized(base: Path, dest: Path, size_mib: int) -> None:
