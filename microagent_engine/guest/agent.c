@@ -1110,14 +1110,18 @@ static void spawn_shell(void)
 
 /* ---- CONFIG -------------------------------------------------------------------------------------------- */
 
-static int iface_up(int sock, const char *name)
+/* bring the interface up (IFF_UP | IFF_RUNNING) or take it down */
+static int iface_set(int sock, const char *name, int up)
 {
     struct ifreq ifr;
     memset(&ifr, 0, sizeof ifr);
     snprintf(ifr.ifr_name, IFNAMSIZ, "%s", name);
     if (ioctl(sock, SIOCGIFFLAGS, &ifr) < 0)
         return -1;
-    ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+    if (up)
+        ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+    else
+        ifr.ifr_flags &= ~IFF_UP;
     return ioctl(sock, SIOCSIFFLAGS, &ifr);
 }
 
@@ -1133,7 +1137,7 @@ static void set_sin(struct sockaddr *sa, const char *ip)
 static void configure_lo(void)
 {
     int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    if (sock < 0 || iface_up(sock, "lo") < 0)
+    if (sock < 0 || iface_set(sock, "lo", 1) < 0)
         logmsg("bringing up lo failed: %s", strerror(errno));
     if (sock >= 0)
         close(sock);
@@ -1171,7 +1175,7 @@ static void configure_user_net(char *out, size_t outlen)
         close(sock);
         return;
     }
-    if (iface_up(sock, "eth0") < 0) {
+    if (iface_set(sock, "eth0", 1) < 0) {
         snprintf(out, outlen, READY_ERROR "eth0 up: %s", strerror(errno));
         close(sock);
         return;
@@ -1227,14 +1231,8 @@ static void first_network(const char *net, char *out, size_t outlen)
     }
     if (!user && agent.boot_net[0]) { /* a NIC without a user network: never by the shapes the host makes */
         int sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-        struct ifreq ifr;
-        memset(&ifr, 0, sizeof ifr);
-        snprintf(ifr.ifr_name, IFNAMSIZ, "eth0");
-        if (sock >= 0 && ioctl(sock, SIOCGIFFLAGS, &ifr) == 0) {
-            ifr.ifr_flags &= ~IFF_UP;
-            if (ioctl(sock, SIOCSIFFLAGS, &ifr) < 0)
-                logmsg("taking eth0 down: %s", strerror(errno));
-        }
+        if (sock < 0 || iface_set(sock, "eth0", 0) < 0)
+            logmsg("taking eth0 down: %s", strerror(errno));
         if (sock >= 0)
             close(sock);
     }
