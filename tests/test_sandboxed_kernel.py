@@ -204,8 +204,8 @@ def test_nbclient_runs_a_notebook_in_the_sandboxed_kernel(state_dir: Path, engin
     cells = ["x = 41", "x + 1",
              "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()",
              "import pandas as pd\npd.DataFrame({'a': [1, 2]})", *HOSTILE_CELLS,
-             "import asyncio\nawait asyncio.sleep(0)\nx * 2", "%time y = x\ny", "1/0"]
-    tail = len(cells) - 3
+             "import asyncio\nawait asyncio.sleep(0)\nx * 2", "%time y = x\ny", "1/0", ORDERED_CELL]
+    tail = len(cells) - 4
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
     client = NotebookClient(nb, kernel_name="microagent-python", timeout=600, startup_timeout=600,
                             allow_errors=True)
@@ -215,6 +215,7 @@ def test_nbclient_runs_a_notebook_in_the_sandboxed_kernel(state_dir: Path, engin
     assert [o["data"]["text/plain"] for o in outs[tail + 1] if o["output_type"] == "execute_result"] == ["41"]
     assert any("Wall time" in o.get("text", "") for o in outs[tail + 1])
     assert [o["ename"] for o in outs[tail + 2] if o["output_type"] == "error"] == ["ZeroDivisionError"]
+    _assert_in_order(outs[tail + 3])
     outs = outs[:tail]
     assert outs[1][0]["data"]["text/plain"] == "42"
     assert any("image/png" in o.get("data", {}) for o in outs[2])
@@ -224,6 +225,30 @@ def test_nbclient_runs_a_notebook_in_the_sandboxed_kernel(state_dir: Path, engin
     after = {i.name for i in engine.list()}
     assert after <= before, f"workspaces left behind: {after - before}"
     assert not [i.name for i in engine.ps() if i.name.startswith("nbk-")]
+
+
+#: output from the cell's thread, another thread and a display, in the order they were made: the kernel sends
+#: IOPub messages from the thread that makes them unless something is queued ahead (python_zygote._send_directly)
+ORDERED_CELL = """import threading
+print("a")
+t = threading.Thread(target=print, args=("t",))
+t.start(); t.join()
+display("d")
+print("b", flush=True)
+print("c")
+7"""
+
+
+def _assert_in_order(outs: list[dict[str, Any]]) -> None:
+    shown: list[tuple[str, str]] = []
+    for o in outs:  # consecutive stream messages read as one (a frontend shows them so)
+        kind, text = o["output_type"], o.get("text") or o.get("data", {}).get("text/plain")
+        if kind == "stream" and shown and shown[-1][0] == "stream":
+            shown[-1] = (kind, shown[-1][1] + text)
+        else:
+            shown.append((kind, text))
+    assert shown == [("stream", "a\nt\n"), ("display_data", "'d'"), ("stream", "b\nc\n"),
+                     ("execute_result", "7")], shown
 
 
 def _assert_owner_only(info: dict[str, Any]) -> None:
@@ -273,6 +298,20 @@ def test_sandboxed_kernel_interrupt_restart_shutdown(state_dir: Path, engine, py
         assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
         reply, outs = _run(kc, "x + 1")
         assert [m["content"]["data"]["text/plain"] for m in outs if m["msg_type"] == "execute_result"] == ["42"]
+        # interrupted while it sends messages from the cell's thread: none is cut in half (the next cell's are whole)
+        shown = threading.Event()
+        t = threading.Thread(target=lambda: (shown.wait(120), km.interrupt_kernel()), daemon=True)
+        t.start()
+        reply = kc.execute_interactive("while True: display(x)", timeout=120,
+                                       output_hook=lambda m: m["msg_type"] == "display_data" and shown.set())
+        t.join()
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
+        for _ in range(3):
+            reply, outs = _run(kc, ORDERED_CELL)
+            assert reply["content"]["status"] == "ok"
+            assert [m["msg_type"] for m in outs][-1] == "status", outs
+            _assert_in_order([{"output_type": m["msg_type"], **m["content"]} for m in outs
+                              if m["msg_type"] in ("stream", "display_data", "execute_result")])
         km.restart_kernel()
         kc.wait_for_ready(timeout=300)
         assert [i.name for i in engine.ps() if i.name.startswith("nbk-")] == workspaces  # same VM, new kernel
