@@ -298,6 +298,16 @@ def test_sandboxed_kernel_interrupt_restart_shutdown(state_dir: Path, engine, py
         assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
         reply, outs = _run(kc, "x + 1")
         assert [m["content"]["data"]["text/plain"] for m in outs if m["msg_type"] == "execute_result"] == ["42"]
+        # a request that arrives while the kernel sends a reply is answered (a reply sent on the socket itself can
+        # consume the edge of the socket's FD that the request raised): each execute_request below is sent as soon
+        # as the kernel says it is busy with a kernel_info_request, so it lands while that one is answered
+        for _ in range(20):
+            asked = kc.kernel_info()
+            while kc.get_iopub_msg(timeout=60)["parent_header"].get("msg_id") != asked:  # its "busy"
+                pass
+            sent = kc.execute("1", store_history=False)
+            answered = {kc.get_shell_msg(timeout=60)["parent_header"]["msg_id"] for _ in range(2)}
+            assert answered == {asked, sent}
         # interrupted while it sends messages from the cell's thread: none is cut in half (the next cell's are whole)
         shown = threading.Event()
         t = threading.Thread(target=lambda: (shown.wait(120), km.interrupt_kernel()), daemon=True)
@@ -353,6 +363,38 @@ def test_the_shipped_kernelspec_configures_the_provisioner() -> None:
     assert ws.network.mode == "isolated" and ws.image == "builtin:python"
     assert (folder / "logo-64x64.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (folder / "logo-svg.svg").read_text().startswith("<svg")
+
+
+def test_the_kernels_packer_gives_jupyter_clients_bytes() -> None:
+    """The guest kernel's JSON packer (one encoder made once) packs what jupyter_client's packs to the same bytes,
+    and what that one cleans, warns about or refuses (NaN, a cycle, an unknown type) it leaves to it."""
+    import datetime
+    import warnings
+
+    from jupyter_client import session
+
+    from microagent_engine.guest.python_zygote import _json_packer
+
+    stock = session.json_packer
+    fast = _json_packer(stock, session.json_default)
+    assert fast is not stock
+    cycle: list[Any] = []
+    cycle.append(cycle)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    for obj in [{}, {"date": now, "naive": datetime.datetime(2026, 12, 4, 1, 2, 3)}, {"b": b"\x00\xff", "s": {1, 2}},
+                {"u": "é\u2028\U0001f600\x00\"\\", "n": [0, -1, 2 ** 70, 1.5, 1e-300, True, None]},
+                {"nan": float("nan")}, {"inf": [float("-inf")]}, {"k": object()}, cycle, {1: "int key"}, ("t",)]:
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            try:
+                expected: Any = stock(obj)
+            except Exception as exc:  # noqa: BLE001
+                expected = type(exc)
+            try:
+                got: Any = fast(obj)
+            except Exception as exc:  # noqa: BLE001
+                got = type(exc)
+        assert got == expected, (obj, got, expected)
 
 
 @pytest.mark.vm

@@ -175,7 +175,8 @@ def quicken_kernel(app) -> None:  # app: IPKernelApp
       (twice per cell) when neither word is in it: it cannot then be a coroutine. Measured in one kernel, 90
       interleaved ``1+1`` round trips each way: 28.2 -> 26.9 ms.
     - IOPub messages and shell replies leave from the thread that makes them (:func:`_send_directly`), and libzmq's
-      I/O threads run on a vCPU of their own (:func:`_pin_zmq_threads`)."""
+      I/O threads run on a vCPU of their own (:func:`_pin_zmq_threads`).
+    - Messages are packed by one JSON encoder made once (:func:`_json_packer`)."""
     import datetime
     import functools
     import inspect
@@ -256,7 +257,7 @@ def quicken_kernel(app) -> None:  # app: IPKernelApp
             interactiveshell.InteractiveShell.transform_cell = transform_cell
     except Exception:  # noqa: BLE001
         traceback.print_exc()
-    for trim in (_send_directly, _pin_zmq_threads):
+    for trim in (_send_directly, _pin_zmq_threads, _pack_once):
         try:
             trim(app)
         except Exception:  # noqa: BLE001
@@ -312,7 +313,8 @@ def _send_directly(app) -> None:  # app: IPKernelApp, initialized
         return
     thr, stream = app.iopub_thread, app.kernel.shell_stream
     required = ("_events", "_event_pipe", "_event_puller", "_really_send", "socket", "thread", "schedule")
-    if not all(hasattr(thr, a) for a in required) or not hasattr(stream, "sending") \
+    if not all(hasattr(thr, a) for a in required) \
+            or not all(hasattr(stream, a) for a in ("sending", "_update_handler", "_state")) \
             or not callable(getattr(CSocket, "send", None)):
         return
     send_frames = _send_frames(CSocket.send)
@@ -344,6 +346,9 @@ def _send_directly(app) -> None:  # app: IPKernelApp, initialized
         if flags or not copy or track or callback is not None or kwargs or stream.sending() or stream.socket is None:
             return stock_reply(stream, msg, flags=flags, copy=copy, track=track, callback=callback, **kwargs)
         send_frames(stream.socket, msg)
+        # a send also reads the socket's pending commands, which can consume the edge of its (edge-triggered) FD
+        # that a request arriving meanwhile raised: look for one, as the stream does after its own sends
+        stream._update_handler(stream._state)
     thr.send_multipart = iopub_send
     stream.send_multipart = reply_send
 
@@ -364,6 +369,39 @@ def _pin_zmq_threads(_app=None) -> None:
                     os.sched_setaffinity(int(tid), {cpus[-1]})
         except OSError:  # the thread ended meanwhile
             pass
+
+
+def _json_packer(stock, default):  # -> a packer giving the bytes stock gives, or stock itself
+    """jupyter_client's ``json_packer`` as one C encoder made once: ``json.dumps`` with its arguments builds a
+    JSONEncoder and then a C encoder for every call (four per message: header, parent, metadata, content), Python
+    that TCG makes ~60 µs each. The same separators, ``default``, no ASCII escaping, no NaN; no circular check
+    (a cycle ends in RecursionError, and then, as anything the fast path cannot pack, in ``stock``'s own
+    handling). Used only if it packs a sample message to the same bytes as ``stock``. Interleaved A/B in one
+    kernel (120 ``1+1`` round trips each): 19.9 -> 18.0 ms."""
+    import datetime
+    from json import encoder
+    make = getattr(encoder, "c_make_encoder", None)
+    if make is None:
+        return stock
+    encode = make(None, default, encoder.encode_basestring, None, ": ", ", ", False, False, False)
+
+    def pack(obj) -> bytes:
+        try:
+            return "".join(encode(obj, 0)).encode("utf8", errors="surrogateescape")
+        except Exception:  # noqa: BLE001 (what stock does with it: clean it, warn, or raise)
+            return stock(obj)
+    sample = {"msg_id": "0f", "date": datetime.datetime.now(datetime.timezone.utc), "n": [1, -2.5, None, True],
+              "text": "é\u2028\"\\\n", "nested": {"k": ["v", {}], "x": 1e300}, "t": ("a", 2)}
+    try:
+        return pack if pack(sample) == stock(sample) else stock
+    except Exception:  # noqa: BLE001
+        return stock
+
+
+def _pack_once(app) -> None:  # app: IPKernelApp, initialized
+    from jupyter_client import session
+    if app.session.pack is session.json_packer:
+        app.session.pack = _json_packer(session.json_packer, session.json_default)
 
 
 _MARK_FD = 2  # a private copy of the exec's stderr once ipykernel redirects fd 2 (see child)
