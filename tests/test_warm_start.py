@@ -232,6 +232,14 @@ def test_a_runs_steps_are_marked_across_its_processes(cli, tmp_path: Path, monke
     standby = {pid for _at, pid, label in marks if label.startswith("standby:")}
     assert standby == {pids["supervisor: main"]} and cli_pid not in standby, marks
     assert "standby: supervisor imported" in labels, labels
+    # a cold boot's network is enforced while QEMU starts, its vCPUs held until then
+    trace.unlink()
+    proc = cli("run", "--cold", "--delete", "--", "true", env={TRACE_ENV: str(trace)})
+    assert proc.returncode == 0, proc.stderr.decode()
+    labels = [label for _at, _pid, label in read(trace)]
+    want = ["supervisor: VM spawned (cold)", "supervisor: network up", "supervisor: VM resumed", "supervisor: READY",
+            "run: command done"]
+    assert [label for label in labels if label in want] == want, labels
 
 
 def test_a_command_that_starts_nothing_leaves_no_standby(cli, tmp_path: Path) -> None:

@@ -113,6 +113,11 @@ class QemuBackend(Backend):
         return cmd
 
     @staticmethod
+    def held_argv(argv: list[str]) -> list[str]:
+        """``argv`` with the vCPUs held at start (``-S``) until QMP ``cont``: nothing of the guest runs before."""
+        return argv if "-S" in argv else [*argv, "-S"]
+
+    @staticmethod
     def memory_file_argv(argv: list[str], memory_mib: int, mem_path: Path, share: bool,
                          incoming: Path | None = None) -> list[str]:
         """``argv`` with guest RAM in ``mem_path``: ``share=True`` for a template (its RAM is written to the file),

@@ -170,23 +170,33 @@ class WarmBoot:
         if fd is None:
             return "the clone's argv has no incoming state"
 
-        def load() -> QmpSession:
-            qmp = QmpSession(self.sup.ws.qmp_socket)
+        def load(qmp: QmpSession) -> None:
+            qmp.command("migrate-set-capabilities", ignore_shared_caps(ignore_shared))
+            qmp.command("migrate-incoming", {"uri": f"fd:{fd}"})
+            qmp.wait_migration()
+        return await self.resume(load, before_resume)
+
+    async def resume(self, load: Callable[[QmpSession], None] | None = None,
+                     before_resume: Callable[[], None] | None = None) -> str:
+        """Resume a VM spawned with its vCPUs held (a clone's ``-incoming defer``, a cold boot's ``-S``) once
+        ``load`` ran through its monitor (in a thread: a clone's state) and ``before_resume`` here, side by side;
+        "" once it runs, else the error. What ``before_resume`` raises is raised here, and the guest not resumed."""
+        def connect() -> QmpSession:
+            qmp = QmpSession(self.sup.ws.qmp_socket)  # its greeting comes once QEMU's main loop runs
             try:
-                qmp.command("migrate-set-capabilities", ignore_shared_caps(ignore_shared))
-                qmp.command("migrate-incoming", {"uri": f"fd:{fd}"})
-                qmp.wait_migration()
+                if load is not None:
+                    load(qmp)
             except BaseException:
                 qmp.close()
                 raise
             return qmp
 
-        def resume(qmp: QmpSession) -> None:
+        def cont(qmp: QmpSession) -> None:
             with qmp:
                 status = qmp.command("query-status") or {}
                 if not status.get("running"):
                     qmp.command("cont")
-        loading = asyncio.get_running_loop().run_in_executor(None, load)  # submitted now, beside before_resume
+        loading = asyncio.get_running_loop().run_in_executor(None, connect)  # submitted now, beside before_resume
         try:
             if before_resume is not None:
                 before_resume()
@@ -195,7 +205,7 @@ class WarmBoot:
                 (await loading).close()
             raise
         try:
-            await asyncio.to_thread(resume, await loading)
+            await asyncio.to_thread(cont, await loading)
         except (OSError, QmpError) as exc:
             return str(exc)
         return ""

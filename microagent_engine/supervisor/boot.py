@@ -90,9 +90,10 @@ class Booting:
             return await self.start_ram_file(vm_log)
         plan = await self.warm.plan()
         if plan.mode == "cold":
-            self.enforce_network()
-        vm = await self.spawn(plan.argv, vm_log)
-        mark(f"supervisor: VM spawned ({plan.mode})")
+            vm = await self.start_cold(plan.argv, vm_log)
+        else:
+            vm = await self.spawn(plan.argv, vm_log)
+            mark("supervisor: VM spawned (warm)")
         if plan.mode == "warm":
             error = await self.restore_paused(vm)
             mark("supervisor: VM restored")
@@ -101,8 +102,7 @@ class Booting:
                 await vm.wait()
                 key = plan.template.key if plan.template else "?"
                 plan = BootPlan("cold", self.launch.argv, f"restoring template {key} failed: {error}")
-                self.enforce_network()
-                vm = await self.spawn(plan.argv, vm_log)
+                vm = await self.start_cold(plan.argv, vm_log)
             else:
                 await self.configure_clone()
         key = plan.template.key if plan.template else "?"
@@ -138,6 +138,26 @@ class Booting:
         reason = "its RAM is a file a snapshot keeps (Engine.start(ram_file=True))"
         self.serial_note(f"boot mode cold: {reason}")
         self.state.boot_mode, self.state.cold_reason = "cold", reason
+        return vm
+
+    async def start_cold(self, argv: list[str], vm_log: Any) -> ConfinedVM:
+        """A cold boot whose vCPUs are held (``-S``) while the network's rules and uplink are set up beside QEMU's own
+        start-up (its process, libraries, devices, kernel and initramfs loaded: ~20 ms either), and resumed after both;
+        the guest runs no instruction before the network is enforced. A failed enforcement kills the VM unstarted
+        (and raises); a QEMU that never answers its monitor (it failed to start: its stderr says why) is returned
+        ended, as a cold boot's QEMU that exits at once always was."""
+        vm = await self.spawn(QemuBackend.held_argv(argv), vm_log)
+        mark("supervisor: VM spawned (cold)")
+        try:
+            error = await self.warm.resume(before_resume=self.enforce_network)
+        except BaseException:
+            vm.kill()
+            await vm.wait()
+            raise
+        if error:
+            vm.kill()  # a no-op for a QEMU that already exited
+        else:
+            mark("supervisor: VM resumed")
         return vm
 
     def enforce_network(self) -> None:
