@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -188,8 +190,6 @@ def breakdown(cells: int) -> None:
 
 def side(which: str, args: argparse.Namespace, out: str) -> None:
     """One side's kernels, in this process (a child of :func:`main`); the figures into ``out`` as JSON."""
-    import json
-
     if which == "local":
         result = bench(False, args.kernels, args.cells, args.interrupts)
     else:
@@ -219,9 +219,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.side:
         return side(args.side, args, args.out)
-    import json
-    import subprocess
-
     state = args.state_dir or tempfile.mkdtemp(prefix="ma-bench-kernel-")
     os.environ[STATE_DIR_ENV] = state
     from microagent_jupyter.warm_python import prepare

@@ -94,7 +94,6 @@ class Booting:
         else:
             vm = await self.spawn(plan.argv, vm_log)
             mark("supervisor: VM spawned (warm)")
-        if plan.mode == "warm":
             error = await self.restore_paused(vm)
             mark("supervisor: VM restored")
             if error:
@@ -133,8 +132,7 @@ class Booting:
         its memory: snapshots/live.py)."""
         path, mib = Path(self.ram_file or ""), memory_of(self.launch.argv)
         new_ram_file(path, mib)
-        self.enforce_network()
-        vm = await self.spawn(QemuBackend.memory_file_argv(self.launch.argv, mib, path, share=True), vm_log)
+        vm = await self.start_cold(QemuBackend.memory_file_argv(self.launch.argv, mib, path, share=True), vm_log)
         reason = "its RAM is a file a snapshot keeps (Engine.start(ram_file=True))"
         self.serial_note(f"boot mode cold: {reason}")
         self.state.boot_mode, self.state.cold_reason = "cold", reason
