@@ -218,6 +218,8 @@ def main() -> None:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.side:
+        if not args.out:
+            ap.error("--side (a child's option) needs --out FILE for its figures")
         return side(args.side, args, args.out)
     state = args.state_dir or tempfile.mkdtemp(prefix="ma-bench-kernel-")
     os.environ[STATE_DIR_ENV] = state
